@@ -1,0 +1,12 @@
+"""memopt: train PyTorch models that do not fit, or train slowly, because of memory.
+
+The stable public surface is what this module and each subpackage's ``__all__`` export.
+"""
+
+from __future__ import annotations
+
+from memopt import optim
+
+__version__ = "0.1.0"
+
+__all__ = ["optim", "__version__"]

@@ -1,0 +1,278 @@
+"""Bookkeeping shared by memopt's optimizers; the math lives in ``_functional``.
+
+``MemoptOptimizer`` is a ``torch.optim.Optimizer``: LR schedulers, ``zero_grad``, hooks
+and ``state_dict`` behave as users expect. What it adds:
+
+- validated param groups (unknown keys and bad values are errors, see ``_groups``);
+- one projector per low-rank group, built from the group's options; its per-parameter
+  state (a basis tensor, or a seed) lives in ``optimizer.state``;
+- the refresh schedule: a parameter's subspace is recomputed at step 0 and then every
+  ``update_proj_gap`` steps. With ``stagger=True`` parameter i refreshes at steps where
+  ``step % gap == i * gap // n`` so the SVDs of n parameters spread over the gap
+  instead of landing on one step;
+- the moments policy on refresh: ``keep`` (GaLore), ``reset`` (FRUGAL: zero moments,
+  restart bias correction) or ``rotate`` (express the moments in the new basis);
+- tensor-only state: ``state_dict()`` holds tensors and plain numbers, loads with
+  ``torch.load(weights_only=True)``, and ``load_state_dict`` keeps each state tensor's
+  saved dtype (torch would cast fp32 moments of bf16 parameters to bf16, and integer
+  tensors to floats), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from memopt._utils import warn_once
+from memopt.optim import _functional as F
+from memopt.optim._groups import check_common, check_known_keys, check_low_rank
+from memopt.optim.projection import Projector, as_matrix, make_projector, mix_seed
+
+CACHE_PREFIX = "cache_"
+
+
+class MemoptOptimizer(torch.optim.Optimizer):
+    """Base class: group validation, projector management, refresh schedule, resume."""
+
+    #: Options every group of this optimizer accepts (and their defaults).
+    base_defaults: ClassVar[dict[str, Any]] = {}
+    #: Options that only groups with a ``rank`` (or ``density``) accept.
+    low_rank_defaults: ClassVar[dict[str, Any]] = {}
+    #: Which group key names the projector kind.
+    proj_key: ClassVar[str] = "proj"
+    #: Selection modes that this optimizer handles itself instead of a registered projector.
+    extra_proj_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, seed: int = 0) -> None:
+        self._seed = int(seed)
+        self._projectors: dict[tuple[Any, ...], Projector] = {}
+        super().__init__(params, defaults)
+
+    # -- groups --------------------------------------------------------------------
+    def is_low_rank(self, group: dict[str, Any]) -> bool:
+        return group.get("rank") is not None or group.get("density") is not None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        allowed = set(self.base_defaults) | set(self.low_rank_defaults) | {"rank", "density"}
+        check_known_keys(param_group, allowed, owner)
+        if self.is_low_rank(param_group):
+            for key, value in self.low_rank_defaults.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_common(group, owner)
+            if self.is_low_rank(group):
+                check_low_rank(group, owner, self.proj_key, self.extra_proj_names)
+                self.projector(group)  # builds it: bad projector options fail here
+            self.check_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Optimizer-specific group checks (override)."""
+
+    def projector(self, group: dict[str, Any]) -> Projector:
+        """The projector for a low-rank group, rebuilt if the group's options changed."""
+        key = (
+            group[self.proj_key],
+            group.get("rank"),
+            group.get("density"),
+            group["proj_type"],
+            tuple(sorted(group.get("proj_options", {}).items())),
+            group.get("state_dtype"),
+        )
+        proj = self._projectors.get(key)
+        if proj is None:
+            opts = dict(group.get("proj_options", {}))
+            if group.get("state_dtype") == "float32":
+                opts["basis_dtype"] = torch.float32
+            proj = make_projector(
+                group[self.proj_key],
+                rank=group.get("rank"),
+                density=group.get("density"),
+                proj_type=group["proj_type"],
+                **opts,
+            )
+            self._projectors[key] = proj
+        return proj
+
+    # -- the step ------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        n_low = sum(len(g["params"]) for g in self.param_groups if self.is_low_rank(g))
+        low_seen = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            low = self.is_low_rank(group)
+            for i, p in enumerate(group["params"]):
+                index += 1
+                if low:
+                    low_seen += 1
+                if p.grad is None:
+                    continue
+                label = names[i] if names else f"group {self.param_groups.index(group)} param {i}"
+                check_grad(p.grad, label)
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    state["index"] = index
+                    if low and group.get("stagger", False):
+                        state["proj_phase"] = (low_seen - 1) * group["update_proj_gap"] // n_low
+                self.step_param(p, group, state, label)
+        return loss
+
+    def step_param(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        raise NotImplementedError
+
+    # -- shared pieces for subclasses ----------------------------------------------
+    def grad_matrix(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        g = as_matrix(p.grad)  # type: ignore[arg-type]
+        return g.float() if group.get("state_dtype") == "float32" else g
+
+    def projects(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether this parameter goes through the group's projector (2-D or more)."""
+        if not self.is_low_rank(group):
+            return False
+        if p.dim() < 2:
+            warn_once(
+                f"{type(self).__name__}: a {p.dim()}-D parameter (shape {tuple(p.shape)}) is in a "
+                "low-rank group; it gets a full-state update (memopt.optim.param_groups puts "
+                "such parameters in the full-state group)"
+            )
+            return False
+        return True
+
+    def refresh_if_due(
+        self,
+        state: dict[str, Any],
+        g: Tensor,
+        group: dict[str, Any],
+        label: str,
+        moment_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"),
+    ) -> bool:
+        """Recompute the subspace when the schedule says so; apply the moments policy."""
+        proj = self.projector(group)
+        step, gap = state["step"], group["update_proj_gap"]
+        first = "proj_count" not in state
+        if not first and step % gap != state.get("proj_phase", 0) % gap:
+            return False
+        if proj.uses_gradient and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of {label} has non-finite values at step "
+                f"{step}; a {proj.name!r} projector cannot be computed from it. Skip such steps "
+                "(torch.amp.GradScaler does) or clip/fix the loss."
+            )
+        old = {k: v for k, v in state.items() if k.startswith(("proj_", CACHE_PREFIX))}
+        count = 0 if first else state["proj_count"] + 1
+        proj.update(state, g, mix_seed(self._seed, state["index"], count))
+        state["proj_count"] = count
+        if not first and moment_keys[0] in state:
+            self._apply_moments_policy(state, proj, old, group.get("moments", "keep"), moment_keys)
+        return True
+
+    def _apply_moments_policy(
+        self,
+        state: dict[str, Any],
+        proj: Projector,
+        old: dict[str, Any],
+        policy: str,
+        keys: tuple[str, ...],
+    ) -> None:
+        if policy == "reset":
+            for k in keys:
+                state[k].zero_()
+            state["moments_since"] = state["step"]
+        elif policy == "rotate":
+            change = proj.change_of_basis(old, state)
+            m, v = F.rotate_moments_(
+                state[keys[0]], state[keys[1]], change, bool(state.get("proj_right", True))
+            )
+            state[keys[0]], state[keys[1]] = m, v
+
+    def bias_step(self, state: dict[str, Any]) -> int:
+        """Steps since the moments last started from zero (for bias correction)."""
+        return int(state["step"] - state.get("moments_since", 0))
+
+    def full_adam(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], eps_mode: F.EpsMode
+    ) -> None:
+        """Plain AdamW on the whole parameter (full-state groups, 1-D params)."""
+        assert p.grad is not None
+        g = p.grad if group.get("state_dtype") != "float32" else p.grad.float()
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], g, b1, b2)
+        d, step_size = F.adam_direction(
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step=self.bias_step(state),
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            lr=group["lr"],
+            eps_mode=eps_mode,
+            correct_bias=group.get("correct_bias", True),
+        )
+        apply_decoupled(p, d, step_size, group, decay_after=eps_mode == "galore")
+
+    # -- state_dict ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["state"] = {
+            k: {n: v for n, v in st.items() if not n.startswith(CACHE_PREFIX)}
+            for k, st in sd["state"].items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                if pid not in saved_state:
+                    continue
+                st = self.state[p]
+                for k, v in saved_state[pid].items():
+                    if isinstance(v, Tensor):
+                        st[k] = v.to(device=p.device)  # keeps the saved dtype
+                if self.is_low_rank(group) and p.dim() >= 2:
+                    self.projector(group).rebuild(st, p)
+
+
+def apply_decoupled(
+    p: Tensor, update: Tensor, step_size: float, group: dict[str, Any], *, decay_after: bool
+) -> None:
+    """p -= step_size * update, with decoupled weight decay before or after the update."""
+    wd = group["lr"] * group.get("weight_decay", 0.0)
+    if not decay_after and wd:
+        p.mul_(1.0 - wd)
+    p.add_(update.to(p.dtype), alpha=-step_size)
+    if decay_after and wd:
+        p.mul_(1.0 - wd)
+
+
+def check_grad(grad: Tensor, label: str) -> None:
+    if grad.is_sparse:
+        raise TypeError(f"{label}: sparse gradients are not supported (use torch.optim.SparseAdam)")
+    if grad.is_complex():
+        raise TypeError(
+            f"{label}: complex gradients are not supported; view the parameter as real "
+            "(torch.view_as_real) before optimizing it"
+        )

@@ -1,0 +1,118 @@
+"""Update rules as pure functions over tensors (no optimizer bookkeeping here).
+
+Legend: ``low`` is a projected gradient, ``direction`` the Adam-normalized update in the
+same space, ``g`` a full 2-D gradient.
+
+Two placements of Adam's epsilon exist in the wild and both are kept, because parity
+with the references depends on it:
+
+- ``eps_mode="galore"`` (galore-torch, apollo-torch, HF's legacy AdamW):
+  d = m / (sqrt(v) + eps), step size lr * sqrt(1 - b2^t) / (1 - b1^t).
+- ``eps_mode="torch"`` (torch.optim.AdamW, FRUGAL):
+  d = m / (sqrt(v) / sqrt(1 - b2^t) + eps), step size lr / (1 - b1^t).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+EpsMode = Literal["galore", "torch"]
+
+
+def adam_moments_(
+    exp_avg: Tensor, exp_avg_sq: Tensor, g: Tensor, beta1: float, beta2: float
+) -> None:
+    """m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2  (in place)."""
+    exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def adam_direction(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    eps_mode: EpsMode = "galore",
+    correct_bias: bool = True,
+) -> tuple[Tensor, float]:
+    """The normalized direction and the step size to scale it by (see module docstring)."""
+    bc1 = 1.0 - beta1**step if correct_bias else 1.0
+    bc2 = 1.0 - beta2**step if correct_bias else 1.0
+    if eps_mode == "galore":
+        denom = exp_avg_sq.sqrt().add_(eps)
+        return exp_avg / denom, lr * math.sqrt(bc2) / bc1
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
+    return exp_avg / denom, lr / bc1
+
+
+def channel_scale(low: Tensor, direction: Tensor, dim: int) -> Tensor:
+    """APOLLO's channel-wise factor ||direction||_dim / ||low||_dim, shaped to broadcast."""
+    s = torch.linalg.vector_norm(direction, dim=dim) / (
+        torch.linalg.vector_norm(low, dim=dim) + 1e-8
+    )
+    return s.unsqueeze(1) if dim == 1 else s.unsqueeze(0)
+
+
+def tensor_scale(low: Tensor, direction: Tensor) -> Tensor:
+    """APOLLO-Mini's tensor-wise factor ||direction||_F / ||low||_F (a 0-d tensor)."""
+    return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low) + 1e-8)
+
+
+def scaled_norm(g: Tensor, factor: Tensor) -> Tensor:
+    """||g * factor||_F without forming g * factor: one reduction over g.
+
+    ``factor`` is a 0-d tensor, a column (m, 1) or a row (1, n).
+    """
+    if factor.dim() == 0:
+        return torch.linalg.vector_norm(g) * factor.abs()
+    dim = 1 if factor.shape[0] == g.shape[0] and factor.shape[-1] == 1 else 0
+    sq = torch.linalg.vector_norm(g, dim=dim).square()
+    return (sq * factor.reshape(-1).square()).sum().sqrt()
+
+
+def norm_growth_limiter(norm: Tensor, prev: Tensor, gamma: float) -> Tensor:
+    """Fira's limiter: the divisor that caps ||u_t|| / ||u_{t-1}|| at ``gamma``.
+
+    Returned as a tensor (no host sync), >= 1.
+    """
+    return torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
+
+
+def woodbury_natural_gradient(low: Tensor, history: Tensor, damping: float) -> Tensor:
+    """(damping I + H H^T)^-1 low, by the Woodbury identity over the s stored gradients.
+
+    ``history`` is s x k (rows are flattened past projected gradients), ``low`` has k
+    elements. Cost: one s x s solve, O(s k) memory traffic; never a k x k matrix.
+    """
+    flat = low.reshape(-1)
+    hg = history @ flat  # s
+    gram = history @ history.T  # s x s
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    coef = torch.linalg.solve(damping * eye + gram, hg)  # s
+    nat = (flat - history.T @ coef) / damping
+    return nat.reshape(low.shape)
+
+
+def rotate_moments_(
+    exp_avg: Tensor, exp_avg_sq: Tensor, change: list[Tensor], right: bool
+) -> tuple[Tensor, Tensor]:
+    """Express moments in a new basis: m' = m C (or C m, or A m B); v' uses C * C.
+
+    The second moment is rotated with the squared entries of the change of basis, the
+    exact map for a diagonal covariance; it keeps v non-negative.
+    """
+    if len(change) == 2:
+        a, b = change
+        return a @ exp_avg @ b, (a * a) @ exp_avg_sq @ (b * b)
+    (c,) = change
+    if right:
+        return exp_avg @ c, exp_avg_sq @ (c * c)
+    return c @ exp_avg, (c * c) @ exp_avg_sq

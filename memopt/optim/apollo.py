@@ -1,0 +1,188 @@
+"""APOLLO and APOLLO-Mini (Zhu et al., 2024, arXiv 2412.05270).
+
+APOLLO keeps Adam moments only for a random projection R = P G of the gradient and uses
+them to estimate how Adam would rescale each channel; the update is the *raw, full-rank*
+gradient scaled by those factors:
+
+    R = project(G)                        # seeded Gaussian P, N(0, 1/r) entries
+    m, v = Adam moments of R ;  N = m / (sqrt(v) + eps)
+    s = ||N||_c / (||R||_c + 1e-8)        # per channel c (rows if right-projected, columns
+                                          # if left), or one number (scale_type="tensor")
+    U = G * s * sqrt(scale)
+    U /= max(||U|| / ||U_prev||, gamma) / gamma    # Fira's norm-growth limiter, gamma=1.01
+    W <- (1 - lr wd) (W - lr sqrt(1 - b2^t) / (1 - b1^t) U)
+
+APOLLO-Mini is rank 1 with a tensor-wise factor and scale 128.
+
+Unlike apollo-torch, the projection is not stored: it is regenerated from a seed that is
+the same on every rank, and the update is computed without full-size temporaries:
+||G * s|| comes from per-channel norms of G, the limiter stays on the device (no host
+sync per parameter), and the scaled write with weight decay is one ``addcmul_``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from memopt.optim import _functional as F
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim.galore import ADAMW_DEFAULTS
+
+APOLLO_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+    "proj": "random",
+    "proj_options": {},
+    "scale_type": "channel",
+    "scale_front": False,
+    "disable_nl": False,
+    "nl_gamma": 1.01,
+    "moments": "keep",
+    "stagger": False,
+}
+
+
+class ApolloAdamW(MemoptOptimizer):
+    """APOLLO; group keys as apollo-torch's ``APOLLOAdamW`` (``rank``, ``proj``,
+    ``scale_type``, ``update_proj_gap``, ``scale``, ``proj_type``), plus ``scale_front``
+    and ``disable_nl`` per group or for the whole optimizer."""
+
+    base_defaults = ADAMW_DEFAULTS
+    low_rank_defaults = APOLLO_DEFAULTS
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        scale_front: bool = False,
+        disable_nl: bool = False,
+        *,
+        state_dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._front, self._no_nl = scale_front, disable_nl
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            state_dtype=state_dtype,
+        )
+        super().__init__(params, defaults, seed=seed)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("rank") is not None or param_group.get("density") is not None:
+            param_group.setdefault("scale_front", getattr(self, "_front", False))
+            param_group.setdefault("disable_nl", getattr(self, "_no_nl", False))
+        super().add_param_group(param_group)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        if self.is_low_rank(group):
+            if group["scale_type"] not in ("channel", "tensor"):
+                raise ValueError(
+                    f"{type(self).__name__}: scale_type must be 'channel' or 'tensor', got "
+                    f"{group['scale_type']!r}"
+                )
+            if group["proj_type"] == "full":
+                raise NotImplementedError(
+                    "APOLLO scales channels of one side; proj_type='full' (two-sided) has no "
+                    "channel to scale: use std, reverse_std, left or right"
+                )
+            if group["nl_gamma"] < 1.0:
+                raise ValueError(f"nl_gamma must be >= 1, got {group['nl_gamma']!r}")
+
+    def step_param(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        if not self.projects(p, group):
+            self.full_adam(p, group, state, eps_mode="galore")
+            return
+        g = self.grad_matrix(p, group)
+        self.refresh_if_due(state, g, group, label)
+        proj = self.projector(group)
+        low = proj.project(state, g)
+        if "exp_avg" not in state:
+            state["exp_avg"] = low.new_zeros(low.shape)
+            state["exp_avg_sq"] = low.new_zeros(low.shape)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, b1, b2)
+        direction, step_size = F.adam_direction(
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step=self.bias_step(state),
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            lr=group["lr"],
+            eps_mode="galore",
+            correct_bias=group["correct_bias"],
+        )
+        if group["scale_type"] == "tensor":
+            factor = F.tensor_scale(low, direction)
+        else:  # one factor per row of a right projection, per column of a left one
+            factor = F.channel_scale(low, direction, dim=1 if state["proj_right"] else 0)
+        factor = factor * self.limiter(g, factor, group, state)
+        apply_scaled(p, g, factor, step_size, group)
+
+    def limiter(
+        self, g: Tensor, factor: Tensor, group: dict[str, Any], state: dict[str, Any]
+    ) -> Tensor | float:
+        """sqrt(scale) times the norm-growth limiter's 1/lambda, as a device tensor."""
+        root = math.sqrt(group["scale"])
+        if group["disable_nl"]:
+            return root
+        front = root if group["scale_front"] else 1.0
+        norm = F.scaled_norm(g, factor) * front  # ||U|| before the limiter
+        if "nl_prev" not in state:
+            state["nl_prev"] = norm.reshape(())
+            return root
+        lam = F.norm_growth_limiter(norm, state["nl_prev"], group["nl_gamma"])
+        state["nl_prev"] = (norm / lam).reshape(())
+        return root / lam
+
+
+def apply_scaled(
+    p: Tensor, g: Tensor, factor: Tensor, step_size: float, group: dict[str, Any]
+) -> None:
+    """W <- (1 - lr wd) (W - step_size * g * factor) in two passes over W."""
+    keep = 1.0 - group["lr"] * group["weight_decay"]
+    w = p if p.dim() == 2 else p.view(p.shape[0], -1)
+    if keep != 1.0:
+        w.mul_(keep)
+    if factor.dim() == 0:
+        w.add_(g.to(w.dtype) * factor.to(w.dtype), alpha=-step_size * keep)
+    else:
+        w.addcmul_(g.to(w.dtype), factor.to(w.dtype), value=-step_size * keep)
+
+
+class ApolloMini(ApolloAdamW):
+    """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (group keys may override)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("rank") is not None:
+            param_group.setdefault("scale_type", "tensor")
+            param_group.setdefault("scale", 128.0)
+        super().add_param_group(param_group)
+
+
+def mini_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Convenience: every >=2-D parameter at rank 1, others full-state."""
+    ps = list(params)
+    return [
+        {"params": [p for p in ps if p.dim() >= 2], "rank": 1},
+        {"params": [p for p in ps if p.dim() < 2]},
+    ]
+
+
+__all__ = ["ApolloAdamW", "ApolloMini", "mini_groups"]

@@ -1,0 +1,235 @@
+"""FRUGAL: a state-full subspace and a state-free rest (Zmushko et al., arXiv 2411.07837).
+
+For each projected parameter with gradient G and an orthonormal projector P:
+
+    W <- (1 - lr wd) W                         # decoupled decay first, as the reference
+    g_in  = project(G)                          # the state-full part (Adam, torch eps)
+    g_out = G - project_back(g_in)              # the residual
+    W <- W - lr_p * project_back(Adam(g_in)) - lr_p * inactive_lr_scale * rule(g_out)
+
+with ``lr_p = lr * proj_params_lr_scale`` and ``rule`` = sign (signSGD, the default),
+identity (SGD) or zero (``none``). On each refresh the moments are zeroed and bias
+correction restarts (``moments="reset"``, as the reference).
+
+Projectors: ``svd``, ``orthogonal`` (FRUGAL's "random"), ``columns`` (FRUGAL's
+"randperm"; column or row selection), ``coordinate`` (random entries) and ``block``:
+whole tensors in rotation. In block mode a ``density`` share of the group's tensors is
+active at a time and gets full Adam state; the rest get the state-free rule and hold no
+state at all, so memory follows the density. ``block_order`` is random, ascending,
+descending or mirror; the schedule is a function of the group's step counter and the
+optimizer seed, so it resumes exactly and is the same on every rank.
+
+Groups with ``state_free=True`` (embeddings, norms, the output head, if asked) get the
+state-free rule on the whole gradient; groups with neither ``density`` nor ``rank``
+get plain AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.optim import _functional as F
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim.projection import Projector, mix_seed
+
+FRUGAL_BASE: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "state_dtype": None,
+    "state_free": False,
+    "inactive_update_rule": "sign_sgd",
+    "inactive_lr_scale": 1.0,
+}
+
+FRUGAL_LOW_RANK: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "proj": "svd",
+    "proj_type": "std",
+    "proj_options": {},
+    "proj_params_lr_scale": 1.0,
+    "moments": "reset",
+    "stagger": False,
+    "block_order": "descending",
+    "block_step": 0,
+}
+
+RULES = ("sign_sgd", "sgd", "none")
+ORDERS = ("random", "ascending", "descending", "mirror")
+
+
+class FrugalAdamW(MemoptOptimizer):
+    """FRUGAL with Adam as the state-full optimizer."""
+
+    base_defaults = FRUGAL_BASE
+    low_rank_defaults = FRUGAL_LOW_RANK
+    extra_proj_names = ("block",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        inactive_update_rule: str = "sign_sgd",
+        inactive_lr_scale: float = 1.0,
+        state_dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            state_dtype=state_dtype,
+            inactive_update_rule=inactive_update_rule,
+            inactive_lr_scale=inactive_lr_scale,
+            state_free=False,
+        )
+        super().__init__(params, defaults, seed=seed)
+
+    def projector(self, group: dict[str, Any]) -> Projector:
+        if group[self.proj_key] == "block":
+            return None  # type: ignore[return-value]  # block mode selects whole tensors
+        return super().projector(group)
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if group["inactive_update_rule"] not in RULES:
+            raise ValueError(f"{name}: inactive_update_rule must be one of {RULES}")
+        if not self.is_low_rank(group):
+            return
+        if group["block_order"] not in ORDERS:
+            raise ValueError(f"{name}: block_order must be one of {ORDERS}")
+        proj = self.projector(group)
+        if proj is not None and not proj.orthonormal:
+            raise ValueError(
+                f"{name}: FRUGAL splits G into a projected part and its residual, which needs "
+                f"an orthonormal projector; {group['proj']!r} is not. Use 'orthogonal' "
+                "(FRUGAL's 'random'), 'svd', 'columns' or 'coordinate'"
+            )
+        if group["moments"] == "rotate" and group["proj"] == "block":
+            raise ValueError(f"{name}: block mode has no basis to rotate; use moments='reset'")
+        if group.get("density") is None and group["proj"] in ("block", "coordinate"):
+            raise ValueError(f"{name}: proj={group['proj']!r} needs density=..., not rank")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            if self.is_low_rank(group) and group["proj"] == "block":
+                params = group["params"]
+                group["_active"] = {id(params[j]) for j in self.active_blocks(group)}
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if "_active" in group:
+                del group["_active"]
+                group["block_step"] += 1
+        return loss
+
+    def active_blocks(self, group: dict[str, Any]) -> set[int]:
+        """Indices of the group's tensors that hold Adam state during this step."""
+        n = len(group["params"])
+        k = round(n * group["density"])
+        if k == 0:
+            return set()
+        cycle = group["block_step"] // group["update_proj_gap"]
+        order = group["block_order"]
+        if order == "random":
+            windows_per_pass = max(1, -(-n // k))
+            perm_seed = mix_seed(self._seed, 0xB10C, cycle // windows_per_pass)
+            seq = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+            start = (cycle % windows_per_pass) * k
+        else:
+            seq = list(range(n))
+            if order == "descending":
+                seq.reverse()
+            elif order == "mirror":
+                seq = seq + seq[::-1]
+            start = cycle * k
+        return {seq[(start + j) % len(seq)] for j in range(k)}
+
+    def step_param(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        if group["state_free"]:
+            state["step"] += 1
+            self.state_free(p, p.grad, group, group["lr"])  # type: ignore[arg-type]
+        elif not self.is_low_rank(group) or p.dim() < 2 and group["proj"] != "block":
+            self.full_adam(p, group, state, eps_mode="torch")
+        elif group["proj"] == "block":
+            self.block_step(p, group, state)
+        else:
+            self.subspace_step(p, group, state, label)
+
+    def state_free(self, p: Tensor, g: Tensor, group: dict[str, Any], lr: float) -> None:
+        rule = group["inactive_update_rule"]
+        lr_in = lr * group["inactive_lr_scale"]
+        wd = group["lr"] * group["weight_decay"]
+        if wd:
+            p.mul_(1.0 - wd)
+        if rule == "sign_sgd":
+            p.add_(torch.sign(g).to(p.dtype), alpha=-lr_in)
+        elif rule == "sgd":
+            p.add_(g.to(p.dtype), alpha=-lr_in)
+
+    def block_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        window = group["block_step"] // group["update_proj_gap"]
+        if id(p) not in group["_active"]:
+            for k in ("exp_avg", "exp_avg_sq", "active_window"):
+                state.pop(k, None)  # an inactive tensor holds no optimizer state
+            state["step"] += 1
+            self.state_free(p, p.grad, group, group["lr"] * group["proj_params_lr_scale"])  # type: ignore[arg-type]
+            return
+        if state.get("active_window") != window:  # newly active: fresh moments
+            for k in ("exp_avg", "exp_avg_sq"):
+                state.pop(k, None)
+            state["active_window"] = window
+            state["moments_since"] = state["step"]
+        scaled = dict(group, lr=group["lr"] * group["proj_params_lr_scale"])
+        self.full_adam(p, scaled, state, eps_mode="torch")
+
+    def subspace_step(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
+        wd = group["lr"] * group["weight_decay"]
+        if wd:
+            p.mul_(1.0 - wd)
+        g = self.grad_matrix(p, group)
+        self.refresh_if_due(state, g, group, label)
+        proj = self.projector(group)
+        low = proj.project(state, g)
+        if "exp_avg" not in state:
+            state["exp_avg"] = low.new_zeros(low.shape)
+            state["exp_avg_sq"] = low.new_zeros(low.shape)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        lr_p = group["lr"] * group["proj_params_lr_scale"]
+        w = p if p.dim() == 2 else p.view(p.shape[0], -1)
+        rule = group["inactive_update_rule"]
+        if rule != "none":
+            residual = g.clone()
+            proj.apply_update(state, low, residual, alpha=-1.0)
+            out = torch.sign(residual) if rule == "sign_sgd" else residual
+            w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
+        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, b1, b2)
+        direction, step_size = F.adam_direction(
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            step=self.bias_step(state),
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            lr=lr_p,
+            eps_mode="torch",
+        )
+        proj.apply_update(state, direction, w, alpha=-step_size)
+
+
+__all__ = ["FrugalAdamW"]

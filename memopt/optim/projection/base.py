@@ -1,0 +1,185 @@
+"""The ``Projector`` interface shared by every low-rank optimizer.
+
+A projector maps a 2-D gradient G (m x n) to a smaller tensor and maps updates back.
+It is a stateless strategy object built from a param group's options; everything that
+changes during training (a basis, a seed, a refresh counter) lives as tensors or plain
+numbers in the optimizer's per-parameter state dict, under keys that start with
+``proj_``. Keys that start with ``cache_`` hold tensors that can be regenerated from
+state (for example a seeded Gaussian matrix); they are dropped from ``state_dict()``.
+
+Side selection is decided from the full gradient's shape, once, never from the shape of
+the projected tensor (galore-torch's ``reverse_std`` decides it from the projected
+shape in ``project_back`` and crashes on square projections):
+
+- ``std``: project the smaller side: right (P is r x n, R = G P^T) if m >= n, else left
+  (P is m x r, R = P^T G). The moments then have shape max(m, n) x r.
+- ``reverse_std``: the opposite of ``std``.
+- ``left`` / ``right``: forced.
+- ``full``: both sides, R = P^T G Q^T is r x r.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from memopt._utils import warn_once
+
+ProjType = Literal["std", "reverse_std", "left", "right", "full"]
+Side = Literal["left", "right", "both"]
+PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """Deterministic 63-bit hash of integers (splitmix64 steps).
+
+    Used to derive a projection's seed from (optimizer seed, parameter index, refresh
+    count), so every rank regenerates the same matrix without storing it.
+    """
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x = z ^ (z >> 31)
+    return x & ((1 << 63) - 1)
+
+
+def resolve_side(shape: tuple[int, int], proj_type: str) -> Side:
+    """Which side of an m x n matrix a projection type reduces."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right"):
+        return proj_type  # type: ignore[return-value]
+    if proj_type == "full":
+        return "both"
+    raise ValueError(f"unknown proj_type {proj_type!r}; choose one of: {', '.join(PROJ_TYPES)}")
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """View a tensor of 2 or more dims as a matrix (dim 0 x the rest), e.g. a conv kernel."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+class Projector(ABC):
+    """Strategy that projects gradients into a subspace and updates back.
+
+    Subclasses set ``name`` (the string users pass, e.g. ``proj="svd"``) and
+    ``orthonormal`` (whether the basis has orthonormal rows/columns, which the
+    ``moments="rotate"`` policy needs).
+    """
+
+    name: ClassVar[str]
+    orthonormal: ClassVar[bool] = True
+    #: Whether a refresh reads the gradient's values (then non-finite values are an error).
+    uses_gradient: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        density: float | None = None,
+        proj_type: str = "std",
+        **options: Any,
+    ) -> None:
+        if (rank is None) == (density is None):
+            raise ValueError("give exactly one of rank=... or density=... for a projector")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if density is not None and not (0.0 < float(density) <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        resolve_side((2, 1), proj_type)  # validates the name
+        self.rank = rank
+        self.density = density
+        self.proj_type = proj_type
+        self.options = options
+
+    # -- shapes --------------------------------------------------------------------
+    def side(self, shape: tuple[int, int]) -> Side:
+        return resolve_side(shape, self.proj_type)
+
+    def rank_for(self, shape: tuple[int, int]) -> int:
+        """Rank used for a matrix of this shape: clamped to the side it reduces."""
+        side = self.side(shape)
+        limit = {"right": shape[1], "left": shape[0], "both": min(shape)}[side]
+        if self.density is not None:
+            return max(1, min(limit, round(self.density * limit)))
+        assert self.rank is not None
+        if self.rank >= limit:
+            warn_once(
+                f"rank {self.rank} is at or above the projected side ({limit}) of a {shape[0]}x"
+                f"{shape[1]} matrix: clamped to {limit}, so this matrix gets no memory saving"
+            )
+            return limit
+        return self.rank
+
+    def low_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Shape of the projected gradient (and of the low-rank moments)."""
+        r = self.rank_for(shape)
+        side = self.side(shape)
+        return {"right": (shape[0], r), "left": (r, shape[1]), "both": (r, r)}[side]
+
+    # -- the interface -------------------------------------------------------------
+    @abstractmethod
+    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
+        """Compute a new basis for the 2-D ``grad`` and store it in ``state``.
+
+        ``seed`` is this parameter's seed for this refresh (same on every rank).
+        """
+
+    @abstractmethod
+    def project(self, state: dict[str, Any], grad: Tensor) -> Tensor:
+        """Project the 2-D ``grad`` into the subspace."""
+
+    @abstractmethod
+    def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
+        """Map a projected tensor back to the full 2-D shape (no scaling)."""
+
+    def apply_update(
+        self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
+    ) -> None:
+        """``out = beta * out + alpha * project_back(low)`` in place on the 2-D ``out``.
+
+        Dense projectors override this with one fused ``addmm_`` so the full-size update
+        is never materialized.
+        """
+        upd = self.project_back(state, low)
+        if beta != 1.0:
+            out.mul_(beta)
+        out.add_(upd.to(out.dtype), alpha=alpha)
+
+    def change_of_basis(self, old: dict[str, Any], new: dict[str, Any]) -> list[Tensor]:
+        """Matrices C with low_new = C-applied(low_old), for the ``rotate`` moments policy."""
+        raise NotImplementedError(
+            f"projector {self.name!r} cannot rotate moments into a new basis; use "
+            "moments='keep' or moments='reset', or an orthonormal projector (svd, rsvd, "
+            "subspace, orthogonal)"
+        )
+
+    def state_keys(self) -> tuple[str, ...]:
+        """Per-parameter state keys this projector owns (for accounting)."""
+        return ()
+
+    def rebuild(self, state: dict[str, Any], like: Tensor) -> None:  # noqa: B027
+        """Regenerate ``cache_*`` entries after a load; projectors with stored bases need none."""
+
+    def __repr__(self) -> str:
+        size = f"rank={self.rank}" if self.rank is not None else f"density={self.density}"
+        return f"{type(self).__name__}({size}, proj_type={self.proj_type!r})"
+
+
+def checked_float(grad: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``grad`` in the compute dtype (fp32 for half types, as galore-torch does for SVD)."""
+    if dtype is not None:
+        return grad.to(dtype)
+    return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad

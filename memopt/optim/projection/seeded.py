@@ -1,0 +1,196 @@
+"""Projectors regenerated from a seed: Gaussian, orthonormal random, columns, coordinates.
+
+Their state is a seed (``proj_seed``, a plain int, the same on every rank): the matrix or
+index set is rebuilt from it on demand and kept in ``cache_*`` entries, which
+``state_dict()`` leaves out. A resumed optimizer regenerates exactly the same matrix.
+
+- ``random`` (APOLLO): P has i.i.d. N(0, 1/r) entries; not orthonormal.
+- ``orthogonal`` (FRUGAL's "random"): the Q factor of a Gaussian matrix.
+- ``columns`` (FRUGAL's "randperm", column/row selection): r random indices of the
+  reduced side; projection is an index_select, the update an index_add.
+- ``coordinate`` (FRUGAL's "randk"): k random entries of the whole matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.optim.projection.base import Projector
+from memopt.optim.projection.dense import DenseProjector
+
+
+def _generator(seed: int) -> torch.Generator:
+    # A CPU generator: the same numbers on every device type and every rank.
+    return torch.Generator().manual_seed(seed)
+
+
+class _SeededDense(DenseProjector):
+    uses_gradient = False
+
+    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
+        state["proj_seed"] = int(seed)
+        state["proj_right"] = self.side(tuple(grad.shape)) == "right"  # type: ignore[arg-type]
+        shape = (int(grad.shape[0]), int(grad.shape[1]))
+        state["proj_shape"] = list(shape)
+        self._materialize(state, grad.device, grad.dtype)
+
+    def state_keys(self) -> tuple[str, ...]:
+        return ("proj_seed",)
+
+    def basis(self, state: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        if "cache_P" not in state:
+            raise RuntimeError("seeded projector used before update()")  # internal invariant
+        return state["cache_P"], state.get("cache_Q")
+
+    def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
+        """Regenerate the cached matrix after a state_dict load."""
+        if "proj_seed" in state and "cache_P" not in state:
+            self._materialize(state, like.device, like.dtype)
+
+    def _materialize(self, state: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        m, n = state["proj_shape"]
+        r = self.rank_for((m, n))
+        side = self.side((m, n))
+        gen = _generator(state["proj_seed"])
+        if side == "right":
+            mats = [self._draw(gen, n, r).T]
+        elif side == "left":
+            mats = [self._draw(gen, m, r)]
+        else:
+            mats = [self._draw(gen, m, r), self._draw(gen, n, r).T]
+        bdtype = self.options.get("basis_dtype") or dtype
+        state["cache_P"] = mats[0].to(device=device, dtype=bdtype).contiguous()
+        if len(mats) == 2:
+            state["cache_Q"] = mats[1].to(device=device, dtype=bdtype).contiguous()
+
+    def _draw(self, gen: torch.Generator, rows: int, r: int) -> Tensor:
+        raise NotImplementedError
+
+
+class GaussianProjector(_SeededDense):
+    """APOLLO's random projection: entries N(0, 1/r), regenerated from the seed."""
+
+    name = "random"
+    orthonormal = False
+
+    def _draw(self, gen: torch.Generator, rows: int, r: int) -> Tensor:
+        return torch.randn(rows, r, generator=gen) / math.sqrt(r)
+
+
+class OrthogonalProjector(_SeededDense):
+    """A uniformly random orthonormal basis (QR of a Gaussian matrix, signs fixed)."""
+
+    name = "orthogonal"
+
+    def _draw(self, gen: torch.Generator, rows: int, r: int) -> Tensor:
+        q, rr = torch.linalg.qr(torch.randn(rows, r, generator=gen, dtype=torch.float64))
+        return (q * torch.sign(torch.diagonal(rr))).float()
+
+
+class ColumnProjector(Projector):
+    """Random selection of r columns (right side) or rows (left side); ``both`` takes a block."""
+
+    name = "columns"
+    uses_gradient = False
+
+    def state_keys(self) -> tuple[str, ...]:
+        return ("proj_seed",)
+
+    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
+        state["proj_seed"] = int(seed)
+        state["proj_shape"] = [int(grad.shape[0]), int(grad.shape[1])]
+        self._materialize(state, grad.device)
+
+    def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
+        if "proj_seed" in state and "cache_rows" not in state:
+            self._materialize(state, like.device)
+
+    def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
+        m, n = state["proj_shape"]
+        r, side = self.rank_for((m, n)), self.side((m, n))
+        gen = _generator(state["proj_seed"])
+        full_rows, full_cols = torch.arange(m, device=device), torch.arange(n, device=device)
+        pick_rows = torch.randperm(m, generator=gen)[:r].sort().values.to(device)
+        pick_cols = torch.randperm(n, generator=gen)[:r].sort().values.to(device)
+        state["cache_rows"] = full_rows if side == "right" else pick_rows
+        state["cache_cols"] = full_cols if side == "left" else pick_cols
+
+    def project(self, state: dict[str, Any], grad: Tensor) -> Tensor:
+        return grad.index_select(0, state["cache_rows"]).index_select(1, state["cache_cols"])
+
+    def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
+        m, n = state["proj_shape"]
+        out = low.new_zeros(m, n)
+        self.apply_update(state, low, out, alpha=1.0)
+        return out
+
+    def apply_update(
+        self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
+    ) -> None:
+        if beta != 1.0:
+            out.mul_(beta)
+        rows, cols = state["cache_rows"], state["cache_cols"]
+        m, n = state["proj_shape"]
+        low = low.to(out.dtype)
+        if len(rows) == m:
+            out.index_add_(1, cols, low, alpha=alpha)
+        elif len(cols) == n:
+            out.index_add_(0, rows, low, alpha=alpha)
+        else:
+            out[rows.unsqueeze(1), cols] += alpha * low
+
+
+class CoordinateProjector(Projector):
+    """k random entries of the matrix (``density`` of m * n); the low tensor is 1-D."""
+
+    name = "coordinate"
+    uses_gradient = False
+
+    def state_keys(self) -> tuple[str, ...]:
+        return ("proj_seed",)
+
+    def rank_for(self, shape: tuple[int, int]) -> int:
+        total = shape[0] * shape[1]
+        if self.density is not None:
+            return max(1, min(total, round(self.density * total)))
+        assert self.rank is not None
+        return min(total, self.rank * min(shape))  # rank r keeps as many entries as rank r
+
+    def low_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:  # type: ignore[override]
+        return (self.rank_for(shape),)
+
+    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
+        state["proj_seed"] = int(seed)
+        state["proj_shape"] = [int(grad.shape[0]), int(grad.shape[1])]
+        self._materialize(state, grad.device)
+
+    def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
+        if "proj_seed" in state and "cache_idx" not in state:
+            self._materialize(state, like.device)
+
+    def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
+        m, n = state["proj_shape"]
+        k = self.rank_for((m, n))
+        idx = torch.randperm(m * n, generator=_generator(state["proj_seed"]))[:k].sort().values
+        state["cache_idx"] = idx.to(device)
+
+    def project(self, state: dict[str, Any], grad: Tensor) -> Tensor:
+        return grad.reshape(-1).index_select(0, state["cache_idx"])
+
+    def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
+        m, n = state["proj_shape"]
+        out = low.new_zeros(m, n)
+        self.apply_update(state, low, out, alpha=1.0)
+        return out
+
+    def apply_update(
+        self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
+    ) -> None:
+        if beta != 1.0:
+            out.mul_(beta)
+        flat = out.view(-1)
+        flat.index_add_(0, state["cache_idx"], low.to(out.dtype), alpha=alpha)
