@@ -252,8 +252,9 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 for k, v in saved_state[pid].items():
                     if isinstance(v, Tensor):
                         st[k] = v.to(device=p.device)  # keeps the saved dtype
-                if self.is_low_rank(group) and p.dim() >= 2:
-                    self.projector(group).rebuild(st, p)
+                proj = self.projector(group) if self.is_low_rank(group) else None
+                if proj is not None and p.dim() >= 2:
+                    proj.rebuild(st, p)
 
 
 def apply_decoupled(

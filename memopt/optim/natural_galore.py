@@ -13,8 +13,12 @@ Extra memory per matrix: s * k floats for the history (k = max(m, n) * r for a o
 projection, r * r for ``proj_type="full"``), plus s^2 during the solve. With s = 4 and a
 one-sided projection that is twice GaLore's moments; ``memopt.optim.state_bytes``
 counts it. The reference keeps the history across subspace refreshes, mixing
-gradients from two bases; here a refresh clears it (``history_on_refresh="reset"``),
-or rotates it with the moments when ``moments="rotate"``.
+gradients from two bases; here a refresh clears it, and by default the Adam moments
+restart with it (``moments="reset"``): the natural gradient's scale depends on how full
+the history is, so moments accumulated over a full history in the old basis mislead the
+first steps in the new one (measured on a noisy least-squares problem at rank 8 of 16:
+final loss 0.52 with reset against 4.4 with keep; GaLore with keep 0.97). With
+``moments="rotate"`` the history is kept and used as is.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ from memopt.optim.galore import GALORE_DEFAULTS, GaLoreAdamW, write_update
 class NaturalGaLoreAdamW(GaLoreAdamW):
     """GaLore AdamW on the Woodbury natural gradient of the projected gradient."""
 
-    low_rank_defaults = {**GALORE_DEFAULTS, "natural_history": 4, "damping": 1e-3}
+    low_rank_defaults = {
+        **GALORE_DEFAULTS,
+        "natural_history": 4,
+        "damping": 1e-3,
+        "moments": "reset",
+    }
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(params, lr=lr, **kwargs)

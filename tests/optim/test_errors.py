@@ -1,0 +1,91 @@
+"""Bad input gets a clear error naming the value and the fix; never a silent no-op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW
+
+
+def _p(*shape):
+    return torch.nn.Parameter(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        GaLoreAdamW([{"params": [_p(4, 4)], "rank": rank}])
+
+
+def test_unknown_group_key_lists_supported():
+    with pytest.raises(ValueError, match=r"unknown param-group option\(s\) \['rnak'\].*rank"):
+        GaLoreAdamW([{"params": [_p(4, 4)], "rnak": 2}])
+
+
+def test_unknown_projector_lists_known():
+    with pytest.raises(ValueError, match="unknown proj 'svdd'.*rsvd"):
+        GaLoreAdamW([{"params": [_p(4, 4)], "rank": 2, "proj": "svdd"}])
+
+
+def test_unknown_proj_type():
+    with pytest.raises(ValueError, match="unknown proj_type 'middle'"):
+        ApolloAdamW([{"params": [_p(4, 4)], "rank": 2, "proj_type": "middle"}])
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"update_proj_gap": 0}, "update_proj_gap"),
+        ({"moments": "forget"}, "moments"),
+        ({"scale": -1.0}, "scale"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"state_dtype": "float16"}, "state_dtype"),
+        ({"natural_history": 0}, "natural_history"),
+    ],
+)
+def test_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        NaturalGaLoreAdamW([{"params": [_p(4, 4)], "rank": 2, **bad}])
+
+
+def test_failed_group_is_not_half_added():
+    opt = GaLoreAdamW([{"params": [_p(4, 4)], "rank": 2}])
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [_p(3, 3)], "rank": -1})
+    assert len(opt.param_groups) == 1
+
+
+def test_sparse_gradient():
+    p = _p(4, 4)
+    opt = GaLoreAdamW([{"params": [p], "rank": 2}])
+    p.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def test_complex_gradient():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    opt = GaLoreAdamW([{"params": [p], "rank": 2}])
+    p.grad = torch.randn(4, 4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        opt.step()
+
+
+@pytest.mark.parametrize("proj", ["svd", "rsvd", "subspace"])
+def test_non_finite_gradient_at_refresh_names_the_parameter(proj):
+    p = _p(8, 4)
+    opt = GaLoreAdamW(
+        [{"params": [p], "param_names": ["blocks.0.attn.q"], "rank": 2, "proj": proj}]
+    )
+    p.grad = torch.full((8, 4), float("nan"))
+    before = p.detach().clone()
+    with pytest.raises(FloatingPointError, match=r"blocks\.0\.attn\.q.*non-finite"):
+        opt.step()
+    assert torch.equal(p.detach(), before)  # nothing was written
+
+
+def test_frugal_rank_with_density_only_modes():
+    with pytest.raises(ValueError, match="needs density"):
+        FrugalAdamW([{"params": [_p(4, 4)], "rank": 2, "proj": "coordinate"}])

@@ -1,0 +1,132 @@
+"""FRUGAL: state-full subspace + state-free residual; block mode; reset on refresh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memopt.optim import FrugalAdamW, state_bytes
+
+
+def test_subspace_plus_sign_residual_equals_formula():
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 8)
+    p = torch.nn.Parameter(w0.clone())
+    opt = FrugalAdamW(
+        [{"params": [p], "density": 0.25, "proj": "columns", "proj_type": "right"}], lr=0.1
+    )
+    g = torch.randn(16, 8)
+    p.grad = g.clone()
+    opt.step()
+    st = opt.state[p]
+    cols = st["cache_cols"]
+    assert len(cols) == 2
+    expect = w0 - 0.1 * torch.sign(g)  # state-free everywhere ...
+    # ... except the selected columns, which get Adam's first step: g / (|g| + eps) = sign(g)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[cols] = True
+    assert torch.allclose(p.detach()[:, ~mask], expect[:, ~mask])
+    adam_first = w0[:, mask] - 0.1 * g[:, mask] / (g[:, mask].abs() + 1e-8)
+    assert torch.allclose(p.detach()[:, mask], adam_first, atol=1e-6)
+
+
+def test_residual_is_orthogonal_complement_for_svd():
+    p = torch.nn.Parameter(torch.zeros(24, 12))
+    opt = FrugalAdamW(
+        [{"params": [p], "density": 0.25, "proj": "svd", "inactive_update_rule": "sgd"}],
+        lr=1.0,
+        betas=(0.0, 0.0),
+        eps=1e-30,
+    )
+    g = torch.randn(24, 12)
+    p.grad = g.clone()
+    opt.step()
+    basis = opt.state[p]["proj_P"]  # right side, 3 x 12
+    inside = -p.detach() @ basis.T @ basis
+    outside = -p.detach() - inside
+    torch.testing.assert_close(outside, g - g @ basis.T @ basis, rtol=1e-4, atol=1e-5)
+
+
+def test_moments_reset_on_refresh():
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = FrugalAdamW(
+        [{"params": [p], "density": 0.5, "proj": "orthogonal", "update_proj_gap": 2}], lr=1e-2
+    )
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    st = opt.state[p]
+    assert st["moments_since"] == 2 and opt.bias_step(st) == 1
+    g_low = p.grad @ st["cache_P"].T
+    torch.testing.assert_close(st["exp_avg"], 0.1 * g_low)
+
+
+def test_block_mode_memory_follows_density():
+    ps = [torch.nn.Parameter(torch.randn(32, 32)) for _ in range(8)]
+    opt = FrugalAdamW(
+        [
+            {
+                "params": ps,
+                "density": 0.25,
+                "proj": "block",
+                "update_proj_gap": 2,
+                "block_order": "ascending",
+            }
+        ],
+        lr=1e-2,
+    )
+    active_sets = []
+    for _ in range(8):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        active_sets.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+        assert state_bytes(opt).total == 2 * (2 * 32 * 32 * 4)  # 2 of 8 tensors, m and v
+    assert active_sets == [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5), (6, 7), (6, 7)]
+
+
+def test_block_random_order_is_seeded():
+    def run(seed):
+        ps = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(6)]
+        opt = FrugalAdamW(
+            [
+                {
+                    "params": ps,
+                    "density": 0.5,
+                    "proj": "block",
+                    "update_proj_gap": 1,
+                    "block_order": "random",
+                }
+            ],
+            seed=seed,
+        )
+        out = []
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            out.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+        return out
+
+    first = run(3)
+    assert first == run(3)
+    assert set(first[0]).isdisjoint(first[1])  # a pass visits every tensor before repeating
+
+
+def test_state_free_group_holds_no_state():
+    emb = torch.nn.Parameter(torch.randn(10, 4))
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = FrugalAdamW(
+        [{"params": [w], "density": 0.25}, {"params": [emb], "state_free": True}], lr=0.1
+    )
+    e0 = emb.detach().clone()
+    emb.grad, w.grad = torch.randn_like(emb), torch.randn_like(w)
+    opt.step()
+    assert [k for k, v in opt.state[emb].items() if isinstance(v, torch.Tensor)] == []
+    torch.testing.assert_close(emb.detach(), e0 - 0.1 * torch.sign(emb.grad))
+
+
+def test_rejects_non_orthonormal_projector():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="orthonormal"):
+        FrugalAdamW([{"params": [p], "density": 0.25, "proj": "random"}])
