@@ -21,7 +21,7 @@ and ``state_dict`` behave as users expect. What it adds:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,15 @@ from memopt.optim._groups import check_common, check_known_keys, check_low_rank
 from memopt.optim.projection import Projector, as_matrix, make_projector, mix_seed
 
 CACHE_PREFIX = "cache_"
+
+
+class ParamMeta(NamedTuple):
+    """Where a parameter sits in the optimizer (stable while the groups are unchanged)."""
+
+    index: int  # 1-based position over all groups: part of the projection seed
+    label: str  # its name, for error messages
+    low_rank_pos: int | None  # position among low-rank parameters (for staggering)
+    n_low_rank: int
 
 
 class MemoptOptimizer(torch.optim.Optimizer):
@@ -109,28 +118,49 @@ class MemoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
-        n_low = sum(len(g["params"]) for g in self.param_groups if self.is_low_rank(g))
-        low_seen = 0
         for group in self.param_groups:
-            names = group.get("param_names")
-            low = self.is_low_rank(group)
-            for i, p in enumerate(group["params"]):
-                index += 1
-                if low:
-                    low_seen += 1
-                if p.grad is None:
-                    continue
-                label = names[i] if names else f"group {self.param_groups.index(group)} param {i}"
-                check_grad(p.grad, label)
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["index"] = index
-                    if low and group.get("stagger", False):
-                        state["proj_phase"] = (low_seen - 1) * group["update_proj_gap"] // n_low
-                self.step_param(p, group, state, label)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_one(p)
         return loss
+
+    @torch.no_grad()
+    def step_one(self, p: Tensor) -> None:
+        """Update one parameter from its ``.grad`` (used by optimizer-in-backward)."""
+        meta = self._meta().get(id(p))
+        if meta is None:
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} is not managed by this "
+                f"{type(self).__name__}; pass it in the optimizer's param groups"
+            )
+        group, m = meta
+        assert p.grad is not None
+        check_grad(p.grad, m.label)
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["index"] = m.index
+            if m.low_rank_pos is not None and group.get("stagger", False):
+                state["proj_phase"] = m.low_rank_pos * group["update_proj_gap"] // m.n_low_rank
+        self.step_param(p, group, state, m.label)
+
+    def _meta(self) -> dict[int, tuple[dict[str, Any], ParamMeta]]:
+        """Per-parameter position and label, rebuilt when the groups change."""
+        signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if getattr(self, "_meta_sig", None) != signature:
+            table: dict[int, tuple[dict[str, Any], ParamMeta]] = {}
+            n_low = sum(len(g["params"]) for g in self.param_groups if self.is_low_rank(g))
+            index = low_pos = 0
+            for gi, group in enumerate(self.param_groups):
+                names = group.get("param_names")
+                low = self.is_low_rank(group)
+                for i, p in enumerate(group["params"]):
+                    index += 1
+                    label = names[i] if names else f"group {gi} param {i}"
+                    table[id(p)] = (group, ParamMeta(index, label, low_pos if low else None, n_low))
+                    low_pos += int(low)
+            self._meta_table, self._meta_sig = table, signature
+        return self._meta_table
 
     def step_param(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str

@@ -16,7 +16,7 @@ Projectors: ``svd``, ``orthogonal`` (FRUGAL's "random"), ``columns`` (FRUGAL's
 whole tensors in rotation. In block mode a ``density`` share of the group's tensors is
 active at a time and gets full Adam state; the rest get the state-free rule and hold no
 state at all, so memory follows the density. ``block_order`` is random, ascending,
-descending or mirror; the schedule is a function of the group's step counter and the
+descending or mirror; the schedule is a function of the step count and the
 optimizer seed, so it resumes exactly and is the same on every rank.
 
 Groups with ``state_free=True`` (embeddings, norms, the output head, if asked) get the
@@ -56,7 +56,6 @@ FRUGAL_LOW_RANK: dict[str, Any] = {
     "moments": "reset",
     "stagger": False,
     "block_order": "descending",
-    "block_step": 0,
 }
 
 RULES = ("sign_sgd", "sgd", "none")
@@ -93,6 +92,7 @@ class FrugalAdamW(MemoptOptimizer):
             inactive_lr_scale=inactive_lr_scale,
             state_free=False,
         )
+        self._active_cache: dict[tuple[int, int, int], set[int]] = {}
         super().__init__(params, defaults, seed=seed)
 
     def projector(self, group: dict[str, Any]) -> Projector:
@@ -120,26 +120,26 @@ class FrugalAdamW(MemoptOptimizer):
         if group.get("density") is None and group["proj"] in ("block", "coordinate"):
             raise ValueError(f"{name}: proj={group['proj']!r} needs density=..., not rank")
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        for group in self.param_groups:
-            if self.is_low_rank(group) and group["proj"] == "block":
-                params = group["params"]
-                group["_active"] = {id(params[j]) for j in self.active_blocks(group)}
-        loss = super().step(closure)
-        for group in self.param_groups:
-            if "_active" in group:
-                del group["_active"]
-                group["block_step"] += 1
-        return loss
+    def active_blocks(self, group: dict[str, Any], cycle: int) -> set[int]:
+        """Ids of the group's tensors that hold Adam state during refresh cycle ``cycle``.
 
-    def active_blocks(self, group: dict[str, Any]) -> set[int]:
-        """Indices of the group's tensors that hold Adam state during this step."""
+        A pure function of (group, cycle, seed), so every rank, and a resumed run, agrees
+        without any stored schedule; cached for the cycle.
+        """
+        key = (id(group), cycle, len(group["params"]))
+        cached = self._active_cache.get(key)
+        if cached is not None:
+            return cached
+        params = group["params"]
+        active = {id(params[j]) for j in self._block_indices(group, cycle)}
+        self._active_cache = {key: active}  # only the current cycle is worth keeping
+        return active
+
+    def _block_indices(self, group: dict[str, Any], cycle: int) -> set[int]:
         n = len(group["params"])
         k = round(n * group["density"])
         if k == 0:
             return set()
-        cycle = group["block_step"] // group["update_proj_gap"]
         order = group["block_order"]
         if order == "random":
             windows_per_pass = max(1, -(-n // k))
@@ -180,8 +180,8 @@ class FrugalAdamW(MemoptOptimizer):
             p.add_(g.to(p.dtype), alpha=-lr_in)
 
     def block_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        window = group["block_step"] // group["update_proj_gap"]
-        if id(p) not in group["_active"]:
+        window = state["step"] // group["update_proj_gap"]
+        if id(p) not in self.active_blocks(group, window):
             for k in ("exp_avg", "exp_avg_sq", "active_window"):
                 state.pop(k, None)  # an inactive tensor holds no optimizer state
             state["step"] += 1

@@ -1,0 +1,160 @@
+"""Optimizer-in-backward: update each parameter as soon as its gradient is complete.
+
+``step_in_backward(model, optimizer)`` registers a post-accumulate-grad hook on every
+trainable parameter. When a parameter's gradient for the last micro-batch of a step has
+been accumulated, the hook clips it, calls ``optimizer.step_one(p)`` and frees it. The
+model's gradients never all exist at once: peak gradient memory is about one parameter's
+gradient instead of the whole model's.
+
+Stream of events per optimizer step with ``accumulation_steps = N``::
+
+    backward 1 .. N-1:  hooks do nothing; .grad accumulates as usual
+    backward N:         hook(p): clip p.grad, optimizer.step_one(p), p.grad = None
+    end of backward N:  (autograd engine callback) the step's grad norm is final,
+                        the step counter advances
+
+What the reference per-layer modes get wrong, and what happens here instead:
+
+- Gradient accumulation: GaLore's per-layer script and HF's layer-wise mode step on
+  every micro-batch. Here the hook counts completed backward passes (an engine callback
+  at the end of each backward) and steps only on the N-th.
+- Global-norm clipping: the true global norm is only known after the last hook, when
+  the earlier parameters were already updated. ``clip="previous"`` (the default when
+  ``max_grad_norm`` is set) scales every gradient of step t by
+  ``min(1, max_grad_norm / norm_{t-1})``, the previous step's global norm (the first
+  step is unclipped). The current step's true norm is measured as the hooks run and is
+  reported in ``last_grad_norm`` (HF's layer-wise mode logs 0.0).
+- LR schedulers: the optimizer is a real one; ``scheduler.step()`` after each step
+  changes ``param_groups[i]["lr"]``, which the next hooks read.
+- Checkpointing: the optimizer's ``state_dict`` holds the real state (HF's
+  ``LayerWiseDummyOptimizer`` saves a dummy), and this object's ``state_dict`` holds the
+  micro-batch counter and the previous norm, so a resumed run clips and accumulates
+  exactly as the uninterrupted one.
+
+Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
+already gone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from memopt.optim._base import MemoptOptimizer
+
+ClipMode = Literal["previous"]
+
+
+class StepInBackward:
+    """Handle returned by :func:`step_in_backward`; ``remove()`` restores normal training."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        optimizer: MemoptOptimizer,
+        accumulation_steps: int,
+        max_grad_norm: float | None,
+        clip: ClipMode,
+    ) -> None:
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.clip = clip
+        self.micro_step = 0  # completed backward passes
+        self.steps = 0  # completed optimizer steps
+        self.prev_norm: float | None = None
+        self.last_grad_norm: float | None = None
+        self._sq_norm: Tensor | None = None
+        self._callback_queued = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    # -- hooks ---------------------------------------------------------------------
+    def _is_last_micro_batch(self) -> bool:
+        return (self.micro_step + 1) % self.accumulation_steps == 0
+
+    def _hook(self, p: Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if not self._is_last_micro_batch() or p.grad is None:
+            return
+        with torch.no_grad():
+            sq = p.grad.detach().float().square().sum()
+            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+            coef = self.clip_coefficient()
+            if coef != 1.0:
+                p.grad.mul_(coef)
+            self.optimizer.step_one(p)
+        p.grad = None
+
+    def clip_coefficient(self) -> float:
+        """The factor every gradient of this step is multiplied by before the update."""
+        if self.max_grad_norm is None or self.prev_norm is None:
+            return 1.0
+        return min(1.0, self.max_grad_norm / (self.prev_norm + 1e-6))
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        if self._is_last_micro_batch():
+            norm = math.sqrt(float(self._sq_norm)) if self._sq_norm is not None else 0.0
+            self.last_grad_norm = self.prev_norm = norm
+            self._sq_norm = None
+            self.steps += 1
+        self.micro_step += 1
+
+    # -- lifecycle -----------------------------------------------------------------
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_step": self.micro_step, "steps": self.steps, "prev_norm": self.prev_norm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.micro_step = int(state["micro_step"])
+        self.steps = int(state["steps"])
+        self.prev_norm = None if state["prev_norm"] is None else float(state["prev_norm"])
+
+
+def step_in_backward(
+    model: nn.Module | Iterable[nn.Parameter],
+    optimizer: MemoptOptimizer,
+    *,
+    accumulation_steps: int = 1,
+    max_grad_norm: float | None = None,
+    clip: ClipMode = "previous",
+) -> StepInBackward:
+    """Run ``optimizer``'s update inside the backward pass (see the module docstring).
+
+    Every trainable parameter of ``model`` must belong to ``optimizer``.
+    """
+    if not isinstance(optimizer, MemoptOptimizer):
+        raise TypeError(
+            f"step_in_backward needs a memopt optimizer (memopt.optim.*), got "
+            f"{type(optimizer).__name__}; memopt.optim.AdamW replaces torch.optim.AdamW"
+        )
+    if (
+        isinstance(accumulation_steps, bool)
+        or not isinstance(accumulation_steps, int)
+        or (accumulation_steps < 1)
+    ):
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    if clip != "previous":
+        raise ValueError(f"clip must be 'previous', got {clip!r}")
+    params_iter = model.parameters() if isinstance(model, nn.Module) else model
+    params = [p for p in params_iter if p.requires_grad]
+    managed = optimizer._meta()
+    missing = [tuple(p.shape) for p in params if id(p) not in managed]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} trainable parameter(s) are not in the optimizer (shapes "
+            f"{missing[:4]}); freeze them (requires_grad=False) or add them to a param group"
+        )
+    return StepInBackward(params, optimizer, accumulation_steps, max_grad_norm, clip)
