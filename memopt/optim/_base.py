@@ -37,7 +37,7 @@ CACHE_PREFIX = "cache_"
 class ParamMeta(NamedTuple):
     """Where a parameter sits in the optimizer (stable while the groups are unchanged)."""
 
-    index: int  # 1-based position over all groups: part of the projection seed
+    position: int  # 1-based position over all groups: part of the projection seed
     label: str  # its name, for error messages
     low_rank_pos: int | None  # position among low-rank parameters (for staggering)
     n_low_rank: int
@@ -139,7 +139,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-            state["index"] = m.index
+            state["index"] = m.position
             if m.low_rank_pos is not None and group.get("stagger", False):
                 state["proj_phase"] = m.low_rank_pos * group["update_proj_gap"] // m.n_low_rank
         self.step_param(p, group, state, m.label)
