@@ -34,6 +34,24 @@ from memopt.optim.projection import Projector, as_matrix, make_projector, mix_se
 CACHE_PREFIX = "cache_"
 
 
+#: Largest stack of gradients one batched refresh may build (bytes).
+MAX_BATCH_BYTES = 256 * 2**20
+
+
+def _chunks(items: list[Any], max_bytes: int) -> list[list[Any]]:
+    """Split (param, grad, state) triples into runs whose stacked grads stay under max_bytes."""
+    out: list[list[Any]] = [[]]
+    used = 0
+    for item in items:
+        size = item[1].numel() * 4
+        if out[-1] and used + size > max_bytes:
+            out.append([])
+            used = 0
+        out[-1].append(item)
+        used += size
+    return out
+
+
 class ParamMeta(NamedTuple):
     """Where a parameter sits in the optimizer (stable while the groups are unchanged)."""
 
@@ -58,6 +76,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, seed: int = 0) -> None:
         self._seed = int(seed)
         self._projectors: dict[tuple[Any, ...], Projector] = {}
+        self._prefetched: dict[int, tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults)
 
     # -- groups --------------------------------------------------------------------
@@ -118,10 +137,14 @@ class MemoptOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_one(p)
+        self._prefetch_refreshes()
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.step_one(p)
+        finally:
+            self._prefetched.clear()
         return loss
 
     @torch.no_grad()
@@ -136,13 +159,65 @@ class MemoptOptimizer(torch.optim.Optimizer):
         group, m = meta
         assert p.grad is not None
         check_grad(p.grad, m.label)
+        self.step_param(p, group, self._init_state(p, group, m), m.label)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], m: ParamMeta) -> dict[str, Any]:
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
             state["index"] = m.position
             if m.low_rank_pos is not None and group.get("stagger", False):
                 state["proj_phase"] = m.low_rank_pos * group["update_proj_gap"] // m.n_low_rank
-        self.step_param(p, group, state, m.label)
+        return state
+
+    def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        if "proj_count" not in state:
+            return True
+        gap = group["update_proj_gap"]
+        return state["step"] % gap == state.get("proj_phase", 0) % gap
+
+    def _prefetch_refreshes(self) -> None:
+        """Compute this step's due refreshes in batches of same-shape matrices.
+
+        The results wait in ``self._prefetched`` for ``refresh_if_due``. A batch whose
+        gradients are not all finite is skipped, so the per-parameter path raises with
+        the offending parameter's name.
+        """
+        meta = self._meta()
+        for group in self.param_groups:
+            if not self.is_low_rank(group):
+                continue
+            proj = self.projector(group)
+            if not getattr(proj, "batchable", False):
+                continue
+            buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
+            for p in group["params"]:
+                if p.grad is None or p.dim() < 2:
+                    continue
+                state = self._init_state(p, group, meta[id(p)][1])
+                if self._refresh_due(state, group):
+                    g = self.grad_matrix(p, group)
+                    key = (tuple(g.shape), g.dtype, g.device)
+                    buckets.setdefault(key, []).append((p, g, state))
+            for items in buckets.values():
+                for chunk in _chunks(items, MAX_BATCH_BYTES):
+                    if len(chunk) > 1:
+                        self._batch_factors(proj, chunk)
+
+    def _batch_factors(self, proj: Any, chunk: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> None:
+        from memopt.optim.projection.base import checked_float
+
+        stack = torch.stack([checked_float(g) for _, g, _ in chunk])
+        if not bool(torch.isfinite(stack).all()):
+            return
+        seeds = [self._refresh_seed(st) for _, _, st in chunk]
+        u, vh = proj.factors(stack, seeds, [st for _, _, st in chunk])
+        for i, (p, _, _) in enumerate(chunk):
+            self._prefetched[id(p)] = (u[i], vh[i])
+
+    def _refresh_seed(self, state: dict[str, Any]) -> int:
+        count = 0 if "proj_count" not in state else state["proj_count"] + 1
+        return mix_seed(self._seed, state["index"], count)
 
     def _meta(self) -> dict[int, tuple[dict[str, Any], ParamMeta]]:
         """Per-parameter position and label, rebuilt when the groups change."""
@@ -187,6 +262,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
 
     def refresh_if_due(
         self,
+        p: Tensor,
         state: dict[str, Any],
         g: Tensor,
         group: dict[str, Any],
@@ -195,23 +271,29 @@ class MemoptOptimizer(torch.optim.Optimizer):
     ) -> bool:
         """Recompute the subspace when the schedule says so; apply the moments policy."""
         proj = self.projector(group)
-        step, gap = state["step"], group["update_proj_gap"]
         first = "proj_count" not in state
-        if not first and step % gap != state.get("proj_phase", 0) % gap:
+        if not self._refresh_due(state, group):
             return False
+        old = {k: v for k, v in state.items() if k.startswith(("proj_", CACHE_PREFIX))}
+        count = 0 if first else state["proj_count"] + 1
+        pref = self._prefetched.pop(id(p), None)
+        if pref is not None:
+            proj.store(state, g, *pref)  # type: ignore[attr-defined]
+        else:
+            self._check_finite(proj, g, state["step"], label)
+            proj.update(state, g, self._refresh_seed(state))
+        state["proj_count"] = count
+        if not first and moment_keys[0] in state:
+            self._apply_moments_policy(state, proj, old, group.get("moments", "keep"), moment_keys)
+        return True
+
+    def _check_finite(self, proj: Projector, g: Tensor, step: int, label: str) -> None:
         if proj.uses_gradient and not bool(torch.isfinite(g).all()):
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient of {label} has non-finite values at step "
                 f"{step}; a {proj.name!r} projector cannot be computed from it. Skip such steps "
                 "(torch.amp.GradScaler does) or clip/fix the loss."
             )
-        old = {k: v for k, v in state.items() if k.startswith(("proj_", CACHE_PREFIX))}
-        count = 0 if first else state["proj_count"] + 1
-        proj.update(state, g, mix_seed(self._seed, state["index"], count))
-        state["proj_count"] = count
-        if not first and moment_keys[0] in state:
-            self._apply_moments_policy(state, proj, old, group.get("moments", "keep"), moment_keys)
-        return True
 
     def _apply_moments_policy(
         self,

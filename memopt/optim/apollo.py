@@ -108,7 +108,7 @@ class ApolloAdamW(MemoptOptimizer):
             self.full_adam(p, group, state, eps_mode="galore")
             return
         g = self.grad_matrix(p, group)
-        self.refresh_if_due(state, g, group, label)
+        self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
         if "exp_avg" not in state:

@@ -202,7 +202,7 @@ class FrugalAdamW(MemoptOptimizer):
         if wd:
             p.mul_(1.0 - wd)
         g = self.grad_matrix(p, group)
-        self.refresh_if_due(state, g, group, label)
+        self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
         if "exp_avg" not in state:

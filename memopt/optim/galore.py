@@ -87,7 +87,7 @@ class GaLoreAdamW(MemoptOptimizer):
             self.full_adam(p, group, state, eps_mode="galore")
             return
         g = self.grad_matrix(p, group)
-        self.refresh_if_due(state, g, group, label)
+        self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
         direction, step_size = self.low_rank_adam(low, group, state)

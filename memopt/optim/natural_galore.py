@@ -60,7 +60,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             self.full_adam(p, group, state, eps_mode="galore")
             return
         g = self.grad_matrix(p, group)
-        refreshed = self.refresh_if_due(state, g, group, label)
+        refreshed = self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
         s = group["natural_history"]

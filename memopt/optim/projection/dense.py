@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from memopt.optim.projection.base import Projector, checked_float
@@ -31,7 +32,7 @@ class DenseProjector(Projector):
 
     def project(self, state: dict[str, Any], grad: Tensor) -> Tensor:
         p, q = self.basis(state)
-        side = self.side(tuple(grad.shape))  # type: ignore[arg-type]
+        side = self.side(_mat_shape(grad))
         if side == "right":
             return grad @ p.T
         if side == "left":
@@ -75,7 +76,7 @@ class DenseProjector(Projector):
     def store(self, state: dict[str, Any], grad: Tensor, u: Tensor, vh: Tensor) -> None:
         """Keep the factors this side needs, in the basis dtype."""
         dtype = self.options.get("basis_dtype") or grad.dtype
-        side = self.side(tuple(grad.shape))  # type: ignore[arg-type]
+        side = self.side(_mat_shape(grad))
         state["proj_right"] = side == "right"
         if side == "right":
             state["proj_P"] = vh.to(dtype)
@@ -85,36 +86,59 @@ class DenseProjector(Projector):
             state["proj_P"], state["proj_Q"] = u.to(dtype), vh.to(dtype)
 
 
-class SVDProjector(DenseProjector):
+def _mat_shape(g: Tensor) -> tuple[int, int]:
+    """The (m, n) of a matrix or of each matrix in a stack."""
+    return int(g.shape[-2]), int(g.shape[-1])
+
+
+class _FactorProjector(DenseProjector):
+    """A dense projector whose basis comes from singular factors of the gradient.
+
+    ``factors`` works on one matrix or a stack of same-shape matrices, which is what lets
+    the optimizer batch refreshes (see ``MemoptOptimizer._prefetch_refreshes``).
+    """
+
+    batchable = True
+
+    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
+        u, vh = self.factors(checked_float(grad), [seed], [state])
+        self.store(state, grad, u, vh)
+
+    def factors(
+        self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class SVDProjector(_FactorProjector):
     """GaLore's projector: the top-r singular vectors from a full thin SVD."""
 
     name = "svd"
 
-    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
-        g = checked_float(grad)
-        u, vh = thin_svd(g, self.rank_for(tuple(g.shape)))  # type: ignore[arg-type]
-        self.store(state, grad, u, vh)
+    def factors(
+        self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        return thin_svd(g, self.rank_for(_mat_shape(g)))
 
 
-class RandomizedSVDProjector(DenseProjector):
+class RandomizedSVDProjector(_FactorProjector):
     """Randomized SVD (seeded, so identical on every rank); options oversample, power_iters."""
 
     name = "rsvd"
 
-    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
-        g = checked_float(grad)
-        r = self.rank_for(tuple(g.shape))  # type: ignore[arg-type]
-        u, vh = randomized_svd(
+    def factors(
+        self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        return randomized_svd(
             g,
-            r,
-            seed=seed,
+            self.rank_for(_mat_shape(g)),
+            seed=seeds,
             oversample=int(self.options.get("oversample", 8)),
             power_iters=int(self.options.get("power_iters", 2)),
         )
-        self.store(state, grad, u, vh)
 
 
-class SubspaceIterationProjector(DenseProjector):
+class SubspaceIterationProjector(_FactorProjector):
     """Warm-started subspace iteration from the previous basis (``iters`` power steps).
 
     The first refresh has no previous basis and runs a randomized SVD.
@@ -122,18 +146,19 @@ class SubspaceIterationProjector(DenseProjector):
 
     name = "subspace"
 
-    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
-        g = checked_float(grad)
-        r = self.rank_for(tuple(g.shape))  # type: ignore[arg-type]
+    def factors(
+        self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        shape = _mat_shape(g)
+        r = self.rank_for(shape)
+        side = self.side(shape)
+        if any("proj_P" not in st for st in prev):
+            return randomized_svd(g, r, seed=seeds, power_iters=2)
         iters = int(self.options.get("iters", 1))
-        side = self.side(tuple(g.shape))  # type: ignore[arg-type]
-        if "proj_P" not in state:
-            u, vh = randomized_svd(g, r, seed=seed, power_iters=2)
-        elif side == "left":
-            # Left singular vectors of G are the right ones of G^T.
-            v, uh = randomized_svd(g.T, r, seed=seed, power_iters=iters, init=state["proj_P"])
-            u, vh = uh.T, v.T
-        else:
-            prev = state["proj_Q"] if side == "both" else state["proj_P"]
-            u, vh = randomized_svd(g, r, seed=seed, power_iters=iters, init=prev.T)
-        self.store(state, grad, u, vh)
+        key = "proj_Q" if side == "both" else "proj_P"
+        bases = [st[key] for st in prev]
+        old = bases[0] if g.dim() == 2 else torch.stack(bases)
+        if side == "left":  # left singular vectors of G are the right ones of G^T
+            v, uh = randomized_svd(g.mT, r, seed=seeds, power_iters=iters, init=old)
+            return uh.mT, v.mT
+        return randomized_svd(g, r, seed=seeds, power_iters=iters, init=old.mT)
