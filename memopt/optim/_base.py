@@ -20,6 +20,7 @@ and ``state_dict`` behave as users expect. What it adds:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from memopt._utils import warn_once
 from memopt.optim import _functional as F
+from memopt.optim._full_adam import adamw_many
 from memopt.optim._groups import check_common, check_known_keys, check_low_rank
 from memopt.optim.projection import Projector, as_matrix, make_projector, mix_seed
 
@@ -138,11 +140,24 @@ class MemoptOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._prefetch_refreshes()
+        meta = self._meta()
         try:
             for group in self.param_groups:
+                plain: dict[F.EpsMode, list[Tensor]] = defaultdict(list)
                 for p in group["params"]:
-                    if p.grad is not None:
+                    if p.grad is None:
+                        continue
+                    mode = self.plain_adam_mode(p, group)
+                    if mode is None:
                         self.step_one(p)
+                    else:
+                        plain[mode].append(p)
+                for eps_mode, ps in plain.items():
+                    for p in ps:
+                        assert p.grad is not None
+                        check_grad(p.grad, meta[id(p)][1].label)
+                    states = [self._init_state(p, group, meta[id(p)][1]) for p in ps]
+                    adamw_many(ps, states, group, eps_mode)
         finally:
             self._prefetched.clear()
         return loss
@@ -321,27 +336,15 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def full_adam(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], eps_mode: F.EpsMode
     ) -> None:
-        """Plain AdamW on the whole parameter (full-state groups, 1-D params)."""
-        assert p.grad is not None
-        g = p.grad if group.get("state_dtype") != "float32" else p.grad.float()
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
-        state["step"] += 1
-        b1, b2 = group["betas"]
-        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], g, b1, b2)
-        d, step_size = F.adam_direction(
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step=self.bias_step(state),
-            beta1=b1,
-            beta2=b2,
-            eps=group["eps"],
-            lr=group["lr"],
-            eps_mode=eps_mode,
-            correct_bias=group.get("correct_bias", True),
-        )
-        apply_decoupled(p, d, step_size, group, decay_after=eps_mode == "galore")
+        """Plain AdamW on the whole parameter (see ``_full_adam``)."""
+        adamw_many([p], [state], group, eps_mode)
+
+    def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
+        """The eps placement if ``p`` takes the plain AdamW path in ``group``, else None.
+
+        ``step()`` batches those parameters into one fused call per group.
+        """
+        return None
 
     # -- state_dict ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -101,6 +101,9 @@ class ApolloAdamW(MemoptOptimizer):
             if group["nl_gamma"] < 1.0:
                 raise ValueError(f"nl_gamma must be >= 1, got {group['nl_gamma']!r}")
 
+    def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
+        return None if self.projects(p, group) else "galore"
+
     def step_param(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:

@@ -155,6 +155,13 @@ class FrugalAdamW(MemoptOptimizer):
             start = cycle * k
         return {seq[(start + j) % len(seq)] for j in range(k)}
 
+    def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
+        if group["state_free"]:
+            return None
+        if not self.is_low_rank(group) or (p.dim() < 2 and group["proj"] != "block"):
+            return "torch"
+        return None
+
     def step_param(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:

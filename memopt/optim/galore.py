@@ -80,6 +80,9 @@ class GaLoreAdamW(MemoptOptimizer):
         )
         super().__init__(params, defaults, seed=seed)
 
+    def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
+        return None if self.projects(p, group) else "galore"
+
     def step_param(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:

@@ -1,0 +1,117 @@
+"""Plain AdamW for the parameters that are not projected (norms, biases, embeddings...).
+
+All of them go through torch's fused AdamW kernel (``torch._fused_adamw_``) in one call
+per (device, dtype, state dtype, step) bucket, instead of a Python loop of seven
+elementwise ops per parameter: on a small model, that loop, not the arithmetic, is most
+of the step time.
+
+Both eps placements map onto the one kernel (see ``_functional``). torch's form is the
+kernel's; galore-torch's form ``m / (sqrt(v) + eps)`` with step ``lr sqrt(bc2) / bc1``
+equals the kernel's ``m / (sqrt(v) / sqrt(bc2) + eps')`` with step ``lr / bc1`` when
+``eps' = eps / sqrt(bc2)``. galore-torch decays the weight after the update, so for that
+form the kernel runs without decay and the decay follows as one ``_foreach_mul_``.
+
+Devices without the fused kernel, and ``correct_bias=False``, use the reference arithmetic
+in ``_functional``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.optim import _functional as F
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def adamw_many(
+    params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], eps_mode: F.EpsMode
+) -> None:
+    """One AdamW step for ``params`` (all with ``.grad``), state in ``states``."""
+    fp32_state = group.get("state_dtype") == "float32"
+    buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, (p, st) in enumerate(zip(params, states, strict=True)):
+        if "exp_avg" not in st:
+            dtype = torch.float32 if fp32_state else p.dtype
+            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        st["step"] += 1
+        t = st["step"] - st.get("moments_since", 0)
+        buckets[(p.device, p.dtype, st["exp_avg"].dtype, t)].append(i)
+    for (device, _, _, t), idx in buckets.items():
+        ps, sts = [params[i] for i in idx], [states[i] for i in idx]
+        if device.type in FUSED_DEVICES and group.get("correct_bias", True):
+            _fused(ps, sts, group, eps_mode, t)
+        else:
+            for p, st in zip(ps, sts, strict=True):
+                _reference(p, st, group, eps_mode, t)
+
+
+def _fused(
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    eps_mode: F.EpsMode,
+    t: int,
+) -> None:
+    b1, b2 = group["betas"]
+    lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group["eps"]
+    mixed = states[0]["exp_avg"].dtype != params[0].dtype
+    weights = [p.float() for p in params] if mixed else list(params)
+    grads = [p.grad.to(w.dtype) for p, w in zip(params, weights, strict=True)]  # type: ignore[union-attr]
+    if eps_mode == "galore":
+        eps, kernel_wd = eps / math.sqrt(1.0 - b2**t), 0.0
+    else:
+        kernel_wd = wd
+    steps = [torch.tensor(float(t), device=params[0].device) for _ in params]
+    torch._fused_adamw_(
+        weights,
+        grads,
+        [st["exp_avg"] for st in states],
+        [st["exp_avg_sq"] for st in states],
+        [],
+        steps,
+        lr=lr,
+        beta1=b1,
+        beta2=b2,
+        weight_decay=kernel_wd,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    if eps_mode == "galore" and wd:
+        torch._foreach_mul_(weights, 1.0 - lr * wd)
+    if mixed:
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+
+
+def _reference(
+    p: Tensor, st: dict[str, Any], group: dict[str, Any], eps_mode: F.EpsMode, t: int
+) -> None:
+    assert p.grad is not None
+    g = p.grad.to(st["exp_avg"].dtype)
+    b1, b2 = group["betas"]
+    F.adam_moments_(st["exp_avg"], st["exp_avg_sq"], g, b1, b2)
+    d, step_size = F.adam_direction(
+        st["exp_avg"],
+        st["exp_avg_sq"],
+        step=t,
+        beta1=b1,
+        beta2=b2,
+        eps=group["eps"],
+        lr=group["lr"],
+        eps_mode=eps_mode,
+        correct_bias=group.get("correct_bias", True),
+    )
+    wd = group["lr"] * group.get("weight_decay", 0.0)
+    if eps_mode == "torch" and wd:
+        p.mul_(1.0 - wd)
+    p.add_(d.to(p.dtype), alpha=-step_size)
+    if eps_mode == "galore" and wd:
+        p.mul_(1.0 - wd)
