@@ -53,19 +53,6 @@ def adam_direction(
     return exp_avg / denom, lr / bc1
 
 
-def channel_scale(low: Tensor, direction: Tensor, dim: int) -> Tensor:
-    """APOLLO's channel-wise factor ||direction||_dim / ||low||_dim, shaped to broadcast."""
-    s = torch.linalg.vector_norm(direction, dim=dim) / (
-        torch.linalg.vector_norm(low, dim=dim) + 1e-8
-    )
-    return s.unsqueeze(1) if dim == 1 else s.unsqueeze(0)
-
-
-def tensor_scale(low: Tensor, direction: Tensor) -> Tensor:
-    """APOLLO-Mini's tensor-wise factor ||direction||_F / ||low||_F (a 0-d tensor)."""
-    return torch.linalg.vector_norm(direction) / (torch.linalg.vector_norm(low) + 1e-8)
-
-
 def scaled_norm(g: Tensor, factor: Tensor) -> Tensor:
     """||g * factor||_F without forming g * factor: one reduction over g.
 

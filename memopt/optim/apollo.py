@@ -29,6 +29,7 @@ from typing import Any
 from torch import Tensor
 
 from memopt.optim import _functional as F
+from memopt.optim import kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.galore import ADAMW_DEFAULTS
 
@@ -119,8 +120,10 @@ class ApolloAdamW(MemoptOptimizer):
             state["exp_avg_sq"] = low.new_zeros(low.shape)
         state["step"] += 1
         b1, b2 = group["betas"]
-        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, b1, b2)
-        direction, step_size = F.adam_direction(
+        # one factor per row of a right projection, per column of a left one
+        dim = 1 if state["proj_right"] else 0
+        _, step_size, num, den = kernels.adam_update(
+            low,
             state["exp_avg"],
             state["exp_avg_sq"],
             step=self.bias_step(state),
@@ -130,11 +133,14 @@ class ApolloAdamW(MemoptOptimizer):
             lr=group["lr"],
             eps_mode="galore",
             correct_bias=group["correct_bias"],
+            norms_dim=dim,
         )
+        assert num is not None and den is not None
         if group["scale_type"] == "tensor":
-            factor = F.tensor_scale(low, direction)
-        else:  # one factor per row of a right projection, per column of a left one
-            factor = F.channel_scale(low, direction, dim=1 if state["proj_right"] else 0)
+            factor = num.sum().sqrt() / (den.sum().sqrt() + 1e-8)
+        else:
+            factor = num.sqrt() / (den.sqrt() + 1e-8)
+            factor = factor.unsqueeze(1) if dim == 1 else factor.unsqueeze(0)
         factor = factor * self.limiter(g, factor, group, state)
         apply_scaled(p, g, factor, step_size, group)
 
@@ -158,15 +164,10 @@ class ApolloAdamW(MemoptOptimizer):
 def apply_scaled(
     p: Tensor, g: Tensor, factor: Tensor, step_size: float, group: dict[str, Any]
 ) -> None:
-    """W <- (1 - lr wd) (W - step_size * g * factor) in two passes over W."""
+    """W <- (1 - lr wd) (W - step_size * g * factor), one pass on the Triton backend."""
     keep = 1.0 - group["lr"] * group["weight_decay"]
     w = p if p.dim() == 2 else p.view(p.shape[0], -1)
-    if keep != 1.0:
-        w.mul_(keep)
-    if factor.dim() == 0:
-        w.add_(g.to(w.dtype) * factor.to(w.dtype), alpha=-step_size * keep)
-    else:
-        w.addcmul_(g.to(w.dtype), factor.to(w.dtype), value=-step_size * keep)
+    kernels.scaled_update_(w, g, factor, -step_size * keep, keep)
 
 
 class ApolloMini(ApolloAdamW):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from memopt.optim import _functional as F
+from memopt.optim import kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.projection import Projector, mix_seed
 
@@ -225,8 +226,8 @@ class FrugalAdamW(MemoptOptimizer):
             proj.apply_update(state, low, residual, alpha=-1.0)
             out = torch.sign(residual) if rule == "sign_sgd" else residual
             w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
-        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, b1, b2)
-        direction, step_size = F.adam_direction(
+        direction, step_size, _, _ = kernels.adam_update(
+            low,
             state["exp_avg"],
             state["exp_avg_sq"],
             step=self.bias_step(state),

@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor
 
 from memopt.optim import _functional as F
+from memopt.optim import kernels
 from memopt.optim._base import MemoptOptimizer
 
 ADAMW_DEFAULTS: dict[str, Any] = {
@@ -105,8 +106,8 @@ class GaLoreAdamW(MemoptOptimizer):
             state["exp_avg_sq"] = low.new_zeros(low.shape)
         state["step"] += 1
         b1, b2 = group["betas"]
-        F.adam_moments_(state["exp_avg"], state["exp_avg_sq"], low, b1, b2)
-        return F.adam_direction(
+        direction, step_size, _, _ = kernels.adam_update(
+            low,
             state["exp_avg"],
             state["exp_avg_sq"],
             step=self.bias_step(state),
@@ -117,6 +118,7 @@ class GaLoreAdamW(MemoptOptimizer):
             eps_mode="galore",
             correct_bias=group["correct_bias"],
         )
+        return direction, step_size
 
 
 def write_update(

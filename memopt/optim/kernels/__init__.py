@@ -1,0 +1,143 @@
+"""Kernel dispatch for the elementwise parts of the low-rank updates.
+
+``MEMOPT_KERNELS`` selects the backend: ``auto`` (default: Triton for CUDA tensors when
+Triton is installed, torch otherwise), ``torch`` or ``triton`` (forced; on CPU tensors it
+needs ``TRITON_INTERPRET=1``, which is how the tests check the kernels without a GPU).
+The torch path is the CPU default and the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from memopt.optim import _functional as F
+
+_TRITON = importlib.util.find_spec("triton") is not None
+BLOCK = 256
+
+
+def backend(t: Tensor) -> Literal["torch", "triton"]:
+    mode = os.environ.get("MEMOPT_KERNELS", "auto")
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"MEMOPT_KERNELS must be auto, torch or triton, got {mode!r}")
+    if mode == "triton" and not _TRITON:
+        raise RuntimeError("MEMOPT_KERNELS=triton but Triton is not installed (pip install triton)")
+    if mode == "triton" or (mode == "auto" and _TRITON and t.is_cuda):
+        return "triton"
+    return "torch"
+
+
+def _tk() -> Any:
+    from memopt.optim.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def adam_update(
+    low: Tensor,
+    m: Tensor,
+    v: Tensor,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    eps_mode: F.EpsMode,
+    correct_bias: bool = True,
+    norms_dim: int | None = None,
+) -> tuple[Tensor, float, Tensor | None, Tensor | None]:
+    """Adam moments of ``low`` and the direction, in one pass on the Triton backend.
+
+    Returns ``(direction, step_size, num, den)``; with ``norms_dim`` (0 or 1), ``num`` and
+    ``den`` are the squared norms of the direction and of ``low`` along that dim
+    (APOLLO's channels), else None.
+    """
+    bc1 = 1.0 - beta1**step if correct_bias else 1.0
+    bc2 = 1.0 - beta2**step if correct_bias else 1.0
+    step_size = lr / bc1 if eps_mode == "torch" else lr * math.sqrt(bc2) / bc1
+    if backend(low) == "torch" or low.dim() != 2 or not low.is_contiguous():
+        F.adam_moments_(m, v, low, beta1, beta2)
+        d, step_size = F.adam_direction(
+            m,
+            v,
+            step=step,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            lr=lr,
+            eps_mode=eps_mode,
+            correct_bias=correct_bias,
+        )
+        if norms_dim is None:
+            return d, step_size, None, None
+        num = d.float().square().sum(dim=norms_dim)
+        return d, step_size, num, low.float().square().sum(dim=norms_dim)
+    rows, cols = low.shape
+    by_col = norms_dim == 0  # channels are columns: strided access along each channel
+    n_ch, n_in = (cols, rows) if by_col else (rows, cols)
+    stride_ch, stride_in = (1, cols) if by_col else (cols, 1)
+    out = torch.empty_like(low)
+    num = torch.empty(n_ch, device=low.device, dtype=torch.float32)
+    den = torch.empty(n_ch, device=low.device, dtype=torch.float32)
+    _tk().adam_channels[(n_ch,)](
+        low,
+        m,
+        v,
+        out,
+        num,
+        den,
+        n_in,
+        stride_ch,
+        stride_in,
+        beta1,
+        beta2,
+        eps,
+        1.0 / math.sqrt(bc2),
+        TORCH_EPS=eps_mode == "torch",
+        NORMS=norms_dim is not None,
+        BLOCK=min(BLOCK, max(16, 1 << (n_in - 1).bit_length())),
+    )
+    if norms_dim is None:
+        return out, step_size, None, None
+    return out, step_size, num, den
+
+
+def scaled_update_(w: Tensor, g: Tensor, factor: Tensor, alpha: float, keep: float) -> None:
+    """w <- keep * w + alpha * g * factor (factor 0-d, a column (m, 1) or a row (1, n))."""
+    if backend(w) == "torch" or w.stride(1) != 1 or g.stride(1) != 1:
+        if keep != 1.0:
+            w.mul_(keep)
+        f = factor.to(w.dtype)
+        if factor.dim() == 0:
+            w.add_(g.to(w.dtype) * f, alpha=alpha)
+        else:
+            w.addcmul_(g.to(w.dtype), f, value=alpha)
+        return
+    rows, cols = w.shape
+    if factor.dim() == 0:
+        mode = 0  # tensor-wise
+    elif factor.shape[-1] == 1 and factor.shape[0] == rows:
+        mode = 1  # a column: one factor per row
+    else:
+        mode = 2  # a row: one factor per column
+    alpha_t = torch.full((), alpha, device=w.device, dtype=torch.float32)
+    grid = (rows, (cols + BLOCK - 1) // BLOCK)
+    _tk().scaled_update[grid](
+        w,
+        g,
+        factor.contiguous().float(),
+        alpha_t,
+        cols,
+        w.stride(0),
+        g.stride(0),
+        keep,
+        F_MODE=mode,
+        BLOCK=BLOCK,
+    )
