@@ -29,6 +29,8 @@ from torch import Tensor
 
 from memopt._utils import warn_once
 from memopt.optim import _functional as F
+from memopt.optim import _moments as moments
+from memopt.optim import kernels
 from memopt.optim._full_adam import adamw_many
 from memopt.optim._groups import check_common, check_known_keys, check_low_rank
 from memopt.optim.projection import Projector, as_matrix, make_projector, mix_seed
@@ -120,7 +122,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
         proj = self._projectors.get(key)
         if proj is None:
             opts = dict(group.get("proj_options", {}))
-            if group.get("state_dtype") == "float32":
+            if moments.compute_fp32(group):
                 opts["basis_dtype"] = torch.float32
             proj = make_projector(
                 group[self.proj_key],
@@ -260,7 +262,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
     # -- shared pieces for subclasses ----------------------------------------------
     def grad_matrix(self, p: Tensor, group: dict[str, Any]) -> Tensor:
         g = as_matrix(p.grad)  # type: ignore[arg-type]
-        return g.float() if group.get("state_dtype") == "float32" else g
+        return g.float() if moments.compute_fp32(group) else g
 
     def projects(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether this parameter goes through the group's projector (2-D or more)."""
@@ -282,7 +284,6 @@ class MemoptOptimizer(torch.optim.Optimizer):
         g: Tensor,
         group: dict[str, Any],
         label: str,
-        moment_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"),
     ) -> bool:
         """Recompute the subspace when the schedule says so; apply the moments policy."""
         proj = self.projector(group)
@@ -298,8 +299,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
             self._check_finite(proj, g, state["step"], label)
             proj.update(state, g, self._refresh_seed(state))
         state["proj_count"] = count
-        if not first and moment_keys[0] in state:
-            self._apply_moments_policy(state, proj, old, group.get("moments", "keep"), moment_keys)
+        if not first and moments.present(state):
+            self._apply_moments_policy(state, proj, old, group)
         return True
 
     def _check_finite(self, proj: Projector, g: Tensor, step: int, label: str) -> None:
@@ -311,23 +312,51 @@ class MemoptOptimizer(torch.optim.Optimizer):
             )
 
     def _apply_moments_policy(
-        self,
-        state: dict[str, Any],
-        proj: Projector,
-        old: dict[str, Any],
-        policy: str,
-        keys: tuple[str, ...],
+        self, state: dict[str, Any], proj: Projector, old: dict[str, Any], group: dict[str, Any]
     ) -> None:
+        policy = group.get("moments", "keep")
         if policy == "reset":
-            for k in keys:
-                state[k].zero_()
+            moments.drop(state)
             state["moments_since"] = state["step"]
         elif policy == "rotate":
+            like = torch.empty(state.get("moment_shape", [0]), device="meta")
+            m, v = moments.load(state, state.get("exp_avg", like), group)
             change = proj.change_of_basis(old, state)
-            m, v = F.rotate_moments_(
-                state[keys[0]], state[keys[1]], change, bool(state.get("proj_right", True))
-            )
-            state[keys[0]], state[keys[1]] = m, v
+            m, v = F.rotate_moments_(m, v, change, bool(state.get("proj_right", True)))
+            moments.store(state, m, v, group)
+
+    def adam_on(
+        self,
+        x: Tensor,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        *,
+        eps_mode: F.EpsMode,
+        lr: float | None = None,
+        norms_dim: int | None = None,
+    ) -> tuple[Tensor, float, Tensor | None, Tensor | None]:
+        """Advance the step and Adam's moments of ``x`` (a projected gradient).
+
+        Returns ``kernels.adam_update``'s (direction, step size, num, den).
+        """
+        m, v = moments.load(state, x, group)
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        out = kernels.adam_update(
+            x,
+            m,
+            v,
+            step=self.bias_step(state),
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            lr=group["lr"] if lr is None else lr,
+            eps_mode=eps_mode,
+            correct_bias=group.get("correct_bias", True),
+            norms_dim=norms_dim,
+        )
+        moments.store(state, m, v, group)
+        return out
 
     def bias_step(self, state: dict[str, Any]) -> int:
         """Steps since the moments last started from zero (for bias correction)."""

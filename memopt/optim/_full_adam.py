@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from memopt.optim import _functional as F
+from memopt.optim import _moments as moments
 
 FUSED_DEVICES = ("cpu", "cuda")
 
@@ -32,24 +33,39 @@ FUSED_DEVICES = ("cpu", "cuda")
 def adamw_many(
     params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any], eps_mode: F.EpsMode
 ) -> None:
-    """One AdamW step for ``params`` (all with ``.grad``), state in ``states``."""
-    fp32_state = group.get("state_dtype") == "float32"
+    """One AdamW step for ``params`` (all with ``.grad``), state in ``states``.
+
+    Plain moments are batched into one fused call per bucket. Quantized moments go one
+    parameter at a time, so only one parameter's fp32 working copies exist at once.
+    """
     buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, (p, st) in enumerate(zip(params, states, strict=True)):
-        if "exp_avg" not in st:
-            dtype = torch.float32 if fp32_state else p.dtype
-            st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
         st["step"] += 1
         t = st["step"] - st.get("moments_since", 0)
-        buckets[(p.device, p.dtype, st["exp_avg"].dtype, t)].append(i)
-    for (device, _, _, t), idx in buckets.items():
-        ps, sts = [params[i] for i in idx], [states[i] for i in idx]
-        if device.type in FUSED_DEVICES and group.get("correct_bias", True):
-            _fused(ps, sts, group, eps_mode, t)
-        else:
-            for p, st in zip(ps, sts, strict=True):
-                _reference(p, st, group, eps_mode, t)
+        if moments.lowbit_kind(group, p.numel()) is not None:
+            m, v = moments.load(st, p, group)
+            work = {"exp_avg": m, "exp_avg_sq": v}
+            _run([p], [work], group, eps_mode, t)
+            moments.store(st, m, v, group)
+            continue
+        m, _ = moments.load(st, p, group)
+        buckets[(p.device, p.dtype, m.dtype, t)].append(i)
+    for (_, _, _, t), idx in buckets.items():
+        _run([params[i] for i in idx], [states[i] for i in idx], group, eps_mode, t)
+
+
+def _run(
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    eps_mode: F.EpsMode,
+    t: int,
+) -> None:
+    if params[0].device.type in FUSED_DEVICES and group.get("correct_bias", True):
+        _fused(params, states, group, eps_mode, t)
+    else:
+        for p, st in zip(params, states, strict=True):
+            _reference(p, st, group, eps_mode, t)
 
 
 def _fused(

@@ -15,7 +15,7 @@ from memopt.optim.projection import PROJ_TYPES, PROJECTORS
 #: Keys torch.optim itself puts in groups, or that memopt's helpers add.
 BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
 MOMENT_POLICIES = ("keep", "reset", "rotate")
-STATE_DTYPES = (None, "float32")
+STATE_DTYPES = (None, "float32", "int8", "int4")
 
 
 def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) -> None:
@@ -43,7 +43,8 @@ def check_common(group: Mapping[str, Any], owner: str) -> None:
         raise ValueError(f"{owner}: weight_decay must be >= 0, got {wd!r}")
     if group.get("state_dtype") not in STATE_DTYPES:
         raise ValueError(
-            f"{owner}: state_dtype must be None (the parameter's dtype) or 'float32', got "
+            f"{owner}: state_dtype must be None (the parameter's dtype), 'float32', 'int8' or "
+            "'int4', got "
             f"{group.get('state_dtype')!r}"
         )
 

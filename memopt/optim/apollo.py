@@ -115,26 +115,9 @@ class ApolloAdamW(MemoptOptimizer):
         self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
-        if "exp_avg" not in state:
-            state["exp_avg"] = low.new_zeros(low.shape)
-            state["exp_avg_sq"] = low.new_zeros(low.shape)
-        state["step"] += 1
-        b1, b2 = group["betas"]
         # one factor per row of a right projection, per column of a left one
         dim = 1 if state["proj_right"] else 0
-        _, step_size, num, den = kernels.adam_update(
-            low,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step=self.bias_step(state),
-            beta1=b1,
-            beta2=b2,
-            eps=group["eps"],
-            lr=group["lr"],
-            eps_mode="galore",
-            correct_bias=group["correct_bias"],
-            norms_dim=dim,
-        )
+        _, step_size, num, den = self.adam_on(low, group, state, eps_mode="galore", norms_dim=dim)
         assert num is not None and den is not None
         if group["scale_type"] == "tensor":
             factor = num.sum().sqrt() / (den.sum().sqrt() + 1e-8)

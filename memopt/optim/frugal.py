@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from memopt.optim import _functional as F
-from memopt.optim import kernels
+from memopt.optim import _moments as moments
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.projection import Projector, mix_seed
 
@@ -190,14 +190,13 @@ class FrugalAdamW(MemoptOptimizer):
     def block_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         window = state["step"] // group["update_proj_gap"]
         if id(p) not in self.active_blocks(group, window):
-            for k in ("exp_avg", "exp_avg_sq", "active_window"):
-                state.pop(k, None)  # an inactive tensor holds no optimizer state
+            moments.drop(state)  # an inactive tensor holds no optimizer state
+            state.pop("active_window", None)
             state["step"] += 1
             self.state_free(p, p.grad, group, group["lr"] * group["proj_params_lr_scale"])  # type: ignore[arg-type]
             return
         if state.get("active_window") != window:  # newly active: fresh moments
-            for k in ("exp_avg", "exp_avg_sq"):
-                state.pop(k, None)
+            moments.drop(state)
             state["active_window"] = window
             state["moments_since"] = state["step"]
         scaled = dict(group, lr=group["lr"] * group["proj_params_lr_scale"])
@@ -213,11 +212,6 @@ class FrugalAdamW(MemoptOptimizer):
         self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
         low = proj.project(state, g)
-        if "exp_avg" not in state:
-            state["exp_avg"] = low.new_zeros(low.shape)
-            state["exp_avg_sq"] = low.new_zeros(low.shape)
-        state["step"] += 1
-        b1, b2 = group["betas"]
         lr_p = group["lr"] * group["proj_params_lr_scale"]
         w = p if p.dim() == 2 else p.view(p.shape[0], -1)
         rule = group["inactive_update_rule"]
@@ -226,17 +220,7 @@ class FrugalAdamW(MemoptOptimizer):
             proj.apply_update(state, low, residual, alpha=-1.0)
             out = torch.sign(residual) if rule == "sign_sgd" else residual
             w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
-        direction, step_size, _, _ = kernels.adam_update(
-            low,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step=self.bias_step(state),
-            beta1=b1,
-            beta2=b2,
-            eps=group["eps"],
-            lr=lr_p,
-            eps_mode="torch",
-        )
+        direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="torch", lr=lr_p)
         proj.apply_update(state, direction, w, alpha=-step_size)
 
 

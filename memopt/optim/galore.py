@@ -26,7 +26,6 @@ from typing import Any
 from torch import Tensor
 
 from memopt.optim import _functional as F
-from memopt.optim import kernels
 from memopt.optim._base import MemoptOptimizer
 
 ADAMW_DEFAULTS: dict[str, Any] = {
@@ -101,23 +100,7 @@ class GaLoreAdamW(MemoptOptimizer):
         self, low: Tensor, group: dict[str, Any], state: dict[str, Any]
     ) -> tuple[Tensor, float]:
         """Adam moments on the projected gradient; returns (direction, step size)."""
-        if "exp_avg" not in state:
-            state["exp_avg"] = low.new_zeros(low.shape)
-            state["exp_avg_sq"] = low.new_zeros(low.shape)
-        state["step"] += 1
-        b1, b2 = group["betas"]
-        direction, step_size, _, _ = kernels.adam_update(
-            low,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            step=self.bias_step(state),
-            beta1=b1,
-            beta2=b2,
-            eps=group["eps"],
-            lr=group["lr"],
-            eps_mode="galore",
-            correct_bias=group["correct_bias"],
-        )
+        direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="galore")
         return direction, step_size
 
 
