@@ -33,27 +33,8 @@ from memopt.optim import _moments as moments
 from memopt.optim import kernels
 from memopt.optim._full_adam import adamw_many
 from memopt.optim._groups import check_common, check_known_keys, check_low_rank
-from memopt.optim.projection import Projector, as_matrix, make_projector, mix_seed
-
-CACHE_PREFIX = "cache_"
-
-
-#: Largest stack of gradients one batched refresh may build (bytes).
-MAX_BATCH_BYTES = 256 * 2**20
-
-
-def _chunks(items: list[Any], max_bytes: int) -> list[list[Any]]:
-    """Split (param, grad, state) triples into runs whose stacked grads stay under max_bytes."""
-    out: list[list[Any]] = [[]]
-    used = 0
-    for item in items:
-        size = item[1].numel() * 4
-        if out[-1] and used + size > max_bytes:
-            out.append([])
-            used = 0
-        out[-1].append(item)
-        used += size
-    return out
+from memopt.optim._refresh import CACHE_PREFIX, RefreshMixin
+from memopt.optim.projection import Projector, as_matrix, make_projector
 
 
 class ParamMeta(NamedTuple):
@@ -65,7 +46,7 @@ class ParamMeta(NamedTuple):
     n_low_rank: int
 
 
-class MemoptOptimizer(torch.optim.Optimizer):
+class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     """Base class: group validation, projector management, refresh schedule, resume."""
 
     #: Options every group of this optimizer accepts (and their defaults).
@@ -187,55 +168,6 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 state["proj_phase"] = m.low_rank_pos * group["update_proj_gap"] // m.n_low_rank
         return state
 
-    def _refresh_due(self, state: dict[str, Any], group: dict[str, Any]) -> bool:
-        if "proj_count" not in state:
-            return True
-        gap = group["update_proj_gap"]
-        return state["step"] % gap == state.get("proj_phase", 0) % gap
-
-    def _prefetch_refreshes(self) -> None:
-        """Compute this step's due refreshes in batches of same-shape matrices.
-
-        The results wait in ``self._prefetched`` for ``refresh_if_due``. A batch whose
-        gradients are not all finite is skipped, so the per-parameter path raises with
-        the offending parameter's name.
-        """
-        meta = self._meta()
-        for group in self.param_groups:
-            if not self.is_low_rank(group):
-                continue
-            proj = self.projector(group)
-            if not getattr(proj, "batchable", False):
-                continue
-            buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
-            for p in group["params"]:
-                if p.grad is None or p.dim() < 2:
-                    continue
-                state = self._init_state(p, group, meta[id(p)][1])
-                if self._refresh_due(state, group):
-                    g = self.grad_matrix(p, group)
-                    key = (tuple(g.shape), g.dtype, g.device)
-                    buckets.setdefault(key, []).append((p, g, state))
-            for items in buckets.values():
-                for chunk in _chunks(items, MAX_BATCH_BYTES):
-                    if len(chunk) > 1:
-                        self._batch_factors(proj, chunk)
-
-    def _batch_factors(self, proj: Any, chunk: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> None:
-        from memopt.optim.projection.base import checked_float
-
-        stack = torch.stack([checked_float(g) for _, g, _ in chunk])
-        if not bool(torch.isfinite(stack).all()):
-            return
-        seeds = [self._refresh_seed(st) for _, _, st in chunk]
-        u, vh = proj.factors(stack, seeds, [st for _, _, st in chunk])
-        for i, (p, _, _) in enumerate(chunk):
-            self._prefetched[id(p)] = (u[i], vh[i])
-
-    def _refresh_seed(self, state: dict[str, Any]) -> int:
-        count = 0 if "proj_count" not in state else state["proj_count"] + 1
-        return mix_seed(self._seed, state["index"], count)
-
     def _meta(self) -> dict[int, tuple[dict[str, Any], ParamMeta]]:
         """Per-parameter position and label, rebuilt when the groups change."""
         signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
@@ -257,7 +189,26 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def step_param(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
+        """One parameter's update: plain AdamW, or the optimizer's low-rank rule."""
+        mode = self.plain_adam_mode(p, group)
+        if mode is not None:
+            self.full_adam(p, group, state, eps_mode=mode)
+        else:
+            self.low_rank_step(p, group, state, label)
+
+    def low_rank_step(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> None:
         raise NotImplementedError
+
+    def projected_gradient(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
+    ) -> tuple[Projector, Tensor, Tensor, bool]:
+        """Refresh the subspace if due; return (projector, 2-D grad, projected grad, refreshed)."""
+        g = self.grad_matrix(p, group)
+        refreshed = self.refresh_if_due(p, state, g, group, label)
+        proj = self.projector(group)
+        return proj, g, proj.project(state, g), refreshed
 
     # -- shared pieces for subclasses ----------------------------------------------
     def grad_matrix(self, p: Tensor, group: dict[str, Any]) -> Tensor:
@@ -276,54 +227,6 @@ class MemoptOptimizer(torch.optim.Optimizer):
             )
             return False
         return True
-
-    def refresh_if_due(
-        self,
-        p: Tensor,
-        state: dict[str, Any],
-        g: Tensor,
-        group: dict[str, Any],
-        label: str,
-    ) -> bool:
-        """Recompute the subspace when the schedule says so; apply the moments policy."""
-        proj = self.projector(group)
-        first = "proj_count" not in state
-        if not self._refresh_due(state, group):
-            return False
-        old = {k: v for k, v in state.items() if k.startswith(("proj_", CACHE_PREFIX))}
-        count = 0 if first else state["proj_count"] + 1
-        pref = self._prefetched.pop(id(p), None)
-        if pref is not None:
-            proj.store(state, g, *pref)  # type: ignore[attr-defined]
-        else:
-            self._check_finite(proj, g, state["step"], label)
-            proj.update(state, g, self._refresh_seed(state))
-        state["proj_count"] = count
-        if not first and moments.present(state):
-            self._apply_moments_policy(state, proj, old, group)
-        return True
-
-    def _check_finite(self, proj: Projector, g: Tensor, step: int, label: str) -> None:
-        if proj.uses_gradient and not bool(torch.isfinite(g).all()):
-            raise FloatingPointError(
-                f"{type(self).__name__}: the gradient of {label} has non-finite values at step "
-                f"{step}; a {proj.name!r} projector cannot be computed from it. Skip such steps "
-                "(torch.amp.GradScaler does) or clip/fix the loss."
-            )
-
-    def _apply_moments_policy(
-        self, state: dict[str, Any], proj: Projector, old: dict[str, Any], group: dict[str, Any]
-    ) -> None:
-        policy = group.get("moments", "keep")
-        if policy == "reset":
-            moments.drop(state)
-            state["moments_since"] = state["step"]
-        elif policy == "rotate":
-            like = torch.empty(state.get("moment_shape", [0]), device="meta")
-            m, v = moments.load(state, state.get("exp_avg", like), group)
-            change = proj.change_of_basis(old, state)
-            m, v = F.rotate_moments_(m, v, change, bool(state.get("proj_right", True)))
-            moments.store(state, m, v, group)
 
     def adam_on(
         self,
@@ -399,18 +302,6 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 proj = self.projector(group) if self.is_low_rank(group) else None
                 if proj is not None and p.dim() >= 2:
                     proj.rebuild(st, p)
-
-
-def apply_decoupled(
-    p: Tensor, update: Tensor, step_size: float, group: dict[str, Any], *, decay_after: bool
-) -> None:
-    """p -= step_size * update, with decoupled weight decay before or after the update."""
-    wd = group["lr"] * group.get("weight_decay", 0.0)
-    if not decay_after and wd:
-        p.mul_(1.0 - wd)
-    p.add_(update.to(p.dtype), alpha=-step_size)
-    if decay_after and wd:
-        p.mul_(1.0 - wd)
 
 
 def check_grad(grad: Tensor, label: str) -> None:

@@ -53,8 +53,3 @@ class AdamW(MemoptOptimizer):
 
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return "torch"
-
-    def step_param(
-        self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
-    ) -> None:
-        self.full_adam(p, group, state, eps_mode="torch")

@@ -105,16 +105,10 @@ class ApolloAdamW(MemoptOptimizer):
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return None if self.projects(p, group) else "galore"
 
-    def step_param(
+    def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
-        if not self.projects(p, group):
-            self.full_adam(p, group, state, eps_mode="galore")
-            return
-        g = self.grad_matrix(p, group)
-        self.refresh_if_due(p, state, g, group, label)
-        proj = self.projector(group)
-        low = proj.project(state, g)
+        _, g, low, _ = self.projected_gradient(p, group, state, label)
         # one factor per row of a right projection, per column of a left one
         dim = 1 if state["proj_right"] else 0
         _, step_size, num, den = self.adam_on(low, group, state, eps_mode="galore", norms_dim=dim)

@@ -83,16 +83,10 @@ class GaLoreAdamW(MemoptOptimizer):
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return None if self.projects(p, group) else "galore"
 
-    def step_param(
+    def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
-        if not self.projects(p, group):
-            self.full_adam(p, group, state, eps_mode="galore")
-            return
-        g = self.grad_matrix(p, group)
-        self.refresh_if_due(p, state, g, group, label)
-        proj = self.projector(group)
-        low = proj.project(state, g)
+        proj, _, low, _ = self.projected_gradient(p, group, state, label)
         direction, step_size = self.low_rank_adam(low, group, state)
         write_update(p, proj, state, direction, step_size * group["scale"], group)
 

@@ -53,16 +53,10 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             if not damping > 0:
                 raise ValueError(f"damping must be > 0, got {damping!r}")
 
-    def step_param(
+    def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
-        if not self.projects(p, group):
-            self.full_adam(p, group, state, eps_mode="galore")
-            return
-        g = self.grad_matrix(p, group)
-        refreshed = self.refresh_if_due(p, state, g, group, label)
-        proj = self.projector(group)
-        low = proj.project(state, g)
+        proj, _, low, refreshed = self.projected_gradient(p, group, state, label)
         s = group["natural_history"]
         if "nat_hist" not in state:
             state["nat_hist"] = low.new_zeros((s, low.numel()))

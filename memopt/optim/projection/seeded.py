@@ -91,11 +91,11 @@ class OrthogonalProjector(_SeededDense):
         return (q * torch.sign(torch.diagonal(rr))).float()
 
 
-class ColumnProjector(Projector):
-    """Random selection of r columns (right side) or rows (left side); ``both`` takes a block."""
+class _SeededIndex(Projector):
+    """Index-set projectors: state is the seed and shape; indices live in ``cache_key``."""
 
-    name = "columns"
     uses_gradient = False
+    cache_key = ""
 
     def state_keys(self) -> tuple[str, ...]:
         return ("proj_seed",)
@@ -106,8 +106,18 @@ class ColumnProjector(Projector):
         self._materialize(state, grad.device)
 
     def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
-        if "proj_seed" in state and "cache_rows" not in state:
+        if "proj_seed" in state and self.cache_key not in state:
             self._materialize(state, like.device)
+
+    def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
+        raise NotImplementedError
+
+
+class ColumnProjector(_SeededIndex):
+    """Random selection of r columns (right side) or rows (left side); ``both`` takes a block."""
+
+    name = "columns"
+    cache_key = "cache_rows"
 
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
         m, n = state["proj_shape"]
@@ -144,14 +154,11 @@ class ColumnProjector(Projector):
             out[rows.unsqueeze(1), cols] += alpha * low
 
 
-class CoordinateProjector(Projector):
+class CoordinateProjector(_SeededIndex):
     """k random entries of the matrix (``density`` of m * n); the low tensor is 1-D."""
 
     name = "coordinate"
-    uses_gradient = False
-
-    def state_keys(self) -> tuple[str, ...]:
-        return ("proj_seed",)
+    cache_key = "cache_idx"
 
     def rank_for(self, shape: tuple[int, int]) -> int:
         total = shape[0] * shape[1]
@@ -162,15 +169,6 @@ class CoordinateProjector(Projector):
 
     def low_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:  # type: ignore[override]
         return (self.rank_for(shape),)
-
-    def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
-        state["proj_seed"] = int(seed)
-        state["proj_shape"] = [int(grad.shape[0]), int(grad.shape[1])]
-        self._materialize(state, grad.device)
-
-    def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
-        if "proj_seed" in state and "cache_idx" not in state:
-            self._materialize(state, like.device)
 
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
         m, n = state["proj_shape"]
