@@ -20,11 +20,11 @@ def _grads(step, params):
     return [torch.randn(p.shape, generator=gen) for p in params]
 
 
-@pytest.mark.parametrize("proj", ["svd", "rsvd", "subspace"])
+@pytest.mark.parametrize("proj", ["svd", "rsvd", "subspace", "gram"])
 def test_batched_equals_per_parameter(monkeypatch, proj):
     calls = []
-    real = dense.thin_svd if proj == "svd" else dense.randomized_svd
-    name = "thin_svd" if proj == "svd" else "randomized_svd"
+    name = {"svd": "thin_svd", "gram": "gram_eigh"}.get(proj, "randomized_svd")
+    real = getattr(dense, name)
 
     def counting(g, *args, **kwargs):
         calls.append(tuple(g.shape))

@@ -158,7 +158,7 @@ def test_stagger_spreads_refreshes():
     assert refresh_steps == {0: [0, 8], 1: [0, 2, 10], 2: [0, 4, 12], 3: [0, 6, 14]}
 
 
-@pytest.mark.parametrize("proj", ["rsvd", "subspace"])
+@pytest.mark.parametrize("proj", ["rsvd", "subspace", "gram"])
 def test_cheap_refresh_finds_the_dominant_subspace(proj):
     torch.manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(64, 64))

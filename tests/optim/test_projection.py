@@ -23,7 +23,9 @@ def test_side_from_full_shape(shape, ptype, side):
     assert resolve_side(shape, ptype) == side
 
 
-@pytest.mark.parametrize("name", ["svd", "rsvd", "subspace", "orthogonal", "random", "columns"])
+@pytest.mark.parametrize(
+    "name", ["svd", "gram", "rsvd", "subspace", "orthogonal", "random", "columns"]
+)
 @pytest.mark.parametrize("shape", [(24, 10), (10, 24)])
 def test_project_back_roundtrip_and_fused_update(name, shape):
     torch.manual_seed(0)
@@ -94,3 +96,28 @@ def test_svd_falls_back_to_float64_on_lapack_failure(monkeypatch):
     monkeypatch.setattr(linalg.torch.linalg, "svd", flaky)
     u, vh = linalg.thin_svd(torch.randn(6, 4), 2)
     assert calls == [torch.float32, torch.float64] and u.dtype == torch.float32
+
+
+def test_orth_falls_back_to_householder_on_singular_input():
+    from memopt.optim.projection.linalg import _orth
+
+    y = torch.randn(50, 6)
+    y[:, 5] = y[:, 4]  # rank deficient: Cholesky of the Gram matrix fails
+    q = _orth(y)
+    assert q.shape == (50, 6) and torch.isfinite(q).all()
+    well = _orth(torch.randn(50, 6))
+    torch.testing.assert_close(well.T @ well, torch.eye(6), rtol=0, atol=1e-5)
+
+
+def test_gram_projector_matches_svd_subspace():
+    torch.manual_seed(0)
+    g = torch.randn(40, 24)
+    for shape_g in (g, g.T):
+        st_svd: dict = {}
+        st_gram: dict = {}
+        make_projector("svd", rank=5).update(st_svd, shape_g, seed=0)
+        make_projector("gram", rank=5).update(st_gram, shape_g, seed=0)
+        a, b = st_svd["proj_P"], st_gram["proj_P"]
+        proj_a = a.T @ a if st_svd["proj_right"] else a @ a.T
+        proj_b = b.T @ b if st_gram["proj_right"] else b @ b.T
+        torch.testing.assert_close(proj_b, proj_a, rtol=1e-4, atol=1e-4)

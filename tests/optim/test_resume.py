@@ -25,6 +25,7 @@ CASES = {
         GaLoreAdamW,
         {"rank": 3, "update_proj_gap": 2, "proj": "subspace", "moments": "rotate"},
     ),
+    "galore-gram": (GaLoreAdamW, {"rank": 3, "update_proj_gap": 3, "proj": "gram"}),
     "galore-full": (GaLoreAdamW, {"rank": 3, "update_proj_gap": 3, "proj_type": "full"}),
     "apollo": (ApolloAdamW, {"rank": 3, "update_proj_gap": 3}),
     "apollo-mini": (ApolloMini, {"rank": 1, "update_proj_gap": 3}),

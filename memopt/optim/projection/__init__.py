@@ -14,6 +14,7 @@ from memopt.optim.projection.base import (
 )
 from memopt.optim.projection.dense import (
     DenseProjector,
+    GramProjector,
     RandomizedSVDProjector,
     SubspaceIterationProjector,
     SVDProjector,
@@ -28,6 +29,7 @@ from memopt.optim.projection.seeded import (
 PROJECTORS: Registry[type[Projector]] = Registry("projector")
 for _cls in (
     SVDProjector,
+    GramProjector,
     RandomizedSVDProjector,
     SubspaceIterationProjector,
     GaussianProjector,
@@ -50,6 +52,7 @@ __all__ = [
     "ColumnProjector",
     "CoordinateProjector",
     "DenseProjector",
+    "GramProjector",
     "GaussianProjector",
     "OrthogonalProjector",
     "Projector",
