@@ -1,6 +1,7 @@
 """``state_bytes``: how many bytes of optimizer state each parameter and group holds.
 
-Counts every tensor in ``optimizer.state`` once (shared storages once), split into
+Counts the memory every tensor in ``optimizer.state`` keeps alive (its storage, shared
+storages once), split into
 *persistent* state (what ``state_dict()`` saves) and *cache* (``cache_*`` entries that
 are regenerated from a seed, such as APOLLO's random projection). Formulas per m x n
 matrix, d = max(m, n), e = min(m, n), fp32:
@@ -39,17 +40,25 @@ class StateBytes:
         return self.total / max(1, self.params)
 
 
-def _nbytes(t: Tensor, seen: set[tuple[int, int]]) -> int:
-    key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
-    if key in seen or t.device.type == "meta":
+def _nbytes(t: Tensor, seen: set[int]) -> int:
+    """Bytes of memory ``t`` keeps alive: its whole storage, counted once.
+
+    A state tensor that is a view of a larger buffer keeps all of it alive, so the
+    storage size is what counts, not ``numel * element_size``.
+    """
+    if t.device.type == "meta":
+        return 0
+    storage = t.untyped_storage()
+    key = storage.data_ptr()
+    if key in seen:
         return 0
     seen.add(key)
-    return t.numel() * t.element_size()
+    return int(storage.nbytes())
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
     """Measure an optimizer's state (any ``torch.optim.Optimizer``, memopt's or not)."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()
     total = cache = n_params = 0
     per_group: list[int] = []
     per_param: dict[str, int] = {}

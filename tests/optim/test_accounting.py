@@ -36,3 +36,29 @@ def test_formulas():
     sb = _stepped(adam, [w, b])
     assert sb.total == 4 * 2 * (m * n + m) + 2 * 4  # moments + two fp32 step counters
     assert sb.per_param_element == sb.total / (m * n + m)
+
+
+def test_basis_does_not_keep_the_full_factors_alive():
+    # Regression: proj_P used to be a slice of U/Vh (or of a batched stack of them).
+    import io
+
+    ps = [torch.nn.Parameter(torch.randn(128, 64)) for _ in range(4)]
+    opt = GaLoreAdamW([{"params": ps, "rank": 8}])
+    sb = _stepped(opt, ps)
+    for p in ps:
+        basis = opt.state[p]["proj_P"]
+        assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
+    assert sb.total == 4 * 4 * (2 * 128 * 8 + 64 * 8)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    # what is saved is what state_bytes reports, plus torch.save's few KB of framing
+    # (the old leak added 4 x (64 - 8) x 64 x 4 = 57 KB here)
+    assert buf.tell() < sb.total + 8 * 1024
+
+
+def test_state_bytes_counts_a_view_by_its_storage():
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    opt = torch.optim.SGD([p], lr=0.1)
+    big = torch.zeros(1000)
+    opt.state[p]["view"] = big[:10]
+    assert state_bytes(opt).total == 4000

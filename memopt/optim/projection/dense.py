@@ -78,12 +78,14 @@ class DenseProjector(Projector):
         dtype = self.options.get("basis_dtype") or grad.dtype
         side = self.side(_mat_shape(grad))
         state["proj_right"] = side == "right"
+        # Always copy: u and vh are slices of the full factors (or of a batched stack),
+        # and a view would keep the whole buffer alive next to the r rows it needs.
         if side == "right":
-            state["proj_P"] = vh.to(dtype)
+            state["proj_P"] = vh.to(dtype, copy=True)
         elif side == "left":
-            state["proj_P"] = u.to(dtype)
+            state["proj_P"] = u.to(dtype, copy=True)
         else:
-            state["proj_P"], state["proj_Q"] = u.to(dtype), vh.to(dtype)
+            state["proj_P"], state["proj_Q"] = u.to(dtype, copy=True), vh.to(dtype, copy=True)
 
 
 def _mat_shape(g: Tensor) -> tuple[int, int]:
