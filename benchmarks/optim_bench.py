@@ -66,9 +66,11 @@ SIZES: dict[str, dict[str, int]] = {
 GALORE_SCALE, MINI_SCALE, DENSITY, NATURAL_HISTORY, BNB_BLOCK = 0.25, 128.0, 0.25, 4, 256
 # (memopt optimizer, reference, target ratio of mean step times)
 TARGETS = [
+    ("memopt AdamW", "torch AdamW (fused)", 1.1),
     ("memopt GaLore svd", "galore-torch GaLore", 0.5),
     ("memopt GaLore rsvd", "galore-torch GaLore", 0.5),
     ("memopt GaLore subspace", "galore-torch GaLore", 0.5),
+    ("memopt GaLore gram", "galore-torch GaLore", 0.5),
     ("memopt APOLLO", "apollo-torch APOLLO", 0.7),
     ("memopt APOLLO-Mini", "apollo-torch APOLLO-Mini", 0.7),
 ]
@@ -95,6 +97,17 @@ def f_bnb8(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
     # 2 m n uint8 codes + one fp32 absmax per 256-block per moment + 2 shared 256-entry qmaps.
     per = sum(2 * m * n + 2 * math.ceil(m * n / BNB_BLOCK) * F32 for m, n in shapes)
     return per + 2 * 256 * F32, 0
+
+
+def f_memopt_adamw(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
+    # 2 m n fp32 moments; memopt's step counter is a Python int, not a tensor.
+    return sum(2 * m * n * F32 for m, n in shapes), 0
+
+
+def f_memopt_int8(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
+    # 2 m n uint8 codes + one fp32 absmax per 256-element block per moment; the code maps are
+    # module constants, not state.
+    return sum(2 * m * n + 2 * math.ceil(m * n / 256) * F32 for m, n in shapes), 0
 
 
 def f_galore(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
@@ -178,6 +191,12 @@ def _memopt(cls_name: str, **extra: Any) -> Callable[[list, int, int], torch.opt
     return build
 
 
+def _memopt_adamw(ps: list, state_dtype: str | None) -> torch.optim.Optimizer:
+    from memopt import optim as mo
+
+    return mo.AdamW(ps, lr=1e-3, weight_decay=0.0, state_dtype=state_dtype)
+
+
 def _bnb8(ps: list, r: int, gap: int) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
@@ -197,11 +216,16 @@ class Spec:
 SPECS = [
     Spec("torch AdamW (fused)", "torch",
          lambda ps, r, g: torch.optim.AdamW(ps, lr=1e-3, fused=True), f_adamw, refreshes=False),
+    Spec("memopt AdamW", "memopt", lambda ps, r, g: _memopt_adamw(ps, None), f_memopt_adamw,
+         refreshes=False),
     Spec("bnb AdamW8bit", "bnb", _bnb8, f_bnb8, refreshes=False, flat_limited=True),
+    Spec("memopt AdamW int8", "memopt", lambda ps, r, g: _memopt_adamw(ps, "int8"),
+         f_memopt_int8, refreshes=False),
     Spec("galore-torch GaLore", "galore-torch", _galore_torch, f_galore),
     Spec("memopt GaLore svd", "memopt", _memopt("GaLoreAdamW", proj="svd"), f_galore),
     Spec("memopt GaLore rsvd", "memopt", _memopt("GaLoreAdamW", proj="rsvd"), f_galore),
     Spec("memopt GaLore subspace", "memopt", _memopt("GaLoreAdamW", proj="subspace"), f_galore),
+    Spec("memopt GaLore gram", "memopt", _memopt("GaLoreAdamW", proj="gram"), f_galore),
     Spec("memopt NaturalGaLore", "memopt", _memopt("NaturalGaLoreAdamW"), f_natural),
     Spec("apollo-torch APOLLO", "apollo-torch",
          lambda ps, r, g: _apollo_torch(ps, r, g, False), f_apollo_ref),
