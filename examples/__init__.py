@@ -1,0 +1,1 @@
+"""Runnable examples for memopt (also importable by the tests and benchmarks)."""
