@@ -54,7 +54,7 @@ TARGET = 0.05  # within 5% of AdamW's final held-out loss
 
 # Learning-rate grids. Default: AdamW at its best rate in the sweep (5e-4) and at the usual
 # 1e-3, each memopt optimizer at its best rate in the sweep (docs/benchmarks.md records it,
-# 19 runs, ~45 min on 2 idle cores). --sweep reruns the whole sweep.
+# 19 runs, ~67 min of training on a shared 2-core machine). --sweep reruns the whole sweep.
 GRID: dict[str, list[float]] = {
     "adamw": [5e-4, 1e-3],
     "galore": [5e-3],
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny model, 60 steps, AdamW at 1e-3 only")
+                   help="smoke test: tiny model, 60 steps, first learning rate of each grid")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--resume", type=Path, default=None, metavar="JSON",
