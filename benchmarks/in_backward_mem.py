@@ -1,4 +1,4 @@
-"""Peak memory of a training step with and without optimizer-in-backward (CPU).
+"""Peak memory of a training step with and without optimizer-in-backward (CPU or GPU).
 
 Each variant runs in its own process (so peak RSS is its own) on a random-init LLaMA
 built from a config: torch AdamW (fused), memopt AdamW, memopt GaLore, each with the
@@ -9,6 +9,8 @@ ordinary loop and with ``memopt.optim.step_in_backward``. Reported per variant:
 - state: optimizer-state bytes (``memopt.optim.state_bytes``);
 - training RSS: peak RSS (``ru_maxrss``) minus the RSS once the model and optimizer are
   built, i.e. what training adds (gradients, optimizer state, activations), in MiB;
+- on a GPU (``--device cuda``): ``torch.cuda.max_memory_allocated`` during the measured
+  steps minus what was allocated once the model and optimizer were built;
 - step time.
 
     python benchmarks/in_backward_mem.py [--hidden 768 --layers 12 --steps 4]
@@ -55,7 +57,8 @@ def run_variant(args: argparse.Namespace, opt_kind: str, in_backward: bool) -> d
         max_position_embeddings=args.seq,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(cfg)
+    dev = torch.device(args.device)
+    model = LlamaForCausalLM(cfg).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     if opt_kind == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -78,21 +81,35 @@ def run_variant(args: argparse.Namespace, opt_kind: str, in_backward: bool) -> d
     handle = memopt.optim.step_in_backward(model, opt) if in_backward else None
     rss_model = _rss_mib()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(dev)
+    cuda = dev.type == "cuda"
+
+    after_bwd = {"max": 0}
 
     def step():
+        before = torch.cuda.memory_allocated(dev) if cuda else 0
         loss = model(x, labels=x).loss
         loss.backward()
+        if cuda:
+            held = torch.cuda.memory_allocated(dev) - before
+            after_bwd["max"] = max(after_bwd["max"], held)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates optimizer state
     alive["peak"] = 0
     rss_before = _rss_mib()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    alloc_before = torch.cuda.memory_allocated(dev) if cuda else 0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
+    if cuda:
+        torch.cuda.synchronize(dev)
     dt = (time.perf_counter() - t0) / args.steps
+    gpu_peak = (torch.cuda.max_memory_allocated(dev) - alloc_before) / 2**20 if cuda else None
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if handle is not None:
         handle.remove()
@@ -105,6 +122,9 @@ def run_variant(args: argparse.Namespace, opt_kind: str, in_backward: bool) -> d
         "rss_peak_mib": rss_peak,
         "train_rss_mib": rss_peak - rss_model,
         "step_s": dt,
+        "gpu_step_peak_mib": gpu_peak,
+        "gpu_alloc_before_mib": alloc_before / 2**20 if cuda else None,
+        "gpu_after_backward_mib": after_bwd["max"] / 2**20 if cuda else None,
     }
 
 
@@ -116,6 +136,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -135,8 +156,21 @@ def main() -> None:
     base = rows["torch-adamw"]
     print(
         f"\nLLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab} "
-        f"({base['params'] / 1e6:.1f}M params), batch {args.batch} x {args.seq}, CPU\n"
+        f"({base['params'] / 1e6:.1f}M params), batch {args.batch} x {args.seq}, {args.device}\n"
     )
+    if args.device != "cpu":
+        print("| variant | grad peak MiB | state MiB | held after backward MiB "
+              "| GPU step peak MiB (above resident) | resident MiB | peak vs torch AdamW "
+              "| step ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            print(
+                f"| {name} | {r['grad_peak_mib']:.1f} | {r['state_mib']:.1f} | "
+                f"{r['gpu_after_backward_mib']:.1f} | {r['gpu_step_peak_mib']:.1f} | "
+                f"{r['gpu_alloc_before_mib']:.1f} | "
+                f"{r['gpu_step_peak_mib'] / base['gpu_step_peak_mib']:.2f} | "
+                f"{r['step_s'] * 1e3:.1f} |"
+            )
     print("| variant | grad peak MiB | state MiB | training RSS MiB | vs torch AdamW | step s |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -61,6 +61,7 @@ F32 = 4
 SIZES: dict[str, dict[str, int]] = {
     "60m": {"hidden": 512, "inter": 1376, "layers": 8, "rank": 128},
     "350m": {"hidden": 1024, "inter": 2736, "layers": 24, "rank": 256},
+    "1b": {"hidden": 2048, "inter": 5461, "layers": 24, "rank": 512},  # GPU runs
     "tiny": {"hidden": 64, "inter": 172, "layers": 2, "rank": 16},  # --quick only
 }
 GALORE_SCALE, MINI_SCALE, DENSITY, NATURAL_HISTORY, BNB_BLOCK = 0.25, 128.0, 0.25, 4, 256
@@ -285,9 +286,19 @@ class Run:
     times: list[float] = field(default_factory=list)
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def make_grad_pool(shapes: list, n: int, seed: int) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(n)]
+    return [[(torch.randn(s, generator=gen) * 1e-2).to(DEVICE) for s in shapes]
+            for _ in range(n)]
 
 
 def fresh_params(weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -297,8 +308,10 @@ def fresh_params(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 def step_with(run: Run, grads: list[torch.Tensor]) -> float:
     for p, g in zip(run.params, grads, strict=True):
         p.grad = g
+    sync()
     t0 = time.perf_counter()
     run.opt.step()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -503,8 +516,10 @@ def breakdown(weights: list, pool: list, rank: int, gap: int) -> list[dict[str, 
 
 
 def _timed(fn: Callable[[], Any]) -> float:
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -596,7 +611,8 @@ def machine_info() -> dict[str, Any]:
             model = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cpus": os.cpu_count(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None
+    return {"cpu": model, "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "memopt": memopt_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -605,13 +621,15 @@ def machine_info() -> dict[str, Any]:
 def bench_one(size: str, gap: int, args: argparse.Namespace, first_gap: bool) -> dict[str, Any]:
     cfg = SIZES[size]
     named = block_shapes(cfg["hidden"], cfg["inter"])
+    named = [(f"{n}{b}" if args.blocks > 1 else n, s) for b in range(args.blocks)
+             for n, s in named]
     shapes = [s for _, s in named]
     steps = args.steps or 2 * gap
     if steps < 2 * gap:
         print(f"warning: --steps {steps} < 2 * gap ({2 * gap}): not amortized over two "
               "refresh gaps", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
-    weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    weights = [(torch.randn(s, generator=gen) * 0.02).to(DEVICE) for s in shapes]
     pool = make_grad_pool(shapes, args.pool, args.seed + 1)
     checksum = [float(g.abs().sum()) for gs in pool for g in gs]
     specs = [s for s in SPECS if first_gap or s.impl != "bnb"]  # AdamW8bit has no gap
@@ -633,11 +651,13 @@ def bench_one(size: str, gap: int, args: argparse.Namespace, first_gap: bool) ->
             costs = args.refresh_cache[size] = refresh_costs(shapes, pool, cfg["rank"],
                                                              args.refresh_reps)
     result = {"size": size, "gap": gap, "rank": cfg["rank"], "steps": done,
+              "blocks": args.blocks, "device": str(DEVICE),
               "truncated": done < steps,
               "shapes": named, "rows": rows, "ratios": ratio_rows(rows, gap, costs),
               "refresh_cost_ms": costs, "refresh_reps": args.refresh_reps,
               "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "wall_s": wall}
-    if first_gap and not args.no_breakdown and done == steps:
+    if (first_gap and not args.no_breakdown and done == steps
+            and not getattr(args, "no_breakdown_profile", False)):
         result["breakdown"] = breakdown(weights, pool, cfg["rank"], gap)
     return result
 
@@ -645,10 +665,12 @@ def bench_one(size: str, gap: int, args: argparse.Namespace, first_gap: bool) ->
 def report(res: dict[str, Any]) -> str:
     cfg = SIZES[res["size"]]
     shp = ", ".join(f"{n} {m}x{k}" for n, (m, k) in res["shapes"])
+    blocks = res.get("blocks", 1)
+    what = "one transformer block" if blocks == 1 else f"{blocks} transformer blocks"
     parts = [
-        f"### LLaMA-{res['size']}, one transformer block, rank {res['rank']}, gap {res['gap']}",
+        f"### LLaMA-{res['size']}, {what}, rank {res['rank']}, gap {res['gap']}",
         "",
-        f"One block of {cfg['layers']} ({shp}; "
+        f"{blocks} block(s) of {cfg['layers']} ({shp if blocks == 1 else shp[:70] + '...'}; "
         f"{sum(m * k for _, (m, k) in res['shapes']) / 1e6:.2f}M weights). Timed steps "
         f"0..{res['steps'] - 1} of a fresh optimizer (refreshes at every multiple of "
         f"{res['gap']}), interleaved; load average {res['loadavg_start']:.2f} -> "
@@ -691,6 +713,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--refresh-reps", type=int, default=3, help="repeats of the refresh timing")
     ap.add_argument("--log-every", type=int, default=50, help="progress on stderr")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few steps (smoke)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronize)")
+    ap.add_argument("--blocks", type=int, default=1,
+                    help="transformer blocks stepped together (e.g. all 24 on a GPU)")
     ap.add_argument("--out", default="", help="write all results as JSON here")
     args = ap.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
@@ -702,12 +727,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.flat_steps = max(args.flat_steps, args.steps or 10**9)  # AdamW8bit is fast there
+        args.no_breakdown_profile = True  # the CPU profiler's self time says little on a GPU
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     info = machine_info()
+    gpu = f", GPU {info['gpu']}" if info["gpu"] else ""
     print(f"# Optimizer step time and state bytes\n\nmachine: {info['cpu']}, {info['cpus']} "
-          f"CPUs, torch {info['torch']} ({info['threads']} threads, OMP_WAIT_POLICY="
+          f"CPUs{gpu}, torch {info['torch']} ({info['threads']} threads, OMP_WAIT_POLICY="
           f"{info['omp_wait_policy']}), date {info['date']}\nmemopt: {info['memopt']}\n"
           f"command: python {' '.join(sys.argv)}\n", flush=True)
     results = []

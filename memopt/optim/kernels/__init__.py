@@ -20,6 +20,11 @@ from memopt.optim import _functional as F
 
 _TRITON = importlib.util.find_spec("triton") is not None
 BLOCK = 256
+ROW_BLOCK, COL_BLOCK = 32, 64  # adam_cols tiles
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def backend(t: Tensor) -> Literal["torch", "triton"]:
@@ -80,30 +85,22 @@ def adam_update(
         num = d.float().square().sum(dim=norms_dim)
         return d, step_size, num, low.float().square().sum(dim=norms_dim)
     rows, cols = low.shape
-    by_col = norms_dim == 0  # channels are columns: strided access along each channel
-    n_ch, n_in = (cols, rows) if by_col else (rows, cols)
-    stride_ch, stride_in = (1, cols) if by_col else (cols, 1)
     out = torch.empty_like(low)
+    n_ch = cols if norms_dim == 0 else rows
     num = torch.empty(n_ch, device=low.device, dtype=torch.float32)
     den = torch.empty(n_ch, device=low.device, dtype=torch.float32)
-    _tk().adam_channels[(n_ch,)](
-        low,
-        m,
-        v,
-        out,
-        num,
-        den,
-        n_in,
-        stride_ch,
-        stride_in,
-        beta1,
-        beta2,
-        eps,
-        1.0 / math.sqrt(bc2),
-        TORCH_EPS=eps_mode == "torch",
-        NORMS=norms_dim is not None,
-        BLOCK=min(BLOCK, max(16, 1 << (n_in - 1).bit_length())),
-    )
+    inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
+    if norms_dim == 0:  # channels are columns: tiles that stay contiguous along rows
+        _tk().adam_cols[(triton_cdiv(cols, COL_BLOCK),)](
+            low, m, v, out, num, den, rows, cols, beta1, beta2, eps, inv_sqrt_bc2,
+            TORCH_EPS=eps_mode == "torch", BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK,
+        )  # fmt: skip
+        return out, step_size, num, den
+    _tk().adam_channels[(rows,)](
+        low, m, v, out, num, den, cols, cols, 1, beta1, beta2, eps, inv_sqrt_bc2,
+        TORCH_EPS=eps_mode == "torch", NORMS=norms_dim is not None,
+        BLOCK=min(BLOCK, max(16, 1 << (cols - 1).bit_length())),
+    )  # fmt: skip
     if norms_dim is None:
         return out, step_size, None, None
     return out, step_size, num, den

@@ -4,6 +4,11 @@ Their state is a seed (``proj_seed``, a plain int, the same on every rank): the 
 index set is rebuilt from it on demand and kept in ``cache_*`` entries, which
 ``state_dict()`` leaves out. A resumed optimizer regenerates exactly the same matrix.
 
+The Gaussian matrix is drawn on the parameter's device (a CUDA generator on a GPU: no
+host-side draw and copy at each refresh), so it is the same on every rank of one device
+type; CPU and CUDA generators give different streams. The other draws are small or rare
+and come from a CPU generator.
+
 - ``random`` (APOLLO): P has i.i.d. N(0, 1/r) entries; not orthonormal.
 - ``orthogonal`` (FRUGAL's "random"): the Q factor of a Gaussian matrix.
 - ``columns`` (FRUGAL's "randperm", column/row selection): r random indices of the
@@ -23,9 +28,8 @@ from memopt.optim.projection.base import Projector
 from memopt.optim.projection.dense import DenseProjector
 
 
-def _generator(seed: int) -> torch.Generator:
-    # A CPU generator: the same numbers on every device type and every rank.
-    return torch.Generator().manual_seed(seed)
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class _SeededDense(DenseProjector):
@@ -55,7 +59,7 @@ class _SeededDense(DenseProjector):
         m, n = state["proj_shape"]
         r = self.rank_for((m, n))
         side = self.side((m, n))
-        gen = _generator(state["proj_seed"])
+        gen = _generator(state["proj_seed"], device if self.draw_on_device else "cpu")
         if side == "right":
             mats = [self._draw(gen, n, r).T]
         elif side == "left":
@@ -67,6 +71,8 @@ class _SeededDense(DenseProjector):
         if len(mats) == 2:
             state["cache_Q"] = mats[1].to(device=device, dtype=bdtype).contiguous()
 
+    draw_on_device = False
+
     def _draw(self, gen: torch.Generator, rows: int, r: int) -> Tensor:
         raise NotImplementedError
 
@@ -76,9 +82,10 @@ class GaussianProjector(_SeededDense):
 
     name = "random"
     orthonormal = False
+    draw_on_device = True
 
     def _draw(self, gen: torch.Generator, rows: int, r: int) -> Tensor:
-        return torch.randn(rows, r, generator=gen) / math.sqrt(r)
+        return torch.randn(rows, r, generator=gen, device=gen.device).div_(math.sqrt(r))
 
 
 class OrthogonalProjector(_SeededDense):
