@@ -127,14 +127,17 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         try:
             for group in self.param_groups:
                 plain: dict[F.EpsMode, list[Tensor]] = defaultdict(list)
+                low_rank: list[Tensor] = []
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     mode = self.plain_adam_mode(p, group)
                     if mode is None:
-                        self.step_one(p)
+                        low_rank.append(p)
                     else:
                         plain[mode].append(p)
+                if low_rank:
+                    self.low_rank_many(low_rank, group)
                 for eps_mode, ps in plain.items():
                     for p in ps:
                         assert p.grad is not None
@@ -144,6 +147,12 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         finally:
             self._prefetched.clear()
         return loss
+
+    def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """The low-rank updates of one group's parameters in ``step()``: one at a time here;
+        a subclass may batch the small per-parameter work across them (APOLLO does)."""
+        for p in params:
+            self.step_one(p)
 
     @torch.no_grad()
     def step_one(self, p: Tensor) -> None:

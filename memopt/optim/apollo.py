@@ -30,7 +30,8 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim import kernels
-from memopt.optim._base import MemoptOptimizer
+from memopt.optim._apollo_many import apollo_many
+from memopt.optim._base import MemoptOptimizer, check_grad
 from memopt.optim.galore import ADAMW_DEFAULTS
 
 APOLLO_DEFAULTS: dict[str, Any] = {
@@ -104,6 +105,13 @@ class ApolloAdamW(MemoptOptimizer):
 
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return None if self.projects(p, group) else "galore"
+
+    def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        # step(): the whole group at once (see _apollo_many); step_one() keeps the
+        # one-parameter path below for optimizer-in-backward.
+        for p in params:
+            check_grad(p.grad, self._meta()[id(p)][1].label)  # type: ignore[arg-type]
+        apollo_many(self, params, group)
 
     def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str

@@ -106,13 +106,20 @@ def adam_update(
     return out, step_size, num, den
 
 
-def scaled_update_(w: Tensor, g: Tensor, factor: Tensor, alpha: float, keep: float) -> None:
-    """w <- keep * w + alpha * g * factor (factor 0-d, a column (m, 1) or a row (1, n))."""
+def scaled_update_(
+    w: Tensor, g: Tensor, factor: Tensor, alpha: float | Tensor, keep: float
+) -> None:
+    """w <- keep * w + alpha * g * factor (factor 0-d, a column (m, 1) or a row (1, n)).
+
+    ``alpha`` may be a 0-d device tensor (read on the device: no host sync).
+    """
     if backend(w) == "torch" or w.stride(1) != 1 or g.stride(1) != 1:
         if keep != 1.0:
             w.mul_(keep)
         f = factor.to(w.dtype)
-        if factor.dim() == 0:
+        if isinstance(alpha, Tensor):
+            f, alpha = f * alpha.to(w.dtype), 1.0
+        if f.dim() == 0:
             w.add_(g.to(w.dtype) * f, alpha=alpha)
         else:
             w.addcmul_(g.to(w.dtype), f, value=alpha)
@@ -124,7 +131,10 @@ def scaled_update_(w: Tensor, g: Tensor, factor: Tensor, alpha: float, keep: flo
         mode = 1  # a column: one factor per row
     else:
         mode = 2  # a row: one factor per column
-    alpha_t = torch.full((), alpha, device=w.device, dtype=torch.float32)
+    if isinstance(alpha, Tensor):
+        alpha_t = alpha.float().contiguous()
+    else:
+        alpha_t = torch.full((), alpha, device=w.device, dtype=torch.float32)
     grid = (rows, (cols + BLOCK - 1) // BLOCK)
     _tk().scaled_update[grid](
         w,
