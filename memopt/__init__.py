@@ -5,8 +5,9 @@ The stable public surface is what this module and each subpackage's ``__all__`` 
 
 from __future__ import annotations
 
-from memopt import optim
+from memopt import optim, sharding
+from memopt.api import shard
 
 __version__ = "0.1.0"
 
-__all__ = ["optim", "__version__"]
+__all__ = ["optim", "shard", "sharding", "__version__"]

@@ -6,7 +6,7 @@ import is resolved to an absolute module name. A module may import from a strict
 from its own unit (``memopt.optim.galore`` may import ``memopt.optim._functional``), or along
 one of the few same-layer edges in ``SAME_LAYER_ALLOWED``; the top-level ``memopt/__init__.py``
 may import anything. Other siblings in one layer are independent (``memopt.optim`` never
-imports ``memopt.shard``). No module imports tests/, benchmarks/ or recipes/. Imports under
+imports ``memopt.sharding``). No module imports tests/, benchmarks/ or recipes/. Imports under
 ``if TYPE_CHECKING:`` and inside functions count too: they are dependencies all the same.
 """
 
@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "memopt.memory": 2,
     "memopt.optim": 3,
     "memopt.activations": 3,
-    "memopt.shard": 3,
+    "memopt.sharding": 3,
     "memopt.checkpoint": 3,
     "memopt.config": 4,
     "memopt.api": 4,
@@ -140,7 +140,7 @@ def test_checker_flags_upward_import() -> None:
 
 
 def test_checker_flags_siblings() -> None:
-    assert check_source("memopt.optim.galore", False, "from memopt.shard import zero\n")
+    assert check_source("memopt.optim.galore", False, "from memopt.sharding import zero\n")
     assert check_source("memopt.offload.tier", False, "import memopt.memory.ledger\n")
     assert check_source("memopt.api", False, "from memopt.cli import main\n")
     assert check_source("memopt.config", False, "from memopt.api import setup\n")
@@ -148,9 +148,9 @@ def test_checker_flags_siblings() -> None:
 
 
 def test_checker_resolves_relative_imports() -> None:
-    # memopt/optim/galore.py: ``..shard`` is memopt.shard (a sibling), ``.`` is memopt.optim.
-    assert check_source("memopt.optim.galore", False, "from ..shard import zero\n")
-    assert check_source("memopt.optim.galore", False, "from .. import shard\n")
+    # memopt/optim/galore.py: ``..sharding`` is memopt.sharding (a sibling), ``.`` is memopt.optim.
+    assert check_source("memopt.optim.galore", False, "from ..sharding import zero\n")
+    assert check_source("memopt.optim.galore", False, "from .. import sharding\n")
     assert not check_source("memopt.optim.galore", False, "from . import _functional\n")
     assert not check_source("memopt.optim.galore", False, "from .._utils import device\n")
     # memopt/optim/__init__.py: ``.`` is memopt.optim itself.
@@ -160,7 +160,7 @@ def test_checker_resolves_relative_imports() -> None:
 
 def test_checker_allows_down_and_own_unit() -> None:
     src = "import torch\nimport memopt._utils.device\nfrom memopt.offload import pinned\n"
-    assert not check_source("memopt.shard.zero", False, src)
+    assert not check_source("memopt.sharding.zero", False, src)
     assert not check_source("memopt.config", False, "from memopt.optim import GaLoreConfig\n")
     assert not check_source("memopt", True, "from memopt import cli, optim\nimport memopt.api\n")
 
@@ -170,7 +170,7 @@ def test_checker_flags_top_package_and_outside_trees() -> None:
     assert check_source("memopt.optim.galore", False, "import memopt\n")
     assert check_source("memopt", True, "import tests._harness\n")
     assert check_source("memopt.cli", False, "from recipes.llama import config\n")
-    assert check_source("memopt.shard.zero", False, "import benchmarks\n")
+    assert check_source("memopt.sharding.zero", False, "import benchmarks\n")
 
 
 def test_checker_flags_unassigned_unit_and_checks_nested_scopes() -> None:
@@ -178,7 +178,7 @@ def test_checker_flags_unassigned_unit_and_checks_nested_scopes() -> None:
     src = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import memopt.api\n"
     assert check_source("memopt.memory.ledger", False, src)
     src = "def f():\n    from memopt.integrations import hf\n"
-    assert check_source("memopt.shard.zero", False, src)
+    assert check_source("memopt.sharding.zero", False, src)
 
 
 def test_check_tree_on_a_synthetic_package(tmp_path: Path) -> None:

@@ -1,0 +1,64 @@
+"""``ShardConfig``: the typed, eagerly validated options of ``memopt.shard``.
+
+A frozen dataclass with ``Literal`` choices. ``ShardConfig(...)`` raises on a bad value before
+any memory moves or any collective is issued, naming the value and the fix. Stage 3 is a valid
+field value (the DeepSpeed numbering users know) but is not built yet: it raises
+``NotImplementedError`` here, so every later layer may assume stage 1 or 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Stage = Literal[1, 2, 3]
+Layout = Literal["whole_tensor", "dim0"]
+STAGES: tuple[int, ...] = (1, 2, 3)
+LAYOUTS: tuple[str, ...] = ("whole_tensor", "dim0")
+#: Default gradient / parameter bucket size (DDP's default, 25 MiB).
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How ``memopt.shard`` partitions a model's training state over a process group.
+
+    - ``stage``: 1 partitions optimizer state; 2 also gradients (reduced during backward from
+      post-accumulate-grad hooks); 3 (parameters, on FSDP2) is not implemented yet.
+    - ``layout``: ``whole_tensor`` (each parameter owned by one rank) or ``dim0`` (row shards;
+      parameters whose update needs the whole matrix are owned whole, see docs/shard.md).
+    - ``bucket_bytes``: gradient-reduction and parameter-gather bucket size.
+    - ``master_dtype``: keep the optimizer's copy of each owned shard in this dtype (e.g.
+      ``torch.float32`` for a bf16 model); ``None`` steps the parameters' own dtype in place.
+    """
+
+    stage: Stage = 2
+    layout: Layout = "whole_tensor"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    master_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, bool) or self.stage not in STAGES:
+            raise ValueError(
+                f"memopt.shard: stage must be 1 or 2 (3 is planned), got {self.stage!r}"
+            )
+        if self.stage == 3:
+            raise NotImplementedError(
+                "stage 3: parameter sharding (built on FSDP2's fully_shard) is not implemented "
+                "yet; use stage=2 (optimizer state and gradients partitioned)"
+            )
+        if self.layout not in LAYOUTS:
+            raise ValueError(
+                f"memopt.shard: unknown layout {self.layout!r}; choose one of: {', '.join(LAYOUTS)}"
+            )
+        b = self.bucket_bytes
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValueError(f"memopt.shard: bucket_bytes must be a positive integer, got {b!r}")
+        m = self.master_dtype
+        if m is not None and (not isinstance(m, torch.dtype) or not m.is_floating_point):
+            raise TypeError(
+                f"memopt.shard: master_dtype must be None or a floating torch.dtype such as "
+                f"torch.float32, got {m!r}"
+            )

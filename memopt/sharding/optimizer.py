@@ -1,0 +1,274 @@
+"""``ShardedOptimizer``: ZeRO stage 1/2 around any optimizer, memopt's low-rank ones included.
+
+The wrapped optimizer (the *inner* one) keeps its class, its math and its param groups; only
+the tensors in its groups change. Position i of every group still holds parameter i, so a
+memopt optimizer's global parameter index (a seed input of its random projections) and its
+refresh schedule are those of the single-process run. The tensor at that position is:
+
+- a row shard (``dim0``): a view of the parameter's rows on this rank (or an fp32 copy with
+  ``master_dtype``);
+- an owned whole parameter: the parameter itself (or its master copy);
+- a parameter owned by another rank: the parameter itself, whose ``.grad`` stays ``None``, so
+  the inner optimizer skips it and never allocates its state.
+
+One step: ``finish_grad_sync()`` (wait for the bucketed reductions, see ``reduce``; stage 1
+launches them here, stage 2 launched them from backward hooks) gives each local tensor its
+averaged gradient; the inner optimizer steps; ``gather_params`` writes every rank's update
+into the model's parameters. ``param_groups`` and ``state`` are the inner optimizer's, so LR
+schedulers and ``state_dict`` work; ``state_dict`` is this rank's shard.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memopt.sharding import rowproj
+from memopt.sharding.comm import Comm
+from memopt.sharding.config import ShardConfig
+from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
+from memopt.sharding.reduce import GradReducer, gather_params
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """ZeRO-1/2 over a process group; build it with ``memopt.shard``."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ShardConfig, comm: Comm
+    ) -> None:
+        # Not Optimizer.__init__: groups and state are the inner optimizer's (properties).
+        self.inner, self.config, self.comm = optimizer, config, comm
+        self.defaults = optimizer.defaults
+        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):
+            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._patch_step_function()
+        groups = optimizer.param_groups
+        self.plans = make_plans(
+            [list(g["params"]) for g in groups],
+            comm.world,
+            config.layout,
+            lambda gi, p: rowproj.row_reason(optimizer, groups[gi], p),
+        )
+        self.buckets = make_buckets(self.plans, config.bucket_bytes)
+        self.device = self.plans[0].param.device
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        #: plan indices in the model's parameter order (the order clip_grad_norm_ sums in)
+        self.model_order = sorted(
+            range(len(self.plans)), key=lambda i: order[id(self.plans[i].param)]
+        )
+        self._build_locals()
+        self.reducer = GradReducer(comm, self.buckets, self.device)
+        self._sync = True
+        self._synced = False
+        # World size 1: no buckets, no hooks; the gradients are used where autograd put them,
+        # so the inner optimizer computes the plain path's exact bits.
+        self._plain = comm.world == 1
+        self._hooks = [] if config.stage == 1 or self._plain else self._register_hooks()
+
+    # -- construction ----------------------------------------------------------------
+    def _build_locals(self) -> None:
+        me, master = self.comm.rank, self.config.master_dtype
+        self.locals: dict[int, Tensor] = {}
+        self.in_place: set[int] = set()
+        position = {p.index: p for p in self.plans}
+        index = 0
+        for group in self.inner.param_groups:
+            params = group["params"]
+            for i in range(len(params)):
+                p = position[index]
+                index += 1
+                s, e = p.row_range(me)
+                if p.owner is not None and p.owner != me:
+                    continue  # another rank's: stays in the group, never gets a gradient
+                if p.owner is None:
+                    view = p.param.data.view(p.rows, p.cols)[s:e].view(e - s, *p.param.shape[1:])
+                else:
+                    view = p.param
+                if master is not None and master != p.param.dtype:
+                    local = view.detach().to(master, copy=True)
+                else:
+                    local = view
+                    self.in_place.add(p.index)
+                self.locals[p.index] = params[i] = local
+        self._install_row_projectors()
+
+    def _install_row_projectors(self) -> None:
+        """Row-sharded low-rank parameters: row-aware projector and SVD owners by cost."""
+        inner: Any = self.inner
+        rows = []
+        for p in self.plans:
+            group = self.inner.param_groups[p.group]
+            if p.owner is None and hasattr(inner, "is_low_rank") and p.param.dim() >= 2:
+                if (
+                    inner.is_low_rank(group)
+                    and group.get(getattr(inner, "proj_key", "")) in (rowproj.ROW_PROJECTORS)
+                    and not group.get("state_free")
+                ):
+                    rows.append(p)
+        if not rows or self.comm.world == 1:  # one rank holds every row: the plain projector
+            return
+        rowproj.install(inner, self.comm)
+        load = [0] * self.comm.world
+        for p in sorted(rows, key=lambda p: (-p.rows * p.cols * min(p.rows, p.cols), p.index)):
+            r = min(range(self.comm.world), key=lambda k: (load[k], k))
+            load[r] += p.rows * p.cols * min(p.rows, p.cols)
+            info = rowproj.RowInfo((p.rows, p.cols), p.chunk, r)
+            self.inner.state[self.locals[p.index]][rowproj.SHARD_KEY] = info
+        self._row_infos = {
+            p.index: self.inner.state[self.locals[p.index]][rowproj.SHARD_KEY] for p in rows
+        }
+
+    def _register_hooks(self) -> list[Any]:
+        handles = []
+        for p in self.plans:
+            if p.param.requires_grad:
+                handles.append(p.param.register_post_accumulate_grad_hook(self._hook(p)))
+        return handles
+
+    def _hook(self, plan: ParamPlan) -> Callable[[Tensor], None]:
+        def hook(_: Tensor) -> None:
+            if self._sync:
+                self.reducer.on_grad(plan, self.names.get(id(plan.param), f"param {plan.index}"))
+
+        return hook
+
+    # -- torch.optim.Optimizer surface -------------------------------------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.inner.state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.finish_grad_sync()
+        self.inner.step()
+        gather_params(self.comm, self.buckets, self.locals, self.in_place)
+        self._release()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.reducer.wait_all()
+        for p in self.plans:
+            if set_to_none or p.param.grad is None:
+                p.param.grad = None
+            else:
+                p.param.grad.zero_()
+        self._release()
+
+    def _release(self) -> None:
+        for local in self.locals.values():
+            local.grad = None
+        self.reducer.reset()
+        self._synced = False
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.inner.state_dict()
+        sd["sharding"] = self._meta()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("sharding")
+        if saved != self._meta():
+            raise ValueError(
+                f"memopt.shard: this state_dict was saved with sharding {saved!r}, this optimizer "
+                f"is {self._meta()!r}; load it on the same world size, rank and layout"
+            )
+        self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "sharding"})
+        for index, info in getattr(self, "_row_infos", {}).items():
+            self.inner.state[self.locals[index]][rowproj.SHARD_KEY] = info
+
+    def _meta(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "world_size": self.comm.world,
+            "rank": self.comm.rank,
+            "layout": c.layout,
+            "stage": c.stage,
+        }
+
+    # -- what ZeRO adds ------------------------------------------------------------------
+    def finish_grad_sync(self) -> None:
+        """Reduce the gradients (once per step) and hand each local tensor its share."""
+        if self._synced:
+            return
+        grads = self.reducer.finish() if not self._plain else self._plain_grads()
+        for index, g in grads.items():
+            local = self.locals[index]
+            if g is not local.grad:
+                local.grad = g if g.dtype == local.dtype else g.to(local.dtype)
+        self._synced = True
+
+    def _plain_grads(self) -> dict[int, Tensor]:
+        return {
+            p.index: p.param.grad.view(self.locals[p.index].shape)
+            for p in self.plans
+            if p.param.grad is not None
+        }
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally; the first one outside synchronizes."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Global 2-norm over every rank's shards (one all-reduce); scales them in place."""
+        if float(norm_type) != 2.0:
+            raise NotImplementedError("memopt.shard: clip_grad_norm_ supports norm_type=2.0")
+        self.finish_grad_sync()
+        held = [self.locals[i] for i in self.model_order if i in self.locals]
+        grads = [t.grad for t in held if t.grad is not None]
+        # torch.nn.utils.clip_grad_norm_'s arithmetic (a norm of per-tensor norms), so that
+        # world size 1 gives its exact bits; ranks combine their partial norms as squares.
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0)
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+        if self.comm.world > 1:
+            total = self.comm.all_reduce_sum(total.pow(2)).sqrt()
+        coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef)
+        return total
+
+    def balance(self) -> dict[str, object]:
+        """Elements each rank holds and the slack over an even split (see ``plan.balance``)."""
+        out = balance(self.plans, self.comm.world)
+        out["whole"] = {
+            self.names.get(id(p.param), str(p.index)): (p.owner, p.why_whole)
+            for p in self.plans
+            if p.owner is not None
+        }
+        return out
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"ShardedOptimizer(stage={c.stage}, layout={c.layout!r}, world={self.comm.world}, "
+            f"inner={type(self.inner).__name__})"
+        )

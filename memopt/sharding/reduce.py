@@ -1,0 +1,194 @@
+"""Gradient reduction and parameter gathering over the buckets of ``plan``.
+
+Gradient reduction (``GradReducer``), per optimizer step:
+
+1. each parameter's gradient is copied into its bucket's buffer as soon as it is final (stage
+   2: from a post-accumulate-grad hook during backward; stage 1: all at once at the first
+   ``finish()``), and ``param.grad`` is freed right away: the data now lives in the bucket;
+2. a bucket whose parameters have all arrived is launched, strictly in bucket index order, so
+   every rank issues the same sequence of collectives: a row bucket with one
+   ``reduce_scatter_tensor`` (each rank receives the sum of its rows), a whole bucket with one
+   ``reduce`` per owner span (the owner receives the sum of its tensors). All are async
+   (``async_op=True``) and overlap the rest of backward;
+3. ``finish()`` packs what never arrived (a parameter unused this step contributes zeros),
+   launches the rest, waits, divides by the world size and returns each rank's gradient
+   views, keyed by parameter index.
+
+Parameter gathering (``gather_params``), after the step: a row bucket all-gathers every
+rank's updated rows (``all_gather_into_tensor``, rank-major, in the parameter dtype), a whole
+bucket broadcasts each owner's span; the results are copied into the model's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memopt.sharding.comm import Comm
+from memopt.sharding.plan import Bucket, ParamPlan
+
+
+class GradReducer:
+    """Per-step state of the bucketed gradient reduction (see the module docstring)."""
+
+    def __init__(self, comm: Comm, buckets: list[Bucket], device: torch.device) -> None:
+        self.comm = comm
+        self.buckets = buckets
+        self.device = device
+        self.bucket_of = {p.index: b for b in buckets for p in b.plans}
+        self.reset()
+
+    def reset(self) -> None:
+        self.bufs: dict[int, Tensor] = {}
+        self.outs: dict[int, Tensor] = {}
+        self.works: list[Any] = []
+        self.packed: set[int] = set()
+        self.arrived = [0] * len(self.buckets)
+        self.next_launch = 0
+
+    def wait_all(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works = []
+
+    # -- packing ---------------------------------------------------------------------
+    def _buf(self, b: Bucket) -> Tensor:
+        buf = self.bufs.get(b.index)
+        if buf is None:
+            n = b.numel * self.comm.world if b.rows else b.numel
+            buf = self.bufs[b.index] = torch.zeros(n, dtype=b.dtype, device=self.device)
+        return buf
+
+    def _pack(self, p: ParamPlan) -> None:
+        b = self.bucket_of[p.index]
+        buf = self._buf(b)
+        g = p.param.grad
+        if g is not None:
+            if b.rows:
+                g2 = g.reshape(p.rows, p.cols)
+                for r in range(self.comm.world):
+                    s, e = p.row_range(r)
+                    at = r * b.numel + p.offset
+                    buf[at : at + (e - s) * p.cols].view(e - s, p.cols).copy_(g2[s:e])
+            else:
+                buf[p.offset : p.offset + p.seg_numel].copy_(g.reshape(-1))
+            p.param.grad = None  # sent: the bucket holds it now
+        self.packed.add(p.index)
+        self.arrived[b.index] += 1
+
+    def on_grad(self, p: ParamPlan, label: str) -> None:
+        """A parameter's gradient is final for this backward (stage 2 hook)."""
+        if p.index in self.packed:
+            raise RuntimeError(
+                f"memopt.shard (stage 2): the gradient of {label} arrived twice before step(); "
+                "accumulate micro-batches inside `with sharded_opt.no_sync():` and let only the "
+                "last backward synchronize"
+            )
+        self._pack(p)
+        self._launch_ready()
+
+    # -- launching -------------------------------------------------------------------
+    def _launch_ready(self) -> None:
+        while self.next_launch < len(self.buckets):
+            b = self.buckets[self.next_launch]
+            if self.arrived[b.index] < len(b.plans):
+                return
+            self._launch(b)
+            self.next_launch += 1
+
+    def _launch(self, b: Bucket) -> None:
+        buf = self._buf(b)
+        if b.rows:
+            out = buf.new_empty(b.numel)
+            self.works.append(self.comm.reduce_scatter(out, buf))
+            self.outs[b.index] = out
+            del self.bufs[b.index]  # the send buffer is freed once the work completes
+            self.works.append(_Keep(buf))
+        else:
+            for owner, s, e in b.owner_spans():
+                self.works.append(self.comm.reduce(buf[s:e], owner))
+            self.outs[b.index] = buf
+
+    def finish(self) -> dict[int, Tensor]:
+        """Launch what is left, wait, and return this rank's averaged gradient views."""
+        for b in self.buckets:
+            for p in b.plans:
+                if p.index not in self.packed:
+                    self._pack(p)
+        self._launch_ready()
+        assert self.next_launch == len(self.buckets)
+        self.wait_all()
+        world, me = self.comm.world, self.comm.rank
+        grads: dict[int, Tensor] = {}
+        for b in self.buckets:
+            out = self.outs[b.index]
+            for p in b.plans:
+                if p.owner is not None and p.owner != me:
+                    continue
+                s, e = p.row_range(me)
+                g = out[p.offset : p.offset + (e - s) * p.cols].div_(world)
+                grads[p.index] = g.view(e - s, *p.param.shape[1:]) if p.param.dim() else g.view(())
+        self.bufs.clear()
+        self.outs.clear()
+        return grads
+
+
+class _Keep:
+    """Holds a send buffer alive until the collectives before it have been waited on."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.t: Tensor | None = t
+
+    def wait(self) -> bool:
+        self.t = None
+        return True
+
+
+def gather_params(
+    comm: Comm, buckets: list[Bucket], locals_: dict[int, Tensor], in_place: set[int]
+) -> None:
+    """Copy every rank's updated part into the model's parameters (see the docstring).
+
+    ``locals_`` maps parameter index to this rank's updated tensor; indices in ``in_place``
+    are views of the parameter itself (nothing to copy back on this rank).
+    """
+    world, me = comm.world, comm.rank
+    pending: list[tuple[Bucket, Tensor, list[Any]]] = []
+    for b in buckets:
+        device = b.plans[0].param.device
+        if b.rows:
+            send = torch.empty(b.numel, dtype=b.dtype, device=device)
+            for p in b.plans:
+                n = p.local_numel(me)
+                send[p.offset : p.offset + n].copy_(locals_[p.index].reshape(-1))
+            recv = torch.empty(b.numel * world, dtype=b.dtype, device=device)
+            pending.append((b, recv, [comm.all_gather(recv, send)]))
+        else:
+            buf = torch.empty(b.numel, dtype=b.dtype, device=device)
+            for p in b.plans:
+                if p.owner == me:
+                    buf[p.offset : p.offset + p.seg_numel].copy_(locals_[p.index].reshape(-1))
+            works = [comm.broadcast(buf[s:e], owner) for owner, s, e in b.owner_spans()]
+            pending.append((b, buf, works))
+    for b, data, works in pending:
+        for w in works:
+            w.wait()
+        for p in b.plans:
+            _unpack(p, b, data, me, world, p.index in in_place)
+
+
+def _unpack(p: ParamPlan, b: Bucket, data: Tensor, me: int, world: int, in_place: bool) -> None:
+    with torch.no_grad():
+        if not b.rows:
+            if not (p.owner == me and in_place):
+                p.param.view(-1).copy_(data[p.offset : p.offset + p.seg_numel])
+            return
+        full = p.param.view(p.rows, p.cols)
+        for r in range(world):
+            if r == me and in_place:
+                continue
+            s, e = p.row_range(r)
+            at = r * b.numel + p.offset
+            full[s:e].copy_(data[at : at + (e - s) * p.cols].view(e - s, p.cols))

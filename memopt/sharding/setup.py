@@ -1,0 +1,109 @@
+"""``apply_sharding``: validate the inputs, then wrap the optimizer (``memopt.shard`` calls it).
+
+Every check runs before any collective. Checks that can only fail on some ranks (an optimizer
+with state on one rank, parameters on another device) are agreed on with one all-reduce of a
+failure flag, so every rank raises instead of the healthy ones hanging in their first
+collective; the failing rank raises its own message, the others name it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.sharding.comm import Comm
+from memopt.sharding.config import ShardConfig
+from memopt.sharding.optimizer import ShardedOptimizer
+
+
+def apply_sharding(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ShardConfig,
+    process_group: Any = None,
+) -> tuple[nn.Module, ShardedOptimizer]:
+    """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group``; see memopt.shard."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"memopt.shard: model must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(optimizer, ShardedOptimizer):
+        raise ValueError("memopt.shard: this optimizer is already sharded; pass the plain one")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"memopt.shard: optimizer must be a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+    comm = Comm.resolve(process_group)
+    error: Exception | None = None
+    try:
+        _check_local(model, optimizer, comm)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree(comm, error, optimizer)
+    return model, ShardedOptimizer(model, optimizer, config, comm)
+
+
+def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError(
+            "memopt.shard: the optimizer already has state (it has stepped, or a state_dict "
+            "was loaded); create it, call memopt.shard, then step, and load checkpoints into "
+            "the sharded optimizer"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params:
+        raise ValueError("memopt.shard: the optimizer has no parameters")
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [tuple(p.shape) for p in params if id(p) not in names]
+    if missing:
+        raise ValueError(
+            f"memopt.shard: {len(missing)} optimizer parameter(s) (shapes {missing[:3]}) are not "
+            "parameters of the model; build the optimizer from model.parameters()"
+        )
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) > 1:
+        by_dev = {d: [names[id(p)] for p in params if str(p.device) == d][:2] for d in devices}
+        raise ValueError(
+            f"memopt.shard: parameters are on several devices {by_dev}; move the model to one "
+            "device (model.to(device)) before sharding"
+        )
+    bad = [names[id(p)] for p in params if not p.is_contiguous() or p.is_sparse]
+    if bad:
+        raise ValueError(
+            f"memopt.shard: parameters {bad[:3]} are not dense contiguous tensors; make them "
+            "contiguous (p.data = p.data.contiguous()) before sharding"
+        )
+    if comm.backend() == "nccl" and params[0].device.type == "cpu":
+        raise ValueError(
+            "memopt.shard: the process group uses NCCL but the parameters are on the CPU; "
+            "move the model to the rank's GPU or use a gloo group"
+        )
+
+
+def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer) -> None:
+    """Raise on every rank if any rank failed its local checks (one small all-reduce)."""
+    if comm.world > 1:
+        device = optimizer.param_groups[0]["params"][0].device if error is None else None
+        flags = torch.zeros(comm.world, device=device or _flag_device(comm))
+        if error is not None:
+            flags[comm.rank] = 1.0
+        comm.all_reduce_sum(flags)
+        failed = [r for r in range(comm.world) if flags[r] > 0]
+        if failed and error is None:
+            raise ValueError(
+                f"memopt.shard: rank(s) {failed} failed their input checks (see their errors); "
+                "no collective was issued"
+            )
+    if error is not None:
+        raise error
+
+
+def _flag_device(comm: Comm) -> torch.device:
+    if comm.backend() == "nccl":
+        acc = torch.accelerator.current_accelerator()
+        if acc is not None:
+            return torch.device(acc.type, torch.accelerator.current_device_index())
+    return torch.device("cpu")

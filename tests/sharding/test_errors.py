@@ -1,0 +1,101 @@
+"""Bad input to memopt.shard fails with a clear error before any collective is issued."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.sharding import ShardConfig
+from tests._harness.dist import run_distributed
+from tests.sharding import _train as T
+
+
+def _fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = T.make_model()
+    return model, T.make_optimizer("adamw", model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"stage": 0}, ValueError, "stage must be 1 or 2"),
+        ({"stage": True}, ValueError, "stage must be 1 or 2"),
+        ({"stage": 3}, NotImplementedError, "stage 3"),
+        ({"layout": "flat"}, ValueError, "unknown layout 'flat'"),
+        ({"bucket_bytes": 0}, ValueError, "bucket_bytes"),
+        ({"master_dtype": torch.int8}, TypeError, "master_dtype"),
+    ],
+)
+def test_bad_config(kwargs: dict, exc: type, match: str) -> None:
+    model, opt = _fresh()
+    with pytest.raises(exc, match=match):
+        memopt.shard(model, opt, **kwargs)
+    with pytest.raises(exc, match=match):
+        ShardConfig(**kwargs)
+
+
+def test_optimizer_with_state() -> None:
+    model, opt = _fresh()
+    model(torch.randn(2, 7)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="already has state"):
+        memopt.shard(model, opt)
+
+
+def test_mixed_devices_and_foreign_params() -> None:
+    model, _ = _fresh()
+    model[5].to("meta")
+    with pytest.raises(ValueError, match="several devices"):
+        memopt.shard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model, _ = _fresh()
+    stray = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        memopt.shard(model, torch.optim.SGD([*model.parameters(), stray], lr=0.1))
+
+
+def test_wrong_types_and_double_wrap() -> None:
+    model, opt = _fresh()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        memopt.shard(model, object())  # type: ignore[arg-type]
+    _, sharded = memopt.shard(model, opt)
+    with pytest.raises(ValueError, match="already sharded"):
+        memopt.shard(model, sharded)
+
+
+def test_group_without_init() -> None:
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match="not initialized"):
+        memopt.shard(model, opt, process_group=object())
+
+
+def _bad_groups(rank: int, world: int) -> list[str]:
+    import torch.distributed as dist
+
+    seen = []
+    only0 = dist.new_group([0])
+    model, opt = _fresh()
+    if rank == 1:  # not a member of the group: a local error, no collective
+        try:
+            memopt.shard(model, opt, process_group=only0)
+        except ValueError as e:
+            seen.append(str(e))
+    else:  # a group of one: the plain path
+        memopt.shard(model, opt, process_group=only0)
+    # one rank's optimizer has state: every rank raises instead of hanging
+    model, opt = _fresh()
+    if rank == 1:
+        model(torch.randn(2, 7)).sum().backward()
+        opt.step()
+    try:
+        memopt.shard(model, opt, stage=2)
+    except ValueError as e:
+        seen.append(str(e))
+    return seen
+
+
+def test_process_group_errors_on_two_ranks() -> None:
+    r0, r1 = run_distributed(_bad_groups, world_size=2, timeout_s=60)
+    assert len(r0) == 1 and "rank(s) [1] failed" in r0[0]
+    assert "not a member" in r1[0] and "already has state" in r1[1]
