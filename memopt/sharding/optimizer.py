@@ -55,6 +55,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             comm.world,
             config.layout,
             lambda gi, p: rowproj.row_reason(optimizer, groups[gi], p),
+            lambda gi, p: rowproj.state_weight(optimizer, groups[gi], p),
         )
         self.buckets = make_buckets(self.plans, config.bucket_bytes)
         self.device = self.plans[0].param.device

@@ -92,9 +92,11 @@ def make_plans(
     world: int,
     layout: str,
     rows_ok: Callable[[int, Tensor], str],
+    weight: Callable[[int, Tensor], int] | None = None,
 ) -> list[ParamPlan]:
     """Place every parameter. ``rows_ok(group_index, p)`` returns "" when ``p`` may be
-    row-sharded, else the reason it must be owned whole."""
+    row-sharded, else the reason it must be owned whole; ``weight(group_index, p)`` is what
+    owners are balanced on (default: numel)."""
     plans: list[ParamPlan] = []
     index = 0
     for gi, params in enumerate(groups):
@@ -110,22 +112,23 @@ def make_plans(
                 ParamPlan(index, p, gi, owner, rows, cols, chunk if not why else rows, why)
             )
             index += 1
-    _assign_owners(plans, world)
+    w = {p.index: (weight(p.group, p.param) if weight else p.param.numel()) for p in plans}
+    _assign_owners(plans, world, w)
     return plans
 
 
-def _assign_owners(plans: list[ParamPlan], world: int) -> None:
-    """Greedy: largest first onto the least loaded rank, row shards counted as load."""
-    load = [0] * world
+def _assign_owners(plans: list[ParamPlan], world: int, weight: dict[int, int]) -> None:
+    """Greedy: heaviest first onto the least loaded rank, row shards counted as load."""
+    load = [0.0] * world
     for p in plans:
         if p.owner is None:
             for r in range(world):
-                load[r] += p.local_numel(r)
-    whole = sorted((p for p in plans if p.owner == -1), key=lambda p: (-p.param.numel(), p.index))
+                load[r] += weight[p.index] * p.local_numel(r) / max(1, p.param.numel())
+    whole = sorted((p for p in plans if p.owner == -1), key=lambda p: (-weight[p.index], p.index))
     for p in whole:
         r = min(range(world), key=lambda k: (load[k], k))
         p.owner = r
-        load[r] += p.param.numel()
+        load[r] += weight[p.index]
 
 
 def make_buckets(plans: list[ParamPlan], bucket_bytes: int) -> list[Bucket]:

@@ -74,6 +74,28 @@ def row_reason(opt: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> 
     return ""
 
 
+def state_weight(opt: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> int:
+    """Estimated optimizer-state size of ``p`` in units of its elements (AdamW: numel).
+
+    Owners are balanced on it: a low-rank matrix holds moments of its projected shape plus a
+    basis, far less than its numel, so balancing by numel would overload the rank that owns
+    the full-state tensors.
+    """
+    n = p.numel()
+    if not hasattr(opt, "is_low_rank") or not opt.is_low_rank(group) or p.dim() < 2:
+        return n
+    proj = opt.projector(group)  # type: ignore[attr-defined]
+    if proj is None or group.get("state_free"):
+        return n
+    shape = (int(p.shape[0]), n // int(p.shape[0]))
+    low = 1
+    for d in proj.low_shape(shape):
+        low *= int(d)
+    r = proj.rank_for(shape)
+    side = shape[1] if proj.side(shape) == "right" else shape[0]
+    return max(1, low + r * side // 2)
+
+
 class RowShardProjector:
     """A projector that handles row shards (see the module docstring); else delegates."""
 

@@ -18,10 +18,11 @@ import torch
 from tests._harness.dist import run_distributed
 
 ATOL = 1e-5
-#: Allowed excess of the largest rank's state bytes over reference / world. whole_tensor
-#: balances by numel, not state bytes, and this model has only 8 tensors; dim0 replicates
-#: the r x n GaLore/FRUGAL basis on every rank. Measured values are printed by the test.
-SLACK = {"adamw": 0.15, "galore": 0.6, "apollo": 0.6, "frugal": 0.6}
+#: Allowed excess of the largest rank's state bytes over reference / world. Measured (printed
+#: by the test): whole_tensor <= 0.7% (owners balanced on estimated state size); dim0 8% for
+#: AdamW (13, 21 and 5 rows split 7/6, 11/10, 3/2), up to 32% for GaLore (the r x n basis is
+#: replicated on both ranks, and the left-projected 5x21 matrix is owned whole).
+SLACK = {"adamw": 0.1, "galore": 0.35, "apollo": 0.35, "frugal": 0.35}
 
 
 def _matrix(rank: int, world: int) -> dict[str, object]:
@@ -56,7 +57,56 @@ def _matrix(rank: int, world: int) -> dict[str, object]:
                 "numel_slack": sharded.balance()["slack"],
             }
             sharded.remove_hooks()
+    _stage2_frees_and_bf16(rank, world)
     return results
+
+
+def _stage2_frees_and_bf16(rank: int, world: int) -> None:
+    """Stage 2 frees each gradient once sent; bf16 parameters with fp32 master shards."""
+    import memopt
+    from tests.sharding import _train as T
+
+    model = T.make_model()
+    model, sharded = memopt.shard(model, T.make_optimizer("adamw", model), 2, "whole_tensor")
+    model(torch.randn(4, 7)).square().mean().backward()
+    assert all(p.grad is None for p in model.parameters()), "stage 2 kept a sent gradient"
+    sharded.finish_grad_sync()
+    owned = [p for p in sharded.plans if p.owner == rank]
+    assert owned and all(p.param.grad is not None for p in owned)
+    sharded.step()
+    model = T.make_model()
+    _, stage1 = memopt.shard(model, T.make_optimizer("adamw", model), 1, "dim0")
+    model(torch.randn(4, 7)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters()), "stage 1 reduces at step"
+    stage1.step()
+    solo = [torch.distributed.new_group([r]) for r in range(world)]  # every rank makes each
+    for stage, layout in (("galore", "dim0"), ("adamw", "whole_tensor")):
+        ref = T.make_model(torch.bfloat16)
+        ref_opt = T.make_optimizer(stage, ref)
+        ref, ref_sharded = memopt.shard(
+            ref,
+            ref_opt,
+            2,
+            layout,
+            process_group=solo[rank],
+            master_dtype=torch.float32,
+        )
+        T.train(ref, ref_sharded)  # one rank, the whole batch: the bf16 + fp32-master reference
+        model = T.make_model(torch.bfloat16)
+        model, sharded = memopt.shard(
+            model, T.make_optimizer(stage, model), 2, layout, master_dtype=torch.float32
+        )
+        T.train(model, sharded, rank, world)
+        assert all(t.dtype == torch.float32 for t in sharded.locals.values())
+        assert all(
+            v.dtype == torch.float32
+            for st in sharded.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
+        for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_sharded_equals_single_process() -> None:
@@ -67,6 +117,6 @@ def test_sharded_equals_single_process() -> None:
         slack = max(r["rank_bytes"]) / ideal - 1.0
         print(
             f"{tag:28s} state bytes per rank {r['rank_bytes']} (single {r['ref_bytes']}), "
-            f"slack {slack:+.1%}, numel slack {r['numel_slack']:+.1%}"
+            f"slack {slack:+.1%}, elements-held slack {r['numel_slack']:+.1%}"
         )
         assert slack <= SLACK[tag.split("/")[0]], f"{tag}: state slack {slack:.1%}"
