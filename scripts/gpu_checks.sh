@@ -3,7 +3,7 @@
 # (default gpu_logs/). Run from the repository root on a machine whose python3 has a CUDA
 # torch; the peers (galore-torch, apollo-torch, bitsandbytes) must be importable.
 #
-#   bash scripts/gpu_checks.sh [tests|bench|optim|all]      (default: all)
+#   bash scripts/gpu_checks.sh [tests|bench|optim|profile|all]      (default: all)
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,11 +39,19 @@ fi
 if [[ $what == optim || $what == all ]]; then
     # Whole LLaMA-350M (24 blocks), and one LLaMA-1B block, at the GaLore paper's gap 200.
     # (SIGINT at the time limit: the benchmark keeps and reports the steps it timed)
+    # The whole model: the optimizers with a step-time target and their references (the
+    # SVD-based ones spend minutes in full SVDs of 168 matrices; one block below has them all).
     run optim_350m.md timeout -s INT "${OPTIM_LIMIT:-330}" "$py" benchmarks/optim_bench.py \
         --device cuda --sizes 350m --blocks 24 --gaps 200 --pool 2 --log-every 100 \
-        --no-breakdown --out "$out/optim_350m.json"
+        --no-breakdown --only "${OPTIM_ONLY:-AdamW,GaLore rsvd,GaLore subspace,galore-torch,APOLLO}" \
+        --out "$out/optim_350m.json"
     run optim_1b.md timeout -s INT "${OPTIM_LIMIT:-330}" "$py" benchmarks/optim_bench.py \
         --device cuda --sizes 1b --gaps 200 --pool 4 --log-every 100 --refresh-reps 1 \
         --out "$out/optim_1b.json"
+fi
+if [[ $what == profile || $what == all ]]; then
+    run profile_350m.md "$py" benchmarks/profile_step.py --device cuda --size 350m --blocks 24 \
+        --steps 3 --only "torch AdamW (fused),memopt AdamW,apollo-torch APOLLO,memopt APOLLO,\
+apollo-torch APOLLO-Mini,memopt APOLLO-Mini,bnb AdamW8bit,memopt AdamW int8"
 fi
 exit $rc
