@@ -1,9 +1,8 @@
 """``ShardConfig``: the typed, eagerly validated options of ``memopt.shard``.
 
 A frozen dataclass with ``Literal`` choices. ``ShardConfig(...)`` raises on a bad value before
-any memory moves or any collective is issued, naming the value and the fix. Stage 3 is a valid
-field value (the DeepSpeed numbering users know) but is not built yet: it raises
-``NotImplementedError`` here, so every later layer may assume stage 1 or 2.
+any memory moves or any collective is issued, naming the value and the fix. Stage 3 (on FSDP2)
+row-shards every parameter, so it takes ``layout="dim0"`` only.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ class ShardConfig:
     """How ``memopt.shard`` partitions a model's training state over a process group.
 
     - ``stage``: 1 partitions optimizer state; 2 also gradients (reduced during backward from
-      post-accumulate-grad hooks); 3 (parameters, on FSDP2) is not implemented yet.
+      post-accumulate-grad hooks); 3 also parameters (FSDP2's ``fully_shard``; ``dim0`` only).
     - ``layout``: ``whole_tensor`` (each parameter owned by one rank) or ``dim0`` (row shards;
       parameters whose update needs the whole matrix are owned whole, see docs/shard.md).
     - ``bucket_bytes``: gradient-reduction and parameter-gather bucket size.
@@ -41,17 +40,16 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or self.stage not in STAGES:
-            raise ValueError(
-                f"memopt.shard: stage must be 1 or 2 (3 is planned), got {self.stage!r}"
-            )
-        if self.stage == 3:
-            raise NotImplementedError(
-                "stage 3: parameter sharding (built on FSDP2's fully_shard) is not implemented "
-                "yet; use stage=2 (optimizer state and gradients partitioned)"
-            )
+            raise ValueError(f"memopt.shard: stage must be 1, 2 or 3, got {self.stage!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(
                 f"memopt.shard: unknown layout {self.layout!r}; choose one of: {', '.join(LAYOUTS)}"
+            )
+        if self.stage == 3 and self.layout != "dim0":
+            raise ValueError(
+                f"memopt.shard: stage 3 row-shards every parameter (FSDP2's Shard(0)), so it "
+                f"takes layout='dim0', got {self.layout!r}; use layout='dim0' (memopt.shard's "
+                "default for stage 3) or stage 1/2 for whole_tensor"
             )
         b = self.bucket_bytes
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0:

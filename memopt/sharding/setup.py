@@ -15,6 +15,7 @@ from torch import nn
 
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
+from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_stage3
 from memopt.sharding.optimizer import ShardedOptimizer
 
 
@@ -23,8 +24,16 @@ def apply_sharding(
     optimizer: torch.optim.Optimizer,
     config: ShardConfig,
     process_group: Any = None,
+    fsdp: FSDPOptions | None = None,
 ) -> tuple[nn.Module, ShardedOptimizer]:
-    """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group``; see memopt.shard."""
+    """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group`` (stage 3: shard the
+    model with FSDP2 and return an ``FSDPOptimizer``); see memopt.shard."""
+    if fsdp is not None and config.stage != 3:
+        raise ValueError(
+            f"memopt.shard: fsdp= options apply to stage 3 only, got stage {config.stage}"
+        )
+    if fsdp is not None and not isinstance(fsdp, FSDPOptions):
+        raise TypeError(f"memopt.shard: fsdp must be a FSDPOptions, got {type(fsdp).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"memopt.shard: model must be a torch.nn.Module, got {type(model).__name__}"
@@ -40,9 +49,13 @@ def apply_sharding(
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)
+        if config.stage == 3:
+            check_stage3(model, fsdp or FSDPOptions())
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, optimizer)
+    if config.stage == 3 and comm.world > 1:  # world size 1: the plain path below
+        return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
     return model, ShardedOptimizer(model, optimizer, config, comm)
 
 

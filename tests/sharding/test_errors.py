@@ -20,9 +20,9 @@ def _fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"stage": 0}, ValueError, "stage must be 1 or 2"),
-        ({"stage": True}, ValueError, "stage must be 1 or 2"),
-        ({"stage": 3}, NotImplementedError, "stage 3"),
+        ({"stage": 0}, ValueError, "stage must be 1, 2 or 3"),
+        ({"stage": True}, ValueError, "stage must be 1, 2 or 3"),
+        ({"stage": 3, "layout": "whole_tensor"}, ValueError, "stage 3 row-shards"),
         ({"layout": "flat"}, ValueError, "unknown layout 'flat'"),
         ({"bucket_bytes": 0}, ValueError, "bucket_bytes"),
         ({"master_dtype": torch.int8}, TypeError, "master_dtype"),

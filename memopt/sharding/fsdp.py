@@ -1,0 +1,187 @@
+"""Stage 3: shard the parameters with PyTorch FSDP2 (``fully_shard``), not a re-implementation.
+
+``apply_fully_shard(model, comm, options, master_dtype)`` calls ``fully_shard`` bottom-up on a
+wrapping policy, then on the root, over a 1-D ``DeviceMesh`` built from the process group.
+Every parameter becomes an ``nn.Parameter`` holding a ``DTensor`` row shard (``Shard(0)``,
+split like ``torch.chunk``: rank r holds rows ``[r c, min((r+1) c, rows))``, ``c =
+ceil(rows / W)``, exactly the ``dim0`` layout of stages 1 and 2). FSDP2 owns the communication:
+
+- forward: each group's parameters are all-gathered (one ``all_gather_into_tensor`` per group,
+  in ``param_dtype``) just before the group runs, the next group's gather overlapping the
+  current compute (implicit prefetch), and freed after it (``reshard_after_forward``);
+- backward: gathered again in reverse order; each group's gradients leave by one
+  ``reduce_scatter_tensor`` (in ``reduce_dtype``), averaged over the ranks, onto the
+  sharded parameters' ``.grad`` (DTensors);
+- gradient accumulation: ``set_requires_gradient_sync(False)`` keeps unsharded gradients
+  locally until the synchronizing backward.
+
+The wrapping policy (``FSDPOptions.modules``): by default every child that holds parameters
+at the top level of a ``ModuleList`` (a transformer's blocks), outermost lists only; then the
+root (which collects the remaining parameters: embeddings, the head, final norms).
+
+Mixed precision: ``options.mp_policy`` (an FSDP2 ``MixedPrecisionPolicy``) is passed through.
+Without one, a bf16/fp16 model with ``master_dtype=torch.float32`` becomes
+``MixedPrecisionPolicy(param_dtype=<model dtype>, reduce_dtype=float32)`` over fp32 sharded
+parameters: each group is cast to the master dtype just before it is sharded, so the sharded
+parameters are the fp32 masters and only one group is ever held full-size in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.sharding.comm import Comm
+from memopt.sharding.config import ShardConfig
+from memopt.sharding.fsdp_optim import FSDPOptimizer
+
+
+@dataclass(frozen=True)
+class FSDPOptions:
+    """Stage-3 options passed to FSDP2 (``memopt.shard(..., stage=3, fsdp=FSDPOptions(...))``).
+
+    - ``modules``: the submodules to shard as units (each one all-gathered as a group), in any
+      order; ``None`` uses the default policy (children of the outermost ``ModuleList``\\ s).
+      The root is always sharded last and takes the parameters left over.
+    - ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (None: see ``master_dtype``).
+    - ``reshard_after_forward``: FSDP2's option (True frees gathered parameters after each
+      group's forward, ZeRO-3; False keeps them until backward, ZeRO-2-like memory).
+    """
+
+    modules: Sequence[nn.Module] | None = None
+    mp_policy: Any = None
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modules is not None:
+            bad = [type(m).__name__ for m in self.modules if not isinstance(m, nn.Module)]
+            if bad:
+                raise TypeError(
+                    f"memopt.shard: FSDPOptions.modules must hold nn.Module objects, got {bad[:3]}"
+                )
+        if self.mp_policy is not None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            if not isinstance(self.mp_policy, MixedPrecisionPolicy):
+                raise TypeError(
+                    "memopt.shard: FSDPOptions.mp_policy must be a "
+                    "torch.distributed.fsdp.MixedPrecisionPolicy, got "
+                    f"{type(self.mp_policy).__name__}"
+                )
+        if not isinstance(self.reshard_after_forward, bool):
+            raise TypeError("memopt.shard: FSDPOptions.reshard_after_forward must be a bool")
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """Children holding parameters of the outermost ``ModuleList``\\ s (not the root)."""
+    units: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(c for c in child if any(True for _ in c.parameters()))
+            else:
+                visit(child)
+
+    visit(model)
+    return units
+
+
+def check_units(model: nn.Module, units: Sequence[nn.Module]) -> None:
+    """Each unit must be a proper submodule of ``model``; raise a ValueError naming it."""
+    inside = {id(m) for m in model.modules()}
+    for u in units:
+        if u is model:
+            raise ValueError(
+                "memopt.shard: FSDPOptions.modules must not contain the model itself "
+                "(the root is always sharded last)"
+            )
+        if id(u) not in inside:
+            raise ValueError(
+                f"memopt.shard: FSDPOptions.modules holds a {type(u).__name__} that is not a "
+                "submodule of the model"
+            )
+
+
+def mixed_precision(model: nn.Module, options: FSDPOptions, master: torch.dtype | None) -> Any:
+    """The ``MixedPrecisionPolicy`` to use (see the module docstring), or None."""
+    if options.mp_policy is not None:
+        return options.mp_policy
+    dtype = next(model.parameters()).dtype
+    if master is None or master == dtype:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=master)
+
+
+def apply_fully_shard(
+    model: nn.Module, comm: Comm, options: FSDPOptions, master: torch.dtype | None
+) -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` (units first, then the root)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = DeviceMesh.from_group(comm.group, device.type)
+    mp = mixed_precision(model, options, master)
+    units = list(options.modules) if options.modules is not None else default_units(model)
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    # Bottom-up: a unit nested in another is sharded first (FSDP2 requires it).
+    depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
+    for unit in sorted(units, key=lambda m: -depth[id(m)]):
+        _cast(unit, master)
+        fully_shard(unit, **kwargs)
+    _cast(model, master)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    return model
+
+
+def _cast(module: nn.Module, master: torch.dtype | None) -> None:
+    """Cast the not-yet-sharded floating parameters of ``module`` to the master dtype."""
+    if master is None:
+        return
+    from torch.distributed.tensor import DTensor
+
+    for p in module.parameters():
+        if not isinstance(p, DTensor) and p.is_floating_point() and p.dtype != master:
+            p.data = p.data.to(master)
+
+
+def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
+    """Stage-3 input checks (local; run before any collective, see ``setup``)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            "memopt.shard: the model's parameters are already DTensors (fully_shard or "
+            "another parallelism was applied); pass the plain model, memopt.shard(stage=3) "
+            "calls fully_shard itself (choose the units with FSDPOptions(modules=...))"
+        )
+    if options.modules is not None:
+        check_units(model, options.modules)
+
+
+def shard_stage3(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ShardConfig,
+    comm: Comm,
+    options: FSDPOptions,
+) -> tuple[nn.Module, FSDPOptimizer]:
+    """``fully_shard`` the model, then wrap the optimizer around the new DTensor parameters.
+
+    ``fully_shard`` replaces every parameter object; the optimizer's are found again by name.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    apply_fully_shard(model, comm, options, config.master_dtype)
+    new = dict(model.named_parameters())
+    params = [[new[n] for n in group] for group in order]
+    return model, FSDPOptimizer(model, optimizer, config, comm, params)

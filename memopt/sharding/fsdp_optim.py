@@ -1,0 +1,201 @@
+"""``FSDPOptimizer``: memopt's optimizers on FSDP2's DTensor row shards (ZeRO stage 3).
+
+FSDP2 (see ``fsdp``) leaves every parameter as a ``DTensor`` row shard with a ``DTensor``
+gradient, already averaged over the ranks. The inner optimizer keeps its class, math and
+param groups; position i of every group still holds parameter i (so seeds from the global
+parameter index and refresh schedules are the single-process ones). The tensor at a position
+is a *holder*: a plain tensor that, for each step, is re-pointed (``holder.data = ...``) at
+
+- the local row shard (``DTensor.to_local()``, a view of FSDP2's sharded storage, so the
+  update lands in place) and its local gradient, for parameters whose update is
+  row-separable (``rowproj.row_reason``: elementwise updates and right-sided GaLore/FRUGAL
+  projections). Gradient-based projector refreshes go through ``rowproj``'s
+  ``RowShardProjector``: one owner rank per matrix (spread by SVD cost) gathers the full
+  gradient, computes the basis, and broadcasts it; seeded projectors are regenerated from
+  the full shape and global index on every rank. Identical to stages 1/2 ``dim0``;
+- the full parameter and gradient, on one *owner* rank only, for parameters whose update is
+  not row-separable (left-sided projections, APOLLO's low-rank matrices, Natural GaLore,
+  fewer rows than ranks, unknown optimizers): ``Comm.gather`` of the padded row shards
+  (parameter and gradient in one message) to the owner, which steps the whole matrix exactly
+  as a single process would and keeps its state; then ``Comm.broadcast`` of the updated
+  matrix, each rank copying back its rows. Owners are balanced greedily on estimated state
+  size (``plan.make_plans``). Correct, not fast: one gather and one broadcast per such matrix
+  per step, issued in plan order on every rank.
+
+Clipping uses ``torch.nn.utils.get_total_norm`` on the DTensor gradients (``full_tensor()``
+of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps to FSDP2's
+``set_requires_gradient_sync(False)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memopt.sharding import rowproj
+from memopt.sharding.comm import Comm
+from memopt.sharding.config import ShardConfig
+from memopt.sharding.optimizer import ShardedOptimizer
+from memopt.sharding.plan import ParamPlan, make_plans
+
+
+class FSDPOptimizer(ShardedOptimizer):
+    """ZeRO-3 on FSDP2; build it with ``memopt.shard(..., stage=3)``.
+
+    Same surface as ``ShardedOptimizer`` (``no_sync``, ``clip_grad_norm_``, ``balance``,
+    ``state_dict``); ``locals`` maps a plan index to the holder this rank steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: ShardConfig,
+        comm: Comm,
+        params: list[list[Tensor]],
+    ) -> None:
+        # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order.
+        # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
+        self.inner, self.config, self.comm, self.model = optimizer, config, comm, model
+        self.defaults = optimizer.defaults
+        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):
+            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
+        self._patch_step_function()
+        groups = optimizer.param_groups
+        self.plans = make_plans(
+            params,
+            comm.world,
+            "dim0",
+            lambda gi, p: rowproj.row_reason(optimizer, groups[gi], p),
+            lambda gi, p: rowproj.state_weight(optimizer, groups[gi], p),
+        )
+        self.buckets = []
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self._plain = False
+        self._hooks: list[Any] = []
+        self.locals: dict[int, Tensor] = {}
+        self.holders: dict[int, Tensor] = {}
+        index = 0
+        for group in groups:
+            for i in range(len(group["params"])):
+                p = self.plans[index]
+                local = p.param.to_local().detach()
+                if p.owner is not None:  # full size on the owner (bound per step)
+                    local = local.new_empty(0)
+                self.holders[index] = group["params"][i] = local
+                if p.owner is None or p.owner == comm.rank:
+                    self.locals[index] = local
+                index += 1
+        self._install_row_projectors()
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        whole = self._bind()
+        self.inner.step()
+        self._scatter_back(whole)
+        self._release()
+        return loss
+
+    def _bind(self) -> list[ParamPlan]:
+        """Point every holder at this step's tensors; gather whole matrices to owners."""
+        whole = []
+        for p in self.plans:
+            h, grad = self.holders[p.index], p.param.grad
+            if p.owner is None:
+                h.data = p.param.to_local()
+                h.grad = None if grad is None else _like(grad.to_local(), h)
+            elif grad is not None:  # the same on every rank: FSDP2 reduced it
+                whole.append(p)
+                self._gather_to_owner(p, h, grad)
+        return whole
+
+    def _gather_to_owner(self, p: ParamPlan, h: Tensor, grad: Any) -> None:
+        chunk = -(-p.rows // self.comm.world)
+        local_p, local_g = p.param.to_local(), grad.to_local()
+        n = local_p.shape[0]
+        pad = local_p.new_zeros(2, chunk, p.cols)
+        pad[0, :n].copy_(local_p.reshape(n, p.cols))
+        pad[1, :n].copy_(local_g.reshape(n, p.cols).to(pad.dtype))
+        parts = self.comm.gather(pad, p.owner)  # type: ignore[arg-type]
+        if parts is not None:
+            full = torch.cat(parts, dim=1)[:, : p.rows]
+            h.data = full[0].reshape(p.param.shape).clone()
+            h.grad = full[1].reshape(p.param.shape).to(h.dtype).clone()
+
+    def _scatter_back(self, whole: list[ParamPlan]) -> None:
+        for p in whole:
+            h = self.holders[p.index]
+            local = p.param.to_local()
+            full = h.data if p.owner == self.comm.rank else local.new_empty(p.param.shape)
+            self.comm.broadcast(full, p.owner).wait()  # type: ignore[arg-type]
+            s, e = _fsdp_rows(p.rows, self.comm.rank, self.comm.world)
+            if e > s:
+                local.copy_(full.reshape(p.rows, p.cols)[s:e].reshape(local.shape))
+            if p.owner == self.comm.rank:  # drop the full copies until the next step
+                h.grad = None
+                h.data = h.data.new_empty(0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.plans:
+            if set_to_none or p.param.grad is None:
+                p.param.grad = None
+            else:
+                p.param.grad.zero_()
+        self._release()
+
+    def _release(self) -> None:
+        for h in self.holders.values():
+            h.grad = None
+
+    def finish_grad_sync(self) -> None:
+        """Nothing to do: FSDP2 reduce-scatters during the synchronizing backward."""
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate unsharded gradients locally (FSDP2's
+        ``set_requires_gradient_sync(False)``); the first one outside reduce-scatters."""
+        model: Any = self.model
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Global norm over the DTensor gradients (``full_tensor`` of the norm); scales them."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p.param for p in sorted(self.plans, key=lambda p: p.index)]
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def __repr__(self) -> str:
+        return f"FSDPOptimizer(stage=3, world={self.comm.world}, inner={type(self.inner).__name__})"
+
+
+def _fsdp_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """FSDP2's Shard(0) rows of ``rank`` (``torch.chunk``; plan.row_range of a row plan)."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def _like(g: Tensor, h: Tensor) -> Tensor:
+    return g if g.dtype == h.dtype else g.to(h.dtype)
