@@ -30,7 +30,7 @@ of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps t
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,7 +57,7 @@ class FSDPOptimizer(ShardedOptimizer):
         optimizer: torch.optim.Optimizer,
         config: ShardConfig,
         comm: Comm,
-        params: list[list[Tensor]],
+        params: Sequence[Sequence[Tensor]],
     ) -> None:
         # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order.
         # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
@@ -70,7 +70,7 @@ class FSDPOptimizer(ShardedOptimizer):
         self._patch_step_function()
         groups = optimizer.param_groups
         self.plans = make_plans(
-            params,
+            [list(g) for g in params],
             comm.world,
             "dim0",
             lambda gi, p: rowproj.row_reason(optimizer, groups[gi], p),
@@ -86,7 +86,7 @@ class FSDPOptimizer(ShardedOptimizer):
         for group in groups:
             for i in range(len(group["params"])):
                 p = self.plans[index]
-                local = p.param.to_local().detach()
+                local = _local(p.param).detach()
                 if p.owner is not None:  # full size on the owner (bound per step)
                     local = local.new_empty(0)
                 self.holders[index] = group["params"][i] = local
@@ -97,7 +97,7 @@ class FSDPOptimizer(ShardedOptimizer):
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -114,8 +114,8 @@ class FSDPOptimizer(ShardedOptimizer):
         for p in self.plans:
             h, grad = self.holders[p.index], p.param.grad
             if p.owner is None:
-                h.data = p.param.to_local()
-                h.grad = None if grad is None else _like(grad.to_local(), h)
+                h.data = _local(p.param)
+                h.grad = None if grad is None else _like(_local(grad), h)
             elif grad is not None:  # the same on every rank: FSDP2 reduced it
                 whole.append(p)
                 self._gather_to_owner(p, h, grad)
@@ -123,7 +123,7 @@ class FSDPOptimizer(ShardedOptimizer):
 
     def _gather_to_owner(self, p: ParamPlan, h: Tensor, grad: Any) -> None:
         chunk = -(-p.rows // self.comm.world)
-        local_p, local_g = p.param.to_local(), grad.to_local()
+        local_p, local_g = _local(p.param), _local(grad)
         n = local_p.shape[0]
         pad = local_p.new_zeros(2, chunk, p.cols)
         pad[0, :n].copy_(local_p.reshape(n, p.cols))
@@ -137,7 +137,7 @@ class FSDPOptimizer(ShardedOptimizer):
     def _scatter_back(self, whole: list[ParamPlan]) -> None:
         for p in whole:
             h = self.holders[p.index]
-            local = p.param.to_local()
+            local = _local(p.param)
             full = h.data if p.owner == self.comm.rank else local.new_empty(p.param.shape)
             self.comm.broadcast(full, p.owner).wait()  # type: ignore[arg-type]
             s, e = _fsdp_rows(p.rows, self.comm.rank, self.comm.world)
@@ -188,6 +188,11 @@ class FSDPOptimizer(ShardedOptimizer):
 
     def __repr__(self) -> str:
         return f"FSDPOptimizer(stage=3, world={self.comm.world}, inner={type(self.inner).__name__})"
+
+
+def _local(t: Any) -> Tensor:
+    """A DTensor's local shard (``to_local()``: a view of FSDP2's sharded storage)."""
+    return t.to_local()
 
 
 def _fsdp_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
