@@ -7,6 +7,8 @@ before any collective is issued.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from memopt.sharding import ShardConfig, ShardedOptimizer, apply_sharding
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, Layout, Stage
+from memopt.sharding.deepspeed_config import deepspeed_shard_config
 from memopt.sharding.fsdp import FSDPOptions
 
 
@@ -26,6 +29,7 @@ def shard(
     process_group: Any = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     master_dtype: torch.dtype | None = None,
+    deepspeed_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     fsdp: FSDPOptions | None = None,
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Partition ``optimizer``'s state (stage 1), gradients (2) and parameters (3) over the ranks.
@@ -38,12 +42,21 @@ def shard(
     stage 3). Stage 3 shards the model in place with FSDP2's ``fully_shard`` (options:
     ``fsdp=memopt.sharding.FSDPOptions(...)``) and returns an ``FSDPOptimizer``. See
     docs/shard.md.
+    ``deepspeed_config`` (a DeepSpeed ``zero_optimization`` block, a whole DeepSpeed config,
+    or a path to its JSON) sets stage, bucket size and master dtype instead; see
+    ``memopt.sharding.deepspeed_config``.
     """
-    if layout is None:
-        layout = "dim0" if stage == 3 else "whole_tensor"
-    config = ShardConfig(
-        stage=stage, layout=layout, bucket_bytes=bucket_bytes, master_dtype=master_dtype
-    )
+    if deepspeed_config is not None:  # the layout default then follows the config's stage
+        config = deepspeed_shard_config(
+            deepspeed_config, optimizer, layout=layout, stage=stage,
+            bucket_bytes=bucket_bytes, master_dtype=master_dtype,
+        )  # fmt: skip
+    else:
+        if layout is None:
+            layout = "dim0" if stage == 3 else "whole_tensor"
+        config = ShardConfig(
+            stage=stage, layout=layout, bucket_bytes=bucket_bytes, master_dtype=master_dtype
+        )
     return apply_sharding(model, optimizer, config, process_group, fsdp)
 
 

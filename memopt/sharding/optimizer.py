@@ -66,7 +66,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             range(len(self.plans)), key=lambda i: order[id(self.plans[i].param)]
         )
         self._build_locals()
-        self.reducer = GradReducer(comm, self.buckets, self.device)
+        self.reducer = GradReducer(comm, self.buckets, self.device, self.names)
         self._sync = True
         self._synced = False
         # World size 1: no buckets, no hooks; the gradients are used where autograd put them,
@@ -158,7 +158,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.finish_grad_sync()
         self.inner.step()
-        gather_params(self.comm, self.buckets, self.locals, self.in_place)
+        gather_params(self.comm, self.buckets, self.locals, self.in_place, self.names)
         self._release()
         return loss
 
@@ -246,7 +246,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.comm.world > 1:
-            total = self.comm.all_reduce_sum(total.pow(2)).sqrt()
+            total = self.comm.all_reduce_sum(total.pow(2), what="clip_grad_norm_").sqrt()
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
         if grads:
             torch._foreach_mul_(grads, coef)

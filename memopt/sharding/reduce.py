@@ -21,6 +21,7 @@ bucket broadcasts each owner's span; the results are copied into the model's par
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,8 +34,15 @@ from memopt.sharding.plan import Bucket, ParamPlan
 class GradReducer:
     """Per-step state of the bucketed gradient reduction (see the module docstring)."""
 
-    def __init__(self, comm: Comm, buckets: list[Bucket], device: torch.device) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        buckets: list[Bucket],
+        device: torch.device,
+        names: dict[int, str] | None = None,
+    ) -> None:
         self.comm = comm
+        self.names = names or {}
         self.buckets = buckets
         self.device = device
         self.bucket_of = {p.index: b for b in buckets for p in b.plans}
@@ -102,13 +110,15 @@ class GradReducer:
         buf = self._buf(b)
         if b.rows:
             out = buf.new_empty(b.numel)
-            self.works.append(self.comm.reduce_scatter(out, buf))
+            what = bucket_label("gradient", b, self.names)
+            self.works.append(self.comm.reduce_scatter(out, buf, what=what))
             self.outs[b.index] = out
             del self.bufs[b.index]  # the send buffer is freed once the work completes
             self.works.append(_Keep(buf))
         else:
+            what = bucket_label("gradient", b, self.names)
             for owner, s, e in b.owner_spans():
-                self.works.append(self.comm.reduce(buf[s:e], owner))
+                self.works.append(self.comm.reduce(buf[s:e], owner, what=what))
             self.outs[b.index] = buf
 
     def finish(self) -> dict[int, Tensor]:
@@ -147,7 +157,11 @@ class _Keep:
 
 
 def gather_params(
-    comm: Comm, buckets: list[Bucket], locals_: dict[int, Tensor], in_place: set[int]
+    comm: Comm,
+    buckets: list[Bucket],
+    locals_: dict[int, Tensor],
+    in_place: set[int],
+    names: dict[int, str] | None = None,
 ) -> None:
     """Copy every rank's updated part into the model's parameters (see the docstring).
 
@@ -164,19 +178,33 @@ def gather_params(
                 n = p.local_numel(me)
                 send[p.offset : p.offset + n].copy_(locals_[p.index].reshape(-1))
             recv = torch.empty(b.numel * world, dtype=b.dtype, device=device)
-            pending.append((b, recv, [comm.all_gather(recv, send)]))
+            what = bucket_label("parameter", b, names or {})
+            pending.append((b, recv, [comm.all_gather(recv, send, what=what)]))
         else:
             buf = torch.empty(b.numel, dtype=b.dtype, device=device)
             for p in b.plans:
                 if p.owner == me:
                     buf[p.offset : p.offset + p.seg_numel].copy_(locals_[p.index].reshape(-1))
-            works = [comm.broadcast(buf[s:e], owner) for owner, s, e in b.owner_spans()]
+            what = bucket_label("parameter", b, names or {})
+            works = [comm.broadcast(buf[s:e], o, what=what) for o, s, e in b.owner_spans()]
             pending.append((b, buf, works))
     for b, data, works in pending:
         for w in works:
             w.wait()
         for p in b.plans:
             _unpack(p, b, data, me, world, p.index in in_place)
+
+
+def bucket_label(kind: str, b: Bucket, names: dict[int, str]) -> Callable[[], str]:
+    """A lazy label for debug mode: which bucket and which parameters (by model name)."""
+
+    def label() -> str:
+        got = [names.get(id(p.param), f"param #{p.index}") for p in b.plans]
+        more = f", ... ({len(got)} in all)" if len(got) > 4 else ""
+        layout = "row" if b.rows else "whole-tensor"
+        return f"{kind} {layout} bucket {b.index} [{', '.join(got[:4])}{more}]"
+
+    return label
 
 
 def _unpack(p: ParamPlan, b: Bucket, data: Tensor, me: int, world: int, in_place: bool) -> None:

@@ -126,7 +126,8 @@ class RowShardProjector:
         m, n = info.full_shape
         padded = grad.new_zeros(info.chunk, n)
         padded[: grad.shape[0]].copy_(grad.reshape(-1, n))
-        parts = self.comm.gather(padded, info.svd_owner)
+        what = f"the {self.name!r} basis of a {m}x{n} row-sharded matrix"
+        parts = self.comm.gather(padded, info.svd_owner, what=what)
         r = self.base.rank_for((m, n))
         dtype = self.options.get("basis_dtype") or grad.dtype
         basis = torch.empty(r, n, dtype=dtype, device=grad.device)
@@ -138,14 +139,14 @@ class RowShardProjector:
             else:
                 self.base.update(state, full, seed)
                 basis.copy_(state["proj_P"])
-        self.comm.broadcast(bad, info.svd_owner).wait()
+        self.comm.broadcast(bad, info.svd_owner, what=what).wait()
         if bool(bad.item()):
             raise FloatingPointError(
                 f"memopt.shard: a {m}x{n} gradient has non-finite values; a {self.name!r} "
                 "projector cannot be computed from it. Skip such steps (GradScaler does) or "
                 "clip/fix the loss."
             )
-        self.comm.broadcast(basis, info.svd_owner).wait()
+        self.comm.broadcast(basis, info.svd_owner, what=what).wait()
         state["proj_P"] = basis
         state["proj_right"] = True
 

@@ -1,0 +1,365 @@
+"""Read a DeepSpeed config's ``zero_optimization`` block into memopt's ``ShardConfig``.
+
+``from_deepspeed(cfg)`` takes the block itself, or a whole DeepSpeed config holding it (a dict
+or a path to a JSON file), and returns a ``ShardConfig``; ``read_deepspeed`` returns the full
+translation (``DeepSpeedZero``: stage, bucket bytes, master dtype, the offload settings, and the
+keys that were ignored). ``memopt.shard(model, opt, deepspeed_config=cfg)`` uses it.
+
+Every key DeepSpeed 0.19 accepts in the block is known here, in one of four kinds:
+
+- *mapped*: ``stage`` (1, 2, 3; 0 is an error: plain data parallelism is DDP),
+  ``reduce_bucket_size`` / ``allgather_bucket_size`` -> ``bucket_bytes`` (DeepSpeed counts
+  *elements*; memopt counts bytes: elements x the gradient element size, 2 when the whole
+  config enables ``bf16`` or ``fp16``, else the model's parameter dtype). memopt reduces and
+  gathers over the same buckets, so ``reduce_bucket_size`` wins when both are given.
+  ``bf16``/``fp16`` ``enabled`` -> ``master_dtype=torch.float32`` (DeepSpeed keeps fp32 master
+  partitions). ``offload_optimizer`` / ``offload_param`` (and the deprecated ``cpu_offload*``
+  spellings) -> ``Offload`` settings; any device other than ``"none"`` raises
+  ``NotImplementedError``: memopt's offload tiers are issue 5.
+- *matched*: a behavior memopt always has (``contiguous_gradients``, ``reduce_scatter``,
+  ``overlap_comm`` for stages 2 and 3, ...): the value that asks for it is accepted silently;
+  the other value warns, since memopt cannot switch the behavior off.
+- *ignored*: tuning knobs with no memopt counterpart (``stage3_prefetch_bucket_size``: FSDP2
+  prefetches one group ahead with no byte budget; ``sub_group_size``: memopt steps per
+  parameter; ...): a ``DeepSpeedConfigWarning`` when the value is neither DeepSpeed's default
+  nor ``"auto"`` (stage-3 knobs only under stage 3, where DeepSpeed reads them).
+- anything else: ``ValueError`` listing the supported keys.
+
+Each warning names the key and why, and is issued once per process (per key and reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from memopt.sharding.config import DEFAULT_BUCKET_BYTES, ShardConfig
+
+OFFLOAD_ISSUE = "issue 5 (offload tiers: pinned CPU, CXL, NVMe)"
+_BIG = 10**9  # DeepSpeed's "1e9" defaults
+
+#: key -> (the value memopt's behavior corresponds to, what memopt does instead)
+_MATCHED: dict[str, tuple[Any, str]] = {
+    "contiguous_gradients": (True, "memopt always packs gradients into contiguous buckets"),
+    "reduce_scatter": (True, "memopt always reduces with reduce-scatter / reduce to the owner"),
+    "allgather_partitions": (True, "memopt gathers updated parameters with all-gather/broadcast"),
+    "ignore_unused_parameters": (True, "a parameter without a gradient contributes zeros"),
+    "compute_grad_norm": (True, "sharded_opt.clip_grad_norm_ computes the global norm on call"),
+}
+#: key -> (DeepSpeed's default, why the key has no effect in memopt)
+_IGNORED: dict[str, tuple[Any, str]] = {
+    "use_multi_rank_bucket_allreduce": (True, "memopt never all-reduces buckets"),
+    "round_robin_gradients": (False, "an ordering for CPU-offloaded gradients; memopt has none"),
+    "load_from_fp32_weights": (True, "checkpoints are memopt.checkpoint's, not DeepSpeed's"),
+    "elastic_checkpoint": (False, "checkpoints are memopt.checkpoint's, not DeepSpeed's"),
+    "sub_group_size": (_BIG, "memopt steps each parameter's shard separately"),
+    "legacy_stage1": (False, "memopt has one stage-1 implementation"),
+    "parameter_alignment": (False, "memopt pads per parameter, not per flat partition"),
+    "zero_hpz_partition_size": (1, "no hierarchical (ZeRO++ hpZ) partitioning"),
+    "zero_quantized_weights": (False, "collectives run in the parameter dtype"),
+    "zero_quantized_nontrainable_weights": (False, "collectives run in the parameter dtype"),
+    "zero_quantized_gradients": (False, "collectives run in the gradient dtype"),
+    "memory_efficient_linear": (True, "memopt does not replace nn.Linear"),
+    "pipeline_loading_checkpoint": (False, "no pipeline-parallel loading"),
+    "override_module_apply": (True, "memopt does not patch Module.apply"),
+    "log_trace_cache_warnings": (False, "no DeepSpeed trace cache"),
+    "enable_sanity_checks": (False, "use MEMOPT_DEBUG_COLLECTIVES=1 for collective checks"),
+    "save_muon_momentum_buffer_in_memory": (False, "no DeepSpeed Muon"),
+    "leaf_module": (None, "FSDP2 groups are chosen by memopt.sharding.FSDPOptions"),
+    "mics_shard_size": (-1, "no MiCS sub-group sharding"),
+    "mics_hierarchical_params_gather": (False, "no MiCS sub-group sharding"),
+}
+#: stage-3 knobs: read only under stage 3 (DeepSpeed itself ignores them below it)
+_STAGE3: dict[str, tuple[Any, str]] = {
+    "stage3_prefetch_bucket_size": (5 * 10**7, "FSDP2 prefetches one group ahead, no budget"),
+    "stage3_param_persistence_threshold": (10**5, "FSDP2 reshards every wrapped group"),
+    "stage3_model_persistence_threshold": (None, "FSDP2 reshards every wrapped group"),
+    "stage3_max_live_parameters": (_BIG, "FSDP2 holds at most the current and next group"),
+    "stage3_max_reuse_distance": (_BIG, "FSDP2 reshards after each group's forward"),
+    "stage3_module_granularity_threshold": (0, "FSDP2 groups are memopt's wrapping policy"),
+    "stage3_use_all_reduce_for_fetch_params": (False, "FSDP2 all-gathers parameters"),
+    "stage3_allgather_sequential": (False, "FSDP2 issues one all-gather per group"),
+    "stage3_gather_16bit_weights_on_model_save": (False, "saving is memopt.checkpoint's"),
+    "stage3_gather_fp16_weights_on_model_save": (False, "saving is memopt.checkpoint's"),
+}
+_MAPPED = (
+    "stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
+    "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
+    "cpu_offload_use_pin_memory", "zenflow",
+)  # fmt: skip
+SUPPORTED_KEYS: tuple[str, ...] = tuple(sorted({*_MAPPED, *_MATCHED, *_IGNORED, *_STAGE3}))
+_OFFLOAD_KEYS = {
+    "offload_optimizer": ("device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read",
+                          "pipeline_write", "fast_init", "ratio", "super_offload",
+                          "cpuadam_cores_perc", "pipeline"),
+    "offload_param": ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu",
+                      "pin_memory"),
+}  # fmt: skip
+_READ_TOP = ("zero_optimization", "bf16", "fp16")
+
+_warned: set[str] = set()
+
+
+class DeepSpeedConfigWarning(UserWarning):
+    """A DeepSpeed config key that has no effect in memopt (issued once per key and reason)."""
+
+
+@dataclass(frozen=True)
+class Offload:
+    """One DeepSpeed offload block: where the state would live (only ``"none"`` is built)."""
+
+    device: Literal["none", "cpu", "nvme"] = "none"
+    pin_memory: bool = True
+    nvme_path: str | None = None
+    ratio: float = 1.0  # offload_optimizer only: the fraction stepped on the offload device
+
+
+@dataclass(frozen=True)
+class DeepSpeedZero:
+    """What a ``zero_optimization`` block (and its config's bf16/fp16) translates to."""
+
+    stage: int
+    bucket_bytes: int | None  # None: the block sets no bucket size (memopt's default applies)
+    master_dtype: torch.dtype | None
+    offload_optimizer: Offload
+    offload_param: Offload
+    ignored: tuple[str, ...]  # keys that warned: they have no effect in memopt
+
+    def shard_config(self, layout: str | None = None) -> ShardConfig:
+        """The ``ShardConfig`` (layout: memopt's default for the stage unless given)."""
+        if layout is None:
+            layout = "dim0" if self.stage == 3 else "whole_tensor"
+        kwargs: dict[str, Any] = {"stage": self.stage, "layout": layout}
+        if self.bucket_bytes is not None:
+            kwargs["bucket_bytes"] = self.bucket_bytes
+        return ShardConfig(master_dtype=self.master_dtype, **kwargs)
+
+
+def from_deepspeed(
+    cfg: Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    layout: str | None = None,
+) -> ShardConfig:
+    """``ShardConfig`` from a DeepSpeed ``zero_optimization`` block or whole config."""
+    return read_deepspeed(cfg, param_dtype=param_dtype).shard_config(layout)
+
+
+def read_deepspeed(
+    cfg: Mapping[str, Any] | str | os.PathLike[str], *, param_dtype: torch.dtype = torch.float32
+) -> DeepSpeedZero:
+    """Translate a DeepSpeed config (see the module docstring); raise or warn on the rest."""
+    block, half = _split(_load(cfg))
+    unknown = sorted(k for k in block if k not in SUPPORTED_KEYS)
+    if unknown:
+        raise ValueError(
+            f"memopt.shard: unknown DeepSpeed zero_optimization key(s) {unknown}; supported: "
+            f"{', '.join(SUPPORTED_KEYS)}"
+        )
+    stage = _stage(block)
+    ignored = _check_matched(block, stage) + _check_ignored(block, stage)
+    elem = 2 if half else torch.empty((), dtype=param_dtype).element_size()
+    bucket = _bucket_bytes(block, elem)
+    off_opt, off_param = _offloads(block)
+    return DeepSpeedZero(
+        stage=stage,
+        bucket_bytes=bucket,
+        master_dtype=torch.float32 if half else None,
+        offload_optimizer=off_opt,
+        offload_param=off_param,
+        ignored=tuple(ignored + _ignored_buckets(block)),
+    )
+
+
+def _load(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, str | os.PathLike):
+        with open(cfg) as f:
+            cfg = json.load(f)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(
+            f"memopt.shard: deepspeed_config must be a dict or a path to a JSON file, got "
+            f"{type(cfg).__name__}"
+        )
+    return dict(cfg)
+
+
+def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The zero block, and whether the whole config enables bf16/fp16."""
+    if "zero_optimization" not in cfg:
+        return cfg, False
+    block = cfg["zero_optimization"]
+    if not isinstance(block, Mapping):
+        raise TypeError(f"memopt.shard: zero_optimization must be a dict, got {block!r}")
+    half = any(isinstance(cfg.get(k), Mapping) and cfg[k].get("enabled") is True
+               for k in ("bf16", "fp16"))  # fmt: skip
+    rest = sorted(k for k in cfg if k not in _READ_TOP)
+    if rest:
+        _warn(
+            "<top level>",
+            f"memopt.shard reads only zero_optimization (and bf16/fp16 for the element size "
+            f"and master dtype) from a DeepSpeed config; ignored: {', '.join(rest)} (pass your "
+            "optimizer and scheduler yourself; clip with sharded_opt.clip_grad_norm_)",
+        )
+    return dict(block), half
+
+
+def _stage(block: dict[str, Any]) -> int:
+    stage = block.get("stage")
+    if stage is None:
+        raise ValueError("memopt.shard: the zero_optimization block has no 'stage'; set 1, 2 or 3")
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"memopt.shard: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
+    if stage == 0:
+        raise ValueError(
+            "memopt.shard: ZeRO stage 0 is plain data parallelism; use "
+            "torch.nn.parallel.DistributedDataParallel, or stage 1, 2 or 3"
+        )
+    return int(stage)
+
+
+def _check_matched(block: dict[str, Any], stage: int) -> list[str]:
+    hits = []
+    matched = dict(_MATCHED)
+    matched["overlap_comm"] = (
+        (False, "memopt stage 1 reduces every gradient at step(); stage 2 overlaps backward")
+        if stage == 1
+        else (True, "memopt always overlaps the gradient reduction with backward")
+    )
+    for key, (want, why) in matched.items():
+        value = block.get(key, want)
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, bool):
+            raise TypeError(f"memopt.shard: zero_optimization.{key} must be true/false: {value!r}")
+        if value != want:
+            _warn(key, f"zero_optimization.{key}={value!r} has no effect in memopt: {why}")
+            hits.append(key)
+    return hits
+
+
+def _check_ignored(block: dict[str, Any], stage: int) -> list[str]:
+    hits = []
+    table = {**_IGNORED, **(_STAGE3 if stage == 3 else {})}
+    for key, (default, why) in table.items():
+        if key not in block:
+            continue
+        value = block[key]
+        if value == "auto" or value == default or (default is None and not value):
+            continue
+        _warn(key, f"zero_optimization.{key}={value!r} has no effect in memopt: {why}")
+        hits.append(key)
+    return hits
+
+
+def _count(block: dict[str, Any], key: str) -> int | None:
+    value = block.get(key)
+    if value is None or value == "auto":
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+    if not ok or value <= 0:
+        raise ValueError(
+            f"memopt.shard: zero_optimization.{key} must be a positive element count "
+            f'(e.g. 5e8) or "auto", got {value!r}'
+        )
+    return int(value)
+
+
+def _bucket_bytes(block: dict[str, Any], elem: int) -> int | None:
+    """Elements (DeepSpeed) -> bytes (memopt): one bucket size serves reduce and gather."""
+    reduce_n, gather_n = _count(block, "reduce_bucket_size"), _count(block, "allgather_bucket_size")
+    n = reduce_n if reduce_n is not None else gather_n
+    return None if n is None else n * elem
+
+
+def _ignored_buckets(block: dict[str, Any]) -> list[str]:
+    reduce_n, gather_n = _count(block, "reduce_bucket_size"), _count(block, "allgather_bucket_size")
+    if reduce_n is None or gather_n is None or reduce_n == gather_n:
+        return []
+    _warn(
+        "allgather_bucket_size",
+        f"zero_optimization.allgather_bucket_size={gather_n} has no effect in memopt: parameters "
+        f"are gathered over the gradient buckets, sized by reduce_bucket_size={reduce_n}",
+    )
+    return ["allgather_bucket_size"]
+
+
+def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
+    pin = block.get("cpu_offload_use_pin_memory")
+    legacy = {"offload_optimizer": block.get("cpu_offload"),
+              "offload_param": block.get("cpu_offload_param")}  # fmt: skip
+    out = []
+    for key in ("offload_optimizer", "offload_param"):
+        sub = block.get(key) or {}
+        if not isinstance(sub, Mapping):
+            raise TypeError(f"memopt.shard: zero_optimization.{key} must be a dict, got {sub!r}")
+        bad = sorted(k for k in sub if k not in _OFFLOAD_KEYS[key])
+        if bad:
+            raise ValueError(
+                f"memopt.shard: unknown key(s) {bad} in zero_optimization.{key}; supported: "
+                f"{', '.join(_OFFLOAD_KEYS[key])}"
+            )
+        device = sub.get("device") or ("cpu" if legacy[key] else "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ValueError(
+                f"memopt.shard: zero_optimization.{key}.device must be none, cpu or nvme, "
+                f"got {device!r}"
+            )
+        pin_memory = bool(sub.get("pin_memory", True if pin is None else pin))
+        path = sub.get("nvme_path")
+        out.append(Offload(device, pin_memory, None if path is None else str(path),
+                           float(sub.get("ratio", 1.0))))  # fmt: skip
+    for key, off in zip(("offload_optimizer", "offload_param"), out, strict=True):
+        if off.device != "none":
+            raise NotImplementedError(
+                f"memopt.shard: zero_optimization.{key} with device={off.device!r} asks for "
+                f"offload, which memopt does not implement yet: {OFFLOAD_ISSUE}. Remove the "
+                'block or set "device": "none"'
+            )
+    if block.get("zenflow"):
+        raise NotImplementedError(
+            f"memopt.shard: zero_optimization.zenflow (ZenFlow offload) is not implemented: "
+            f"{OFFLOAD_ISSUE}"
+        )
+    return out[0], out[1]
+
+
+def _warn(key: str, message: str) -> None:
+    """Warn once per process for each key and reason (a repeated config stays quiet)."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(f"memopt.shard: {message}", DeepSpeedConfigWarning, stacklevel=4)
+
+
+def deepspeed_shard_config(
+    cfg: Mapping[str, Any] | str | os.PathLike[str],
+    optimizer: torch.optim.Optimizer,
+    *,
+    layout: str | None,
+    stage: int,
+    bucket_bytes: int,
+    master_dtype: torch.dtype | None,
+) -> ShardConfig:
+    """``memopt.shard``'s path: the DeepSpeed config decides stage, bucket bytes and master
+    dtype; arguments the caller changed from their defaults must not contradict it. Element
+    counts convert to bytes with the optimizer's first parameter's dtype (or 2 under bf16/fp16).
+    """
+    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+    dtype = first.dtype if isinstance(first, torch.Tensor) else torch.float32
+    config = read_deepspeed(cfg, param_dtype=dtype).shard_config(layout)
+    given = {"stage": stage, "bucket_bytes": bucket_bytes, "master_dtype": master_dtype}
+    defaults = {"stage": 2, "bucket_bytes": DEFAULT_BUCKET_BYTES, "master_dtype": None}
+    clash = {k: v for k, v in given.items() if v != defaults[k] and getattr(config, k) != v}
+    if clash:
+        theirs = {k: getattr(config, k) for k in clash}
+        raise ValueError(
+            f"memopt.shard: argument(s) {clash} contradict deepspeed_config (which gives "
+            f"{theirs}); set them in one place only"
+        )
+    return config
