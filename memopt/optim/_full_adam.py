@@ -26,6 +26,7 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
+from memopt.optim.kernels import lowbit_adam
 
 FUSED_DEVICES = ("cpu", "cuda")
 
@@ -43,6 +44,8 @@ def adamw_many(
         st["step"] += 1
         t = st["step"] - st.get("moments_since", 0)
         if moments.lowbit_kind(group, p.numel()) is not None:
+            if lowbit_adam.adamw_lowbit_step_(p, st, group, eps_mode, t):
+                continue
             m, v = moments.load(st, p, group)
             work = {"exp_avg": m, "exp_avg_sq": v}
             _run([p], [work], group, eps_mode, t)
@@ -79,12 +82,14 @@ def _fused(
     lr, wd, eps = group["lr"], group.get("weight_decay", 0.0), group["eps"]
     mixed = states[0]["exp_avg"].dtype != params[0].dtype
     weights = [p.float() for p in params] if mixed else list(params)
-    grads = [p.grad.to(w.dtype) for p, w in zip(params, weights, strict=True)]  # type: ignore[union-attr]
+    grads = [_as(p.grad, w.dtype) for p, w in zip(params, weights, strict=True)]
     if eps_mode == "galore":
         eps, kernel_wd = eps / math.sqrt(1.0 - b2**t), 0.0
     else:
         kernel_wd = wd
-    steps = [torch.tensor(float(t), device=params[0].device) for _ in params]
+    # The kernel only reads the step counts: one device tensor (a fill, no host-to-device
+    # copy that would synchronise a GPU) serves every parameter of the bucket.
+    steps = [torch.full((), float(t), device=params[0].device)] * len(params)
     torch._fused_adamw_(
         weights,
         grads,
@@ -105,6 +110,11 @@ def _fused(
     if mixed:
         for p, w in zip(params, weights, strict=True):
             p.copy_(w)
+
+
+def _as(g: Tensor | None, dtype: torch.dtype) -> Tensor:
+    assert g is not None
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def _reference(

@@ -104,6 +104,7 @@ def test_compiled_triton_kernels_match_torch_path():
     triton_checks.check_adam_update("cuda")
     triton_checks.check_scaled_update("cuda")
     triton_checks.check_optimizers("cuda")
+    triton_checks.check_lowbit_adam("cuda")
 
 
 def test_in_backward_frees_gradients_on_gpu():

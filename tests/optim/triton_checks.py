@@ -1,7 +1,8 @@
-"""Triton kernels against the torch path, on CPU under TRITON_INTERPRET=1.
+"""Triton kernels against the torch path: on CPU under TRITON_INTERPRET=1, or compiled on a GPU.
 
 Run by test_triton_kernels.py in a subprocess, because Triton decides at import time
-whether kernels are interpreted. Exits non-zero on the first mismatch.
+whether kernels are interpreted; ``tests/gpu`` calls the same checks with ``dev="cuda"``.
+Exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import os
 import sys
 
 import torch
-
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from memopt.optim import ApolloAdamW, ApolloMini, FrugalAdamW, GaLoreAdamW, kernels  # noqa: E402
 
@@ -24,13 +23,13 @@ def _with_backend(name, fn):
         os.environ.pop("MEMOPT_KERNELS", None)
 
 
-def check_adam_update() -> None:
+def check_adam_update(dev: str = "cpu") -> None:
     for shape in [(33, 17), (5, 300)]:
         for norms_dim in (None, 0, 1):
             for eps_mode in ("galore", "torch"):
                 torch.manual_seed(0)
-                low = torch.randn(shape)
-                m0, v0 = torch.randn(shape), torch.rand(shape)
+                low = torch.randn(shape).to(dev)
+                m0, v0 = torch.randn(shape).to(dev), torch.rand(shape).to(dev)
 
                 def run(m0=m0, v0=v0, low=low, norms_dim=norms_dim, eps_mode=eps_mode):
                     m, v = m0.clone(), v0.clone()
@@ -58,10 +57,11 @@ def check_adam_update() -> None:
                     torch.testing.assert_close(ek, et, rtol=1e-5, atol=1e-5)
 
 
-def check_scaled_update() -> None:
+def check_scaled_update(dev: str = "cpu") -> None:
     torch.manual_seed(0)
-    w0, g = torch.randn(7, 300), torch.randn(7, 300)
-    for factor in (torch.tensor(0.7), torch.rand(7, 1), torch.rand(1, 300)):
+    w0, g = torch.randn(7, 300).to(dev), torch.randn(7, 300).to(dev)
+    for f in (torch.tensor(0.7), torch.rand(7, 1), torch.rand(1, 300)):
+        factor = f.to(dev)
 
         def run(factor=factor):
             w = w0.clone()
@@ -73,7 +73,7 @@ def check_scaled_update() -> None:
         )
 
 
-def check_optimizers() -> None:
+def check_optimizers(dev: str = "cpu") -> None:
     cases = [
         (GaLoreAdamW, {"rank": 4}),
         (GaLoreAdamW, {"rank": 4, "proj_type": "left"}),
@@ -86,10 +86,10 @@ def check_optimizers() -> None:
 
         def run(cls=cls, group=group):
             torch.manual_seed(0)
-            p = torch.nn.Parameter(torch.randn(40, 24))
+            p = torch.nn.Parameter(torch.randn(40, 24).to(dev))
             opt = cls([{"params": [p], "update_proj_gap": 2, **group}], lr=1e-2, weight_decay=0.1)
             for s in range(4):
-                p.grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(s))
+                p.grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(s)).to(dev)
                 opt.step()
             return p.detach()
 
@@ -192,6 +192,7 @@ def _check_lowbit_ties(dev: str) -> None:
 
 
 if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     check_adam_update()
     check_scaled_update()
     check_optimizers()
