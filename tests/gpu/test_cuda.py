@@ -26,17 +26,20 @@ SAME_ON_CPU = [
     (mo.GaLoreAdamW, {"rank": 4, "moments": "rotate", "proj": "gram"}),
     (mo.GaLoreAdamW, {"rank": 4, "update_proj_gap": 100, "state_dtype": "int8"}),
     (mo.FrugalAdamW, {"density": 0.25, "proj": "block"}),
-    (mo.NaturalGaLoreAdamW, {"rank": 4, "update_proj_gap": 100}),
 ]
-# Drawn on the device (APOLLO's Gaussian matrix, the randomized SVD's sketch) or with a
-# sign step that flips on rounding (FRUGAL's state-free part): CPU and GPU differ, but a GPU
-# run must be deterministic and resume bit-exactly.
+# Drawn on the device (APOLLO's Gaussian matrix, the randomized SVD's sketch), with a sign
+# step that flips on rounding (FRUGAL's state-free part), or ill-conditioned (below): CPU and
+# GPU differ, but a GPU run must be deterministic and resume bit-exactly.
 GPU_ONLY = [
     (mo.ApolloAdamW, {"rank": 4}),
     (mo.ApolloAdamW, {"rank": 4, "proj_type": "left"}),
     (mo.ApolloMini, {"rank": 1}),
     (mo.GaLoreAdamW, {"rank": 4, "proj": "rsvd"}),
     (mo.FrugalAdamW, {"density": 0.25}),
+    # Natural GaLore's map g -> (damping I + H^T H)^-1 g amplifies what lies outside the
+    # history's span by 1/damping: on CPU alone, a 1e-6 relative change of the gradients moves
+    # the parameters by 1e-2 after 7 steps, so CPU and GPU rounding diverge the same way.
+    (mo.NaturalGaLoreAdamW, {"rank": 4, "update_proj_gap": 100}),
 ]
 SHAPES = [(96, 64), (64, 160), (64,)]
 
