@@ -96,8 +96,9 @@ def run_variant(args: argparse.Namespace, opt_kind: str, in_backward: bool) -> d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocates optimizer state
+    step()  # warm-up: allocates optimizer state (inside the backward, with in-backward)
     alive["peak"] = 0
+    after_bwd["max"] = 0
     rss_before = _rss_mib()
     if cuda:
         torch.cuda.synchronize(dev)
