@@ -1,0 +1,206 @@
+"""One exact-size pinned host arena shared by everything memopt keeps in host memory.
+
+Layout: a list of chunks, each one ``HostBuffer`` (page-aligned ``mmap``, pinned with
+``cudaHostRegister`` or ``mlock`` when possible) carved by its own ``FreeListAllocator``
+(best fit, coalescing, 64-byte granule, per-request alignment such as 4096 for O_DIRECT).
+A request is served from the first chunk whose allocator has a fitting free block; when none
+has, the arena **grows by one chunk** of ``max(chunk_bytes, the request rounded up to a
+page)``; ``chunk_bytes=0`` makes every growth exactly the request's size. Blocks never span
+chunks (chunks are separate mappings). ``trim()`` unmaps chunks that hold no blocks.
+
+So the arena reserves what was asked for (rounded to 64 bytes and the alignment), never
+``2**ceil(log2 n)`` as torch's caching host allocator does, and never ``count x largest`` as
+DeepSpeed's swap pools do. ``report()`` gives requested / reserved / pinned / capacity bytes.
+
+``tensor(block, dtype, shape)`` is a typed view into the arena (no copy). A view must not be
+used after its block is freed: the bytes may be handed to someone else.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memopt.offload.allocator import FreeListAllocator, round_up
+from memopt.offload.hostmem import PAGE_SIZE, HostBuffer, PinMode
+from memopt.offload.tier import TierReport
+
+__all__ = ["ArenaBlock", "ArenaConfig", "PinnedArena", "default_arena"]
+
+
+@dataclass(frozen=True)
+class ArenaConfig:
+    """How the arena gets its memory.
+
+    initial_bytes: mapped at construction (0: the first request maps its chunk).
+    chunk_bytes: size of each chunk added when the arena is full (0: exactly the request).
+    granule: every block is a multiple of this (exact size up to a cache line).
+    alignment: default block alignment; a request may ask for more (4096 for O_DIRECT).
+    pin: "auto" pins or warns once and falls back; "required" raises; "off" never pins.
+    """
+
+    initial_bytes: int = 0
+    chunk_bytes: int = 256 << 20
+    granule: int = 64
+    alignment: int = 64
+    pin: PinMode = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("initial_bytes", "chunk_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ArenaConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("granule", "alignment"):
+            v = getattr(self, name)
+            if v <= 0 or v & (v - 1) or v > PAGE_SIZE:
+                raise ValueError(f"ArenaConfig.{name} must be a power of two <= {PAGE_SIZE}")
+        if self.pin not in ("auto", "required", "off"):
+            raise ValueError(
+                f"ArenaConfig.pin must be 'auto', 'required' or 'off', not {self.pin!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ArenaBlock:
+    """A block of the arena: ``nbytes`` requested at ``offset`` of chunk ``chunk``."""
+
+    chunk: int
+    offset: int
+    nbytes: int
+    reserved: int
+    ptr: int
+
+
+@dataclass
+class _Chunk:
+    buffer: HostBuffer
+    alloc: FreeListAllocator
+
+
+class PinnedArena:
+    """Chunks of pinned, page-aligned host memory under best-fit free-list allocators."""
+
+    def __init__(
+        self,
+        config: ArenaConfig | None = None,
+        prepare: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.config = config or ArenaConfig()
+        self._prepare = prepare
+        self._chunks: dict[int, _Chunk] = {}
+        self._next_chunk = 0
+        self._requested = 0
+        self._lock = threading.Lock()
+        if self.config.initial_bytes:
+            self._add_chunk(round_up(self.config.initial_bytes, PAGE_SIZE))
+
+    def _add_chunk(self, nbytes: int) -> int:
+        buf = HostBuffer(nbytes, pin=self.config.pin, prepare=self._prepare)
+        idx = self._next_chunk
+        self._next_chunk += 1
+        self._chunks[idx] = _Chunk(buf, FreeListAllocator(nbytes, granule=self.config.granule))
+        return idx
+
+    def alloc(self, nbytes: int, alignment: int | None = None) -> ArenaBlock:
+        """A block of ``nbytes`` aligned to ``alignment`` (default: the config's)."""
+        align = max(alignment or self.config.alignment, self.config.granule)
+        if align > PAGE_SIZE:
+            raise ValueError(f"alignment {align} > page size {PAGE_SIZE} is not supported")
+        with self._lock:
+            for idx, chunk in self._chunks.items():
+                off = chunk.alloc.allocate(nbytes, align)
+                if off is not None:
+                    return self._block(idx, off, nbytes)
+            size = max(self.config.chunk_bytes, round_up(max(nbytes, 1), PAGE_SIZE))
+            idx = self._add_chunk(round_up(size, PAGE_SIZE))
+            off = self._chunks[idx].alloc.allocate(nbytes, align)
+            assert off is not None, "a fresh chunk must fit its request"
+            return self._block(idx, off, nbytes)
+
+    def _block(self, idx: int, off: int, nbytes: int) -> ArenaBlock:
+        chunk = self._chunks[idx]
+        self._requested += nbytes
+        reserved = chunk.alloc.size_of(off)
+        return ArenaBlock(idx, off, nbytes, reserved, chunk.buffer.ptr + off)
+
+    def free(self, block: ArenaBlock) -> None:
+        with self._lock:
+            self._chunks[block.chunk].alloc.free(block.offset)
+            self._requested -= block.nbytes
+
+    def bytes_view(self, block: ArenaBlock) -> torch.Tensor:
+        """The block's bytes as a ``uint8`` tensor (a view, no copy)."""
+        base = self._chunks[block.chunk].buffer.tensor
+        return base[block.offset : block.offset + block.nbytes]
+
+    def tensor(
+        self,
+        block: ArenaBlock,
+        dtype: torch.dtype = torch.uint8,
+        shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """A typed view of the block: ``dtype`` and ``shape`` must cover exactly its bytes."""
+        raw = self.bytes_view(block)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if block.nbytes % itemsize or block.offset % itemsize:
+            raise ValueError(f"block of {block.nbytes} bytes cannot be viewed as {dtype}")
+        typed = raw.view(dtype)
+        if shape is None:
+            return typed
+        if math.prod(shape) != typed.numel():
+            raise ValueError(
+                f"shape {tuple(shape)} has {math.prod(shape)} elements, the block holds "
+                f"{typed.numel()} of {dtype}"
+            )
+        return typed.view(tuple(shape))
+
+    def trim(self) -> int:
+        """Unpin and drop chunks with no blocks; returns the bytes given back."""
+        freed = 0
+        with self._lock:
+            for idx in [i for i, c in self._chunks.items() if not c.alloc.stats().allocated_blocks]:
+                chunk = self._chunks.pop(idx)
+                chunk.buffer.release()
+                freed += chunk.buffer.nbytes
+        return freed
+
+    def report(self) -> TierReport:
+        with self._lock:
+            stats = [c.alloc.stats() for c in self._chunks.values()]
+            pinned = sum(
+                c.buffer.nbytes for c in self._chunks.values() if c.buffer.pinned != "none"
+            )
+            return TierReport(
+                requested_bytes=self._requested,
+                reserved_bytes=sum(s.reserved for s in stats),
+                pinned_bytes=pinned,
+                capacity_bytes=sum(s.capacity for s in stats),
+                live_handles=sum(s.allocated_blocks for s in stats),
+            )
+
+    def chunk_count(self) -> int:
+        return len(self._chunks)
+
+    def close(self) -> None:
+        """Unpin every chunk and forget them (views still held keep their mapping alive)."""
+        with self._lock:
+            for chunk in self._chunks.values():
+                chunk.buffer.release()
+            self._chunks.clear()
+            self._requested = 0
+
+
+_DEFAULT: PinnedArena | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_arena() -> PinnedArena:
+    """The process-wide arena the tiers share unless given their own."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = PinnedArena()
+        return _DEFAULT

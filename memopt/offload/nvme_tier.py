@@ -1,0 +1,290 @@
+"""The NVMe tier: one preallocated file per rank, an offset table, O_DIRECT, async I/O.
+
+Layout: the file (see ``nvme_file``) is carved by a ``FreeListAllocator`` with a 4096-byte
+granule; the **offset table** maps each live handle to its committed slot. No file per tensor,
+no open/close per I/O: the fd stays open and every request is a positional read or write.
+
+Write path (crash-consistent per handle): ``write_async`` writes into a **shadow slot** and,
+only once every piece has succeeded, swaps the table entry to it and frees the old slot. A
+failed write (ENOSPC, EIO, ...) frees the shadow slot and leaves the table, and so the
+previous content, untouched; ``wait()`` raises the ``OSError`` with its errno. Writes to one
+handle commit in submission order (a late finisher never overwrites a newer commit). A read
+pins the slot it reads (a reader count), so a concurrent write commit cannot recycle it.
+
+Buffers: O_DIRECT needs page-aligned addresses and lengths. A host tensor whose data pointer is
+4096-aligned (any tensor from the pinned arena) is read or written in place for its aligned
+prefix and through a one-page bounce block for the tail; any other tensor (unaligned, or on a
+device) goes through a bounce block of its size from the pinned arena.
+
+Concurrency: ``submit`` returns at once; the backend keeps ``queue_depth`` pieces of
+``block_size`` in flight; several writes and reads may be outstanding together.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memopt.offload.allocator import FreeListAllocator, round_up
+from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
+from memopt.offload.io_backend import IOBackend, IOOp, ThreadPoolBackend
+from memopt.offload.nvme_file import NVMeConfig, grow_swap_file, open_swap_file
+from memopt.offload.tier import (
+    IOFuture,
+    StorageTier,
+    TierHandle,
+    TierReport,
+    check_io_tensor,
+    new_handle,
+    request_nbytes,
+    wait_all,
+)
+
+__all__ = ["NVMeTier"]
+
+ALIGN = 4096
+
+
+@dataclass
+class _Slot:
+    offset: int
+    readers: int = 0
+    retired: bool = False
+
+
+@dataclass
+class _Entry:
+    handle: TierHandle
+    slot: _Slot
+    committed_seq: int = 0
+    next_seq: int = 0
+
+
+class NVMeTier(StorageTier):
+    """Tensors in one O_DIRECT file per rank, moved by an asynchronous ``IOBackend``."""
+
+    name = "nvme"
+
+    def __init__(
+        self,
+        config: NVMeConfig,
+        arena: PinnedArena | None = None,
+        backend: IOBackend | None = None,
+    ) -> None:
+        self.config = config
+        self.arena = arena or default_arena()
+        self.backend = backend or ThreadPoolBackend(config.queue_depth, config.block_size)
+        self.file = open_swap_file(config)
+        self._slots = FreeListAllocator(self.file.size, granule=ALIGN)
+        self._table: dict[int, _Entry] = {}
+        self._pending: dict[int, set[IOFuture]] = {}
+        self._bounce_bytes = 0
+        self._lock = threading.RLock()
+
+    @property
+    def direct(self) -> bool:
+        """Whether O_DIRECT is in use (False after a ``direct='prefer'`` fallback)."""
+        return self.file.direct
+
+    # --- space ---------------------------------------------------------------------------
+
+    def _new_slot(self, nbytes: int) -> _Slot:
+        with self._lock:
+            off = self._slots.allocate(nbytes, ALIGN)
+            if off is None:
+                need = round_up(max(nbytes, 1), ALIGN)
+                if not self.config.grow_bytes:
+                    stats = self._slots.stats()
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"NVMe tier file {self.file.path} is full: {nbytes} bytes asked, "
+                        f"largest free slot {stats.largest_free} of {stats.capacity}; raise "
+                        "NVMeConfig.capacity_bytes or set grow_bytes",
+                    )
+                grow = max(self.config.grow_bytes, need)
+                grow_swap_file(self.file, grow)
+                self._slots.extend(grow)
+                off = self._slots.allocate(nbytes, ALIGN)
+                assert off is not None
+            return _Slot(off)
+
+    def _release_slot(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.retired = True
+            if slot.readers == 0:
+                self._slots.free(slot.offset)
+
+    def allocate(
+        self, nbytes_or_shape: int | Sequence[int], dtype: torch.dtype | None = None
+    ) -> TierHandle:
+        nbytes, shape = request_nbytes(nbytes_or_shape, dtype)
+        slot = self._new_slot(nbytes)
+        handle = new_handle(self.name, nbytes, shape, dtype)
+        with self._lock:
+            self._table[handle.key] = _Entry(handle, slot)
+        return handle
+
+    def _entry(self, handle: TierHandle) -> _Entry:
+        try:
+            return self._table[handle.key]
+        except KeyError:
+            raise ValueError(
+                f"handle {handle.key} ({handle.tier!r}) is not live on this NVMe tier "
+                "(freed, or allocated on another tier)"
+            ) from None
+
+    def free(self, handle: TierHandle) -> None:
+        """Wait for the handle's I/O still in flight (ignoring its errors), then free."""
+        entry = self._entry(handle)
+        for fut in list(self._pending.get(handle.key, ())):
+            try:
+                fut.wait()
+            except OSError:
+                pass
+        with self._lock:
+            del self._table[handle.key]
+            self._pending.pop(handle.key, None)
+            self._release_slot(entry.slot)
+
+    # --- I/O -----------------------------------------------------------------------------
+
+    def _bounce(self, nbytes: int) -> ArenaBlock:
+        block = self.arena.alloc(round_up(nbytes, ALIGN), ALIGN)
+        with self._lock:
+            self._bounce_bytes += block.reserved
+        return block
+
+    def _unbounce(self, block: ArenaBlock) -> None:
+        self.arena.free(block)
+        with self._lock:
+            self._bounce_bytes -= block.reserved
+
+    def _submit(self, op: IOOp, ptr: int, nbytes: int, offset: int, label: str) -> list:
+        return self.backend.submit(op, self.file.fd, ptr, nbytes, offset, label)
+
+    def _plan(self, tensor: torch.Tensor) -> tuple[int, int, ArenaBlock | None]:
+        """(address, in-place bytes, bounce block): in place when the tensor allows it."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGN == 0:
+            direct = nbytes - nbytes % ALIGN
+            tail = self._bounce(ALIGN) if direct < nbytes else None
+            return tensor.data_ptr(), direct, tail
+        return 0, 0, self._bounce(nbytes)
+
+    def _track(self, key: int, fut: IOFuture) -> IOFuture:
+        with self._lock:
+            self._pending.setdefault(key, set()).add(fut)
+
+        def untrack(_err: BaseException | None) -> None:
+            with self._lock:
+                self._pending.get(key, set()).discard(fut)
+
+        fut.add_done_callback(untrack)
+        return fut
+
+    def write_async(self, handle: TierHandle, tensor: torch.Tensor) -> IOFuture:
+        check_io_tensor(handle, tensor, "NVMeTier.write_async")
+        entry = self._entry(handle)
+        if handle.nbytes == 0:
+            return IOFuture.completed()
+        src = tensor.reshape(-1).view(torch.uint8)
+        shadow = self._new_slot(handle.nbytes)
+        with self._lock:
+            entry.next_seq += 1
+            seq = entry.next_seq
+        ptr, direct, bounce = self._plan(src)
+        if bounce is not None:
+            staged = self.arena.bytes_view(bounce)
+            staged[: src.numel() - direct].copy_(src[direct:])
+            staged[src.numel() - direct :].zero_()
+        label = f"NVMe tier write of handle {handle.key} to {self.file.path}"
+        pieces = self._submit("write", ptr, direct, shadow.offset, label) if direct else []
+        if bounce is not None:
+            pieces += self._submit(
+                "write", bounce.ptr, bounce.reserved, shadow.offset + direct, label
+            )
+        fut = IOFuture(pieces, label)
+        fut.keep_alive = src  # the source's memory must outlive the pieces reading it
+
+        def commit(err: BaseException | None) -> None:
+            if bounce is not None:
+                self._unbounce(bounce)
+            with self._lock:
+                if err is not None or seq < entry.committed_seq or handle.key not in self._table:
+                    self._release_slot(shadow)  # previous content stays the committed one
+                    return
+                old, entry.slot, entry.committed_seq = entry.slot, shadow, seq
+                self._release_slot(old)
+
+        fut.add_done_callback(commit)
+        return self._track(handle.key, fut)
+
+    def read_async(self, handle: TierHandle, out: torch.Tensor) -> IOFuture:
+        check_io_tensor(handle, out, "NVMeTier.read_async")
+        entry = self._entry(handle)
+        if handle.nbytes == 0:
+            return IOFuture.completed()
+        dst = out.reshape(-1).view(torch.uint8)
+        with self._lock:
+            slot = entry.slot
+            slot.readers += 1
+        ptr, direct, bounce = self._plan(dst)
+        label = f"NVMe tier read of handle {handle.key} from {self.file.path}"
+        pieces = self._submit("read", ptr, direct, slot.offset, label) if direct else []
+        if bounce is not None:
+            pieces += self._submit("read", bounce.ptr, bounce.reserved, slot.offset + direct, label)
+        fut = IOFuture(pieces, label)
+        fut.keep_alive = dst
+
+        def finish(err: BaseException | None) -> None:
+            with self._lock:
+                slot.readers -= 1
+                if slot.retired and slot.readers == 0:
+                    self._slots.free(slot.offset)
+            if bounce is not None:
+                try:
+                    if err is None:
+                        dst[direct:].copy_(self.arena.bytes_view(bounce)[: dst.numel() - direct])
+                finally:
+                    self._unbounce(bounce)
+
+        fut.add_done_callback(finish)
+        return self._track(handle.key, fut)
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def report(self) -> TierReport:
+        """requested: live handles' bytes; reserved: file bytes in slots (shadow slots of
+        writes in flight included); pinned: bounce bytes held in the arena; capacity: file."""
+        with self._lock:
+            stats = self._slots.stats()
+            return TierReport(
+                requested_bytes=sum(e.handle.nbytes for e in self._table.values()),
+                reserved_bytes=stats.reserved,
+                pinned_bytes=self._bounce_bytes,
+                capacity_bytes=self.file.size,
+                live_handles=len(self._table),
+            )
+
+    def flush(self) -> None:
+        """Wait for every operation in flight; raise the first error."""
+        with self._lock:
+            futures = [f for s in self._pending.values() for f in s]
+        wait_all(futures)
+
+    def close(self) -> None:
+        if self.file.fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            self.backend.close()
+            os.close(self.file.fd)
+            self.file.fd = -1
+            if not self.config.keep_file:
+                self.file.path.unlink(missing_ok=True)

@@ -1,0 +1,195 @@
+"""The ``StorageTier`` interface every offload tier implements, and its handles and futures.
+
+A tier stores byte ranges for its users. ``allocate`` reserves room for one tensor and returns
+a ``TierHandle``; ``write_async(handle, tensor)`` copies a tensor in and ``read_async(handle,
+out)`` copies it back out, both returning an ``IOFuture`` whose ``wait()`` blocks until the
+copy is done and re-raises any exception the background work hit (an ``OSError`` keeps its
+``errno``, so callers can tell ENOSPC from EIO); ``free`` gives the room back; ``report`` says
+how many bytes were requested, how many are reserved (requests plus alignment), and how many
+of those are pinned (page-locked) in host memory.
+
+The same interface serves optimizer state, parameter shards, swapped activations and
+checkpoint staging, so one tier object (and one report) sees all bytes of its kind.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures as cf
+import itertools
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TierHandle:
+    """Room for one tensor on one tier. ``shape``/``dtype`` are None for a raw byte request."""
+
+    tier: str
+    key: int
+    nbytes: int
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class TierReport:
+    """Bytes a tier holds. ``reserved >= requested``; ``pinned <= reserved`` for host tiers."""
+
+    requested_bytes: int
+    reserved_bytes: int
+    pinned_bytes: int
+    capacity_bytes: int
+    live_handles: int
+
+
+def request_nbytes(
+    nbytes_or_shape: int | Sequence[int], dtype: torch.dtype | None
+) -> tuple[int, tuple[int, ...] | None]:
+    """``allocate``'s argument as (nbytes, shape): an int is bytes unless a dtype is given."""
+    if isinstance(nbytes_or_shape, int) and dtype is None:
+        if nbytes_or_shape < 0:
+            raise ValueError(f"allocate: nbytes must be >= 0, got {nbytes_or_shape}")
+        return nbytes_or_shape, None
+    shape = (nbytes_or_shape,) if isinstance(nbytes_or_shape, int) else tuple(nbytes_or_shape)
+    if any(int(s) < 0 for s in shape):
+        raise ValueError(f"allocate: shape {shape} has a negative dimension")
+    itemsize = torch.empty((), dtype=dtype or torch.uint8).element_size()
+    return math.prod(shape) * itemsize, tuple(int(s) for s in shape)
+
+
+def new_handle(tier: str, nbytes: int, shape: tuple[int, ...] | None, dtype: torch.dtype | None):
+    """A handle with a process-unique key."""
+    return TierHandle(tier=tier, key=next(_IDS), nbytes=nbytes, shape=shape, dtype=dtype)
+
+
+class IOFuture:
+    """One tier operation, possibly made of several background pieces.
+
+    ``wait()`` returns when every piece has finished and raises the first piece's exception,
+    if any (after all pieces are done, so no buffer is still in use when it raises).
+    ``on_done`` callbacks run once, in whichever thread finishes last, with the exception
+    (or None); tiers use them to commit an offset-table entry or release a bounce buffer.
+    """
+
+    def __init__(self, pieces: Sequence[cf.Future] = (), describe: str = "tier I/O") -> None:
+        self._pieces = list(pieces)
+        self._describe = describe
+        self._lock = threading.Lock()
+        self._pending = len(self._pieces)
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+        self.keep_alive: object = None  # buffers the pieces use, held until the future goes
+        if not self._pieces:
+            self._done.set()
+        for piece in self._pieces:
+            piece.add_done_callback(self._piece_done)
+
+    @classmethod
+    def completed(cls, error: BaseException | None = None, describe: str = "tier I/O"):
+        fut = cls(describe=describe)
+        fut._error = error
+        return fut
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Run ``fn(error_or_None)`` when all pieces finish (now, if they already have)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self._error)
+
+    def _piece_done(self, piece: cf.Future) -> None:
+        err = piece.exception()
+        with self._lock:
+            if err is not None and self._error is None:
+                self._error = err
+            self._pending -= 1
+            if self._pending:
+                return
+        for fn in self._callbacks:
+            try:
+                fn(self._error)
+            except BaseException as cb_err:  # noqa: BLE001 - kept and raised from wait()
+                if self._error is None:
+                    self._error = cb_err
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done; re-raise the background exception in the caller's thread."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self._describe}: not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+
+
+def wait_all(futures: Sequence[IOFuture]) -> None:
+    """Wait for every future, then raise the first error (none is left running)."""
+    first: BaseException | None = None
+    for fut in futures:
+        try:
+            fut.wait()
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            first = first or err
+    if first is not None:
+        raise first
+
+
+class StorageTier(abc.ABC):
+    """Allocate / write_async / read_async / free over one kind of storage."""
+
+    name: str = "tier"
+
+    @abc.abstractmethod
+    def allocate(
+        self, nbytes_or_shape: int | Sequence[int], dtype: torch.dtype | None = None
+    ) -> TierHandle:
+        """Reserve room for ``nbytes`` bytes, or for a tensor of ``shape`` and ``dtype``."""
+
+    @abc.abstractmethod
+    def write_async(self, handle: TierHandle, tensor: torch.Tensor) -> IOFuture:
+        """Copy ``tensor`` (exactly ``handle.nbytes`` bytes) into the handle's room."""
+
+    @abc.abstractmethod
+    def read_async(self, handle: TierHandle, out: torch.Tensor) -> IOFuture:
+        """Copy the handle's bytes into ``out`` (exactly ``handle.nbytes`` bytes)."""
+
+    @abc.abstractmethod
+    def free(self, handle: TierHandle) -> None:
+        """Give the handle's room back (waits for its operations still in flight)."""
+
+    @abc.abstractmethod
+    def report(self) -> TierReport:
+        """Requested / reserved / pinned bytes now held."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything the tier holds; the default does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_io_tensor(handle: TierHandle, tensor: torch.Tensor, what: str) -> None:
+    """A clear error when a tensor cannot be copied to or from ``handle``."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes != handle.nbytes:
+        raise ValueError(
+            f"{what}: tensor has {nbytes} bytes ({tuple(tensor.shape)} {tensor.dtype}) but "
+            f"handle {handle.key} on {handle.tier!r} holds {handle.nbytes}; allocate a handle "
+            "of the tensor's size"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what}: tensor must be contiguous (call .contiguous() first)")
