@@ -1,16 +1,24 @@
-"""Convergence of memopt's optimizers against AdamW on a tiny byte-level LLaMA (CPU).
+"""Convergence of memopt's optimizers against AdamW on a tiny byte-level LLaMA (CPU or GPU).
 
 Every optimizer trains the same model (same init seed) on the same batches (same data
 seed) of the Python standard library's sources for ``--steps`` steps, with the same
 warmup + cosine schedule and gradient clipping; the final held-out loss (files never
 trained on) is compared with AdamW's. Target: each memopt optimizer within 5% of AdamW.
 
-For each optimizer every learning rate in its grid is run and the best final held-out
-loss is kept (AdamW included, so the baseline is tuned too). ``--sweep`` widens the
-grids. Output: a markdown table on stdout, a loss-curve PNG, and ``--out`` JSON.
+Learning rates: every rate in an optimizer's grid is run and the one with the lowest
+final *validation* loss is kept (AdamW included, so the baseline is tuned too). The
+validation split is other held-out files (benchmarks/_convergence_variants.py), so the
+reported held-out loss plays no part in the choice. ``--sweep`` widens the grids.
 
-    python benchmarks/convergence.py                       # 7 runs, ~20 min on 2 idle cores
-    python benchmarks/convergence.py --sweep               # the LR sweep, 19 runs
+8-bit state: memopt AdamW, GaLore, APOLLO, FRUGAL and Natural GaLore with
+``state_dtype="int8"``, and bitsandbytes' ``AdamW8bit`` as the peer, each at the rate
+chosen for its 32-bit counterpart. Targets: within 2% of the 32-bit counterpart's
+held-out loss; memopt's AdamW int8 within 1% of bitsandbytes'. ``--optimizers`` picks a
+subset. Output: markdown tables on stdout, a loss-curve PNG, and ``--out`` JSON.
+
+    python benchmarks/convergence.py                       # 13 runs, ~40 min on 2 idle cores
+    python benchmarks/convergence.py --device cuda         # the same on a GPU
+    python benchmarks/convergence.py --sweep               # the LR sweep, 19 + 6 runs
     python benchmarks/convergence.py --quick               # tiny model, 60 steps (smoke test)
     python benchmarks/convergence.py --lr galore=3e-3,1e-2 --optimizers adamw galore
 """
@@ -38,12 +46,20 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import memopt  # noqa: E402
+from benchmarks._convergence_variants import (  # noqa: E402
+    ALL_LABELS,
+    ALL_NAMES,
+    EIGHT_BIT,
+    build_optimizer,
+    config_of,
+    eight_bit_table,
+    plot,
+    validation_split,
+)
 from examples.tinyllama import (  # noqa: E402
-    LABELS,
     OPTIMIZERS,
     byte_corpus,
-    default_config,
-    make_optimizer,
+    evaluate,
     param_count,
     tiny_llama,
     train,
@@ -52,9 +68,10 @@ from examples.tinyllama import (  # noqa: E402
 MIB = 1024 * 1024
 TARGET = 0.05  # within 5% of AdamW's final held-out loss
 
-# Learning-rate grids. Default: AdamW at its best rate in the sweep (5e-4) and at the usual
-# 1e-3, each memopt optimizer at its best rate in the sweep (docs/benchmarks.md records it,
-# 19 runs, ~67 min of training on a shared 2-core machine). --sweep reruns the whole sweep.
+# Learning-rate grids (32-bit optimizers; 8-bit variants take their counterpart's choice).
+# Default: AdamW at its best rate in the sweep (5e-4) and at the usual 1e-3, each memopt
+# optimizer at its best rate in the sweep (docs/benchmarks.md records it, 19 runs, ~67 min
+# of training on a shared 2-core machine). --sweep reruns the whole sweep.
 GRID: dict[str, list[float]] = {
     "adamw": [5e-4, 1e-3],
     "galore": [5e-3],
@@ -80,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="model init and data order seed")
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="+", choices=ALL_NAMES, default=list(ALL_NAMES),
+                   help="32-bit optimizers and 8-bit variants (default: all)")
     p.add_argument("--sweep", action="store_true", help="wider learning-rate grids")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR[,LR...]",
                    help="override one optimizer's learning-rate grid (repeatable)")
@@ -89,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny model, 60 steps, first learning rate of each grid")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu",
+                   help="where the model, data and optimizer state live (cpu, cuda, cuda:1)")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--resume", type=Path, default=None, metavar="JSON",
                    help="reuse the runs of an earlier --out file with the same setup; train "
@@ -107,34 +127,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def grids(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Learning-rate grids of the 32-bit optimizers, and of 8-bit variants given ``--lr``
+    (an 8-bit variant otherwise takes its counterpart's chosen rate)."""
     base = SWEEP if args.sweep else GRID
-    out = {name: list(base[name]) for name in args.optimizers}
+    out = {name: list(base[name]) for name in args.optimizers if name in OPTIMIZERS}
     if args.quick:
         out = {name: lrs[:1] for name, lrs in out.items()}
     for spec in args.lr:
         name, _, values = spec.partition("=")
-        if name not in OPTIMIZERS or not values:
-            raise SystemExit(f"--lr wants NAME=LR[,LR...] with NAME in {OPTIMIZERS}, got {spec!r}")
+        if name not in ALL_NAMES or not values:
+            raise SystemExit(f"--lr wants NAME=LR[,LR...] with NAME in {ALL_NAMES}, got {spec!r}")
         out[name] = [float(v) for v in values.split(",")]
     return out
 
 
-def run_one(name: str, lr: float, data: tuple[torch.Tensor, torch.Tensor],
+def run_one(name: str, lr: float, data: tuple[torch.Tensor, ...],
             args: argparse.Namespace) -> dict[str, Any]:
-    train_data, heldout = data
+    """Train one (optimizer, lr); final held-out (test) and validation losses."""
+    train_data, heldout, val = data
     model = tiny_llama(args.size, seed=args.seed, max_seq_len=max(512, args.seq_len))
-    opt = make_optimizer(name, model, lr=lr)
+    model.to(args.device)
+    opt = build_optimizer(name, model, lr)
     res = train(
         model, opt, args.steps, train_data, heldout, batch_size=args.batch_size,
         seq_len=args.seq_len, seed=args.seed, eval_every=args.eval_every,
         eval_windows=args.eval_windows, progress=not args.no_progress,
-        desc=f"{LABELS[name]} lr={lr:g}",
+        desc=f"{ALL_LABELS[name]} lr={lr:g}",
     )
+    val_loss = evaluate(model, val, seq_len=args.seq_len, n_windows=args.eval_windows)
     sb = memopt.optim.state_bytes(opt)
-    cfg = default_config(name, int(model.config.hidden_size))
-    cfg["lr"] = lr
     return dict(
-        optimizer=name, label=LABELS[name], lr=lr, config=cfg,
+        optimizer=name, label=ALL_LABELS[name], lr=lr,
+        config=config_of(name, int(model.config.hidden_size), lr), val_loss=val_loss,
         heldout_loss=res.heldout_loss, initial_heldout_loss=res.initial_heldout_loss,
         evals=res.evals, losses=res.losses, seconds=res.seconds,
         sec_per_step=res.seconds / max(1, args.steps), state_bytes=sb.total,
@@ -142,20 +166,26 @@ def run_one(name: str, lr: float, data: tuple[torch.Tensor, torch.Tensor],
     )
 
 
+def selection_loss(r: dict[str, Any]) -> float:
+    """What picks the learning rate: the validation loss (held-out in pre-validation files)."""
+    return float(r.get("val_loss", r["heldout_loss"]))
+
+
 def best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per optimizer, the run with the lowest validation loss (not the reported loss)."""
     best: dict[str, dict[str, Any]] = {}
     for r in runs:
         b = best.get(r["optimizer"])
-        if b is None or r["heldout_loss"] < b["heldout_loss"]:
+        if b is None or selection_loss(r) < selection_loss(b):
             best[r["optimizer"]] = r
     return best
 
 
 def results_table(best: dict[str, dict[str, Any]]) -> str:
     base = best.get("adamw")
-    head = ("| optimizer | lr | held-out loss | ratio to AdamW | within 5% | state (MiB) | "
-            "state vs AdamW | s/step |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| optimizer | lr | val loss | held-out loss | ratio to AdamW | within 5% | "
+            "state (MiB) | state vs AdamW | s/step |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name in OPTIMIZERS:
         r = best.get(name)
         if r is None:
@@ -167,74 +197,24 @@ def results_table(best: dict[str, dict[str, Any]]) -> str:
         else:
             ratio_s = ok = mem_s = "n/a"
         cache = f" (+{r['cache_bytes'] / MIB:.2f} cache)" if r["cache_bytes"] else ""
+        val = f"{r['val_loss']:.4f}" if "val_loss" in r else "n/a"
         lines.append(
-            f"| {r['label']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {ratio_s} | {ok} | "
+            f"| {r['label']} | {r['lr']:g} | {val} | {r['heldout_loss']:.4f} | {ratio_s} | {ok} | "
             f"{r['state_bytes'] / MIB:.2f}{cache} | {mem_s} | {r['sec_per_step']:.2f} |"
         )
     return "\n".join(lines)
 
 
 def sweep_table(runs: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> str:
-    lines = ["| optimizer | lr | held-out loss |", "|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (OPTIMIZERS.index(r["optimizer"]), r["lr"])):
-        mark = " (best)" if best[r["optimizer"]] is r else ""
-        loss = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] == r["heldout_loss"] else "diverged"
-        lines.append(f"| {r['label']} | {r['lr']:g} | {loss}{mark} |")
-    return "\n".join(lines)
-
-
-def plot(best: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Training loss (EMA), held-out loss over steps, and final loss vs optimizer state."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, name in enumerate(OPTIMIZERS):
-        r = best.get(name)
-        if r is None:
+    lines = ["| optimizer | lr | val loss | held-out loss |", "|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (ALL_NAMES.index(r["optimizer"]), r["lr"])):
+        mark = " (chosen)" if best[r["optimizer"]] is r else ""
+        if r["heldout_loss"] != r["heldout_loss"]:
+            lines.append(f"| {r['label']} | {r['lr']:g} | diverged | diverged |")
             continue
-        label = f"{r['label']} (lr {r['lr']:g})"
-        color = "black" if name == "adamw" else colors[(i - 1) % len(colors)]
-        lw = 2.0 if name == "adamw" else 1.3
-        ema, smooth = None, []
-        for v in r["losses"]:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax1.plot(range(1, len(smooth) + 1), smooth, label=label, color=color, lw=lw)
-        steps, vals = zip(*r["evals"], strict=True)
-        ax2.plot(steps, vals, marker="o", ms=3, label=label, color=color, lw=lw)
-        ax3.scatter([r["state_bytes"] / MIB], [r["heldout_loss"]], color=color, s=40, zorder=3)
-        ax3.annotate(r["label"], (r["state_bytes"] / MIB, r["heldout_loss"]), fontsize=8,
-                     xytext=(5, 4), textcoords="offset points")
-    finals = [r["heldout_loss"] for r in best.values()]
-    lo = min(min(r["losses"]) for r in best.values())
-    ax1.set(title="training loss (EMA 0.9; y axis clipped)", xlabel="step",
-            ylabel="nats / byte", ylim=(lo - 0.1, max(finals) + 1.2))
-    ax2.set(title="held-out loss (files never trained on)", xlabel="step", ylabel="nats / byte",
-            ylim=(min(finals) - 0.1, max(finals) + 1.2))
-    max_mib = max(r["state_bytes"] for r in best.values()) / MIB
-    top = max(finals)
-    if "adamw" in best:
-        limit = best["adamw"]["heldout_loss"] * (1 + TARGET)
-        top = max(top, limit)
-        ax3.axhline(limit, color="gray", ls="--", lw=1)
-        ax3.annotate("AdamW + 5%", (max_mib * 1.22, limit), fontsize=8, color="gray",
-                     ha="right", xytext=(0, 3), textcoords="offset points")
-    span = top - min(finals)
-    ax3.set(title="final held-out loss vs optimizer state", xlabel="optimizer state (MiB)",
-            ylabel="nats / byte", xlim=(0, max_mib * 1.25),
-            ylim=(min(finals) - 0.1 * span, top + 0.15 * span))
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        val = f"{r['val_loss']:.4f}" if "val_loss" in r else "n/a"
+        lines.append(f"| {r['label']} | {r['lr']:g} | {val}{mark} | {r['heldout_loss']:.4f} |")
+    return "\n".join(lines)
 
 
 def git_commit() -> str:
@@ -253,7 +233,8 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-_SAME_SETUP = ("size", "steps", "batch_size", "seq_len", "seed", "train_bytes", "heldout_bytes")
+_SAME_SETUP = ("size", "steps", "batch_size", "seq_len", "seed", "train_bytes", "heldout_bytes",
+               "val_bytes", "device")
 
 
 def load_previous(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -278,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    data = byte_corpus()
+    data = tuple(t.to(args.device) for t in (*byte_corpus(), validation_split()))
     lr_grid = grids(args)
     meta: dict[str, Any] = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:],
         size=args.size, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         seed=args.seed, grids=lr_grid, torch=torch.__version__, threads=torch.get_num_threads(),
         python=platform.python_version(), train_bytes=int(data[0].numel()),
-        heldout_bytes=int(data[1].numel()), commit=git_commit(),
+        heldout_bytes=int(data[1].numel()), val_bytes=int(data[2].numel()),
+        device=str(args.device), commit=git_commit(),
     )
     previous: list[dict[str, Any]] = []
     sessions: list[Any] = []
@@ -300,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                        seconds=round(time.perf_counter() - t_start, 1))
             _write_json(args.out, {**meta, "sessions": [*sessions, now]}, runs)
 
-    for name, lrs in lr_grid.items():
+    def run_grid(name: str, lrs: list[float]) -> None:
+        nonlocal n_trained
         for lr in lrs:
             done = [r for r in previous if r["optimizer"] == name and r["lr"] == lr]
             if done:
@@ -311,11 +294,22 @@ def main(argv: list[str] | None = None) -> int:
                 r["commit"] = meta["commit"]
                 runs.append(r)
             except FloatingPointError as e:  # a diverged run is a result, not a crash
-                print(f"{LABELS[name]} lr={lr:g}: {e}", file=sys.stderr)
-                runs.append(dict(optimizer=name, label=LABELS[name], lr=lr,
+                print(f"{ALL_LABELS[name]} lr={lr:g}: {e}", file=sys.stderr)
+                runs.append(dict(optimizer=name, label=ALL_LABELS[name], lr=lr,
                                  heldout_loss=float("nan"), diverged=str(e)))
             n_trained += 1
             save()  # partial results survive an interrupted run
+
+    for name, lrs in lr_grid.items():
+        if name in OPTIMIZERS:
+            run_grid(name, lrs)
+    # 8-bit variants: at the rate chosen (on validation) for their 32-bit counterpart
+    chosen = best_runs([r for r in runs if r["heldout_loss"] == r["heldout_loss"]])
+    for name in (n for n in ALL_NAMES if n in EIGHT_BIT and n in args.optimizers):
+        base = EIGHT_BIT[name]
+        default = chosen[base]["lr"] if base in chosen else GRID[base][0]
+        meta["grids"][name] = lr_grid.get(name, [default])
+        run_grid(name, meta["grids"][name])
     total = time.perf_counter() - t_start
     reused = f", {len(runs) - n_trained} runs reused from {args.resume}" if previous else ""
     report(runs, meta, args, f"{n_trained} runs trained in {total / 60:.1f} min{reused}")
@@ -338,13 +332,16 @@ def report(runs: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
           f"batch {meta['batch_size']} x {meta['seq_len']} bytes, {meta['threads']} threads; "
           f"{note}\n")
     print(results_table(best))
-    print("\nLearning-rate sweep (final held-out loss):\n")
+    if any(name in best for name in EIGHT_BIT):
+        print("\n8-bit optimizer state (each at its 32-bit counterpart's learning rate):\n")
+        print(eight_bit_table(best))
+    print("\nLearning-rate sweep (final losses; the rate is chosen on validation):\n")
     print(sweep_table(runs, everything))
     if not args.no_png and finite:
         title = (f"{meta['size']} byte-level LLaMA ({model_params / 1e6:.1f}M params), "
                  f"{meta['steps']} steps, batch {meta['batch_size']}x{meta['seq_len']} bytes; "
                  "best lr per optimizer")
-        plot(best, args.png, title)
+        plot(best, args.png, title, TARGET)
         print(f"\nwrote {args.png}")
 
 

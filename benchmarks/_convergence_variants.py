@@ -1,0 +1,189 @@
+"""Helpers of benchmarks/convergence.py: validation split, 8-bit variants, the plot.
+
+Validation split: held-out *files* that neither the training split nor the reported
+held-out (test) split uses. ``examples.tinyllama.byte_corpus`` sends every 10th file of
+the sorted standard library to held-out and stops once 0.4 MB is collected; the
+validation split is the next held-out-position files after those, so it is disjoint
+from both and comes from the same mix of files. Learning rates are chosen on it; the
+reported held-out loss never takes part in the choice.
+
+8-bit variants: each trains at its 32-bit counterpart's (chosen) learning rate, with
+``state_dtype="int8"`` on memopt optimizers. ``bnb_adamw8bit`` is bitsandbytes'
+``AdamW8bit`` with AdamW's learning rate, betas, eps and weight decay (0): the peer for
+memopt's ``AdamW(state_dtype="int8")``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from examples.tinyllama import LABELS, OPTIMIZERS, default_config, make_optimizer, stdlib_files
+
+# name -> 32-bit counterpart whose learning rate it uses and against which it is compared
+EIGHT_BIT: dict[str, str] = {
+    "adamw_int8": "adamw",
+    "bnb_adamw8bit": "adamw",
+    "galore_int8": "galore",
+    "apollo_int8": "apollo",
+    "frugal_int8": "frugal",
+    "natural_galore_int8": "natural_galore",
+}
+EIGHT_BIT_LABELS = {
+    "adamw_int8": "AdamW int8 (memopt)",
+    "bnb_adamw8bit": "AdamW8bit (bitsandbytes)",
+    "galore_int8": "GaLore int8",
+    "apollo_int8": "APOLLO int8",
+    "frugal_int8": "FRUGAL int8",
+    "natural_galore_int8": "Natural GaLore int8",
+}
+_MIB = 1024 * 1024
+ALL_NAMES = (*OPTIMIZERS, *EIGHT_BIT)
+ALL_LABELS = {**LABELS, **EIGHT_BIT_LABELS}
+TARGET_8BIT = 0.02  # each 8-bit variant within 2% of its 32-bit counterpart
+TARGET_PEER = 0.01  # memopt AdamW int8 within 1% of bitsandbytes' AdamW8bit
+
+
+def validation_split(max_bytes: int = 400_000, heldout_every: int = 10,
+                     test_bytes: int = 400_000) -> torch.Tensor:
+    """Bytes (``uint8``) of held-out-position files after those of the test split.
+
+    Mirrors ``byte_corpus(max_bytes=4_000_000)``: files ``i % heldout_every ==
+    heldout_every - 1`` go to held-out until ``test_bytes`` are read (the last one
+    truncated); the files after that one form this split, up to ``max_bytes``.
+    """
+    parts: list[bytes] = []
+    used = size = 0
+    for i, path in enumerate(stdlib_files()):
+        if i % heldout_every != heldout_every - 1:
+            continue
+        try:
+            raw = path.read_bytes() + b"\n"
+        except OSError:
+            continue
+        if used < test_bytes:  # a file of the test split
+            used += len(raw)
+            continue
+        raw = raw[: max_bytes - size]
+        parts.append(raw)
+        size += len(raw)
+        if size >= max_bytes:
+            break
+    if size == 0:
+        raise RuntimeError(f"no validation files left under {os.path.dirname(os.__file__)}")
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a 32-bit one of ``OPTIMIZERS`` or an 8-bit variant)."""
+    if name in OPTIMIZERS:
+        return make_optimizer(name, model, lr=lr)
+    if name == "bnb_adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                   weight_decay=0.0)
+    if name == "adamw_int8":
+        import memopt
+
+        return memopt.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.0, state_dtype="int8")
+    if name in EIGHT_BIT:
+        return make_optimizer(EIGHT_BIT[name], model, lr=lr, state_dtype="int8")
+    raise ValueError(f"optimizer must be one of {ALL_NAMES}, got {name!r}")
+
+
+def config_of(name: str, hidden: int, lr: float) -> dict[str, Any]:
+    base = EIGHT_BIT.get(name, name)
+    cfg = default_config(base, hidden)
+    cfg["lr"] = lr
+    if name == "bnb_adamw8bit":
+        cfg["impl"] = "bitsandbytes.optim.AdamW8bit"
+    elif name in EIGHT_BIT:
+        cfg["state_dtype"] = "int8"
+    return cfg
+
+
+def eight_bit_table(best: dict[str, dict[str, Any]]) -> str:
+    """8-bit variant vs its 32-bit counterpart (target 2%), and memopt vs bnb (target 1%)."""
+    mib = 1024 * 1024
+    lines = ["| 8-bit optimizer | lr | held-out loss | vs 32-bit | within 2% | state (MiB) | "
+             "state vs 32-bit | s/step |", "|---|---|---|---|---|---|---|---|"]
+    for name, base_name in EIGHT_BIT.items():
+        r, base = best.get(name), best.get(base_name)
+        if r is None:
+            continue
+        if base is None:
+            ratio_s = ok = mem_s = "n/a"
+        else:
+            ratio = r["heldout_loss"] / base["heldout_loss"]
+            ratio_s = f"{ratio:.3f} ({LABELS[base_name]})"
+            ok = "yes" if abs(ratio - 1) <= TARGET_8BIT else "**no**"
+            mem_s = f"{r['state_bytes'] / base['state_bytes']:.2f}x"
+        lines.append(f"| {r['label']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {ratio_s} | "
+                     f"{ok} | {r['state_bytes'] / mib:.2f} | {mem_s} | "
+                     f"{r['sec_per_step']:.2f} |")
+    mine, peer = best.get("adamw_int8"), best.get("bnb_adamw8bit")
+    if mine is not None and peer is not None:
+        ratio = mine["heldout_loss"] / peer["heldout_loss"]
+        ok = "within 1%" if abs(ratio - 1) <= TARGET_PEER else "**not within 1%**"
+        lines.append(f"\nmemopt AdamW int8 / bitsandbytes AdamW8bit: {ratio:.4f} ({ok})")
+    return "\n".join(lines)
+
+
+def plot(best: dict[str, dict[str, Any]], path: Path, title: str, target: float) -> None:
+    """The PNG: training loss (EMA), held-out loss over steps, final loss vs state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(OPTIMIZERS):
+        r = best.get(name)
+        if r is None:
+            continue
+        label = f"{r['label']} (lr {r['lr']:g})"
+        color = "black" if name == "adamw" else colors[(i - 1) % len(colors)]
+        lw = 2.0 if name == "adamw" else 1.3
+        ema, smooth = None, []
+        for v in r["losses"]:
+            ema = v if ema is None else 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax1.plot(range(1, len(smooth) + 1), smooth, label=label, color=color, lw=lw)
+        steps, vals = zip(*r["evals"], strict=True)
+        ax2.plot(steps, vals, marker="o", ms=3, label=label, color=color, lw=lw)
+        ax3.scatter([r["state_bytes"] / _MIB], [r["heldout_loss"]], color=color, s=40, zorder=3)
+        ax3.annotate(r["label"], (r["state_bytes"] / _MIB, r["heldout_loss"]), fontsize=8,
+                     xytext=(5, 4), textcoords="offset points")
+    finals = [r["heldout_loss"] for r in best.values()]
+    lo = min(min(r["losses"]) for r in best.values())
+    ax1.set(title="training loss (EMA 0.9; y axis clipped)", xlabel="step",
+            ylabel="nats / byte", ylim=(lo - 0.1, max(finals) + 1.2))
+    ax2.set(title="held-out loss (files never trained on)", xlabel="step", ylabel="nats / byte",
+            ylim=(min(finals) - 0.1, max(finals) + 1.2))
+    max_mib = max(r["state_bytes"] for r in best.values()) / _MIB
+    top = max(finals)
+    if "adamw" in best:
+        limit = best["adamw"]["heldout_loss"] * (1 + target)
+        top = max(top, limit)
+        ax3.axhline(limit, color="gray", ls="--", lw=1)
+        ax3.annotate(f"AdamW + {target:.0%}", (max_mib * 1.22, limit), fontsize=8, color="gray",
+                     ha="right", xytext=(0, 3), textcoords="offset points")
+    span = top - min(finals)
+    ax3.set(title="final held-out loss vs optimizer state", xlabel="optimizer state (MiB)",
+            ylabel="nats / byte", xlim=(0, max_mib * 1.25),
+            ylim=(min(finals) - 0.1 * span, top + 0.15 * span))
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
