@@ -1,0 +1,188 @@
+"""NVMe tier bandwidth against fio and DeepSpeed's async-I/O handle, in one run.
+
+    .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
+        [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
+
+Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
+queue depth, into and out of a file in ``--dir``:
+
+- memopt: ``NVMeTier`` (thread-pool backend), the data split into 8 handles (like 8 optimizer
+  sub-groups) all submitted before waiting, from and to page-aligned arena tensors;
+- fio: ``ioengine=libaio, direct=1, bs, iodepth``, one job, sequential write then read;
+- DeepSpeed: ``aio_handle(bs, qd, single_submit=False, overlap_events=True, 1)`` with
+  ``sync_pwrite`` / ``sync_pread`` of one locked buffer (the ZeRO-Infinity swap path).
+
+Write then read, ``--repeats`` times per tool, interleaved; the median GB/s (1e9 bytes/s) is
+reported with ratios memopt/fio and memopt/DeepSpeed. A missing peer is reported as missing,
+not skipped silently. ``--sweep`` also times memopt at queue depths 4-32 and block sizes 1-4 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from memopt.offload import ArenaConfig, NVMeConfig, NVMeTier, PinnedArena
+from memopt.offload.tier import wait_all
+
+N_HANDLES = 8
+
+
+def memopt_run(
+    d: Path, size: int, bs: int, qd: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0))
+    cfg = NVMeConfig(
+        directory=d, capacity_bytes=2 * size + (64 << 20), block_size=bs, queue_depth=qd
+    )
+    writes, reads = [], []
+    part = size // N_HANDLES
+    with NVMeTier(cfg, arena=arena) as tier:
+        blocks = [arena.alloc(part, alignment=4096) for _ in range(N_HANDLES)]
+        bufs = [arena.tensor(b) for b in blocks]
+        for b in bufs:
+            b.random_(0, 255)
+        handles = [tier.allocate(part) for _ in range(N_HANDLES)]
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            wait_all([tier.write_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+            writes.append(size / (time.perf_counter() - t0) / 1e9)
+            t0 = time.perf_counter()
+            wait_all([tier.read_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+            reads.append(size / (time.perf_counter() - t0) / 1e9)
+    arena.close()
+    return writes, reads
+
+
+def fio_run(d: Path, size: int, bs: int, qd: int, rw: str) -> float:
+    path = d / "fio.dat"
+    cmd = [
+        "fio", "--name=memopt", f"--filename={path}", f"--size={size}", f"--bs={bs}",
+        f"--iodepth={qd}", "--ioengine=libaio", "--direct=1", f"--rw={rw}", "--numjobs=1",
+        "--output-format=json",
+    ]  # fmt: skip
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    job = out["jobs"][0]["write" if rw == "write" else "read"]
+    return job["bw_bytes"] / 1e9
+
+
+def deepspeed_handle(bs: int, qd: int) -> tuple[object | None, str]:
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+    except ImportError as err:
+        return None, f"deepspeed is not importable ({err}): peer missing"
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible():
+        return None, "DeepSpeed async_io op is not compatible here (libaio-dev missing?)"
+    aio = builder.load(verbose=False)
+    return aio.aio_handle(bs, qd, False, True, 1), "deepspeed " + _ds_version()
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return str(deepspeed.__version__)
+
+
+def deepspeed_run(h: object, d: Path, size: int, repeats: int) -> tuple[list[float], list[float]]:
+    path = str(d / "ds.dat")
+    buf = h.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))  # type: ignore[attr-defined]
+    buf.random_(0, 255)
+    writes, reads = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        h.sync_pwrite(buf, path)  # type: ignore[attr-defined]
+        writes.append(size / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        h.sync_pread(buf, path)  # type: ignore[attr-defined]
+        reads.append(size / (time.perf_counter() - t0) / 1e9)
+    h.free_cpu_locked_tensor(buf)  # type: ignore[attr-defined]
+    os.unlink(path)
+    return writes, reads
+
+
+def _row(name: str, w: list[float], r: list[float]) -> str:
+    return f"| {name} | {statistics.median(w):.2f} | {statistics.median(r):.2f} |"
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    return f"{statistics.median(a) / statistics.median(b):.2f}"
+
+
+def _timed(label: str, fn: Callable[[], tuple[list[float], list[float]]]):
+    t0 = time.perf_counter()
+    out = fn()
+    print(f"# {label}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default="/tmp/memopt_nvme_bench")
+    p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--block-size-kib", type=int, default=1024)
+    p.add_argument("--queue-depth", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sweep", action="store_true")
+    a = p.parse_args()
+    d = Path(a.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    size, bs, qd = a.size_mib << 20, a.block_size_kib << 10, a.queue_depth
+    print(f"# date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+          f"{platform.platform()}, torch {torch.__version__}")  # fmt: skip
+    print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"# file size {a.size_mib} MiB, block {a.block_size_kib} KiB, queue depth {qd}, "
+          f"O_DIRECT, dir {d}, median of {a.repeats}")  # fmt: skip
+    results: dict[str, tuple[list[float], list[float]]] = {}
+    ds, ds_note = deepspeed_handle(bs, qd)
+    results["memopt NVMeTier (threads)"] = _timed(
+        "memopt", lambda: memopt_run(d, size, bs, qd, a.repeats)
+    )
+    if shutil.which("fio"):
+        results["fio libaio"] = _timed("fio", lambda: (
+            [fio_run(d, size, bs, qd, "write") for _ in range(a.repeats)],
+            [fio_run(d, size, bs, qd, "read") for _ in range(a.repeats)],
+        ))  # fmt: skip
+        (d / "fio.dat").unlink(missing_ok=True)
+    else:
+        print("# fio: not installed (apt-get install -y fio): peer missing")
+    if ds is not None:
+        results[ds_note + " aio_handle"] = _timed(
+            "deepspeed", lambda: deepspeed_run(ds, d, size, a.repeats)
+        )
+    else:
+        print(f"# DeepSpeed: {ds_note}")
+    print("\n| tool | write GB/s | read GB/s |\n|---|---:|---:|")
+    for name, (w, r) in results.items():
+        print(_row(name, w, r))
+    mine = results["memopt NVMeTier (threads)"]
+    for name, (w, r) in results.items():
+        if not name.startswith("memopt"):
+            print(f"# memopt / {name}: write {_ratio(mine[0], w)}x, read {_ratio(mine[1], r)}x")
+    if a.sweep:
+        print(
+            "\n| memopt block KiB | queue depth | write GB/s | read GB/s |\n|---:|---:|---:|---:|"
+        )
+        for sbs in (1 << 20, 4 << 20):
+            for sqd in (4, 8, 16, 32):
+                w, r = memopt_run(d, size, sbs, sqd, a.repeats)
+                print(f"| {sbs >> 10} | {sqd} | {statistics.median(w):.2f} | "
+                      f"{statistics.median(r):.2f} |")  # fmt: skip
+    shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
