@@ -228,3 +228,28 @@ def test_config_validation(tmp_path: Path) -> None:
         ThreadPoolBackend(queue_depth=0)
     with pytest.raises(ValueError, match="direct"):
         NVMeConfig(directory=tmp_path, direct="maybe")  # type: ignore[arg-type]
+
+
+def test_read_during_write_sees_the_committed_content(
+    tmp_path: Path, arena: PinnedArena, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tier = NVMeTier(_config(tmp_path, queue_depth=8), arena=arena)  # 4 pieces per write
+    h = tier.allocate((50_000,), torch.float32)
+    tier.write_async(h, torch.ones(50_000)).wait()
+    gate = threading.Event()
+    real = io_backend._pwrite
+
+    def gated(fd: int, buf: memoryview, off: int) -> int:
+        gate.wait(10)
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(io_backend, "_pwrite", gated)
+    write = tier.write_async(h, torch.full((50_000,), 2.0))
+    out = torch.empty(50_000)
+    tier.read_async(h, out).wait()  # the write is still held at the gate
+    assert not write.done() and torch.all(out == 1.0)
+    gate.set()
+    write.wait()
+    tier.read_async(h, out).wait()
+    assert torch.all(out == 2.0)
+    tier.close()
