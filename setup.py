@@ -1,0 +1,62 @@
+"""Build memopt's optional native code; everything else lives in pyproject.toml.
+
+Each extension in ``NATIVE`` is a plain C ABI shared library (no torch or Python headers;
+memopt loads it with ctypes), so the build needs only a C++ compiler. The build is
+tolerant: OpenMP is tried first, then a serial build, and if the compiler is missing or
+fails the install still succeeds without the library; memopt then uses its pure-torch
+fallbacks (``memopt.offload.cpu_adam.native_available()`` says which is in use).
+``MEMOPT_NO_NATIVE=1`` skips the native build altogether.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE = [
+    Extension(
+        "memopt.offload._cpu_adam_lib",
+        sources=["csrc/cpu_adam/cpu_adam.cpp"],
+        depends=["csrc/cpu_adam/cpu_adam_simd.h"],
+        language="c++",
+    ),
+]
+
+_BASE = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"]
+_ATTEMPTS = [("OpenMP", ["-fopenmp"], ["-fopenmp"]), ("serial", [], [])]
+
+
+class TolerantBuildExt(build_ext):
+    """build_ext that never fails the install: OpenMP, then serial, then skip with a note."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all, or a broken toolchain
+            _note(f"native build skipped ({exc}); memopt will use its torch fallbacks")
+
+    def build_extension(self, ext: Extension) -> None:
+        for label, cflags, lflags in _ATTEMPTS:
+            ext.extra_compile_args = _BASE + cflags
+            ext.extra_link_args = lflags
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                _note(f"{ext.name}: {label} build failed ({exc})")
+                continue
+            _note(f"{ext.name}: built ({label})")
+            return
+        _note(f"{ext.name}: not built; memopt will use its torch fallback")
+
+
+def _note(message: str) -> None:
+    print(f"[memopt setup] {message}", file=sys.stderr)
+
+
+setup(
+    ext_modules=[] if os.environ.get("MEMOPT_NO_NATIVE") == "1" else NATIVE,
+    cmdclass={"build_ext": TolerantBuildExt},
+)
