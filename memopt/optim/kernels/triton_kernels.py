@@ -23,6 +23,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _adam_at(
+    low_ptr, m_ptr, v_ptr, out_ptr, idx, mask, b1, b2, eps, inv_sqrt_bc2, TORCH_EPS: tl.constexpr
+):
+    """Adam's moment update and direction at ``idx``: writes m, v and N; returns (g, N)."""
+    g = tl.load(low_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * g * g
+    tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
+    if TORCH_EPS:
+        d = m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
+    else:
+        d = m / (tl.sqrt(v) + eps)
+    tl.store(out_ptr + idx, d.to(out_ptr.dtype.element_ty), mask=mask)
+    return g, d
+
+
+@triton.jit
 def adam_channels(
     low_ptr,
     m_ptr,
@@ -49,18 +69,8 @@ def adam_channels(
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n_inner
         idx = base + offs * stride_in
-        g = tl.load(low_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = b1 * m + (1.0 - b1) * g
-        v = b2 * v + (1.0 - b2) * g * g
-        tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
-        if TORCH_EPS:
-            d = m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
-        else:
-            d = m / (tl.sqrt(v) + eps)
-        tl.store(out_ptr + idx, d.to(out_ptr.dtype.element_ty), mask=mask)
+        g, d = _adam_at(low_ptr, m_ptr, v_ptr, out_ptr, idx, mask, b1, b2, eps, inv_sqrt_bc2,
+                        TORCH_EPS)
         if NORMS:
             acc_num += tl.where(mask, d * d, 0.0)
             acc_den += tl.where(mask, g * g, 0.0)
@@ -98,18 +108,8 @@ def adam_cols(
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows[:, None] < n_rows) & cmask[None, :]
         idx = rows[:, None] * n_cols + cols[None, :]
-        g = tl.load(low_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        m = b1 * m + (1.0 - b1) * g
-        v = b2 * v + (1.0 - b2) * g * g
-        tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
-        if TORCH_EPS:
-            d = m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
-        else:
-            d = m / (tl.sqrt(v) + eps)
-        tl.store(out_ptr + idx, d.to(out_ptr.dtype.element_ty), mask=mask)
+        g, d = _adam_at(low_ptr, m_ptr, v_ptr, out_ptr, idx, mask, b1, b2, eps, inv_sqrt_bc2,
+                        TORCH_EPS)
         acc_num += tl.sum(tl.where(mask, d * d, 0.0), axis=0)
         acc_den += tl.sum(tl.where(mask, g * g, 0.0), axis=0)
     tl.store(num_ptr + cols, acc_num, mask=cmask)
