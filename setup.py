@@ -38,6 +38,12 @@ class TolerantBuildExt(build_ext):
         except Exception as exc:  # no compiler at all, or a broken toolchain
             _note(f"native build skipped ({exc}); memopt will use its torch fallbacks")
 
+    def build_extensions(self) -> None:
+        self._skipped: list[str] = []
+        super().build_extensions()
+        # Forget what did not build, so the editable copy and the wheel's file list skip it.
+        self.extensions = [e for e in self.extensions if e.name not in self._skipped]
+
     def build_extension(self, ext: Extension) -> None:
         for label, cflags, lflags in _ATTEMPTS:
             ext.extra_compile_args = _BASE + cflags
@@ -49,6 +55,7 @@ class TolerantBuildExt(build_ext):
                 continue
             _note(f"{ext.name}: built ({label})")
             return
+        self._skipped.append(ext.name)
         _note(f"{ext.name}: not built; memopt will use its torch fallback")
 
 
