@@ -23,6 +23,11 @@ NATIVE = [
         depends=["csrc/cpu_adam/cpu_adam_simd.h"],
         language="c++",
     ),
+    Extension(
+        "memopt.offload._aio_lib",
+        sources=["csrc/aio/aio.cpp"],
+        language="c++",
+    ),
 ]
 
 _BASE = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"]

@@ -16,7 +16,8 @@ Buffers: O_DIRECT needs page-aligned addresses and lengths. A host tensor whose 
 prefix and through a one-page bounce block for the tail; any other tensor (unaligned, or on a
 device) goes through a bounce block of its size from the pinned arena.
 
-Concurrency: ``submit`` returns at once; the backend keeps ``queue_depth`` pieces of
+Concurrency: ``submit`` returns at once; the backend (``make_backend``: native Linux AIO
+when built, else threads; ``MEMOPT_AIO`` overrides) keeps ``queue_depth`` pieces of
 ``block_size`` in flight; several writes and reads may be outstanding together.
 """
 
@@ -32,7 +33,8 @@ import torch
 
 from memopt.offload.allocator import FreeListAllocator, round_up
 from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
-from memopt.offload.io_backend import IOBackend, IOOp, ThreadPoolBackend
+from memopt.offload.io_backend import IOBackend, IOOp
+from memopt.offload.native_aio import make_backend
 from memopt.offload.nvme_file import NVMeConfig, grow_swap_file, open_swap_file
 from memopt.offload.tier import (
     IOFuture,
@@ -78,8 +80,8 @@ class NVMeTier(StorageTier):
     ) -> None:
         self.config = config
         self.arena = arena or default_arena()
-        self.backend = backend or ThreadPoolBackend(config.queue_depth, config.block_size)
         self.file = open_swap_file(config)
+        self.backend = backend or make_backend(config.queue_depth, config.block_size)
         self._slots = FreeListAllocator(self.file.size, granule=ALIGN)
         self._table: dict[int, _Entry] = {}
         self._pending: dict[int, set[IOFuture]] = {}

@@ -35,6 +35,13 @@ def _config(tmp_path: Path, **kw: object) -> NVMeConfig:
     return NVMeConfig(**base)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def _thread_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These tests inject faults into the thread backend's os calls; the native backend has
+    # its own tests (test_native_aio.py).
+    monkeypatch.setenv("MEMOPT_AIO", "threads")
+
+
 @pytest.fixture
 def arena() -> PinnedArena:
     a = PinnedArena(ArenaConfig(chunk_bytes=4 << 20, pin="off"))

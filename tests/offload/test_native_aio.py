@@ -1,0 +1,176 @@
+"""Native Linux AIO backend: tier round trips with each backend, errors, many in flight.
+
+Set MEMOPT_REQUIRE_NATIVE=1 to make a missing native build fail instead of skip.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from memopt.offload import native_aio
+from memopt.offload.arena import ArenaConfig, PinnedArena
+from memopt.offload.io_backend import IOBackend, ThreadPoolBackend
+from memopt.offload.native_aio import NativeAIOBackend, make_backend, native_available
+from memopt.offload.nvme_file import NVMeConfig
+from memopt.offload.nvme_tier import NVMeTier
+from memopt.offload.tier import IOFuture, wait_all
+
+
+def _require_native() -> None:
+    if not native_available():
+        if os.environ.get("MEMOPT_REQUIRE_NATIVE") == "1":
+            pytest.fail("MEMOPT_REQUIRE_NATIVE=1 but the native AIO library did not load")
+        pytest.skip("native AIO library not built")
+
+
+@pytest.fixture(params=["native", "threads"])
+def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native":
+        _require_native()
+    monkeypatch.setenv("MEMOPT_AIO", request.param)
+    return request.param
+
+
+@pytest.fixture
+def arena() -> PinnedArena:
+    a = PinnedArena(ArenaConfig(chunk_bytes=8 << 20, pin="off"))
+    yield a
+    a.close()
+
+
+def _config(tmp_path: Path, **kw: object) -> NVMeConfig:
+    base = dict(directory=tmp_path, capacity_bytes=8 << 20, block_size=64 << 10, queue_depth=4)
+    base.update(kw)
+    return NVMeConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((1024,), torch.float32),
+        ((300_001,), torch.float16),
+        ((3, 333), torch.bfloat16),
+        ((0,), torch.float32),
+    ],
+)
+def test_tier_round_trip(kind: str, tmp_path: Path, arena: PinnedArena, shape, dtype) -> None:
+    with NVMeTier(_config(tmp_path), arena=arena) as tier:
+        assert tier.backend.name == kind and isinstance(tier.backend, IOBackend)
+        src = (torch.randn(shape) * 100).to(dtype)
+        h = tier.allocate(shape, dtype)
+        aligned = arena.tensor(arena.alloc(max(h.nbytes, 1), alignment=4096))[: h.nbytes]
+        aligned.copy_(src.reshape(-1).view(torch.uint8))
+        tier.write_async(h, aligned.view(dtype).reshape(shape)).wait()
+        back = torch.empty(shape, dtype=dtype)  # unaligned: goes through a bounce block
+        tier.read_async(h, back).wait()
+        assert torch.equal(back.view(torch.uint8), src.view(torch.uint8))
+        # overwrite, read into an aligned buffer
+        src2 = src + 1
+        tier.write_async(h, src2).wait()
+        aligned.zero_()
+        tier.read_async(h, aligned.view(dtype).reshape(shape)).wait()
+        assert torch.equal(aligned.view(dtype).reshape(shape), src2)
+
+
+def test_many_in_flight(kind: str, tmp_path: Path, arena: PinnedArena) -> None:
+    """64 handles x 4 pieces each, all submitted before any wait, at queue depth 4."""
+    with NVMeTier(_config(tmp_path, capacity_bytes=32 << 20), arena=arena) as tier:
+        handles = [tier.allocate(256 << 10) for _ in range(64)]
+        bufs = [arena.tensor(arena.alloc(256 << 10, alignment=4096)) for _ in handles]
+        for i, b in enumerate(bufs):
+            b.fill_(i % 251)
+        wait_all([tier.write_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+        for b in bufs:
+            b.zero_()
+        wait_all([tier.read_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+        for i, b in enumerate(bufs):
+            assert int(b.min()) == int(b.max()) == i % 251
+
+
+def _backend(kind: str) -> IOBackend:
+    return NativeAIOBackend(8, 4096) if kind == "native" else ThreadPoolBackend(8, 4096)
+
+
+def test_read_past_eof_is_eio(kind: str, tmp_path: Path, arena: PinnedArena) -> None:
+    path = tmp_path / "small.bin"
+    path.write_bytes(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    backend = _backend(kind)
+    buf = arena.alloc(8192, alignment=4096)
+    try:
+        fut = IOFuture(backend.submit("read", fd, buf.ptr, 8192, 4096, "eof test"), "eof")
+        with pytest.raises(OSError) as info:
+            fut.wait(10)
+        assert info.value.errno == errno.EIO and "eof test" in str(info.value)
+        # a read that ends exactly at EOF is fine, and the data arrive
+        IOFuture(backend.submit("read", fd, buf.ptr, 4096, 0, "ok"), "ok").wait(10)
+        assert bytes(arena.bytes_view(buf)[:4096].numpy()) == b"x" * 4096
+    finally:
+        backend.close()
+        os.close(fd)
+
+
+def test_bad_fd_is_ebadf(kind: str, arena: PinnedArena) -> None:
+    backend = _backend(kind)
+    buf = arena.alloc(8192, alignment=4096)
+    try:
+        for op in ("read", "write"):
+            fut = IOFuture(backend.submit(op, 987654, buf.ptr, 8192, 0, "bad fd"), "bad fd")
+            with pytest.raises(OSError) as info:
+                fut.wait(10)
+            assert info.value.errno == errno.EBADF and f"{op} of 4096 bytes" in str(info.value)
+    finally:
+        backend.close()
+
+
+def test_read_only_fd_write_fails(kind: str, tmp_path: Path, arena: PinnedArena) -> None:
+    path = tmp_path / "ro.bin"
+    path.write_bytes(b"\0" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    backend = _backend(kind)
+    buf = arena.alloc(4096, alignment=4096)
+    try:
+        fut = IOFuture(backend.submit("write", fd, buf.ptr, 4096, 0, "ro"), "ro")
+        with pytest.raises(OSError) as info:
+            fut.wait(10)
+        assert info.value.errno == errno.EBADF
+    finally:
+        backend.close()
+        os.close(fd)
+
+
+def test_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMOPT_AIO", "threads")
+    b = make_backend(4, 4096)
+    assert isinstance(b, ThreadPoolBackend)
+    b.close()
+    monkeypatch.setenv("MEMOPT_AIO", "bogus")
+    with pytest.raises(ValueError, match="MEMOPT_AIO"):
+        make_backend(4, 4096)
+    monkeypatch.delenv("MEMOPT_AIO")
+    b = make_backend(4, 4096)
+    assert b.name == ("native" if native_available() else "threads")
+    b.close()
+
+
+def test_absent_library_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_aio, "_lib", None)
+    monkeypatch.setattr(native_aio, "_loaded", True)
+    monkeypatch.delenv("MEMOPT_AIO", raising=False)
+    b = make_backend(4, 4096)
+    assert isinstance(b, ThreadPoolBackend)
+    b.close()
+    with pytest.raises(RuntimeError, match="not built"):
+        make_backend(4, 4096, kind="native")
+
+
+def test_native_status_reported() -> None:
+    _require_native()
+    from memopt._utils.native import native_status
+
+    assert native_status().get("_aio_lib") == "loaded"
