@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
+        [--backends native,threads]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
 
-- memopt: ``NVMeTier`` (thread-pool backend), the data split into 8 handles (like 8 optimizer
-  sub-groups) all submitted before waiting, from and to page-aligned arena tensors;
+- memopt: ``NVMeTier`` with each backend of ``--backends`` (native Linux AIO, thread pool),
+  the data split into 8 handles (like 8 optimizer sub-groups) all submitted before waiting,
+  from and to page-aligned arena tensors;
 - fio: ``ioengine=libaio, direct=1, bs, iodepth``, one job, sequential write then read;
 - DeepSpeed: ``aio_handle(bs, qd, single_submit=False, overlap_events=True, 1)`` with
   ``sync_pwrite`` / ``sync_pread`` of one locked buffer (the ZeRO-Infinity swap path).
@@ -35,13 +37,14 @@ from pathlib import Path
 import torch
 
 from memopt.offload import ArenaConfig, NVMeConfig, NVMeTier, PinnedArena
+from memopt.offload.native_aio import make_backend
 from memopt.offload.tier import wait_all
 
 N_HANDLES = 8
 
 
 def memopt_run(
-    d: Path, size: int, bs: int, qd: int, repeats: int
+    d: Path, size: int, bs: int, qd: int, repeats: int, kind: str = "threads"
 ) -> tuple[list[float], list[float]]:
     arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0))
     cfg = NVMeConfig(
@@ -49,7 +52,7 @@ def memopt_run(
     )
     writes, reads = [], []
     part = size // N_HANDLES
-    with NVMeTier(cfg, arena=arena) as tier:
+    with NVMeTier(cfg, arena=arena, backend=make_backend(qd, bs, kind)) as tier:
         blocks = [arena.alloc(part, alignment=4096) for _ in range(N_HANDLES)]
         bufs = [arena.tensor(b) for b in blocks]
         for b in bufs:
@@ -136,6 +139,7 @@ def main() -> None:
     p.add_argument("--queue-depth", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--backends", default="native,threads", help="memopt I/O engines to time")
     a = p.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -148,9 +152,10 @@ def main() -> None:
           f"O_DIRECT, dir {d}, median of {a.repeats}")  # fmt: skip
     results: dict[str, tuple[list[float], list[float]]] = {}
     ds, ds_note = deepspeed_handle(bs, qd)
-    results["memopt NVMeTier (threads)"] = _timed(
-        "memopt", lambda: memopt_run(d, size, bs, qd, a.repeats)
-    )
+    for kind in a.backends.split(","):
+        results[f"memopt NVMeTier ({kind})"] = _timed(
+            f"memopt {kind}", lambda k=kind: memopt_run(d, size, bs, qd, a.repeats, k)
+        )
     if shutil.which("fio"):
         results["fio libaio"] = _timed("fio", lambda: (
             [fio_run(d, size, bs, qd, "write") for _ in range(a.repeats)],
@@ -168,17 +173,19 @@ def main() -> None:
     print("\n| tool | write GB/s | read GB/s |\n|---|---:|---:|")
     for name, (w, r) in results.items():
         print(_row(name, w, r))
-    mine = results["memopt NVMeTier (threads)"]
-    for name, (w, r) in results.items():
-        if not name.startswith("memopt"):
-            print(f"# memopt / {name}: write {_ratio(mine[0], w)}x, read {_ratio(mine[1], r)}x")
+    for me, mine in results.items():
+        if not me.startswith("memopt"):
+            continue
+        for name, (w, r) in results.items():
+            if not name.startswith("memopt"):
+                print(f"# {me} / {name}: write {_ratio(mine[0], w)}x, read {_ratio(mine[1], r)}x")
     if a.sweep:
         print(
             "\n| memopt block KiB | queue depth | write GB/s | read GB/s |\n|---:|---:|---:|---:|"
         )
         for sbs in (1 << 20, 4 << 20):
             for sqd in (4, 8, 16, 32):
-                w, r = memopt_run(d, size, sbs, sqd, a.repeats)
+                w, r = memopt_run(d, size, sbs, sqd, a.repeats, a.backends.split(",")[0])
                 print(f"| {sbs >> 10} | {sqd} | {statistics.median(w):.2f} | "
                       f"{statistics.median(r):.2f} |")  # fmt: skip
     shutil.rmtree(d, ignore_errors=True)
