@@ -7,6 +7,7 @@ before any collective is issued.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding import ShardConfig, ShardedOptimizer, apply_sharding
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, Layout, Stage
 from memopt.sharding.deepspeed_config import deepspeed_shard_config
@@ -31,6 +33,7 @@ def shard(
     master_dtype: torch.dtype | None = None,
     deepspeed_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     fsdp: FSDPOptions | None = None,
+    offload: OffloadConfig | str | None = None,
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Partition ``optimizer``'s state (stage 1), gradients (2) and parameters (3) over the ranks.
 
@@ -45,17 +48,33 @@ def shard(
     ``deepspeed_config`` (a DeepSpeed ``zero_optimization`` block, a whole DeepSpeed config,
     or a path to its JSON) sets stage, bucket size and master dtype instead; see
     ``memopt.sharding.deepspeed_config``.
+    ``offload`` (stages 1/2, AdamW): ``"cpu"`` or ``memopt.offload.OffloadConfig(device="cpu" |
+    "nvme", nvme_path=...)`` keeps the fp32 master weights and moments of this rank's shard on
+    that tier, streamed through a double-buffered pipeline (docs/offload.md).
     """
+    if isinstance(offload, str):
+        offload = OffloadConfig(device=offload)  # type: ignore[arg-type]
     if deepspeed_config is not None:  # the layout default then follows the config's stage
         config = deepspeed_shard_config(
             deepspeed_config, optimizer, layout=layout, stage=stage,
             bucket_bytes=bucket_bytes, master_dtype=master_dtype,
         )  # fmt: skip
+        if offload is not None:
+            if config.offload is not None and config.offload != offload:
+                raise ValueError(
+                    f"memopt.shard: offload={offload!r} contradicts deepspeed_config's "
+                    f"offload_optimizer ({config.offload!r}); set it in one place only"
+                )
+            config = dataclasses.replace(config, offload=offload)
     else:
         if layout is None:
             layout = "dim0" if stage == 3 else "whole_tensor"
         config = ShardConfig(
-            stage=stage, layout=layout, bucket_bytes=bucket_bytes, master_dtype=master_dtype
+            stage=stage,
+            layout=layout,
+            bucket_bytes=bucket_bytes,
+            master_dtype=master_dtype,
+            offload=offload,
         )
     return apply_sharding(model, optimizer, config, process_group, fsdp)
 

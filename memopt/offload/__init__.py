@@ -6,6 +6,10 @@ its native/torch dispatch).
 Storage tiers (one ``StorageTier`` interface, see ``tier``): ``PinnedCPUTier`` over the shared
 ``PinnedArena``, ``NumaTier`` (CXL / NUMA placement by ``mbind``) with ``PlacementPolicy``,
 and ``NVMeTier`` (one O_DIRECT file per rank, async I/O backend). Guide: docs/offload.md.
+
+Optimizer state on a tier: ``OffloadedAdamW`` (``OffloadConfig``) keeps fp32 master weights
+and AdamW moments on a tier and steps them through the double-buffered pipeline of
+``pipeline`` (``memopt.shard(..., offload=...)`` wires it under ZeRO 1/2).
 """
 
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
@@ -13,6 +17,7 @@ from memopt.offload.numa import Placement, numa_nodes
 from memopt.offload.numa_tier import NumaTier, PlacementPolicy
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
+from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
 from memopt.offload.pinned_tier import PinnedCPUTier
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, TierReport
 
@@ -22,6 +27,8 @@ __all__ = [
     "NVMeConfig",
     "NVMeTier",
     "NumaTier",
+    "OffloadConfig",
+    "OffloadedAdamW",
     "PinnedArena",
     "PinnedCPUTier",
     "Placement",

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from memopt.offload.optimizer import OffloadConfig
+
 Stage = Literal[1, 2, 3]
 Layout = Literal["whole_tensor", "dim0"]
 STAGES: tuple[int, ...] = (1, 2, 3)
@@ -31,12 +33,15 @@ class ShardConfig:
     - ``bucket_bytes``: gradient-reduction and parameter-gather bucket size.
     - ``master_dtype``: keep the optimizer's copy of each owned shard in this dtype (e.g.
       ``torch.float32`` for a bf16 model); ``None`` steps the parameters' own dtype in place.
+    - ``offload``: keep the (AdamW) optimizer's fp32 master weights and moments on a tier
+      (``OffloadConfig``: pinned CPU or NVMe; stages 1 and 2), see docs/offload.md.
     """
 
     stage: Stage = 2
     layout: Layout = "whole_tensor"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     master_dtype: torch.dtype | None = None
+    offload: OffloadConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or self.stage not in STAGES:
@@ -59,4 +64,14 @@ class ShardConfig:
             raise TypeError(
                 f"memopt.shard: master_dtype must be None or a floating torch.dtype such as "
                 f"torch.float32, got {m!r}"
+            )
+        if self.offload is not None and not isinstance(self.offload, OffloadConfig):
+            raise TypeError(
+                f"memopt.shard: offload must be None, 'cpu' or a memopt.offload.OffloadConfig, "
+                f"got {self.offload!r}"
+            )
+        if self.offload is not None and self.stage == 3:
+            raise NotImplementedError(
+                "memopt.shard: offload= is implemented for stages 1 and 2; stage 3 parameter "
+                "and optimizer offload is not implemented yet (issue 5)"
             )

@@ -14,8 +14,9 @@ Every key DeepSpeed 0.19 accepts in the block is known here, in one of four kind
   gathers over the same buckets, so ``reduce_bucket_size`` wins when both are given.
   ``bf16``/``fp16`` ``enabled`` -> ``master_dtype=torch.float32`` (DeepSpeed keeps fp32 master
   partitions). ``offload_optimizer`` / ``offload_param`` (and the deprecated ``cpu_offload*``
-  spellings) -> ``Offload`` settings; any device other than ``"none"`` raises
-  ``NotImplementedError``: memopt's offload tiers are issue 5.
+  spellings) -> ``Offload`` settings; ``offload_optimizer`` with device ``cpu``/``nvme`` ->
+  ``ShardConfig.offload`` (an ``OffloadConfig``: ``nvme_path``, ``pin_memory``; stages 1/2);
+  ``offload_param`` other than ``"none"`` raises ``NotImplementedError`` (issue 5).
 - *matched*: a behavior memopt always has (``contiguous_gradients``, ``reduce_scatter``,
   ``overlap_comm`` for stages 2 and 3, ...): the value that asks for it is accepted silently;
   the other value warns, since memopt cannot switch the behavior off.
@@ -39,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 
+from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, ShardConfig
 
 OFFLOAD_ISSUE = "issue 5 (offload tiers: pinned CPU, CXL, NVMe)"
@@ -138,6 +140,9 @@ class DeepSpeedZero:
         kwargs: dict[str, Any] = {"stage": self.stage, "layout": layout}
         if self.bucket_bytes is not None:
             kwargs["bucket_bytes"] = self.bucket_bytes
+        off = self.offload_optimizer
+        if off.device != "none":
+            kwargs["offload"] = OffloadConfig(off.device, off.nvme_path, off.pin_memory)
         return ShardConfig(master_dtype=self.master_dtype, **kwargs)
 
 
@@ -314,13 +319,19 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
         path = sub.get("nvme_path")
         out.append(Offload(device, pin_memory, None if path is None else str(path),
                            float(sub.get("ratio", 1.0))))  # fmt: skip
-    for key, off in zip(("offload_optimizer", "offload_param"), out, strict=True):
-        if off.device != "none":
-            raise NotImplementedError(
-                f"memopt.shard: zero_optimization.{key} with device={off.device!r} asks for "
-                f"offload, which memopt does not implement yet: {OFFLOAD_ISSUE}. Remove the "
-                'block or set "device": "none"'
-            )
+    if out[0].device == "nvme" and not out[0].nvme_path:
+        raise ValueError('memopt.shard: offload_optimizer.device "nvme" needs "nvme_path"')
+    if out[0].device != "none" and out[0].ratio != 1.0:
+        raise NotImplementedError(
+            f"memopt.shard: offload_optimizer.ratio={out[0].ratio} (partial offload) is not "
+            "implemented; memopt offloads all of a rank's optimizer state (ratio 1.0)"
+        )
+    if out[1].device != "none":
+        raise NotImplementedError(
+            f"memopt.shard: zero_optimization.offload_param with device={out[1].device!r} "
+            f"asks for parameter offload, which memopt does not implement yet: "
+            f'{OFFLOAD_ISSUE}. Remove the block or set "device": "none"'
+        )
     if block.get("zenflow"):
         raise NotImplementedError(
             f"memopt.shard: zero_optimization.zenflow (ZenFlow offload) is not implemented: "

@@ -8,6 +8,7 @@ collective; the failing rank raises its own message, the others name it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_stage3
+from memopt.sharding.offload_optim import check_offloadable, offload_inner
 from memopt.sharding.optimizer import ShardedOptimizer
 
 
@@ -45,6 +47,13 @@ def apply_sharding(
             f"memopt.shard: optimizer must be a torch.optim.Optimizer, got "
             f"{type(optimizer).__name__}"
         )
+    if config.offload is not None:
+        check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
+        if config.master_dtype not in (None, torch.float32):
+            raise ValueError(
+                f"memopt.shard: with offload= the master weights are fp32 on the tier; "
+                f"master_dtype={config.master_dtype} is not possible (use None or float32)"
+            )
     comm = Comm.resolve(process_group)
     error: Exception | None = None
     try:
@@ -56,7 +65,17 @@ def apply_sharding(
     _agree(comm, error, optimizer)
     if config.stage == 3 and comm.world > 1:  # world size 1: the plain path below
         return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
-    return model, ShardedOptimizer(model, optimizer, config, comm)
+    if config.offload is None:
+        return model, ShardedOptimizer(model, optimizer, config, comm)
+    # Offload: local tensors are the model's own (shards of) parameters; the fp32 master
+    # weights and the moments live on the tier, in the inner OffloadedAdamW.
+    sharded = ShardedOptimizer(
+        model, optimizer, dataclasses.replace(config, master_dtype=None), comm
+    )
+    sharded.inner = offload_inner(sharded.inner, config.offload, comm.rank)
+    sharded.defaults = sharded.inner.defaults
+    sharded.config = config
+    return model, sharded
 
 
 def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:

@@ -101,9 +101,7 @@ def test_bad_values(block: dict, exc: type, match: str) -> None:
 @pytest.mark.parametrize(
     ("block", "key"),
     [
-        ({"offload_optimizer": {"device": "cpu", "pin_memory": True}}, "offload_optimizer"),
         ({"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}, "offload_param"),
-        ({"cpu_offload": True}, "offload_optimizer"),
         ({"zenflow": {"topk_ratio": 0.1}}, "zenflow"),
     ],
 )

@@ -1,0 +1,181 @@
+"""``OffloadedAdamW``: AdamW whose fp32 master weights and moments live on a storage tier.
+
+A ``torch.optim.Optimizer`` (so LR schedulers, ``zero_grad`` and hooks behave as usual) that
+only keeps groups and a per-parameter step count; the tensors of its state are on a tier
+(``OffloadConfig``: pinned CPU or NVMe), stepped by ``OffloadedAdamState`` (``pipeline``:
+groups of ``bucket_bytes`` streamed through three staging buffers, the native CPU AdamW
+kernel, the updated master copied back into the parameter, bf16/fp16 included).
+
+The update is torch.optim.AdamW's (``eps_mode="torch"``). A parameter's state is created at
+its first step with a gradient: the master is the parameter upcast to fp32, the moments zeros.
+``state_dict()`` reads every tensor back from the tier and returns torch AdamW's layout
+(``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master`` (fp32); ``load_state_dict`` writes them
+to the tier (no cast to the parameter's dtype: the moments stay fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
+from memopt.offload.nvme_file import NVMeConfig
+from memopt.offload.nvme_tier import NVMeTier
+from memopt.offload.pinned_tier import PinnedCPUTier
+from memopt.offload.pipeline import AdamHyper, OffloadedAdamState, StepItem
+from memopt.offload.tier import StorageTier
+
+__all__ = ["OffloadConfig", "OffloadedAdamW"]
+
+OffloadDevice = Literal["cpu", "nvme"]
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where the optimizer state (fp32 master + moments) lives, and how it is streamed.
+
+    device: "cpu" (the pinned host arena; the update runs in place there) or "nvme" (one
+        O_DIRECT file per rank under ``nvme_path``, streamed through the pipeline).
+    nvme_path: the directory of the NVMe swap file (required for "nvme").
+    pin_memory: pin (page-lock) host memory: the CPU tier's state and the staging buffers.
+    bucket_bytes: state bytes per pipeline group (three staging buffers of this size for NVMe).
+    nvme: full ``NVMeConfig`` (queue depth, block size, O_DIRECT policy) instead of the
+        defaults; its ``directory`` wins over ``nvme_path``.
+    """
+
+    device: OffloadDevice = "cpu"
+    nvme_path: str | os.PathLike[str] | None = None
+    pin_memory: bool = True
+    bucket_bytes: int = 64 << 20
+    nvme: NVMeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "nvme"):
+            raise ValueError(f"OffloadConfig.device must be 'cpu' or 'nvme', got {self.device!r}")
+        if self.device == "nvme" and self.nvme_path is None and self.nvme is None:
+            raise ValueError(
+                "OffloadConfig(device='nvme') needs nvme_path= (a directory on the NVMe disk) "
+                "or nvme=NVMeConfig(...)"
+            )
+        b = self.bucket_bytes
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValueError(f"OffloadConfig.bucket_bytes must be a positive int, got {b!r}")
+
+    def make_tier(self, rank: int | None = None) -> StorageTier:
+        """The tier this config names (an NVMe file named for ``rank``)."""
+        # the shared arena when pinning (one report sees all host memory), else an unpinned one
+        arena = default_arena() if self.pin_memory else PinnedArena(ArenaConfig(pin="off"))
+        if self.device == "cpu":
+            return PinnedCPUTier(arena)
+        cfg = self.nvme or NVMeConfig(directory=self.nvme_path)  # type: ignore[arg-type]
+        if rank is not None and cfg.rank is None:
+            cfg = dataclasses.replace(cfg, rank=rank)
+        return NVMeTier(cfg, arena=arena)
+
+
+class OffloadedAdamW(torch.optim.Optimizer):
+    """AdamW (torch's update rule) with its state on a tier; see the module docstring."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        offload: OffloadConfig | None = None,
+        tier: StorageTier | None = None,
+        record_events: bool = False,
+    ) -> None:
+        if not 0.0 <= lr or not 0.0 <= eps or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW hyperparameters lr={lr} betas={betas} eps={eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.offload = offload or OffloadConfig()
+        self.tier = tier if tier is not None else self.offload.make_tier()
+        self._owns_tier = tier is None
+        self.store = OffloadedAdamState(
+            self.tier, bucket_bytes=self.offload.bucket_bytes, record_events=record_events
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("OffloadedAdamW does not support sparse gradients")
+                state = self.state[p]
+                if p not in self.store:
+                    self.store.add(p, p.detach().float())
+                    state["step"] = 0
+                state["step"] += 1
+                hyper = AdamHyper(
+                    step=int(state["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"],
+                )  # fmt: skip
+                items.append(StepItem(p, p.grad, p, hyper))
+        self.store.step(items)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch AdamW's layout, the tensors read back from the tier (plus fp32 ``master``)."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, st in sd["state"].items():
+            p = params[index]
+            master, m, v = self.store.read(p)
+            st.update(
+                step=torch.tensor(float(self.state[p]["step"])),
+                exp_avg=m.view_as(p), exp_avg_sq=v.view_as(p), master=master.view_as(p),
+            )  # fmt: skip
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hyperparameters into the groups, tensors onto the tier (kept fp32)."""
+        groups = state_dict["param_groups"]
+        sizes = [len(g["params"]) for g in groups]
+        if sizes != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                f"OffloadedAdamW.load_state_dict: the saved param groups (sizes {sizes}) "
+                "do not match this optimizer's "
+                f"({[len(g['params']) for g in self.param_groups]})"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for group, saved in zip(self.param_groups, groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        for index, st in state_dict["state"].items():
+            p = params[int(index)]
+            master = st.get("master", p.detach())
+            self.store.add(p, master.float(), st["exp_avg"].float(), st["exp_avg_sq"].float())
+            self.state[p] = {"step": int(float(st["step"]))}
+
+    def read_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(master, exp_avg, exp_avg_sq) of ``p`` read from the tier, shaped like ``p``."""
+        return tuple(t.view_as(p) for t in self.store.read(p))  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Free the state on the tier (and the tier, if this optimizer made it)."""
+        self.store.close()
+        if self._owns_tier:
+            self.tier.close()
+        self.state.clear()
+
+    def __repr__(self) -> str:
+        return f"OffloadedAdamW(device={self.offload.device!r}, tier={type(self.tier).__name__})"

@@ -1,0 +1,326 @@
+"""AdamW state on a storage tier, stepped through a double-buffered I/O pipeline.
+
+Each tensor's fp32 master copy and its two moments live on a ``StorageTier`` in **one handle**
+laid out ``[master | exp_avg | exp_avg_sq]`` and padded to a 4096-byte multiple (one read and
+one write per tensor and step; page-sized, so the NVMe tier moves it with O_DIRECT in place,
+without bounce blocks). A step packs the tensors in order into **groups** of about
+``bucket_bytes`` of state and streams the groups through a ring of three staging buffers
+(pinned arena blocks, page-aligned):
+
+    read(0)
+    for i in groups:  wait read(i)
+                      wait write(i-2); issue read(i+1)      # into the buffer write(i-2) used
+                      update(i)                             # cpu_adamw_step_, copy-back
+                      issue write(i)                        # in flight during update(i+1)
+    wait every write
+
+so the read of group i+1 and the write-back of group i-1 run while group i is updated: with
+three buffers one holds the group being updated, one the group being read, one the group
+being written. The update is the native ``cpu_adamw_step_`` on the staging views; the
+updated master goes back into the model tensor (``out_lowp`` straight into a contiguous
+bf16/fp16 CPU parameter, a ``copy_`` otherwise, which also covers a parameter on a device).
+
+A tier with a ``view`` (the pinned CPU and NUMA tiers) is host memory already: the update runs
+in place on the tier's views, no staging copies (``in_place``; DeepSpeed's CPU offload does
+the same). ``events`` (when enabled) records ``(what, group)`` in order: ``read_issue``,
+``read_done``, ``update_start``, ``update_end``, ``write_issue``; ``stats`` accumulates the
+time spent waiting for I/O and updating. Gradients may be fp32, bf16 or fp16, on any device
+(moved to the CPU per group).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from memopt.offload.allocator import round_up
+from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
+from memopt.offload.cpu_adam import EpsMode, cpu_adamw_step_
+from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+
+__all__ = ["AdamHyper", "OffloadedAdamState", "PipelineStats", "StepItem"]
+
+_PAD = 1024  # fp32 elements per 4096-byte page
+_LOWP = (torch.bfloat16, torch.float16)
+RING = 3
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """One tensor's AdamW hyperparameters for this step (``step`` is 1-based)."""
+
+    step: int
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    eps_mode: EpsMode = "torch"
+
+
+@dataclass
+class StepItem:
+    """One tensor to update: its state key, gradient, the model tensor that receives the
+    updated values (any dtype/device, same number of elements) and its hyperparameters."""
+
+    key: Hashable
+    grad: Tensor
+    param: Tensor
+    hyper: AdamHyper
+
+
+@dataclass
+class PipelineStats:
+    """Seconds spent waiting for reads/writes and updating, and bytes moved, since reset."""
+
+    io_wait_s: float = 0.0
+    update_s: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    steps: int = 0
+    groups: list[int] = field(default_factory=list)  # tensors per group, last step
+
+
+@dataclass
+class _Entry:
+    handle: TierHandle
+    numel: int
+    padded: int  # 3 * numel rounded up to a page of fp32
+
+
+class OffloadedAdamState:
+    """fp32 master + moments of many tensors on one tier; ``step`` runs the pipeline."""
+
+    def __init__(
+        self,
+        tier: StorageTier,
+        *,
+        bucket_bytes: int = 64 << 20,
+        arena: PinnedArena | None = None,
+        in_place: bool | None = None,
+        record_events: bool = False,
+    ) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.tier = tier
+        self.bucket_bytes = int(bucket_bytes)
+        self.arena = arena or getattr(tier, "arena", None) or default_arena()
+        self.in_place = hasattr(tier, "view") if in_place is None else bool(in_place)
+        if self.in_place and not hasattr(tier, "view"):
+            raise ValueError(f"in_place=True needs a host tier with view(); {tier.name!r} has none")
+        self.events: list[tuple[str, int]] | None = [] if record_events else None
+        self.stats = PipelineStats()
+        self._entries: dict[Hashable, _Entry] = {}
+        self._ring: list[ArenaBlock] = []
+        self._ring_elems = 0
+
+    # --- state ----------------------------------------------------------------------------
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[Hashable]:
+        return list(self._entries)
+
+    def add(
+        self, key: Hashable, master: Tensor, exp_avg: Tensor | None = None,
+        exp_avg_sq: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Put a tensor's state on the tier (moments default to zeros); replaces an old one."""
+        n = master.numel()
+        for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if t is not None and t.numel() != n:
+                raise ValueError(f"{name} has {t.numel()} elements, the master has {n}")
+        if key in self._entries:
+            self.remove(key)
+        padded = round_up(max(3 * n, 1), _PAD)
+        handle = self.tier.allocate((padded,), torch.float32)
+        self._entries[key] = _Entry(handle, n, padded)
+        block = self.arena.alloc(padded * 4, 4096)
+        try:
+            buf = self.arena.tensor(block, torch.float32)
+            buf.zero_()
+            for i, t in enumerate((master, exp_avg, exp_avg_sq)):
+                if t is not None:
+                    buf[i * n : (i + 1) * n].copy_(t.detach().reshape(-1))
+            self.tier.write_async(handle, buf).wait()
+        finally:
+            self.arena.free(block)
+
+    def read(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of (master, exp_avg, exp_avg_sq), flat fp32 CPU tensors, read from the tier."""
+        e = self._entry(key)
+        block = self.arena.alloc(e.padded * 4, 4096)
+        try:
+            buf = self.arena.tensor(block, torch.float32)
+            self.tier.read_async(e.handle, buf).wait()
+            return tuple(buf[i * e.numel : (i + 1) * e.numel].clone() for i in range(3))  # type: ignore[return-value]
+        finally:
+            self.arena.free(block)
+
+    def remove(self, key: Hashable) -> None:
+        self.tier.free(self._entries.pop(key).handle)
+
+    def nbytes(self) -> int:
+        """Bytes of state on the tier (padded), for reports."""
+        return sum(e.padded * 4 for e in self._entries.values())
+
+    def _entry(self, key: Hashable) -> _Entry:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"no offloaded optimizer state for {key!r}; add() it first") from None
+
+    def close(self) -> None:
+        for key in list(self._entries):
+            self.remove(key)
+        for block in self._ring:
+            self.arena.free(block)
+        self._ring, self._ring_elems = [], 0
+
+    # --- the step -------------------------------------------------------------------------
+    def groups(self, items: Sequence[StepItem]) -> list[list[StepItem]]:
+        """Consecutive items packed into groups of at most ``bucket_bytes`` of state (a
+        tensor larger than that is a group of its own)."""
+        out: list[list[StepItem]] = []
+        size = 0
+        for it in items:
+            nbytes = self._entry(it.key).padded * 4
+            if out and size + nbytes <= self.bucket_bytes:
+                out[-1].append(it)
+                size += nbytes
+            else:
+                out.append([it])
+                size = nbytes
+        return out
+
+    def step(self, items: Sequence[StepItem]) -> None:
+        """Update every item's state and model tensor (see the module docstring)."""
+        for it in items:
+            if it.grad.numel() != self._entry(it.key).numel or it.param.numel() != it.grad.numel():
+                raise ValueError(
+                    f"state {it.key!r}: grad has {it.grad.numel()} elements, param "
+                    f"{it.param.numel()}, state {self._entry(it.key).numel}"
+                )
+        groups = self.groups(items)
+        self.stats.groups = [len(g) for g in groups]
+        self.stats.steps += 1
+        if self.in_place:
+            for i, group in enumerate(groups):
+                views = [self.tier.view(self._entry(it.key).handle) for it in group]  # type: ignore[attr-defined]
+                self._update(i, group, views)
+            return
+        self._streamed(groups)
+
+    def _streamed(self, groups: list[list[StepItem]]) -> None:
+        need = max((sum(self._entry(it.key).padded for it in g) for g in groups), default=0)
+        self._ensure_ring(need)
+        reads: list[list[IOFuture]] = [[] for _ in groups]
+        writes: list[list[IOFuture]] = [[] for _ in groups]
+        try:
+            if groups:
+                reads[0] = self._io("read", 0, groups[0])
+            for i, group in enumerate(groups):
+                self._wait(reads[i])
+                self._log("read_done", i)
+                if i + 1 < len(groups):
+                    if i >= 2:
+                        self._wait(writes[i - 2])  # its buffer is the one read(i+1) fills
+                    reads[i + 1] = self._io("read", i + 1, groups[i + 1])
+                self._update(i, group, self._views(i, group))
+                writes[i] = self._io("write", i, group)
+        finally:
+            t0 = time.perf_counter()
+            wait_all([f for fs in reads + writes for f in fs])
+            self.stats.io_wait_s += time.perf_counter() - t0
+
+    def _ensure_ring(self, elems: int) -> None:
+        if elems <= self._ring_elems:
+            return
+        for block in self._ring:
+            self.arena.free(block)
+        self._ring = []
+        self._ring = [self.arena.alloc(elems * 4, 4096) for _ in range(RING)]
+        self._ring_elems = elems
+
+    def _views(self, i: int, group: list[StepItem]) -> list[Tensor]:
+        buf = self.arena.tensor(self._ring[i % RING], torch.float32)
+        out, off = [], 0
+        for it in group:
+            padded = self._entry(it.key).padded
+            out.append(buf[off : off + padded])
+            off += padded
+        return out
+
+    def _io(self, op: str, i: int, group: list[StepItem]) -> list[IOFuture]:
+        futs = []
+        for it, view in zip(group, self._views(i, group), strict=True):
+            handle = self._entry(it.key).handle
+            if op == "read":
+                futs.append(self.tier.read_async(handle, view))
+                self.stats.bytes_read += handle.nbytes
+            else:
+                futs.append(self.tier.write_async(handle, view))
+                self.stats.bytes_written += handle.nbytes
+        self._log(f"{op}_issue", i)
+        return futs
+
+    def _wait(self, futs: list[IOFuture]) -> None:
+        t0 = time.perf_counter()
+        wait_all(futs)
+        self.stats.io_wait_s += time.perf_counter() - t0
+
+    def _log(self, what: str, i: int) -> None:
+        if self.events is not None:
+            self.events.append((what, i))
+
+    def _update(self, i: int, group: list[StepItem], views: list[Tensor]) -> None:
+        """cpu_adamw_step_ over the group (one call per hyperparameter/dtype batch)."""
+        self._log("update_start", i)
+        t0 = time.perf_counter()
+        batches: dict[tuple, list[tuple[StepItem, Tensor]]] = {}
+        for it, view in zip(group, views, strict=True):
+            g = it.grad
+            lowp = _direct_lowp(it.param)
+            key = (it.hyper, g.dtype if g.dtype in (torch.float32, *_LOWP) else None,
+                   None if lowp is None else lowp.dtype)  # fmt: skip
+            batches.setdefault(key, []).append((it, view))
+        for (hyper, _gd, lowp_dtype), pairs in batches.items():
+            ps, gs, ms, vs, outs = [], [], [], [], []
+            for it, view in pairs:
+                n = it.param.numel()
+                ps.append(view[:n])
+                ms.append(view[n : 2 * n])
+                vs.append(view[2 * n : 3 * n])
+                gs.append(_cpu_grad(it.grad))
+                if lowp_dtype is not None:
+                    outs.append(_direct_lowp(it.param))
+            cpu_adamw_step_(
+                ps, gs, ms, vs, step=hyper.step, lr=hyper.lr, beta1=hyper.beta1,
+                beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay,
+                eps_mode=hyper.eps_mode, out_lowp=outs if lowp_dtype is not None else None,
+            )  # fmt: skip
+            if lowp_dtype is None:
+                for (it, _view), p in zip(pairs, ps, strict=True):
+                    it.param.detach().copy_(p.view_as(it.param))
+        self.stats.update_s += time.perf_counter() - t0
+        self._log("update_end", i)
+
+
+def _cpu_grad(g: Tensor) -> Tensor:
+    g = g.detach()
+    if g.device.type != "cpu":
+        g = g.to("cpu")
+    if g.dtype not in (torch.float32, *_LOWP):
+        g = g.float()
+    return g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1)
+
+
+def _direct_lowp(param: Tensor) -> Tensor | None:
+    """A flat view of a contiguous bf16/fp16 CPU parameter (the kernel writes it directly)."""
+    if param.device.type == "cpu" and param.dtype in _LOWP and param.is_contiguous():
+        return param.detach().view(-1)
+    return None

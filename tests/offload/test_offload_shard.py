@@ -1,0 +1,139 @@
+"""``memopt.shard(..., offload=...)`` and DeepSpeed ``offload_optimizer``: ZeRO 1/2 with the
+AdamW state on the CPU or NVMe tier equals the single-process run (world 1 here, 2 gloo ranks
+in one spawned group), bf16 parameters get their fp32 masters' rounding, and the unsupported
+combinations (low-rank optimizers, stage 3, SGD, amsgrad, parameter offload) raise first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import memopt
+from memopt.offload import NVMeTier, PinnedCPUTier
+from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
+from memopt.sharding.deepspeed_config import read_deepspeed
+from tests._harness.dist import run_distributed
+from tests.sharding import _train as T
+
+ATOL = 1e-5  # the sharding tests' tolerance: reference is memopt AdamW (torch's kernel)
+
+
+def _assert_matches_reference(model: torch.nn.Module, losses: list[float], tag: str) -> None:
+    ref_losses, ref_model, _ = T.reference("adamw")
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        err = (a - b).abs().max().item()
+        assert err <= ATOL, f"{tag}: {name} differs from single-process by {err:.3g}"
+    worst = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+    assert worst <= ATOL, f"{tag}: losses differ by {worst:.3g}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_shard_world1_offload_equals_plain(tmp_path: Path, device: str) -> None:
+    model = T.make_model()
+    offload = "cpu" if device == "cpu" else OffloadConfig("nvme", nvme_path=tmp_path)
+    model, sharded = memopt.shard(model, T.make_optimizer("adamw", model), stage=2, offload=offload)
+    assert isinstance(sharded.inner, OffloadedAdamW)
+    assert isinstance(sharded.inner.tier, NVMeTier if device == "nvme" else PinnedCPUTier)
+    _assert_matches_reference(model, T.train(model, sharded), f"world1/{device}")
+    sd = sharded.state_dict()
+    assert sd["sharding"]["world_size"] == 1 and sd["state"][0]["master"].dtype == torch.float32
+    sharded.load_state_dict(sd)
+    sharded.inner.close()
+
+
+def test_deepspeed_offload_optimizer_maps(tmp_path: Path) -> None:
+    ds = {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path),
+                                            "pin_memory": False, "buffer_count": 4}}  # fmt: skip
+    cfg = read_deepspeed(ds).shard_config()
+    assert cfg.offload == OffloadConfig("nvme", str(tmp_path), pin_memory=False)
+    assert read_deepspeed({"stage": 1, "cpu_offload": True}).shard_config().offload.device == "cpu"
+    assert read_deepspeed({"stage": 2}).shard_config().offload is None
+    model = T.make_model()
+    model, sharded = memopt.shard(
+        model, T.make_optimizer("adamw", model), deepspeed_config={"zero_optimization": ds}
+    )
+    assert isinstance(sharded.inner.tier, NVMeTier)
+    assert sharded.inner.tier.file.path.parent == tmp_path
+    sharded.inner.close()
+    with pytest.raises(ValueError, match='needs "nvme_path"'):
+        read_deepspeed({"stage": 2, "offload_optimizer": {"device": "nvme"}})
+    with pytest.raises(NotImplementedError, match="ratio"):
+        read_deepspeed({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}})
+    with pytest.raises(NotImplementedError, match="offload_param.*issue 5"):
+        read_deepspeed({"stage": 3, "offload_param": {"device": "cpu"}})
+    with pytest.raises(ValueError, match="contradicts deepspeed_config"):
+        memopt.shard(model, T.make_optimizer("adamw", model), offload="cpu",
+                     deepspeed_config={"zero_optimization": ds})  # fmt: skip
+
+
+def test_unsupported_combinations_raise_before_anything() -> None:
+    model = T.make_model()
+    with pytest.raises(NotImplementedError, match="low-rank"):
+        memopt.shard(model, T.make_optimizer("galore", model), stage=2, offload="cpu")
+    with pytest.raises(NotImplementedError, match="stages 1 and 2"):
+        memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload="cpu")
+    with pytest.raises(NotImplementedError, match="AdamW.*got SGD"):
+        memopt.shard(model, torch.optim.SGD(model.parameters(), lr=0.1), offload="cpu")
+    with pytest.raises(NotImplementedError, match="amsgrad"):
+        memopt.shard(model, torch.optim.AdamW(model.parameters(), amsgrad=True), offload="cpu")
+    with pytest.raises(NotImplementedError, match="L2 in the gradient"):
+        opt = torch.optim.Adam(model.parameters(), weight_decay=0.1)
+        memopt.shard(model, opt, offload="cpu")
+    with pytest.raises(ValueError, match="master_dtype"):
+        memopt.shard(model, T.make_optimizer("adamw", model), offload="cpu",
+                     master_dtype=torch.float64)  # fmt: skip
+    with pytest.raises(TypeError, match="offload must be"):
+        memopt.sharding.ShardConfig(offload={"device": "cpu"})  # type: ignore[arg-type]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _ranks(rank: int, world: int, root: str) -> dict[str, float]:
+    out = {}
+    for stage, layout, device in ((1, "dim0", "nvme"), (2, "whole_tensor", "nvme"),
+                                  (2, "dim0", "cpu")):  # fmt: skip
+        tag = f"stage{stage}/{layout}/{device}"
+        offload = OffloadConfig(device, nvme_path=Path(root) / tag.replace("/", "-"),
+                                bucket_bytes=4096)  # fmt: skip
+        model = T.make_model()
+        model, sharded = memopt.shard(model, T.make_optimizer("adamw", model), stage, layout,
+                                      bucket_bytes=512, offload=offload)  # fmt: skip
+        losses = T.train(model, sharded, rank, world)
+        _assert_matches_reference(model, losses, tag)
+        if device == "nvme":
+            assert sharded.inner.tier.file.path.name == f"memopt-rank{rank}.swap"
+        out[tag] = sharded.inner.store.nbytes()
+        sharded.remove_hooks()
+        sharded.inner.close()
+    # bf16 parameters, fp32 masters on the tier: the model holds the masters rounded
+    ref = T.make_model(torch.bfloat16)
+    solo = [torch.distributed.new_group([r]) for r in range(world)]
+    ref, ref_sharded = memopt.shard(
+        ref,
+        T.make_optimizer("adamw", ref),
+        2,
+        "dim0",
+        process_group=solo[rank],
+        master_dtype=torch.float32,
+    )
+    T.train(ref, ref_sharded)  # fmt: skip
+    model = T.make_model(torch.bfloat16)
+    model, sharded = memopt.shard(model, T.make_optimizer("adamw", model), 2, "dim0",
+                                  offload=OffloadConfig("cpu"))  # fmt: skip
+    T.train(model, sharded, rank, world)
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    sharded.inner.close()
+    return out
+
+
+def test_two_ranks_offload_equals_single_process() -> None:
+    with tempfile.TemporaryDirectory() as root:  # O_DIRECT there, as for tmp_path in test_nvme
+        per_rank = run_distributed(_ranks, world_size=2, timeout_s=120, args=(root,))
+    for tag in per_rank[0]:
+        sizes = [r[tag] for r in per_rank]
+        assert all(sizes), f"{tag}: a rank holds no offloaded state {sizes}"
