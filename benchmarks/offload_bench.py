@@ -149,8 +149,9 @@ def worker(args: argparse.Namespace) -> None:
     }
     if store is not None:
         st = store.stats
-        out.update(read_per_step=st.bytes_read / st.steps, groups=len(st.groups),
-                   write_per_step=st.bytes_written / st.steps, state_bytes=store.nbytes())  # fmt: skip
+        out["read_per_step"] = st.bytes_read / st.steps
+        out["write_per_step"] = st.bytes_written / st.steps
+        out["groups"], out["state_bytes"] = len(st.groups), store.nbytes()
     with open(args.out, "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
