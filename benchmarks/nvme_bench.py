@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
-        [--backends native,threads]
+        [--backends native,threads] [--warmup 1]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
@@ -14,9 +14,11 @@ queue depth, into and out of a file in ``--dir``:
 - DeepSpeed: ``aio_handle(bs, qd, single_submit=False, overlap_events=True, 1)`` with
   ``sync_pwrite`` / ``sync_pread`` of one locked buffer (the ZeRO-Infinity swap path).
 
-Write then read, ``--repeats`` times per tool, interleaved; the median GB/s (1e9 bytes/s) is
-reported with ratios memopt/fio and memopt/DeepSpeed. A missing peer is reported as missing,
-not skipped silently. ``--sweep`` also times memopt at queue depths 4-32 and block sizes 1-4 MiB.
+Write then read, ``--repeats`` rounds in which every tool runs once (the order rotates each
+round, so the disk's drift hits all alike), after ``--warmup`` untimed rounds; the median
+GB/s (1e9 bytes/s) is reported with ratios memopt/fio and memopt/DeepSpeed. A missing peer
+is reported as missing, not skipped silently. ``--sweep`` also times memopt at queue depths
+4-32 and block sizes 1-4 MiB.
 """
 
 from __future__ import annotations
@@ -43,30 +45,69 @@ from memopt.offload.tier import wait_all
 N_HANDLES = 8
 
 
+def _once(tier: NVMeTier, handles: list, bufs: list[torch.Tensor], size: int) -> tuple:
+    t0 = time.perf_counter()
+    wait_all([tier.write_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+    w = size / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    wait_all([tier.read_async(h, b) for h, b in zip(handles, bufs, strict=True)])
+    return w, size / (time.perf_counter() - t0) / 1e9
+
+
+Peers = dict[str, Callable[[], tuple[float, float]]]
+
+
+def memopt_runs(
+    d: Path,
+    size: int,
+    bs: int,
+    qd: int,
+    repeats: int,
+    kinds: list[str],
+    warmup: int = 0,
+    peers: Peers | None = None,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """One tier per I/O engine (own file in ``d/<kind>``) and each peer (one write + read per
+    call), timed in interleaved rounds (the order rotates each round) so the disk's drift hits
+    every tool alike; the first ``warmup`` rounds are not recorded."""
+    peers = peers or {}
+    names = kinds + list(peers)
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in names}
+    part = size // N_HANDLES
+    arenas, tiers, state = [], {}, {}
+    for kind in kinds:
+        arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0))
+        cfg = NVMeConfig(
+            directory=d / kind, capacity_bytes=2 * size + (64 << 20), block_size=bs,
+            queue_depth=qd,
+        )  # fmt: skip
+        tier = NVMeTier(cfg, arena=arena, backend=make_backend(qd, bs, kind))
+        bufs = [arena.tensor(arena.alloc(part, alignment=4096)) for _ in range(N_HANDLES)]
+        for b in bufs:
+            b.random_(0, 255)
+        arenas.append(arena)
+        tiers[kind] = tier
+        state[kind] = ([tier.allocate(part) for _ in range(N_HANDLES)], bufs)
+    try:
+        for rnd in range(warmup + repeats):
+            shift = rnd % len(names)
+            for kind in names[shift:] + names[:shift]:
+                w, r = peers[kind]() if kind in peers else _once(tiers[kind], *state[kind], size)
+                if rnd >= warmup:
+                    out[kind][0].append(w)
+                    out[kind][1].append(r)
+    finally:
+        for tier in tiers.values():
+            tier.close()
+        for arena in arenas:
+            arena.close()
+    return out
+
+
 def memopt_run(
     d: Path, size: int, bs: int, qd: int, repeats: int, kind: str = "threads"
 ) -> tuple[list[float], list[float]]:
-    arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0))
-    cfg = NVMeConfig(
-        directory=d, capacity_bytes=2 * size + (64 << 20), block_size=bs, queue_depth=qd
-    )
-    writes, reads = [], []
-    part = size // N_HANDLES
-    with NVMeTier(cfg, arena=arena, backend=make_backend(qd, bs, kind)) as tier:
-        blocks = [arena.alloc(part, alignment=4096) for _ in range(N_HANDLES)]
-        bufs = [arena.tensor(b) for b in blocks]
-        for b in bufs:
-            b.random_(0, 255)
-        handles = [tier.allocate(part) for _ in range(N_HANDLES)]
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            wait_all([tier.write_async(h, b) for h, b in zip(handles, bufs, strict=True)])
-            writes.append(size / (time.perf_counter() - t0) / 1e9)
-            t0 = time.perf_counter()
-            wait_all([tier.read_async(h, b) for h, b in zip(handles, bufs, strict=True)])
-            reads.append(size / (time.perf_counter() - t0) / 1e9)
-    arena.close()
-    return writes, reads
+    return memopt_runs(d, size, bs, qd, repeats, [kind])[kind]
 
 
 def fio_run(d: Path, size: int, bs: int, qd: int, rw: str) -> float:
@@ -139,6 +180,7 @@ def main() -> None:
     p.add_argument("--queue-depth", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--backends", default="native,threads", help="memopt I/O engines to time")
     a = p.parse_args()
     d = Path(a.dir)
@@ -152,24 +194,26 @@ def main() -> None:
           f"O_DIRECT, dir {d}, median of {a.repeats}")  # fmt: skip
     results: dict[str, tuple[list[float], list[float]]] = {}
     ds, ds_note = deepspeed_handle(bs, qd)
-    for kind in a.backends.split(","):
-        results[f"memopt NVMeTier ({kind})"] = _timed(
-            f"memopt {kind}", lambda k=kind: memopt_run(d, size, bs, qd, a.repeats, k)
-        )
+    kinds = a.backends.split(",")
+    peers: Peers = {}
     if shutil.which("fio"):
-        results["fio libaio"] = _timed("fio", lambda: (
-            [fio_run(d, size, bs, qd, "write") for _ in range(a.repeats)],
-            [fio_run(d, size, bs, qd, "read") for _ in range(a.repeats)],
-        ))  # fmt: skip
-        (d / "fio.dat").unlink(missing_ok=True)
+        peers["fio libaio"] = lambda: (
+            fio_run(d, size, bs, qd, "write"), fio_run(d, size, bs, qd, "read")
+        )  # fmt: skip
     else:
         print("# fio: not installed (apt-get install -y fio): peer missing")
     if ds is not None:
-        results[ds_note + " aio_handle"] = _timed(
-            "deepspeed", lambda: deepspeed_run(ds, d, size, a.repeats)
+        peers[ds_note + " aio_handle"] = lambda: tuple(  # type: ignore[assignment]
+            x[0] for x in deepspeed_run(ds, d, size, 1)
         )
     else:
         print(f"# DeepSpeed: {ds_note}")
+    runs = _timed(
+        "all tools", lambda: memopt_runs(d, size, bs, qd, a.repeats, kinds, a.warmup, peers)
+    )
+    (d / "fio.dat").unlink(missing_ok=True)
+    for name, values in runs.items():
+        results[f"memopt NVMeTier ({name})" if name in kinds else name] = values
     print("\n| tool | write GB/s | read GB/s |\n|---|---:|---:|")
     for name, (w, r) in results.items():
         print(_row(name, w, r))

@@ -13,7 +13,8 @@ negative result, or a request the kernel refuses at submit (EBADF, EINVAL), beco
 ``OSError`` with that errno and the same message as the thread backend's.
 
 ``make_backend`` picks the engine for ``NVMeTier``: ``MEMOPT_AIO=native`` (error if the
-library did not load), ``threads``, or ``auto`` / unset (native when loaded, else threads).
+library did not load), ``threads``, or ``auto`` / unset (native when loaded and the file is
+O_DIRECT, else threads).
 """
 
 from __future__ import annotations
@@ -219,11 +220,16 @@ class NativeAIOBackend:
         self._ctx = None
 
 
-def make_backend(queue_depth: int, block_size: int, kind: str | None = None) -> IOBackend:
-    """The I/O engine to use: ``kind`` or ``$MEMOPT_AIO`` = native | threads | auto."""
+def make_backend(
+    queue_depth: int, block_size: int, kind: str | None = None, direct: bool = True
+) -> IOBackend:
+    """The I/O engine to use: ``kind`` or ``$MEMOPT_AIO`` = native | threads | auto.
+
+    auto: native when its library loaded and the file is O_DIRECT (Linux AIO on a buffered
+    file runs the I/O inside ``io_submit``, so threads overlap better there), else threads."""
     kind = (kind or os.environ.get("MEMOPT_AIO") or "auto").lower()
     if kind not in ("auto", "native", "threads"):
         raise ValueError(f"MEMOPT_AIO must be native, threads or auto, not {kind!r}")
-    if kind == "native" or (kind == "auto" and native_available()):
+    if kind == "native" or (kind == "auto" and direct and native_available()):
         return NativeAIOBackend(queue_depth, block_size)
     return ThreadPoolBackend(queue_depth, block_size)

@@ -81,7 +81,9 @@ class NVMeTier(StorageTier):
         self.config = config
         self.arena = arena or default_arena()
         self.file = open_swap_file(config)
-        self.backend = backend or make_backend(config.queue_depth, config.block_size)
+        self.backend = backend or make_backend(
+            config.queue_depth, config.block_size, direct=self.file.direct
+        )
         self._slots = FreeListAllocator(self.file.size, granule=ALIGN)
         self._table: dict[int, _Entry] = {}
         self._pending: dict[int, set[IOFuture]] = {}

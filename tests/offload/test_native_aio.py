@@ -174,3 +174,12 @@ def test_native_status_reported() -> None:
     from memopt._utils.native import native_status
 
     assert native_status().get("_aio_lib") == "loaded"
+
+
+def test_buffered_file_gets_threads(tmp_path: Path, arena: PinnedArena, monkeypatch) -> None:
+    monkeypatch.delenv("MEMOPT_AIO", raising=False)
+    with NVMeTier(_config(tmp_path, direct="off"), arena=arena) as tier:
+        assert tier.backend.name == "threads"
+    backend = make_backend(4, 4096, direct=False)
+    assert backend.name == "threads"
+    backend.close()
