@@ -1,11 +1,13 @@
 """AdamW state on a storage tier, stepped through a double-buffered I/O pipeline.
 
-Each tensor's fp32 master copy and its two moments live on a ``StorageTier`` in **one handle**
+Each tensor's fp32 master copy and its two moments live on a ``StorageTier`` in **chunks**
+of at most ``bucket_bytes`` of state (``bucket_bytes / 12`` elements), one handle per chunk
 laid out ``[master | exp_avg | exp_avg_sq]`` and padded to a 4096-byte multiple (one read and
-one write per tensor and step; page-sized, so the NVMe tier moves it with O_DIRECT in place,
-without bounce blocks). A step packs the tensors in order into **groups** of about
+one write per chunk and step; page-sized, so the NVMe tier moves it with O_DIRECT in place,
+without bounce blocks). A step packs the chunks in order into **groups** of at most
 ``bucket_bytes`` of state and streams the groups through a ring of three staging buffers
-(pinned arena blocks, page-aligned):
+(pinned arena blocks, page-aligned; so 3 x ``bucket_bytes`` of host memory whatever the
+largest tensor):
 
     read(0)
     for i in groups:  wait read(i)
@@ -86,10 +88,23 @@ class PipelineStats:
 
 
 @dataclass
-class _Entry:
+class _Chunk:
     handle: TierHandle
+    start: int  # first element of the tensor this chunk holds
     numel: int
     padded: int  # 3 * numel rounded up to a page of fp32
+
+
+@dataclass
+class _Entry:
+    numel: int
+    chunks: list[_Chunk]
+
+
+@dataclass
+class _Unit:
+    item: StepItem
+    chunk: _Chunk
 
 
 class OffloadedAdamState:
@@ -108,6 +123,8 @@ class OffloadedAdamState:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.tier = tier
         self.bucket_bytes = int(bucket_bytes)
+        #: elements per chunk: a chunk's state fits one bucket (at least one page)
+        self.chunk_elems = max(_PAD, (self.bucket_bytes // 12) // _PAD * _PAD)
         self.arena = arena or getattr(tier, "arena", None) or default_arena()
         self.in_place = hasattr(tier, "view") if in_place is None else bool(in_place)
         if self.in_place and not hasattr(tier, "view"):
@@ -136,37 +153,48 @@ class OffloadedAdamState:
                 raise ValueError(f"{name} has {t.numel()} elements, the master has {n}")
         if key in self._entries:
             self.remove(key)
-        padded = round_up(max(3 * n, 1), _PAD)
-        handle = self.tier.allocate((padded,), torch.float32)
-        self._entries[key] = _Entry(handle, n, padded)
-        block = self.arena.alloc(padded * 4, 4096)
+        step = self.chunk_elems
+        chunks = []
+        for start in range(0, max(n, 1), step):
+            c = min(step, n - start)
+            padded = round_up(max(3 * c, 1), _PAD)
+            chunks.append(_Chunk(self.tier.allocate((padded,), torch.float32), start, c, padded))
+        self._entries[key] = _Entry(n, chunks)
+        block = self.arena.alloc(max(ch.padded for ch in chunks) * 4, 4096)
         try:
-            buf = self.arena.tensor(block, torch.float32)
-            buf.zero_()
-            for i, t in enumerate((master, exp_avg, exp_avg_sq)):
-                if t is not None:
-                    buf[i * n : (i + 1) * n].copy_(t.detach().reshape(-1))
-            self.tier.write_async(handle, buf).wait()
+            for ch in chunks:
+                buf = self.arena.tensor(block, torch.float32)[: ch.padded]
+                buf.zero_()
+                for i, t in enumerate((master, exp_avg, exp_avg_sq)):
+                    if t is not None:
+                        part = t.detach().reshape(-1)[ch.start : ch.start + ch.numel]
+                        buf[i * ch.numel : (i + 1) * ch.numel].copy_(part)
+                self.tier.write_async(ch.handle, buf).wait()
         finally:
             self.arena.free(block)
 
     def read(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         """Copies of (master, exp_avg, exp_avg_sq), flat fp32 CPU tensors, read from the tier."""
         e = self._entry(key)
-        block = self.arena.alloc(e.padded * 4, 4096)
+        out = tuple(torch.empty(e.numel) for _ in range(3))
+        block = self.arena.alloc(max(ch.padded for ch in e.chunks) * 4, 4096)
         try:
-            buf = self.arena.tensor(block, torch.float32)
-            self.tier.read_async(e.handle, buf).wait()
-            return tuple(buf[i * e.numel : (i + 1) * e.numel].clone() for i in range(3))  # type: ignore[return-value]
+            for ch in e.chunks:
+                buf = self.arena.tensor(block, torch.float32)[: ch.padded]
+                self.tier.read_async(ch.handle, buf).wait()
+                for i in range(3):
+                    out[i][ch.start : ch.start + ch.numel] = buf[i * ch.numel : (i + 1) * ch.numel]
+            return out  # type: ignore[return-value]
         finally:
             self.arena.free(block)
 
     def remove(self, key: Hashable) -> None:
-        self.tier.free(self._entries.pop(key).handle)
+        for ch in self._entries.pop(key).chunks:
+            self.tier.free(ch.handle)
 
     def nbytes(self) -> int:
         """Bytes of state on the tier (padded), for reports."""
-        return sum(e.padded * 4 for e in self._entries.values())
+        return sum(ch.padded * 4 for e in self._entries.values() for ch in e.chunks)
 
     def _entry(self, key: Hashable) -> _Entry:
         try:
@@ -182,19 +210,20 @@ class OffloadedAdamState:
         self._ring, self._ring_elems = [], 0
 
     # --- the step -------------------------------------------------------------------------
-    def groups(self, items: Sequence[StepItem]) -> list[list[StepItem]]:
-        """Consecutive items packed into groups of at most ``bucket_bytes`` of state (a
-        tensor larger than that is a group of its own)."""
-        out: list[list[StepItem]] = []
+    def groups(self, items: Sequence[StepItem]) -> list[list[_Unit]]:
+        """The items' chunks, in order, packed into groups of at most ``bucket_bytes`` of
+        state (or one chunk, when ``bucket_bytes`` is below a page)."""
+        out: list[list[_Unit]] = []
         size = 0
         for it in items:
-            nbytes = self._entry(it.key).padded * 4
-            if out and size + nbytes <= self.bucket_bytes:
-                out[-1].append(it)
-                size += nbytes
-            else:
-                out.append([it])
-                size = nbytes
+            for ch in self._entry(it.key).chunks:
+                nbytes = ch.padded * 4
+                if out and size + nbytes <= self.bucket_bytes:
+                    out[-1].append(_Unit(it, ch))
+                    size += nbytes
+                else:
+                    out.append([_Unit(it, ch)])
+                    size = nbytes
         return out
 
     def step(self, items: Sequence[StepItem]) -> None:
@@ -205,18 +234,20 @@ class OffloadedAdamState:
                     f"state {it.key!r}: grad has {it.grad.numel()} elements, param "
                     f"{it.param.numel()}, state {self._entry(it.key).numel}"
                 )
+            if not it.param.is_contiguous():
+                raise ValueError(f"state {it.key!r}: the parameter must be contiguous")
         groups = self.groups(items)
         self.stats.groups = [len(g) for g in groups]
         self.stats.steps += 1
         if self.in_place:
             for i, group in enumerate(groups):
-                views = [self.tier.view(self._entry(it.key).handle) for it in group]  # type: ignore[attr-defined]
+                views = [self.tier.view(u.chunk.handle) for u in group]  # type: ignore[attr-defined]
                 self._update(i, group, views)
             return
         self._streamed(groups)
 
-    def _streamed(self, groups: list[list[StepItem]]) -> None:
-        need = max((sum(self._entry(it.key).padded for it in g) for g in groups), default=0)
+    def _streamed(self, groups: list[list[_Unit]]) -> None:
+        need = max((sum(u.chunk.padded for u in g) for g in groups), default=0)
         self._ensure_ring(need)
         reads: list[list[IOFuture]] = [[] for _ in groups]
         writes: list[list[IOFuture]] = [[] for _ in groups]
@@ -246,19 +277,18 @@ class OffloadedAdamState:
         self._ring = [self.arena.alloc(elems * 4, 4096) for _ in range(RING)]
         self._ring_elems = elems
 
-    def _views(self, i: int, group: list[StepItem]) -> list[Tensor]:
+    def _views(self, i: int, group: list[_Unit]) -> list[Tensor]:
         buf = self.arena.tensor(self._ring[i % RING], torch.float32)
         out, off = [], 0
-        for it in group:
-            padded = self._entry(it.key).padded
-            out.append(buf[off : off + padded])
-            off += padded
+        for u in group:
+            out.append(buf[off : off + u.chunk.padded])
+            off += u.chunk.padded
         return out
 
-    def _io(self, op: str, i: int, group: list[StepItem]) -> list[IOFuture]:
+    def _io(self, op: str, i: int, group: list[_Unit]) -> list[IOFuture]:
         futs = []
-        for it, view in zip(group, self._views(i, group), strict=True):
-            handle = self._entry(it.key).handle
+        for u, view in zip(group, self._views(i, group), strict=True):
+            handle = u.chunk.handle
             if op == "read":
                 futs.append(self.tier.read_async(handle, view))
                 self.stats.bytes_read += handle.nbytes
@@ -277,50 +307,48 @@ class OffloadedAdamState:
         if self.events is not None:
             self.events.append((what, i))
 
-    def _update(self, i: int, group: list[StepItem], views: list[Tensor]) -> None:
+    def _update(self, i: int, group: list[_Unit], views: list[Tensor]) -> None:
         """cpu_adamw_step_ over the group (one call per hyperparameter/dtype batch)."""
         self._log("update_start", i)
         t0 = time.perf_counter()
-        batches: dict[tuple, list[tuple[StepItem, Tensor]]] = {}
-        for it, view in zip(group, views, strict=True):
-            g = it.grad
-            lowp = _direct_lowp(it.param)
-            key = (it.hyper, g.dtype if g.dtype in (torch.float32, *_LOWP) else None,
-                   None if lowp is None else lowp.dtype)  # fmt: skip
-            batches.setdefault(key, []).append((it, view))
-        for (hyper, _gd, lowp_dtype), pairs in batches.items():
-            ps, gs, ms, vs, outs = [], [], [], [], []
-            for it, view in pairs:
-                n = it.param.numel()
+        batches: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for u, view in zip(group, views, strict=True):
+            s, n = u.chunk.start, u.chunk.numel
+            g = _cpu_grad(u.item.grad.detach().reshape(-1)[s : s + n])
+            param = u.item.param.detach().view(-1)[s : s + n]
+            lowp = _direct_lowp(param)
+            key = (u.item.hyper, g.dtype, None if lowp is None else lowp.dtype)
+            batches.setdefault(key, []).append((view, g, param))
+        for (hyper, _gd, lowp_dtype), triples in batches.items():
+            ps, ms, vs = [], [], []
+            for view, g, _ in triples:
+                n = g.numel()
                 ps.append(view[:n])
                 ms.append(view[n : 2 * n])
                 vs.append(view[2 * n : 3 * n])
-                gs.append(_cpu_grad(it.grad))
-                if lowp_dtype is not None:
-                    outs.append(_direct_lowp(it.param))
             cpu_adamw_step_(
-                ps, gs, ms, vs, step=hyper.step, lr=hyper.lr, beta1=hyper.beta1,
-                beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay,
-                eps_mode=hyper.eps_mode, out_lowp=outs if lowp_dtype is not None else None,
+                ps, [g for _, g, _ in triples], ms, vs, step=hyper.step, lr=hyper.lr,
+                beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                weight_decay=hyper.weight_decay, eps_mode=hyper.eps_mode,
+                out_lowp=[p for _, _, p in triples] if lowp_dtype is not None else None,
             )  # fmt: skip
             if lowp_dtype is None:
-                for (it, _view), p in zip(pairs, ps, strict=True):
-                    it.param.detach().copy_(p.view_as(it.param))
+                for (_, _, param), master in zip(triples, ps, strict=True):
+                    param.copy_(master)
         self.stats.update_s += time.perf_counter() - t0
         self._log("update_end", i)
 
 
 def _cpu_grad(g: Tensor) -> Tensor:
-    g = g.detach()
     if g.device.type != "cpu":
         g = g.to("cpu")
     if g.dtype not in (torch.float32, *_LOWP):
         g = g.float()
-    return g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1)
+    return g.contiguous()
 
 
 def _direct_lowp(param: Tensor) -> Tensor | None:
-    """A flat view of a contiguous bf16/fp16 CPU parameter (the kernel writes it directly)."""
+    """A contiguous bf16/fp16 CPU parameter slice (the kernel writes it directly)."""
     if param.device.type == "cpu" and param.dtype in _LOWP and param.is_contiguous():
-        return param.detach().view(-1)
+        return param
     return None
