@@ -140,7 +140,9 @@ def _ds_version() -> str:
     return str(deepspeed.__version__)
 
 
-def deepspeed_run(h: object, d: Path, size: int, repeats: int) -> tuple[list[float], list[float]]:
+def deepspeed_run(
+    h: object, d: Path, size: int, repeats: int, unlink: bool = True
+) -> tuple[list[float], list[float]]:
     path = str(d / "ds.dat")
     buf = h.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.uint8))  # type: ignore[attr-defined]
     buf.random_(0, 255)
@@ -153,7 +155,8 @@ def deepspeed_run(h: object, d: Path, size: int, repeats: int) -> tuple[list[flo
         h.sync_pread(buf, path)  # type: ignore[attr-defined]
         reads.append(size / (time.perf_counter() - t0) / 1e9)
     h.free_cpu_locked_tensor(buf)  # type: ignore[attr-defined]
-    os.unlink(path)
+    if unlink:  # kept between rounds: later writes overwrite, as in ZeRO-Infinity's swap files
+        os.unlink(path)
     return writes, reads
 
 
@@ -204,7 +207,7 @@ def main() -> None:
         print("# fio: not installed (apt-get install -y fio): peer missing")
     if ds is not None:
         peers[ds_note + " aio_handle"] = lambda: tuple(  # type: ignore[assignment]
-            x[0] for x in deepspeed_run(ds, d, size, 1)
+            x[0] for x in deepspeed_run(ds, d, size, 1, unlink=False)
         )
     else:
         print(f"# DeepSpeed: {ds_note}")
