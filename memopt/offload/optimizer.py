@@ -121,7 +121,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     raise RuntimeError("OffloadedAdamW does not support sparse gradients")
                 state = self.state[p]
                 if p not in self.store:
-                    self.store.add(p, p.detach().float())
+                    self.store.add(p, p.detach())  # upcast chunk by chunk
                     state["step"] = 0
                 state["step"] += 1
                 hyper = AdamHyper(
@@ -163,7 +163,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for index, st in state_dict["state"].items():
             p = params[int(index)]
             master = st.get("master", p.detach())
-            self.store.add(p, master.float(), st["exp_avg"].float(), st["exp_avg_sq"].float())
+            self.store.add(p, master, st["exp_avg"], st["exp_avg_sq"])
             self.state[p] = {"step": int(float(st["step"]))}
 
     def read_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:

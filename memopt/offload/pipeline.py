@@ -146,29 +146,35 @@ class OffloadedAdamState:
         self, key: Hashable, master: Tensor, exp_avg: Tensor | None = None,
         exp_avg_sq: Tensor | None = None,
     ) -> None:  # fmt: skip
-        """Put a tensor's state on the tier (moments default to zeros); replaces an old one."""
+        """Put a tensor's state on the tier (moments default to zeros); replaces an old one.
+
+        ``master`` may be in any floating dtype (a bf16 parameter): each chunk is converted
+        to fp32 as it is copied, so no full-size fp32 temporary is made.
+        """
         n = master.numel()
         for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             if t is not None and t.numel() != n:
                 raise ValueError(f"{name} has {t.numel()} elements, the master has {n}")
         if key in self._entries:
             self.remove(key)
-        step = self.chunk_elems
+        # in place (host tier, no staging): one chunk per tensor; streamed: bucket-sized chunks
+        step = max(n, 1) if self.in_place else self.chunk_elems
         chunks = []
         for start in range(0, max(n, 1), step):
             c = min(step, n - start)
             padded = round_up(max(3 * c, 1), _PAD)
             chunks.append(_Chunk(self.tier.allocate((padded,), torch.float32), start, c, padded))
         self._entries[key] = _Entry(n, chunks)
+        srcs = [t if t is None else t.detach().reshape(-1) for t in (master, exp_avg, exp_avg_sq)]
+        if self.in_place:  # write straight into the tier's memory
+            for ch in chunks:
+                _fill(self.tier.view(ch.handle), srcs, ch)  # type: ignore[attr-defined]
+            return
         block = self.arena.alloc(max(ch.padded for ch in chunks) * 4, 4096)
         try:
             for ch in chunks:
                 buf = self.arena.tensor(block, torch.float32)[: ch.padded]
-                buf.zero_()
-                for i, t in enumerate((master, exp_avg, exp_avg_sq)):
-                    if t is not None:
-                        part = t.detach().reshape(-1)[ch.start : ch.start + ch.numel]
-                        buf[i * ch.numel : (i + 1) * ch.numel].copy_(part)
+                _fill(buf, srcs, ch)
                 self.tier.write_async(ch.handle, buf).wait()
         finally:
             self.arena.free(block)
@@ -337,6 +343,14 @@ class OffloadedAdamState:
                     param.copy_(master)
         self.stats.update_s += time.perf_counter() - t0
         self._log("update_end", i)
+
+
+def _fill(buf: Tensor, srcs: list[Tensor | None], ch: _Chunk) -> None:
+    """``buf`` <- ``[master | exp_avg | exp_avg_sq]`` of one chunk (zeros where None)."""
+    buf.zero_()
+    for i, t in enumerate(srcs):
+        if t is not None:
+            buf[i * ch.numel : (i + 1) * ch.numel].copy_(t[ch.start : ch.start + ch.numel])
 
 
 def _cpu_grad(g: Tensor) -> Tensor:
