@@ -12,8 +12,10 @@ configuration (``torch.distributed.run``, 1 rank, gloo), each run in the same in
 
 **I/O bound** (memopt-nvme): bytes the optimizer step moved (tier reads + writes, from the
 pipeline's counters) over fio's sequential bandwidth on a file of the same size in the same
-directory, measured in this run (``ioengine=libaio, direct=1``, the tier's block size and queue
-depth): ``read_bytes / fio_read + write_bytes / fio_write`` (one disk serves both). Target:
+directory, measured in this run right before and right after it (the better of the two for
+each direction: the strictest bound on a disk shared with other jobs; ``ioengine=libaio,
+direct=1``, the tier's block size and queue depth): ``read_bytes / fio_read + write_bytes /
+fio_write`` (one disk serves both), and the overlapped bound ``max(read, write)``. Target:
 optimizer step within 1.3x of it. **Peak RSS**: ``VmHWM`` of each process, and the same minus
 the RSS after imports (the training memory). Target: memopt at least 30% below DeepSpeed.
 
@@ -199,12 +201,15 @@ def report(res: dict[str, dict[str, Any]], bw: dict[str, float]) -> str:
         )
     nv = res.get("memopt-nvme")
     if nv and bw:
-        bound = nv["read_per_step"] / bw["read"] + nv["write_per_step"] / bw["write"]
+        r, w = nv["read_per_step"] / bw["read"], nv["write_per_step"] / bw["write"]
+        bound = r + w
         lines += ["", f"NVMe step moves {nv['read_per_step'] / GB:.2f} GB read + "
                   f"{nv['write_per_step'] / GB:.2f} GB written ({nv['groups']} groups); fio "
                   f"{bw['read'] / GB:.2f} GB/s read, {bw['write'] / GB:.2f} GB/s write -> I/O "
                   f"bound {bound:.2f} s; optimizer step {nv['opt_s']:.2f} s = "
-                  f"{nv['opt_s'] / bound:.2f}x the bound (target <= 1.3x)"]  # fmt: skip
+                  f"{nv['opt_s'] / bound:.2f}x the bound (target <= 1.3x); "
+                  f"{nv['opt_s'] / max(r, w):.2f}x the overlapped bound "
+                  f"{max(r, w):.2f} s"]  # fmt: skip
     ds = res.get("deepspeed-cpu")
     for name in ("memopt-cpu", "memopt-nvme"):
         r = res.get(name)
@@ -237,14 +242,27 @@ def main() -> None:
         return
     args.dir.mkdir(parents=True, exist_ok=True)
     bw: dict[str, float] = {}
-    if shutil.which("fio"):
-        size = 256 << 20 if args.quick else 1 << 30
-        bw = {"write": fio(args.dir, size, 1 << 20, 8, "write"),
-              "read": fio(args.dir, size, 1 << 20, 8, "read")}  # fmt: skip
-        (args.dir / "fio.dat").unlink(missing_ok=True)
-        print(f"  fio: {bw['write'] / GB:.2f} GB/s write, {bw['read'] / GB:.2f} GB/s read")
-    res = {c: run_one(c, args) for c in args.configs.split(",")}
+    res = {}
+    for c in args.configs.split(","):
+        if c == "memopt-nvme":  # fio right before and after: the better figure is the bound's
+            bw = _fio_pair(args, bw)
+            res[c] = run_one(c, args)
+            bw = _fio_pair(args, bw)
+        else:
+            res[c] = run_one(c, args)
     print(report(res, bw))
+
+
+def _fio_pair(args: argparse.Namespace, best: dict[str, float]) -> dict[str, float]:
+    """fio write + read on a 1 GiB file in ``--dir``; keeps the best of each seen so far."""
+    if not shutil.which("fio"):
+        print("  fio: not installed (apt-get install -y fio): no I/O bound")
+        return best
+    size = 256 << 20 if args.quick else 1 << 30
+    now = {rw: fio(args.dir, size, 1 << 20, 8, rw) for rw in ("write", "read")}
+    (args.dir / "fio.dat").unlink(missing_ok=True)
+    print(f"  fio: {now['write'] / GB:.2f} GB/s write, {now['read'] / GB:.2f} GB/s read")
+    return {rw: max(best.get(rw, 0.0), now[rw]) for rw in now}
 
 
 if __name__ == "__main__":
