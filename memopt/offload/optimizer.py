@@ -112,6 +112,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         items = []
+        fresh = [p for g in self.param_groups for p in g["params"]
+                 if p.grad is not None and p not in self.store]  # fmt: skip
+        self.store.reserve([p.numel() for p in fresh])  # host tiers: one exact-size piece
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -179,6 +179,16 @@ class OffloadedAdamState:
         finally:
             self.arena.free(block)
 
+    def reserve(self, numels: Sequence[int]) -> None:
+        """Make room for the state of tensors of ``numels`` elements that ``add`` will place
+        next, in one piece: on an in-place (host) tier, one allocation of the exact total,
+        freed at once, so the arena grows by exactly that (not by chunk-sized steps) and the
+        ``add`` calls that follow fill it. Streamed tiers need nothing."""
+        if not self.in_place or not numels:
+            return
+        total = sum(round_up(max(3 * n, 1), _PAD) for n in numels)
+        self.tier.free(self.tier.allocate((total,), torch.float32))
+
     def read(self, key: Hashable) -> tuple[Tensor, Tensor, Tensor]:
         """Copies of (master, exp_avg, exp_avg_sq), flat fp32 CPU tensors, read from the tier."""
         e = self._entry(key)

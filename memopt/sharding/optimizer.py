@@ -158,7 +158,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.finish_grad_sync()
         self.inner.step()
-        gather_params(self.comm, self.buckets, self.locals, self.in_place, self.names)
+        if not (self._plain and len(self.in_place) == len(self.locals)):
+            # (world size 1 with every local the parameter itself: nothing to gather; packing
+            # the buckets would only copy every parameter once more)
+            gather_params(self.comm, self.buckets, self.locals, self.in_place, self.names)
         self._release()
         return loss
 

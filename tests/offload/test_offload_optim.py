@@ -103,6 +103,17 @@ def test_cpu_tier_equals_torch_adamw(arena: PinnedArena, in_place: bool) -> None
     assert tier.report().live_handles == 0
 
 
+def test_host_tier_state_is_one_exact_reservation() -> None:
+    arena = PinnedArena(ArenaConfig(pin="off", chunk_bytes=4096))  # grows by the request
+    params = _params(torch.bfloat16)
+    opt = OffloadedAdamW(_groups(params), tier=PinnedCPUTier(arena))
+    _run(opt, params, range(1))
+    # reserve(): the arena grew once, by exactly the state (not a chunk per tensor)
+    assert arena.chunk_count() == 1 and arena.report().capacity_bytes == opt.store.nbytes()
+    opt.close()
+    arena.close()
+
+
 def test_nvme_tier_equals_torch_adamw_and_overlaps(tmp_path: Path, arena: PinnedArena) -> None:
     params = _params()
     tier = _nvme(tmp_path, arena)
