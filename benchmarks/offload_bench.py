@@ -36,16 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _procstat import rss_kib  # benchmarks/ is on sys.path when run as a script
+
 CONFIGS = ("memopt-nvme", "memopt-cpu", "deepspeed-cpu")
 GB = 1e9
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def build_model(quick: bool) -> Any:
@@ -124,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import memopt  # noqa: F401
 
-    base_kib = _rss_kib("VmRSS")
+    base_kib = rss_kib("VmRSS")
     model = build_model(args.quick)
     n_params = sum(p.numel() for p in model.parameters())
     step, _opt, store = _setup(args, model)
@@ -146,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         "fwd_bwd_s": statistics.median(fb),
         "opt_s": statistics.median(op),
         "io_wait_s": statistics.median(io),
-        "peak_kib": _rss_kib("VmHWM"),
+        "peak_kib": rss_kib("VmHWM"),
         "base_kib": base_kib,
     }
     if store is not None:

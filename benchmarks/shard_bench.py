@@ -43,19 +43,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _procstat import rss_kib  # benchmarks/ is on sys.path when run as a script
+
 CONFIGS = ("memopt1", "deepspeed1", "memopt2", "deepspeed2", "memopt3", "deepspeed3", "fsdp2")
 MIB = 2**20
 
 
 # -- worker side (one rank of one configuration) -----------------------------------------
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def build_model(quick: bool) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -142,7 +136,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import memopt  # noqa: F401
 
-    base_kib = _rss_kib("VmRSS")
+    base_kib = rss_kib("VmRSS")
     model = build_model(args.quick)
     n_params = sum(p.numel() for p in model.parameters())
     _, step, opt = _setup(args.config, model, 1e-4, args.batch)
@@ -158,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     mine = {
         "rank": rank,
         "step_s": statistics.median(times),
-        "peak_kib": _rss_kib("VmHWM"),
+        "peak_kib": rss_kib("VmHWM"),
         "base_kib": base_kib,
         "state_bytes": _state_bytes(opt),
         "params": n_params,
