@@ -147,13 +147,8 @@ class FSDPOptimizer(ShardedOptimizer):
                 h.grad = None
                 h.data = h.data.new_empty(0)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.plans:
-            if set_to_none or p.param.grad is None:
-                p.param.grad = None
-            else:
-                p.param.grad.zero_()
-        self._release()
+    def _drain(self) -> None:
+        """Nothing in flight: FSDP2 finishes its reduce-scatters inside the backward."""
 
     def _release(self) -> None:
         for h in self.holders.values():

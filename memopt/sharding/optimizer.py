@@ -166,13 +166,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.reducer.wait_all()
+        self._drain()
         for p in self.plans:
             if set_to_none or p.param.grad is None:
                 p.param.grad = None
             else:
                 p.param.grad.zero_()
         self._release()
+
+    def _drain(self) -> None:
+        """Let gradient communication still in flight finish before gradients are dropped."""
+        self.reducer.wait_all()
 
     def _release(self) -> None:
         for local in self.locals.values():
