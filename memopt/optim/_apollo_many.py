@@ -13,8 +13,8 @@ once per group over lists (``torch._foreach_*``) and stacked scalars:
                     alpha = -lr_t (1 - lr wd) sqrt(scale) / lam      (stacked, on the device)
     per parameter:  W <- (1 - lr wd) W + alpha G s                   (one fused kernel)
 
-The result equals ``ApolloAdamW.low_rank_step`` applied one parameter at a time (which
-optimizer-in-backward still uses) up to float rounding; nothing syncs with the host.
+Optimizer-in-backward (``step_one``) runs the same code on a group of one parameter;
+nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from memopt.optim import _functional as F
 from memopt.optim import kernels
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def _finish(items: list[_Item], group: dict[str, Any]) -> None:
         new_prev, scale = norms, torch.full_like(norms, root)
     else:
         prev = torch.stack([it.state["nl_prev"] for it in items])
-        lam = torch.clamp(norms / (prev + 1e-8), min=group["nl_gamma"]) / group["nl_gamma"]
+        lam = F.norm_growth_limiter(norms, prev, group["nl_gamma"])
         new_prev, scale = norms / lam, root / lam
     torch._foreach_copy_([it.state["nl_prev"] for it in items], list(new_prev.unbind()))
     if len(sizes) == 1:  # the usual case: one bias-corrected step size for the group

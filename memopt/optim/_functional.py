@@ -53,18 +53,6 @@ def adam_direction(
     return exp_avg / denom, lr / bc1
 
 
-def scaled_norm(g: Tensor, factor: Tensor) -> Tensor:
-    """||g * factor||_F without forming g * factor: one reduction over g.
-
-    ``factor`` is a 0-d tensor, a column (m, 1) or a row (1, n).
-    """
-    if factor.dim() == 0:
-        return torch.linalg.vector_norm(g) * factor.abs()
-    dim = 1 if factor.shape[0] == g.shape[0] and factor.shape[-1] == 1 else 0
-    sq = torch.linalg.vector_norm(g, dim=dim).square()
-    return (sq * factor.reshape(-1).square()).sum().sqrt()
-
-
 def norm_growth_limiter(norm: Tensor, prev: Tensor, gamma: float) -> Tensor:
     """Fira's limiter: the divisor that caps ||u_t|| / ||u_{t-1}|| at ``gamma``.
 

@@ -22,14 +22,12 @@ sync per parameter), and the scaled write with weight decay is one ``addcmul_``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor
 
 from memopt.optim import _functional as F
-from memopt.optim import kernels
 from memopt.optim._apollo_many import apollo_many
 from memopt.optim._base import MemoptOptimizer, check_grad
 from memopt.optim.galore import ADAMW_DEFAULTS
@@ -107,8 +105,7 @@ class ApolloAdamW(MemoptOptimizer):
         return None if self.projects(p, group) else "galore"
 
     def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        # step(): the whole group at once (see _apollo_many); step_one() keeps the
-        # one-parameter path below for optimizer-in-backward.
+        # step(): the whole group at once (see _apollo_many)
         for p in params:
             check_grad(p.grad, self._meta()[id(p)][1].label)  # type: ignore[arg-type]
         apollo_many(self, params, group)
@@ -116,43 +113,8 @@ class ApolloAdamW(MemoptOptimizer):
     def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
-        _, g, low, _ = self.projected_gradient(p, group, state, label)
-        # one factor per row of a right projection, per column of a left one
-        dim = 1 if state["proj_right"] else 0
-        _, step_size, num, den = self.adam_on(low, group, state, eps_mode="galore", norms_dim=dim)
-        assert num is not None and den is not None
-        if group["scale_type"] == "tensor":
-            factor = num.sum().sqrt() / (den.sum().sqrt() + 1e-8)
-        else:
-            factor = num.sqrt() / (den.sqrt() + 1e-8)
-            factor = factor.unsqueeze(1) if dim == 1 else factor.unsqueeze(0)
-        factor = factor * self.limiter(g, factor, group, state)
-        apply_scaled(p, g, factor, step_size, group)
-
-    def limiter(
-        self, g: Tensor, factor: Tensor, group: dict[str, Any], state: dict[str, Any]
-    ) -> Tensor | float:
-        """sqrt(scale) times the norm-growth limiter's 1/lambda, as a device tensor."""
-        root = math.sqrt(group["scale"])
-        if group["disable_nl"]:
-            return root
-        front = root if group["scale_front"] else 1.0
-        norm = F.scaled_norm(g, factor) * front  # ||U|| before the limiter
-        if "nl_prev" not in state:
-            state["nl_prev"] = norm.reshape(())
-            return root
-        lam = F.norm_growth_limiter(norm, state["nl_prev"], group["nl_gamma"])
-        state["nl_prev"] = (norm / lam).reshape(())
-        return root / lam
-
-
-def apply_scaled(
-    p: Tensor, g: Tensor, factor: Tensor, step_size: float, group: dict[str, Any]
-) -> None:
-    """W <- (1 - lr wd) (W - step_size * g * factor), one pass on the Triton backend."""
-    keep = 1.0 - group["lr"] * group["weight_decay"]
-    w = p if p.dim() == 2 else p.view(p.shape[0], -1)
-    kernels.scaled_update_(w, g, factor, -step_size * keep, keep)
+        # step_one() (optimizer-in-backward): the same arithmetic for a group of one
+        apollo_many(self, [p], group)
 
 
 class ApolloMini(ApolloAdamW):
