@@ -1,0 +1,11 @@
+"""Activation memory: swap saved activations to a tier, recompute, sample, under a byte budget.
+
+``ActivationPolicy`` (``policy.py``) names what happens to one block's saved activations;
+``SavedLedger`` (``ledger.py``) counts the bytes held per place. The managers and the
+planner build on these two.
+"""
+
+from memopt.activations.ledger import SavedLedger
+from memopt.activations.policy import ActivationPolicy, BlockDecision, Plan
+
+__all__ = ["ActivationPolicy", "BlockDecision", "Plan", "SavedLedger"]
