@@ -98,6 +98,15 @@ class Comm:
         return None if self.group is None else str(dist.get_backend(self.group))
 
     # -- collectives (async; the caller waits) --------------------------------------
+    def device(self) -> torch.device:
+        """The device this group's collectives use by default: the current accelerator under
+        NCCL, else the CPU (for flags and other small tensors that belong to no parameter)."""
+        if self.backend() == "nccl":
+            acc = torch.accelerator.current_accelerator()
+            if acc is not None:
+                return torch.device(acc.type, torch.accelerator.current_device_index())
+        return torch.device("cpu")
+
     def reduce_scatter(self, out: Tensor, inp: Tensor, *, what: What = None) -> Any:
         if self.world == 1:
             out.copy_(inp)

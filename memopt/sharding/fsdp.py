@@ -28,7 +28,7 @@ parameters are the fp32 masters and only one group is ever held full-size in fp3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch import nn
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp_optim import FSDPOptimizer
+from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,17 @@ class FSDPOptions:
     - ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (None: see ``master_dtype``).
     - ``reshard_after_forward``: FSDP2's option (True frees gathered parameters after each
       group's forward, ZeRO-3; False keeps them until backward, ZeRO-2-like memory).
+    - ``init_fn`` / ``init_device``: for a model built on the meta device (see
+      ``memopt.sharding.meta_init``): the per-module initializer (default: each module's
+      ``reset_parameters()``) and where the shards live (default: the rank's accelerator
+      under NCCL, else the CPU).
     """
 
     modules: Sequence[nn.Module] | None = None
     mp_policy: Any = None
     reshard_after_forward: bool = True
+    init_fn: Callable[[nn.Module], None] | None = None
+    init_device: torch.device | str | None = None
 
     def __post_init__(self) -> None:
         if self.modules is not None:
@@ -74,6 +81,12 @@ class FSDPOptions:
                 )
         if not isinstance(self.reshard_after_forward, bool):
             raise TypeError("memopt.shard: FSDPOptions.reshard_after_forward must be a bool")
+        if self.init_fn is not None and not callable(self.init_fn):
+            raise TypeError("memopt.shard: FSDPOptions.init_fn must be callable(module)")
+        if self.init_device is not None:
+            device = torch.device(self.init_device)  # raises on a malformed string
+            if device.type == "meta":
+                raise ValueError("memopt.shard: FSDPOptions.init_device cannot be 'meta'")
 
 
 def default_units(model: nn.Module) -> list[nn.Module]:
@@ -126,7 +139,7 @@ def apply_fully_shard(
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(model.parameters()).device
+    device = shard_device(model, comm, options)
     mesh = DeviceMesh.from_group(comm.group, device.type)
     mp = mixed_precision(model, options, master)
     units = list(options.modules) if options.modules is not None else default_units(model)
@@ -141,6 +154,17 @@ def apply_fully_shard(
     _cast(model, master)
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def shard_device(model: nn.Module, comm: Comm, options: FSDPOptions) -> torch.device:
+    """Where the shards live: the parameters' device, or for a meta model ``init_device``
+    (default: the current accelerator under NCCL, else the CPU)."""
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        return device
+    if options.init_device is not None:
+        return torch.device(options.init_device)
+    return comm.device()
 
 
 def _cast(module: nn.Module, master: torch.dtype | None) -> None:
@@ -166,6 +190,8 @@ def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
         )
     if options.modules is not None:
         check_units(model, options.modules)
+    if is_meta(model):
+        check_meta(model, options.init_fn)
 
 
 def shard_stage3(
@@ -178,10 +204,14 @@ def shard_stage3(
     """``fully_shard`` the model, then wrap the optimizer around the new DTensor parameters.
 
     ``fully_shard`` replaces every parameter object; the optimizer's are found again by name.
+    A meta-device model is materialized shard by shard right after (``meta_init``).
     """
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    order = param_names(model, optimizer)
+    meta = is_meta(model)
+    device = shard_device(model, comm, options)
     apply_fully_shard(model, comm, options, config.master_dtype)
+    if meta:
+        materialize(model, device, comm.rank, comm.world, options.init_fn)
     new = dict(model.named_parameters())
     params = [[new[n] for n in group] for group in order]
     return model, FSDPOptimizer(model, optimizer, config, comm, params)

@@ -41,7 +41,7 @@ from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.optimizer import ShardedOptimizer
-from memopt.sharding.plan import ParamPlan, make_plans
+from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
 
 
 class FSDPOptimizer(ShardedOptimizer):
@@ -140,7 +140,7 @@ class FSDPOptimizer(ShardedOptimizer):
             local = _local(p.param)
             full = h.data if p.owner == self.comm.rank else local.new_empty(p.param.shape)
             self.comm.broadcast(full, p.owner).wait()  # type: ignore[arg-type]
-            s, e = _fsdp_rows(p.rows, self.comm.rank, self.comm.world)
+            s, e = chunk_rows(p.rows, -(-p.rows // self.comm.world), self.comm.rank)
             if e > s:
                 local.copy_(full.reshape(p.rows, p.cols)[s:e].reshape(local.shape))
             if p.owner == self.comm.rank:  # drop the full copies until the next step
@@ -188,13 +188,6 @@ class FSDPOptimizer(ShardedOptimizer):
 def _local(t: Any) -> Tensor:
     """A DTensor's local shard (``to_local()``: a view of FSDP2's sharded storage)."""
     return t.to_local()
-
-
-def _fsdp_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
-    """FSDP2's Shard(0) rows of ``rank`` (``torch.chunk``; plan.row_range of a row plan)."""
-    chunk = -(-rows // world)
-    start = min(rank * chunk, rows)
-    return start, min(start + chunk, rows)
 
 
 def _like(g: Tensor, h: Tensor) -> Tensor:

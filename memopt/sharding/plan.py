@@ -29,6 +29,13 @@ import torch
 from torch import Tensor
 
 
+def chunk_rows(rows: int, chunk: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of ``rank`` when ``rows`` are cut in pieces of ``chunk`` (the
+    ``torch.chunk`` split FSDP2's ``Shard(0)`` uses with ``chunk = ceil(rows / world)``)."""
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
 @dataclass(eq=False)
 class ParamPlan:
     """One parameter's placement and its offset in its bucket."""
@@ -46,8 +53,7 @@ class ParamPlan:
     def row_range(self, rank: int) -> tuple[int, int]:
         if self.owner is not None:
             return (0, self.rows) if rank == self.owner else (0, 0)
-        start = min(rank * self.chunk, self.rows)
-        return start, min(start + self.chunk, self.rows)
+        return chunk_rows(self.rows, self.chunk, rank)
 
     def local_numel(self, rank: int) -> int:
         s, e = self.row_range(rank)

@@ -16,7 +16,8 @@ from torch import nn
 
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
-from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_stage3
+from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
+from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import check_offloadable, offload_inner
 from memopt.sharding.optimizer import ShardedOptimizer
 
@@ -60,11 +61,22 @@ def apply_sharding(
         _check_local(model, optimizer, comm)
         if config.stage == 3:
             check_stage3(model, fsdp or FSDPOptions())
+        elif is_meta(model):
+            raise ValueError(
+                f"memopt.shard: the model is on the meta device; only stage 3 materializes a "
+                f"meta model shard by shard (got stage {config.stage}): build it on a real "
+                "device or use stage=3"
+            )
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, optimizer)
     if config.stage == 3 and comm.world > 1:  # world size 1: the plain path below
         return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
+    if is_meta(model):  # stage 3 on one rank: the whole model is this rank's shard
+        options = fsdp or FSDPOptions()
+        names = param_names(model, optimizer)
+        materialize(model, shard_device(model, comm, options), 0, 1, options.init_fn)
+        rebind(model, optimizer, names)
     if config.offload is None:
         return model, ShardedOptimizer(model, optimizer, config, comm)
     # Offload: local tensors are the model's own (shards of) parameters; the fp32 master
@@ -119,7 +131,9 @@ def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer
     """Raise on every rank if any rank failed its local checks (one small all-reduce)."""
     if comm.world > 1:
         device = optimizer.param_groups[0]["params"][0].device if error is None else None
-        flags = torch.zeros(comm.world, device=device or _flag_device(comm))
+        if device is not None and device.type == "meta":
+            device = None
+        flags = torch.zeros(comm.world, device=device or comm.device())
         if error is not None:
             flags[comm.rank] = 1.0
         comm.all_reduce_sum(flags)
@@ -131,11 +145,3 @@ def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer
             )
     if error is not None:
         raise error
-
-
-def _flag_device(comm: Comm) -> torch.device:
-    if comm.backend() == "nccl":
-        acc = torch.accelerator.current_accelerator()
-        if acc is not None:
-            return torch.device(acc.type, torch.accelerator.current_device_index())
-    return torch.device("cpu")
