@@ -26,6 +26,9 @@ Usage::
     python benchmarks/shard_bench.py                       # all 7 configurations, 2 repeats
     python benchmarks/shard_bench.py --configs memopt2,deepspeed2 --repeats 3
     python benchmarks/shard_bench.py --quick               # tiny model, smoke test
+    python benchmarks/shard_bench.py --configs memopt3,deepspeed3,fsdp2 --meta-init
+                                    # stage 3 built lazily: memopt/FSDP2 on the meta device,
+                                    # DeepSpeed under zero.Init (no rank holds the whole model)
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ MIB = 2**20
 
 
 # -- worker side (one rank of one configuration) -----------------------------------------
-def build_model(quick: bool) -> Any:
+def build_model(quick: bool, config: str = "", meta: bool = False) -> Any:
+    """The model; with ``meta`` built the way each system avoids a whole copy per rank:
+    memopt3 and fsdp2 on the meta device, deepspeed3 under ``deepspeed.zero.Init``."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,7 +70,15 @@ def build_model(quick: bool) -> Any:
     cfg = LlamaConfig(num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
                       tie_word_embeddings=False, **size)  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
+    lazy: Any = contextlib.nullcontext()
+    if meta and config in ("memopt3", "fsdp2"):
+        lazy = torch.device("meta")
+    elif meta and config == "deepspeed3":
+        import deepspeed
+
+        lazy = deepspeed.zero.Init()
+    with lazy:
+        return LlamaForCausalLM(cfg)
 
 
 def _state_bytes(opt: Any) -> int:
@@ -102,15 +117,23 @@ def _setup(name: str, model: Any, lr: float, micro_batch: int) -> tuple[Any, Cal
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        meta = next(model.parameters()).is_meta
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if meta:  # FSDP2's recipe: allocate the shards, then initialize on them
+            model.to_empty(device="cpu")
+            with torch.no_grad():
+                model.apply(model._init_weights)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     else:
         import memopt
 
+        from memopt.sharding import FSDPOptions
+
         inner = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-        model, opt = memopt.shard(model, inner, deepspeed_config={"stage": stage})
+        lazy = FSDPOptions(init_fn=model._init_weights) if stage == 3 else None
+        model, opt = memopt.shard(model, inner, deepspeed_config={"stage": stage}, fsdp=lazy)
 
     def step(x: Any) -> None:
         model(input_ids=x, labels=x).loss.backward()
@@ -137,7 +160,7 @@ def worker(args: argparse.Namespace) -> None:
     import memopt  # noqa: F401
 
     base_kib = rss_kib("VmRSS")
-    model = build_model(args.quick)
+    model = build_model(args.quick, args.config, args.meta_init)
     n_params = sum(p.numel() for p in model.parameters())
     _, step, opt = _setup(args.config, model, 1e-4, args.batch)
     g = torch.Generator().manual_seed(1000 + rank)
@@ -174,7 +197,8 @@ def run_one(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                "--nproc-per-node", "2", os.path.abspath(__file__), "--worker", "--config",
                config, "--out", out, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch), "--seq", str(args.seq)] + (
-            ["--quick"] if args.quick else [])  # fmt: skip
+            ["--quick"] if args.quick else []) + (
+            ["--meta-init"] if args.meta_init else [])  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -269,6 +293,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
     p.add_argument("--json", help="write the summary here")
+    p.add_argument("--meta-init", action="store_true",
+                   help="stage 3 and FSDP2 build the model lazily (meta device / zero.Init)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
