@@ -5,7 +5,17 @@
 planner build on these two.
 """
 
+from memopt.activations.apply import ActivationManager, apply
+from memopt.activations.install import ActivationOptions
 from memopt.activations.ledger import SavedLedger
 from memopt.activations.policy import ActivationPolicy, BlockDecision, Plan
 
-__all__ = ["ActivationPolicy", "BlockDecision", "Plan", "SavedLedger"]
+__all__ = [
+    "ActivationManager",
+    "ActivationOptions",
+    "ActivationPolicy",
+    "BlockDecision",
+    "Plan",
+    "SavedLedger",
+    "apply",
+]

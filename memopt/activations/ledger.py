@@ -74,6 +74,21 @@ class SavedLedger:
                 self._add(place, block, nbytes)
         return Token(self, key)
 
+    def hold_bytes(
+        self, nbytes: int, *, key: tuple[str, int], place: str, block: str = ""
+    ) -> Token:
+        """Count ``nbytes`` under ``key`` (bytes that are no tensor's whole storage: a slot of
+        the host arena, a range of an NVMe file) until the token is released."""
+        full = (place, block, key)
+        with self._lock:
+            entry = self._entries.get(full)
+            if entry is not None:
+                entry.refs += 1
+            else:
+                self._entries[full] = _Entry(nbytes, 1)
+                self._add(place, block, nbytes)
+        return Token(self, full)
+
     def _drop(self, key: tuple[str, str, tuple[str, int]]) -> None:
         with self._lock:
             entry = self._entries.get(key)

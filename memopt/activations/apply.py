@@ -1,0 +1,179 @@
+"""``apply(model, plan)``: install one ``ActivationPolicy`` per named block; one handle to undo it.
+
+Steps, all validated before any module is touched:
+
+1. the plan (a ``Plan`` or a ``{block name: ActivationPolicy}`` mapping) is checked: every name
+   must be a submodule of ``model`` (an unknown name is a ``ValueError`` listing close names),
+   every value an ``ActivationPolicy``, no block may sit inside another managed block (only the
+   innermost saved-tensor hooks apply, so the outer policy would silently not cover it), and
+   every action needs a registered installer (``install.INSTALLERS``; the modules that register
+   them are imported here, and a missing one is named in the error);
+2. one ``SavedLedger``, ``SwapEngine`` (over the shared pinned arena, or the one given) and
+   ``PrefetchScheduler`` are shared by all blocks; each block's installer wraps its forward.
+
+The returned ``ActivationManager`` holds the installed hooks: ``remove()`` restores every
+forward and frees the swap slots; ``ledger`` is the byte accounting; ``report(plan)`` compares
+the planner's predicted peak with the ledger's measured one after a step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+
+from torch import nn
+
+from memopt.activations.install import INSTALLERS, ActivationOptions, InstallContext, Installed
+from memopt.activations.ledger import SavedLedger
+from memopt.activations.policy import ActivationPolicy, Plan
+from memopt.activations.prefetch import PrefetchScheduler
+from memopt.activations.swap import SwapEngine
+from memopt.offload.arena import PinnedArena, default_arena
+
+__all__ = ["ActivationManager", "apply"]
+
+# Modules that register installers (``keep``/``swap`` live in ``swap``, imported above).
+_INSTALLER_MODULES: dict[str, str] = {
+    "recompute": "memopt.activations.recompute",
+    "sample": "memopt.activations.sampled",
+    "split": "memopt.activations.tokensplit",
+}
+
+
+def _load_installers(actions: set[str]) -> None:
+    """Import the modules registering ``actions``; a clear error if one is missing."""
+    for action in sorted(actions):
+        if action in INSTALLERS:
+            continue
+        module = _INSTALLER_MODULES.get(action)
+        reason = "no module registers it"
+        if module is not None:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                reason = f"{module} could not be imported ({err})"
+        if action not in INSTALLERS:
+            raise ValueError(
+                f"activation action {action!r} has no installer: {reason}; registered: "
+                f"{', '.join(INSTALLERS.names())}"
+            )
+
+
+def _check_plan(model: nn.Module, policies: Mapping[str, object]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for name, policy in policies.items():
+        if not isinstance(policy, ActivationPolicy):
+            raise TypeError(
+                f"policy for block {name!r} is a {type(policy).__name__}; pass an "
+                "ActivationPolicy (memopt.activations.policy.swap(), recompute(), ...)"
+            )
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise ValueError(f"block {name!r} is not a submodule of the model{hint}")
+    names = sorted(policies)
+    for outer in names:
+        for inner in names:
+            if inner != outer and (outer == "" or inner.startswith(outer + ".")):
+                raise ValueError(
+                    f"block {inner!r} lies inside managed block {outer!r}: only the innermost "
+                    "saved-tensor hooks apply; give a policy to one of them only"
+                )
+    return {name: modules[name] for name in names}
+
+
+class ActivationManager:
+    """The installed policies of one ``apply`` call."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policies: dict[str, ActivationPolicy],
+        ledger: SavedLedger,
+        engine: SwapEngine,
+        scheduler: PrefetchScheduler,
+    ) -> None:
+        self.model = model
+        self.policies = policies
+        self.ledger = ledger
+        self.swap = engine
+        self.scheduler = scheduler
+        self.installed: dict[str, Installed] = {}
+        self._removed = False
+
+    def remove(self) -> None:
+        """Restore every block's forward and free all swap slots (idempotent)."""
+        if self._removed:
+            return
+        self._removed = True
+        for installed in reversed(list(self.installed.values())):
+            installed.remove()
+        self.installed.clear()
+        self.scheduler.reset()
+        self.swap.close()
+
+    def report(self, plan: Plan | None = None) -> str:
+        """Measured peak saved bytes (per place and block), against ``plan``'s predictions."""
+        peaks = self.ledger.block_peaks("device")
+        lines = [f"{'block':<32} {'policy':<28} {'predicted MiB':>14} {'measured MiB':>13}"]
+        predicted = {d.name: d.held_bytes for d in plan.decisions} if plan else {}
+        for name, policy in self.policies.items():
+            pred = predicted.get(name)
+            pred_s = f"{pred / 2**20:14.2f}" if pred is not None else f"{'-':>14}"
+            lines.append(
+                f"{name:<32} {policy.describe():<28} {pred_s} {peaks.get(name, 0) / 2**20:13.2f}"
+            )
+        measured = self.ledger.peak("device")
+        tail = f"measured peak saved on device {measured / 2**20:.2f} MiB"
+        if plan is not None:
+            tail += f"; predicted {plan.predicted_peak_bytes / 2**20:.2f} MiB"
+            if plan.predicted_peak_bytes:
+                tail += f" (measured/predicted {measured / plan.predicted_peak_bytes:.2f})"
+            tail += f"; budget {plan.budget_bytes / 2**20:.2f} MiB"
+        for place in ("host", "nvme"):
+            if self.ledger.peak(place):
+                tail += f"; {place} peak {self.ledger.peak(place) / 2**20:.2f} MiB"
+        return "\n".join([*lines, tail])
+
+    def __enter__(self) -> ActivationManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def apply(
+    model: nn.Module,
+    plan: Plan | Mapping[str, ActivationPolicy],
+    *,
+    ledger: SavedLedger | None = None,
+    arena: PinnedArena | None = None,
+    options: ActivationOptions | None = None,
+) -> ActivationManager:
+    """Install ``plan``'s policy on each named block of ``model``; see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply: model must be an nn.Module, got {type(model).__name__}")
+    policies = plan.policies() if isinstance(plan, Plan) else dict(plan)
+    blocks = _check_plan(model, policies)
+    _load_installers({p.action for p in policies.values()})
+    options = options or ActivationOptions()
+    if any(p.tier == "nvme" and p.action in ("swap", "split") for p in policies.values()):
+        if options.nvme is None:
+            raise ValueError(
+                "a policy uses tier='nvme' but options.nvme is None; pass "
+                "options=ActivationOptions(nvme=NVMeConfig(directory=...))"
+            )
+    ledger = ledger or SavedLedger()
+    engine = SwapEngine(ledger, arena or default_arena(), options.nvme, options.min_swap_bytes)
+    scheduler = PrefetchScheduler(options.prefetch_depth)
+    manager = ActivationManager(model, dict(policies), ledger, engine, scheduler)
+    try:
+        for name, module in blocks.items():
+            policy = policies[name]
+            ctx = InstallContext(ledger, name, model, engine, scheduler, options)
+            manager.installed[name] = INSTALLERS.get(policy.action)(module, policy, ctx)
+    except BaseException:
+        manager.remove()
+        raise
+    return manager

@@ -1,0 +1,128 @@
+"""Shared plumbing of the installers: forward wrapping, parameter identity, counted saves.
+
+``wrap_forward(module, name, body)`` replaces ``module.forward`` by an instance attribute that
+calls ``body(original_forward, args, kwargs)``. The module tree, parameter names and state-dict
+keys stay as they are (unlike ``checkpoint_wrapper``, which renames FQNs); ``remove()`` deletes
+the attribute so the class's ``forward`` is back. Module hooks (forward pre/post hooks of
+sharding engines) still run around the wrapper, since ``nn.Module.__call__`` calls them.
+The wrapper is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): a managed
+block runs eagerly inside a compiled model (a graph break at each managed block), because
+saved-tensor hooks and checkpoint contexts that move bytes to a tier are eager mechanisms.
+
+``param_storages(root)`` is the set of storage identities of every parameter and buffer of the
+model: a saved tensor in that set is a weight (or a view of one) and is neither swapped nor
+counted as an activation.
+
+``counting_hooks(ledger, block, params)`` is the pack/unpack pair of a ``keep`` block: the
+tensor stays where it is, and the packed form carries a ledger token, so the bytes are counted
+from the forward until autograd drops the saved tensor after its backward node runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.activations.ledger import SavedLedger, Token, storage_key
+
+__all__ = [
+    "ForwardWrap",
+    "Kept",
+    "counting_hooks",
+    "is_plain_tensor",
+    "param_storages",
+    "wrap_forward",
+]
+
+BLOCK_ATTR = "_memopt_activation_block"
+Body = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+class ForwardWrap:
+    """An installed forward wrapper; ``remove()`` restores the module's own ``forward``."""
+
+    def __init__(self, module: nn.Module, name: str, body: Body) -> None:
+        if getattr(module, BLOCK_ATTR, None) is not None:
+            raise ValueError(
+                f"module {name!r} is already managed as block "
+                f"{getattr(module, BLOCK_ATTR)!r}; call remove() on that manager first"
+            )
+        self.module = module
+        self._had_instance_forward = "forward" in module.__dict__
+        self._saved: Any = module.__dict__.get("forward")
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return body(original, args, kwargs)
+
+        module.forward = torch.compiler.disable(forward, recursive=True)
+        setattr(module, BLOCK_ATTR, name)
+        self._removed = False
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        if self._had_instance_forward:
+            self.module.forward = self._saved
+        else:
+            del self.module.forward
+        delattr(self.module, BLOCK_ATTR)
+
+
+def wrap_forward(module: nn.Module, name: str, body: Body) -> ForwardWrap:
+    return ForwardWrap(module, name, body)
+
+
+def managed_block(module: nn.Module) -> str | None:
+    """The block name a module is managed under, or None."""
+    return getattr(module, BLOCK_ATTR, None)
+
+
+def param_storages(root: nn.Module) -> set[tuple[str, int]]:
+    """Storage identities of all parameters and buffers of ``root`` (views share them)."""
+    keys: set[tuple[str, int]] = set()
+    for t in (*root.parameters(), *root.buffers()):
+        if is_plain_tensor(t):
+            keys.add(storage_key(t))
+    return keys
+
+
+def is_plain_tensor(t: torch.Tensor) -> bool:
+    """A dense strided tensor with real storage (not a subclass, meta, sparse, ...)."""
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.layout == torch.strided
+        and t.device.type != "meta"
+    )
+
+
+class Kept:
+    """A saved tensor left in place, with the ledger hold that counts it (None: a weight)."""
+
+    __slots__ = ("tensor", "token")
+
+    def __init__(self, tensor: torch.Tensor, token: Token | None) -> None:
+        self.tensor = tensor
+        self.token = token
+
+
+def counting_hooks(
+    ledger: SavedLedger, block: str, params: set[tuple[str, int]]
+) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+    """pack/unpack for ``keep``: nothing moves; non-weight saves are counted as ``device``."""
+
+    def pack(t: torch.Tensor) -> Kept:
+        if not is_plain_tensor(t) or storage_key(t) in params:
+            return Kept(t, None)
+        return Kept(t, ledger.hold(t, place="device", block=block))
+
+    def unpack(packed: Kept) -> torch.Tensor:
+        return packed.tensor
+
+    return pack, unpack

@@ -1,0 +1,72 @@
+"""Small models shared by the swap / recompute / apply tests (random init, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """Linear -> GELU -> dropout -> LayerNorm with a residual; ``p`` > 0 makes dropout active."""
+
+    def __init__(self, width: int, p: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(p)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x + self.norm(self.drop(self.act(self.fc(x)))) * scale
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 4, p: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, p) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, scale=0.5)
+        return self.head(x)
+
+
+def make_stack(seed: int = 0, **kw: float) -> Stack:
+    torch.manual_seed(seed)
+    return Stack(**kw)  # type: ignore[arg-type]
+
+
+def tiny_llama(layers: int = 2, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def llama_batch(seq: int = 64, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (batch, seq), generator=g)
+
+
+def grads(model: nn.Module, loss_fn) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    model.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def llama_loss(ids: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda m: m(input_ids=ids, labels=ids).loss
+
+
+def stack_loss(x: torch.Tensor):  # type: ignore[no-untyped-def]
+    return lambda m: m(x).pow(2).mean()
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
