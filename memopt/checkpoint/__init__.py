@@ -1,0 +1,31 @@
+"""Asynchronous checkpoint snapshots: lazy multi-level, crash-consistent, reshardable.
+
+``AsyncCheckpointer(directory, keep=3)``: ``save`` captures references and returns; the copy
+to host staging overlaps the next forward/backward and is fenced before the next optimizer
+step; a background writer publishes each snapshot atomically (safetensors per rank with
+aligned tensors, a JSON manifest with checksums). ``load`` verifies and reshards to the
+current world size/layout. ``export_hf`` writes consolidated weights for Hugging Face.
+See docs/checkpoint.md.
+"""
+
+from __future__ import annotations
+
+from memopt.checkpoint.checkpointer import FORMAT_VERSION, AsyncCheckpointer
+from memopt.checkpoint.config import CheckpointConfig
+from memopt.checkpoint.errors import CheckpointError, CorruptSnapshotError, SnapshotMismatchError
+from memopt.checkpoint.export import export_hf
+from memopt.checkpoint.reader import Snapshot
+from memopt.checkpoint.stats import CheckpointStats, SaveRecord
+
+__all__ = [
+    "FORMAT_VERSION",
+    "AsyncCheckpointer",
+    "CheckpointConfig",
+    "CheckpointError",
+    "CheckpointStats",
+    "CorruptSnapshotError",
+    "SaveRecord",
+    "Snapshot",
+    "SnapshotMismatchError",
+    "export_hf",
+]

@@ -1,0 +1,64 @@
+"""``CheckpointConfig``: the typed options of ``AsyncCheckpointer`` (validated eagerly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Checksum = Literal["auto", "crc32c", "crc32"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Options of an ``AsyncCheckpointer``.
+
+    keep: published snapshots kept; older ones are removed only after a newer one is published.
+    max_inflight: snapshots staged in host memory at once (copying or writing); a ``save``
+        beyond it waits for the oldest (counted as stall).
+    alignment: byte alignment of every tensor in the files (4096 suits ``O_DIRECT``).
+    checksum: per-file checksum; ``"auto"`` is crc32c when the ``crc32c`` package is installed,
+        else zlib's crc32 (the algorithm is recorded in the manifest).
+    fsync: fsync files and directories before publishing (turn off only for tests of speed).
+    save_rng: store the RNG states of every rank (torch CPU, CUDA, numpy, python).
+    restore_rng: restore this rank's RNG states on ``load``.
+    verify: check checksums on ``load``.
+    pin: pin the host staging buffers (``"auto"``: when CUDA is available).
+    metadata: user metadata (string keys, JSON values) stored in every manifest.
+    """
+
+    keep: int = 3
+    max_inflight: int = 2
+    alignment: int = 4096
+    checksum: Checksum = "auto"
+    fsync: bool = True
+    save_rng: bool = True
+    restore_rng: bool = True
+    verify: bool = True
+    pin: Literal["auto", "off"] = "auto"
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"CheckpointConfig.keep must be an int >= 1, got {self.keep!r}")
+        if not isinstance(self.max_inflight, int) or self.max_inflight < 1:
+            raise ValueError(
+                f"CheckpointConfig.max_inflight must be an int >= 1, got {self.max_inflight!r}"
+            )
+        a = self.alignment
+        if not isinstance(a, int) or a < 8 or a & (a - 1) or a > 4096:
+            raise ValueError(
+                f"CheckpointConfig.alignment must be a power of two in [8, 4096], got {a!r}"
+            )
+        if self.checksum not in ("auto", "crc32c", "crc32"):
+            raise ValueError(
+                f"CheckpointConfig.checksum must be 'auto', 'crc32c' or 'crc32', "
+                f"not {self.checksum!r}"
+            )
+        if self.pin not in ("auto", "off"):
+            raise ValueError(f"CheckpointConfig.pin must be 'auto' or 'off', not {self.pin!r}")
+        for item in self.metadata:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    "CheckpointConfig.metadata must be (str key, str value) pairs; pass a dict "
+                    "to AsyncCheckpointer(metadata=...) instead"
+                )

@@ -1,0 +1,59 @@
+"""``export_hf``: a snapshot's model weights, consolidated, as one Hugging Face safetensors file.
+
+Every ``model.*`` tensor is assembled from all ranks' row blocks (any world size, stage 3
+included) and written with ``safetensors.torch.save_file`` under its ``state_dict`` name, so
+``transformers``' ``from_pretrained`` (with the file named ``model.safetensors`` next to a
+config) or ``model.load_state_dict(safetensors.torch.load_file(path))`` loads it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from memopt.checkpoint.publish import published_steps, step_dir
+from memopt.checkpoint.reader import Snapshot
+
+
+def export_hf(
+    snapshot: str | os.PathLike[str] | int,
+    out_path: str | os.PathLike[str],
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write ``snapshot``'s (a snapshot directory, a checkpoint directory -> its newest step,
+    or a step number with ``directory=``) model weights to ``out_path``; returns the path."""
+    from safetensors.torch import save_file
+
+    path = _resolve(snapshot, directory)
+    snap = Snapshot(path)
+    names = snap.skeletons[0].get("model", {}).get("names")
+    if not names:
+        raise ValueError(f"export_hf: snapshot {path} holds no model weights")
+    out = {}
+    for name in names:
+        t = snap.full(f"model.{name}")
+        out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    target = os.fspath(out_path)
+    if os.path.isdir(target):
+        target = os.path.join(target, "model.safetensors")
+    save_file(out, target, metadata={"format": "pt", "memopt_step": str(snap.step)})
+    return target
+
+
+def _resolve(
+    snapshot: str | os.PathLike[str] | int, directory: str | os.PathLike[str] | None
+) -> str:
+    if isinstance(snapshot, int):
+        if directory is None:
+            raise ValueError("export_hf: a step number needs directory=<checkpoint directory>")
+        return step_dir(os.fspath(directory), snapshot)
+    path = os.fspath(snapshot)
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        steps = published_steps(path)
+        if not steps:
+            raise FileNotFoundError(f"export_hf: {path} is neither a snapshot nor holds one")
+        path = step_dir(path, steps[-1])
+    return path

@@ -1,0 +1,212 @@
+"""Checkpoint files: safetensors with every tensor aligned, and a per-file checksum.
+
+Layout (the safetensors format, readable by ``safetensors.safe_open``): an 8-byte little-endian
+header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets}}``, space-padded so
+that ``8 + N`` is a multiple of the alignment), then the data section. Each tensor starts at a
+multiple of the alignment (4096 by default: ``O_DIRECT`` and GPUDirect friendly). The format
+forbids holes in the data section, so the gaps between tensors are declared as ``U8`` tensors
+named ``__pad__.<k>``; readers skip them. ``plan_file`` computes the header and offsets before
+any byte is copied, so the host staging buffer is laid out exactly as the data section and the
+writer issues one contiguous write of it.
+
+The checksum (crc32c when the ``crc32c`` package is present, else zlib's crc32) covers the
+whole file; it is computed while writing and while reading, in the same pass as the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from memopt.checkpoint.errors import CorruptSnapshotError
+
+_crc32c: Any
+try:  # crc32c has wheels for every CPython we support; zlib is the fallback
+    import crc32c as _crc32c
+except ImportError:  # pragma: no cover - exercised only without the package
+    _crc32c = None
+
+PAD_PREFIX = "__pad__."
+_CHUNK = 64 << 20
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def checksum_fn(name: str) -> Callable[[bytes | memoryview, int], int]:
+    """The running checksum ``f(data, previous) -> value`` called ``name``."""
+    if name == "crc32c":
+        if _crc32c is None:
+            raise ValueError(
+                "checksum 'crc32c' needs the crc32c package (pip install crc32c), or use "
+                "checksum='crc32'"
+            )
+        return lambda data, prev: int(_crc32c.crc32c(data, prev))
+    if name == "crc32":
+        return lambda data, prev: zlib.crc32(data, prev)
+    raise ValueError(f"unknown checksum {name!r} (expected 'crc32c' or 'crc32')")
+
+
+def resolve_checksum(name: str) -> str:
+    if name == "auto":
+        return "crc32c" if _crc32c is not None else "crc32"
+    checksum_fn(name)  # raises if unavailable
+    return name
+
+
+def _round_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """Where each tensor lies in the data section, and the header bytes."""
+
+    header: bytes  # length prefix + JSON, padded to the alignment
+    offsets: dict[str, int]  # tensor name -> byte offset in the data section
+    data_bytes: int
+    pads: list[tuple[int, int]]  # [start, end) of the padding between tensors
+
+
+def plan_file(
+    tensors: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    alignment: int,
+    metadata: dict[str, str] | None = None,
+) -> FilePlan:
+    """Aligned offsets for ``(name, dtype, shape)`` and the padded header."""
+    entries: dict[str, dict[str, object]] = {}
+    offsets: dict[str, int] = {}
+    pos = 0
+    pads: list[tuple[int, int]] = []
+    for i, (name, dtype, shape) in enumerate(tensors):
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"checkpoint: tensor {name!r} has dtype {dtype}, not storable")
+        start = _round_up(pos, alignment)
+        if start > pos:
+            pads.append((pos, start))
+            entries[f"{PAD_PREFIX}{i}"] = {
+                "dtype": "U8",
+                "shape": [start - pos],
+                "data_offsets": [pos, start],
+            }
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [start, start + nbytes],
+        }
+        offsets[name] = start
+        pos = start + nbytes
+    head: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    head.update(entries)
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    n = _round_up(8 + len(raw), alignment) - 8
+    header = n.to_bytes(8, "little") + raw + b" " * (n - len(raw))
+    return FilePlan(header, offsets, pos, pads)
+
+
+def write_file(path: str, plan: FilePlan, data: torch.Tensor, checksum: str, fsync: bool) -> int:
+    """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum."""
+    crc = checksum_fn(checksum)
+    value = crc(plan.header, 0)
+    view = memoryview(data.numpy().data) if data.numel() else memoryview(b"")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(plan.header))
+        for lo in range(0, len(view), _CHUNK):
+            part = view[lo : lo + _CHUNK]
+            _write_all(fd, part)
+            value = crc(part, value)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return value
+
+
+def _write_all(fd: int, buf: memoryview) -> None:
+    while len(buf):
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_checksum(path: str, checksum: str) -> int:
+    crc = checksum_fn(checksum)
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            value = crc(chunk, value)
+    return value
+
+
+def read_file(path: str, checksum: str | None, expected: int | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint file (pads skipped), after checking its checksum."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise CorruptSnapshotError(f"checkpoint file {path} cannot be read: {e}") from e
+    if checksum is not None and expected is not None:
+        got = checksum_fn(checksum)(memoryview(raw.data), 0)
+        if got != expected:
+            raise CorruptSnapshotError(
+                f"checkpoint file {path} fails its {checksum} checksum (stored {expected:#010x}, "
+                f"computed {got:#010x}): the file is corrupted or was changed after the save"
+            )
+    return parse(raw, path)
+
+
+def parse(raw: np.ndarray, path: str) -> dict[str, torch.Tensor]:
+    buf = torch.from_numpy(raw)
+    size = buf.numel()
+    n = int.from_bytes(raw[:8].tobytes(), "little") if size >= 8 else -1
+    if n < 0 or 8 + n > size:
+        raise CorruptSnapshotError(f"checkpoint file {path} is truncated (header of {n} bytes)")
+    try:
+        head = json.loads(raw[8 : 8 + n].tobytes())
+    except ValueError as e:
+        raise CorruptSnapshotError(f"checkpoint file {path} has a malformed header: {e}") from e
+    out: dict[str, torch.Tensor] = {}
+    base = 8 + n
+    for name, info in head.items():
+        if name == "__metadata__" or name.startswith(PAD_PREFIX):
+            continue
+        lo, hi = (base + int(x) for x in info["data_offsets"])
+        if hi > size:
+            raise CorruptSnapshotError(f"checkpoint file {path} is truncated at tensor {name!r}")
+        dtype = NAME_DTYPES[info["dtype"]]
+        part = buf[lo:hi]
+        if lo % torch.empty((), dtype=dtype).element_size():
+            part = part.clone()
+        out[name] = part.view(dtype).view(info["shape"])
+    return out

@@ -1,0 +1,135 @@
+"""The two background stages of a save: device -> host staging copy, then host -> disk.
+
+Stage 1 (copier thread) copies every captured tensor into its slot of one host staging block
+from the pinned arena (``memopt.offload.PinnedArena``), laid out exactly as the file's data
+section. On CUDA the copies run on a side stream that first waits on an event recorded on the
+training stream at ``save`` time, with ``non_blocking`` copies into pinned memory, and the
+thread waits on a completion event; on CPU they are plain copies in the thread. Either way
+``job.copied`` is set when the staging block holds the values of the save's moment.
+
+Stage 2 (writer thread) writes the rank's safetensors file and JSON, fsyncs them, frees the
+staging block, then calls ``publish_fn`` (the barrier over ranks and rank 0's atomic rename).
+Jobs go through both stages in save order. A failure is kept on the job and raised from
+``wait()``; it never touches published snapshots.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memopt.checkpoint.capture import Entry
+from memopt.checkpoint.fileformat import FilePlan
+from memopt.checkpoint.stats import SaveRecord
+from memopt.offload.arena import ArenaBlock, PinnedArena
+
+
+@dataclass(eq=False)
+class Job:
+    step: int
+    seq: int
+    entries: list[Entry]
+    skeleton: dict[str, Any]
+    plan: FilePlan
+    block: ArenaBlock
+    staging: torch.Tensor  # uint8, the data section
+    record: SaveRecord
+    t0: float
+    ready: list[Any] = field(default_factory=list)  # CUDA events on the training streams
+    copied: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    files: dict[str, int] = field(default_factory=dict)  # file name -> checksum
+
+
+class Pipeline:
+    """Copier and writer threads over a queue of jobs."""
+
+    def __init__(
+        self,
+        arena: PinnedArena,
+        write_fn: Callable[[Job], None],
+        publish_fn: Callable[[Job], None],
+        on_done: Callable[[], None],
+    ) -> None:
+        self.arena, self._write, self._publish = arena, write_fn, publish_fn
+        self._on_done = on_done
+        self._copy_q: queue.Queue[Job | None] = queue.Queue()
+        self._write_q: queue.Queue[Job | None] = queue.Queue()
+        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self._threads = [
+            threading.Thread(target=self._copier, name="memopt-ckpt-copy", daemon=True),
+            threading.Thread(target=self._writer, name="memopt-ckpt-write", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Job) -> None:
+        self._copy_q.put(job)
+
+    def _copier(self) -> None:
+        while (job := self._copy_q.get()) is not None:
+            try:
+                self._copy(job)
+            except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
+                job.error = e
+            job.entries = []  # drop the references to live tensors
+            job.record.copied_s = time.perf_counter() - job.t0
+            job.copied.set()
+            self._write_q.put(job)
+        self._write_q.put(None)
+
+    def _copy(self, job: Job) -> None:
+        for lo, hi in job.plan.pads:  # deterministic bytes between tensors
+            job.staging[lo:hi].zero_()
+        slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
+        on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
+        for src, dst in slots:
+            if src.device.type != "cuda":
+                dst.copy_(src)
+        if on_device:
+            assert self._stream is not None
+            with torch.cuda.stream(self._stream):
+                for ev in job.ready:
+                    self._stream.wait_event(ev)
+                for src, dst in on_device:
+                    dst.copy_(src, non_blocking=True)
+                finished = torch.cuda.Event()
+                finished.record(self._stream)
+            finished.synchronize()
+
+    @staticmethod
+    def _slot(job: Job, e: Entry) -> torch.Tensor:
+        off = job.plan.offsets[e.name]
+        nbytes = e.tensor.numel() * e.tensor.element_size()
+        return job.staging[off : off + nbytes].view(e.tensor.dtype).view(e.tensor.shape)
+
+    def _writer(self) -> None:
+        while (job := self._write_q.get()) is not None:
+            try:
+                if job.error is None:
+                    self._write(job)
+                    job.record.written_s = time.perf_counter() - job.t0
+            except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
+                job.error = e
+            finally:
+                self.arena.free(job.block)
+            try:
+                self._publish(job)  # collective: runs even after a local failure
+            except BaseException as e:  # noqa: BLE001
+                job.error = job.error or e
+            job.record.durable_s = time.perf_counter() - job.t0
+            job.record.ok = job.error is None
+            job.done.set()
+            self._on_done()
+
+    def close(self) -> None:
+        self._copy_q.put(None)
+        for t in self._threads:
+            t.join()

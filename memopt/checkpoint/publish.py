@@ -1,0 +1,101 @@
+"""The snapshot directory: temporary directories, atomic publication, rotation, discovery.
+
+``directory/step_<10 digits>/`` is a published snapshot: it appears by one ``rename`` of a
+``.tmp-step_...`` directory after every rank's files and the manifest were written and
+fsynced (files, then the directory), so a reader never sees a partial one. Rotation and
+replacement first rename a snapshot to ``.trash-...`` (atomic), then delete it: a crash in the
+middle leaves a trash directory (removed at the next start), never a half-deleted snapshot
+that looks published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any
+
+from memopt._utils import get_logger
+from memopt.checkpoint.fileformat import fsync_dir
+
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"^step_(\d+)$")
+log = get_logger("memopt.checkpoint")
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:010d}")
+
+
+def tmp_dir(root: str, step: int, seq: int) -> str:
+    return os.path.join(root, f".tmp-step_{step:010d}-{seq}")
+
+
+def rank_files(rank: int) -> tuple[str, str]:
+    return f"rank_{rank:05d}.safetensors", f"rank_{rank:05d}.json"
+
+
+def published_steps(root: str) -> list[int]:
+    """Steps with a published snapshot, ascending."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        m = _STEP.match(name)
+        if m and os.path.isfile(os.path.join(root, name, MANIFEST)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def write_json(path: str, obj: Any, fsync: bool) -> bytes:
+    data = json.dumps(obj, separators=(",", ":"), allow_nan=True).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return data
+
+
+def _discard(root: str, path: str) -> None:
+    trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish(root: str, tmp: str, step: int, fsync: bool) -> str:
+    """Rename ``tmp`` to the step's directory (replacing an older save of the same step)."""
+    if fsync:
+        fsync_dir(tmp)
+    target = step_dir(root, step)
+    if os.path.exists(target):
+        _discard(root, target)
+    os.rename(tmp, target)
+    if fsync:
+        fsync_dir(root)
+    return target
+
+
+def rotate(root: str, keep: int) -> list[int]:
+    """Remove all but the newest ``keep`` published snapshots; returns the removed steps."""
+    steps = published_steps(root)
+    gone = steps[:-keep] if len(steps) > keep else []
+    for s in gone:
+        _discard(root, step_dir(root, s))
+        log.info("checkpoint: rotated out step %d", s)
+    return gone
+
+
+def clean_stale(root: str) -> None:
+    """Remove temporary and trash directories left by a crash."""
+    for name in os.listdir(root):
+        if name.startswith((".tmp-step_", ".trash-")):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)

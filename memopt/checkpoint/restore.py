@@ -1,0 +1,178 @@
+"""Loading a snapshot into live objects, resharding as needed.
+
+- model: every entry of ``model.state_dict()`` must be in the snapshot with the same global
+  shape (else ``SnapshotMismatchError`` listing the differences); a DTensor row shard gets its
+  rows, any other tensor the whole, copied in place.
+- optimizer: the target layout (``checkpoint_layout()`` or a plain optimizer's) decides which
+  parameters this rank holds and which rows; ``rows`` state is cut to those rows, ``global``
+  state is taken whole, ``local`` (block-quantized) state loads only into the same rows as it
+  was saved from. The rebuilt ``state_dict`` goes through the optimizer's own
+  ``load_state_dict`` (with this optimizer's ``sharding`` tag where it has one).
+- scheduler, extras: this rank's saved JSON (rank 0's when the rank did not exist).
+- RNG: this rank's saved states (skipped with a log line when the rank did not exist).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from memopt._utils import get_logger
+from memopt.checkpoint import layout as L
+from memopt.checkpoint.codec import decode
+from memopt.checkpoint.errors import SnapshotMismatchError
+from memopt.checkpoint.reader import Snapshot
+
+log = get_logger("memopt.checkpoint")
+
+
+def _skeleton(snap: Snapshot, rank: int) -> dict[str, Any]:
+    return snap.skeletons[rank if rank < snap.world else 0]
+
+
+@torch.no_grad()
+def restore_model(snap: Snapshot, model: nn.Module) -> None:
+    sd = model.state_dict()
+    saved = set(_skeleton(snap, 0)["model"]["names"])
+    missing = sorted(n for n in sd if n not in saved)
+    unexpected = sorted(n for n in saved if n not in sd)
+    wrong = [
+        f"{n}: snapshot {list(snap.shapes[f'model.{n}'])} vs model {list(t.shape)}"
+        for n, t in sd.items()
+        if n in saved and snap.shapes[f"model.{n}"] != tuple(t.shape)
+    ]
+    if missing or unexpected or wrong:
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path} does not fit this model (from another model?): "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}, shapes differ {wrong[:8]}"
+        )
+    for name, t in sd.items():
+        key = f"model.{name}"
+        if L.is_dtensor(t):
+            local = L.dtensor_rows(t)
+            if local is not None:
+                dst, off = local
+                dst.copy_(snap.rows(key, off, off + int(dst.shape[0])))
+                continue
+            t = t.to_local()
+        t.copy_(snap.full(key))
+
+
+def restore_optimizer(
+    snap: Snapshot, opt: torch.optim.Optimizer, model: nn.Module | None, rank: int, world: int
+) -> None:
+    params, sharding = L.optimizer_layout(opt, model, rank, world)
+    ref = _skeleton(snap, 0)["optimizer"]
+    saved = ref["params"]
+    if [tuple(p["shape"]) for p in saved] != [p.shape for p in params]:
+        old = {int(q["index"]): q for q in saved}
+        diff = [
+            f"#{p.index} {p.name}: snapshot {old.get(p.index, {}).get('shape')} vs {list(p.shape)}"
+            for p in params
+            if tuple(old.get(p.index, {}).get("shape", ())) != p.shape
+        ]
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path}: optimizer parameters differ ({len(saved)} saved, "
+            f"{len(params)} here): {diff[:8]}"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for p in params:
+        if p.held:
+            st = _param_state(snap, p)
+            if st is not None:
+                state[p.index] = st
+    sd: dict[str, Any] = {"state": state, "param_groups": decode(ref["param_groups"], _no)}
+    sd.update({k: decode(v, _no) for k, v in ref.get("other", {}).items()})
+    if sharding is not None:
+        sd["sharding"] = sharding
+    opt.load_state_dict(sd)
+
+
+def _no(name: str) -> Tensor:
+    raise AssertionError(f"unexpected tensor reference {name}")
+
+
+def _param_state(snap: Snapshot, p: L.ParamLayout) -> dict[str, Any] | None:
+    """This rank's state of parameter ``p`` from whichever saved ranks held it."""
+    holders = [
+        (r, sk["optimizer"]["state"][str(p.index)])
+        for r, sk in enumerate(snap.skeletons)
+        if str(p.index) in sk["optimizer"]["state"]
+    ]
+    if not holders:
+        return None
+    rows = list(p.rows)
+    same = [h for h in holders if next(iter(_tensor_refs(h[1])), {"rows": rows})["rows"] == rows]
+    r, ref = (same or holders)[0]
+    out: dict[str, Any] = {}
+    for key, v in ref.items():
+        if isinstance(v, dict) and "kind" in v:
+            out[key] = _state_tensor(snap, p, key, v, r)
+        else:
+            out[key] = decode(v, _no)
+    return out
+
+
+def _tensor_refs(st: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in st.values() if isinstance(v, dict) and "kind" in v]
+
+
+def _state_tensor(snap: Snapshot, p: L.ParamLayout, key: str, v: dict[str, Any], r: int) -> Tensor:
+    t = _state_values(snap, p, key, v, r)
+    stride = v.get("stride")
+    if stride is None or t.dim() != len(stride):
+        return t
+    # the saved memory layout (dims ordered by stride), for the same arithmetic after loading
+    order = sorted(range(t.dim()), key=lambda d: -stride[d])
+    inverse = sorted(range(t.dim()), key=lambda d: order[d])
+    return t.permute(order).contiguous().permute(inverse)
+
+
+def _state_values(snap: Snapshot, p: L.ParamLayout, key: str, v: dict[str, Any], r: int) -> Tensor:
+    name, kind = v["__tensor__"], v["kind"]
+    if kind == "rows":
+        return snap.rows(name, *p.rows)
+    if kind == "global":
+        return snap.full(name)
+    if list(v["rows"]) != list(p.rows):
+        raise NotImplementedError(
+            f"snapshot {snap.path}: optimizer state {key!r} of parameter {p.name} is "
+            f"block-quantized over rows {v['rows']}; this rank holds rows {list(p.rows)}. "
+            "Quantized (8/4-bit) state reshards only between layouts that hold the same rows "
+            "(use layout='whole_tensor', or load at the saved world size)"
+        )
+    return snap.rank_tensor(r, name).clone()
+
+
+def restore_scheduler(snap: Snapshot, scheduler: Any, rank: int) -> None:
+    sk = _skeleton(snap, rank)
+    r = rank if rank < snap.world else 0
+    scheduler.load_state_dict(decode(sk["scheduler"], lambda n: snap.rank_tensor(r, n)))
+
+
+def restore_rng(snap: Snapshot, rank: int) -> None:
+    if rank >= snap.world:
+        log.info("checkpoint: rank %d did not exist at save time; its RNG is not restored", rank)
+        return
+    rng = snap.skeletons[rank]["rng"]
+    if rng is None:
+        return
+    torch.set_rng_state(snap.rank_tensor(rank, "rng.torch").clone())
+    if torch.cuda.is_available() and rng["cuda_devices"] == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(
+            [snap.rank_tensor(rank, f"rng.cuda.{i}") for i in range(rng["cuda_devices"])]
+        )
+    kind, pos, has_gauss, gauss = rng["numpy"]
+    keys = snap.rank_tensor(rank, "rng.numpy").numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, gauss))
+    random.setstate(decode(rng["python"], _no))
+
+
+def restore_extra(snap: Snapshot, rank: int) -> dict[str, Any]:
+    r = rank if rank < snap.world else 0
+    out: dict[str, Any] = decode(snap.skeletons[r]["extra"], lambda n: snap.rank_tensor(r, n))
+    return out

@@ -1,0 +1,49 @@
+"""Per-save timings: what the training loop paid (stall) and when the save became durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SaveRecord:
+    """One ``save``. Times in seconds, measured from the ``save`` call.
+
+    stall_s: training time lost to this save: the capture inside ``save`` (references and
+        the file plan, no copy), waiting for a staging slot, and fence waits before an
+        optimizer step while this save's device-to-host copy was unfinished.
+    copied_s: when the copy to host staging finished.
+    durable_s: when the snapshot was published (every rank's files fsynced, renamed).
+    """
+
+    step: int
+    nbytes: int = 0
+    capture_s: float = 0.0
+    stall_s: float = 0.0
+    copied_s: float = 0.0
+    written_s: float = 0.0
+    durable_s: float = 0.0
+    ok: bool = False
+
+
+@dataclass
+class CheckpointStats:
+    records: list[SaveRecord] = field(default_factory=list)
+
+    @property
+    def last(self) -> SaveRecord | None:
+        return self.records[-1] if self.records else None
+
+    @property
+    def total_stall_s(self) -> float:
+        return sum(r.stall_s for r in self.records)
+
+    def summary(self) -> dict[str, float]:
+        done = [r for r in self.records if r.ok]
+        n = max(1, len(done))
+        return {
+            "saves": float(len(done)),
+            "mean_stall_s": sum(r.stall_s for r in done) / n,
+            "mean_durable_s": sum(r.durable_s for r in done) / n,
+            "bytes": float(sum(r.nbytes for r in done)),
+        }
