@@ -1,0 +1,144 @@
+"""Single-process behaviour: the lazy fence, the file format, rotation, export to HF."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from memopt.checkpoint import AsyncCheckpointer, CheckpointConfig, export_hf, pipeline
+from memopt.checkpoint.codec import decode, encode
+from tests.checkpoint import _common as T
+
+
+def _slow_copy(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+    orig = pipeline.Pipeline._copy
+
+    def slow(self: pipeline.Pipeline, job: pipeline.Job) -> None:
+        time.sleep(delay)
+        orig(self, job)
+
+    monkeypatch.setattr(pipeline.Pipeline, "_copy", slow)
+
+
+def test_fence_keeps_pre_step_values(tmp_path, monkeypatch) -> None:
+    _slow_copy(monkeypatch, 0.3)
+    model, opt, sched = T.make_all("adamw")
+    T.train(model, opt, sched, 0, 2)
+    before = T.full_params(model)
+    state_before = opt.state_dict()["state"][0]["exp_avg"].clone()
+    with AsyncCheckpointer(tmp_path, keep=2) as ckpt:
+        t = time.perf_counter()
+        ckpt.save(2, model=model, optimizer=opt, scheduler=sched)
+        assert time.perf_counter() - t < 0.25  # save returns before the (slow) copy
+        T.train(model, opt, sched, 2, 3)  # the step pre-hook waits for the copy
+        assert T.equal(before, T.full_params(model))  # the step did change the parameters
+        ckpt.wait()
+        rec = ckpt.stats.last
+        assert rec is not None and rec.ok and rec.stall_s >= 0.2 and rec.durable_s >= rec.stall_s
+        m2, o2, s2 = T.make_all("adamw")
+        ckpt.load(model=m2, optimizer=o2, scheduler=s2)
+    assert T.equal(before, T.full_params(m2)) == []
+    assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], state_before)
+
+
+def test_no_stall_when_copy_finishes_first(tmp_path) -> None:
+    model, opt, sched = T.make_all("adamw")
+    T.train(model, opt, sched, 0, 1)
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, model=model, optimizer=opt)
+        ckpt.wait()
+        rec = ckpt.stats.last
+        assert rec is not None and rec.stall_s == rec.capture_s
+
+
+def test_file_format_aligned_safetensors_and_manifest(tmp_path) -> None:
+    model, opt, sched = T.make_all("galore")
+    T.train(model, opt, sched, 0, 3)
+    with AsyncCheckpointer(tmp_path, metadata={"run": "abc"}) as ckpt:
+        ckpt.save(3, model=model, optimizer=opt, scheduler=sched, extra={"pos": 17})
+    snap = tmp_path / "step_0000000003"
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["metadata"] == {"run": "abc"}
+    assert set(manifest["files"]) == {"rank_00000.safetensors", "rank_00000.json"}
+    assert manifest["checksum"] in ("crc32c", "crc32") and manifest["versions"]["torch"]
+    raw = (snap / "rank_00000.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 4096 == 0
+    for name, info in header.items():
+        if name != "__metadata__" and not name.startswith("__pad__"):
+            assert info["data_offsets"][0] % 4096 == 0, name
+    with safe_open(str(snap / "rank_00000.safetensors"), framework="pt") as f:
+        w = f.get_tensor("model.mid.weight")
+    assert torch.equal(w, model.mid.weight.detach())
+    rank_json = json.loads((snap / "rank_00000.json").read_text())
+    assert rank_json["tensors"]["model.mid.weight"]["global_shape"] == [64, 64]
+    assert rank_json["extra"] == {"pos": 17}
+
+
+def test_rotation_keeps_newest(tmp_path) -> None:
+    model, opt, sched = T.make_all("adamw")
+    with AsyncCheckpointer(tmp_path, keep=2) as ckpt:
+        assert ckpt.latest() is None
+        for step in range(1, 5):
+            T.train(model, opt, sched, step - 1, step)
+            ckpt.save(step, model=model, optimizer=opt, extra={"s": step})
+        ckpt.wait()
+        assert ckpt.steps() == [3, 4] and ckpt.latest() == 4
+        assert ckpt.load(model=model)["s"] == 4
+        assert ckpt.load(3, model=model)["s"] == 3
+
+
+def test_export_hf_loads_in_transformers(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with AsyncCheckpointer(tmp_path / "ck") as ckpt:
+        ckpt.save(7, model=model)
+    out = tmp_path / "hf"
+    out.mkdir()
+    cfg.save_pretrained(out)
+    path = export_hf(tmp_path / "ck", out)
+    assert path.endswith("model.safetensors")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out)
+    ids = torch.arange(10)[None]
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert export_hf(7, tmp_path / "w.safetensors", directory=tmp_path / "ck")
+
+
+def test_codec_round_trip_keeps_types() -> None:
+    obj = {
+        "a": (1, 2.5, float("inf")),
+        3: [None, True, "x"],
+        "d": torch.bfloat16,
+        "t": torch.arange(3),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    skel = json.loads(json.dumps(encode(obj, tensors, "x")))
+    back = decode(skel, tensors.__getitem__)
+    assert back["a"] == (1, 2.5, float("inf")) and back[3] == [None, True, "x"]
+    assert back["d"] is torch.bfloat16 and torch.equal(back["t"], obj["t"])
+    with pytest.raises(TypeError, match="no pickle"):
+        encode({"f": object()}, {}, "x")
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="keep"):
+        CheckpointConfig(keep=0)
+    with pytest.raises(ValueError, match="alignment"):
+        CheckpointConfig(alignment=3000)
+    with pytest.raises(ValueError, match="checksum"):
+        CheckpointConfig(checksum="md5")  # type: ignore[arg-type]
