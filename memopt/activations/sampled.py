@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memopt.activations._crs import crs_weight_grad, row_importance, sample_budget, wta_sample
+from memopt.activations.hooks import counting_hooks, param_storages
+from memopt.activations.install import INSTALLERS, InstallContext, Installed, hooked_block
 from memopt.activations.policy import ActivationPolicy
 
 __all__ = [
@@ -193,9 +195,13 @@ class SampledInstall:
 
     layers: dict[str, nn.Linear]
     states: dict[str, SampleState]
+    counting: Installed | None = None
 
     def remove(self) -> None:
         """Restore every patched layer's own ``forward`` (idempotent)."""
+        if self.counting is not None:
+            self.counting.remove()
+            self.counting = None
         for lin in self.layers.values():
             if "forward" in lin.__dict__:
                 del lin.forward
@@ -204,15 +210,17 @@ class SampledInstall:
         self.layers = {}
 
 
+@INSTALLERS.register("sample")
 def install_sampled(
-    block: nn.Module, policy: ActivationPolicy, ctx: object | None = None, *, seed: int = 0
+    block: nn.Module, policy: ActivationPolicy, ctx: InstallContext | None = None, *,
+    seed: int = 0,
 ) -> SampledInstall:
     """Make every ``nn.Linear`` in ``block`` (itself included) a sampled linear.
 
-    Each layer gets its own ``SampleState`` (seed ``seed + i`` in module order). ``ctx`` is the
-    installer context of ``memopt.activations.install`` (unused here: sampling needs no tier).
+    Each layer gets its own ``SampleState`` (seed ``seed + i`` in module order). With an
+    ``InstallContext`` (from ``apply``) the block's saved tensors, the samples included, are
+    also counted in the ledger as ``"device"`` (they stay on the device, as for ``keep``).
     """
-    del ctx
     if policy.action != "sample":
         raise ValueError(f"install_sampled needs action='sample', got {policy.action!r}")
     targets = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
@@ -231,4 +239,13 @@ def install_sampled(
         lin.forward = types.MethodType(_patched_forward, lin)  # type: ignore[method-assign]
         handle.layers[name] = lin
         handle.states[name] = state
+    if ctx is not None:
+        params = param_storages(ctx.root)
+        try:
+            handle.counting = hooked_block(
+                block, ctx, lambda run: counting_hooks(ctx.ledger, ctx.block_name, params)
+            )
+        except BaseException:
+            handle.remove()
+            raise
     return handle

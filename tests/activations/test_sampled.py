@@ -245,3 +245,24 @@ def test_short_convergence_close_to_exact() -> None:
     _, sampled_loss = _train(sampled=True)
     assert exact < 0.2 * first
     assert sampled_loss < 0.3 * first and sampled_loss < 2.0 * exact, (first, exact, sampled_loss)
+
+
+def test_apply_sample_policy_counts_the_sample_in_the_ledger() -> None:
+    from memopt.activations.apply import apply
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)))
+    x = torch.randn(4, 64, 32, requires_grad=True)
+    held = {}
+    for name, policy in (("keep", keep()), ("sample", sample(0.25))):
+        with apply(model, {"0": policy}) as mgr:
+            out = model(x)
+            held[name] = mgr.ledger.current("device")
+            out.sum().backward()
+            assert mgr.ledger.current("device") == 0
+        assert "forward" not in model[0][0].__dict__
+    rows = 4 * 64
+    relu_out = rows * 64 * 4
+    expected = sampled_saved_bytes(32, rows, 0.25) + sampled_saved_bytes(64, rows, 0.25)
+    assert held["keep"] == rows * 32 * 4 + relu_out  # x, and the ReLU output (also fc2's input)
+    # The ReLU output stays (ReLU saves it): sampling frees only what no other op holds.
+    assert held["sample"] == relu_out + expected, held
