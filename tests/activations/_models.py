@@ -37,13 +37,19 @@ def make_stack(seed: int = 0, **kw: float) -> Stack:
     return Stack(**kw)  # type: ignore[arg-type]
 
 
-def tiny_llama(layers: int = 2, seed: int = 0) -> nn.Module:
+def tiny_llama(layers: int = 2, seed: int = 0, dropout: float = 0.0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         attn_implementation="eager",
+        attention_dropout=dropout,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
@@ -61,7 +67,7 @@ def grads(model: nn.Module, loss_fn) -> list[torch.Tensor]:  # type: ignore[no-u
 
 
 def llama_loss(ids: torch.Tensor):  # type: ignore[no-untyped-def]
-    return lambda m: m(input_ids=ids, labels=ids).loss
+    return lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def stack_loss(x: torch.Tensor):  # type: ignore[no-untyped-def]

@@ -49,8 +49,9 @@ def test_swap_tiny_llama_bit_identical() -> None:
     model = tiny_llama(layers=2)
     ids = llama_batch(seq=64)
     ref = grads(model, llama_loss(ids))
-    mgr = apply(model, {"model.layers.0": swap(), "model.layers.1": swap()}, arena=_arena(),
-                options=OPTS)
+    mgr = apply(
+        model, {"model.layers.0": swap(), "model.layers.1": swap()}, arena=_arena(), options=OPTS
+    )
     assert same(grads(model, llama_loss(ids)), ref)
     assert mgr.swap.stats["swapped_bytes"] > 0
     mgr.remove()
@@ -129,8 +130,9 @@ def test_stale_slot_reuse_is_detected() -> None:
     for slot in victims:
         pool.free(slot)
     others = [arena.alloc(s.nbytes) for s in victims]
-    assert {(b.chunk, b.offset) for b in others} & {(s.block.chunk, s.block.offset)
-                                                    for s in victims if s.block}
+    assert {(b.chunk, b.offset) for b in others} & {
+        (s.block.chunk, s.block.offset) for s in victims if s.block
+    }
     with pytest.raises(StaleSlotError, match="before the backward read it"):
         loss.backward()
     for b in others:
@@ -141,6 +143,7 @@ def test_stale_slot_reuse_is_detected() -> None:
 def test_inplace_modification_after_save_raises() -> None:
     """Autograd skips its version check under saved-tensor hooks; swap does it (while the
     saved tensor is still alive: a tensor modified and then freed cannot be observed)."""
+
     class M(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.sin()
@@ -169,8 +172,12 @@ def test_small_tensors_stay_on_device() -> None:
     model = make_stack(depth=2)
     x = torch.randn(4, 64)  # 1 KiB activations: below the threshold
     ledger = SavedLedger()
-    mgr = apply(model, {"blocks.0": swap()}, ledger=ledger,
-                options=ActivationOptions(min_swap_bytes=1 << 20))
+    mgr = apply(
+        model,
+        {"blocks.0": swap()},
+        ledger=ledger,
+        options=ActivationOptions(min_swap_bytes=1 << 20),
+    )
     loss = model(x).pow(2).mean()
     assert mgr.swap.stats["swapped"] == 0 and mgr.swap.stats["small"] > 0
     assert ledger.current("device") > 0 and ledger.current("host") == 0

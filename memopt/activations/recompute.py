@@ -1,0 +1,225 @@
+"""Recompute: activation checkpointing per block, full or selective per op, in eager mode.
+
+Full: the block's forward runs under ``torch.utils.checkpoint.checkpoint(forward, *args,
+use_reentrant=False, preserve_rng_state=True, **kwargs)``: only the block's inputs stay alive;
+its first backward use re-runs the forward (with the CPU and device RNG states of the original
+forward restored, so dropout draws the same mask) and stops as soon as the needed tensors exist.
+Positional and keyword arguments both pass through (an HF ``LlamaDecoderLayer`` takes
+``hidden_states`` plus ``attention_mask=``/``position_embeddings=`` keywords).
+
+Selective (``keep_ops``): ``create_selective_checkpoint_contexts`` with a policy that answers
+``MUST_SAVE`` for the listed ops (``"aten.mm"``: every overload; ``"aten.mm.default"``: that
+one) and ``PREFER_RECOMPUTE`` for the rest. In eager mode the save policy is honoured by
+caching the listed ops' outputs in the forward and serving them from the cache in the
+recompute, so those ops (typically the matmuls and attention) are not run twice.
+
+A KV cache passed to the block (``past_key_values=``, HF's default ``use_cache=True`` in a
+training forward) is dropped with a one-time warning, as HF's own checkpointing does: the replay
+would append to it a second time.
+
+Accounting: the block's tensor inputs (held by the checkpoint) and the cached outputs of kept
+ops are counted in the ledger under ``"device"`` from the forward until the block's backward
+starts (when the recompute consumes the cache). With ``ActivationOptions.count_recomputed_ops``
+a dispatch mode under the cache counts every op the backward re-runs (``stats.recomputed``);
+cached ops never reach it, which is how a test can see that kept ops were not recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from memopt._utils import warn_once
+from memopt.activations.hooks import ForwardWrap, is_plain_tensor, param_storages, wrap_forward
+from memopt.activations.install import INSTALLERS, InstallContext
+from memopt.activations.ledger import Token, storage_key
+from memopt.activations.policy import ActivationPolicy
+
+__all__ = ["RecomputeStats", "install_recompute", "resolve_ops"]
+
+
+@dataclass
+class RecomputeStats:
+    """What a recomputed block did: forward calls, and ops re-run in backward (if counted)."""
+
+    calls: int = 0
+    recomputed: Counter[str] = field(default_factory=Counter)
+
+
+def resolve_ops(names: Sequence[str]) -> tuple[frozenset[Any], frozenset[Any]]:
+    """``"aten.mm"`` / ``"aten.mm.default"`` -> (op packets, op overloads); unknown: ValueError."""
+    packets, overloads = set(), set()
+    for name in names:
+        parts = name.split(".")
+        if len(parts) not in (2, 3):
+            raise ValueError(
+                f"keep_ops entry {name!r}: write an op as 'namespace.op' or "
+                "'namespace.op.overload', e.g. 'aten.mm' or 'aten.addmm.default'"
+            )
+        try:
+            packet = getattr(getattr(torch.ops, parts[0]), parts[1])
+            op = getattr(packet, parts[2]) if len(parts) == 3 else None
+        except (AttributeError, RuntimeError):
+            raise ValueError(
+                f"keep_ops entry {name!r} is not a known operator (torch.ops.{name} not found)"
+            ) from None
+        if op is None:
+            packets.add(packet)
+        else:
+            overloads.add(op)
+    return frozenset(packets), frozenset(overloads)
+
+
+class _HoldKept(TorchDispatchMode):
+    """Above the SAC cache in the forward: count the outputs of kept ops in the ledger."""
+
+    def __init__(self, keep: Callable[[Any], bool], hold: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self._keep, self._hold = keep, hold
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._keep(func):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._hold(t)
+        return out
+
+
+class _CountOps(TorchDispatchMode):
+    """Below the SAC cache in the recompute: every op that reaches it was re-run."""
+
+    def __init__(self, counter: Counter[str]) -> None:
+        super().__init__()
+        self._counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._counter[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _stacked(*cms: Any) -> Iterator[None]:
+    """Enter ``cms`` in order (the last entered mode is the first to see an op)."""
+    with contextlib.ExitStack() as stack:
+        for cm in cms:
+            stack.enter_context(cm)
+        yield
+
+
+class _Block:
+    """One recomputed block: builds the checkpoint contexts and the ledger holds per call."""
+
+    def __init__(self, policy: ActivationPolicy, ctx: InstallContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.block_name
+        self.packets, self.overloads = resolve_ops(policy.keep_ops)
+        self.selective = bool(policy.keep_ops)
+        self.stats = RecomputeStats()
+
+    def keeps(self, op: Any) -> bool:
+        return op in self.overloads or getattr(op, "overloadpacket", None) in self.packets
+
+    def policy_fn(self, sac_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if self.keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def context_fn(self, hold: Callable[[torch.Tensor], None]) -> Callable[[], tuple[Any, Any]]:
+        counting = self.ctx.options.count_recomputed_ops
+        if not self.selective:
+            if not counting:
+                return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+            return lambda: (contextlib.nullcontext(), _CountOps(self.stats.recomputed))
+
+        def make() -> tuple[Any, Any]:
+            fwd, rec = create_selective_checkpoint_contexts(self.policy_fn)
+            fwd = _stacked(fwd, _HoldKept(self.keeps, hold))
+            if counting:
+                rec = _stacked(_CountOps(self.stats.recomputed), rec)
+            return fwd, rec
+
+        return make
+
+    def __call__(self, original: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]):
+        if not torch.is_grad_enabled():
+            return original(*args, **kw)
+        self.stats.calls += 1
+        kw = _drop_kv_cache(kw, self.name)
+        ledger, params = self.ctx.ledger, param_storages(self.ctx.root)
+        tokens: list[Token] = []
+
+        def hold(t: torch.Tensor) -> None:
+            if is_plain_tensor(t) and storage_key(t) not in params:
+                tokens.append(ledger.hold(t, place="device", block=self.name))
+
+        for t in tree_flatten((args, kw))[0]:
+            if isinstance(t, torch.Tensor):
+                hold(t)
+        run = self.ctx.scheduler.begin(self.name)
+        out = checkpoint(
+            original,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=True,
+            context_fn=self.context_fn(hold),
+            **kw,
+        )
+        self.ctx.scheduler.watch_backward(run, out, extra=lambda: _release(tokens))
+        return out
+
+
+_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
+
+
+def _drop_kv_cache(kw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A KV cache passed to a recomputed block would be appended to twice (forward and replay):
+    drop it, as HF's own gradient checkpointing does (a training step does not need it)."""
+    dropped = [k for k in _CACHE_KWARGS if kw.get(k) is not None]
+    if not dropped and not kw.get("use_cache"):
+        return kw
+    if dropped:
+        warn_once(
+            f"recomputed block {name!r}: {', '.join(dropped)} set to None (a KV cache would be "
+            "updated again by the backward's replay); pass use_cache=False to silence this"
+        )
+    kw = {**kw, **{k: None for k in dropped}}
+    if "use_cache" in kw:
+        kw["use_cache"] = False
+    return kw
+
+
+def _release(tokens: list[Token]) -> None:
+    for tok in tokens:
+        tok.release()
+    tokens.clear()
+
+
+class RecomputeInstalled:
+    """The installed checkpoint wrapper of one block, with its ``stats``."""
+
+    def __init__(self, wrap: ForwardWrap, stats: RecomputeStats) -> None:
+        self._wrap, self.stats = wrap, stats
+
+    def remove(self) -> None:
+        self._wrap.remove()
+
+
+@INSTALLERS.register("recompute")
+def install_recompute(
+    module: nn.Module, policy: ActivationPolicy, ctx: InstallContext
+) -> RecomputeInstalled:
+    """``recompute``: checkpoint the block (selectively when ``policy.keep_ops`` is set)."""
+    block = _Block(policy, ctx)
+    return RecomputeInstalled(wrap_forward(module, ctx.block_name, block), block.stats)
