@@ -1,0 +1,119 @@
+"""Turn what the user has (an ``nn.Module``, a meta module, a ``transformers`` config) into a
+module on the meta device and a list of ``ParamInfo`` the byte rules work on.
+
+Nothing is allocated: a config is built under ``torch.device("meta")``; a real module is
+described as it is (its parameters are only read for shape and dtype). The low-rank target
+selection mirrors ``memopt.optim.param_groups`` (layer 2 may not import the optimizers): the
+``weight`` of a Linear-like module whose qualified name matches ``target`` (a regex), never an
+embedding, a norm or the output head (a Linear named lm_head/output/classifier/score/head, or
+one whose weight is tied to an embedding); ``"all-linear"`` takes every such Linear.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+HEAD_NAMES = ("lm_head", "output", "classifier", "score", "head")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One trainable parameter: name, shape, dtype, and whether it is a low-rank target."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    low_rank: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def as_meta_module(model: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """An ``nn.Module`` (returned as is) or a ``transformers.PretrainedConfig`` (built on meta)."""
+    if isinstance(model, nn.Module):
+        return model
+    if hasattr(model, "to_dict") and hasattr(model, "model_type"):
+        from transformers import AutoModelForCausalLM  # optional dependency: lazy
+
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(model)
+        if dtype is not None:
+            module = module.to(dtype)
+        return module
+    raise TypeError(
+        f"memopt.memory: model must be an nn.Module or a transformers config, got "
+        f"{type(model).__name__}; build it with LlamaConfig(...) or pass the module"
+    )
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in name
+
+
+def _heads(model: nn.Module) -> set[str]:
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            if name.rsplit(".", 1)[-1] in HEAD_NAMES or id(mod.weight) in embed:
+                out.add(name)
+    return out
+
+
+def param_infos(
+    model: nn.Module, target: str | None = "attn|mlp", dtype: torch.dtype | None = None
+) -> list[ParamInfo]:
+    """Every trainable parameter once (tied ones once), in registration order.
+
+    ``target=None`` marks nothing low-rank (full-state optimizers). ``dtype`` overrides the
+    parameters' dtype (the training dtype when the model is described in another one).
+    """
+    pattern = None if target in (None, "all-linear") else re.compile(target)
+    heads = _heads(model)
+    seen: set[int] = set()
+    out: list[ParamInfo] = []
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            candidate = (
+                p_name == "weight"
+                and p.dim() >= 2
+                and not isinstance(mod, nn.Embedding)
+                and not _is_norm(mod)
+                and mod_name not in heads
+            )
+            if target is None:
+                low = False
+            elif pattern is None:
+                low = candidate and isinstance(mod, nn.Linear)
+            else:
+                low = candidate and bool(pattern.search(mod_name))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            out.append(ParamInfo(full, tuple(p.shape), dtype or p.dtype, low))
+    return out
+
+
+def buffer_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the module's buffers (rotary tables, running statistics ...)."""
+    total = 0
+    for b in model.buffers():
+        size = dtype.itemsize if dtype is not None and b.is_floating_point() else b.element_size()
+        total += b.numel() * size
+    return total

@@ -1,0 +1,185 @@
+"""Optimizer-state byte rules, one per memopt optimizer, keyed by name.
+
+Layer 2 cannot import ``memopt.optim``, so the rules restate what each optimizer allocates
+(``tests/memory/test_optstate.py`` checks them against ``memopt.optim.state_bytes`` of the
+real optimizers after a step). Per parameter, an m x n matrix (higher-rank tensors are viewed
+as dim 0 x the rest), moments in ``state_dtype`` (None: the parameter's dtype):
+
+- full AdamW: two moments of m n elements;
+- low-rank (GaLore, APOLLO, FRUGAL): the side selection of ``proj_type`` ("std": right
+  projection when m >= n), rank clamped to the reduced side, moments of the projected shape
+  (m x r or r x n); a dense basis (svd: r x n or m x r) is saved state, a seeded random one
+  (APOLLO) is a regenerable *cache* (still memory); APOLLO adds a 4-byte limiter scalar;
+  Natural GaLore adds ``natural_history`` x (projected numel) of gradient history;
+- FRUGAL ``density``: rank = round(density x reduced side); ``proj="block"`` gives full moments
+  to round(density x count) whole tensors of the group and nothing to the rest;
+- 8-/4-bit moments (``state_dtype="int8"/"int4"``), for moment tensors of >= 4096 elements:
+  one byte (half a byte) per element plus an fp32 absmax per 256 (128) elements; smaller
+  tensors stay fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memopt.memory.model import ParamInfo
+
+MIN_LOWBIT_NUMEL = 4096
+LOWBIT_BLOCK = {"int8": 256, "int4": 128}
+DENSE_PROJ = ("svd", "gram", "rsvd", "randomized_svd")
+
+
+@dataclass(frozen=True)
+class StateEstimate:
+    """Predicted optimizer state: saved bytes, regenerable cache bytes, per parameter."""
+
+    total: int
+    cache: int
+    per_param: dict[str, int]
+
+    @property
+    def memory(self) -> int:
+        """Everything the state keeps in memory (saved + cache)."""
+        return self.total + self.cache
+
+
+def moment_bytes(numel: int, dtype: torch.dtype, state_dtype: str | None) -> int:
+    """Bytes of Adam's two moments of ``numel`` elements each."""
+    if state_dtype in LOWBIT_BLOCK and numel >= MIN_LOWBIT_NUMEL:
+        block = LOWBIT_BLOCK[state_dtype]
+        codes = numel if state_dtype == "int8" else -(-numel // 2)
+        return 2 * (codes + 4 * -(-numel // block))
+    size = 4 if state_dtype is not None else dtype.itemsize
+    return 2 * numel * size
+
+
+def matrix(shape: Sequence[int]) -> tuple[int, int]:
+    rows = int(shape[0]) if shape else 1
+    return rows, (math.prod(shape) // rows if rows else 0)
+
+
+def low_shape(shape: tuple[int, int], kw: Mapping[str, Any]) -> tuple[int, int, str]:
+    """(rows, cols) of the projected gradient and the side ("right"/"left"/"both")."""
+    m, n = shape
+    ptype = kw.get("proj_type", "std")
+    side = {
+        "std": "right" if m >= n else "left",
+        "reverse_std": "left" if m >= n else "right",
+        "left": "left",
+        "right": "right",
+        "full": "both",
+    }[ptype]
+    limit = {"right": n, "left": m, "both": min(m, n)}[side]
+    if kw.get("density") is not None:
+        r = max(1, min(limit, round(float(kw["density"]) * limit)))
+    else:
+        r = min(int(kw["rank"]), limit)
+    return {"right": (m, r), "left": (r, n), "both": (r, r)}[side] + (side,)  # type: ignore[return-value]
+
+
+def _basis_numel(shape: tuple[int, int], low: tuple[int, int, str]) -> int:
+    m, n = shape
+    r_rows, r_cols, side = low
+    if side == "right":
+        return r_cols * n
+    if side == "left":
+        return m * r_rows
+    return m * r_rows + r_cols * n
+
+
+Rule = Callable[[ParamInfo, Mapping[str, Any]], tuple[int, int]]
+
+
+def _full(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
+    return moment_bytes(p.numel, p.dtype, kw.get("state_dtype")), 0
+
+
+def _projected(p: ParamInfo, kw: Mapping[str, Any], default_proj: str) -> tuple[int, int, int]:
+    """(moments, basis, projected numel) of a low-rank parameter."""
+    shape = matrix(p.shape)
+    low = low_shape(shape, kw)
+    low_numel = low[0] * low[1]
+    moments = moment_bytes(low_numel, p.dtype, kw.get("state_dtype"))
+    basis = _basis_numel(shape, low) * p.dtype.itemsize
+    return moments, basis, low_numel
+
+
+def _galore(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
+    if not p.low_rank or len(p.shape) < 2:
+        return _full(p, kw)
+    moments, basis, _ = _projected(p, kw, "svd")
+    dense = kw.get("proj", "svd") in DENSE_PROJ
+    return (moments + basis, 0) if dense else (moments, basis)
+
+
+def _natural_galore(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
+    if not p.low_rank or len(p.shape) < 2:
+        return _full(p, kw)
+    saved, cache = _galore(p, kw)
+    _, _, low_numel = _projected(p, kw, "svd")
+    history = int(kw.get("natural_history", 4)) * low_numel * p.dtype.itemsize
+    return saved + history, cache
+
+
+def _apollo(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
+    if not p.low_rank or len(p.shape) < 2:
+        return _full(p, kw)
+    moments, basis, _ = _projected(p, kw, "random")
+    return moments + 4, basis  # + the norm-growth limiter's fp32 scalar; basis is a cache
+
+
+def _frugal(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
+    if not p.low_rank or len(p.shape) < 2:
+        return _full(p, kw)
+    return _galore(p, kw)
+
+
+RULES: dict[str, tuple[Rule, dict[str, Any]]] = {
+    "adamw": (_full, {}),
+    "galore": (_galore, {"rank": 128}),
+    "natural_galore": (_natural_galore, {"rank": 128}),
+    "apollo": (_apollo, {"rank": 256}),
+    "apollo_mini": (_apollo, {"rank": 1}),
+    "frugal": (_frugal, {"density": 0.25}),
+}
+
+
+def _frugal_block(params: Sequence[ParamInfo], kw: Mapping[str, Any]) -> StateEstimate:
+    """FRUGAL block mode, first window ("descending": the last k low-rank tensors)."""
+    low = [p for p in params if p.low_rank]
+    k = round(len(low) * float(kw.get("density", 0.25)))
+    active = {p.name for p in low[len(low) - k :]} if k else set()
+    per = {}
+    for p in params:
+        per[p.name] = _full(p, kw)[0] if (not p.low_rank or p.name in active) else 0
+    return StateEstimate(sum(per.values()), 0, per)
+
+
+def optimizer_state(
+    params: Sequence[ParamInfo], optimizer: str, kwargs: Mapping[str, Any] | None = None
+) -> StateEstimate:
+    """Predicted state of ``optimizer`` (a key of ``RULES``) over ``params`` after a step."""
+    if optimizer not in RULES:
+        raise ValueError(
+            f"memopt.memory: unknown optimizer {optimizer!r}; choose one of {sorted(RULES)}"
+        )
+    rule, defaults = RULES[optimizer]
+    kw = {**defaults, **(kwargs or {})}
+    if "density" in (kwargs or {}) and optimizer != "frugal":
+        kw.pop("rank", None)
+    if optimizer == "frugal" and "rank" in (kwargs or {}) and "density" not in (kwargs or {}):
+        kw.pop("density", None)
+    if optimizer == "frugal" and kw.get("proj") == "block":
+        return _frugal_block(params, kw)
+    per, total, cache = {}, 0, 0
+    for p in params:
+        saved, c = rule(p, kw)
+        per[p.name] = saved
+        total += saved
+        cache += c
+    return StateEstimate(total, cache, per)
