@@ -47,6 +47,8 @@ class OffloadConfig:
     bucket_bytes: state bytes per pipeline group (three staging buffers of this size for NVMe).
     nvme: full ``NVMeConfig`` (queue depth, block size, O_DIRECT policy) instead of the
         defaults; its ``directory`` wins over ``nvme_path``.
+    min_state_bytes: low-rank optimizers (``StateOffloadedOptimizer``): state tensors smaller
+        than this stay in memory (step counters, scales: moving them costs more than they weigh).
     """
 
     device: OffloadDevice = "cpu"
@@ -54,6 +56,7 @@ class OffloadConfig:
     pin_memory: bool = True
     bucket_bytes: int = 64 << 20
     nvme: NVMeConfig | None = None
+    min_state_bytes: int = 4096
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "nvme"):
@@ -66,6 +69,9 @@ class OffloadConfig:
         b = self.bucket_bytes
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
             raise ValueError(f"OffloadConfig.bucket_bytes must be a positive int, got {b!r}")
+        m = self.min_state_bytes
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"OffloadConfig.min_state_bytes must be an int >= 0, got {m!r}")
 
     def make_tier(self, rank: int | None = None) -> StorageTier:
         """The tier this config names (an NVMe file named for ``rank``)."""

@@ -10,8 +10,14 @@ straight into the model's parameter shard (bf16/fp16 through the kernel's fused 
 and the ShardedOptimizer's gather sends it to the other ranks as before.
 
 Supported: ``torch.optim.AdamW``, ``torch.optim.Adam`` without weight decay, and memopt's
-full-rank ``AdamW``. Low-rank optimizers (GaLore, APOLLO, ...) and other optimizers raise
-``NotImplementedError`` before anything is allocated.
+full-rank ``AdamW``.
+
+Low-rank memopt optimizers (GaLore, APOLLO, APOLLO-Mini, FRUGAL, Natural GaLore; any optimizer
+with low-rank groups and a ``step_one``) take the other path, ``state_inner``: their own state
+tensors (moments, bases, 8-bit codes and scales) go to the tier through a
+``StateOffloadedOptimizer`` that streams them one parameter at a time around ``step_one``; the
+parameters (and fp32 masters, with ``master_dtype``) stay where the ShardedOptimizer keeps
+them. Other optimizers raise ``NotImplementedError`` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -21,29 +27,36 @@ from typing import Any
 import torch
 
 from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
+from memopt.offload.state_offload import StateOffloadedOptimizer
 
-__all__ = ["check_offloadable", "offload_inner"]
+__all__ = ["check_offloadable", "is_low_rank_optimizer", "offload_inner", "state_inner"]
 
 _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
-def check_offloadable(optimizer: torch.optim.Optimizer) -> None:
-    """Raise ``NotImplementedError`` unless ``optimizer`` is an AdamW the offload path runs."""
-    name = type(optimizer).__name__
+def is_low_rank_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """A memopt-style optimizer with low-rank groups that can step one parameter at a time."""
     is_low_rank = getattr(optimizer, "is_low_rank", None)
-    if callable(is_low_rank) and any(is_low_rank(g) for g in optimizer.param_groups):
-        raise NotImplementedError(
-            f"memopt.shard(offload=...): {name} has low-rank parameter groups; offloading the "
-            "state of low-rank optimizers (GaLore, APOLLO, FRUGAL, ...) is not implemented "
-            "yet. Use offload=None, or torch.optim.AdamW / memopt.optim.AdamW"
-        )
+    return (
+        callable(is_low_rank)
+        and callable(getattr(optimizer, "step_one", None))
+        and any(is_low_rank(g) for g in optimizer.param_groups)
+    )
+
+
+def check_offloadable(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``NotImplementedError`` unless one of the two offload paths runs ``optimizer``."""
+    name = type(optimizer).__name__
+    if is_low_rank_optimizer(optimizer):
+        return
     torch_adamw = isinstance(optimizer, torch.optim.AdamW)
     torch_adam = type(optimizer) is torch.optim.Adam
     memopt_adamw = name == "AdamW" and hasattr(optimizer, "plain_adam_mode")
     if not (torch_adamw or torch_adam or memopt_adamw):
         raise NotImplementedError(
             f"memopt.shard(offload=...): offloaded optimizer state is implemented for AdamW "
-            f"(torch.optim.AdamW, memopt.optim.AdamW), got {name}"
+            f"(torch.optim.AdamW, memopt.optim.AdamW) and memopt's low-rank optimizers, "
+            f"got {name}"
         )
     for i, group in enumerate(optimizer.param_groups):
         flags = [k for k in _UNSUPPORTED_FLAGS if group.get(k)]
@@ -77,4 +90,15 @@ def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
     tier = config.make_tier(rank)
     opt = OffloadedAdamW(groups, offload=config, tier=tier)
     opt._owns_tier = True  # made here for this optimizer: closed with it
+    return opt
+
+
+def state_inner(
+    inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
+) -> StateOffloadedOptimizer:
+    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier."""
+    opt = StateOffloadedOptimizer(
+        inner, config.make_tier(rank), min_bytes=config.min_state_bytes
+    )
+    opt._owns_tier = True
     return opt

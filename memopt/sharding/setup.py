@@ -18,7 +18,12 @@ from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
 from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
-from memopt.sharding.offload_optim import check_offloadable, offload_inner
+from memopt.sharding.offload_optim import (
+    check_offloadable,
+    is_low_rank_optimizer,
+    offload_inner,
+    state_inner,
+)
 from memopt.sharding.optimizer import ShardedOptimizer
 
 
@@ -48,9 +53,10 @@ def apply_sharding(
             f"memopt.shard: optimizer must be a torch.optim.Optimizer, got "
             f"{type(optimizer).__name__}"
         )
+    low_rank = config.offload is not None and is_low_rank_optimizer(optimizer)
     if config.offload is not None:
         check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
-        if config.master_dtype not in (None, torch.float32):
+        if not low_rank and config.master_dtype not in (None, torch.float32):
             raise ValueError(
                 f"memopt.shard: with offload= the master weights are fp32 on the tier; "
                 f"master_dtype={config.master_dtype} is not possible (use None or float32)"
@@ -79,6 +85,10 @@ def apply_sharding(
         rebind(model, optimizer, names)
     if config.offload is None:
         return model, ShardedOptimizer(model, optimizer, config, comm)
+    if low_rank:  # the state goes to the tier; parameters / masters stay with the shards
+        sharded = ShardedOptimizer(model, optimizer, config, comm)
+        sharded.inner = state_inner(sharded.inner, config.offload, comm.rank)
+        return model, sharded
     # Offload: local tensors are the model's own (shards of) parameters; the fp32 master
     # weights and the moments live on the tier, in the inner OffloadedAdamW.
     sharded = ShardedOptimizer(
