@@ -13,11 +13,11 @@ module's full parameters, never the whole model.
 
 Every rank runs the same initializer on the same full tensors, so with the same seed on all
 ranks the shards are consistent, and the values equal an eager single-process build whenever
-the model's constructor initializes modules in ``named_modules()`` order (true of plain ``nn.Linear``
-stacks). A Hugging Face model needs ``init_fn=hf_model._init_weights``: its weights are then a
-draw from the same initializer, not the eager build's exact values (that constructor first
-consumes the RNG in each ``nn.Linear``'s own reset). Buffers are allocated by ``to_empty`` and filled by the
-same ``init_fn`` call (they are not sharded).
+the model's constructor initializes modules in ``named_modules()`` order (true of plain
+``nn.Linear`` stacks). A Hugging Face model needs ``init_fn=hf_model._init_weights``: its
+weights are then a draw from the same initializer, not the eager build's exact values (that
+constructor first consumes the RNG in each ``nn.Linear``'s own reset). Buffers are allocated
+by ``to_empty`` and filled by the same ``init_fn`` call (they are not sharded).
 """
 
 from __future__ import annotations
