@@ -1,0 +1,214 @@
+"""Instrumentation of one training step for ``profile``: hooks, time marks, saved storages.
+
+A ``Recorder`` installs, for one step, forward pre/post hooks on every block (they set the
+current block, mark the forward's start and end, and put gradient hooks on the block's input
+and output to mark its backward's end and start), forward pre-hooks on the ``nn.Linear``
+layers inside blocks (their input storages), and a ``saved_tensors_hooks`` pack/unpack pair
+that records each saved storage (parameters and buffers skipped) with the block(s) saving it
+and holds it in a ``SavedLedger`` until autograd drops it. ``finish`` turns the marks into
+seconds (one device synchronize on CUDA).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from memopt.activations.ledger import SavedLedger, Token, storage_key
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+NONBLOCK = "<non-block>"
+
+
+class Clock:
+    """Time marks: CUDA events (read after one synchronize) or ``perf_counter``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            return float(a.elapsed_time(b)) / 1e3
+        return float(b - a)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    hs = kwargs.get("hidden_states")
+    return hs if isinstance(hs, torch.Tensor) else None
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
+class _Held:
+    """What the pack hook returns: the tensor itself (unchanged memory) and its ledger hold."""
+
+    __slots__ = ("tensor", "token")
+
+    def __init__(self, tensor: torch.Tensor, token: Token) -> None:
+        self.tensor, self.token = tensor, token
+
+
+@dataclass
+class Record:
+    """Raw figures of one instrumented step."""
+
+    sizes: dict[tuple[str, int], int] = field(default_factory=dict)
+    owners: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    linear_inputs: set[tuple[str, int]] = field(default_factory=set)
+    in_keys: dict[str, tuple[str, int]] = field(default_factory=dict)
+    head_keys: set[tuple[str, int]] = field(default_factory=set)
+    linear_calls: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+    in_bytes: dict[str, int] = field(default_factory=dict)
+    all_in_bytes: dict[str, int] = field(default_factory=dict)
+    out_bytes: dict[str, int] = field(default_factory=dict)
+    secs: dict[str, dict[str, float]] = field(default_factory=dict)
+    peak: int = 0
+
+
+class Recorder:
+    """Hooks for one instrumented step: current block, saved storages, time marks."""
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], clock: Clock):
+        self.blocks, self.clock = blocks, clock
+        self.skip = {t.untyped_storage().data_ptr() for t in model.parameters()}
+        self.skip |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+        self.ledger = SavedLedger()
+        self.rec = Record()
+        self.current: str | None = None
+        self.after_blocks = False
+        self.marks: dict[tuple[str, str], Any] = {}
+        self.handles: list[Any] = []
+
+    def install(self) -> None:
+        for name, block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(
+                self._pre(name), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._post(name)))
+            for sub in block.modules():
+                if isinstance(sub, nn.Linear):
+                    self.handles.append(sub.register_forward_pre_hook(self._linear_pre))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _mark(self, kind: str, name: str) -> None:
+        self.marks[(kind, name)] = self.clock.mark()
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.current = name
+            x = first_tensor(args, kwargs)
+            self.rec.in_bytes[name] = _nbytes(x)
+            self.rec.all_in_bytes[name] = self._inputs_bytes(args, kwargs)
+            if x is not None:
+                self.rec.in_keys[name] = storage_key(x)
+            if x is not None and x.requires_grad and torch.is_grad_enabled():
+                x.register_hook(lambda _g: self._mark("bwd_end", name))
+            self._mark("fwd_start", name)
+        return hook
+
+    def _inputs_bytes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """Distinct storages of every tensor argument (what a checkpoint keeps alive)."""
+        leaves, _ = tree_flatten((args, kwargs))
+        seen = {storage_key(t): t.untyped_storage().nbytes() for t in leaves
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip}
+        return sum(seen.values())
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            self._mark("fwd_end", name)
+            self.current = None
+            self.after_blocks = name == self.blocks[-1][0]
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            y = y if isinstance(y, torch.Tensor) else None
+            self.rec.out_bytes[name] = _nbytes(y)
+            if y is not None and y.requires_grad:
+                y.register_hook(lambda _g: self._mark("bwd_start", name))
+        return hook
+
+    def _linear_pre(self, _m: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor) and self.current is not None:
+            x = args[0]
+            self.rec.linear_inputs.add(storage_key(x))
+            in_f = x.shape[-1] if x.dim() else 1
+            call = (int(in_f), x.numel() // max(int(in_f), 1), x.element_size())
+            self.rec.linear_calls.setdefault(self.current, []).append(call)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if t.untyped_storage().data_ptr() in self.skip:
+            return t
+        key = storage_key(t)
+        self.rec.sizes[key] = t.untyped_storage().nbytes()
+        self.rec.owners.setdefault(key, set()).add(self.current or NONBLOCK)
+        if self.current is None and self.after_blocks:
+            self.rec.head_keys.add(key)
+        # keyed by block as the managers' ledger is (a storage two blocks save counts twice)
+        return _Held(t, self.ledger.hold(t, block=self.current or NONBLOCK))
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Held) else packed
+
+    def finish(self) -> Record:
+        self.clock.sync()
+        m, sec = self.marks, self.clock.seconds
+        secs: dict[str, dict[str, float]] = {"fwd": {}, "bwd": {}}
+        for name, _ in self.blocks:
+            if ("fwd_start", name) in m and ("fwd_end", name) in m:
+                secs["fwd"][name] = sec(m[("fwd_start", name)], m[("fwd_end", name)])
+            if ("bwd_start", name) in m and ("bwd_end", name) in m:
+                secs["bwd"][name] = sec(m[("bwd_start", name)], m[("bwd_end", name)])
+        last = self.blocks[-1][0]
+        s0, f1, s1 = m[("step", "start")], m[("step", "fwd_end")], m[("step", "end")]
+        secs["step"] = {"step": sec(s0, s1)}
+        secs["head"] = {
+            "fwd": sec(m[("fwd_end", last)], f1) if ("fwd_end", last) in m else 0.0,
+            "bwd": sec(f1, m[("bwd_start", last)]) if ("bwd_start", last) in m else 0.0,
+        }
+        self.rec.secs = secs
+        self.rec.peak = self.ledger.peak()
+        return self.rec
+
+
+def instrumented_step(
+    model: nn.Module, batch: Any, loss_fn: LossFn, blocks: list[tuple[str, nn.Module]],
+    clock: Clock,
+) -> Record:
+    rec = Recorder(model, blocks, clock)
+    rec.install()
+    try:
+        clock.sync()
+        rec._mark("step", "start")
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+            loss = loss_fn(model, batch)
+        rec._mark("step", "fwd_end")
+        loss.backward()
+        rec._mark("step", "end")
+        del loss
+    finally:
+        rec.remove()
+    return rec.finish()

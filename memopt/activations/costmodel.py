@@ -1,0 +1,133 @@
+"""Cost model of one block under one policy: bytes held, transient bytes, extra step time.
+
+For a profiled block with saved bytes ``S``, input bytes ``I`` (``A``: all its tensor
+arguments, rotary tables included, which a checkpoint keeps), forward time ``f`` and the
+compute that can hide its copies (``Window``), each policy becomes an ``Option``:
+
+    policy     held (fwd->bwd)    transient (own bwd)  prefetch (next bwd)  overhead
+    keep       S                  0                    0                    0
+    recompute  A (checkpoint in)  S - I (re-run saves) 0                    f
+    swap       0                  S (fetched back)     S                    copy(S) not hidden
+    split(a)   A                  S - I                a (S - I)            (1-a) f + copy(a(S-I))
+    sample(r)  S - L + sum_l s_l  0                    0                    0
+
+(``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.)
+``L`` is the bytes of the block's linear-layer inputs and ``s_l`` what each sampled linear
+keeps (``sampled.sampled_saved_bytes``). *prefetch* is what comes back to the device while
+the block *after* this one runs its backward (the explicit prefetch of the swap manager).
+
+Copies: ``copy(B) = B / d2h`` in the forward and ``B / h2d`` before the backward. On CUDA
+they run on a side stream beside compute, so only what exceeds the window is paid: the
+device-to-host copy hides behind the next block's forward (the head's, for the last block)
+and the prefetch behind the next block's backward (the head's backward for the last block).
+On a CPU "device" a swap is a memcpy on the same cores: nothing overlaps, the whole copy is
+paid (and it frees no physical memory; the ledger still counts device bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memopt.activations.policy import Action, ActivationPolicy, Tier
+from memopt.activations.profile import BlockProfile, Profile
+from memopt.activations.sampled import sampled_saved_bytes
+
+__all__ = ["Option", "Window", "block_options", "option_for", "windows"]
+
+SPLIT_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One policy for one block with its predicted bytes and cost (see module doc)."""
+
+    policy: ActivationPolicy
+    held: int
+    transient: int
+    prefetch: int
+    overhead_s: float
+
+
+@dataclass(frozen=True)
+class Window:
+    """Compute that can hide a block's copies: the next block's forward and backward."""
+
+    forward_s: float
+    backward_s: float
+
+
+def windows(prof: Profile) -> list[Window]:
+    """Each block's overlap window (zero on a device whose copies do not overlap)."""
+    if not prof.copy_overlaps_compute:
+        return [Window(0.0, 0.0) for _ in prof.blocks]
+    nxt = [Window(b.forward_s, b.backward_s) for b in prof.blocks[1:]]
+    return [*nxt, Window(prof.head_forward_s, prof.head_backward_s)]
+
+
+def _rest(b: BlockProfile) -> int:
+    """Bytes a recompute re-materialises beyond the input it keeps."""
+    return max(b.saved_bytes - b.input_bytes, 0) if b.input_saved else b.saved_bytes
+
+
+def _kept_args(b: BlockProfile) -> int:
+    """What a checkpoint keeps: every tensor argument (at least the block's input)."""
+    return max(b.args_bytes, b.input_bytes)
+
+
+def _copy_cost(nbytes: int, prof: Profile, win: Window) -> float:
+    out_s = nbytes / prof.d2h_bytes_per_s
+    back_s = nbytes / prof.h2d_bytes_per_s
+    return max(0.0, out_s - win.forward_s) + max(0.0, back_s - win.backward_s)
+
+
+_BY_SIZE = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+def _sampled_held(b: BlockProfile, ratio: float) -> int:
+    kept = sum(sampled_saved_bytes(in_f, rows, ratio, _BY_SIZE.get(size, torch.float32))
+               for in_f, rows, size in b.linears)
+    return max(b.saved_bytes - b.linear_input_bytes, 0) + kept
+
+
+def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Window) -> Option:
+    """The ``Option`` of ``policy`` on block ``b``."""
+    rest = _rest(b)
+    if policy.action == "keep":
+        return Option(policy, b.saved_bytes, 0, 0, 0.0)
+    if policy.action == "recompute":
+        if policy.keep_ops:
+            raise NotImplementedError(
+                "the planner models full recompute only; selective recompute (keep_ops) is "
+                "not profiled per op yet")
+        return Option(policy, _kept_args(b), rest, 0, b.forward_s)
+    if policy.action == "swap":
+        return Option(policy, 0, b.saved_bytes, b.saved_bytes,
+                      _copy_cost(b.saved_bytes, prof, win))
+    if policy.action == "split":
+        a = policy.swap_fraction
+        moved = int(a * rest)
+        cost = (1.0 - a) * b.forward_s + _copy_cost(moved, prof, win)
+        return Option(policy, _kept_args(b), rest, moved, cost)
+    return Option(policy, _sampled_held(b, policy.sample_ratio), 0, 0, 0.0)
+
+
+def block_options(
+    b: BlockProfile, prof: Profile, win: Window, actions: tuple[Action, ...], *,
+    tier: Tier = "cpu", sample_ratio: float = 0.3,
+) -> list[Option]:
+    """Every candidate policy of ``actions`` for block ``b``."""
+    policies: list[ActivationPolicy] = []
+    for action in actions:
+        if action == "split":
+            policies += [ActivationPolicy("split", tier=tier, swap_fraction=a)
+                         for a in SPLIT_FRACTIONS]
+        elif action == "sample":
+            if b.linears:
+                policies.append(ActivationPolicy("sample", sample_ratio=sample_ratio))
+        elif action == "swap":
+            policies.append(ActivationPolicy("swap", tier=tier))
+        else:
+            policies.append(ActivationPolicy(action))
+    return [option_for(p, b, prof, win) for p in policies]

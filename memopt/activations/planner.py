@@ -1,0 +1,175 @@
+"""The planner: one policy per block that minimises predicted step time under a byte budget.
+
+``plan(model, batch, budget)`` profiles one step (``profile.profile``), turns every allowed
+policy of every block into an ``Option`` (``costmodel``: held bytes from the forward to the
+backward, transient bytes during the block's own backward, bytes prefetched back during the
+next block's backward, and extra seconds), and solves exactly (``_solve``):
+
+    minimise   sum_k overhead(o_k)
+    subject to base + P_k + T_k + prefetch_{k-1} <= budget   for every block k (its backward)
+               base + head + P_n + prefetch_{n-1} <= budget  (end of the forward)
+
+where ``P_k`` sums the held bytes of blocks ``0..k`` (backward runs from the last block, so
+when block ``k``'s backward runs, blocks ``> k`` have been freed). The solver is a dynamic
+programme over blocks whose state is (previous block's option, held bytes on a grid of
+``unmanaged peak / 4096`` bytes, rounded up): exact for the rounded model, and with the grid
+fixed per profile a larger budget can only predict an equal or faster step.
+
+Budgets: bytes (``int``), a size string (``"6GiB"``, ``"512MiB"``, ``"1.5GB"``) or a share of
+the unmanaged peak (``"50%"``). A budget below every plan's peak is a ``ValueError`` naming the
+minimum reachable budget. ``sample`` changes the gradient (an unbiased estimate), so it is only
+considered when named in ``actions``. ``overrides`` pins blocks to a policy; an unknown block
+name is an error. ``compare(plan, ledger)`` reports predicted against measured peak after a
+step under the applied plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from memopt.activations import _solve
+from memopt.activations.blocks import BlockSpec
+from memopt.activations.costmodel import Option, block_options, option_for, windows
+from memopt.activations.ledger import SavedLedger
+from memopt.activations.policy import ACTIONS, Action, ActivationPolicy, BlockDecision, Plan, Tier
+from memopt.activations.profile import LossFn, Profile, profile
+
+__all__ = ["DEFAULT_ACTIONS", "compare", "parse_budget", "plan", "plan_from_profile"]
+
+DEFAULT_ACTIONS: tuple[Action, ...] = ("keep", "recompute", "swap", "split")
+GRID = 4096
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def parse_budget(budget: int | str, unmanaged_peak: int) -> int:
+    """Bytes of ``budget``: an int, ``"6GiB"``-style string, or ``"50%"`` of ``unmanaged_peak``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise TypeError(f"budget={budget!r}: pass bytes (int), a size such as '6GiB', or '50%'")
+    if isinstance(budget, int):
+        value = budget
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z%]*)\s*", budget)
+        unit = m.group(2).lower() if m else ""
+        if m is None or (unit not in _UNITS and unit != "%"):
+            raise ValueError(f"budget={budget!r} is not a size; use e.g. '6GiB', '512MB', '50%'")
+        number = float(m.group(1))
+        value = int(number / 100 * unmanaged_peak) if unit == "%" else int(number * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"budget={budget!r} gives {value} bytes; it must be positive")
+    return value
+
+
+def _check_actions(actions: Sequence[str]) -> tuple[Action, ...]:
+    bad = [a for a in actions if a not in ACTIONS]
+    if bad or not actions:
+        raise ValueError(f"actions={tuple(actions)}: choose a non-empty subset of {ACTIONS}")
+    return tuple(actions)  # type: ignore[arg-type]
+
+
+def _options(prof: Profile, actions: tuple[Action, ...], overrides: Mapping[str, Any],
+             tier: Tier, sample_ratio: float) -> list[list[Option]]:
+    names = [b.name for b in prof.blocks]
+    unknown = [n for n in overrides if n not in names]
+    if unknown:
+        raise ValueError(f"unknown block names {unknown} in overrides; the blocks are {names}")
+    wins = windows(prof)
+    out = []
+    for b, win in zip(prof.blocks, wins, strict=True):
+        if b.name in overrides:
+            pol = overrides[b.name]
+            pol = pol if isinstance(pol, ActivationPolicy) else ActivationPolicy(pol)
+            out.append([option_for(pol, b, prof, win)])
+        else:
+            out.append(block_options(b, prof, win, actions, tier=tier, sample_ratio=sample_ratio))
+    return out
+
+
+def _notes(prof: Profile) -> tuple[str, ...]:
+    notes = [f"non-block saved bytes {_mib(prof.nonblock_saved_bytes)} (head/loss "
+             f"{_mib(prof.head_saved_bytes)}) are in every peak; copy d2h "
+             f"{prof.d2h_bytes_per_s / 1e9:.1f} GB/s, h2d {prof.h2d_bytes_per_s / 1e9:.1f} GB/s"]
+    if not prof.copy_overlaps_compute:
+        notes.append(f"device {prof.device_type!r}: a swap is a memcpy in host memory on the "
+                     "same cores (no overlap; it frees ledger 'device' bytes, not RAM)")
+    return tuple(notes)
+
+
+def plan_from_profile(
+    prof: Profile, budget: int | str, *, actions: Sequence[str] = DEFAULT_ACTIONS,
+    overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
+    sample_ratio: float = 0.3,
+) -> Plan:
+    """The cheapest plan for a measured ``Profile`` (see module doc); no model needed."""
+    budget_b = parse_budget(budget, prof.unmanaged_peak_bytes)
+    opts = _options(prof, _check_actions(actions), overrides or {}, tier, sample_ratio)
+    quantum = max(1, -(-max(prof.unmanaged_peak_bytes, 1) // GRID))
+    base = prof.nonblock_saved_bytes - prof.head_saved_bytes
+    prob = _solve.Problem(opts, base, prof.head_saved_bytes, quantum)
+    picks = _solve.min_cost(prob, budget_b)
+    if picks is None:
+        _, low = _solve.min_peak(prob)
+        reach = _solve.peak_of(prob, [opts[k][o] for k, o in enumerate(low)])
+        if reach > budget_b:
+            raise ValueError(
+                f"budget {budget_b} bytes ({_mib(budget_b)}) is below the minimum reachable "
+                f"budget {reach} bytes ({_mib(reach)}) with actions={tuple(actions)} "
+                f"(unmanaged peak {_mib(prof.unmanaged_peak_bytes)}); raise the budget or "
+                "allow more actions")
+        picks = low  # fits exactly though not on the rounded grid
+    chosen = [opts[k][o] for k, o in enumerate(picks)]
+    decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s)
+                      for b, c in zip(prof.blocks, chosen, strict=True))
+    return Plan(
+        decisions=decisions, budget_bytes=budget_b,
+        unmanaged_peak_bytes=prof.unmanaged_peak_bytes,
+        predicted_peak_bytes=_solve.peak_of(prob, chosen), baseline_step_s=prof.step_s,
+        predicted_step_s=prof.step_s + sum(c.overhead_s for c in chosen), notes=_notes(prof),
+    )
+
+
+def plan(
+    model: nn.Module, sample_batch: Any, budget: int | str = "50%", *,
+    actions: Sequence[str] = DEFAULT_ACTIONS, profile: Profile | None = None,
+    loss_fn: LossFn | None = None, blocks: BlockSpec = None,
+    overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
+    sample_ratio: float = 0.3,
+) -> Plan:
+    """Profile ``model`` on ``sample_batch`` (unless ``profile`` is given) and plan under
+    ``budget``: per block keep / recompute / swap / split (/ sample, opt-in)."""
+    prof = profile if profile is not None else _profile(model, sample_batch, loss_fn, blocks)
+    modules = dict(model.named_modules())
+    missing = [b.name for b in prof.blocks if b.name not in modules]
+    if missing:
+        raise ValueError(f"the profile names blocks {missing} that {type(model).__name__} "
+                         "does not have; profile this model")
+    return plan_from_profile(prof, budget, actions=actions, overrides=overrides, tier=tier,
+                             sample_ratio=sample_ratio)
+
+
+def _profile(model: nn.Module, batch: Any, loss_fn: LossFn | None, blocks: BlockSpec) -> Profile:
+    return profile(model, batch, loss_fn, blocks=blocks)
+
+
+def compare(plan: Plan, ledger: SavedLedger, *, place: str = "device",
+            cuda_peak_delta: int | None = None) -> str:
+    """Predicted against measured peak saved bytes after a step under ``plan``."""
+    measured = ledger.peak(place)
+    err = (plan.predicted_peak_bytes - measured) / max(measured, 1)
+    lines = [
+        f"predicted peak {_mib(plan.predicted_peak_bytes)}, measured (ledger {place!r}) "
+        f"{_mib(measured)} ({err:+.1%} off); budget {_mib(plan.budget_bytes)}: "
+        f"{'met' if measured <= plan.budget_bytes else 'EXCEEDED'}"
+    ]
+    if cuda_peak_delta is not None:
+        lines.append(f"torch.cuda.max_memory_allocated over the step's start: "
+                     f"{_mib(cuda_peak_delta)}")
+    return "\n".join(lines)
