@@ -183,3 +183,26 @@ def test_small_tensors_stay_on_device() -> None:
     assert ledger.current("device") > 0 and ledger.current("host") == 0
     loss.backward()
     mgr.remove()
+
+
+def test_swap_to_nvme_tier(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from memopt.offload.nvme_file import NVMeConfig
+
+    model = make_stack(depth=3)
+    x = torch.randn(32, 64)
+    ref = grads(model, stack_loss(x))
+    cfg = NVMeConfig(tmp_path, capacity_bytes=1 << 20, grow_bytes=1 << 20, direct="prefer")
+    ledger = SavedLedger()
+    opts = ActivationOptions(min_swap_bytes=1024, nvme=cfg)
+    mgr = apply(
+        model, {"blocks.0": swap("nvme"), "blocks.2": swap("nvme")}, ledger=ledger, options=opts
+    )
+    model.zero_grad(set_to_none=True)
+    loss = stack_loss(x)(model)
+    assert ledger.current("nvme") > 0 and ledger.current("host") == 0
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    assert same(got, ref)
+    gc.collect()
+    assert mgr.swap.pool.live_slots() == 0 and ledger.current("nvme") == 0
+    mgr.remove()

@@ -1,0 +1,124 @@
+"""apply(): validation errors, remove() restores the model, keep counting, report, compile."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from memopt.activations import ActivationOptions, BlockDecision, Plan, SavedLedger, apply
+from memopt.activations.hooks import managed_block
+from memopt.activations.install import INSTALLERS
+from memopt.activations.policy import keep, recompute, swap
+from tests.activations._models import grads, make_stack, same, stack_loss
+
+OPTS = ActivationOptions(min_swap_bytes=1024)
+
+
+def test_unknown_name_lists_close_names() -> None:
+    model = make_stack()
+    with pytest.raises(ValueError, match=r"'blocks\.7'.*close names: blocks\.[0-3]"):
+        apply(model, {"blocks.7": swap()})
+    with pytest.raises(ValueError, match="'blokcs.1' is not a submodule.*blocks.1"):
+        apply(model, {"blokcs.1": swap()})
+    assert all(managed_block(m) is None for m in model.modules())
+
+
+def test_nested_blocks_are_an_error() -> None:
+    model = make_stack()
+    with pytest.raises(ValueError, match=r"'blocks\.0\.fc' lies inside managed block 'blocks\.0'"):
+        apply(model, {"blocks.0": swap(), "blocks.0.fc": recompute()})
+    with pytest.raises(ValueError, match="lies inside managed block ''"):
+        apply(model, {"": keep(), "blocks.1": swap()})
+
+
+def test_bad_policy_type_and_double_management() -> None:
+    model = make_stack()
+    with pytest.raises(TypeError, match="ActivationPolicy"):
+        apply(model, {"blocks.0": "swap"})  # type: ignore[dict-item]
+    mgr = apply(model, {"blocks.0": swap()})
+    with pytest.raises(ValueError, match="already managed"):
+        apply(model, {"blocks.1": keep(), "blocks.0": recompute()})
+    # the failed apply rolled back what it had installed (blocks.1)
+    assert managed_block(model.blocks[1]) is None
+    mgr.remove()
+    apply(model, {"blocks.0": recompute()}).remove()
+
+
+def test_missing_installer_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply_mod = sys.modules["memopt.activations.apply"]  # the module (its name is the function's)
+    monkeypatch.setitem(apply_mod._INSTALLER_MODULES, "split", "memopt.activations._no_such")
+    monkeypatch.delitem(INSTALLERS._items, "split", raising=False)
+    with pytest.raises(ValueError, match=r"'split' has no installer.*_no_such"):
+        apply(make_stack(), {"blocks.0": swap(), "blocks.1": _split()})
+
+
+def _split():  # type: ignore[no-untyped-def]
+    from memopt.activations.policy import split
+
+    return split(0.5)
+
+
+def test_nvme_policy_needs_a_directory() -> None:
+    with pytest.raises(ValueError, match="NVMeConfig"):
+        apply(make_stack(), {"blocks.0": swap("nvme")})
+
+
+def test_remove_restores_forward_and_gradients() -> None:
+    model = make_stack()
+    x = torch.randn(16, 64)
+    ref = grads(model, stack_loss(x))
+    plan = {"blocks.0": swap(), "blocks.1": recompute(), "blocks.2": keep()}
+    mgr = apply(model, plan, options=OPTS)
+    assert all("forward" in model.blocks[i].__dict__ for i in range(3))
+    assert same(grads(model, stack_loss(x)), ref)
+    state_keys = list(model.state_dict())
+    mgr.remove()
+    mgr.remove()  # idempotent
+    assert all("forward" not in b.__dict__ and managed_block(b) is None for b in model.blocks)
+    assert list(model.state_dict()) == state_keys
+    assert same(grads(model, stack_loss(x)), ref)
+    fresh = make_stack()
+    assert same(grads(fresh, stack_loss(x)), ref)
+
+
+def test_keep_blocks_are_counted_and_report_compares_plan() -> None:
+    model = make_stack(depth=2)
+    x = torch.randn(32, 64)
+    ledger = SavedLedger()
+    plan = Plan(
+        decisions=(
+            BlockDecision("blocks.0", keep(), held_bytes=100_000),
+            BlockDecision("blocks.1", swap(), held_bytes=0),
+        ),
+        budget_bytes=200_000,
+        unmanaged_peak_bytes=200_000,
+        predicted_peak_bytes=120_000,
+        baseline_step_s=0.01,
+        predicted_step_s=0.011,
+    )
+    mgr = apply(model, plan, ledger=ledger, options=OPTS)
+    loss = stack_loss(x)(model)
+    peaks = ledger.block_peaks("device")
+    assert peaks["blocks.0"] > 3 * 32 * 64 * 4  # input, fc out, gelu out, norm stats ...
+    assert ledger.current("host") > 0
+    loss.backward()
+    text = mgr.report(plan)
+    assert "blocks.0" in text and "keep" in text and "swap(cpu)" in text
+    assert "predicted 0.11 MiB" in text and "measured/predicted" in text
+    mgr.remove()
+
+
+def test_torch_compile_runs_managed_blocks_eagerly() -> None:
+    """Managed blocks are excluded from tracing (a graph break each); the rest compiles."""
+    torch._dynamo.reset()
+    model = make_stack(depth=2)
+    x = torch.randn(16, 64)
+    ref = grads(model, stack_loss(x))
+    mgr = apply(model, {"blocks.0": swap(), "blocks.1": recompute()}, options=OPTS)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert same(grads(compiled, stack_loss(x)), ref)
+    assert mgr.swap.stats["swapped"] > 0, "the swap hooks must have run inside the compiled model"
+    mgr.remove()
+    torch._dynamo.reset()
