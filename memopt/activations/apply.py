@@ -114,26 +114,33 @@ class ActivationManager:
         self.swap.close()
 
     def report(self, plan: Plan | None = None) -> str:
-        """Measured peak saved bytes (per place and block), against ``plan``'s predictions."""
-        peaks = self.ledger.block_peaks("device")
-        lines = [f"{'block':<32} {'policy':<28} {'predicted MiB':>14} {'measured MiB':>13}"]
+        """Measured peak saved bytes per block (device, and host/NVMe for swapped ones) since
+        the ledger's last ``reset_peak``, against ``plan``'s predictions when given."""
+        dev, host = self.ledger.block_peaks("device"), self.ledger.block_peaks("host")
+        nvme = self.ledger.block_peaks("nvme")
         predicted = {d.name: d.held_bytes for d in plan.decisions} if plan else {}
+        mib = 2.0**20
+        lines = [
+            f"{'block':<28} {'policy':<26} {'predicted MiB':>13} {'device MiB':>10} "
+            f"{'host MiB':>9} {'nvme MiB':>9}"
+        ]
         for name, policy in self.policies.items():
             pred = predicted.get(name)
-            pred_s = f"{pred / 2**20:14.2f}" if pred is not None else f"{'-':>14}"
+            pred_s = f"{pred / mib:13.2f}" if pred is not None else f"{'-':>13}"
             lines.append(
-                f"{name:<32} {policy.describe():<28} {pred_s} {peaks.get(name, 0) / 2**20:13.2f}"
+                f"{name:<28} {policy.describe():<26} {pred_s} {dev.get(name, 0) / mib:10.2f} "
+                f"{host.get(name, 0) / mib:9.2f} {nvme.get(name, 0) / mib:9.2f}"
             )
         measured = self.ledger.peak("device")
-        tail = f"measured peak saved on device {measured / 2**20:.2f} MiB"
+        tail = f"measured peak saved on device {measured / mib:.2f} MiB"
         if plan is not None:
-            tail += f"; predicted {plan.predicted_peak_bytes / 2**20:.2f} MiB"
+            tail += f"; predicted {plan.predicted_peak_bytes / mib:.2f} MiB"
             if plan.predicted_peak_bytes:
                 tail += f" (measured/predicted {measured / plan.predicted_peak_bytes:.2f})"
-            tail += f"; budget {plan.budget_bytes / 2**20:.2f} MiB"
+            tail += f"; budget {plan.budget_bytes / mib:.2f} MiB"
         for place in ("host", "nvme"):
             if self.ledger.peak(place):
-                tail += f"; {place} peak {self.ledger.peak(place) / 2**20:.2f} MiB"
+                tail += f"; {place} peak {self.ledger.peak(place) / mib:.2f} MiB"
         return "\n".join([*lines, tail])
 
     def __enter__(self) -> ActivationManager:

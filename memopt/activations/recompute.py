@@ -11,7 +11,11 @@ Selective (``keep_ops``): ``create_selective_checkpoint_contexts`` with a policy
 ``MUST_SAVE`` for the listed ops (``"aten.mm"``: every overload; ``"aten.mm.default"``: that
 one) and ``PREFER_RECOMPUTE`` for the rest. In eager mode the save policy is honoured by
 caching the listed ops' outputs in the forward and serving them from the cache in the
-recompute, so those ops (typically the matmuls and attention) are not run twice.
+recompute, so those ops (typically the matmuls and attention) are not run twice. The policy is
+asked once per op, in the forward, and sees the op's output: the ledger hold is taken there.
+Both SAC modes are Python dispatch modes: every op of the block pays a Python call, which
+small CPU ops feel (tiny LLaMA on CPU: selective slower than full recompute) and large GPU
+ops amortize.
 
 A KV cache passed to the block (``past_key_values=``, HF's default ``use_cache=True`` in a
 training forward) is dropped with a one-time warning, as HF's own checkpointing does: the replay
@@ -83,22 +87,6 @@ def resolve_ops(names: Sequence[str]) -> tuple[frozenset[Any], frozenset[Any]]:
     return frozenset(packets), frozenset(overloads)
 
 
-class _HoldKept(TorchDispatchMode):
-    """Above the SAC cache in the forward: count the outputs of kept ops in the ledger."""
-
-    def __init__(self, keep: Callable[[Any], bool], hold: Callable[[torch.Tensor], None]) -> None:
-        super().__init__()
-        self._keep, self._hold = keep, hold
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self._keep(func):
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self._hold(t)
-        return out
-
-
 class _CountOps(TorchDispatchMode):
     """Below the SAC cache in the recompute: every op that reaches it was re-run."""
 
@@ -133,9 +121,6 @@ class _Block:
     def keeps(self, op: Any) -> bool:
         return op in self.overloads or getattr(op, "overloadpacket", None) in self.packets
 
-    def policy_fn(self, sac_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if self.keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
-
     def context_fn(self, hold: Callable[[torch.Tensor], None]) -> Callable[[], tuple[Any, Any]]:
         counting = self.ctx.options.count_recomputed_ops
         if not self.selective:
@@ -143,9 +128,17 @@ class _Block:
                 return lambda: (contextlib.nullcontext(), contextlib.nullcontext())
             return lambda: (contextlib.nullcontext(), _CountOps(self.stats.recomputed))
 
+        def policy(sac_ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+            if not self.keeps(op):
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            # called once per op in the forward, with the output the cache will keep
+            for t in tree_flatten(getattr(sac_ctx, "op_output", None))[0]:
+                if isinstance(t, torch.Tensor):
+                    hold(t)
+            return CheckpointPolicy.MUST_SAVE
+
         def make() -> tuple[Any, Any]:
-            fwd, rec = create_selective_checkpoint_contexts(self.policy_fn)
-            fwd = _stacked(fwd, _HoldKept(self.keeps, hold))
+            fwd, rec = create_selective_checkpoint_contexts(policy)
             if counting:
                 rec = _stacked(_CountOps(self.stats.recomputed), rec)
             return fwd, rec

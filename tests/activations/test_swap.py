@@ -206,3 +206,29 @@ def test_swap_to_nvme_tier(tmp_path) -> None:  # type: ignore[no-untyped-def]
     gc.collect()
     assert mgr.swap.pool.live_slots() == 0 and ledger.current("nvme") == 0
     mgr.remove()
+
+
+def test_retain_graph_accumulation_and_no_prefetch() -> None:
+    model = make_stack()
+    x1, x2 = torch.randn(32, 64), torch.randn(32, 64)
+
+    def two_microbatches(m: nn.Module) -> None:
+        a = stack_loss(x1)(m)
+        b = stack_loss(x2)(m)  # both graphs alive at once: runs of both chains are pending
+        a.backward(retain_graph=True)
+        a.backward()  # second backward through the same swapped activations
+        b.backward()
+
+    model.zero_grad(set_to_none=True)
+    two_microbatches(model)
+    ref = [p.grad.clone() for p in model.parameters()]
+    for depth in (0, 2):
+        opts = ActivationOptions(min_swap_bytes=1024, prefetch_depth=depth)
+        mgr = apply(model, {f"blocks.{i}": swap() for i in range(4)}, arena=_arena(), options=opts)
+        model.zero_grad(set_to_none=True)
+        two_microbatches(model)
+        assert same([p.grad for p in model.parameters()], ref)
+        assert (mgr.scheduler.prefetches == 0) == (depth == 0)
+        gc.collect()
+        assert mgr.swap.pool.live_slots() == 0
+        mgr.remove()
