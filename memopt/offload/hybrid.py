@@ -24,6 +24,11 @@ one side or the other. Subset sums are a bitset (a Python int) over size units: 
 sizes when that gives at most 2**20 units (exact), otherwise ``total / 2**16`` (near-optimal).
 One bitset per prefix reconstructs the subset.
 
+Without overlap (``overlap=False``: an implementation that runs each group's copies and
+update one after another, as ``hybrid_update.HybridUpdate`` does today), the step takes the
+sum of the four loads, which is linear in ``C``: the best plan then puts everything on the
+path with the lower cost per parameter, and the scheduler's job reduces to measuring which.
+
 Stability: the current plan is kept unless the best one is predicted faster by more than
 ``hysteresis`` (relative), both judged with the current estimates, so measurement noise does
 not make groups flip between CPU and device every step; a real change of rates does.
@@ -113,6 +118,7 @@ class HybridScheduler:
         prior: Rates | None = None,
         ema: float = 0.3,
         hysteresis: float = 0.05,
+        overlap: bool = True,
     ) -> None:
         sizes = list(groups.values()) if isinstance(groups, Mapping) else list(groups)
         self.names = (
@@ -129,6 +135,7 @@ class HybridScheduler:
         self.costs = costs or ByteCosts()
         self.ema = ema
         self.hysteresis = hysteresis
+        self.overlap = overlap  # False: the resources work one after another (sum of loads)
         self._rates = prior or Rates()
         self._measured: set[Resource] = set()
         self._current: tuple[Where, ...] | None = None
@@ -186,8 +193,12 @@ class HybridScheduler:
         )
 
     def predict(self, placement: Sequence[Where]) -> float:
-        """Predicted makespan of one step with ``placement`` (the busiest resource)."""
-        return max(self.loads(placement).values())
+        """Predicted makespan of one step with ``placement`` (the busiest resource; the sum
+        of the loads without overlap)."""
+        return self._combine(self.loads(placement))
+
+    def _combine(self, loads: Mapping[Resource, float]) -> float:
+        return max(loads.values()) if self.overlap else sum(loads.values())
 
     def _continuous_best(self) -> float:
         """The minimiser over real C in [0, total] of the max of the four lines."""
@@ -199,7 +210,7 @@ class HybridScheduler:
                     x = (a2 - a1) / (b1 - b2)
                     if 0 <= x <= self.total:
                         points.add(x)
-        return min(points, key=lambda x: max(self._loads_at(x).values()))
+        return min(points, key=lambda x: self._combine(self._loads_at(x)))
 
     def best_plan(self) -> HybridPlan:
         """The best placement under the current estimates, ignoring the current plan."""
@@ -211,7 +222,7 @@ class HybridScheduler:
 
     def _plan(self, placement: tuple[Where, ...]) -> HybridPlan:
         loads = self.loads(placement)
-        return HybridPlan(placement, loads, max(loads.values()))
+        return HybridPlan(placement, loads, self._combine(loads))
 
     def plan(self) -> HybridPlan:
         """The placement for the next step: the best one, unless the current is nearly as good."""

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
+from memopt.offload.hybrid_update import HybridUpdate
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.pinned_tier import PinnedCPUTier
@@ -49,6 +50,9 @@ class OffloadConfig:
         defaults; its ``directory`` wins over ``nvme_path``.
     min_state_bytes: low-rank optimizers (``StateOffloadedOptimizer``): state tensors smaller
         than this stay in memory (step counters, scales: moving them costs more than they weigh).
+    hybrid: update each pipeline group either on the CPU or on the parameters' device, as a
+        cost model over rates measured during the run decides (``hybrid_update.py``; Deep
+        Optimizer States). Off: every group on the CPU.
     """
 
     device: OffloadDevice = "cpu"
@@ -57,6 +61,7 @@ class OffloadConfig:
     bucket_bytes: int = 64 << 20
     nvme: NVMeConfig | None = None
     min_state_bytes: int = 4096
+    hybrid: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "nvme"):
@@ -108,7 +113,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.tier = tier if tier is not None else self.offload.make_tier()
         self._owns_tier = tier is None
         self.store = OffloadedAdamState(
-            self.tier, bucket_bytes=self.offload.bucket_bytes, record_events=record_events
+            self.tier,
+            bucket_bytes=self.offload.bucket_bytes,
+            record_events=record_events,
+            hybrid=HybridUpdate() if self.offload.hybrid else None,
         )
 
     @torch.no_grad()

@@ -41,13 +41,15 @@ from torch import Tensor
 
 from memopt.offload.allocator import round_up
 from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
-from memopt.offload.cpu_adam import EpsMode, cpu_adamw_step_
+from memopt.offload.cpu_adam import EpsMode
+from memopt.offload.host_update import cpu_batch, direct_lowp
+from memopt.offload.hybrid import ByteCosts
+from memopt.offload.hybrid_update import HybridUpdate
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 
 __all__ = ["AdamHyper", "OffloadedAdamState", "PipelineStats", "StepItem"]
 
 _PAD = 1024  # fp32 elements per 4096-byte page
-_LOWP = (torch.bfloat16, torch.float16)
 RING = 3
 
 
@@ -118,6 +120,7 @@ class OffloadedAdamState:
         arena: PinnedArena | None = None,
         in_place: bool | None = None,
         record_events: bool = False,
+        hybrid: HybridUpdate | None = None,
     ) -> None:
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
@@ -130,6 +133,7 @@ class OffloadedAdamState:
         if self.in_place and not hasattr(tier, "view"):
             raise ValueError(f"in_place=True needs a host tier with view(); {tier.name!r} has none")
         self.events: list[tuple[str, int]] | None = [] if record_events else None
+        self.hybrid = hybrid  # None: every group on the CPU (see hybrid_update.py)
         self.stats = PipelineStats()
         self._entries: dict[Hashable, _Entry] = {}
         self._ring: list[ArenaBlock] = []
@@ -255,6 +259,11 @@ class OffloadedAdamState:
         groups = self.groups(items)
         self.stats.groups = [len(g) for g in groups]
         self.stats.steps += 1
+        if self.hybrid is not None and items:
+            sizes = [sum(u.chunk.numel for u in g) for g in groups]
+            g0, p0 = items[0].grad, items[0].param
+            costs = ByteCosts(g0.element_size(), p0.element_size(), 12.0)
+            self.hybrid.begin_step(sizes, costs)
         if self.in_place:
             for i, group in enumerate(groups):
                 views = [self.tier.view(u.chunk.handle) for u in group]  # type: ignore[attr-defined]
@@ -324,33 +333,25 @@ class OffloadedAdamState:
             self.events.append((what, i))
 
     def _update(self, i: int, group: list[_Unit], views: list[Tensor]) -> None:
-        """cpu_adamw_step_ over the group (one call per hyperparameter/dtype batch)."""
+        """Update one group, one call per hyperparameter/dtype batch: on the CPU
+        (``host_update.cpu_batch``) or, when the hybrid scheduler says so, on the device."""
         self._log("update_start", i)
         t0 = time.perf_counter()
         batches: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = {}
         for u, view in zip(group, views, strict=True):
             s, n = u.chunk.start, u.chunk.numel
-            g = _cpu_grad(u.item.grad.detach().reshape(-1)[s : s + n])
+            g = u.item.grad.detach().reshape(-1)[s : s + n]
             param = u.item.param.detach().view(-1)[s : s + n]
-            lowp = _direct_lowp(param)
+            lowp = direct_lowp(param)
             key = (u.item.hyper, g.dtype, None if lowp is None else lowp.dtype)
             batches.setdefault(key, []).append((view, g, param))
+        on_device = self.hybrid is not None and self.hybrid.where(i) == "device"
         for (hyper, _gd, lowp_dtype), triples in batches.items():
-            ps, ms, vs = [], [], []
-            for view, g, _ in triples:
-                n = g.numel()
-                ps.append(view[:n])
-                ms.append(view[n : 2 * n])
-                vs.append(view[2 * n : 3 * n])
-            cpu_adamw_step_(
-                ps, [g for _, g, _ in triples], ms, vs, step=hyper.step, lr=hyper.lr,
-                beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
-                weight_decay=hyper.weight_decay, eps_mode=hyper.eps_mode,
-                out_lowp=[p for _, _, p in triples] if lowp_dtype is not None else None,
-            )  # fmt: skip
-            if lowp_dtype is None:
-                for (_, _, param), master in zip(triples, ps, strict=True):
-                    param.copy_(master)
+            if on_device and hyper.eps_mode == "torch":
+                assert self.hybrid is not None
+                self.hybrid.device_step(hyper, triples, triples[0][2].device)
+            else:
+                cpu_batch(hyper, lowp_dtype is not None, triples, self.hybrid)
         self.stats.update_s += time.perf_counter() - t0
         self._log("update_end", i)
 
@@ -361,18 +362,3 @@ def _fill(buf: Tensor, srcs: list[Tensor | None], ch: _Chunk) -> None:
     for i, t in enumerate(srcs):
         if t is not None:
             buf[i * ch.numel : (i + 1) * ch.numel].copy_(t[ch.start : ch.start + ch.numel])
-
-
-def _cpu_grad(g: Tensor) -> Tensor:
-    if g.device.type != "cpu":
-        g = g.to("cpu")
-    if g.dtype not in (torch.float32, *_LOWP):
-        g = g.float()
-    return g.contiguous()
-
-
-def _direct_lowp(param: Tensor) -> Tensor | None:
-    """A contiguous bf16/fp16 CPU parameter slice (the kernel writes it directly)."""
-    if param.device.type == "cpu" and param.dtype in _LOWP and param.is_contiguous():
-        return param
-    return None

@@ -155,3 +155,15 @@ def test_bad_inputs() -> None:
         sched.predict(["cpu"])
     with pytest.raises(ValueError, match="Rates.cpu"):
         Rates(cpu=0)
+
+
+def test_without_overlap_every_group_takes_the_cheaper_path() -> None:
+    sizes = [3, 5, 7, 11]
+    costs = ByteCosts()
+    for rates, expect in ((Rates(cpu=1e9, device=5e10, h2d=1e12, d2h=1e12), "device"),
+                          (Rates(cpu=1e9, device=5e10, h2d=1e9, d2h=1e9), "cpu")):  # fmt: skip
+        sched = HybridScheduler(sizes, costs=costs, prior=rates, overlap=False)
+        plan = sched.plan()
+        assert set(plan.placement) == {expect}
+        assert plan.makespan == pytest.approx(sum(sched.loads(plan.placement).values()))
+        assert plan.makespan == pytest.approx(brute_force(sched))
