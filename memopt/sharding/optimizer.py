@@ -200,6 +200,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for index, info in getattr(self, "_row_infos", {}).items():
             self.inner.state[self.locals[index]][rowproj.SHARD_KEY] = info
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """Plain data for checkpoints (``memopt.checkpoint`` reshards with it): per parameter
+        (position ``index`` over the inner groups) its name, global shape, owner (``None``:
+        row-sharded over every rank) and the rows ``[start, end)`` of dim 0 this rank holds,
+        ``held`` when this rank steps it; plus the ``state_dict`` sharding tag."""
+        me = self.comm.rank
+        params = []
+        for p in self.plans:
+            s, e = p.row_range(me)
+            name = self.names.get(id(p.param), f"param.{p.index}")
+            params.append(
+                {
+                    "index": p.index,
+                    "name": name,
+                    "shape": [int(n) for n in p.param.shape],
+                    "owner": p.owner,
+                    "rows": [s, e],
+                    "held": p.index in self.locals,
+                }
+            )
+        return {
+            "world_size": self.comm.world,
+            "rank": me,
+            "sharding": self._meta(),
+            "params": params,
+        }
+
     def _meta(self) -> dict[str, Any]:
         c = self.config
         return {

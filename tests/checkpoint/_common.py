@@ -21,12 +21,12 @@ BATCH = 8
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
         self.inp = nn.Linear(8, 64)
         self.norm = nn.LayerNorm(64)
         self.mid = nn.Linear(64, 64)
-        self.drop = nn.Dropout(0.1)
+        self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(64, 5)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -34,9 +34,9 @@ class Net(nn.Module):
         return self.out(self.drop(torch.tanh(self.mid(h))))
 
 
-def make_model() -> nn.Module:
+def make_model(dropout: float = 0.1) -> nn.Module:
     torch.manual_seed(0)
-    return Net()
+    return Net(dropout)
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -60,9 +60,11 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(name)
 
 
-def make_all(name: str, stage: int = 0, layout: str | None = None) -> tuple[Any, Any, Any]:
+def make_all(
+    name: str, stage: int = 0, layout: str | None = None, dropout: float = 0.1
+) -> tuple[Any, Any, Any]:
     """Model, optimizer (sharded when ``stage``), LambdaLR scheduler."""
-    model = make_model()
+    model = make_model(dropout)
     opt: Any = make_optimizer(name, model)
     if stage:
         model, opt = memopt.shard(model, opt, stage=stage, layout=layout)
