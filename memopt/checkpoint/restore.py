@@ -34,10 +34,20 @@ def _skeleton(snap: Snapshot, rank: int) -> dict[str, Any]:
     return snap.skeletons[rank if rank < snap.world else 0]
 
 
+def _part(snap: Snapshot, rank: int, key: str) -> Any:
+    part = _skeleton(snap, rank).get(key)
+    if part is None:
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path} holds no {key} state (it was saved without {key}=); "
+            f"load it without {key}="
+        )
+    return part
+
+
 @torch.no_grad()
 def restore_model(snap: Snapshot, model: nn.Module) -> None:
     sd = model.state_dict()
-    saved = set(_skeleton(snap, 0)["model"]["names"])
+    saved = set(_part(snap, 0, "model")["names"])
     missing = sorted(n for n in sd if n not in saved)
     unexpected = sorted(n for n in saved if n not in sd)
     wrong = [
@@ -66,7 +76,7 @@ def restore_optimizer(
     snap: Snapshot, opt: torch.optim.Optimizer, model: nn.Module | None, rank: int, world: int
 ) -> None:
     params, sharding = L.optimizer_layout(opt, model, rank, world)
-    ref = _skeleton(snap, 0)["optimizer"]
+    ref = _part(snap, 0, "optimizer")
     saved = ref["params"]
     if [tuple(p["shape"]) for p in saved] != [p.shape for p in params]:
         old = {int(q["index"]): q for q in saved}
@@ -149,9 +159,9 @@ def _state_values(snap: Snapshot, p: L.ParamLayout, key: str, v: dict[str, Any],
 
 
 def restore_scheduler(snap: Snapshot, scheduler: Any, rank: int) -> None:
-    sk = _skeleton(snap, rank)
+    state = _part(snap, rank, "scheduler")
     r = rank if rank < snap.world else 0
-    scheduler.load_state_dict(decode(sk["scheduler"], lambda n: snap.rank_tensor(r, n)))
+    scheduler.load_state_dict(decode(state, lambda n: snap.rank_tensor(r, n)))
 
 
 def restore_rng(snap: Snapshot, rank: int) -> None:

@@ -117,3 +117,7 @@ def test_unstorable_extra_and_bad_step(tmp_path) -> None:
         ckpt.save(2, extra={"ok": 1})  # a failed capture took no staging slot
         ckpt.wait()
         assert ckpt.latest() == 2
+        model, opt, sched = T.make_all("adamw")
+        for kw in ({"model": model}, {"optimizer": opt}, {"scheduler": sched}):
+            with pytest.raises(SnapshotMismatchError, match="holds no .* state"):
+                ckpt.load(**kw)
