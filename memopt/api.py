@@ -34,6 +34,7 @@ def shard(
     deepspeed_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     fsdp: FSDPOptions | None = None,
     offload: OffloadConfig | str | None = None,
+    offload_params: str = "none",
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Partition ``optimizer``'s state (stage 1), gradients (2) and parameters (3) over the ranks.
 
@@ -50,7 +51,10 @@ def shard(
     ``memopt.sharding.deepspeed_config``.
     ``offload`` (stages 1/2, AdamW): ``"cpu"`` or ``memopt.offload.OffloadConfig(device="cpu" |
     "nvme", nvme_path=...)`` keeps the fp32 master weights and moments of this rank's shard on
-    that tier, streamed through a double-buffered pipeline (docs/offload.md).
+    that tier, streamed through a double-buffered pipeline (docs/offload.md); low-rank
+    optimizers keep their own state there (docs/offload_optim.md).
+    ``offload_params="cpu"`` (stage 3): parameter shards, gradients and optimizer state on the
+    CPU, each unit copied to the device just before its all-gather (FSDP2's CPUOffloadPolicy).
     """
     if isinstance(offload, str):
         offload = OffloadConfig(device=offload)  # type: ignore[arg-type]
@@ -66,6 +70,14 @@ def shard(
                     f"offload_optimizer ({config.offload!r}); set it in one place only"
                 )
             config = dataclasses.replace(config, offload=offload)
+        if offload_params != "none":
+            if config.offload_params not in ("none", offload_params):
+                raise ValueError(
+                    f"memopt.shard: offload_params={offload_params!r} contradicts "
+                    f"deepspeed_config's offload_param ({config.offload_params!r}); set it in "
+                    "one place only"
+                )
+            config = dataclasses.replace(config, offload_params=offload_params)  # type: ignore[arg-type]
     else:
         if layout is None:
             layout = "dim0" if stage == 3 else "whole_tensor"
@@ -75,6 +87,7 @@ def shard(
             bucket_bytes=bucket_bytes,
             master_dtype=master_dtype,
             offload=offload,
+            offload_params=offload_params,  # type: ignore[arg-type]
         )
     return apply_sharding(model, optimizer, config, process_group, fsdp)
 

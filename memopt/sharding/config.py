@@ -16,6 +16,7 @@ from memopt.offload.optimizer import OffloadConfig
 
 Stage = Literal[1, 2, 3]
 Layout = Literal["whole_tensor", "dim0"]
+ParamOffload = Literal["none", "cpu"]
 STAGES: tuple[int, ...] = (1, 2, 3)
 LAYOUTS: tuple[str, ...] = ("whole_tensor", "dim0")
 #: Default gradient / parameter bucket size (DDP's default, 25 MiB).
@@ -33,8 +34,13 @@ class ShardConfig:
     - ``bucket_bytes``: gradient-reduction and parameter-gather bucket size.
     - ``master_dtype``: keep the optimizer's copy of each owned shard in this dtype (e.g.
       ``torch.float32`` for a bf16 model); ``None`` steps the parameters' own dtype in place.
-    - ``offload``: keep the (AdamW) optimizer's fp32 master weights and moments on a tier
-      (``OffloadConfig``: pinned CPU or NVMe; stages 1 and 2), see docs/offload.md.
+    - ``offload``: keep the optimizer's state (AdamW: fp32 master weights and moments; the
+      low-rank optimizers: their own state) on a tier (``OffloadConfig``: pinned CPU or NVMe;
+      stages 1 and 2), see docs/offload_optim.md.
+    - ``offload_params``: stage 3 only: ``"cpu"`` keeps each rank's parameter shards, their
+      gradients and so the optimizer state and step on the CPU (FSDP2's ``CPUOffloadPolicy``:
+      each unit is copied to the device just before its all-gather, the next unit's copy
+      overlapping the current compute); ``"none"`` keeps them on the device.
     """
 
     stage: Stage = 2
@@ -42,6 +48,7 @@ class ShardConfig:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     master_dtype: torch.dtype | None = None
     offload: OffloadConfig | None = None
+    offload_params: ParamOffload = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or self.stage not in STAGES:
@@ -72,6 +79,22 @@ class ShardConfig:
             )
         if self.offload is not None and self.stage == 3:
             raise NotImplementedError(
-                "memopt.shard: offload= is implemented for stages 1 and 2; stage 3 parameter "
-                "and optimizer offload is not implemented yet (issue 5)"
+                "memopt.shard: offload= (optimizer state on a tier) is implemented for stages 1 "
+                "and 2; at stage 3 use offload_params='cpu', which keeps the parameter shards, "
+                "gradients and optimizer state on the CPU (FSDP2 CPUOffloadPolicy)"
+            )
+        if self.offload_params not in ("none", "cpu", "nvme"):
+            raise ValueError(
+                f"memopt.shard: offload_params must be 'none' or 'cpu', got {self.offload_params!r}"
+            )
+        if self.offload_params == "nvme":
+            raise NotImplementedError(
+                "memopt.shard: offload_params='nvme' (stage-3 parameter shards on NVMe) is not "
+                "implemented; use offload_params='cpu'"
+            )
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError(
+                f"memopt.shard: offload_params={self.offload_params!r} applies to stage 3 "
+                f"(parameters are sharded there), got stage {self.stage}; for stages 1/2 "
+                "offload the optimizer state with offload='cpu' or 'nvme'"
             )

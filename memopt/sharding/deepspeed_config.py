@@ -16,7 +16,9 @@ Every key DeepSpeed 0.19 accepts in the block is known here, in one of four kind
   partitions). ``offload_optimizer`` / ``offload_param`` (and the deprecated ``cpu_offload*``
   spellings) -> ``Offload`` settings; ``offload_optimizer`` with device ``cpu``/``nvme`` ->
   ``ShardConfig.offload`` (an ``OffloadConfig``: ``nvme_path``, ``pin_memory``; stages 1/2);
-  ``offload_param`` other than ``"none"`` raises ``NotImplementedError`` (issue 5).
+  ``offload_param`` with device ``cpu`` -> ``ShardConfig.offload_params="cpu"`` (stage 3,
+  FSDP2's CPU offload; with ``offload_optimizer`` on the CPU too, that one setting covers
+  both); ``offload_param`` on ``nvme`` raises ``NotImplementedError`` (issue 5).
 - *matched*: a behavior memopt always has (``contiguous_gradients``, ``reduce_scatter``,
   ``overlap_comm`` for stages 2 and 3, ...): the value that asks for it is accepted silently;
   the other value warns, since memopt cannot switch the behavior off.
@@ -141,7 +143,12 @@ class DeepSpeedZero:
         if self.bucket_bytes is not None:
             kwargs["bucket_bytes"] = self.bucket_bytes
         off = self.offload_optimizer
-        if off.device != "none":
+        if self.offload_param.device == "cpu":
+            kwargs["offload_params"] = "cpu"
+        # ZeRO-3 with both offloads on the CPU: FSDP2's CPU offload keeps the optimizer state
+        # (and step) on the CPU with the parameter shards, which is what both keys ask for
+        both_cpu = self.stage == 3 and off.device == "cpu" and "offload_params" in kwargs
+        if off.device != "none" and not both_cpu:
             kwargs["offload"] = OffloadConfig(off.device, off.nvme_path, off.pin_memory)
         return ShardConfig(master_dtype=self.master_dtype, **kwargs)
 
@@ -326,11 +333,10 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
             f"memopt.shard: offload_optimizer.ratio={out[0].ratio} (partial offload) is not "
             "implemented; memopt offloads all of a rank's optimizer state (ratio 1.0)"
         )
-    if out[1].device != "none":
+    if out[1].device == "nvme":
         raise NotImplementedError(
-            f"memopt.shard: zero_optimization.offload_param with device={out[1].device!r} "
-            f"asks for parameter offload, which memopt does not implement yet: "
-            f'{OFFLOAD_ISSUE}. Remove the block or set "device": "none"'
+            f"memopt.shard: zero_optimization.offload_param with device 'nvme' (parameter "
+            f"shards on NVMe) is not implemented: {OFFLOAD_ISSUE}. Use \"device\": \"cpu\""
         )
     if block.get("zenflow"):
         raise NotImplementedError(

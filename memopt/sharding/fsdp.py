@@ -133,7 +133,11 @@ def mixed_precision(model: nn.Module, options: FSDPOptions, master: torch.dtype 
 
 
 def apply_fully_shard(
-    model: nn.Module, comm: Comm, options: FSDPOptions, master: torch.dtype | None
+    model: nn.Module,
+    comm: Comm,
+    options: FSDPOptions,
+    master: torch.dtype | None,
+    offload_params: str = "none",
 ) -> nn.Module:
     """Shard ``model`` in place with ``fully_shard`` (units first, then the root)."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -146,6 +150,11 @@ def apply_fully_shard(
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward}
     if mp is not None:
         kwargs["mp_policy"] = mp
+    if offload_params == "cpu":
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # pinned host shards make the per-unit host-to-device copy asynchronous (CUDA only)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     # Bottom-up: a unit nested in another is sharded first (FSDP2 requires it).
     depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
     for unit in sorted(units, key=lambda m: -depth[id(m)]):
@@ -209,7 +218,7 @@ def shard_stage3(
     order = param_names(model, optimizer)
     meta = is_meta(model)
     device = shard_device(model, comm, options)
-    apply_fully_shard(model, comm, options, config.master_dtype)
+    apply_fully_shard(model, comm, options, config.master_dtype, config.offload_params)
     if meta:
         materialize(model, device, comm.rank, comm.world, options.init_fn)
     new = dict(model.named_parameters())

@@ -67,8 +67,15 @@ def test_deepspeed_offload_optimizer_maps(tmp_path: Path) -> None:
         read_deepspeed({"stage": 2, "offload_optimizer": {"device": "nvme"}})
     with pytest.raises(NotImplementedError, match="ratio"):
         read_deepspeed({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}})
-    with pytest.raises(NotImplementedError, match="offload_param.*issue 5"):
-        read_deepspeed({"stage": 3, "offload_param": {"device": "cpu"}})
+    with pytest.raises(NotImplementedError, match="offload_param.*nvme.*issue 5"):
+        read_deepspeed({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/x"}})
+    both = read_deepspeed({"stage": 3, "offload_param": {"device": "cpu"},
+                           "offload_optimizer": {"device": "cpu"}}).shard_config()  # fmt: skip
+    assert both.offload_params == "cpu" and both.offload is None  # FSDP2 CPU offload: both
+    with pytest.raises(ValueError, match="applies to stage 3"):
+        read_deepspeed({"stage": 2, "offload_param": {"device": "cpu"}}).shard_config()
+    with pytest.raises(NotImplementedError, match="offload_params='cpu'"):
+        read_deepspeed({"stage": 3, "offload_optimizer": {"device": "cpu"}}).shard_config()
     with pytest.raises(ValueError, match="contradicts deepspeed_config"):
         memopt.shard(model, T.make_optimizer("adamw", model), offload="cpu",
                      deepspeed_config={"zero_optimization": ds})  # fmt: skip
