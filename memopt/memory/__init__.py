@@ -3,11 +3,22 @@ records what a run uses (``Timeline``); ``memopt estimate`` / ``memopt report`` 
 Guide: docs/memory.md.
 """
 
+from memopt.memory.estimate import EstimateConfig, estimate
 from memopt.memory.model import ParamInfo, as_meta_module, param_infos
 from memopt.memory.optstate import RULES, StateEstimate, optimizer_state
+from memopt.memory.result import MemoryEstimate, fmt_bytes
+from memopt.memory.timeline import Timeline
+from memopt.memory.trace import ActivationTrace, trace_step
 
 __all__ = [
     "RULES",
+    "ActivationTrace",
+    "EstimateConfig",
+    "MemoryEstimate",
+    "Timeline",
+    "estimate",
+    "fmt_bytes",
+    "trace_step",
     "ParamInfo",
     "StateEstimate",
     "as_meta_module",

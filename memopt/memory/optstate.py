@@ -79,7 +79,7 @@ def low_shape(shape: tuple[int, int], kw: Mapping[str, Any]) -> tuple[int, int, 
         r = max(1, min(limit, round(float(kw["density"]) * limit)))
     else:
         r = min(int(kw["rank"]), limit)
-    return {"right": (m, r), "left": (r, n), "both": (r, r)}[side] + (side,)  # type: ignore[return-value]
+    return {"right": (m, r), "left": (r, n), "both": (r, r)}[side] + (side,)
 
 
 def _basis_numel(shape: tuple[int, int], low: tuple[int, int, str]) -> int:

@@ -1,0 +1,89 @@
+"""The ``memopt`` command line: ``memopt estimate`` and ``memopt report`` (``run`` comes later).
+
+``estimate`` prints the predicted peak per tier of a built-in tiny LLaMA (random init,
+described on the meta device) with the given optimizer, stage and world size; ``report``
+trains that model for a few steps in this process under a ``memopt.memory.Timeline`` and
+writes ``timeline.png`` and ``timeline.md`` with the estimate beside the measured curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload, run
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("llama",), default="llama", help="built-in model family")
+    p.add_argument("--hidden", type=int, help="hidden size (default 256)")
+    p.add_argument("--layers", type=int, help="decoder layers (default 4)")
+    p.add_argument("--heads", type=int, help="attention heads (default 4)")
+    p.add_argument("--intermediate", type=int, help="MLP size (default ~8/3 hidden)")
+    p.add_argument("--vocab", type=int, help="vocabulary (default 8000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="default 4")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="default 128")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--rank", type=int, help="low-rank optimizers' rank")
+    p.add_argument("--density", type=float, help="FRUGAL's density")
+    p.add_argument("--state-dtype", dest="state_dtype", choices=("float32", "int8", "int4"))
+    p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=0)
+    p.add_argument("--world-size", dest="world_size", type=int, default=1)
+    p.add_argument("--param-dtype", dest="param_dtype", choices=sorted(DTYPES))
+    p.add_argument("--activations", dest="activation_policy", choices=("keep", "recompute", "swap"))
+    p.add_argument("--offload", choices=("cpu", "nvme"))
+    p.add_argument("--json", help="also write the figures as JSON to this path")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    est = sub.add_parser("estimate", help="predict peak memory per tier before a run")
+    _workload_args(est)
+    rep = sub.add_parser("report", help="measure a few steps and plot memory per tier")
+    _workload_args(rep)
+    rep.add_argument("--steps", type=int, default=5)
+    rep.add_argument("--interval", type=float, default=0.005, help="sampling period (s)")
+    rep.add_argument("--out", default="memopt-report", help="output directory")
+    return ap
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    w = Workload.from_args(args)
+    est = w.estimate()
+    print(est)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(est.to_dict(), f, indent=1)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from memopt.memory import Timeline
+
+    w = Workload.from_args(args)
+    if w.world_size != 1:
+        raise SystemExit(
+            "memopt report runs one process: use --world-size 1 (torchrun recipes come later)"
+        )
+    est = w.estimate()
+    tl = Timeline(interval=args.interval)
+    run(w, args.steps, tl)
+    paths = tl.write(args.out, estimate=est)
+    print(paths["md"].read_text())
+    print(f"wrote {paths['png']} and {paths['md']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"measured_peak": tl.peak(), "estimate": est.to_dict()}, f, indent=1)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return {"estimate": _estimate, "report": _report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

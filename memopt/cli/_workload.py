@@ -1,0 +1,165 @@
+"""The built-in tiny workload of ``memopt estimate`` / ``memopt report``: a random-init LLaMA
+(transformers ``LlamaConfig``) trained for a few steps with a memopt optimizer, optionally
+sharded with ``memopt.shard`` when a process group is up. Recipes come later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+OPTIMIZERS = ("adamw", "galore", "natural_galore", "apollo", "apollo_mini", "frugal")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A tiny LLaMA, an optimizer and a ZeRO stage: everything ``estimate`` and the run share."""
+
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int | None = None
+    vocab: int = 8000
+    batch_size: int = 4
+    seq_len: int = 128
+    optimizer: str = "adamw"
+    rank: int | None = None
+    density: float | None = None
+    state_dtype: str | None = None
+    stage: int = 0
+    world_size: int = 1
+    param_dtype: str = "float32"
+    activation_policy: str = "keep"
+    offload: str | None = None
+
+    def llama_config(self) -> Any:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate or (self.hidden * 8 // 3 + 63) // 64 * 64,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            vocab_size=self.vocab,
+            max_position_embeddings=max(self.seq_len, 128),
+        )
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.rank is not None:
+            kw["rank"] = self.rank
+        if self.density is not None:
+            kw["density"] = self.density
+        if self.state_dtype is not None:
+            kw["state_dtype"] = self.state_dtype
+        return kw
+
+    def estimate(self, device_kind: str = "cpu") -> Any:
+        from memopt.memory import estimate
+
+        return estimate(
+            self.llama_config(),
+            optimizer=self.optimizer,
+            optimizer_kwargs=self.optimizer_kwargs(),
+            stage=self.stage,
+            world_size=self.world_size,
+            param_dtype=DTYPES[self.param_dtype],
+            offload=self.offload,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            activation_policy=self.activation_policy,
+            device_kind=device_kind,
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Workload:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def build_optimizer(w: Workload, model: torch.nn.Module) -> torch.optim.Optimizer:
+    import memopt.optim as mo
+
+    kw = w.optimizer_kwargs()
+    sd = {"state_dtype": kw.pop("state_dtype")} if "state_dtype" in kw else {}
+    if w.optimizer == "adamw":
+        return mo.AdamW(model.parameters(), **sd)
+    if w.optimizer == "apollo_mini":
+        return mo.ApolloMini(mo.param_groups(model, rank=kw.get("rank", 1)), **sd)
+    if w.optimizer == "frugal":
+        return mo.FrugalAdamW(mo.param_groups(model, density=kw.get("density", 0.25)), **sd)
+    cls = {
+        "galore": mo.GaLoreAdamW,
+        "natural_galore": mo.NaturalGaLoreAdamW,
+        "apollo": mo.ApolloAdamW,
+    }
+    return cls[w.optimizer](mo.param_groups(model, rank=kw.get("rank", 128)), **sd)
+
+
+def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
+    """Build the model inside ``timeline`` (so it is counted) and train ``steps`` steps."""
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    from memopt.api import shard
+
+    warm_up(w)
+    torch.manual_seed(seed)
+    x = torch.randint(0, w.vocab, (w.batch_size, w.seq_len))
+    with timeline:
+        model: Any = LlamaForCausalLM(w.llama_config())
+        model = model.to(dtype=DTYPES[w.param_dtype])
+        manager = _activations(model, w.activation_policy)
+        opt: Any = build_optimizer(w, model)
+        if w.stage or w.offload:
+            if w.stage and not (dist.is_initialized() and dist.get_world_size() == w.world_size):
+                raise ValueError(
+                    f"stage {w.stage} with world size {w.world_size} needs that many ranks"
+                )
+            stage: Any = w.stage or 1
+            model, opt = shard(model, opt, stage=stage, offload=w.offload)
+        timeline.mark("built")
+        loss = torch.zeros(())
+        for step in range(steps):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            timeline.mark(f"step {step}")
+    if manager is not None:
+        manager.remove()
+    return float(loss.detach())
+
+
+def warm_up(w: Workload) -> None:
+    """One step of a micro model of the same kind, so lazily imported code and one-time
+    buffers (kernels, thread pools) are in the baseline, not in the measured growth."""
+    import gc
+
+    from transformers import LlamaForCausalLM
+
+    micro = dataclasses.replace(w, hidden=32, layers=1, heads=2, intermediate=64, vocab=64,
+                                batch_size=1, seq_len=8, stage=0, offload=None)  # fmt: skip
+    model = LlamaForCausalLM(micro.llama_config())
+    opt = build_optimizer(micro, model)
+    x = torch.randint(0, 64, (1, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    del model, opt
+    gc.collect()
+
+
+def _activations(model: torch.nn.Module, policy: str) -> Any:
+    """Install ``policy`` on every block with memopt.activations (None for "keep")."""
+    if policy == "keep":
+        return None
+    from memopt.activations import ActivationPolicy, apply, find_blocks
+
+    plan = {name: ActivationPolicy(action=policy) for name, _ in find_blocks(model)}  # type: ignore[arg-type]
+    return apply(model, plan)

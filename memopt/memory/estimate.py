@@ -1,0 +1,207 @@
+"""``estimate``: predicted peak bytes per tier for one training configuration, before a run.
+
+The model is only described (meta device); the figures per rank are:
+
+- parameters: their bytes in ``param_dtype``; stage 3 keeps 1/W of them plus the gathered
+  unit (the largest block, twice: the one in use and the prefetched next) as temporaries;
+- gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps 1/W plus the
+  in-flight buckets, stage 3 1/W; stages 1/2 with ``whole_tensor`` keep them all (memopt
+  packs every gradient into its bucket and holds the buckets until the step);
+- optimizer state: the per-optimizer rules of ``optstate`` for this rank's share (owners
+  balanced greedily, heaviest first, as ``memopt.sharding.plan`` does; ``dim0`` row-shards
+  full-state matrices), plus an fp32 master copy of the shard when ``master_dtype`` differs
+  from the parameters'. With ``offload`` they move to the pinned host tier ("cpu") or to disk
+  ("nvme", with three staging buffers in pinned host memory);
+- activations and the backward's temporaries: the meta trace of ``trace`` (``keep``,
+  ``recompute``; ``swap`` keeps two blocks on the device and the rest on pinned host);
+- the peak is the larger of two moments: forward/backward (activations + temporaries +
+  gradients as they appear) and the optimizer step (all gradients + the step's working
+  tensors: fp32 moments of the largest parameter for 8-/4-bit state, the full-size gradient
+  and update of the largest low-rank matrix, one foreach chunk for AdamW).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from memopt.memory import optstate
+from memopt.memory.model import ParamInfo, as_meta_module, buffer_bytes, param_infos
+from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate
+from memopt.memory.sharding import ShardShare, shard_share
+from memopt.memory.trace import ActivationTrace, causal_lm_inputs, meta_copy, trace_step
+
+Policy = Literal["keep", "recompute", "swap"]
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+NVME_STAGING_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    """What ``estimate`` needs besides the model; validated on construction."""
+
+    optimizer: str = "adamw"
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    target: str | None = "attn|mlp"
+    stage: int = 0
+    world_size: int = 1
+    layout: Literal["whole_tensor", "dim0"] | None = None
+    param_dtype: torch.dtype = torch.float32
+    master_dtype: torch.dtype | None = None
+    offload: Literal["cpu", "nvme"] | None = None
+    batch_size: int = 1
+    seq_len: int = 512
+    activation_policy: Policy = "keep"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    device_kind: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in optstate.RULES:
+            raise ValueError(
+                f"optimizer={self.optimizer!r} unknown; choose one of {sorted(optstate.RULES)}"
+            )
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        for name in ("world_size", "batch_size", "seq_len", "bucket_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.layout not in (None, "whole_tensor", "dim0"):
+            raise ValueError(f"layout must be 'whole_tensor' or 'dim0', got {self.layout!r}")
+        if self.offload not in (None, "cpu", "nvme"):
+            raise ValueError(f"offload must be None, 'cpu' or 'nvme', got {self.offload!r}")
+        if self.activation_policy not in ("keep", "recompute", "swap"):
+            raise ValueError(
+                f"activation_policy must be 'keep', 'recompute' or 'swap', got "
+                f"{self.activation_policy!r}"
+            )
+        if self.offload is not None and self.stage == 3:
+            raise NotImplementedError(
+                "offload is estimated for stages 0-2 (as memopt.shard runs it)"
+            )
+
+    @property
+    def resolved_layout(self) -> str:
+        return self.layout or ("dim0" if self.stage == 3 else "whole_tensor")
+
+
+def estimate(
+    model: Any, *, inputs: dict[str, torch.Tensor] | None = None, **kwargs: Any
+) -> MemoryEstimate:
+    """Predict peak bytes per tier (see the module docstring) for ``model``.
+
+    ``model``: an ``nn.Module`` (on any device, meta included: it is only described) or a
+    ``transformers`` config (built on meta). ``kwargs`` are the fields of ``EstimateConfig``.
+    ``inputs``: meta tensors for the forward (default: causal-LM ``input_ids`` and ``labels``
+    of ``batch_size`` x ``seq_len``).
+    """
+    cfg = EstimateConfig(**kwargs)
+    module = as_meta_module(model, cfg.param_dtype)
+    infos = param_infos(module, cfg.target if cfg.optimizer != "adamw" else None, cfg.param_dtype)
+    meta = meta_copy(module).to(cfg.param_dtype)
+    trace = trace_step(
+        meta,
+        inputs or causal_lm_inputs(cfg.batch_size, cfg.seq_len),
+        recompute=cfg.activation_policy == "recompute",
+    )
+    return assemble(cfg, module, infos, trace)
+
+
+def _step_temporaries(cfg: EstimateConfig, infos: list[ParamInfo]) -> int:
+    if not infos:
+        return 0
+    biggest = max(p.numel for p in infos)
+    temp = 4 * biggest  # one fp32 working tensor of the largest parameter (foreach chunk)
+    if cfg.optimizer_kwargs.get("state_dtype") in ("int8", "int4"):
+        temp += 2 * 4 * biggest  # dequantized fp32 moments of one parameter
+    low = [p.numel for p in infos if p.low_rank]
+    if low and cfg.optimizer != "adamw":
+        temp += 4 * max(low)  # full-size update of the largest projected matrix
+    return temp
+
+
+def assemble(
+    cfg: EstimateConfig, module: nn.Module, infos: list[ParamInfo], trace: ActivationTrace
+) -> MemoryEstimate:
+    """Combine the rules, the sharding share and the trace into a ``MemoryEstimate``."""
+    state = optstate.optimizer_state(infos, cfg.optimizer, cfg.optimizer_kwargs)
+    share = shard_share(
+        infos, state, cfg.stage, cfg.world_size, cfg.resolved_layout, find_units(module, cfg)
+    )
+    tiers = {t: dict.fromkeys(CATEGORIES, 0) for t in TIERS}
+    dev = tiers["device"]
+    base = {
+        "parameters": share.params,
+        "buffers": buffer_bytes(module, cfg.param_dtype),
+    }
+    held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
+    if cfg.offload is None:
+        base.update(held)
+    else:
+        where = "pinned_host" if cfg.offload == "cpu" else "disk"
+        held["master_weights"] = share.numel * 4  # the tier keeps fp32 master weights
+        tiers[where].update(held)
+        if cfg.offload == "nvme":
+            staging = min(3 * NVME_STAGING_BYTES, 3 * sum(held.values()))
+            tiers["pinned_host"]["temporaries"] = staging
+    acts, host_acts = _activations(cfg, trace)
+    tiers["pinned_host"]["activations"] = host_acts
+    grad_frac = share.grads / max(1, sum(p.nbytes for p in infos))
+    fwd = dict(base, activations=acts, gradients=int(trace.peak_gradients * grad_frac))
+    fwd["temporaries"] = trace.peak_temporaries + share.gathered + share.buckets
+    step = dict(base, gradients=share.grads)
+    step["temporaries"] = _step_temporaries(cfg, infos) + share.buckets
+    phase = "forward/backward" if sum(fwd.values()) >= sum(step.values()) else "optimizer step"
+    dev.update(fwd if phase == "forward/backward" else step)
+    notes = share.notes + _notes(cfg)
+    return MemoryEstimate(
+        breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
+        config=_config_dict(cfg, trace), notes=notes,
+    )  # fmt: skip
+
+
+def _master(cfg: EstimateConfig, share: ShardShare) -> int:
+    if cfg.master_dtype is None or cfg.master_dtype == cfg.param_dtype:
+        return 0
+    return share.numel * cfg.master_dtype.itemsize
+
+
+def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]:
+    """(device, pinned host) bytes of activations at the forward/backward peak."""
+    if cfg.activation_policy != "swap" or not trace.block_saved:
+        return trace.peak_activations, 0
+    swapped = sum(trace.block_saved) - 2 * max(trace.block_saved)
+    swapped = max(0, swapped)
+    return trace.peak_activations - swapped, swapped
+
+
+def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
+    """Bytes of the largest repeated block's parameters (the stage-3 gather unit)."""
+    from memopt.memory.trace import find_blocks
+
+    blocks = find_blocks(module)
+    if not blocks:
+        return sum(p.numel() for p in module.parameters()) * cfg.param_dtype.itemsize
+    return max(sum(p.numel() for p in b.parameters()) for b in blocks) * cfg.param_dtype.itemsize
+
+
+def _notes(cfg: EstimateConfig) -> list[str]:
+    notes = []
+    if cfg.offload == "nvme":
+        notes.append("nvme: the disk column is the swap file; pinned host holds 3 staging buffers")
+    if cfg.activation_policy == "swap":
+        notes.append("swap: two blocks' activations stay on the device (current + prefetch)")
+    return notes
+
+
+def _config_dict(cfg: EstimateConfig, trace: ActivationTrace) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.__dict__.items() if k != "optimizer_kwargs"}
+    out["optimizer_kwargs"] = dict(cfg.optimizer_kwargs)
+    for k in ("param_dtype", "master_dtype"):
+        out[k] = None if out[k] is None else str(out[k]).replace("torch.", "")
+    out["saved_activation_bytes"] = trace.saved_bytes
+    return out

@@ -1,0 +1,196 @@
+"""Activation bytes from one forward and backward on the meta device: nothing is allocated.
+
+Meta tensors carry shapes and dtypes but no memory, so the model is run once, on meta copies
+of its parameters, under two observers:
+
+- ``torch.autograd.graph.saved_tensors_hooks``: the bytes autograd saves for backward (each
+  distinct storage once, parameters and their views excluded): ``saved_bytes``, attributed to
+  the repeated blocks (the largest ``nn.ModuleList`` of one class) that saved them;
+- a ``TorchDispatchMode`` that adds each op's new output storages to a live set and removes
+  them when the storage dies (``weakref.finalize`` on the storage, whose Python object PyTorch
+  keeps alive exactly as long as the C++ one): the live bytes at every point of forward and
+  backward, split at the peak into activations (born in forward), gradients (storages that
+  became a ``param.grad``) and temporaries (the rest).
+
+``recompute`` wraps every block in non-reentrant ``torch.utils.checkpoint`` for the trace (on
+the meta copy only), so its figure is the real recompute schedule: block inputs plus one
+block's activations at a time during backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """What one traced training step keeps live, in bytes (parameters excluded)."""
+
+    saved_bytes: int  # distinct storages autograd saved (hooks)
+    live_after_forward: int  # everything the forward left alive (saved + outputs)
+    peak: int  # the most live at once during forward + backward
+    peak_activations: int
+    peak_gradients: int
+    peak_temporaries: int
+    gradients: int  # live at the end of backward
+    block_saved: list[int] = field(default_factory=list)
+    block_input: int = 0
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        m = torch.empty_like(t, device="meta")
+        memo[id(t)] = (
+            nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        )
+    return copy.deepcopy(model, memo)
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: the largest ``nn.ModuleList`` whose children share one class."""
+    best: list[nn.Module] = []
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > len(best):
+            kinds = {type(c) for c in mod}
+            if len(kinds) == 1:
+                best = list(mod)
+    return best
+
+
+class _Live(TorchDispatchMode):
+    """Live storage bytes by category, with the split at the peak."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.skip, self.live, self.kind = skip, {}, {}  # type: ignore[var-annotated]
+        self.cur = {"act": 0, "grad": 0, "tmp": 0}
+        self.peak, self.at_peak = 0, dict(self.cur)
+        self.phase = "act"
+
+    def add(self, t: Tensor, kind: str | None = None) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.skip or key in self.live:
+            return
+        self.live[key] = n = int(st.nbytes())
+        self.kind[key] = kind or self.phase
+        self.cur[self.kind[key]] += n
+        weakref.finalize(st, self._free, key)
+        total = sum(self.cur.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.cur)
+
+    def regrade(self, t: Tensor, kind: str) -> None:
+        key = t.untyped_storage()._cdata
+        if key in self.live and self.kind[key] != kind:
+            self.cur[self.kind[key]] -= self.live[key]
+            self.kind[key] = kind
+            self.cur[kind] += self.live[key]
+
+    def _free(self, key: int) -> None:
+        n = self.live.pop(key, 0)
+        self.cur[self.kind.pop(key, "tmp")] -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.add(t)
+        return out
+
+
+def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for b in blocks:
+        fwd = b.forward
+        b.forward = functools.partial(
+            checkpoint, fwd, use_reentrant=False, preserve_rng_state=False
+        )
+
+
+def _loss(out: Any) -> Tensor:
+    if hasattr(out, "loss") and out.loss is not None:
+        return out.loss
+    t = out if isinstance(out, Tensor) else tree_flatten(out)[0][0]
+    return t.float().sum()
+
+
+def trace_step(
+    model: nn.Module, inputs: dict[str, Tensor], recompute: bool = False
+) -> ActivationTrace:
+    """Run forward + backward of the meta ``model`` on meta ``inputs`` and measure (see above)."""
+    params = list(model.parameters())
+    skip = {p.untyped_storage()._cdata for p in params}
+    skip |= {b.untyped_storage()._cdata for b in model.buffers()}
+    blocks = find_blocks(model)
+    if recompute:
+        _checkpoint_blocks(blocks)
+    saved: dict[int, int] = {}
+    per_block = [0] * len(blocks)
+    where = {"block": -1, "input": 0}
+    live = _Live(skip)
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in skip and key not in saved:
+            saved[key] = int(t.untyped_storage().nbytes())
+            live.add(t, "act")
+            if where["block"] >= 0:
+                per_block[where["block"]] += saved[key]
+        return t
+
+    def enter(i: int, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        where["block"] = i
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(first, Tensor):
+            where["input"] = first.numel() * first.element_size()
+
+    handles = [
+        b.register_forward_pre_hook(functools.partial(enter, i), with_kwargs=True)
+        for i, b in enumerate(blocks)
+    ]
+    handles += [b.register_forward_hook(lambda *a: where.update(block=-1)) for b in blocks]
+    handles += [
+        p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad")) for p in params
+    ]
+    try:
+        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for t in inputs.values():
+                live.add(t, "act")
+            loss = _loss(model(**inputs))
+            after_fwd = sum(live.cur.values())
+            live.phase = "tmp"
+            loss.backward()
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+    return ActivationTrace(
+        saved_bytes=sum(saved.values()),
+        live_after_forward=after_fwd,
+        peak=live.peak,
+        peak_activations=live.at_peak["act"],
+        peak_gradients=live.at_peak["grad"],
+        peak_temporaries=live.at_peak["tmp"],
+        gradients=live.cur["grad"],
+        block_saved=per_block,
+        block_input=where["input"],
+    )
+
+
+def causal_lm_inputs(batch_size: int, seq_len: int, vocab: int | None = None) -> dict[str, Tensor]:
+    """Meta ``input_ids`` and ``labels`` for a causal language model."""
+    ids = torch.empty(batch_size, seq_len, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "labels": torch.empty_like(ids)}
