@@ -10,7 +10,8 @@ The block's forward runs under ``torch.autograd.graph.saved_tensors_hooks(pack, 
 3. otherwise the tensor's **whole storage** is swapped once per block call: a second save of the
    same storage (a duplicate save, or another view of it) reuses the first ``SwapRecord``
    (identity checked with a storage weak reference, so an address reused after a free is a new
-   storage). The packed form keeps dtype/size/stride/offset and rebuilds the exact view.
+   storage, and the same in-place version: bytes modified in between are copied again). The
+   packed form keeps dtype/size/stride/offset and rebuilds the exact view.
 
 A ``SwapRecord`` copies the storage's bytes into a generation-checked ``Slot`` (``transfer``):
 on CUDA on a side stream, the device buffer being held (and counted under ``"device"``) until
@@ -60,6 +61,7 @@ class SwapRecord:
     def __init__(self, engine: SwapEngine, src: torch.Tensor, slot: Slot, block: str) -> None:
         self.engine, self.slot, self.block = engine, slot, block
         self.device = src.device
+        self.version = -1  # the in-place version of the tensor whose bytes were copied
         self._lock = threading.Lock()
         self._refs = 0
         self._released = False
@@ -228,6 +230,7 @@ class SwapEngine:
             self._nvme()
         slot = self.pool.alloc(tier, src.numel())
         record = SwapRecord(self, src, slot, block)
+        record.version = t._version
         self.stats["swapped"] += 1
         self.stats["swapped_bytes"] += slot.nbytes
         if not record.reap():
@@ -268,7 +271,7 @@ class SwapEngine:
                 return Kept(t, self.ledger.hold(t, place="device", block=block))
             self.reap()
             hit = seen.get(storage.data_ptr())
-            if hit is not None and not hit[0].expired():
+            if hit is not None and not hit[0].expired() and hit[1].version == t._version:
                 self.stats["deduped"] += 1
                 return SwappedTensor(hit[1], t)
             record = self.store(t, tier, block)

@@ -232,3 +232,37 @@ def test_retain_graph_accumulation_and_no_prefetch() -> None:
         gc.collect()
         assert mgr.swap.pool.live_slots() == 0
         mgr.remove()
+
+
+class _SavesButIgnores(torch.autograd.Function):
+    """Saves its input (a pack call) but its backward never reads it (no unpack, no check)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g * 3
+
+
+class _ModifiedBetweenSaves(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2
+        a = _SavesButIgnores.apply(h)  # saves h at version 0
+        h.add_(1)  # legal: nothing reads h's version-0 value in backward
+        return a.sum() + h.sin().sum()  # sin saves h at version 1: must not reuse the v0 copy
+
+
+def test_dedup_respects_inplace_version() -> None:
+    x = torch.randn(64, 64, requires_grad=True)
+    model = nn.Sequential(_ModifiedBetweenSaves())
+    model(x).backward()
+    ref = x.grad.clone()
+    x.grad = None
+    mgr = apply(model, {"0": swap()}, arena=_arena(), options=OPTS)
+    model(x).backward()
+    assert torch.equal(x.grad, ref)
+    assert mgr.swap.stats["deduped"] == 0 and mgr.swap.stats["swapped"] >= 2
+    mgr.remove()
