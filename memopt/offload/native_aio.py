@@ -112,7 +112,7 @@ class NativeAIOBackend:
         if k == 0:
             return []
         sizes = [min(self.block_size, nbytes - s) for s in starts]
-        futures = [cf.Future() for _ in starts]
+        futures: list[cf.Future[None]] = [cf.Future() for _ in starts]
         for fut in futures:
             fut.set_running_or_notify_cancel()
         with self._lock:

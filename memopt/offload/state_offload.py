@@ -76,17 +76,17 @@ class StateOffloadedOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
 
     # the inner optimizer's groups and state are this optimizer's (schedulers see them)
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.inner.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         return self.inner.state
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -99,7 +99,7 @@ class StateOffloadedOptimizer(torch.optim.Optimizer):
             ahead = i + self.prefetch
             if self.prefetch and ahead < len(params):
                 fetches[ahead] = self._fetch(params[ahead])
-            wait_all(fetches.pop(i, None) or self._fetch(p))
+            wait_all(fetches.pop(i, []) or self._fetch(p))
             self.inner.step_one(p)  # type: ignore[attr-defined]
             self._send(p)
         self._drain()

@@ -324,7 +324,7 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
             )
         pin_memory = bool(sub.get("pin_memory", True if pin is None else pin))
         path = sub.get("nvme_path")
-        out.append(Offload(device, pin_memory, None if path is None else str(path),
+        out.append(Offload(device, pin_memory, None if path is None else str(path),  # type: ignore[arg-type]
                            float(sub.get("ratio", 1.0))))  # fmt: skip
     if out[0].device == "nvme" and not out[0].nvme_path:
         raise ValueError('memopt.shard: offload_optimizer.device "nvme" needs "nvme_path"')
