@@ -128,7 +128,6 @@ def _setup(name: str, model: Any, lr: float, micro_batch: int) -> tuple[Any, Cal
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     else:
         import memopt
-
         from memopt.sharding import FSDPOptions
 
         inner = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
