@@ -6,7 +6,9 @@ and output to mark its backward's end and start), forward pre-hooks on the ``nn.
 layers inside blocks (their input storages), and a ``saved_tensors_hooks`` pack/unpack pair
 that records each saved storage (parameters and buffers skipped) with the block(s) saving it
 and holds it in a ``SavedLedger`` until autograd drops it. ``finish`` turns the marks into
-seconds (one device synchronize on CUDA).
+seconds (one device synchronize on CUDA). ``op_step`` adds a ``TorchDispatchMode`` that times
+the heavy ops (matmuls, attention) inside each block's forward and records their outputs:
+what a selective recompute keeps, and the compute it then does not repeat.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memopt.activations.ledger import SavedLedger, Token, storage_key
@@ -212,3 +215,65 @@ def instrumented_step(
     finally:
         rec.remove()
     return rec.finish()
+
+
+# Ops a selective recompute keeps (their outputs are cached, not recomputed): the matmuls and
+# the attention kernels, which hold most of a transformer block's compute.
+HEAVY_OPS = frozenset({
+    "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution",
+    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+})
+
+
+@dataclass
+class OpRecord:
+    """Per block: heavy ops seen, their output storages and bytes, their forward time."""
+
+    ops: dict[str, set[str]] = field(default_factory=dict)
+    outputs: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
+    out_bytes: dict[str, int] = field(default_factory=dict)  # per call: all stay cached
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _OpMode(TorchDispatchMode):
+    """Times the heavy ops run inside a block's forward and records their output storages."""
+
+    def __init__(self, rec: Recorder, out: OpRecord) -> None:
+        super().__init__()
+        self.rec, self.out = rec, out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, block = str(func.overloadpacket), self.rec.current
+        if block is None or name not in HEAVY_OPS:
+            return func(*args, **(kwargs or {}))
+        self.rec.clock.sync()
+        t0 = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        self.rec.clock.sync()
+        self.out.seconds[block] = self.out.seconds.get(block, 0.0) + time.perf_counter() - t0
+        self.out.ops.setdefault(block, set()).add(name)
+        outs = self.out.outputs.setdefault(block, {})
+        fresh = {storage_key(t): t.untyped_storage().nbytes()
+                 for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)}
+        outs.update(fresh)  # a freed output's address may be reused: bytes are summed per call
+        self.out.out_bytes[block] = self.out.out_bytes.get(block, 0) + sum(fresh.values())
+        return result
+
+
+def op_step(model: nn.Module, batch: Any, loss_fn: LossFn,
+            blocks: list[tuple[str, nn.Module]], clock: Clock) -> tuple[Record, OpRecord]:
+    """One step with the heavy ops of each block timed and their outputs recorded."""
+    rec, ops = Recorder(model, blocks, clock), OpRecord()
+    rec.install()
+    try:
+        rec._mark("step", "start")
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack), _OpMode(rec, ops):
+            loss = loss_fn(model, batch)
+        rec._mark("step", "fwd_end")
+        loss.backward()
+        rec._mark("step", "end")
+        del loss
+    finally:
+        rec.remove()
+    return rec.finish(), ops

@@ -50,13 +50,15 @@ class Problem:
         return [math.ceil(o.held / self.quantum) for o in self.options[k]]
 
 
-def peak_of(prob: Problem, chosen: Sequence[Option]) -> int:
-    """Exact (unrounded) peak saved bytes of one choice per block."""
+def peak_of(prob: Problem, chosen: Sequence[Option], *, ledger: bool = False) -> int:
+    """Exact (unrounded) peak saved bytes of one choice per block; with ``ledger``, the peak
+    a ``SavedLedger`` sees (recompute transients are out of its sight)."""
     held = prev_pf = 0
     peak = 0
     for opt in chosen:
         held += opt.held
-        peak = max(peak, prob.base + held + opt.transient + prev_pf)
+        transient = opt.ledger_transient if ledger else opt.transient
+        peak = max(peak, prob.base + held + transient + prev_pf)
         prev_pf = opt.prefetch
     return max(peak, prob.base + prob.head + held + prev_pf)
 

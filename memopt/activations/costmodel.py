@@ -7,14 +7,18 @@ compute that can hide its copies (``Window``), each policy becomes an ``Option``
     policy     held (fwd->bwd)    transient (own bwd)  prefetch (next bwd)  overhead
     keep       S                  0                    0                    0
     recompute  A (checkpoint in)  S - I (re-run saves) 0                    f
+    selective  A + K              S - I - Ks           0                    f (1 - fK)
     swap       0                  S (fetched back)     S                    copy(S) not hidden
     split(a)   A                  S - I                a (S - I)            (1-a) f + copy(a(S-I))
     sample(r)  S - L + sum_l s_l  0                    0                    0
 
 (``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.)
-``L`` is the bytes of the block's linear-layer inputs and ``s_l`` what each sampled linear
-keeps (``sampled.sampled_saved_bytes``). *prefetch* is what comes back to the device while
-the block *after* this one runs its backward (the explicit prefetch of the swap manager).
+Selective recompute keeps the outputs of the block's heavy ops (matmuls, attention: ``K``
+bytes, ``Ks`` of them saved for backward anyway, a share ``fK`` of the forward time) and
+re-runs only the rest. ``L`` is the bytes of the block's linear-layer inputs and ``s_l``
+what each sampled linear keeps (``sampled.sampled_saved_bytes``). *prefetch* is what comes
+back to the device while the block *after* this one runs its backward (the explicit prefetch
+of the swap manager).
 
 Copies: ``copy(B) = B / d2h`` in the forward and ``B / h2d`` before the backward. On CUDA
 they run on a side stream beside compute, so only what exceeds the window is paid: the
@@ -22,6 +26,11 @@ device-to-host copy hides behind the next block's forward (the head's, for the l
 and the prefetch behind the next block's backward (the head's backward for the last block).
 On a CPU "device" a swap is a memcpy on the same cores: nothing overlaps, the whole copy is
 paid (and it frees no physical memory; the ledger still counts device bytes).
+
+What a ``SavedLedger`` sees: a recompute re-materialises its activations inside
+``torch.utils.checkpoint``'s own saved-tensor hooks, out of the ledger's sight, so the
+ledger-visible transient of recompute is 0 (of split: the swapped part only). ``transient``
+is the physical one; the planner's budget constraint uses it.
 """
 
 from __future__ import annotations
@@ -48,6 +57,11 @@ class Option:
     transient: int
     prefetch: int
     overhead_s: float
+    seen_transient: int | None = None  # the part of ``transient`` a SavedLedger sees
+
+    @property
+    def ledger_transient(self) -> int:
+        return self.transient if self.seen_transient is None else self.seen_transient
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,17 @@ def _sampled_held(b: BlockProfile, ratio: float) -> int:
     return max(b.saved_bytes - b.linear_input_bytes, 0) + kept
 
 
+def _selective(policy: ActivationPolicy, b: BlockProfile) -> Option:
+    if set(policy.keep_ops) != set(b.keep_ops):
+        raise ValueError(
+            f"block {b.name}: the profile measured keep_ops={b.keep_ops} (its heavy ops); the "
+            f"planner cannot price keep_ops={policy.keep_ops}")
+    held = _kept_args(b) + b.kept_out_bytes
+    rest = max(_rest(b) - b.kept_saved_bytes, 0)
+    cost = b.forward_s * (1.0 - b.kept_fraction)
+    return Option(policy, held, rest, 0, cost, seen_transient=0)
+
+
 def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Window) -> Option:
     """The ``Option`` of ``policy`` on block ``b``."""
     rest = _rest(b)
@@ -98,10 +123,8 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
         return Option(policy, b.saved_bytes, 0, 0, 0.0)
     if policy.action == "recompute":
         if policy.keep_ops:
-            raise NotImplementedError(
-                "the planner models full recompute only; selective recompute (keep_ops) is "
-                "not profiled per op yet")
-        return Option(policy, _kept_args(b), rest, 0, b.forward_s)
+            return _selective(policy, b)
+        return Option(policy, _kept_args(b), rest, 0, b.forward_s, seen_transient=0)
     if policy.action == "swap":
         return Option(policy, 0, b.saved_bytes, b.saved_bytes,
                       _copy_cost(b.saved_bytes, prof, win))
@@ -109,7 +132,7 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
         a = policy.swap_fraction
         moved = int(a * rest)
         cost = (1.0 - a) * b.forward_s + _copy_cost(moved, prof, win)
-        return Option(policy, _kept_args(b), rest, moved, cost)
+        return Option(policy, _kept_args(b), rest, moved, cost, seen_transient=moved)
     return Option(policy, _sampled_held(b, policy.sample_ratio), 0, 0, 0.0)
 
 
@@ -128,6 +151,10 @@ def block_options(
                 policies.append(ActivationPolicy("sample", sample_ratio=sample_ratio))
         elif action == "swap":
             policies.append(ActivationPolicy("swap", tier=tier))
+        elif action == "recompute":
+            policies.append(ActivationPolicy("recompute"))
+            if b.keep_ops:
+                policies.append(ActivationPolicy("recompute", keep_ops=b.keep_ops))
         else:
             policies.append(ActivationPolicy(action))
     return [option_for(p, b, prof, win) for p in policies]

@@ -20,13 +20,15 @@ the unmanaged peak (``"50%"``). A budget below every plan's peak is a ``ValueErr
 minimum reachable budget. ``sample`` changes the gradient (an unbiased estimate), so it is only
 considered when named in ``actions``. ``overrides`` pins blocks to a policy; an unknown block
 name is an error. ``compare(plan, ledger)`` reports predicted against measured peak after a
-step under the applied plan.
+step under the applied plan (``BudgetPlan.ledger_peak_bytes``: the part of the peak a ledger
+can see; a recompute's re-materialised activations are physical but out of its sight).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -38,12 +40,25 @@ from memopt.activations.ledger import SavedLedger
 from memopt.activations.policy import ACTIONS, Action, ActivationPolicy, BlockDecision, Plan, Tier
 from memopt.activations.profile import LossFn, Profile, profile
 
-__all__ = ["DEFAULT_ACTIONS", "compare", "parse_budget", "plan", "plan_from_profile"]
+__all__ = ["DEFAULT_ACTIONS", "BudgetPlan", "compare", "parse_budget", "plan", "plan_from_profile"]
 
 DEFAULT_ACTIONS: tuple[Action, ...] = ("keep", "recompute", "swap", "split")
 GRID = 4096
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class BudgetPlan(Plan):
+    """A ``Plan`` from the planner, with the peak a ``SavedLedger`` can see.
+
+    ``predicted_peak_bytes`` is physical: it includes what a recompute re-materialises during
+    its backward. That happens inside ``torch.utils.checkpoint``'s own saved-tensor hooks, out
+    of the ledger's sight, so ``ledger_peak_bytes`` (<= the physical peak) is what to compare
+    with ``ledger.peak("device")``.
+    """
+
+    ledger_peak_bytes: int = 0
 
 
 def _mib(n: float) -> str:
@@ -107,7 +122,7 @@ def plan_from_profile(
     prof: Profile, budget: int | str, *, actions: Sequence[str] = DEFAULT_ACTIONS,
     overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
     sample_ratio: float = 0.3,
-) -> Plan:
+) -> BudgetPlan:
     """The cheapest plan for a measured ``Profile`` (see module doc); no model needed."""
     budget_b = parse_budget(budget, prof.unmanaged_peak_bytes)
     opts = _options(prof, _check_actions(actions), overrides or {}, tier, sample_ratio)
@@ -128,11 +143,15 @@ def plan_from_profile(
     chosen = [opts[k][o] for k, o in enumerate(picks)]
     decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s)
                       for b, c in zip(prof.blocks, chosen, strict=True))
-    return Plan(
+    seen = _solve.peak_of(prob, chosen, ledger=True)
+    notes = (*_notes(prof), f"ledger-visible predicted peak {_mib(seen)} (recompute "
+             "re-materialisation happens out of the ledger's sight)")
+    return BudgetPlan(
         decisions=decisions, budget_bytes=budget_b,
         unmanaged_peak_bytes=prof.unmanaged_peak_bytes,
         predicted_peak_bytes=_solve.peak_of(prob, chosen), baseline_step_s=prof.step_s,
-        predicted_step_s=prof.step_s + sum(c.overhead_s for c in chosen), notes=_notes(prof),
+        predicted_step_s=prof.step_s + sum(c.overhead_s for c in chosen), notes=notes,
+        ledger_peak_bytes=seen,
     )
 
 
@@ -142,7 +161,7 @@ def plan(
     loss_fn: LossFn | None = None, blocks: BlockSpec = None,
     overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
     sample_ratio: float = 0.3,
-) -> Plan:
+) -> BudgetPlan:
     """Profile ``model`` on ``sample_batch`` (unless ``profile`` is given) and plan under
     ``budget``: per block keep / recompute / swap / split (/ sample, opt-in)."""
     prof = profile if profile is not None else _profile(model, sample_batch, loss_fn, blocks)
@@ -163,13 +182,15 @@ def compare(plan: Plan, ledger: SavedLedger, *, place: str = "device",
             cuda_peak_delta: int | None = None) -> str:
     """Predicted against measured peak saved bytes after a step under ``plan``."""
     measured = ledger.peak(place)
-    err = (plan.predicted_peak_bytes - measured) / max(measured, 1)
+    seen = plan.ledger_peak_bytes if isinstance(plan, BudgetPlan) else plan.predicted_peak_bytes
+    err = (seen - measured) / max(measured, 1)
     lines = [
-        f"predicted peak {_mib(plan.predicted_peak_bytes)}, measured (ledger {place!r}) "
-        f"{_mib(measured)} ({err:+.1%} off); budget {_mib(plan.budget_bytes)}: "
+        f"predicted peak {_mib(plan.predicted_peak_bytes)} (ledger-visible {_mib(seen)}), "
+        f"measured (ledger {place!r}) {_mib(measured)} ({err:+.1%} off the ledger-visible "
+        f"prediction); budget {_mib(plan.budget_bytes)}: "
         f"{'met' if measured <= plan.budget_bytes else 'EXCEEDED'}"
     ]
     if cuda_peak_delta is not None:
         lines.append(f"torch.cuda.max_memory_allocated over the step's start: "
-                     f"{_mib(cuda_peak_delta)}")
+                     f"{_mib(cuda_peak_delta)} (everything the step allocated)")
     return "\n".join(lines)

@@ -21,6 +21,9 @@ instrumented ones, and returns a ``Profile``:
   blocks cost the same, and one noisy reading on a busy host should not steer the planner.
   ``head_forward_s``/``head_backward_s`` are the compute after the last block (norm, head,
   loss) and before its backward: what can hide the last block's swap.
+- **heavy ops** (``ops=True``): one more step under a ``TorchDispatchMode`` times the matmuls
+  and attention kernels inside each block's forward and records their output bytes: a
+  selective recompute keeps those outputs and recomputes only the cheap rest.
 - **copy bandwidth** (``measure_copy_bandwidth``): on CUDA pinned host <-> device copies timed
   with events; on CPU a memcpy into memory of a ``PinnedArena`` (the swap target).
 
@@ -37,7 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.activations._probe import NONBLOCK, Clock, LossFn, Record, instrumented_step
+from memopt.activations._probe import (
+    NONBLOCK,
+    Clock,
+    LossFn,
+    OpRecord,
+    Record,
+    instrumented_step,
+    op_step,
+)
 from memopt.activations.blocks import BlockSpec, find_blocks
 from memopt.offload.arena import ArenaConfig, PinnedArena
 
@@ -63,6 +74,10 @@ class BlockProfile:
     input_saved: bool = True
     linears: tuple[tuple[int, int, int], ...] = ()  # (in_features, rows, itemsize) per call
     args_bytes: int = 0  # every tensor argument (rotary tables, masks too): a checkpoint's hold
+    keep_ops: tuple[str, ...] = ()  # heavy ops run in the forward (what selective AC keeps)
+    kept_out_bytes: int = 0  # their outputs: what a selective recompute caches
+    kept_saved_bytes: int = 0  # the part of saved_bytes those outputs make up
+    kept_fraction: float = 0.0  # their share of the forward time: what selective AC skips
 
 
 @dataclass(frozen=True)
@@ -206,11 +221,27 @@ def _share_times(blocks: list[BlockProfile]) -> tuple[BlockProfile, ...]:
         groups.setdefault((b.saved_bytes, b.input_bytes, b.linears), []).append(i)
     out = list(blocks)
     for idx in groups.values():
-        fwd = statistics.median(blocks[i].forward_s for i in idx)
-        bwd = statistics.median(blocks[i].backward_s for i in idx)
+        shared = {key: statistics.median(getattr(blocks[i], key) for i in idx)
+                  for key in ("forward_s", "backward_s", "kept_fraction")}
         for i in idx:
-            out[i] = replace(blocks[i], forward_s=fwd, backward_s=bwd)
+            out[i] = replace(blocks[i], **shared)
     return tuple(out)
+
+
+def _with_ops(blocks: tuple[BlockProfile, ...], rec: Record, ops: OpRecord) -> tuple[
+        BlockProfile, ...]:
+    out = []
+    for b in blocks:
+        outs = ops.outputs.get(b.name, {})
+        saved = sum(size for key, size in outs.items()
+                    if key in rec.sizes and b.name in rec.owners.get(key, ()))
+        fwd = rec.secs["fwd"].get(b.name, 0.0)  # the block's forward in the same (op) step
+        frac = min(ops.seconds.get(b.name, 0.0) / fwd, 1.0) if fwd > 0 else 0.0
+        out.append(replace(
+            b, keep_ops=tuple(sorted(ops.ops.get(b.name, ()))),
+            kept_out_bytes=ops.out_bytes.get(b.name, 0),
+            kept_saved_bytes=saved, kept_fraction=frac))
+    return _share_times(out)
 
 
 def profile(
@@ -221,11 +252,14 @@ def profile(
     blocks: BlockSpec = None,
     warmup: int = 1,
     repeats: int = 2,
+    ops: bool = True,
 ) -> Profile:
     """Measure one training step of ``model`` on ``sample_batch`` block by block (see module doc).
 
     ``loss_fn(model, batch) -> loss`` defaults to ``default_loss``. ``blocks`` overrides the
-    block discovery of ``find_blocks``. Runs ``warmup + repeats`` forward+backward passes.
+    block discovery of ``find_blocks``. Runs ``warmup + repeats`` forward+backward passes, and
+    with ``ops`` one more under a dispatch mode that times each block's heavy ops (matmuls,
+    attention): the figures of a selective recompute.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -245,10 +279,16 @@ def profile(
             for p in params:
                 p.grad = None
             records.append(instrumented_step(model, sample_batch, loss_fn, found, clock))
+        if ops:
+            for p in params:
+                p.grad = None
+            op_rec, op_times = op_step(model, sample_batch, loss_fn, found, clock)
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
     block_profiles, nonblock, head = _combine(records, found)
+    if ops:
+        block_profiles = _with_ops(block_profiles, op_rec, op_times)
     biggest = max((b.saved_bytes for b in block_profiles), default=0)
     d2h, h2d = measure_copy_bandwidth(device, min(max(biggest, 16 << 20), 64 << 20))
     return Profile(

@@ -116,6 +116,23 @@ def test_cpu_swap_pays_the_whole_copy_cuda_hides_it() -> None:
     assert plan.predicted_step_s < only.predicted_step_s
 
 
+def test_selective_recompute_option() -> None:
+    from dataclasses import replace
+
+    from memopt.activations.costmodel import option_for
+    prof = synthetic()
+    b = replace(prof.blocks[0], keep_ops=("aten.mm",), kept_out_bytes=3 * MiB,
+                kept_saved_bytes=2 * MiB, kept_fraction=0.75)
+    win = windows(prof)[0]
+    opt = option_for(ActivationPolicy("recompute", keep_ops=("aten.mm",)), b, prof, win)
+    assert opt.held == b.input_bytes + 3 * MiB
+    assert opt.transient == b.saved_bytes - b.input_bytes - 2 * MiB
+    assert opt.overhead_s == pytest.approx(0.25 * b.forward_s)
+    assert opt.ledger_transient == 0  # re-materialised inside torch's checkpoint
+    with pytest.raises(ValueError, match="keep_ops"):
+        option_for(ActivationPolicy("recompute", keep_ops=("aten.bmm",)), b, prof, win)
+
+
 def test_sample_is_opt_in_and_overrides_are_checked() -> None:
     prof = synthetic()
     plan = plan_from_profile(prof, "60%")

@@ -40,12 +40,36 @@ def test_applied_plan_meets_budget_and_prediction(llama, actions, share) -> None
         print(act.compare(plan, manager.ledger))
         print(manager.report(plan))
     assert measured.peak_bytes <= plan.budget_bytes
-    assert abs(plan.predicted_peak_bytes - measured.peak_bytes) <= 0.15 * measured.peak_bytes
+    # the ledger cannot see a recompute's re-materialised activations (they live inside
+    # torch's checkpoint): compare it with the ledger-visible prediction; the physical
+    # prediction (the budget constraint) is at least as large
+    seen = plan.ledger_peak_bytes
+    assert abs(seen - measured.peak_bytes) <= 0.15 * measured.peak_bytes
+    assert plan.predicted_peak_bytes >= seen
     # the unmanaged model, under the same measurement (every save outside managed blocks),
     # holds more than the budget
     baseline = act.measure_step(model, batch, act.SavedLedger())
     model.zero_grad(set_to_none=True)
     assert baseline.peak_bytes > plan.budget_bytes
+
+
+def test_selective_recompute_is_priced_and_held_as_predicted(llama) -> None:  # type: ignore[no-untyped-def]
+    model, batch, prof = llama
+    block = prof.blocks[3]
+    assert "aten.mm" in block.keep_ops and 0 < block.kept_fraction <= 1
+    assert 0 < block.kept_out_bytes
+    sel = act.ActivationPolicy("recompute", keep_ops=block.keep_ops)
+    plan = act.plan(model, batch, "100%", profile=prof, overrides={block.name: sel})
+    decision = next(d for d in plan.decisions if d.name == block.name)
+    full = act.plan(model, batch, "100%", profile=prof, overrides={block.name: "recompute"})
+    full_d = next(d for d in full.decisions if d.name == block.name)
+    assert full_d.held_bytes < decision.held_bytes < block.saved_bytes
+    assert decision.overhead_s < full_d.overhead_s
+    with act.apply(model, plan) as manager:
+        act.measure_step(model, batch, manager.ledger)
+        model.zero_grad(set_to_none=True)
+        held = manager.ledger.block_peaks()[block.name]
+    assert abs(held - decision.held_bytes) <= 0.05 * decision.held_bytes
 
 
 def test_too_small_budget_names_the_minimum(llama) -> None:  # type: ignore[no-untyped-def]
