@@ -11,7 +11,7 @@ saved-tensor hooks and checkpoint contexts that move bytes to a tier are eager m
 
 ``param_storages(root)`` is the set of storage identities of every parameter and buffer of the
 model: a saved tensor in that set is a weight (or a view of one) and is neither swapped nor
-counted as an activation.
+counted as an activation; ``is_weight`` also recognises autocast's cast copies of parameters.
 
 ``counting_hooks(ledger, block, params)`` is the pack/unpack pair of a ``keep`` block: the
 tensor stays where it is, and the packed form carries a ledger token, so the bytes are counted
@@ -34,6 +34,7 @@ __all__ = [
     "Kept",
     "counting_hooks",
     "is_plain_tensor",
+    "is_weight",
     "param_storages",
     "wrap_forward",
 ]
@@ -102,6 +103,21 @@ def is_plain_tensor(t: torch.Tensor) -> bool:
     )
 
 
+def is_weight(t: torch.Tensor, params: set[tuple[str, int]]) -> bool:
+    """A parameter/buffer (or view of one), or an autocast copy of a parameter (or a view of
+    such a copy): the ``ToCopyBackward0`` node right above the parameter's ``AccumulateGrad``.
+    Autocast keeps its weight casts alive for the whole region, so swapping them frees
+    nothing and moves every weight across the bus each step."""
+    if storage_key(t) in params:
+        return True
+    base = t._base if t._base is not None else t
+    fn = base.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return False
+    var = getattr(fn.next_functions[0][0], "variable", None)
+    return isinstance(var, torch.Tensor) and storage_key(var) in params
+
+
 class Kept:
     """A saved tensor left in place, with the ledger hold that counts it (None: a weight)."""
 
@@ -118,7 +134,7 @@ def counting_hooks(
     """pack/unpack for ``keep``: nothing moves; non-weight saves are counted as ``device``."""
 
     def pack(t: torch.Tensor) -> Kept:
-        if not is_plain_tensor(t) or storage_key(t) in params:
+        if not is_plain_tensor(t) or is_weight(t, params):
             return Kept(t, None)
         return Kept(t, ledger.hold(t, place="device", block=block))
 

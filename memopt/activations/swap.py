@@ -3,8 +3,9 @@
 The block's forward runs under ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)``.
 ``pack(t)`` for each tensor autograd saves:
 
-1. a parameter or buffer of the model, or a view of one (same storage): kept as is, not
-   counted (it is a weight, not an activation; ``save_on_cpu`` wrongly offloads it);
+1. a parameter or buffer of the model, a view of one (same storage), or autocast's cast copy
+   of a parameter: kept as is, not counted (it is a weight, not an activation;
+   ``save_on_cpu`` offloads it);
 2. a storage below ``min_swap_bytes``, or a tensor that is not a plain strided one: kept on the
    device and counted in the ledger under ``"device"``;
 3. otherwise the tensor's **whole storage** is swapped once per block call: a second save of the
@@ -35,9 +36,15 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memopt.activations.hooks import Kept, counting_hooks, is_plain_tensor, param_storages
+from memopt.activations.hooks import (
+    Kept,
+    counting_hooks,
+    is_plain_tensor,
+    is_weight,
+    param_storages,
+)
 from memopt.activations.install import INSTALLERS, InstallContext, Installed, hooked_block
-from memopt.activations.ledger import SavedLedger, Token, storage_key
+from memopt.activations.ledger import SavedLedger, Token
 from memopt.activations.policy import ActivationPolicy
 from memopt.activations.prefetch import Run
 from memopt.activations.transfer import CopyBackend, Pending, Slot, SlotPool
@@ -262,7 +269,7 @@ class SwapEngine:
         seen: dict[int, tuple[StorageWeakRef, SwapRecord]] = {}
 
         def pack(t: torch.Tensor) -> Kept | SwappedTensor:
-            if not is_plain_tensor(t) or storage_key(t) in params:
+            if not is_plain_tensor(t) or is_weight(t, params):
                 self.stats["weights"] += 1
                 return Kept(t, None)
             storage = t.untyped_storage()

@@ -266,3 +266,22 @@ def test_dedup_respects_inplace_version() -> None:
     assert torch.equal(x.grad, ref)
     assert mgr.swap.stats["deduped"] == 0 and mgr.swap.stats["swapped"] >= 2
     mgr.remove()
+
+
+def test_autocast_weight_copies_not_swapped() -> None:
+    model = make_stack()
+    x = torch.randn(48, 64)  # bf16 activations: 6144 bytes; bf16 weight copies: 8192 bytes
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x).float().pow(2).mean()
+
+    ref = grads(model, loss_fn)
+    mgr = apply(model, {f"blocks.{i}": swap() for i in range(4)}, arena=_arena(), options=OPTS)
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model)
+    sizes = sorted({s.nbytes for s in mgr.swap.pool._slots.values()})
+    assert sizes and 64 * 64 * 2 not in sizes, sizes
+    loss.backward()
+    assert same([p.grad for p in model.parameters()], ref)
+    mgr.remove()
