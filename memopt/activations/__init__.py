@@ -11,7 +11,7 @@ from memopt.activations.blocks import find_blocks
 from memopt.activations.install import ActivationOptions
 from memopt.activations.ledger import SavedLedger
 from memopt.activations.measure import StepMeasure, measure_step
-from memopt.activations.planner import compare, plan, plan_from_profile
+from memopt.activations.planner import BudgetPlan, compare, plan, plan_from_profile
 from memopt.activations.policy import ActivationPolicy, BlockDecision, Plan
 from memopt.activations.profile import BlockProfile, Profile, profile
 
@@ -21,6 +21,7 @@ __all__ = [
     "ActivationPolicy",
     "BlockDecision",
     "BlockProfile",
+    "BudgetPlan",
     "Plan",
     "Profile",
     "SavedLedger",
