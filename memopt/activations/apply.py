@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from memopt.activations.hooks import managed_block
 from memopt.activations.install import INSTALLERS, ActivationOptions, InstallContext, Installed
 from memopt.activations.ledger import SavedLedger
 from memopt.activations.policy import ActivationPolicy, Plan
@@ -60,6 +61,11 @@ def _load_installers(actions: set[str]) -> None:
             )
 
 
+def _nests(outer: str, inner: str) -> bool:
+    """Whether module ``inner`` lies strictly inside module ``outer`` (``""``: the root)."""
+    return inner != outer and (outer == "" or inner.startswith(outer + "."))
+
+
 def _check_plan(model: nn.Module, policies: Mapping[str, object]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     for name, policy in policies.items():
@@ -75,10 +81,20 @@ def _check_plan(model: nn.Module, policies: Mapping[str, object]) -> dict[str, n
     names = sorted(policies)
     for outer in names:
         for inner in names:
-            if inner != outer and (outer == "" or inner.startswith(outer + ".")):
+            if _nests(outer, inner):
                 raise ValueError(
                     f"block {inner!r} lies inside managed block {outer!r}: only the innermost "
                     "saved-tensor hooks apply; give a policy to one of them only"
+                )
+    for other, module in modules.items():
+        owner = managed_block(module)
+        if owner is None:
+            continue
+        for name in names:
+            if _nests(other, name) or _nests(name, other):
+                raise ValueError(
+                    f"block {name!r} and {other!r} (managed by another apply, as {owner!r}) "
+                    "nest; remove() that manager first"
                 )
     return {name: modules[name] for name in names}
 

@@ -31,6 +31,13 @@ def test_nested_blocks_are_an_error() -> None:
         apply(model, {"blocks.0": swap(), "blocks.0.fc": recompute()})
     with pytest.raises(ValueError, match="lies inside managed block ''"):
         apply(model, {"": keep(), "blocks.1": swap()})
+    mgr = apply(model, {"blocks.1": swap()})
+    with pytest.raises(ValueError, match="managed by another apply"):
+        apply(model, {"blocks.1.norm": recompute()})
+    with pytest.raises(ValueError, match="managed by another apply"):
+        apply(model, {"": recompute()})
+    mgr.remove()
+    apply(model, {"blocks.1.norm": recompute()}).remove()
 
 
 def test_bad_policy_type_and_double_management() -> None:
