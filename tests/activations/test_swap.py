@@ -285,3 +285,14 @@ def test_autocast_weight_copies_not_swapped() -> None:
     loss.backward()
     assert same([p.grad for p in model.parameters()], ref)
     mgr.remove()
+
+
+def test_remove_while_graph_alive_raises_on_backward() -> None:
+    model = make_stack(depth=2)
+    arena = _arena()
+    mgr = apply(model, {"blocks.0": swap(), "blocks.1": swap()}, arena=arena, options=OPTS)
+    loss = stack_loss(torch.randn(32, 64))(model)
+    mgr.remove()  # frees every slot although the graph still refers to them
+    assert arena.report().live_handles == 0
+    with pytest.raises(StaleSlotError, match="was freed"):
+        loss.backward()
