@@ -66,6 +66,11 @@ def _replicate(rank: int, world: int) -> dict[str, object]:
         red = PeerRedundancy(cfg)
     out["rebuilt0"] = _check_rebuild(red, rank, [0], 5)
     out["all_lost"] = _raises(lambda: red.rebuild([0, 1]), "every rank of the group is lost")
+    # An already-serialized snapshot (e.g. a staged file image) comes back byte for byte.
+    blob = torch.arange(1000 + 7 * rank, dtype=torch.int64).to(torch.uint8)
+    red.protect_blob(6, blob)
+    got = red.rebuild_blob(1)
+    out["blob"] = got is None if rank == 0 else (got[0] == 6 and torch.equal(got[1], blob))
     out["disagree"] = _raises(lambda: red.rebuild([rank]), "disagree on the lost ranks")
     return out
 
