@@ -27,15 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.activations.ledger import SavedLedger, Token, storage_key
+from memopt.activations.ledger import SavedLedger, Token
 
 __all__ = [
     "ForwardWrap",
     "Kept",
+    "WeightKeys",
     "counting_hooks",
     "is_plain_tensor",
     "is_weight",
     "param_storages",
+    "weight_key",
     "wrap_forward",
 ]
 
@@ -85,13 +87,18 @@ def managed_block(module: nn.Module) -> str | None:
     return getattr(module, BLOCK_ATTR, None)
 
 
-def param_storages(root: nn.Module) -> set[tuple[str, int]]:
-    """Storage identities of all parameters and buffers of ``root`` (views share them)."""
-    keys: set[tuple[str, int]] = set()
-    for t in (*root.parameters(), *root.buffers()):
-        if is_plain_tensor(t):
-            keys.add(storage_key(t))
-    return keys
+WeightKeys = set[tuple[torch.device, int]]
+
+
+def weight_key(t: torch.Tensor) -> tuple[torch.device, int]:
+    """Identity of ``t``'s storage for the weight test (cheaper than the ledger's string key)."""
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def param_storages(root: nn.Module) -> WeightKeys:
+    """Storage identities of all parameters and buffers of ``root`` (views share them); an
+    opaque set for ``is_weight``, ``counting_hooks`` and ``SwapEngine.packer``."""
+    return {weight_key(t) for t in (*root.parameters(), *root.buffers()) if is_plain_tensor(t)}
 
 
 def is_plain_tensor(t: torch.Tensor) -> bool:
@@ -103,19 +110,19 @@ def is_plain_tensor(t: torch.Tensor) -> bool:
     )
 
 
-def is_weight(t: torch.Tensor, params: set[tuple[str, int]]) -> bool:
+def is_weight(t: torch.Tensor, params: WeightKeys) -> bool:
     """A parameter/buffer (or view of one), or an autocast copy of a parameter (or a view of
     such a copy): the ``ToCopyBackward0`` node right above the parameter's ``AccumulateGrad``.
     Autocast keeps its weight casts alive for the whole region, so swapping them frees
     nothing and moves every weight across the bus each step."""
-    if storage_key(t) in params:
+    if weight_key(t) in params:
         return True
     base = t._base if t._base is not None else t
     fn = base.grad_fn
     if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
         return False
     var = getattr(fn.next_functions[0][0], "variable", None)
-    return isinstance(var, torch.Tensor) and storage_key(var) in params
+    return isinstance(var, torch.Tensor) and weight_key(var) in params
 
 
 class Kept:
@@ -129,7 +136,7 @@ class Kept:
 
 
 def counting_hooks(
-    ledger: SavedLedger, block: str, params: set[tuple[str, int]]
+    ledger: SavedLedger, block: str, params: WeightKeys
 ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
     """pack/unpack for ``keep``: nothing moves; non-weight saves are counted as ``device``."""
 

@@ -47,9 +47,15 @@ from torch.utils.checkpoint import (
 )
 
 from memopt._utils import warn_once
-from memopt.activations.hooks import ForwardWrap, is_plain_tensor, param_storages, wrap_forward
+from memopt.activations.hooks import (
+    ForwardWrap,
+    is_plain_tensor,
+    is_weight,
+    param_storages,
+    wrap_forward,
+)
 from memopt.activations.install import INSTALLERS, InstallContext
-from memopt.activations.ledger import Token, storage_key
+from memopt.activations.ledger import Token
 from memopt.activations.policy import ActivationPolicy
 
 __all__ = ["RecomputeStats", "install_recompute", "resolve_ops"]
@@ -154,7 +160,7 @@ class _Block:
         tokens: list[Token] = []
 
         def hold(t: torch.Tensor) -> None:
-            if is_plain_tensor(t) and storage_key(t) not in params:
+            if is_plain_tensor(t) and not is_weight(t, params):
                 tokens.append(ledger.hold(t, place="device", block=self.name))
 
         for t in tree_flatten((args, kw))[0]:

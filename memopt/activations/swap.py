@@ -38,6 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from memopt.activations.hooks import (
     Kept,
+    WeightKeys,
     counting_hooks,
     is_plain_tensor,
     is_weight,
@@ -263,7 +264,7 @@ class SwapEngine:
             self.pool.free(slot)
 
     def packer(
-        self, block: str, tier: str, params: set[tuple[str, int]], run: Run | None = None
+        self, block: str, tier: str, params: WeightKeys, run: Run | None = None
     ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
         """The pack/unpack pair for one forward call of a swapped block."""
         seen: dict[int, tuple[StorageWeakRef, SwapRecord]] = {}
