@@ -296,3 +296,36 @@ def test_remove_while_graph_alive_raises_on_backward() -> None:
     assert arena.report().live_handles == 0
     with pytest.raises(StaleSlotError, match="was freed"):
         loss.backward()
+
+
+def test_prefetch_starts_at_next_blocks_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block i's copies back start when block i+1's backward starts, before block i unpacks."""
+    from memopt.activations import swap as swap_mod
+
+    log: list[tuple[str, str]] = []
+    real_prefetch, real_unpack = swap_mod.SwapRecord.prefetch, swap_mod.SwappedTensor.unpack
+
+    def prefetch(self):  # type: ignore[no-untyped-def]
+        if self._fetched is None:
+            log.append(("prefetch", self.block))
+        return real_prefetch(self)
+
+    def unpack(self):  # type: ignore[no-untyped-def]
+        log.append(("unpack", self.record.block))
+        return real_unpack(self)
+
+    monkeypatch.setattr(swap_mod.SwapRecord, "prefetch", prefetch)
+    monkeypatch.setattr(swap_mod.SwappedTensor, "unpack", unpack)
+    model = make_stack()
+    names = [f"blocks.{i}" for i in range(4)]
+    mgr = apply(model, {n: swap() for n in names}, arena=_arena(), options=OPTS)
+    stack_loss(torch.randn(32, 64))(model).backward()
+    first = {(kind, b): log.index((kind, b)) for kind, b in log}
+    last = {(kind, b): i for i, (kind, b) in enumerate(log)}
+    for i in range(3):
+        lower, upper = names[i], names[i + 1]
+        # block i's copies back were issued after block i+1's, while block i+1's backward was
+        # still unpacking (overlap), and before block i needed them
+        assert first[("prefetch", upper)] < first[("prefetch", lower)] < first[("unpack", lower)]
+        assert first[("prefetch", lower)] < last[("unpack", upper)]
+    mgr.remove()
