@@ -1,0 +1,206 @@
+"""Resume a Hugging Face ``Trainer`` from a memopt snapshot, and ``MemoptTrainer``.
+
+HF's resume reads a ``checkpoint-N/`` directory: ``trainer_state.json`` (global step, epoch:
+from these it skips the batches already seen), the weights, ``optimizer.pt`` (pickle),
+``scheduler.pt`` and ``rng_state.pth``, restoring each at its own moment of ``train()``.
+``resume(trainer)`` reuses that flow with memopt's snapshot as the source:
+
+1. it writes ``<output_dir>/memopt-resume/trainer_state.json`` from the snapshot's
+   ``extra["trainer_state"]`` (put there by ``MemoptCallback``) plus a marker naming the
+   snapshot, and returns that directory for ``trainer.train(resume_from_checkpoint=...)``;
+2. it replaces four loaders on this Trainer instance; each defers to HF's own for any other
+   directory:
+   - ``_load_from_checkpoint``: nothing yet (the optimizer does not exist at that point);
+   - ``_load_optimizer_and_scheduler`` (after ``accelerator.prepare``): model, optimizer and
+     LR scheduler from the snapshot via ``AsyncCheckpointer.load`` (checksums verified, resharded
+     to this run's layout), and this rank's RNG states, which are then kept;
+   - ``_load_rng_state`` (after the data skip, where HF restores RNG): those RNG states again,
+     so the random stream continues exactly where the snapshot left it;
+   - ``_load_scaler``: nothing (memopt snapshots hold no AMP scaler).
+
+``MemoptTrainer`` = ``Trainer`` + ``create_optimizer`` from ``memopt_optimizer`` (see
+``hf_optim``) + ``train(resume_from_checkpoint="memopt")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from types import MethodType
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from memopt._utils import get_logger
+from memopt.checkpoint import AsyncCheckpointer
+from memopt.checkpoint.publish import rank_files, step_dir
+from memopt.integrations.hf_callback import (
+    MemoptCallback,
+    trainer_state_json,
+    unwrap_model,
+    unwrap_optimizer,
+)
+from memopt.integrations.hf_optim import create_optimizer
+
+log = get_logger("memopt.integrations.hf")
+MARKER = "memopt_snapshot.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def find_callback(trainer: Any) -> MemoptCallback | None:
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, MemoptCallback):
+            return cb
+    return None
+
+
+def _snapshot_extra(directory: str, step: int) -> dict[str, Any]:
+    """Rank 0's ``extra`` of a published snapshot, read from its JSON skeleton only."""
+    with open(os.path.join(step_dir(directory, step), rank_files(0)[1])) as f:
+        extra: dict[str, Any] = json.load(f).get("extra") or {}
+    return extra
+
+
+def _rng_now() -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    out["python"] = random.getstate()
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _rng_set(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _is_ours(path: Any) -> bool:
+    return isinstance(path, str) and os.path.isfile(os.path.join(path, MARKER))
+
+
+def _install_loaders(trainer: Any, ckpt: AsyncCheckpointer, step: int) -> None:
+    cls = type(trainer)
+    kept: dict[str, Any] = {}
+
+    def load_model(self: Any, path: Any, model: Any = None) -> None:
+        if not _is_ours(path):
+            cls._load_from_checkpoint(self, path, model)
+
+    def load_opt_sched(self: Any, path: Any) -> None:
+        if not _is_ours(path):
+            cls._load_optimizer_and_scheduler(self, path)
+            return
+        ckpt.load(
+            step,
+            model=unwrap_model(self.model),
+            optimizer=unwrap_optimizer(self.optimizer),
+            scheduler=self.lr_scheduler,
+        )
+        kept["rng"] = _rng_now()  # the snapshot's RNG, just restored by load
+        log.warning("memopt: resumed model, optimizer and scheduler from snapshot step %d", step)
+
+    def load_rng(self: Any, path: Any) -> None:
+        if not _is_ours(path):
+            cls._load_rng_state(self, path)
+        elif "rng" in kept:
+            _rng_set(kept["rng"])
+
+    def load_scaler(self: Any, path: Any) -> None:
+        if not _is_ours(path):
+            cls._load_scaler(self, path)
+
+    trainer._load_from_checkpoint = MethodType(load_model, trainer)
+    trainer._load_optimizer_and_scheduler = MethodType(load_opt_sched, trainer)
+    trainer._load_rng_state = MethodType(load_rng, trainer)
+    trainer._load_scaler = MethodType(load_scaler, trainer)
+
+
+def resume(
+    trainer: Any,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    step: int | None = None,
+) -> str | None:
+    """Prepare ``trainer`` to resume from a memopt snapshot; returns the directory to pass as
+    ``trainer.train(resume_from_checkpoint=...)``, or None when there is no snapshot yet.
+
+    ``checkpoint_dir`` defaults to the ``MemoptCallback``'s; ``step`` to the newest published
+    snapshot. Call it on every rank, before ``train``.
+    """
+    cb = find_callback(trainer)
+    directory = checkpoint_dir
+    if directory is None and cb is not None:
+        directory = cb.checkpoint_dir
+    if directory is None:
+        raise ValueError(
+            "memopt resume: pass checkpoint_dir=... or add a MemoptCallback(checkpoint_dir=...) "
+            "to the Trainer"
+        )
+    directory = os.fspath(directory)
+    ckpt = cb.ensure_checkpointer() if cb is not None and cb.checkpoint_dir == directory else None
+    ckpt = ckpt or AsyncCheckpointer(directory)
+    if step is None:
+        step = ckpt.latest()
+        if step is None:
+            log.warning("memopt: no snapshot in %s; training starts from step 0", directory)
+            return None
+    state = trainer_state_json(_snapshot_extra(ckpt.directory, step))
+    staging = os.path.join(trainer.args.output_dir, "memopt-resume")
+    if trainer.args.process_index == 0:
+        os.makedirs(staging, exist_ok=True)
+        with open(os.path.join(staging, TRAINER_STATE), "w") as f:
+            json.dump(state, f)
+        with open(os.path.join(staging, MARKER), "w") as f:
+            json.dump({"directory": ckpt.directory, "step": step}, f)
+    trainer.accelerator.wait_for_everyone()
+    _install_loaders(trainer, ckpt, step)
+    if cb is not None:
+        cb.resumed_step = step
+        cb.saved_steps.append(step)  # already on disk: do not snapshot it again
+    log.warning("memopt: will resume from snapshot step %d in %s", step, ckpt.directory)
+    return staging
+
+
+class MemoptTrainer(Trainer):
+    """``Trainer`` whose optimizer is memopt's, built by ``hf_optim.create_optimizer``.
+
+    ``memopt_optimizer``: ``"galore"``, ``"apollo"``, ``"apollo_mini"``, ``"frugal"``,
+    ``"natural_galore"`` or ``"adamw"``; ``memopt_options``: its keywords (``rank=128``,
+    ``target="attn|mlp"``, ``update_proj_gap=200``, ``optimizer_kwargs={...}``, ...).
+    ``train(resume_from_checkpoint="memopt")`` resumes from the ``MemoptCallback``'s newest
+    snapshot (``resume``); any other value behaves as in ``Trainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        memopt_optimizer: str = "galore",
+        memopt_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.memopt_optimizer = memopt_optimizer
+        self.memopt_options = dict(memopt_options or {})
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            target: Any = self.model if model is None else model
+            self.optimizer = create_optimizer(
+                target, self.args, self.memopt_optimizer, **self.memopt_options
+            )
+        return self.optimizer
+
+    def train(  # type: ignore[override]
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> Any:
+        if resume_from_checkpoint == "memopt":
+            resume_from_checkpoint = resume(self)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+__all__ = ["MemoptTrainer", "find_callback", "resume"]

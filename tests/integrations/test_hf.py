@@ -1,0 +1,134 @@
+"""memopt.integrations.hf with a real ``transformers.Trainer`` on a tiny LLaMA (CPU)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from memopt.integrations.hf import (  # noqa: E402
+    MemoptCallback,
+    MemoptTrainer,
+    create_optimizer,
+    resume,
+)
+from memopt.integrations.hf_trainer import find_callback  # noqa: E402
+from tests.integrations._tiny import Tokens, tiny_llama  # noqa: E402
+
+LR, WD, B1, B2, EPS = 3e-3, 0.05, 0.8, 0.95, 1e-7
+
+
+def _args(out: str, **kw: object) -> TrainingArguments:
+    base: dict[str, object] = dict(
+        output_dir=out, learning_rate=LR, weight_decay=WD, adam_beta1=B1, adam_beta2=B2,
+        adam_epsilon=EPS, use_cpu=True, report_to=[], per_device_train_batch_size=4,
+        max_steps=6, logging_steps=1, seed=0, dataloader_num_workers=0,
+        lr_scheduler_type="linear", warmup_steps=2, disable_tqdm=True,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainingArguments(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("galore", {"rank": 8}),
+        ("apollo", {"rank": 8}),
+        ("apollo_mini", {"rank": 1}),
+        ("frugal", {"density": 0.5}),
+        ("natural_galore", {"rank": 8}),
+        ("adamw", {}),
+    ],
+)
+def test_create_optimizer_carries_training_arguments(tmp_path, name, opts) -> None:
+    model = tiny_llama()
+    opt = create_optimizer(model, _args(str(tmp_path)), name, **opts)
+    seen: list[int] = []
+    for g in opt.param_groups:
+        assert g["lr"] == LR and g["betas"] == (B1, B2) and g["eps"] == EPS, g.keys()
+        one_d = [p.dim() < 2 for p in g["params"]]
+        assert all(one_d) or not any(one_d), "1-D and 2-D parameters share a group"
+        assert g["weight_decay"] == (0.0 if all(one_d) else WD)
+        seen += [id(p) for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    if name != "adamw":
+        assert any("rank" in g or "density" in g for g in opt.param_groups)
+
+
+def test_hf_builtin_galore_drops_weight_decay(tmp_path) -> None:
+    """The claim in docs/integrations.md: HF's optim='galore_adamw' loses wd, betas and eps."""
+    pytest.importorskip("galore_torch")
+    args = _args(str(tmp_path), optim="galore_adamw", optim_target_modules=["attn", "mlp"])
+    opt = Trainer(model=tiny_llama(), args=args, train_dataset=Tokens()).create_optimizer()
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+    assert all(g["betas"] != (B1, B2) and g["eps"] != EPS for g in opt.param_groups)
+
+
+def _trainer(out: str, ckpt: str, seed: int, **cb_kw: object) -> MemoptTrainer:
+    cb = MemoptCallback(ckpt, keep=3, fsync=False, **cb_kw)  # type: ignore[arg-type]
+    return MemoptTrainer(
+        model=tiny_llama(seed),
+        args=_args(out, save_strategy="steps", save_steps=3, save_only_model=True),
+        train_dataset=Tokens(),
+        callbacks=[cb],
+        memopt_optimizer="galore",
+        memopt_options={"rank": 8, "update_proj_gap": 2, "target": "attn|mlp"},
+    )
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_trainer_snapshots_and_resumes_bitwise(tmp_path, caplog) -> None:
+    a = _trainer(str(tmp_path / "a"), str(tmp_path / "ck_a"), seed=0)
+    a.train()
+    cb_a = find_callback(a)
+    assert (
+        cb_a is not None and cb_a.checkpointer is not None and cb_a.checkpointer.steps() == [3, 6]
+    )
+    assert cb_a.saved_steps == [3, 6]
+    final = _params(a)
+    # the scheduler wraps the memopt optimizer: every group ends at the schedule's LR
+    last_lr = a.lr_scheduler.get_last_lr()
+    assert last_lr == [g["lr"] for g in a.optimizer.param_groups] and last_lr[0] == 0.0
+    mem = cb_a.memory_history
+    assert len(mem) >= 6 and all(m["mem/host_rss_mib"] > 0 for m in mem)
+    assert mem[-1]["mem/arena_mib"] >= 0
+    cb_a.close()
+
+    # a fresh Trainer (other init) resumes from the newest snapshot of a copy holding step 3
+    shutil.copytree(tmp_path / "ck_a", tmp_path / "ck_b")
+    shutil.rmtree(tmp_path / "ck_b" / sorted(os.listdir(tmp_path / "ck_b"))[-1])
+    b = _trainer(str(tmp_path / "b"), str(tmp_path / "ck_b"), seed=1)
+    assert any(not torch.equal(p, final[n]) for n, p in _params(b).items())
+    with caplog.at_level(logging.INFO, logger="memopt"):
+        b.train(resume_from_checkpoint="memopt")
+    assert "resumed from snapshot step 3" in caplog.text
+    assert b.state.global_step == 6
+    for n, p in _params(b).items():
+        assert torch.equal(p, final[n]), n  # bitwise: same batches, same state, same kernels
+    cb_b = find_callback(b)
+    assert cb_b is not None and cb_b.checkpointer is not None
+    assert cb_b.checkpointer.steps() == [3, 6]
+    cb_b.close()
+
+
+def test_resume_without_snapshot_and_bad_arguments(tmp_path) -> None:
+    t = _trainer(str(tmp_path / "o"), str(tmp_path / "empty"), seed=0)
+    assert resume(t) is None
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        MemoptCallback()
+    with pytest.raises(ValueError, match="every_n_steps"):
+        MemoptCallback(str(tmp_path), every_n_steps=0)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        create_optimizer(tiny_llama(), _args(str(tmp_path)), "adam8")
+    with pytest.raises(TypeError, match="learning_rate"):
+        create_optimizer(tiny_llama(), object(), "galore", rank=4)
