@@ -129,3 +129,28 @@ def test_torch_compile_runs_managed_blocks_eagerly() -> None:
     assert mgr.swap.stats["swapped"] > 0, "the swap hooks must have run inside the compiled model"
     mgr.remove()
     torch._dynamo.reset()
+
+
+def test_tiny_llama_mixed_plan() -> None:
+    from tests.activations._models import llama_batch, llama_loss, tiny_llama
+
+    model = tiny_llama(layers=4)
+    ids = llama_batch(seq=128)
+    ref = grads(model, llama_loss(ids))
+    plan = {
+        "model.layers.0": swap(),
+        "model.layers.1": recompute(("aten.bmm",)),
+        "model.layers.2": keep(),
+        "model.layers.3": recompute(),
+    }
+    ledger = SavedLedger()
+    mgr = apply(model, plan, ledger=ledger, options=OPTS)
+    got = grads(model, llama_loss(ids))
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    peaks = ledger.block_peaks("device")
+    # keep holds the most; selective holds inputs + bmm outputs; full recompute only inputs
+    assert peaks["model.layers.2"] > peaks["model.layers.1"] > peaks["model.layers.3"] > 0
+    assert ledger.block_peaks("host")["model.layers.0"] > 0
+    assert "recompute[keep aten.bmm]" in mgr.report()
+    mgr.remove()
