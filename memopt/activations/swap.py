@@ -255,9 +255,15 @@ class SwapEngine:
             self._deferred.append((pendings, record.slot))
 
     def reap(self) -> None:
-        """Drop finished copies' device sources and free deferred slots (cheap polling)."""
+        """Drop finished copies' device sources and free deferred slots (cheap polling).
+
+        Copies out finish in issue order on a side stream, so the scan stops at the first one
+        still running (an NVMe write finishing early is reaped on a later call)."""
         with self._lock:
-            self._inflight = [r for r in self._inflight if not r.reap()]
+            done = 0
+            while done < len(self._inflight) and self._inflight[done].reap():
+                done += 1
+            del self._inflight[:done]
             ready = [s for ps, s in self._deferred if all(p.done() for p in ps)]
             self._deferred = [(ps, s) for ps, s in self._deferred if not all(p.done() for p in ps)]
         for slot in ready:
