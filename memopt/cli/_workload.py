@@ -144,10 +144,16 @@ def warm_up(w: Workload) -> None:
 
     from transformers import LlamaForCausalLM
 
-    micro = dataclasses.replace(w, hidden=32, layers=1, heads=2, intermediate=64, vocab=64,
-                                batch_size=1, seq_len=8, stage=0, offload=None)  # fmt: skip
-    model = LlamaForCausalLM(micro.llama_config())
-    opt = build_optimizer(micro, model)
+    micro = dataclasses.replace(
+        w, hidden=32, layers=1, heads=2, intermediate=64, vocab=64, batch_size=1, seq_len=8
+    )
+    model: Any = LlamaForCausalLM(micro.llama_config())
+    opt: Any = build_optimizer(micro, model)
+    if w.stage or w.offload:  # the same collectives and tiers: their one-time buffers
+        from memopt.api import shard
+
+        stage: Any = w.stage or 1
+        model, opt = shard(model, opt, stage=stage, offload=w.offload)
     x = torch.randint(0, 64, (1, 8))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()

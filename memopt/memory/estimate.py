@@ -152,7 +152,7 @@ def assemble(
     tiers["pinned_host"]["activations"] = host_acts
     grad_frac = share.grads / max(1, sum(p.nbytes for p in infos))
     fwd = dict(base, activations=acts, gradients=int(trace.peak_gradients * grad_frac))
-    fwd["temporaries"] = trace.peak_temporaries + share.gathered + share.buckets
+    fwd["temporaries"] = trace.peak_temporaries + share.gathered
     step = dict(base, gradients=share.grads)
     step["temporaries"] = _step_temporaries(cfg, infos) + share.buckets
     phase = "forward/backward" if sum(fwd.values()) >= sum(step.values()) else "optimizer step"

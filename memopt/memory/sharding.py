@@ -26,7 +26,7 @@ class ShardShare:
     state: int  # optimizer state (saved + cache)
     numel: int  # parameter elements whose update this rank owns
     gathered: int = 0  # stage 3: unsharded units live at once
-    buckets: int = 0  # stages 1/2: communication buckets in flight
+    buckets: int = 0  # stages 1/2: bucket buffers beside the gradients at the step
     notes: list[str] = field(default_factory=list)
 
 
@@ -88,7 +88,8 @@ def shard_share(
         notes = []
         if stage == 2 and layout == "dim0":
             grads, buckets = int(nb), min(2 * bucket_bytes, p_bytes)
-        elif stage == 2:
+        elif stage == 2:  # gradients move into the buckets during backward: no extra copy
+            buckets = 0
             notes.append("stage 2 whole_tensor: gradients stay in their buckets until the step")
         return ShardShare(p_bytes, grads, s_mem, int(n), buckets=buckets, notes=notes)
     gathered = min(2 * unit_bytes, p_bytes)

@@ -12,6 +12,12 @@ of its parameters, under two observers:
   backward, split at the peak into activations (born in forward), gradients (storages that
   became a ``param.grad``) and temporaries (the rest).
 
+Attention: on meta, ``scaled_dot_product_attention`` would pick its math path, which saves
+the full attention matrix; real CPU and GPU runs pick a fused kernel that saves only q, k, v,
+the output and the log-sum-exp. The trace therefore routes meta SDPA calls (no dropout) to the
+fused CPU kernel's meta implementation (``fused_attention=True``), whose saved set is that of
+the real run (on GPU the flash / memory-efficient kernels save the same tensors).
+
 ``recompute`` wraps every block in non-reentrant ``torch.utils.checkpoint`` for the trace (on
 the meta copy only), so its figure is the real recompute schedule: block inputs plus one
 block's activations at a time during backward.
@@ -19,13 +25,16 @@ block's activations at a time during backward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -110,6 +119,29 @@ class _Live(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """Route meta ``F.scaled_dot_product_attention`` calls to the fused kernel (see above)."""
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+             enable_gqa: bool = False) -> Tensor:  # fmt: skip
+        if q.device.type == "meta" and dropout_p == 0.0:
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+            )
+            return out[0]
+        return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=scale, enable_gqa=enable_gqa)  # fmt: skip
+
+    F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
 def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
     from torch.utils.checkpoint import checkpoint
 
@@ -128,9 +160,15 @@ def _loss(out: Any) -> Tensor:
 
 
 def trace_step(
-    model: nn.Module, inputs: dict[str, Tensor], recompute: bool = False
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    recompute: bool = False,
+    attention: bool = True,
 ) -> ActivationTrace:
-    """Run forward + backward of the meta ``model`` on meta ``inputs`` and measure (see above)."""
+    """Run forward + backward of the meta ``model`` on meta ``inputs`` and measure (see above).
+
+    ``attention=False`` leaves SDPA on its meta (math) path.
+    """
     params = list(model.parameters())
     skip = {p.untyped_storage()._cdata for p in params}
     skip |= {b.untyped_storage()._cdata for b in model.buffers()}
@@ -166,7 +204,8 @@ def trace_step(
         p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad")) for p in params
     ]
     try:
-        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn = fused_attention() if attention else contextlib.nullcontext()
+        with attn, live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             for t in inputs.values():
                 live.add(t, "act")
             loss = _loss(model(**inputs))
