@@ -6,8 +6,9 @@ The stable public surface is what this module and each subpackage's ``__all__`` 
 from __future__ import annotations
 
 from memopt import optim, sharding
-from memopt.api import shard
+from memopt.api import Setup, setup, shard
+from memopt.config import Config
 
 __version__ = "0.1.0"
 
-__all__ = ["optim", "shard", "sharding", "__version__"]
+__all__ = ["Config", "Setup", "optim", "setup", "shard", "sharding", "__version__"]

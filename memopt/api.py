@@ -93,3 +93,9 @@ def shard(
 
 
 __all__ = ["shard"]
+
+
+# ``memopt.setup``: the whole-config entry point (memopt/config/setup.py builds it).
+from memopt.config.setup import Setup, setup  # noqa: E402
+
+__all__ += ["Setup", "setup"]

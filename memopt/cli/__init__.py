@@ -1,9 +1,10 @@
-"""The ``memopt`` command line: ``memopt estimate`` and ``memopt report`` (``run`` comes later).
+"""The ``memopt`` command line: ``memopt estimate``, ``memopt report`` and ``memopt run``.
 
 ``estimate`` prints the predicted peak per tier of a built-in tiny LLaMA (random init,
 described on the meta device) with the given optimizer, stage and world size; ``report``
 trains that model for a few steps in this process under a ``memopt.memory.Timeline`` and
-writes ``timeline.png`` and ``timeline.md`` with the estimate beside the measured curve.
+writes ``timeline.png`` and ``timeline.md`` with the estimate beside the measured curve;
+``run`` launches a recipe (``recipes/*.yaml``) under torchrun (``memopt.cli.launch``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from memopt.cli import _workload
-from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload
+from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload, run
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--steps", type=int, default=5)
     rep.add_argument("--interval", type=float, default=0.005, help="sampling period (s)")
     rep.add_argument("--out", default="memopt-report", help="output directory")
+    from memopt.cli import launch
+
+    launch.add_arguments(sub.add_parser("run", help="launch a recipe YAML under torchrun"))
     return ap
 
 
@@ -71,7 +74,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     est = w.estimate()
     tl = Timeline(interval=args.interval)
-    _workload.run(w, args.steps, tl)
+    run(w, args.steps, tl)
     paths = tl.write(args.out, estimate=est)
     print(paths["md"].read_text())
     print(f"wrote {paths['png']} and {paths['md']}")
@@ -82,6 +85,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # overrides and options may interleave: run parses its own
+        from memopt.cli import launch
+
+        return launch.main(argv[1:])
     args = parser().parse_args(argv)
     return {"estimate": _estimate, "report": _report}[args.command](args)
 

@@ -1,0 +1,137 @@
+"""The recipe training loop: ``python -m memopt.cli.train RECIPE.yaml [key=value ...]``.
+
+``memopt run`` starts this module under torchrun on every rank. Per rank:
+
+1. join the process group torchrun describes (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1;
+2. load the recipe (``Config.from_yaml`` with the overrides), build the random-init model and
+   this rank's batch stream (``memopt.config.workload``);
+3. ``memopt.setup`` (activations, optimizer, sharding/offload, scheduler, checkpointer,
+   resume); a resumed run says so, naming the snapshot step, before the first step;
+4. per step: ``grad_accum`` micro-batches of forward/backward, clip, ``optimizer.step()``,
+   ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints one log line: loss (mean
+   over ranks), tokens/s (all ranks), LR, and memory per tier (``memopt.cli._meter``); a tqdm
+   progress bar runs on stderr; every ``checkpoint.every_n_steps`` a snapshot is taken
+   (asynchronous: the copy overlaps the next step) and the end of the run takes a last one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from memopt.api import Setup, setup
+from memopt.cli._meter import Meter
+from memopt.config import Config
+from memopt.config.workload import batches, build_model
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def _train_step(s: Setup, data: Any) -> float:
+    """One optimizer step; returns the mean micro-batch loss of this rank."""
+    cfg = s.config
+    total = 0.0
+    for _ in range(cfg.train.grad_accum):
+        x = next(data).to(s.device)
+        loss = s.model(input_ids=x, labels=x).loss
+        (loss / cfg.train.grad_accum).backward()
+        total += float(loss.detach())
+    clip = cfg.optimizer.max_grad_norm
+    if clip is not None and s.in_backward is None:
+        if hasattr(s.optimizer, "clip_grad_norm_"):
+            s.optimizer.clip_grad_norm_(clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return total / cfg.train.grad_accum
+
+
+def _mean_over_ranks(value: float, s: Setup) -> float:
+    if s.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=s.device if s.device.type == "cuda"
+                     else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / s.world_size
+
+
+def _say(s: Setup, text: str) -> None:
+    if s.rank == 0:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run the recipe ``config`` on this rank; returns a summary (rank 0's view)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model = build_model(config)
+    sample = next(batches(config, rank))
+    s = setup(model, config, sample_batch={"input_ids": sample, "labels": sample})
+    t, ck = config.train, config.checkpoint
+    _say(s, f"memopt run: {s.world_size} rank(s)\n{s.describe()}")
+    if s.resumed_from is not None:
+        _say(s, f"RESUMED: {s.resume_message}")
+    meter = Meter(config)
+    data = batches(config, rank, s.start_step)
+    tokens = t.batch_size * t.seq_len * t.grad_accum * s.world_size
+    loss, wall0, last_saved = float("nan"), time.perf_counter(), s.start_step
+    bar = tqdm(range(s.start_step, t.steps), initial=s.start_step, total=t.steps,
+               disable=s.rank != 0, file=sys.stderr, desc="train", dynamic_ncols=True)
+    for i in bar:
+        t0 = time.perf_counter()
+        loss = _mean_over_ranks(_train_step(s, data), s)
+        dt = time.perf_counter() - t0
+        step = i + 1
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % t.log_every == 0 or step == t.steps:
+            lr = s.optimizer.param_groups[0]["lr"]
+            _say(s, f"step {step}/{t.steps} loss {loss:.4f} lr {lr:.2e} "
+                    f"tok/s {tokens / dt:,.0f} | {meter.line(s)}")
+        if ck.directory and ck.every_n_steps and step % ck.every_n_steps == 0:
+            s.save(step)
+            last_saved = step
+            _say(s, f"snapshot: step {step} -> {ck.directory}")
+    if ck.directory and last_saved != t.steps and s.start_step < t.steps:
+        s.save(t.steps)
+        _say(s, f"snapshot: step {t.steps} -> {ck.directory}")
+    wall = time.perf_counter() - wall0
+    s.close()
+    summary = {"steps": t.steps, "start_step": s.start_step, "final_loss": loss, "wall_s": wall,
+               "resumed_from": s.resumed_from}
+    _say(s, f"done: steps {s.start_step}->{t.steps}, final loss {loss:.4f}, wall {wall:.1f} s")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print("usage: python -m memopt.cli.train RECIPE.yaml [section.key=value ...]",
+              file=sys.stderr)
+        return 2
+    config = Config.from_yaml(args[0], overrides=args[1:])
+    _init_distributed()
+    try:
+        train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Layer 4: the typed memopt configuration (``memopt.Config``) and its loaders.
+
+``Config`` holds one frozen, eagerly validated dataclass per section (``OptimizerConfig``,
+``ShardingConfig``, ``ActivationsConfig``, ``CheckpointConfig`` and the recipe's ``ModelConfig``,
+``DataConfig``, ``TrainConfig``); it loads from YAML with dotted overrides
+(``Config.from_yaml(path, overrides=[...])``), from a DeepSpeed JSON config
+(``Config.from_deepspeed``), and dumps back to YAML. ``memopt.setup`` (``memopt.config.setup``)
+applies it to a model. Reference: docs/config.md (generated from these dataclasses).
+"""
+
+from memopt.config.config import SECTIONS, Config, apply_override
+from memopt.config.sections import (
+    PRESETS,
+    ActivationsConfig,
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ShardingConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "PRESETS",
+    "SECTIONS",
+    "ActivationsConfig",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ShardingConfig",
+    "TrainConfig",
+    "apply_override",
+]

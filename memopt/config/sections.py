@@ -1,0 +1,205 @@
+"""The sections of ``memopt.Config``: frozen dataclasses, validated when built.
+
+One section per part of memopt (optimizer, sharding with its offload tiers, activations,
+checkpointing) plus the run-level sections a recipe needs (model, data, train). Every field
+carries its documentation (``opt(default, doc)``), from which docs/config.md is generated.
+Validation is eager: ``__post_init__`` coerces each field to its annotation (a bad value raises
+``ValueError`` naming ``section.key``) and checks ranges and combinations, before any model,
+optimizer or process group is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from memopt.config._fields import check_fields, opt, positive
+
+OptimizerName = Literal["adamw", "galore", "natural_galore", "apollo", "apollo_mini", "frugal"]
+LOW_RANK = ("galore", "natural_galore", "apollo", "apollo_mini")
+ACTION_NAMES = ("keep", "recompute", "swap", "split", "sample")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``optimizer:`` the update rule, its low-rank groups, and the LR schedule."""
+
+    name: OptimizerName = opt("adamw", "update rule (memopt.optim): AdamW, GaLore, Natural "
+                              "GaLore, APOLLO, APOLLO-Mini or FRUGAL")
+    lr: float = opt(1e-3, "peak learning rate")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas")
+    eps: float | None = opt(None, "Adam epsilon (null: the optimizer's own default)")
+    weight_decay: float = opt(0.0, "decoupled weight decay (matrices only; 1-D params never)")
+    target: str = opt("attn|mlp", "regex over module names picking the low-rank (or FRUGAL "
+                      "state-full subspace) matrices; 'all-linear' for every Linear but the head")
+    rank: int | None = opt(None, "projection rank (null: 128 for GaLore/APOLLO, 1 for "
+                           "APOLLO-Mini); ignored by AdamW and FRUGAL")
+    density: float = opt(0.25, "FRUGAL: fraction of each target kept in the state-full subspace")
+    update_proj_gap: int = opt(200, "steps between projection refreshes")
+    scale: float | None = opt(None, "low-rank update scale (null: the optimizer's default: 0.25 "
+                              "GaLore, 1 APOLLO, 128 APOLLO-Mini)")
+    proj: str | None = opt(None, "projector name (memopt.optim.PROJECTORS; null: default)")
+    state_dtype: Literal["auto", "float32", "int8", "int4"] = opt(
+        "auto", "dtype of the Adam moments ('auto': the parameter's dtype)")
+    in_backward: bool = opt(False, "update each parameter inside backward (optimizer-in-"
+                            "backward); not with sharding stages 1-3")
+    max_grad_norm: float | None = opt(1.0, "global gradient-norm clip (null: off)")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "LR schedule after warm-up")
+    warmup_steps: int = opt(0, "linear warm-up steps from 0 to lr")
+    min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of lr")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optimizer")
+        positive(self, "optimizer", "lr", "rank", "update_proj_gap", "scale")
+        positive(self, "optimizer", "weight_decay", "warmup_steps", "min_lr_ratio", zero_ok=True)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(
+                f"config key 'optimizer.density' must lie in (0, 1], got {self.density}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError("config key 'optimizer.max_grad_norm' must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """``sharding:`` ZeRO stage, layout, master weights and the offload tiers."""
+
+    stage: Literal[0, 1, 2, 3] = opt(0, "ZeRO stage: 0 none (DDP when >1 rank), 1 optimizer "
+                                     "state, 2 + gradients, 3 + parameters (FSDP2)")
+    layout: Literal["auto", "whole_tensor", "dim0"] = opt(
+        "auto", "stages 1/2: whole tensors per rank or row shards ('auto': whole_tensor; "
+        "stage 3 is always dim0)")
+    master_dtype: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "dtype of the master weights the optimizer updates ('auto': the parameters')")
+    bucket_bytes: int = opt(25 << 20, "gradient reduce / gather bucket size", size=True)
+    offload: Literal["none", "cpu", "nvme"] = opt(
+        "none", "optimizer state tier (stages 0-2; stage 0 is run as stage 1 on one rank)")
+    nvme_path: str | None = opt(None, "directory of the NVMe swap files (offload: nvme)")
+    offload_params: Literal["none", "cpu"] = opt("none", "stage 3: parameter shards, gradients "
+                                                 "and optimizer state on the CPU")
+    hybrid_update: bool = opt(False, "offload: update each group on the CPU or the device, by "
+                              "measured rates (Deep Optimizer States)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sharding")
+        positive(self, "sharding", "bucket_bytes")
+        if self.offload == "nvme" and not self.nvme_path:
+            raise ValueError("config key 'sharding.nvme_path' is required with offload: nvme")
+        if self.offload != "none" and self.stage == 3:
+            raise ValueError(
+                "sharding.offload applies to stages 0-2; with stage 3 use "
+                "sharding.offload_params: cpu (parameters and optimizer state on the CPU)"
+            )
+        if self.offload_params != "none" and self.stage != 3:
+            raise ValueError("config key 'sharding.offload_params' needs sharding.stage: 3")
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """``activations:`` saved-activation policies, by planner budget or per block."""
+
+    budget: str | None = opt(None, "run the planner under this budget of saved bytes "
+                             "('6GiB', '512MB', '50%' of the unmanaged peak); null: no planner")
+    actions: tuple[str, ...] = opt(("keep", "recompute", "swap", "split"),
+                                   "what the planner may choose per block")
+    policy: str | None = opt(None, "one action for every block (keep/recompute/swap/split/"
+                             "sample) instead of the planner")
+    policies: dict[str, str] = opt({}, "per-block actions by block name "
+                                   "('model.layers.0': recompute); others keep")
+    tier: Literal["cpu", "nvme"] = opt("cpu", "where swapped activations go")
+    nvme_path: str | None = opt(None, "directory for tier: nvme")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "activations")
+        chosen = [k for k in ("budget", "policy") if getattr(self, k)] + (
+            ["policies"] if self.policies else [])
+        if len(chosen) > 1:
+            raise ValueError(f"activations: set one of budget, policy, policies (got {chosen})")
+        for where, action in [("policy", self.policy), *self.policies.items()]:
+            if action is not None and action not in ACTION_NAMES:
+                raise ValueError(f"activations.{where}={action!r}: choose one of {ACTION_NAMES}")
+        bad = [a for a in self.actions if a not in ACTION_NAMES]
+        if bad or not self.actions:
+            raise ValueError(f"activations.actions={self.actions}: a subset of {ACTION_NAMES}")
+        if self.tier == "nvme" and not self.nvme_path:
+            raise ValueError("config key 'activations.nvme_path' is required with tier: nvme")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.budget or self.policy or self.policies)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``checkpoint:`` asynchronous snapshots (memopt.checkpoint.AsyncCheckpointer)."""
+
+    directory: str | None = opt(None, "snapshot directory (null: no snapshots)")
+    every_n_steps: int = opt(0, "snapshot every N optimizer steps (0: only at the end)")
+    keep: int = opt(3, "published snapshots kept")
+    resume: bool = opt(True, "resume from the newest snapshot in directory when there is one")
+    redundancy: Literal["none", "replicate"] = opt(
+        "none", "also keep each rank's model and optimizer tensors in a peer's host memory "
+        "(REFT replication; needs 2+ ranks)")
+    fsync: bool = opt(True, "fsync before publishing (off only for throwaway runs)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "checkpoint")
+        positive(self, "checkpoint", "keep")
+        positive(self, "checkpoint", "every_n_steps", zero_ok=True)
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "llama-tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4),
+    "llama-small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4),
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model:`` a random-init transformers LLaMA (no download)."""
+
+    preset: Literal["llama-tiny", "llama-small", "llama-60m", "llama-350m"] = opt(
+        "llama-tiny", "named size: tiny 64x2, small 128x4, 60m 512x8, 350m 1024x24 (hidden x "
+        "layers)")
+    overrides: dict[str, Any] = opt({}, "LlamaConfig keyword arguments over the preset "
+                                    "(hidden_size, num_hidden_layers, ...)")
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "parameter dtype")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto': cuda when available")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data:`` text shipped with Python, byte-level tokens; or random tokens."""
+
+    source: Literal["stdlib", "random"] = opt(
+        "stdlib", "'stdlib': the interpreter's standard-library .py files as bytes (vocab 256);"
+        " 'random': uniform tokens over the model's vocabulary")
+    max_bytes: int = opt(2_000_000, "bytes of text read (stdlib)", size=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data")
+        positive(self, "data", "max_bytes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train:`` the recipe loop's length, batch shape and logging."""
+
+    steps: int = opt(20, "optimizer steps")
+    batch_size: int = opt(4, "sequences per micro-batch per rank")
+    seq_len: int = opt(128, "tokens per sequence")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    log_every: int = opt(1, "print a log line every N steps")
+    seed: int = opt(0, "seed of the model init and the data order (each rank offsets it)")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train")
+        positive(self, "train", "steps", "batch_size", "seq_len", "grad_accum", "log_every")

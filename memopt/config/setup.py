@@ -1,0 +1,190 @@
+"""``memopt.setup(model, config)``: apply a whole ``Config`` to a model, in a fixed order.
+
+1. Move the model to its device and dtype (``model.device``, ``model.dtype``).
+2. Activations (before sharding, while the blocks are plain modules): ``policy``/``policies``
+   install directly; ``budget`` profiles one step on ``sample_batch`` and runs the planner.
+3. Optimizer from ``optimizer`` (param groups, low-rank targets); optimizer-in-backward
+   registers its hooks here (no sharding then).
+4. Sharding and offload from ``sharding`` (``memopt.sharding.apply_sharding``); at stage 0
+   with more than one rank the model is wrapped in ``DistributedDataParallel``.
+5. LR scheduler (warm-up + cosine over ``train.steps``) on the final optimizer.
+6. Checkpointer (``checkpoint.directory``) and, with ``checkpoint.resume``, a resume from the
+   newest snapshot there: ``Setup.start_step`` and ``Setup.resume_message`` say where from.
+
+The returned ``Setup`` holds what a training loop needs; the loop stays the user's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memopt.config import build
+from memopt.config.config import Config
+
+
+@dataclass
+class Setup:
+    """What ``memopt.setup`` built. Call ``model`` and ``optimizer`` as usual; ``save(step)``
+    snapshots; ``start_step`` is where a resumed run continues."""
+
+    config: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpointer: Any = None
+    activations: Any = None
+    plan: Any = None
+    in_backward: Any = None
+    redundancy: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    start_step: int = 0
+    resumed_from: int | None = None
+    resume_message: str = ""
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The model without a DDP wrapper (what snapshots hold)."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.module
+        return self.model
+
+    def resume(self) -> int | None:
+        """Load the newest snapshot of the checkpoint directory (if any); return its step."""
+        ck = self.checkpointer
+        if ck is None or ck.latest() is None:
+            self.resume_message = ""
+            return None
+        step = ck.latest()
+        ck.load(step, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.start_step, self.resumed_from = step, step
+        self.resume_message = (f"resumed from snapshot step {step} in {ck.directory}; "
+                               f"continuing at step {step + 1}")
+        return int(step)
+
+    def save(self, step: int) -> None:
+        """Snapshot model, optimizer and scheduler at ``step`` (asynchronous; see
+        memopt.checkpoint); with redundancy, also protect this rank's tensors on a peer."""
+        if self.checkpointer is not None:
+            self.checkpointer.save(step, model=self.raw_model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, extra={"step": step})
+        if self.redundancy is not None:
+            self.redundancy.protect(step, _local_tensors(self.raw_model, self.optimizer))
+
+    def close(self) -> None:
+        """Finish pending snapshots and remove activation hooks."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if self.activations is not None:
+            self.activations.remove()
+        if self.in_backward is not None:
+            self.in_backward.remove()
+
+    def describe(self) -> str:
+        from memopt.config.describe import describe_setup
+
+        return describe_setup(self)
+
+
+def _local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        v = v.to_local() if hasattr(v, "to_local") else v
+        out[f"model.{k}"] = v.detach().cpu()
+    for pid, st in optimizer.state_dict().get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to_local() if hasattr(v, "to_local") else v
+                out[f"optim.{pid}.{k}"] = v.detach().cpu()
+    return out
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("model.device: cuda, but torch.cuda.is_available() is False")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _activations(model: nn.Module, config: Config, sample_batch: Any) -> tuple[Any, Any]:
+    ac = config.activations
+    if not ac.enabled:
+        return None, None
+    from memopt.activations import ActivationOptions, apply, plan
+    from memopt.offload.nvme_file import NVMeConfig
+
+    options = ActivationOptions(nvme=NVMeConfig(directory=ac.nvme_path)) if ac.nvme_path else None
+    if ac.budget:
+        if sample_batch is None:
+            raise ValueError("activations.budget runs the planner, which profiles one step: pass "
+                             "memopt.setup(model, config, sample_batch=...)")
+        the_plan = plan(model, sample_batch, ac.budget, actions=ac.actions, tier=ac.tier)
+        model.zero_grad(set_to_none=True)
+        return apply(model, the_plan, options=options), the_plan
+    return apply(model, build.activation_policies(model, ac), options=options), None
+
+
+def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
+          process_group: Any = None, resume: bool | None = None) -> Setup:
+    """Apply ``config`` to ``model`` (see the module docstring) and return a ``Setup``."""
+    if not isinstance(config, Config):
+        raise TypeError(f"memopt.setup: config must be a memopt.Config, got {type(config)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memopt.setup: model must be an nn.Module, got {type(model)}")
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(process_group) if distributed else 1
+    rank = dist.get_rank(process_group) if distributed else 0
+    if config.checkpoint.redundancy != "none" and world < 2:
+        raise ValueError("checkpoint.redundancy: replicate needs 2+ ranks (torchrun "
+                         "--nproc-per-node 2); set it to none on one process")
+    device = resolve_device(config.model.device)
+    model.to(device=device, dtype=build.DTYPES[config.model.dtype])
+    manager, the_plan = _activations(model, config, sample_batch)
+    opt: torch.optim.Optimizer = build.build_optimizer(model, config.optimizer)
+    hooks = None
+    if config.optimizer.in_backward:
+        from memopt.optim import step_in_backward
+
+        hooks = step_in_backward(model, opt, accumulation_steps=config.train.grad_accum,  # type: ignore[arg-type]
+                                 max_grad_norm=config.optimizer.max_grad_norm)
+    sc = build.shard_config(config.sharding)
+    if sc is not None:
+        from memopt.sharding import apply_sharding
+
+        model, opt = apply_sharding(model, opt, sc, process_group)
+    elif world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                    process_group=process_group)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, build.lr_lambda(config.optimizer,
+                                                                   config.train.steps))
+    out = Setup(config, model, opt, sched, activations=manager, plan=the_plan, in_backward=hooks,
+                device=device, rank=rank, world_size=world)
+    out.checkpointer, out.redundancy = _checkpointing(config, process_group, world)
+    if config.checkpoint.resume if resume is None else resume:
+        out.resume()
+    return out
+
+
+def _checkpointing(config: Config, process_group: Any, world: int) -> tuple[Any, Any]:
+    ck = config.checkpoint
+    checkpointer = redundancy = None
+    if ck.directory:
+        from memopt.checkpoint import AsyncCheckpointer
+
+        checkpointer = AsyncCheckpointer(ck.directory, keep=ck.keep, fsync=ck.fsync,
+                                         process_group=process_group)
+    if ck.redundancy == "replicate" and world > 1:
+        from memopt.checkpoint.redundancy import PeerRedundancy
+        from memopt.checkpoint.redundancy_config import RedundancyConfig
+
+        redundancy = PeerRedundancy(RedundancyConfig(mode="replicate", copies=1), process_group)
+    return checkpointer, redundancy

@@ -1,0 +1,152 @@
+"""memopt.Config: YAML round trip, dotted overrides and their errors, eager validation,
+the DeepSpeed JSON mapping, and docs/config.md kept in step with the dataclasses."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from memopt import Config
+from memopt.config import OptimizerConfig, ShardingConfig
+from memopt.config.reference import reference_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPE = """
+model: {preset: llama-tiny, overrides: {num_hidden_layers: 3}}
+train: {steps: 7, batch_size: 2, seq_len: 32}
+optimizer: {name: galore, rank: 8, lr: 3e-3, betas: [0.9, 0.95]}
+sharding: {stage: 2, bucket_bytes: 8MiB}
+activations: {policies: {model.layers.0: recompute}}
+checkpoint: {directory: ck, every_n_steps: 5}
+"""
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    cfg = Config.from_yaml(path)
+    assert cfg.optimizer.lr == 3e-3 and isinstance(cfg.optimizer.lr, float)  # YAML 1.1: a str
+    assert cfg.optimizer.betas == (0.9, 0.95)
+    assert cfg.sharding.bucket_bytes == 8 << 20
+    assert cfg.model.overrides == {"num_hidden_layers": 3}
+    assert cfg.activations.policies == {"model.layers.0": "recompute"}
+    out = tmp_path / "out.yaml"
+    cfg.to_yaml(out)
+    assert Config.from_yaml(out) == cfg
+    assert Config.from_yaml(tmp_path / "out.yaml").to_yaml() == cfg.to_yaml()
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    cfg = Config.from_yaml(path, overrides=[
+        "optimizer.lr=1e-4", "train.steps=50", "sharding.bucket_bytes=1GiB",
+        "optimizer.betas=[0.8, 0.9]", "optimizer.max_grad_norm=null",
+        "model.overrides.hidden_size=96", "optimizer.in_backward=false", "sharding.stage=1",
+    ])  # fmt: skip
+    assert cfg.optimizer.lr == 1e-4 and cfg.train.steps == 50
+    assert cfg.sharding.bucket_bytes == 1 << 30 and cfg.sharding.stage == 1
+    assert cfg.optimizer.betas == (0.8, 0.9) and cfg.optimizer.max_grad_norm is None
+    assert cfg.model.overrides == {"num_hidden_layers": 3, "hidden_size": 96}
+    assert cfg.replace(["train.seed=4"]).train.seed == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optimizer.lrr=1", "'optimizer.lrr'"),
+        ("optimizer.lr=fast", "'optimizer.lr'"),
+        ("sharding.stage=4", "'sharding.stage'"),
+        ("sharding.offload=disk", "'sharding.offload'"),
+        ("train.steps=2.5", "'train.steps'"),
+        ("train.steps=0", "'train.steps'"),
+        ("optimizer.betas=[0.9]", "'optimizer.betas'"),
+        ("sharding.bucket_bytes=lots", "'sharding.bucket_bytes'"),
+        ("bogus.x=1", "bogus"),
+        ("train=3", "section and a key"),
+        ("optimizer.lr", "key=value"),
+        ("sharding.offload=nvme", "sharding.nvme_path"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ValueError) as e:
+        Config.from_dict({}, [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match="update_proj_gap") as e:
+        Config.from_dict({"optimizer": {"ranks": 4}})
+    assert "optimizer.ranks" in str(e.value)
+
+
+def test_python_construction_is_validated() -> None:
+    assert OptimizerConfig(lr="2e-3").lr == 2e-3  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="optimizer.name"):
+        OptimizerConfig(name="sgd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="offload_params"):
+        ShardingConfig(stage=3, offload="cpu")
+    with pytest.raises(ValueError, match="offload_params"):
+        ShardingConfig(stage=2, offload_params="cpu")
+    with pytest.raises(ValueError, match="in_backward"):
+        Config(optimizer=OptimizerConfig(in_backward=True), sharding=ShardingConfig(stage=2))
+    with pytest.raises(ValueError, match="one of budget, policy, policies"):
+        Config.from_dict({"activations": {"budget": "50%", "policy": "recompute"}})
+
+
+def test_from_deepspeed(tmp_path: Path) -> None:
+    ds = {
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 0.5,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.95],
+                                                  "eps": 1e-8, "weight_decay": 0.1}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 10}},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 1000,
+                              "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}},
+    }  # fmt: skip
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = Config.from_deepspeed(path)
+    assert cfg.sharding.stage == 2 and cfg.sharding.offload == "nvme"
+    assert cfg.sharding.nvme_path == "/x"
+    assert cfg.sharding.bucket_bytes == 1000 * 2  # elements x bf16 bytes
+    assert cfg.sharding.master_dtype == "fp32" and cfg.model.dtype == "bf16"
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("adamw", 2e-4, (0.9, 0.95), 1e-8, 0.1)
+    assert o.warmup_steps == 10 and o.max_grad_norm == 0.5
+    assert (cfg.train.batch_size, cfg.train.grad_accum) == (3, 2)
+    z3 = Config.from_deepspeed(
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    )
+    assert z3.sharding.stage == 3 and z3.sharding.offload_params == "cpu"
+    assert Config.from_deepspeed({"zero_optimization": {"stage": 0}}).sharding.stage == 0
+    with pytest.raises(ValueError, match="Adam/AdamW"):
+        Config.from_deepspeed({"optimizer": {"type": "OneBitLamb"}})
+    with pytest.raises(ValueError, match="loss scaler"):
+        Config.from_deepspeed({"fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="unknown DeepSpeed"):
+        Config.from_deepspeed({"zero_optimization": {"stage": 2, "warp_speed": True}})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        Config.from_deepspeed({"zero_optimization": {"stage": 1}, "wall_clock_breakdown": False})
+    assert any("wall_clock_breakdown" in str(x.message) for x in w)
+
+
+def test_docs_config_md_is_current() -> None:
+    committed = (ROOT / "docs" / "config.md").read_text()
+    assert committed == reference_markdown(), (
+        "docs/config.md is stale: run python scripts/gen_config_docs.py"
+    )
+
+
+def test_reference_names_every_key() -> None:
+    text = reference_markdown()
+    for section, values in Config().to_dict().items():
+        for key in values:
+            assert f"`{section}.{key}`" in text
