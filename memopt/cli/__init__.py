@@ -14,7 +14,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload, run
+from memopt.cli import _workload
+from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def _report(args: argparse.Namespace) -> int:
         )
     est = w.estimate()
     tl = Timeline(interval=args.interval)
-    run(w, args.steps, tl)
+    _workload.run(w, args.steps, tl)
     paths = tl.write(args.out, estimate=est)
     print(paths["md"].read_text())
     print(f"wrote {paths['png']} and {paths['md']}")
