@@ -37,7 +37,7 @@ EpsMode = Literal["torch", "galore"]
 ISAS = ("scalar", "avx2", "avx512")
 ENV_ISA = "MEMOPT_CPU_ADAM_ISA"
 CHUNK = 1 << 16  # elements per OpenMP work item: 256 KiB per fp32 stream, L2-sized
-_ABI = 1
+_ABI = 2  # 2: memopt_lowrank_adam
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _LOWP = (torch.bfloat16, torch.float16)
 _UNSET = object()
@@ -57,6 +57,11 @@ def _library() -> ctypes.CDLL | None:
             lib.memopt_cpu_adam_step.argtypes = [
                 ctypes.c_int64, p, p, p, p, p, p,
                 ctypes.c_int, ctypes.c_int, p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+            ]  # fmt: skip
+            f = ctypes.c_float
+            lib.memopt_lowrank_adam.restype = ctypes.c_int
+            lib.memopt_lowrank_adam.argtypes = [
+                p, p, p, p, ctypes.c_int64, ctypes.c_int64, f, f, f, f, f, f, ctypes.c_int, p, p,
             ]  # fmt: skip
         _lib = lib
     return _lib  # type: ignore[return-value]

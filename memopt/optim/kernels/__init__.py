@@ -1,9 +1,11 @@
 """Kernel dispatch for the elementwise parts of the low-rank updates.
 
 ``MEMOPT_KERNELS`` selects the backend: ``auto`` (default: Triton for CUDA tensors when
-Triton is installed, torch otherwise), ``torch`` or ``triton`` (forced; on CPU tensors it
-needs ``TRITON_INTERPRET=1``, which is how the tests check the kernels without a GPU).
-The torch path is the CPU default and the reference the kernels are tested against.
+Triton is installed; for fp32 CPU tensors the native one-pass Adam of
+``memopt.offload.cpu_lowrank`` when the native library is built; torch otherwise), ``torch``
+or ``triton`` (forced; on CPU tensors Triton needs ``TRITON_INTERPRET=1``, which is how the
+tests check the kernels without a GPU). The torch path is the reference the kernels are
+tested against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memopt.offload import cpu_lowrank
 from memopt.optim import _functional as F
 
 _TRITON = importlib.util.find_spec("triton") is not None
@@ -49,6 +52,12 @@ def backend(t: Tensor) -> Literal["torch", "triton"]:
     return "torch"
 
 
+def _native_cpu(*ts: Tensor) -> bool:
+    """The native CPU kernels apply: ``MEMOPT_KERNELS=auto`` (``torch`` forces the torch
+    reference), CPU fp32 contiguous tensors, and the native library built."""
+    return ts[0].device.type == "cpu" and _env_mode() == "auto" and cpu_lowrank.usable(*ts)
+
+
 def _tk() -> Any:
     from memopt.optim.kernels import triton_kernels
 
@@ -78,6 +87,12 @@ def adam_update(
     bc1 = 1.0 - beta1**step if correct_bias else 1.0
     bc2 = 1.0 - beta2**step if correct_bias else 1.0
     step_size = lr / bc1 if eps_mode == "torch" else lr * math.sqrt(bc2) / bc1
+    if low.dim() == 2 and _native_cpu(low, m, v):
+        c2 = 1.0 / math.sqrt(bc2) if eps_mode == "torch" else 1.0
+        d, num, den = cpu_lowrank.lowrank_adam(
+            low, m, v, beta1=beta1, beta2=beta2, eps=eps, c2=c2, norms_dim=norms_dim
+        )
+        return d, step_size, num, den
     if backend(low) == "torch" or low.dim() != 2 or not low.is_contiguous():
         F.adam_moments_(m, v, low, beta1, beta2)
         d, step_size = F.adam_direction(

@@ -1,0 +1,144 @@
+// Adam on a projected (low-rank) gradient, one pass, for memopt.optim.kernels on the CPU.
+//
+// The low-rank optimizers (GaLore, FRUGAL, Natural GaLore, APOLLO) run Adam on R, the
+// gradient projected to rank r, and use the normalized direction, not a parameter update:
+//   m = b1 m + (1 - b1) R ;  v = b2 v + (1 - b2) R^2
+//   d = m / (sqrt(v) * c2 + eps)      c2 = 1/sqrt(bc2) ("torch" eps), 1 ("galore" eps)
+// and APOLLO also needs, per channel (a row or a column of R), the squared norms of d and of
+// R. torch does this in about eight full passes over r x n tensors (mul_, add_, addcmul_,
+// sqrt, div_, add_, div, square + sum twice); here it is one pass reading R, m, v and writing
+// m, v, d, with the channel sums accumulated on the way.
+//
+// Work split: with row channels (or none) OpenMP takes whole rows, each thread owning the
+// sums of its rows; with column channels it takes blocks of columns over all rows, each
+// thread owning the sums of its columns, so no reduction between threads is needed either
+// way. The element loops are plain C++ compiled once per ISA (target_clones: AVX-512, AVX2,
+// baseline; the loader picks the best at load time), so the library still runs anywhere.
+//
+// Plain C ABI: loaded with ctypes from memopt/offload/cpu_adam.py (same library, same ABI
+// version as the AdamW step).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MEMOPT_API __attribute__((visibility("default")))
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEMOPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MEMOPT_CLONES
+#endif
+
+namespace {
+
+struct LowRankHyper {
+    // a1 = 1 - b1 and a2 = 1 - b2 come from the caller, computed in double as torch does
+    // (1.0f - float(0.999) is 1.3e-5 away from 0.001 in relative terms).
+    float b1, a1, b2, a2, eps, c2;
+};
+
+// One row segment [c0, c1) of row r: moments, direction, and (when given) channel sums.
+// row_sums: accumulate into num[0] / den[0]; col_sums: into num[c] / den[c].
+MEMOPT_CLONES
+void row_segment(const float* __restrict g, float* __restrict m, float* __restrict v,
+                 float* __restrict d, int64_t c0, int64_t c1, LowRankHyper h,
+                 float* __restrict num, float* __restrict den, int mode) {
+    const float a1 = h.a1, a2 = h.a2;
+    if (mode == 1) {  // per-row sums: lane-wise partials the compiler can vectorize
+        constexpr int L = 16;
+        float sn[L] = {0}, sd[L] = {0};
+        int64_t c = c0;
+        for (; c + L <= c1; c += L) {
+            for (int k = 0; k < L; ++k) {
+                const float x = g[c + k];
+                const float mm = h.b1 * m[c + k] + a1 * x;
+                const float vv = h.b2 * v[c + k] + a2 * x * x;
+                const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
+                m[c + k] = mm;
+                v[c + k] = vv;
+                d[c + k] = dd;
+                sn[k] += dd * dd;
+                sd[k] += x * x;
+            }
+        }
+        float tn = 0.0f, td = 0.0f;
+        for (; c < c1; ++c) {
+            const float x = g[c];
+            const float mm = h.b1 * m[c] + a1 * x;
+            const float vv = h.b2 * v[c] + a2 * x * x;
+            const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
+            m[c] = mm;
+            v[c] = vv;
+            d[c] = dd;
+            tn += dd * dd;
+            td += x * x;
+        }
+        for (int k = 0; k < L; ++k) {
+            tn += sn[k];
+            td += sd[k];
+        }
+        num[0] += tn;
+        den[0] += td;
+        return;
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+        const float x = g[c];
+        const float mm = h.b1 * m[c] + a1 * x;
+        const float vv = h.b2 * v[c] + a2 * x * x;
+        const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
+        m[c] = mm;
+        v[c] = vv;
+        d[c] = dd;
+        if (mode == 2) {
+            num[c] += dd * dd;
+            den[c] += x * x;
+        }
+    }
+}
+
+}  // namespace
+
+// norms: -1 none, 1 per row (num/den hold `rows` floats), 0 per column (`cols` floats).
+// Returns 0, or -1 on bad arguments.
+extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v, float* d,
+                                              int64_t rows, int64_t cols, float b1, float a1,
+                                              float b2, float a2, float eps, float c2,
+                                              int norms, float* num, float* den) {
+    if (rows < 0 || cols < 0 || norms < -1 || norms > 1) return -1;
+    if (norms != -1 && (num == nullptr || den == nullptr)) return -1;
+    const LowRankHyper h{b1, a1, b2, a2, eps, c2};
+    if (norms == 0) {
+        std::fill(num, num + cols, 0.0f);
+        std::fill(den, den + cols, 0.0f);
+        // blocks of columns (64 floats: a cache line of each of the 7 streams per row)
+        const int64_t block = 64;
+        const int64_t nblocks = (cols + block - 1) / block;
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t c0 = b * block, c1 = std::min(cols, c0 + block);
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t o = r * cols;
+                row_segment(g + o, m + o, v + o, d + o, c0, c1, h, num, den, 2);
+            }
+        }
+        return 0;
+    }
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * cols;
+        float dummy[2] = {0.0f, 0.0f};
+        float* rn = norms == 1 ? num + r : dummy;
+        float* rd = norms == 1 ? den + r : dummy + 1;
+        if (norms == 1) {
+            *rn = 0.0f;
+            *rd = 0.0f;
+        }
+        row_segment(g + o, m + o, v + o, d + o, 0, cols, h, rn, rd, 1);
+    }
+    return 0;
+}
