@@ -1,9 +1,10 @@
-"""Swap and recompute under memopt.shard stage 2 on 2 gloo ranks: identical to no management.
+"""Swap and recompute under memopt.shard stages 2 and 3 on 2 gloo ranks: same as unmanaged.
 
-Each rank builds two copies of one model, shards both with ZeRO-2 (gradients reduce-scattered
-from post-accumulate-grad hooks while the backward runs), manages one copy's blocks (swap and
-recompute), and trains both on the same rank-local data for 3 steps: losses and parameters must
-be bit-identical (swap) / equal (recompute: the same ops re-run give the same bits on CPU).
+Each rank builds two copies of one model, shards both (stage 2: ZeRO-2, gradients
+reduce-scattered from post-accumulate-grad hooks while the backward runs; stage 3: FSDP2, the
+parameters all-gathered by module hooks around the managed forwards), manages one copy's blocks
+(swap and recompute), and trains both on the same rank-local data for 3 steps: losses and
+(local shards of) parameters must be bit-identical.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import torch
 from tests._harness.dist import run_distributed
 
 
-def _train(rank: int, world: int) -> list[float]:
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _train(rank: int, world: int, stage: int) -> list[float]:
     import memopt
     from memopt.activations import ActivationOptions, apply
     from memopt.activations.policy import recompute, swap
     from memopt.optim import AdamW
     from tests.activations._models import make_stack
 
-    results = []
-    models = []
+    results, models = [], []
     for managed in (False, True):
         model = make_stack(depth=3)
         opt = AdamW(model.parameters(), lr=1e-2)
-        model, sharded = memopt.shard(model, opt, stage=2, bucket_bytes=4096)
+        model, sharded = memopt.shard(model, opt, stage=stage, bucket_bytes=4096)
         mgr = None
         if managed:
             plan = {"blocks.0": swap(), "blocks.1": recompute(), "blocks.2": swap()}
@@ -40,16 +44,22 @@ def _train(rank: int, world: int) -> list[float]:
             sharded.zero_grad()
             losses.append(loss.item())
         if mgr is not None:
-            assert mgr.swap.stats["swapped"] > 0
+            # 2 swapped blocks x (input, fc output, gelu output) x 3 steps; weights skipped
+            assert mgr.swap.stats["swapped"] == 18, mgr.swap.stats
+            assert mgr.swap.stats["weights"] > 0
             mgr.remove()
         results.append(losses)
         models.append(model)
-    assert results[0] == results[1], f"rank {rank}: losses differ {results}"
+    assert results[0] == results[1], f"stage {stage} rank {rank}: losses differ {results}"
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(a, b), f"rank {rank}: parameters differ"
+        assert torch.equal(_local(a), _local(b)), f"stage {stage} rank {rank}: params differ"
     return results[1]
 
 
-def test_swap_and_recompute_under_zero2_match_unmanaged() -> None:
-    out = run_distributed(_train, world_size=2, timeout_s=120)
-    assert len(out) == 2 and all(len(r) == 3 for r in out)
+def _both_stages(rank: int, world: int) -> list[list[float]]:
+    return [_train(rank, world, stage) for stage in (2, 3)]
+
+
+def test_swap_and_recompute_under_zero2_and_fsdp2_match_unmanaged() -> None:
+    out = run_distributed(_both_stages, world_size=2, timeout_s=180)
+    assert len(out) == 2 and all(len(r) == 2 and len(r[0]) == 3 for r in out)
