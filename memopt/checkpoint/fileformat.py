@@ -15,7 +15,9 @@ whole file; it is computed while writing and while reading, in the same pass as 
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -120,6 +122,15 @@ def plan_file(
         }
         offsets[name] = start
         pos = start + nbytes
+    end = _round_up(pos, alignment)  # a whole number of aligned blocks (O_DIRECT writes)
+    if end > pos:
+        pads.append((pos, end))
+        entries[f"{PAD_PREFIX}end"] = {
+            "dtype": "U8",
+            "shape": [end - pos],
+            "data_offsets": [pos, end],
+        }
+        pos = end
     head: dict[str, object] = {"__metadata__": dict(metadata or {})}
     head.update(entries)
     raw = json.dumps(head, separators=(",", ":")).encode()
@@ -128,14 +139,23 @@ def plan_file(
     return FilePlan(header, offsets, pos, pads)
 
 
-def write_file(path: str, plan: FilePlan, data: torch.Tensor, checksum: str, fsync: bool) -> int:
-    """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum."""
+def write_file(
+    path: str, plan: FilePlan, data: torch.Tensor, checksum: str, fsync: bool, direct: bool = False
+) -> int:
+    """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum.
+
+    ``direct``: open with ``O_DIRECT`` (bypass the page cache) when the file system allows it
+    and ``data`` is page-aligned; the plan's sizes are alignment multiples, so every write is.
+    """
     crc = checksum_fn(checksum)
     value = crc(plan.header, 0)
     view = memoryview(data.numpy().data) if data.numel() else memoryview(b"")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    aligned = data.data_ptr() % 4096 == 0 and not (
+        len(plan.header) % 4096 or plan.data_bytes % 4096
+    )
+    fd = _open_new(path, direct and aligned)
     try:
-        _write_all(fd, memoryview(plan.header))
+        _write_all(fd, _aligned(plan.header))
         for lo in range(0, len(view), _CHUNK):
             part = view[lo : lo + _CHUNK]
             _write_all(fd, part)
@@ -145,6 +165,24 @@ def write_file(path: str, plan: FilePlan, data: torch.Tensor, checksum: str, fsy
     finally:
         os.close(fd)
     return value
+
+
+def _open_new(path: str, direct: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
+                raise
+    return os.open(path, flags, 0o644)
+
+
+def _aligned(raw: bytes) -> memoryview:
+    """``raw`` in page-aligned memory (O_DIRECT needs aligned buffers)."""
+    buf = mmap.mmap(-1, max(len(raw), 1))
+    buf.write(raw)
+    return memoryview(buf)[: len(raw)]
 
 
 def _write_all(fd: int, buf: memoryview) -> None:

@@ -37,10 +37,11 @@ class Job:
     entries: list[Entry]
     skeleton: dict[str, Any]
     plan: FilePlan
-    block: ArenaBlock
-    staging: torch.Tensor  # uint8, the data section
     record: SaveRecord
     t0: float
+    alignment: int = 64
+    block: ArenaBlock | None = None  # taken by the copier (pinning a new chunk takes time)
+    staging: torch.Tensor | None = None  # uint8, the data section
     ready: list[Any] = field(default_factory=list)  # CUDA events on the training streams
     copied: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -86,8 +87,10 @@ class Pipeline:
         self._write_q.put(None)
 
     def _copy(self, job: Job) -> None:
+        job.block = self.arena.alloc(max(job.plan.data_bytes, 1), alignment=job.alignment)
+        job.staging = staging = self.arena.bytes_view(job.block)[: job.plan.data_bytes]
         for lo, hi in job.plan.pads:  # deterministic bytes between tensors
-            job.staging[lo:hi].zero_()
+            staging[lo:hi].zero_()
         slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
         for src, dst in slots:
@@ -106,6 +109,7 @@ class Pipeline:
 
     @staticmethod
     def _slot(job: Job, e: Entry) -> torch.Tensor:
+        assert job.staging is not None
         off = job.plan.offsets[e.name]
         nbytes = e.tensor.numel() * e.tensor.element_size()
         return job.staging[off : off + nbytes].view(e.tensor.dtype).view(e.tensor.shape)
@@ -119,7 +123,9 @@ class Pipeline:
             except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
                 job.error = e
             finally:
-                self.arena.free(job.block)
+                if job.block is not None:
+                    self.arena.free(job.block)
+                    job.block = job.staging = None
             try:
                 self._publish(job)  # collective: runs even after a local failure
             except BaseException as e:  # noqa: BLE001

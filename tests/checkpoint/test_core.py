@@ -135,7 +135,11 @@ def test_codec_round_trip_keeps_types() -> None:
         encode({"f": object()}, {}, "x")
 
 
-def test_config_is_validated() -> None:
+def test_config_is_validated(tmp_path) -> None:
+    with pytest.raises(TypeError, match="not both"):
+        AsyncCheckpointer(tmp_path, config=CheckpointConfig(), fsync=False)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        AsyncCheckpointer(tmp_path, fsynk=False)
     with pytest.raises(ValueError, match="keep"):
         CheckpointConfig(keep=0)
     with pytest.raises(ValueError, match="alignment"):
