@@ -1,0 +1,52 @@
+"""A training script for ``accelerate launch`` (driven by test_accelerate.py).
+
+``accelerate launch --cpu --num_processes 2 accelerate_train.py OUT`` or plain ``python
+accelerate_train.py OUT`` (one process): the same global batch either way (per-process batch =
+GLOBAL_BATCH / processes), GaLore under memopt.shard stage 2, 2 accumulation micro-batches per
+step via ``accelerator.accumulate`` and clipping via ``accelerator.clip_grad_norm_``. The main
+process saves the final parameters and the clip norms to OUT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+import memopt
+from memopt.integrations.accelerate import prepare
+from tests.integrations._tiny import Tokens, tiny_llama
+
+GLOBAL_BATCH, ACCUM, MAX_NORM = 4, 2, 0.5
+
+
+def main(out: str, stage: int) -> None:
+    # cpu=True: accelerate picks MULTI_CPU (gloo) under torchrun only when told it is on CPU
+    acc = Accelerator(gradient_accumulation_steps=ACCUM, cpu=not torch.cuda.is_available())
+    model = tiny_llama(0)
+    groups = memopt.optim.param_groups(
+        model, "attn|mlp", rank=4, update_proj_gap=2, weight_decay=0.01
+    )
+    opt = memopt.optim.GaLoreAdamW(groups, lr=3e-3)
+    batch = GLOBAL_BATCH // acc.num_processes
+    loader = DataLoader(Tokens(24), batch_size=batch, shuffle=False)
+    model, opt, loader = prepare(acc, model, opt, loader, stage=stage)
+    norms: list[float] = []
+    for inputs in loader:
+        with acc.accumulate(model):
+            acc.backward(model(**inputs).loss)
+            if acc.sync_gradients:
+                norms.append(float(acc.clip_grad_norm_(model.parameters(), MAX_NORM)))
+            opt.step()
+            opt.zero_grad()
+    if acc.is_main_process:
+        params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        info = {"world": acc.num_processes, "kind": str(acc.distributed_type)}
+        torch.save({"params": params, "norms": norms, **info}, out)
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
