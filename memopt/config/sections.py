@@ -170,6 +170,8 @@ class ModelConfig:
                                     "(hidden_size, num_hidden_layers, ...)")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "parameter dtype")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto': cuda when available")
+    init_from: str | None = opt(None, "a memopt snapshot directory whose newest model weights "
+                                "initialise the model (fine-tuning); null: random init")
 
     def __post_init__(self) -> None:
         check_fields(self, "model")

@@ -1,7 +1,8 @@
 """The recipe's model and data, from the ``model`` and ``data`` sections (nothing downloaded).
 
 - Model: a randomly initialized ``transformers.LlamaForCausalLM`` from a named preset plus
-  ``model.overrides``; with ``data.source: stdlib`` the vocabulary is 256 (bytes).
+  ``model.overrides``; with ``data.source: stdlib`` the vocabulary is 256 (bytes);
+  ``model.init_from`` then loads the weights of a snapshot (a fine-tuning start).
 - Data: ``stdlib`` reads the running interpreter's standard-library ``.py`` files in sorted
   order (site-packages skipped) up to ``data.max_bytes`` and serves random windows of
   ``seq_len`` bytes (the labels are the inputs: the model shifts them); each rank draws from
@@ -55,7 +56,24 @@ def build_model(config: Config) -> torch.nn.Module:
     model: torch.nn.Module = LlamaForCausalLM(llama_config(config))
     if config.model.dtype == "bf16":
         model = model.to(torch.bfloat16)
+    if config.model.init_from:
+        load_weights(model, config.model.init_from)
     return model
+
+
+def load_weights(model: torch.nn.Module, directory: str) -> int:
+    """Load the model weights of the newest snapshot in ``directory``; returns its step."""
+    from memopt.checkpoint import AsyncCheckpointer
+
+    ck = AsyncCheckpointer(directory, restore_rng=False)
+    try:
+        step = ck.latest()
+        if step is None:
+            raise ValueError(f"model.init_from={directory!r} holds no published snapshot")
+        ck.load(step, model=model)
+        return step
+    finally:
+        ck.close()
 
 
 def stdlib_bytes(max_bytes: int) -> torch.Tensor:
