@@ -16,6 +16,10 @@ forward/backward do, and is fenced before the next optimizer step by two hooks:
 ``on_train_end`` waits until the last snapshot is published (raising a background failure).
 ``on_log`` logs host RSS, CUDA allocated (when CUDA is in use) and the checkpointer's and
 offload tiers' arena bytes, and records them in ``memory_history``.
+
+``activation_budget`` (bytes, ``"6GiB"``, ``"50%"``): in ``on_train_begin`` the activation
+planner profiles the model on the first training samples and installs its per-block plan
+(``_activations.apply_budget``); ``close()`` removes it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from transformers import TrainerCallback
 
 from memopt._utils import get_logger
 from memopt.checkpoint import AsyncCheckpointer
+from memopt.integrations._activations import apply_budget, first_batch
 from memopt.integrations._memory import format_memory, memory_by_tier
 
 log = get_logger("memopt.integrations.hf")
@@ -56,7 +61,9 @@ class MemoptCallback(TrainerCallback):
 
     ``on_hf_save``: snapshot when the Trainer saves. ``every_n_steps``: snapshot every n
     optimizer steps regardless. ``checkpoint_options``: ``memopt.checkpoint.CheckpointConfig``
-    fields (``fsync=False`` for tests, ``max_inflight``, ...). The checkpointer is created in
+    fields (``fsync=False`` for tests, ``max_inflight``, ...). ``activation_budget`` and
+    ``activation_options`` (``memopt.activations.plan`` keywords): see the module docstring.
+    The checkpointer is created in
     ``on_train_begin`` (after the Trainer set up the process group), or pass ``checkpointer=``.
     """
 
@@ -69,9 +76,12 @@ class MemoptCallback(TrainerCallback):
         on_hf_save: bool = True,
         log_memory: bool = True,
         checkpointer: AsyncCheckpointer | None = None,
+        activation_budget: int | str | None = None,
+        activation_options: dict[str, Any] | None = None,
         **checkpoint_options: Any,
     ) -> None:
-        if checkpoint_dir is None and checkpointer is None and (every_n_steps or on_hf_save):
+        snaps = every_n_steps or on_hf_save
+        if checkpoint_dir is None and checkpointer is None and snaps:
             raise ValueError(
                 "MemoptCallback: pass checkpoint_dir=... (or checkpointer=...) to take snapshots, "
                 "or every_n_steps=None and on_hf_save=False to only log memory"
@@ -87,6 +97,9 @@ class MemoptCallback(TrainerCallback):
         self.log_memory = log_memory
         self.checkpoint_options = checkpoint_options
         self.checkpointer = checkpointer
+        self.activation_budget = activation_budget
+        self.activation_options = dict(activation_options or {})
+        self.activations: Any = None  # the ActivationManager once on_train_begin installed it
         self.memory_history: list[dict[str, float]] = []
         self.saved_steps: list[int] = []
         self.resumed_step: int | None = None  # set by ``resume``
@@ -118,6 +131,13 @@ class MemoptCallback(TrainerCallback):
     # -- events ---------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.ensure_checkpointer()
+        if self.activation_budget is not None and self.activations is None:
+            model = unwrap_model(kw["model"])
+            device = next(model.parameters()).device
+            batch = first_batch(kw["train_dataloader"], args.per_device_train_batch_size, device)
+            self.activations = apply_budget(
+                model, batch, self.activation_budget, **self.activation_options
+            )
         if self.resumed_step is not None:
             log.warning(
                 "memopt: resumed from snapshot step %d in %s (trainer global_step %d)",
@@ -156,9 +176,12 @@ class MemoptCallback(TrainerCallback):
             )  # fmt: skip
 
     def close(self) -> None:
-        """Finish pending saves and release the checkpointer's threads and staging memory."""
+        """Finish pending saves, release the checkpointer, remove the activation policies."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+        if self.activations is not None:
+            self.activations.remove()
+            self.activations = None
 
 
 def trainer_state_json(extra: dict[str, Any]) -> dict[str, Any]:

@@ -132,3 +132,35 @@ def test_resume_without_snapshot_and_bad_arguments(tmp_path) -> None:
         create_optimizer(tiny_llama(), _args(str(tmp_path)), "adam8")
     with pytest.raises(TypeError, match="learning_rate"):
         create_optimizer(tiny_llama(), object(), "galore", rank=4)
+
+
+def test_every_n_steps_and_activation_budget(tmp_path) -> None:
+    """Snapshots every 2 steps with HF's own saving off; the planner's per-block policies
+    (installed in on_train_begin) leave the training arithmetic unchanged."""
+
+    def run(out: str, cb: MemoptCallback) -> MemoptTrainer:
+        t = MemoptTrainer(
+            model=tiny_llama(0),
+            args=_args(out, save_strategy="no", max_steps=4),
+            train_dataset=Tokens(),
+            callbacks=[cb],
+            memopt_optimizer="apollo_mini",
+            memopt_options={"rank": 1},
+        )
+        t.train()
+        return t
+
+    cb = MemoptCallback(
+        tmp_path / "ck", every_n_steps=2, activation_budget="50%", fsync=False, on_hf_save=False
+    )
+    with_plan = run(str(tmp_path / "x"), cb)
+    assert cb.checkpointer is not None and cb.checkpointer.steps() == [2, 4]
+    assert not [d for d in os.listdir(tmp_path / "x") if d.startswith("checkpoint-")]
+    assert cb.activations is not None
+    report = cb.activations.report()
+    assert "model.layers.0" in report and "model.layers.1" in report
+    cb.close()
+    assert cb.activations is None
+    plain = run(str(tmp_path / "y"), MemoptCallback(on_hf_save=False))
+    for n, p in _params(plain).items():
+        torch.testing.assert_close(_params(with_plan)[n], p, atol=1e-6, rtol=0, msg=n)
