@@ -49,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--steps", type=int, default=5)
     rep.add_argument("--interval", type=float, default=0.005, help="sampling period (s)")
     rep.add_argument("--out", default="memopt-report", help="output directory")
+    rep.add_argument(
+        "--exact-rss",
+        action="store_true",
+        help="mmap every allocation over 64 KiB (glibc) so RSS follows the live tensor bytes",
+    )
     from memopt.cli import launch
 
     launch.add_arguments(sub.add_parser("run", help="launch a recipe YAML under torchrun"))
@@ -73,6 +78,10 @@ def _report(args: argparse.Namespace) -> int:
         raise SystemExit(
             "memopt report runs one process: use --world-size 1 (torchrun recipes come later)"
         )
+    if args.exact_rss:
+        from memopt.memory.timeline import mmap_large_allocations
+
+        mmap_large_allocations()
     est = w.estimate()
     tl = Timeline(interval=args.interval)
     _workload.run(w, args.steps, tl)
