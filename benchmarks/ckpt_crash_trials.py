@@ -8,10 +8,14 @@ optimizer's tensors at that step (the values the snapshot must hold). The parent
 the child has published its first snapshot, sleeps a random time (seeded), and kills it with
 SIGKILL. Then, with a fresh ``AsyncCheckpointer`` on the directory:
 
-- a leftover ``.tmp-step_*`` directory counts the trial as killed mid-save;
+- killed mid-save: the log names a step newer than the newest published one (that save was
+  being captured, copied, written or published); a leftover ``.tmp-step_*`` directory (files
+  partly written) is counted too;
 - ``latest()`` must name a step from the log; every published step must load (checksums
   verified, no fallback to an older snapshot: ``load(step=...)``) and its tensors must hash to
-  the logged value. A partial, corrupt or wrong snapshot is a failure.
+  the logged value. A partial, corrupt or wrong snapshot is a failure;
+- negative control: one byte of the newest snapshot's data file is then flipped, and loading it
+  must fail (the checksum catches it), so the check above can fail.
 
 Prints the counts (trials, killed mid-save, loaded OK, no snapshot yet, failures) and exits
 non-zero on any failure.
@@ -83,6 +87,22 @@ def read_log(log: Path) -> dict[int, str]:
     return out
 
 
+def corruption_caught(ckpt: AsyncCheckpointer, directory: Path, step: int, width: int) -> bool:
+    """Negative control: flip one byte of the step's data file; loading it must then fail."""
+    (data,) = (directory / f"step_{step:010d}").glob("*.safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    model, opt = make(width)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt.load(step=step, model=model, optimizer=opt)
+    except Exception:
+        return True
+    return False
+
+
 def check(directory: Path, log: Path, width: int) -> tuple[str, str]:
     """('ok' | 'empty' | 'fail', detail) for one killed child's directory."""
     expected = read_log(log)
@@ -100,6 +120,8 @@ def check(directory: Path, log: Path, width: int) -> tuple[str, str]:
                 extra = ckpt.load(step=step, model=model, optimizer=opt)
             if extra.get("step") != step or digest(model, opt) != expected[step]:
                 return "fail", f"step {step} loads but its values differ from what was saved"
+        if not corruption_caught(ckpt, directory, latest, width):
+            return "fail", f"a flipped byte in step {latest}'s file was not detected on load"
         return "ok", f"latest {latest}, published {steps}, logged up to {max(expected)}"
     except Exception as e:  # any load error on a published snapshot is a failure
         return "fail", f"{type(e).__name__}: {e}"
@@ -109,7 +131,7 @@ def check(directory: Path, log: Path, width: int) -> tuple[str, str]:
 
 def trial(
     ctx: Any, root: Path, rng: random.Random, width: int, max_delay: float
-) -> tuple[str, bool, str]:  # fmt: skip
+) -> tuple[str, tuple[bool, bool], str]:  # fmt: skip
     d, log = root / "ckpt", root / "expected.log"
     shutil.rmtree(d, ignore_errors=True)
     log.unlink(missing_ok=True)
@@ -119,14 +141,16 @@ def trial(
     while not (d.exists() and any(p.name.startswith("step_") for p in d.iterdir())):
         if not proc.is_alive() or time.monotonic() > deadline:  # a first snapshot is published
             proc.kill()
-            return "fail", False, f"child published nothing (exit code {proc.exitcode})"
+            return "fail", (False, False), f"child published nothing (exit {proc.exitcode})"
         time.sleep(0.005)
     time.sleep(rng.uniform(0.0, max_delay))
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
-    mid_save = any(p.name.startswith(".tmp-step_") for p in d.iterdir())
+    partial = any(p.name.startswith(".tmp-step_") for p in d.iterdir())
+    published = [int(p.name[5:]) for p in d.iterdir() if p.name.startswith("step_")]
+    in_flight = max(read_log(log), default=0) > max(published, default=0)
     status, detail = check(d, log, width)
-    return status, mid_save, detail
+    return status, (in_flight, partial), detail
 
 
 def main() -> None:
@@ -150,15 +174,18 @@ def main() -> None:
           f"step, SIGKILL within {args.max_delay} s of the first publish; dir {root}",
           flush=True)  # fmt: skip
     counts = {"ok": 0, "empty": 0, "fail": 0}
-    mid = 0
+    in_flight = partial = 0
     for i in range(args.trials):
-        status, mid_save, detail = trial(ctx, root, rng, args.width, args.max_delay)
+        status, (flying, part), detail = trial(ctx, root, rng, args.width, args.max_delay)
         counts[status] += 1
-        mid += mid_save
-        if status == "fail" or i < 3:
-            print(f"trial {i}: {status} (mid-save: {mid_save}): {detail}", flush=True)
-    print(f"trials {args.trials} | killed mid-save {mid} | loaded OK {counts['ok']} | "
-          f"no snapshot yet {counts['empty']} | failures {counts['fail']}")  # fmt: skip
+        in_flight += flying
+        partial += part
+        if status == "fail" or i < 3 or (i + 1) % 10 == 0:
+            print(f"trial {i}: {status} (save in flight: {flying}, partial directory: {part}): "
+                  f"{detail}", flush=True)  # fmt: skip
+    print(f"trials {args.trials} | killed mid-save {in_flight} (partial directory on disk: "
+          f"{partial}) | loaded OK {counts['ok']} | no snapshot yet {counts['empty']} | "
+          f"failures {counts['fail']}")  # fmt: skip
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     sys.exit(1 if counts["fail"] else 0)
