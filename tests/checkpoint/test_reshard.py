@@ -33,6 +33,7 @@ CASES = [
     (2, "dim0", "frugal"),
     (3, "dim0", "galore"),
     (3, "dim0", "apollo_mini"),
+    (0, "replicated", "torch_adamw"),  # no memopt.shard: every rank the same (rank 0 writes)
 ]
 
 
@@ -46,10 +47,11 @@ def _save_and_continue(rank: int, world: int, root: str, cases: list[Any]) -> di
     for case in cases:
         stage, layout, name = case
         model, opt, sched = T.make_all(name, stage if world > 1 else 0, layout, dropout=0.0)
-        T.train(model, opt, sched, 0, K, rank, world)
+        r, w = (rank, world) if stage else (0, 1)  # replicas see the same batch
+        T.train(model, opt, sched, 0, K, r, w)
         with AsyncCheckpointer(os.path.join(root, _tag(case), "a"), keep=1) as ckpt:
             ckpt.save(K, model=model, optimizer=opt, scheduler=sched)
-        T.train(model, opt, sched, K, N, rank, world)
+        T.train(model, opt, sched, K, N, r, w)
         out[_tag(case)] = T.full_params(model)
     return out
 
@@ -64,7 +66,8 @@ def _load_and_continue(rank: int, world: int, root: str, cases: list[Any]) -> di
             ckpt.load(model=model, optimizer=opt, scheduler=sched)
         with AsyncCheckpointer(os.path.join(root, _tag(case), "b")) as ckpt:
             ckpt.save(K, model=model, optimizer=opt, scheduler=sched)
-        T.train(model, opt, sched, K, N, rank, world)
+        r, w = (rank, world) if stage else (0, 1)
+        T.train(model, opt, sched, K, N, r, w)
         out[_tag(case)] = T.full_params(model)
     return out
 
@@ -155,6 +158,10 @@ def test_two_ranks(tmp_path) -> None:
         _close(first[0][tag], cont1[tag], f"2->1 {tag}")
         _same_consolidated(str(tmp_path / "one" / tag))
         _close(ref1[tag], second[0][tag], f"1->2 {tag}")
+    # a plain (replicated) optimizer at 2 ranks: rank 0 alone wrote model and optimizer
+    rep = Snapshot(str(tmp_path / "two" / "s0-replicated-torch_adamw" / "a" / "step_0000000003"))
+    assert not [n for n in rep.skeletons[1]["tensors"] if n.startswith(("model.", "optim."))]
+    assert [n for n in rep.skeletons[0]["tensors"] if n.startswith("optim.")]
     # 8-bit state quantized over a row shard's blocks: a clear error, not a silent reshard
     model = Wide()
     opt = AdamW(model.parameters(), lr=1e-2, state_dtype="int8")
