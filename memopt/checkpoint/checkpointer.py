@@ -131,8 +131,14 @@ class AsyncCheckpointer:
         try:
             entries, skel = self._capture(model, optimizer, scheduler, extra)
             job = self._job(step, entries, skel, t0)
-        except BaseException:
-            self._slots.release()
+        except BaseException as e:
+            if self._group is None:
+                self._slots.release()
+            else:  # the other ranks' writers wait for this rank: fail this save on all of them
+                failed = self._job(step, [], {}, t0)
+                failed.error, failed.reported = e, True
+                self._jobs.append(failed)
+                self._pipeline.submit(failed)
             raise
         if optimizer is not None and id(optimizer) not in self._hooks:
             self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(lambda *_: self.fence())
@@ -282,7 +288,7 @@ class AsyncCheckpointer:
     def _raise_pending(self) -> None:
         for job in [j for j in self._jobs if j.done.is_set()]:
             self._jobs.remove(job)
-            if job.error is not None and self._error is None:
+            if job.error is not None and self._error is None and not job.reported:
                 self._error = job.error
         if self._error is not None:
             err, self._error = self._error, None

@@ -47,6 +47,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     files: dict[str, int] = field(default_factory=dict)  # file name -> checksum
+    reported: bool = False  # the error was already raised to the caller (from save)
 
 
 class Pipeline:
@@ -77,7 +78,8 @@ class Pipeline:
     def _copier(self) -> None:
         while (job := self._copy_q.get()) is not None:
             try:
-                self._copy(job)
+                if job.error is None:
+                    self._copy(job)
             except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
                 job.error = e
             job.entries = []  # drop the references to live tensors

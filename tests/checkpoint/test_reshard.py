@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import memopt
-from memopt.checkpoint import AsyncCheckpointer, Snapshot
+from memopt.checkpoint import AsyncCheckpointer, CheckpointError, Snapshot
 from memopt.optim import AdamW
 from tests._harness.dist import run_distributed
 from tests.checkpoint import _common as T
@@ -94,7 +94,25 @@ def _first_spawn(rank: int, world: int, root: str) -> dict[str, Any]:
     out["reference"] = _resume_part(rank, world, os.path.join(root, "resume"), "reference")
     _resume_part(rank, world, os.path.join(root, "resume"), "save")
     _quantized_dim0(rank, world, os.path.join(root, "q"))
+    _one_rank_fails(rank, world, os.path.join(root, "fail"))
     return out
+
+
+def _one_rank_fails(rank: int, world: int, root: str) -> None:
+    """Rank 1's save fails at capture: no rank hangs, nothing is published, the next works."""
+    with AsyncCheckpointer(root) as ckpt:
+        if rank == 1:
+            with pytest.raises(TypeError, match="extra.f"):
+                ckpt.save(1, extra={"f": print})
+            ckpt.wait()  # already raised from save: not raised twice
+        else:
+            ckpt.save(1, extra={"ok": 1})
+            with pytest.raises(CheckpointError, match="step 1 was not published: rank 1"):
+                ckpt.wait()
+        assert ckpt.latest() is None
+        ckpt.save(2, extra={"ok": 2})
+        ckpt.wait()
+        assert ckpt.latest() == 2
 
 
 def _second_spawn(rank: int, world: int, root: str) -> dict[str, Any]:
