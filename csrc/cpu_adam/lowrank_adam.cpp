@@ -14,6 +14,7 @@
 // thread owning the sums of its columns, so no reduction between threads is needed either
 // way. The element loops are plain C++ compiled once per ISA (target_clones: AVX-512, AVX2,
 // baseline; the loader picks the best at load time), so the library still runs anywhere.
+// Small matrices stay on the calling thread (see the grain below).
 //
 // Plain C ABI: loaded with ctypes from memopt/offload/cpu_adam.py (same library, same ABI
 // version as the AdamW step).
@@ -112,13 +113,22 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
     if (rows < 0 || cols < 0 || norms < -1 || norms > 1) return -1;
     if (norms != -1 && (num == nullptr || den == nullptr)) return -1;
     const LowRankHyper h{b1, a1, b2, a2, eps, c2};
+    // Threads only for work worth waking them for (torch's grain: 32 Ki elements per
+    // thread); a small matrix (APOLLO-Mini's 1 x n, a small rank) runs on the caller's
+    // thread, where an OpenMP region on a busy machine can cost more than the work.
+    const int64_t n = rows * cols;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(omp_get_max_threads(), n / (int64_t(1) << 15))));
+#endif
     if (norms == 0) {
         std::fill(num, num + cols, 0.0f);
         std::fill(den, den + cols, 0.0f);
         // blocks of columns (64 floats: a cache line of each of the 7 streams per row)
         const int64_t block = 64;
         const int64_t nblocks = (cols + block - 1) / block;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t c0 = b * block, c1 = std::min(cols, c0 + block);
             for (int64_t r = 0; r < rows; ++r) {
@@ -128,7 +138,7 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
         }
         return 0;
     }
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * cols;
         float dummy[2] = {0.0f, 0.0f};
