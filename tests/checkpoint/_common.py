@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 
 import memopt
-from memopt.optim import AdamW, ApolloMini, FrugalAdamW, GaLoreAdamW
+from memopt.optim import (
+    AdamW,
+    ApolloAdamW,
+    ApolloMini,
+    FrugalAdamW,
+    GaLoreAdamW,
+    NaturalGaLoreAdamW,
+)
 
 BATCH = 8
 
@@ -55,6 +62,10 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return GaLoreAdamW([low, {"params": rest}], lr=1e-2, state_dtype="int8")
     if name == "apollo_mini":
         return ApolloMini([{**low, "rank": 1}, {"params": rest}], lr=1e-2)
+    if name == "apollo":
+        return ApolloAdamW([low, {"params": rest}], lr=1e-2)
+    if name == "natural_galore":
+        return NaturalGaLoreAdamW([low, {"params": rest}], lr=1e-2)
     if name == "frugal":
         return FrugalAdamW([{**low, "proj": "orthogonal"}, {"params": rest}], lr=1e-2)
     raise ValueError(name)

@@ -27,12 +27,14 @@ K, N = 3, 6
 CASES = [
     (1, "whole_tensor", "galore"),
     (1, "dim0", "adamw"),
+    (1, "dim0", "natural_galore"),
     (2, "whole_tensor", "apollo_mini"),
     (2, "whole_tensor", "adamw8"),
     (2, "dim0", "galore"),
     (2, "dim0", "frugal"),
     (3, "dim0", "galore"),
     (3, "dim0", "apollo_mini"),
+    (3, "dim0", "apollo"),
     (0, "replicated", "torch_adamw"),  # no memopt.shard: every rank the same (rank 0 writes)
 ]
 
