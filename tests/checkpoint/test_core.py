@@ -24,9 +24,11 @@ def _slow_copy(monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
     monkeypatch.setattr(pipeline.Pipeline, "_copy", slow)
 
 
-def test_fence_keeps_pre_step_values(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("name, stage", [("adamw", 0), ("galore", 2)])
+def test_fence_keeps_pre_step_values(tmp_path, monkeypatch, name, stage) -> None:
+    """(stage 2 at world size 1: the hook is on memopt.shard's ShardedOptimizer)"""
     _slow_copy(monkeypatch, 0.3)
-    model, opt, sched = T.make_all("adamw")
+    model, opt, sched = T.make_all(name, stage)
     T.train(model, opt, sched, 0, 2)
     before = T.full_params(model)
     state_before = opt.state_dict()["state"][0]["exp_avg"].clone()
@@ -39,7 +41,7 @@ def test_fence_keeps_pre_step_values(tmp_path, monkeypatch) -> None:
         ckpt.wait()
         rec = ckpt.stats.last
         assert rec is not None and rec.ok and rec.stall_s >= 0.2 and rec.durable_s >= rec.stall_s
-        m2, o2, s2 = T.make_all("adamw")
+        m2, o2, s2 = T.make_all(name, stage)
         ckpt.load(model=m2, optimizer=o2, scheduler=s2)
     assert T.equal(before, T.full_params(m2)) == []
     assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], state_before)
