@@ -1,12 +1,11 @@
-"""Measured vs predicted peak for the memory tests: run in a fresh process (or on spawned
-ranks), so glibc can be told to mmap every large allocation (``mmap_large_allocations``)
-without changing the allocator of the pytest process, and the resident set follows the live
-tensor bytes."""
+"""Measured vs predicted peak for the memory tests, run on two spawned ranks (fresh processes,
+so glibc can be told to mmap every large allocation, ``mmap_large_allocations``, without
+changing the allocator of the pytest process, and the resident set follows the live tensor
+bytes). Each rank measures half of the single-process cases, then both run ZeRO-1 and ZeRO-2
+together."""
 
 from __future__ import annotations
 
-import json
-import sys
 import warnings
 from typing import Any
 
@@ -30,21 +29,10 @@ def measure(case: dict[str, Any], steps: int = 2) -> dict[str, Any]:
     return {"case": case, "measured": tl.peak()["host"], "predicted": est.host_total}
 
 
-def main() -> None:
+def on_rank(rank: int, world: int) -> list[dict[str, Any]]:
     from memopt.memory.timeline import mmap_large_allocations
 
     warnings.simplefilter("ignore")
     assert mmap_large_allocations()
-    json.dump([measure(c) for c in SINGLE], sys.stdout)
-
-
-def on_rank(rank: int, world: int, stages: list[int]) -> list[dict[str, Any]]:
-    from memopt.memory.timeline import mmap_large_allocations
-
-    warnings.simplefilter("ignore")
-    assert mmap_large_allocations()
-    return [measure({"stage": s, "world_size": world}) for s in stages]
-
-
-if __name__ == "__main__":
-    main()
+    rows = [measure(c) for c in SINGLE[rank::world]]
+    return rows + [measure({"stage": s, "world_size": world}) for s in (1, 2)]
