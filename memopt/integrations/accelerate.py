@@ -97,6 +97,25 @@ def _route_clipping(accelerator: Any) -> list[tuple[frozenset[int], Any]]:
     return owners
 
 
+def shard_under(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: int = 2,
+    layout: str | None = None,
+    **shard_options: Any,
+) -> tuple[nn.Module, Any]:
+    """``memopt.shard`` plus the two routes into it (``model.no_sync``, the accelerator's
+    ``clip_grad_norm_``); the model must already be placed and not DDP-wrapped. Used by
+    ``prepare`` and by ``MemoptTrainer(memopt_shard=...)``."""
+    _check(accelerator)
+    model, sharded = shard(model, optimizer, stage, layout, **shard_options)  # type: ignore[arg-type]
+    model.__dict__["no_sync"] = sharded.no_sync  # accelerator.no_sync / accumulate use it
+    owners = _route_clipping(accelerator)
+    owners.append((frozenset(id(p) for p in model.parameters()), sharded))
+    return model, sharded
+
+
 def prepare(
     accelerator: Any,
     model: nn.Module,
@@ -123,10 +142,7 @@ def prepare(
             f"prepare: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    model, sharded = shard(model, optimizer, stage, layout, **shard_options)  # type: ignore[arg-type]
-    model.__dict__["no_sync"] = sharded.no_sync  # accelerator.no_sync / accumulate use it
-    owners = _route_clipping(accelerator)
-    owners.append((frozenset(id(p) for p in model.parameters()), sharded))
+    model, sharded = shard_under(accelerator, model, optimizer, stage, layout, **shard_options)
     wrapped = accelerator.prepare_optimizer(sharded, device_placement=False)
     rest = accelerator.prepare(*others) if others else ()
     if len(others) == 1:
@@ -134,4 +150,4 @@ def prepare(
     return (model, wrapped, *rest)
 
 
-__all__ = ["prepare"]
+__all__ = ["prepare", "shard_under"]

@@ -37,6 +37,7 @@ from transformers import Trainer
 from memopt._utils import get_logger
 from memopt.checkpoint import AsyncCheckpointer
 from memopt.checkpoint.publish import rank_files, step_dir
+from memopt.integrations.accelerate import shard_under
 from memopt.integrations.hf_callback import (
     MemoptCallback,
     trainer_state_json,
@@ -174,6 +175,13 @@ class MemoptTrainer(Trainer):
     ``target="attn|mlp"``, ``update_proj_gap=200``, ``optimizer_kwargs={...}``, ...).
     ``train(resume_from_checkpoint="memopt")`` resumes from the ``MemoptCallback``'s newest
     snapshot (``resume``); any other value behaves as in ``Trainer``.
+
+    ``memopt_shard={"stage": 2, ...}`` (keywords of ``memopt.shard``): memopt partitions the
+    optimizer state and gradients over the ranks instead of DDP. The model then goes through
+    the Trainer's "already distributed" path (``prepare_model(evaluation_mode=True)``: autocast,
+    no DDP wrapper); micro-batch accumulation reaches the sharded optimizer's ``no_sync`` and
+    gradient clipping its global ``clip_grad_norm_`` (``accelerate.shard_under``). Save with
+    ``MemoptCallback`` snapshots: HF's ``optimizer.pt`` would hold rank 0's shard only.
     """
 
     def __init__(
@@ -181,18 +189,36 @@ class MemoptTrainer(Trainer):
         *args: Any,
         memopt_optimizer: str = "galore",
         memopt_options: dict[str, Any] | None = None,
+        memopt_shard: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.memopt_optimizer = memopt_optimizer
         self.memopt_options = dict(memopt_options or {})
+        self.memopt_shard = None if memopt_shard is None else dict(memopt_shard)
         super().__init__(*args, **kwargs)
+        if self.memopt_shard is not None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(
+                    "MemoptTrainer(memopt_shard=...): memopt shards the optimizer itself; drop "
+                    "the Trainer's deepspeed/fsdp arguments"
+                )
+            # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
+            self.is_distributed_loading_by_transformers = True
+
+    def _sync_replicated_trainable_parameters(self, model: Any) -> None:
+        if self.memopt_shard is None:
+            super()._sync_replicated_trainable_parameters(model)
+        # else: memopt.shard reduces every gradient itself; an extra all-reduce would double it
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             target: Any = self.model if model is None else model
-            self.optimizer = create_optimizer(
-                target, self.args, self.memopt_optimizer, **self.memopt_options
-            )
+            opt = create_optimizer(target, self.args, self.memopt_optimizer, **self.memopt_options)
+            if self.memopt_shard is not None:
+                _, opt = shard_under(
+                    self.accelerator, unwrap_model(target), opt, **self.memopt_shard
+                )
+            self.optimizer = opt
         return self.optimizer
 
     def train(  # type: ignore[override]
