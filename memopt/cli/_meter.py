@@ -5,8 +5,12 @@
   ``rss`` there);
 - ``pinned``: bytes reserved by memopt's shared pinned arena (``default_arena``: the CPU
   offload tier and its staging buffers live there);
-- ``nvme``: bytes allocated on disk (``st_blocks``) by the files under the NVMe directories the
-  config names (``sharding.nvme_path``, ``activations.nvme_path``); ``-`` when none is set.
+- ``nvme``: bytes held in the NVMe tiers reachable from the optimizer (``requested_bytes`` of
+  each ``NVMeTier`` found by a short walk over the optimizer's attributes), and in brackets the
+  bytes allocated on disk (``st_blocks``) by the files under the NVMe directories the config
+  names (``sharding.nvme_path``, ``activations.nvme_path``: swap files are preallocated, so
+  this is at least the former); ``-`` when no NVMe directory is set. All figures are this
+  rank's (the log line is rank 0's).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from memopt.config import Config
 from memopt.memory import fmt_bytes
 from memopt.memory.timeline import proc_kib
 from memopt.offload.arena import default_arena
+from memopt.offload.nvme_tier import NVMeTier
 
 
 def disk_bytes(directory: str) -> int:
@@ -33,23 +38,58 @@ def disk_bytes(directory: str) -> int:
     return total
 
 
+def find_tiers(root: object, depth: int = 4) -> list[NVMeTier]:
+    """``NVMeTier`` objects reachable from ``root`` through attributes, lists and dicts."""
+    found: dict[int, NVMeTier] = {}
+    seen: set[int] = set()
+    frontier = [root]
+    for _ in range(depth):
+        nxt: list[object] = []
+        for obj in frontier:
+            if id(obj) in seen or isinstance(obj, (torch.Tensor, str, bytes, int, float)):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, NVMeTier):
+                found[id(obj)] = obj
+                continue
+            if isinstance(obj, dict):
+                nxt.extend(obj.values())
+            elif isinstance(obj, (list, tuple)):
+                nxt.extend(obj)
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+                nxt.extend(vars(obj).values())
+        frontier = nxt
+    return list(found.values())
+
+
 class Meter:
     """Reads the four tiers for one ``line()``."""
 
     def __init__(self, config: Config) -> None:
         self.nvme_dirs = [d for d in (config.sharding.nvme_path, config.activations.nvme_path) if d]
 
-    def tiers(self, device: torch.device) -> dict[str, int | None]:
+        self._tiers: list[NVMeTier] | None = None
+
+    def tiers(self, device: torch.device, optimizer: object = None) -> dict[str, int | None]:
+        """Bytes per tier now (``None``: the tier is not in use)."""
+        if self._tiers is None:
+            self._tiers = find_tiers(optimizer) if self.nvme_dirs else []
         cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        nvme = sum(disk_bytes(d) for d in self.nvme_dirs) if self.nvme_dirs else None
+        held = sum(t.report().requested_bytes for t in self._tiers) if self.nvme_dirs else None
         return {
             "rss": proc_kib("VmRSS") * 1024,
             "cuda": cuda,
             "pinned": default_arena().report().reserved_bytes,
-            "nvme": nvme,
+            "nvme": held,
+            "nvme_disk": sum(disk_bytes(d) for d in self.nvme_dirs) if self.nvme_dirs else None,
         }
 
     def line(self, setup: object) -> str:
         device = getattr(setup, "device", torch.device("cpu"))
-        parts = [f"{k} {'-' if v is None else fmt_bytes(v)}" for k, v in self.tiers(device).items()]
-        return " ".join(parts)
+        t = self.tiers(device, getattr(setup, "optimizer", None))
+        nvme = "-" if t["nvme"] is None else fmt_bytes(t["nvme"])
+        if t["nvme_disk"] is not None:
+            nvme += f" (file {fmt_bytes(t['nvme_disk'])})"
+        cuda = "-" if t["cuda"] is None else fmt_bytes(t["cuda"])
+        return (f"rss {fmt_bytes(t['rss'] or 0)} cuda {cuda} "
+                f"pinned {fmt_bytes(t['pinned'] or 0)} nvme {nvme}")

@@ -8,10 +8,11 @@
 3. ``memopt.setup`` (activations, optimizer, sharding/offload, scheduler, checkpointer,
    resume); a resumed run says so, naming the snapshot step, before the first step;
 4. per step: ``grad_accum`` micro-batches of forward/backward, clip, ``optimizer.step()``,
-   ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints one log line: loss (mean
-   over ranks), tokens/s (all ranks), LR, and memory per tier (``memopt.cli._meter``); a tqdm
-   progress bar runs on stderr; every ``checkpoint.every_n_steps`` a snapshot is taken
-   (asynchronous: the copy overlaps the next step) and the end of the run takes a last one.
+   ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints one log line: loss (this
+   step's, mean over ranks), tokens/s (all ranks, over the steps since the last line), LR,
+   and memory per tier (``memopt.cli._meter``); a tqdm progress bar runs on stderr; every
+   ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous: the copy overlaps the
+   next step) and the end of the run takes a last one.
 """
 
 from __future__ import annotations
@@ -86,22 +87,28 @@ def train(config: Config) -> dict[str, Any]:
     _say(s, f"memopt run: {s.world_size} rank(s)\n{s.describe()}")
     if s.resumed_from is not None:
         _say(s, f"RESUMED: {s.resume_message}")
+        if s.start_step >= t.steps:
+            _say(s, f"nothing to do: the snapshot is at step {s.start_step} and train.steps is "
+                    f"{t.steps}; raise train.steps (e.g. train.steps={t.steps + 10}) to go on")
     meter = Meter(config)
     data = batches(config, rank, s.start_step)
     tokens = t.batch_size * t.seq_len * t.grad_accum * s.world_size
     loss, wall0, last_saved = float("nan"), time.perf_counter(), s.start_step
+    window_t, window_steps = 0.0, 0  # step time since the last log line (snapshots excluded)
     bar = tqdm(range(s.start_step, t.steps), initial=s.start_step, total=t.steps,
                disable=s.rank != 0, file=sys.stderr, desc="train", dynamic_ncols=True)
     for i in bar:
         t0 = time.perf_counter()
         loss = _mean_over_ranks(_train_step(s, data), s)
-        dt = time.perf_counter() - t0
+        window_t += time.perf_counter() - t0
+        window_steps += 1
         step = i + 1
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % t.log_every == 0 or step == t.steps:
             lr = s.optimizer.param_groups[0]["lr"]
             _say(s, f"step {step}/{t.steps} loss {loss:.4f} lr {lr:.2e} "
-                    f"tok/s {tokens / dt:,.0f} | {meter.line(s)}")
+                    f"tok/s {tokens * window_steps / window_t:,.0f} | {meter.line(s)}")
+            window_t, window_steps = 0.0, 0
         if ck.directory and ck.every_n_steps and step % ck.every_n_steps == 0:
             s.save(step)
             last_saved = step

@@ -85,7 +85,8 @@ def describe_setup(s: Any) -> str:
     except Exception:  # state_bytes only knows memopt optimizers; the line is informative
         state = "n/a"
     lines = [
-        f"model        {_params(s.raw_model)} on {s.device}, {s.config.model.dtype}",
+        f"model        {_params(s.raw_model)} on {s.device}, {s.config.model.dtype}"
+        + (f", weights from {s.config.model.init_from}" if s.config.model.init_from else ""),
         f"optimizer    {_optimizer(s)}; state now {state}",
         f"schedule     {oc.schedule}, warm-up {oc.warmup_steps} steps, clip "
         f"{oc.max_grad_norm if oc.max_grad_norm is not None else 'off'}",
