@@ -202,6 +202,12 @@ class MemoptTrainer(Trainer):
                     "MemoptTrainer(memopt_shard=...): memopt shards the optimizer itself; drop "
                     "the Trainer's deepspeed/fsdp arguments"
                 )
+            if self.args.save_strategy != "no" and not self.args.save_only_model:
+                raise ValueError(
+                    "MemoptTrainer(memopt_shard=...): HF's optimizer.pt would hold rank 0's "
+                    "shard only; pass save_only_model=True or save_strategy='no' and take "
+                    "optimizer snapshots with MemoptCallback"
+                )
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
 

@@ -164,3 +164,14 @@ def test_every_n_steps_and_activation_budget(tmp_path) -> None:
     plain = run(str(tmp_path / "y"), MemoptCallback(on_hf_save=False))
     for n, p in _params(plain).items():
         torch.testing.assert_close(_params(with_plan)[n], p, atol=1e-6, rtol=0, msg=n)
+
+
+def test_sharded_trainer_refuses_hf_optimizer_checkpoints(tmp_path) -> None:
+    with pytest.raises(ValueError, match="save_only_model=True"):
+        MemoptTrainer(
+            model=tiny_llama(),
+            args=_args(str(tmp_path), save_strategy="steps", save_steps=2),
+            train_dataset=Tokens(),
+            memopt_optimizer="adamw",
+            memopt_shard={"stage": 2},
+        )
