@@ -126,6 +126,10 @@ class MemoptCallback(TrainerCallback):
             extra={"trainer_state": json.dumps(dataclasses.asdict(state), sort_keys=True)},
         )
         self.saved_steps.append(step)
+        if state.max_steps and step >= state.max_steps:
+            # no next optimizer step will fence it, and the Trainer may change the weights in
+            # place at the end (load_best_model_at_end): finish the host copy now
+            ckpt.fence()
         log.info("memopt: snapshot of step %d started in %s", step, ckpt.directory)
 
     # -- events ---------------------------------------------------------------------------
