@@ -218,6 +218,7 @@ class AsyncCheckpointer:
                 self.checksum,
                 self.config.fsync,
                 self.config.direct_io,
+                job.wait_copied,
             )
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
         except OSError as e:

@@ -140,12 +140,20 @@ def plan_file(
 
 
 def write_file(
-    path: str, plan: FilePlan, data: torch.Tensor, checksum: str, fsync: bool, direct: bool = False
+    path: str,
+    plan: FilePlan,
+    data: torch.Tensor,
+    checksum: str,
+    fsync: bool,
+    direct: bool = False,
+    ready: Callable[[int], None] | None = None,
 ) -> int:
     """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum.
 
     ``direct``: open with ``O_DIRECT`` (bypass the page cache) when the file system allows it
     and ``data`` is page-aligned; the plan's sizes are alignment multiples, so every write is.
+    ``ready(n)`` blocks until the first ``n`` bytes of ``data`` hold their values (the
+    writer follows the copy into staging chunk by chunk).
     """
     crc = checksum_fn(checksum)
     value = crc(plan.header, 0)
@@ -158,6 +166,8 @@ def write_file(
         _write_all(fd, _aligned(plan.header))
         for lo in range(0, len(view), _CHUNK):
             part = view[lo : lo + _CHUNK]
+            if ready is not None:
+                ready(lo + len(part))
             _write_all(fd, part)
             value = crc(part, value)
         if fsync:

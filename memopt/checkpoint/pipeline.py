@@ -48,6 +48,18 @@ class Job:
     error: BaseException | None = None
     files: dict[str, int] = field(default_factory=dict)  # file name -> checksum
     reported: bool = False  # the error was already raised to the caller (from save)
+    copied_upto: int = 0  # bytes of the data section already in staging (a prefix)
+    progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def advance(self, upto: int) -> None:
+        with self.progress:
+            self.copied_upto = upto
+            self.progress.notify_all()
+
+    def wait_copied(self, upto: int) -> None:
+        """Block until the first ``upto`` bytes of the data section are staged."""
+        with self.progress:
+            self.progress.wait_for(lambda: self.copied_upto >= upto)
 
 
 class Pipeline:
@@ -77,27 +89,34 @@ class Pipeline:
 
     def _copier(self) -> None:
         while (job := self._copy_q.get()) is not None:
-            try:
-                if job.error is None:
-                    self._copy(job)
-            except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
-                job.error = e
+            for stage in (self._stage, self._copy):
+                try:
+                    if job.error is None:
+                        stage(job)
+                except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
+                    job.error = e
+                if stage == self._stage:  # the writer follows the copy, chunk by chunk
+                    self._write_q.put(job)
             job.entries = []  # drop the references to live tensors
             job.record.copied_s = time.perf_counter() - job.t0
+            job.advance(job.plan.data_bytes)  # (also releases the writer after a failure)
             job.copied.set()
-            self._write_q.put(job)
         self._write_q.put(None)
 
-    def _copy(self, job: Job) -> None:
+    def _stage(self, job: Job) -> None:
         job.block = self.arena.alloc(max(job.plan.data_bytes, 1), alignment=job.alignment)
         job.staging = staging = self.arena.bytes_view(job.block)[: job.plan.data_bytes]
         for lo, hi in job.plan.pads:  # deterministic bytes between tensors
             staging[lo:hi].zero_()
+
+    def _copy(self, job: Job) -> None:
         slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
-        for src, dst in slots:
+        for e, (src, dst) in zip(job.entries, slots, strict=True):
             if src.device.type != "cuda":
                 dst.copy_(src)
+                if not on_device:  # a staged prefix: the writer may write up to here
+                    job.advance(job.plan.offsets[e.name] + dst.numel() * dst.element_size())
         if on_device:
             assert self._stream is not None
             with torch.cuda.stream(self._stream):
@@ -125,6 +144,7 @@ class Pipeline:
             except BaseException as e:  # noqa: BLE001 - kept and raised from wait()
                 job.error = e
             finally:
+                job.copied.wait()  # (a failed write leaves early: the copy still uses staging)
                 if job.block is not None:
                     self.arena.free(job.block)
                     job.block = job.staging = None
