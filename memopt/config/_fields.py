@@ -19,6 +19,7 @@ A wrong value raises ``ValueError`` naming the dotted key, the value and what is
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -169,6 +170,15 @@ def _tuple(value: Any, args: tuple[Any, ...], key: str) -> tuple[Any, ...]:
     return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
 
 
+def did_you_mean(unknown: list[str], valid: Any) -> str:
+    """`` (did you mean 'lr'?)`` for the first unknown name with a close valid one, else ''."""
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(valid), n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
 def section_from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Build section dataclass ``cls`` from ``data``; unknown keys raise listing the valid ones."""
     if not isinstance(data, Mapping):
@@ -176,8 +186,9 @@ def section_from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        names = [f"{prefix}.{k}" for k in unknown]
         raise ValueError(
-            f"unknown config key(s) {[f'{prefix}.{k}' for k in unknown]}; the keys of "
+            f"unknown config key(s) {names}{did_you_mean(unknown, fields)}; the keys of "
             f"{prefix!r} are: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)

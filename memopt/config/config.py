@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from memopt.config._fields import plain, section_from_dict
+from memopt.config._fields import did_you_mean, plain, section_from_dict
 from memopt.config.sections import (
     ActivationsConfig,
     CheckpointConfig,
@@ -75,7 +75,8 @@ class Config:
             apply_override(data, item)
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; the sections are: "
+            raise ValueError(f"unknown config section(s) {unknown}"
+                             f"{did_you_mean(unknown, SECTIONS)}; the sections are: "
                              f"{', '.join(SECTIONS)}")
         built = {name: section_from_dict(sc, data.get(name) or {}, name)
                  for name, sc in SECTIONS.items()}

@@ -122,6 +122,13 @@ class ActivationsConfig:
             raise ValueError(f"activations.actions={self.actions}: a subset of {ACTION_NAMES}")
         if self.tier == "nvme" and not self.nvme_path:
             raise ValueError("config key 'activations.nvme_path' is required with tier: nvme")
+        if self.budget is not None:
+            from memopt.activations.planner import parse_budget
+
+            try:
+                parse_budget(self.budget, 1 << 40)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config key 'activations.budget': {e}") from None
 
     @property
     def enabled(self) -> bool:

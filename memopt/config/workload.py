@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from memopt.config._fields import did_you_mean
 from memopt.config.config import Config
 from memopt.config.sections import PRESETS
 
@@ -38,6 +39,11 @@ def llama_config(config: Config) -> Any:
         kwargs["vocab_size"] = BYTE_VOCAB
     else:
         kwargs.setdefault("vocab_size", 1024)
+    known = set(LlamaConfig().to_dict())
+    unknown = sorted(set(config.model.overrides) - known)
+    if unknown:  # LlamaConfig would keep a misspelt key as an attribute and ignore it
+        raise ValueError(f"model.overrides: LlamaConfig has no {unknown}"
+                         f"{did_you_mean(unknown, known)}")
     kwargs.update(config.model.overrides)
     if config.data.source == "stdlib" and kwargs["vocab_size"] != BYTE_VOCAB:
         raise ValueError(f"model.overrides.vocab_size={kwargs['vocab_size']} with data.source: "

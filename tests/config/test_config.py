@@ -81,7 +81,24 @@ def test_bad_values_name_the_key(override: str, needle: str) -> None:
 def test_unknown_key_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="update_proj_gap") as e:
         Config.from_dict({"optimizer": {"ranks": 4}})
-    assert "optimizer.ranks" in str(e.value)
+    assert "optimizer.ranks" in str(e.value) and "did you mean 'rank'?" in str(e.value)
+    with pytest.raises(ValueError, match="did you mean 'sharding'"):
+        Config.from_dict({"shardng": {"stage": 2}})
+
+
+def test_activation_budget_checked_eagerly() -> None:
+    assert Config.from_dict({}, ["activations.budget=6GiB"]).activations.budget == "6GiB"
+    with pytest.raises(ValueError, match="activations.budget"):
+        Config.from_dict({}, ["activations.budget=lots"])
+
+
+def test_model_override_typo_is_caught() -> None:
+    from memopt.config.workload import llama_config
+
+    cfg = Config.from_dict({}, ["model.overrides.hiden_size=96"])  # LlamaConfig would ignore it
+    with pytest.raises(ValueError, match="did you mean 'hidden_size'"):
+        llama_config(cfg)
+    assert llama_config(cfg.replace(["model.overrides={hidden_size: 96}"])).hidden_size == 96
 
 
 def test_python_construction_is_validated() -> None:
