@@ -9,6 +9,9 @@ thread waits on a completion event; on CPU they are plain copies in the thread. 
 
 Stage 2 (writer thread) writes the rank's safetensors file and JSON, fsyncs them, frees the
 staging block, then calls ``publish_fn`` (the barrier over ranks and rank 0's atomic rename).
+It gets each job as soon as its staging block exists and follows the copy: before writing a
+chunk it waits until the copier has staged that prefix of the data section (``wait_copied``;
+per tensor on CPU, at the end for CUDA tensors), so copy and write overlap.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
 """
