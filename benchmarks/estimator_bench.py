@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -143,19 +144,26 @@ def label(r: dict[str, Any]) -> str:
     return f"{name}{' (' + extra + ')' if extra else ''}{mal}"
 
 
+def _cell(b: float, measured: float) -> str:
+    """``MiB (estimate / measured)``."""
+    return f"{b / 2**20:.0f} ({b / measured:.2f})"
+
+
 def table(rows: list[dict[str, Any]], peer: dict[str, dict[str, float]]) -> str:
     mib = 2**20
     lines = [
         "| model | configuration | memopt predicted MiB | measured MiB | predicted / measured "
-        "| DeepSpeed ZeRO-2 MiB | DeepSpeed ZeRO-3 MiB | accelerate MiB |",
+        "| DeepSpeed ZeRO-2 MiB (/ measured) | DeepSpeed ZeRO-3 MiB (/ measured) "
+        "| accelerate MiB (/ measured) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         p = peer[r["model"]]
         w = r["case"].get("world_size", 1)
-        ds = f"{p[f'ds2_w{w}'] / mib:.0f} | {p[f'ds3_w{w}'] / mib:.0f}" if r["case"].get(
+        cell = functools.partial(_cell, measured=r["measured"])
+        ds = f"{cell(p[f'ds2_w{w}'])} | {cell(p[f'ds3_w{w}'])}" if r["case"].get(
             "optimizer", "adamw") == "adamw" else "- | -"  # fmt: skip
-        acc = f"{p['accelerate'] / mib:.0f}" if w == 1 and "optimizer" in r["case"] else "-"
+        acc = cell(p["accelerate"]) if w == 1 and "optimizer" in r["case"] else "-"
         lines.append(
             f"| {r['model']} ({p['params'] / 1e6:.0f}M) | {label(r)} | {r['predicted'] / mib:.1f} "
             f"| {r['measured'] / mib:.1f} | {r['predicted'] / r['measured']:.3f} | {ds} | {acc} |"
