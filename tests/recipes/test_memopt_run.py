@@ -54,6 +54,12 @@ def test_bad_override_fails_before_launch(tmp_path: Path) -> None:
     assert cli_main(["run", str(recipe), "--dry-run"]) == 0
 
 
+def test_bare_recipe_name_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert launch.resolve_recipe("galore_llama") == "recipes/galore_llama.yaml"
+    assert launch.resolve_recipe("recipes/frugal_llama.yaml") == "recipes/frugal_llama.yaml"
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_parse(name: str) -> None:
     cfg = Config.from_yaml(ROOT / "recipes" / name)
