@@ -76,7 +76,10 @@ class AsyncCheckpointer:
         self._dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self._dist else 0
         self.world = dist.get_world_size(process_group) if self._dist else 1
-        self._group = dist.new_group(backend="gloo") if self._dist and self.world > 1 else None
+        self._group = None
+        if self._dist and self.world > 1:  # our own gloo group: never mixed with training's
+            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+            self._group = dist.new_group(ranks=ranks, backend="gloo")
         self._check_directory()
         pin: Any = "auto" if self.config.pin == "auto" and torch.cuda.is_available() else "off"
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin=pin))
@@ -242,7 +245,7 @@ class AsyncCheckpointer:
             outcome = self._commit(job, infos)
         if self._group is not None:
             box = [outcome]
-            dist.broadcast_object_list(box, src=0, group=self._group)
+            dist.broadcast_object_list(box, group=self._group, group_src=0)
             outcome = box[0]
         if outcome and job.error is None:
             raise CheckpointError(outcome)
