@@ -34,6 +34,10 @@ from memopt.activations.costmodel import Option
 
 __all__ = ["Problem", "min_cost", "min_peak", "peak_of"]
 
+# Added to every non-keep option's cost in ``min_cost``: between plans of equal predicted time
+# (a swap fully hidden on CUDA costs 0 s) the one that changes fewer blocks wins.
+TIE_S = 1e-9
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -79,7 +83,8 @@ def _step(prob: Problem, k: int, value: list[np.ndarray], budget: float | None) 
             if budget is None:
                 cand[h:] = np.maximum(src[: nb - h], event)
             else:
-                cand[h:] = np.where(event <= budget, src[: nb - h] + opt.overhead_s, np.inf)
+                cost = opt.overhead_s + (0.0 if opt.policy.action == "keep" else TIE_S)
+                cand[h:] = np.where(event <= budget, src[: nb - h] + cost, np.inf)
             better = cand < best
             best[better], back[better] = cand[better], p
         new_vals.append(best)

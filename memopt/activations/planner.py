@@ -108,6 +108,18 @@ def _options(prof: Profile, actions: tuple[Action, ...], overrides: Mapping[str,
     return out
 
 
+def _keep_all(opts: list[list[Option]]) -> list[int] | None:
+    """Each block's keep option (or its pinned override): the cheapest plan when it fits."""
+    picks = []
+    for block_opts in opts:
+        free = [i for i, o in enumerate(block_opts)
+                if o.policy.action == "keep" or len(block_opts) == 1]
+        if not free:
+            return None
+        picks.append(free[0])
+    return picks
+
+
 def _notes(prof: Profile) -> tuple[str, ...]:
     notes = [f"non-block saved bytes {_mib(prof.nonblock_saved_bytes)} (head/loss "
              f"{_mib(prof.head_saved_bytes)}) are in every peak; copy d2h "
@@ -130,6 +142,10 @@ def plan_from_profile(
     base = prof.nonblock_saved_bytes - prof.head_saved_bytes
     prob = _solve.Problem(opts, base, prof.head_saved_bytes, quantum)
     picks = _solve.min_cost(prob, budget_b)
+    keep_all = _keep_all(opts)
+    if keep_all is not None and _solve.peak_of(prob, [o[k] for o, k in zip(
+            opts, keep_all, strict=True)]) <= budget_b:
+        picks = keep_all  # nothing to pay; the byte grid's rounding must not hide it
     if picks is None:
         _, low = _solve.min_peak(prob)
         reach = _solve.peak_of(prob, [opts[k][o] for k, o in enumerate(low)])

@@ -58,7 +58,7 @@ def test_plan_meets_budget_and_matches_brute_force(device: str, share: float) ->
     overhead = plan.predicted_step_s - plan.baseline_step_s
     # exact up to the byte grid (unmanaged / 4096 per block, rounded up)
     assert best <= overhead + 1e-12
-    assert overhead == pytest.approx(best, abs=1e-9)
+    assert overhead == pytest.approx(best, abs=1e-8)
     print(plan.table())
 
 
@@ -69,7 +69,7 @@ def test_exact_on_loose_grid_cases() -> None:
         budget = int(share * prof.unmanaged_peak_bytes)
         best, _ = brute_force(prof, budget, actions)
         plan = plan_from_profile(prof, budget, actions=actions)
-        assert plan.predicted_step_s - plan.baseline_step_s == pytest.approx(best, abs=1e-9)
+        assert plan.predicted_step_s - plan.baseline_step_s == pytest.approx(best, abs=1e-8)
 
 
 def test_budget_below_minimum_names_it() -> None:
@@ -97,6 +97,9 @@ def test_more_budget_never_predicts_a_slower_step() -> None:
     assert len(steps) >= 10
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(steps))
     assert steps[-1] == prof.step_s  # the whole budget: nothing to pay
+    # a free (fully hidden) swap does not displace keep when the budget allows keep
+    cuda = synthetic(device="cuda", bw=1e12)
+    assert {d.policy.action for d in plan_from_profile(cuda, "100%").decisions} == {"keep"}
 
 
 def test_cpu_swap_pays_the_whole_copy_cuda_hides_it() -> None:
