@@ -150,6 +150,11 @@ def resume(
         if step is None:
             log.warning("memopt: no snapshot in %s; training starts from step 0", directory)
             return None
+    elif step not in ckpt.steps():
+        raise FileNotFoundError(
+            f"memopt resume: no published snapshot of step {step} in {ckpt.directory} "
+            f"(published: {ckpt.steps()})"
+        )
     state = trainer_state_json(_snapshot_extra(ckpt.directory, step))
     staging = os.path.join(trainer.args.output_dir, "memopt-resume")
     if trainer.args.process_index == 0:

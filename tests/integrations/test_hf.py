@@ -124,6 +124,8 @@ def test_trainer_snapshots_and_resumes_bitwise(tmp_path, caplog) -> None:
 def test_resume_without_snapshot_and_bad_arguments(tmp_path) -> None:
     t = _trainer(str(tmp_path / "o"), str(tmp_path / "empty"), seed=0)
     assert resume(t) is None
+    with pytest.raises(FileNotFoundError, match="published"):
+        resume(t, step=5)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         MemoptCallback()
     with pytest.raises(ValueError, match="every_n_steps"):
