@@ -63,7 +63,10 @@ class Setup:
             self.resume_message = ""
             return None
         step = ck.latest()
-        ck.load(step, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler)
+        extra = ck.load(step, model=self.raw_model, optimizer=self.optimizer,
+                        scheduler=self.scheduler)
+        if self.in_backward is not None and "in_backward" in extra:
+            self.in_backward.load_state_dict(extra["in_backward"])
         self.start_step, self.resumed_from = step, step
         self.resume_message = (f"resumed from snapshot step {step} in {ck.directory}; "
                                f"continuing at step {step + 1}")
@@ -73,8 +76,11 @@ class Setup:
         """Snapshot model, optimizer and scheduler at ``step`` (asynchronous; see
         memopt.checkpoint); with redundancy, also protect this rank's tensors on a peer."""
         if self.checkpointer is not None:
+            extra: dict[str, Any] = {"step": step}
+            if self.in_backward is not None:  # micro-batch counter and previous grad norm
+                extra["in_backward"] = self.in_backward.state_dict()
             self.checkpointer.save(step, model=self.raw_model, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, extra={"step": step})
+                                   scheduler=self.scheduler, extra=extra)
         if self.redundancy is not None:
             self.redundancy.protect(step, _local_tensors(self.raw_model, self.optimizer))
 

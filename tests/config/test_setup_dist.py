@@ -5,7 +5,9 @@ wraps in DDP. Also optimizer-in-backward on one process."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -84,9 +86,10 @@ def test_stage2_and_ddp_two_ranks_checkpoint_redundancy_resume() -> None:
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_optimizer_in_backward() -> None:
+def test_optimizer_in_backward(tmp_path: Path) -> None:
     cfg = Config.from_dict({"model": {"device": "cpu"},
-                            "optimizer": {"in_backward": True, "max_grad_norm": None}})
+                            "optimizer": {"in_backward": True, "max_grad_norm": 5.0},
+                            "checkpoint": {"directory": str(tmp_path), "fsync": False}})
     s = memopt.setup(_model(), cfg)
     assert s.in_backward is not None and "inside backward" in s.describe()
     before = [p.detach().clone() for p in s.model.parameters()]
@@ -94,4 +97,10 @@ def test_optimizer_in_backward() -> None:
     nn.functional.mse_loss(s.model(x), y).backward()  # the update happens here
     assert all(p.grad is None for p in s.model.parameters())
     assert all(not torch.equal(a, p) for a, p in zip(before, s.model.parameters(), strict=True))
+    norm = s.in_backward.prev_norm
+    assert norm is not None and norm > 0
+    s.save(1)
     s.close()
+    again = memopt.setup(_model(), cfg)  # the hooks' clipping state comes back with the step
+    assert again.resumed_from == 1 and again.in_backward.prev_norm == pytest.approx(norm)
+    again.close()
