@@ -42,18 +42,18 @@ def test_not_writable_directory(tmp_path) -> None:
 
 def test_full_disk_fails_the_save_not_the_snapshots(tmp_path, monkeypatch) -> None:
     model, opt = _saved(tmp_path, steps=(1,))
-    real_write = os.write
 
     def full(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(fileformat.os, "write", full)
+    monkeypatch.setattr(fileformat.os, "pwrite", lambda fd, data, off: full(fd, data))
     ckpt = AsyncCheckpointer(tmp_path, keep=1)
     ckpt.save(2, model=model, optimizer=opt, extra={"s": 2})
     with pytest.raises(CheckpointError, match="No space left") as info:
         ckpt.wait()
     assert ".tmp-step_0000000002" in str(info.value)
-    monkeypatch.setattr(fileformat.os, "write", real_write)
+    monkeypatch.undo()
     assert ckpt.steps() == [1]  # keep=1 did not rotate the good one out
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     assert ckpt.load(model=model)["s"] == 1
