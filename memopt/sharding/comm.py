@@ -35,6 +35,7 @@ from torch import Tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+WORLD1_ENV = "MEMOPT_SHARD_WORLD1_COLLECTIVES"
 DEBUG_ENV = "MEMOPT_DEBUG_COLLECTIVES"
 DEBUG_TIMEOUT_ENV = "MEMOPT_DEBUG_COLLECTIVES_TIMEOUT"
 _OPS = ("reduce_scatter", "all_gather", "reduce", "broadcast", "gather", "all_reduce_sum")
@@ -45,6 +46,14 @@ What = str | Callable[[], str] | None
 
 class CollectiveMismatchError(RuntimeError):
     """Ranks issued different collectives (raised on every rank in debug mode)."""
+
+
+def world1_collectives() -> bool:
+    """Whether ``MEMOPT_SHARD_WORLD1_COLLECTIVES`` asks for the sharded path on one rank
+    (buckets, hooks, collectives, FSDP2) instead of the plain one: a way to run a backend such
+    as NCCL through memopt's code on a single GPU. Results equal the plain path's."""
+    raw = os.environ.get(WORLD1_ENV, "").strip().lower()
+    return raw not in ("", "0", "false", "no", "off")
 
 
 def debug_enabled() -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt.sharding import rowproj
-from memopt.sharding.comm import Comm
+from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
 from memopt.sharding.reduce import GradReducer, gather_params
@@ -71,7 +71,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._synced = False
         # World size 1: no buckets, no hooks; the gradients are used where autograd put them,
         # so the inner optimizer computes the plain path's exact bits.
-        self._plain = comm.world == 1
+        forced = comm.group is not None and world1_collectives()  # comm.world1_collectives
+        self._plain = comm.world == 1 and not forced
         self._hooks = [] if config.stage == 1 or self._plain else self._register_hooks()
 
     # -- construction ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.sharding.comm import Comm
+from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
 from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
@@ -76,7 +76,8 @@ def apply_sharding(
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, optimizer)
-    if config.stage == 3 and comm.world > 1:  # world size 1: the plain path below
+    forced = comm.group is not None and world1_collectives()  # see comm.world1_collectives
+    if config.stage == 3 and (comm.world > 1 or forced):  # else world 1: the plain path
         return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
     if is_meta(model):  # stage 3 on one rank: the whole model is this rank's shard
         options = fsdp or FSDPOptions()

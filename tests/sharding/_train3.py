@@ -87,3 +87,9 @@ def full_params(model: nn.Module) -> dict[str, Tensor]:
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         out[name] = full.detach().clone()
     return out
+
+
+def reference_losses(name: str) -> list[float]:
+    """The single-process losses of ``make_model`` under ``name``'s optimizer."""
+    model = make_model()
+    return train(model, T.make_optimizer(name, model))

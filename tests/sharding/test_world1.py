@@ -37,3 +37,35 @@ def test_state_dict_round_trip() -> None:
     bad = dict(sd, sharding=dict(sd["sharding"], layout="whole_tensor"))
     with pytest.raises(ValueError, match="same world size"):
         again.load_state_dict(bad)
+
+
+def _forced(rank: int, world: int) -> dict[str, float]:
+    """One gloo rank with MEMOPT_SHARD_WORLD1_COLLECTIVES=1: the sharded code path
+    (buckets, hooks, reduce-scatter / all-gather, FSDP2) against the plain run."""
+    import os
+
+    from tests.sharding import _train3 as T3
+
+    os.environ["MEMOPT_SHARD_WORLD1_COLLECTIVES"] = "1"
+    worst = {}
+    for name in ("adamw", "galore"):
+        ref_losses, ref_model, _ = T.reference(name)
+        for stage in (1, 2, 3):
+            build = T3.make_model if stage == 3 else T.make_model
+            model = build()
+            model, sharded = memopt.shard(model, T.make_optimizer(name, model), stage)
+            assert not sharded._plain, "the forced path was not taken"
+            trainer = T3.train if stage == 3 else T.train
+            losses = trainer(model, sharded)
+            ref = T3.reference_losses(name) if stage == 3 else ref_losses
+            gaps = [abs(a - b) for a, b in zip(losses, ref, strict=True)]
+            worst[f"{name}/stage{stage}"] = max(gaps)
+    del os.environ["MEMOPT_SHARD_WORLD1_COLLECTIVES"]
+    return worst
+
+
+def test_forced_collectives_on_one_rank_equal_the_plain_path() -> None:
+    from tests._harness.dist import run_distributed
+
+    worst = run_distributed(_forced, world_size=1, timeout_s=120)[0]
+    assert all(v <= 1e-6 for v in worst.values()), worst
