@@ -22,6 +22,13 @@ from tests.integrations._tiny import Tokens, tiny_llama
 GLOBAL_BATCH, ACCUM, MAX_NORM = 4, 2, 0.5
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    t = p.full_tensor() if isinstance(p, DTensor) else p
+    return t.detach().cpu().clone()
+
+
 def main(out: str, stage: int) -> None:
     # cpu=True: accelerate picks MULTI_CPU (gloo) under torchrun only when told it is on CPU
     acc = Accelerator(gradient_accumulation_steps=ACCUM, cpu=not torch.cuda.is_available())
@@ -41,8 +48,8 @@ def main(out: str, stage: int) -> None:
                 norms.append(float(acc.clip_grad_norm_(model.parameters(), MAX_NORM)))
             opt.step()
             opt.zero_grad()
+    params = {n: _full(p) for n, p in model.named_parameters()}  # collective under stage 3
     if acc.is_main_process:
-        params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         info = {"world": acc.num_processes, "kind": str(acc.distributed_type)}
         torch.save({"params": params, "norms": norms, **info}, out)
     acc.end_training()

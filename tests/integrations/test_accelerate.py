@@ -21,7 +21,8 @@ SCRIPT = ROOT / "tests" / "integrations" / "accelerate_train.py"
 def test_two_process_launch_matches_single_process(tmp_path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     run([sys.executable, str(SCRIPT), str(one)])
-    run([*accelerate_launch(2), str(SCRIPT), str(two)])
+    # stage 3 (FSDP2 units, memopt's FSDPOptimizer) on 2 ranks; test_hf_shard.py runs stage 2
+    run([*accelerate_launch(2), str(SCRIPT), str(two), "3"])
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
     assert b["kind"] == "DistributedType.MULTI_CPU"
