@@ -19,8 +19,8 @@ baseline). Per configuration:
   its entries, as its table prints): the hub download it normally does is not needed.
 
 Optimizers: AdamW, GaLore (rank 128), APOLLO-Mini, 8-bit AdamW in one process; AdamW at
-ZeRO stage 1 and 2 on 2 gloo ranks (``torchrun --nproc-per-node 2``; per-rank figures, the
-larger rank reported).
+ZeRO stage 1, 2 and 3 (memopt's FSDP2 path) on 2 gloo ranks (``torchrun --nproc-per-node 2``;
+per-rank figures, the larger rank reported).
 
 Usage::
 
@@ -80,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        cases = [{"stage": s, "world_size": dist.get_world_size()} for s in (1, 2)]
+        cases = [{"stage": s, "world_size": dist.get_world_size()} for s in (1, 2, 3)]
     else:
         cases = SINGLE if args.malloc == "mmap" else SINGLE[:1]
     rows = [measure(args.child, c, args.steps) for c in cases]

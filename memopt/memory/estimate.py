@@ -3,7 +3,8 @@
 The model is only described (meta device); the figures per rank are:
 
 - parameters: their bytes in ``param_dtype``; stage 3 keeps 1/W of them plus the gathered
-  unit (the largest block, twice: the one in use and the prefetched next) as temporaries;
+  units as temporaries: the root unit (parameters outside the repeated blocks) and the
+  largest block twice (the one in use and the prefetched next);
 - gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps 1/W plus the
   in-flight buckets, stage 3 1/W; stages 1/2 with ``whole_tensor`` keep them all (memopt
   packs every gradient into its bucket and holds the buckets until the step);
@@ -180,13 +181,17 @@ def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]
 
 
 def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
-    """Bytes of the largest repeated block's parameters (the stage-3 gather unit)."""
+    """Bytes unsharded at once under stage 3: the root unit (every parameter outside the
+    repeated blocks: embeddings, head, final norm; gathered for the whole step) plus two of
+    the largest block (the one in use and the prefetched next)."""
     from memopt.memory.trace import find_blocks
 
-    blocks = find_blocks(module)
+    size = cfg.param_dtype.itemsize
+    total = sum(p.numel() for p in module.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in find_blocks(module)]
     if not blocks:
-        return sum(p.numel() for p in module.parameters()) * cfg.param_dtype.itemsize
-    return max(sum(p.numel() for p in b.parameters()) for b in blocks) * cfg.param_dtype.itemsize
+        return total * size
+    return (total - sum(blocks) + 2 * max(blocks)) * size
 
 
 def _notes(cfg: EstimateConfig) -> list[str]:

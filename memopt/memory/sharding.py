@@ -71,7 +71,7 @@ def shard_share(
     stage: int,
     world: int,
     layout: str,
-    unit_bytes: int,
+    unit_bytes: int,  # stage 3: parameter bytes unsharded at once
     bucket_bytes: int = 25 * 2**20,
 ) -> ShardShare:
     """The most loaded rank's share (see the module docstring)."""
@@ -92,5 +92,5 @@ def shard_share(
             buckets = 0
             notes.append("stage 2 whole_tensor: gradients stay in their buckets until the step")
         return ShardShare(p_bytes, grads, s_mem, int(n), buckets=buckets, notes=notes)
-    gathered = min(2 * unit_bytes, p_bytes)
+    gathered = min(unit_bytes, p_bytes)
     return ShardShare(int(nb), int(nb), s_mem, int(n), gathered=gathered)

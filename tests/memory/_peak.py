@@ -1,8 +1,8 @@
 """Measured vs predicted peak for the memory tests, run on two spawned ranks (fresh processes,
 so glibc can be told to mmap every large allocation, ``mmap_large_allocations``, without
 changing the allocator of the pytest process, and the resident set follows the live tensor
-bytes). Each rank measures half of the single-process cases, then both run ZeRO-1 and ZeRO-2
-together."""
+bytes). Each rank measures half of the single-process cases, then both run ZeRO-1, ZeRO-2
+and ZeRO-3 together."""
 
 from __future__ import annotations
 
@@ -35,4 +35,4 @@ def on_rank(rank: int, world: int) -> list[dict[str, Any]]:
     warnings.simplefilter("ignore")
     assert mmap_large_allocations()
     rows = [measure(c) for c in SINGLE[rank::world]]
-    return rows + [measure({"stage": s, "world_size": world}) for s in (1, 2)]
+    return rows + [measure({"stage": s, "world_size": world}) for s in (1, 2, 3)]
