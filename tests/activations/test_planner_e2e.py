@@ -31,7 +31,9 @@ def llama() -> tuple[torch.nn.Module, dict[str, torch.Tensor], act.Profile]:
 def test_applied_plan_meets_budget_and_prediction(llama, actions, share) -> None:  # type: ignore[no-untyped-def]
     model, batch, prof = llama
     plan = act.plan(model, batch, share, actions=actions, profile=prof)
-    print(plan.table())
+    table = plan.table()
+    print(table)
+    assert all(d.name in table for d in plan.decisions) and "budget" in table
     assert plan.predicted_peak_bytes <= plan.budget_bytes < prof.unmanaged_peak_bytes
     assert plan.predicted_step_s >= plan.baseline_step_s
     with act.apply(model, plan) as manager:
