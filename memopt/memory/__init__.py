@@ -7,7 +7,7 @@ from memopt.memory.estimate import EstimateConfig, estimate
 from memopt.memory.model import ParamInfo, as_meta_module, param_infos
 from memopt.memory.optstate import RULES, StateEstimate, optimizer_state
 from memopt.memory.result import MemoryEstimate, fmt_bytes
-from memopt.memory.timeline import Timeline
+from memopt.memory.timeline import Timeline, mmap_large_allocations
 from memopt.memory.trace import ActivationTrace, trace_step
 
 __all__ = [
@@ -15,13 +15,14 @@ __all__ = [
     "ActivationTrace",
     "EstimateConfig",
     "MemoryEstimate",
-    "Timeline",
-    "estimate",
-    "fmt_bytes",
-    "trace_step",
     "ParamInfo",
     "StateEstimate",
+    "Timeline",
     "as_meta_module",
+    "estimate",
+    "fmt_bytes",
+    "mmap_large_allocations",
     "optimizer_state",
     "param_infos",
+    "trace_step",
 ]
