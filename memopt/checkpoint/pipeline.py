@@ -32,6 +32,8 @@ from memopt.checkpoint.fileformat import FilePlan
 from memopt.checkpoint.stats import SaveRecord
 from memopt.offload.arena import ArenaBlock, PinnedArena
 
+STAGING_GRANULE = 1 << 20  # staging blocks are whole MiB
+
 
 @dataclass(eq=False)
 class Job:
@@ -107,7 +109,14 @@ class Pipeline:
         self._write_q.put(None)
 
     def _stage(self, job: Job) -> None:
-        job.block = self.arena.alloc(max(job.plan.data_bytes, 1), alignment=job.alignment)
+        # Sizes rounded up to a granule, so a snapshot that grew a little (an extra, the first
+        # optimizer state) reuses the last one's staging; free chunks too small are unmapped
+        # instead of kept forever.
+        need = -(-max(job.plan.data_bytes, 1) // STAGING_GRANULE) * STAGING_GRANULE
+        report = self.arena.report()
+        if report.capacity_bytes - report.reserved_bytes < need:
+            self.arena.trim()
+        job.block = self.arena.alloc(need, alignment=job.alignment)
         job.staging = staging = self.arena.bytes_view(job.block)[: job.plan.data_bytes]
         for lo, hi in job.plan.pads:  # deterministic bytes between tensors
             staging[lo:hi].zero_()

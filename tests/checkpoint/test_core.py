@@ -82,6 +82,19 @@ def test_file_format_aligned_safetensors_and_manifest(tmp_path) -> None:
     assert rank_json["extra"] == {"pos": 17}
 
 
+def test_staging_memory_is_reused_not_grown(tmp_path) -> None:
+    """A bigger snapshot unmaps the smaller free staging chunk; same sizes reuse it."""
+    with AsyncCheckpointer(tmp_path, max_inflight=1) as ckpt:
+        ckpt.save(1, extra={"blob": torch.ones(2 << 20, dtype=torch.uint8)})
+        ckpt.wait()
+        for step in (2, 3, 4):
+            ckpt.save(step, extra={"blob": torch.ones((5 << 20) - step, dtype=torch.uint8)})
+            ckpt.wait()
+        report = ckpt.arena.report()
+        assert report.capacity_bytes == 6 << 20 and ckpt.arena.chunk_count() == 1
+        assert ckpt.load()["blob"].sum() == (5 << 20) - 4
+
+
 def test_rotation_keeps_newest(tmp_path) -> None:
     model, opt, sched = T.make_all("adamw")
     with AsyncCheckpointer(tmp_path, keep=2) as ckpt:
