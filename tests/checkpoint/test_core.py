@@ -40,7 +40,10 @@ def test_fence_keeps_pre_step_values(tmp_path, monkeypatch, name, stage) -> None
         assert T.equal(before, T.full_params(model))  # the step did change the parameters
         ckpt.wait()
         rec = ckpt.stats.last
-        assert rec is not None and rec.ok and rec.stall_s >= 0.2 and rec.durable_s >= rec.stall_s
+        # the copy took >= 0.3 s and the step waited for it (how long depends on how long the
+        # forward and backward took first: no fixed lower bound on a loaded machine)
+        assert rec is not None and rec.ok and rec.copied_s >= 0.3 and rec.stall_s > 0.0
+        assert rec.durable_s >= rec.copied_s
         m2, o2, s2 = T.make_all(name, stage)
         ckpt.load(model=m2, optimizer=o2, scheduler=s2)
     assert T.equal(before, T.full_params(m2)) == []
