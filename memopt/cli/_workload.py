@@ -138,15 +138,15 @@ def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
 
 
 def warm_up(w: Workload) -> None:
-    """One step of a micro model of the same kind, so lazily imported code and one-time
-    buffers (kernels, thread pools) are in the baseline, not in the measured growth."""
+    """One step of a one-layer model of the same kind and widths, so lazily imported code and
+    one-time buffers (kernels, thread pools, GEMM packing) are in the baseline, not in the
+    measured growth."""
     import gc
 
     from transformers import LlamaForCausalLM
 
-    micro = dataclasses.replace(
-        w, hidden=32, layers=1, heads=2, intermediate=64, vocab=64, batch_size=1, seq_len=8
-    )
+    # the same widths (GEMM libraries keep per-shape packing buffers), one layer, few tokens
+    micro = dataclasses.replace(w, layers=1, vocab=min(w.vocab, 256), batch_size=1, seq_len=16)
     model: Any = LlamaForCausalLM(micro.llama_config())
     opt: Any = build_optimizer(micro, model)
     if w.stage or w.offload:  # the same collectives and tiers: their one-time buffers
@@ -154,7 +154,7 @@ def warm_up(w: Workload) -> None:
 
         stage: Any = w.stage or 1
         model, opt = shard(model, opt, stage=stage, offload=w.offload)
-    x = torch.randint(0, 64, (1, 8))
+    x = torch.randint(0, micro.vocab, (1, 16))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     del model, opt

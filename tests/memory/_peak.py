@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-TINY = {"hidden": 128, "layers": 2, "vocab": 4000, "batch_size": 4, "seq_len": 64}
+TINY = {"hidden": 192, "layers": 2, "heads": 4, "vocab": 8000, "batch_size": 4, "seq_len": 128}
 SINGLE = [
     {"optimizer": "adamw"},
     {"optimizer": "galore", "rank": 32},

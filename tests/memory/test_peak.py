@@ -2,10 +2,11 @@
 
 Tolerance: the prediction is within 10% of the measured peak (``VmHWM`` above a baseline
 taken after imports and a warm-up step, glibc mmapping every allocation over 64 KiB so freed
-tensors leave the resident set). The model is a tiny random-init LLaMA (2 layers, hidden 128,
-vocab 4000: 1.4M parameters; batch 4 x 64 tokens), two steps per case: AdamW, GaLore rank
-32, APOLLO-Mini and 8-bit AdamW without sharding (two per rank process), then AdamW under
-ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2) on the 2 gloo ranks.
+tensors leave the resident set). The model is a small random-init LLaMA (2 layers, hidden 192,
+vocab 8000: 4M parameters; batch 4 x 128 tokens; peaks of 84-114 MiB, large enough that the
+few MiB of one-time buffers the first run of a process still adds stay under 5%), two steps
+per case: AdamW, GaLore rank 32, APOLLO-Mini and 8-bit AdamW without sharding (two per rank
+process), then AdamW under ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2) on the 2 gloo ranks.
 """
 
 from __future__ import annotations
@@ -35,4 +36,10 @@ def test_predicted_peak_within_10_percent_single_process_and_zero_1_2_3() -> Non
     single = sorted(r["case"].get("optimizer", "") for r in rows if "stage" not in r["case"])
     assert single == ["adamw", "adamw", "apollo_mini", "galore"]
     assert sum("stage" in r["case"] for r in rows) == 6  # stages 1, 2 and 3 on both ranks
-    _check(rows)
+    # the estimate is the most loaded rank's: compare it with the larger rank's measurement
+    worst = {}
+    for r in rows:
+        key = str(sorted(r["case"].items()))
+        if "stage" not in r["case"] or r["measured"] > worst.get(key, {"measured": 0})["measured"]:
+            worst[key if "stage" in r["case"] else str(id(r))] = r
+    _check(list(worst.values()))
