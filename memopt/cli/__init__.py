@@ -83,7 +83,12 @@ def _report(args: argparse.Namespace) -> int:
 
         mmap_large_allocations()
     est = w.estimate()
-    tl = Timeline(interval=args.interval)
+    arena = None
+    if w.offload is not None:  # the tier the state lives on: drawn as its own curve
+        from memopt.offload import default_arena
+
+        arena = default_arena()
+    tl = Timeline(interval=args.interval, arena=arena)
     _workload.run(w, args.steps, tl)
     paths = tl.write(args.out, estimate=est)
     print(paths["md"].read_text())

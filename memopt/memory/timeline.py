@@ -15,9 +15,10 @@ Per sample (seconds since start, bytes above the baseline taken on entry):
   a peak between two samples is still caught: ``peak()`` reports it;
 - ``device``: ``torch.cuda.memory_allocated`` (and the allocator's ``max_memory_allocated``
   at marks) on CUDA; on a CPU run there is no separate device: device bytes are in ``host``;
-- ``pinned``: bytes reserved by the ``PinnedArena`` (``report().reserved_bytes``) given, or
-  the default arena when one exists;
+- ``pinned``: bytes reserved by the ``PinnedArena`` given (``report().reserved_bytes``);
 - ``disk``: bytes held by the NVMe tiers given (``report().requested_bytes``).
+
+Every tier is reported above its value on entry.
 
 The thread only reads counters, so the loop it watches is not slowed beyond the sampling
 itself (one /proc read per ``interval``).
@@ -113,16 +114,22 @@ class Timeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.base_host = self.base_device = 0
+        self.base_host = self.base_device = self.base_pinned = self.base_disk = 0
         self.t0 = 0.0
 
     # -- sampling ----------------------------------------------------------------------
     def _read(self) -> Sample:
         host = proc_kib("VmRSS") * 1024 - self.base_host
         device = torch.cuda.memory_allocated() - self.base_device if self.cuda else 0
+        pinned, disk = self._tier_bytes()
+        return Sample(
+            time.perf_counter() - self.t0, host, device, pinned - self.base_pinned,
+            disk - self.base_disk,
+        )  # fmt: skip
+
+    def _tier_bytes(self) -> tuple[int, int]:
         pinned = self.arena.report().reserved_bytes if self.arena is not None else 0
-        disk = sum(t.report().requested_bytes for t in self.tiers)
-        return Sample(time.perf_counter() - self.t0, host, device, pinned, disk)
+        return pinned, sum(t.report().requested_bytes for t in self.tiers)
 
     def sample(self) -> Sample:
         s = self._read()
@@ -139,6 +146,7 @@ class Timeline:
     def __enter__(self) -> Timeline:
         gc.collect()
         self.base_host = proc_kib("VmRSS") * 1024
+        self.base_pinned, self.base_disk = self._tier_bytes()
         reset_peak_rss()
         if self.cuda:
             torch.cuda.synchronize()
