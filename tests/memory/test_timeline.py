@@ -34,6 +34,19 @@ def test_timeline_catches_a_peak_and_writes_png_and_table(tmp_path) -> None:
     assert "memopt estimate" in md
 
 
+def test_pinned_tier_counts_from_entry() -> None:
+    arena = PinnedArena(ArenaConfig(pin="off"))
+    before = arena.alloc(1 << 20)  # held before the timeline: part of its baseline
+    with Timeline(interval=0.002, arena=arena) as tl:
+        during = arena.alloc(3 << 20)
+        tl.mark("allocated")
+    assert tl.peak()["pinned"] == arena.report().reserved_bytes - (1 << 20)
+    assert 3 << 20 <= tl.peak()["pinned"] < 4 << 20
+    arena.free(during)
+    arena.free(before)
+    arena.close()
+
+
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval must be > 0"):
         Timeline(interval=0)
