@@ -43,25 +43,27 @@ struct LowRankHyper {
     float b1, a1, b2, a2, eps, c2;
 };
 
-// One row segment [c0, c1) of row r: moments, direction, and (when given) channel sums.
-// row_sums: accumulate into num[0] / den[0]; col_sums: into num[c] / den[c].
+// One element: moments in place, the direction returned.
+inline float adam_elem(float x, float& m, float& v, const LowRankHyper& h) {
+    m = h.b1 * m + h.a1 * x;
+    v = h.b2 * v + h.a2 * x * x;
+    return m / (std::sqrt(v) * h.c2 + h.eps);
+}
+
+// One row segment [c0, c1): moments and direction; with `sums`, the row's squared norms of
+// the direction and of the gradient added into num[0] / den[0].
 MEMOPT_CLONES
 void row_segment(const float* __restrict g, float* __restrict m, float* __restrict v,
                  float* __restrict d, int64_t c0, int64_t c1, LowRankHyper h,
-                 float* __restrict num, float* __restrict den, int mode) {
-    const float a1 = h.a1, a2 = h.a2;
-    if (mode == 1) {  // per-row sums: lane-wise partials the compiler can vectorize
+                 float* __restrict num, float* __restrict den, bool sums) {
+    if (sums) {  // lane-wise partials the compiler can vectorize
         constexpr int L = 16;
         float sn[L] = {0}, sd[L] = {0};
         int64_t c = c0;
         for (; c + L <= c1; c += L) {
             for (int k = 0; k < L; ++k) {
                 const float x = g[c + k];
-                const float mm = h.b1 * m[c + k] + a1 * x;
-                const float vv = h.b2 * v[c + k] + a2 * x * x;
-                const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
-                m[c + k] = mm;
-                v[c + k] = vv;
+                const float dd = adam_elem(x, m[c + k], v[c + k], h);
                 d[c + k] = dd;
                 sn[k] += dd * dd;
                 sd[k] += x * x;
@@ -70,11 +72,7 @@ void row_segment(const float* __restrict g, float* __restrict m, float* __restri
         float tn = 0.0f, td = 0.0f;
         for (; c < c1; ++c) {
             const float x = g[c];
-            const float mm = h.b1 * m[c] + a1 * x;
-            const float vv = h.b2 * v[c] + a2 * x * x;
-            const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
-            m[c] = mm;
-            v[c] = vv;
+            const float dd = adam_elem(x, m[c], v[c], h);
             d[c] = dd;
             tn += dd * dd;
             td += x * x;
@@ -87,18 +85,32 @@ void row_segment(const float* __restrict g, float* __restrict m, float* __restri
         den[0] += td;
         return;
     }
-    for (int64_t c = c0; c < c1; ++c) {
-        const float x = g[c];
-        const float mm = h.b1 * m[c] + a1 * x;
-        const float vv = h.b2 * v[c] + a2 * x * x;
-        const float dd = mm / (std::sqrt(vv) * h.c2 + h.eps);
-        m[c] = mm;
-        v[c] = vv;
-        d[c] = dd;
-        if (mode == 2) {
-            num[c] += dd * dd;
-            den[c] += x * x;
+    for (int64_t c = c0; c < c1; ++c) d[c] = adam_elem(g[c], m[c], v[c], h);
+}
+
+// Column channels: one block of at most kColBlock columns over all rows, the column sums
+// kept in local arrays (no aliasing with the streams, so the loop vectorizes) and stored once.
+constexpr int64_t kColBlock = 64;
+
+MEMOPT_CLONES
+void col_block(const float* __restrict g, float* __restrict m, float* __restrict v,
+               float* __restrict d, int64_t rows, int64_t cols, int64_t c0, int64_t c1,
+               LowRankHyper h, float* __restrict num, float* __restrict den) {
+    float sn[kColBlock] = {0}, sd[kColBlock] = {0};
+    const int64_t w = c1 - c0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * cols + c0;
+        for (int64_t k = 0; k < w; ++k) {
+            const float x = g[o + k];
+            const float dd = adam_elem(x, m[o + k], v[o + k], h);
+            d[o + k] = dd;
+            sn[k] += dd * dd;
+            sd[k] += x * x;
         }
+    }
+    for (int64_t k = 0; k < w; ++k) {
+        num[c0 + k] = sn[k];
+        den[c0 + k] = sd[k];
     }
 }
 
@@ -123,18 +135,11 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
         1, std::min<int64_t>(omp_get_max_threads(), n / (int64_t(1) << 15))));
 #endif
     if (norms == 0) {
-        std::fill(num, num + cols, 0.0f);
-        std::fill(den, den + cols, 0.0f);
-        // blocks of columns (64 floats: a cache line of each of the 7 streams per row)
-        const int64_t block = 64;
-        const int64_t nblocks = (cols + block - 1) / block;
+        const int64_t nblocks = (cols + kColBlock - 1) / kColBlock;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
         for (int64_t b = 0; b < nblocks; ++b) {
-            const int64_t c0 = b * block, c1 = std::min(cols, c0 + block);
-            for (int64_t r = 0; r < rows; ++r) {
-                const int64_t o = r * cols;
-                row_segment(g + o, m + o, v + o, d + o, c0, c1, h, num, den, 2);
-            }
+            const int64_t c0 = b * kColBlock, c1 = std::min(cols, c0 + kColBlock);
+            col_block(g, m, v, d, rows, cols, c0, c1, h, num, den);
         }
         return 0;
     }
@@ -148,7 +153,7 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
             *rn = 0.0f;
             *rd = 0.0f;
         }
-        row_segment(g + o, m + o, v + o, d + o, 0, cols, h, rn, rd, 1);
+        row_segment(g + o, m + o, v + o, d + o, 0, cols, h, rn, rd, norms == 1);
     }
     return 0;
 }

@@ -25,13 +25,14 @@ parameters is the groups' order, as in ``step()``.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 
 __all__ = ["StateOffloadedOptimizer"]
@@ -39,7 +40,7 @@ __all__ = ["StateOffloadedOptimizer"]
 Key = tuple[int, str]  # (id(param), state key)
 
 
-class StateOffloadedOptimizer(torch.optim.Optimizer):
+class StateOffloadedOptimizer(WrapperOptimizer):
     """``inner`` with its per-parameter state tensors kept on ``tier`` between updates."""
 
     def __init__(
@@ -62,35 +63,18 @@ class StateOffloadedOptimizer(torch.optim.Optimizer):
                 f"StateOffloadedOptimizer: prefetch={prefetch} (>= 0), max_writes={max_writes} "
                 f"(>= 1), min_bytes={min_bytes} (>= 0)"
             )
-        self.inner, self.tier = inner, tier
+        self.wrap(inner)
+        self.tier = tier
         self.prefetch, self.max_writes, self.min_bytes = prefetch, max_writes, min_bytes
-        self.defaults = inner.defaults
         self._handles: dict[Key, TierHandle] = {}
         self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._writes: deque[tuple[Tensor, IOFuture]] = deque()
         self._owns_tier = False
-        # torch.optim.Optimizer's hook tables, without its __init__ (the groups are inner's)
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
-                     "load_state_dict_pre", "load_state_dict_post"):  # fmt: skip
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-        self._patch_step_function()
-
-    # the inner optimizer's groups and state are this optimizer's (schedulers see them)
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.inner.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.inner.state
 
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         fetches: dict[int, list[IOFuture]] = {}
         for i in range(min(self.prefetch, len(params))):

@@ -29,7 +29,6 @@ of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps t
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memopt._utils.wrapped_optim import closure_loss
 from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
@@ -61,13 +61,8 @@ class FSDPOptimizer(ShardedOptimizer):
     ) -> None:
         # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order.
         # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
-        self.inner, self.config, self.comm, self.model = optimizer, config, comm, model
-        self.defaults = optimizer.defaults
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._patch_step_function()
+        self.wrap(optimizer)
+        self.config, self.comm, self.model = config, comm, model
         groups = optimizer.param_groups
         self.plans = make_plans(
             [list(g) for g in params],
@@ -98,10 +93,7 @@ class FSDPOptimizer(ShardedOptimizer):
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         whole = self._bind()
         self.inner.step()
         self._scatter_back(whole)

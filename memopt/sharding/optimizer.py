@@ -20,7 +20,6 @@ schedulers and ``state_dict`` work; ``state_dict`` is this rank's shard.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
 from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
@@ -35,20 +35,15 @@ from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
 from memopt.sharding.reduce import GradReducer, gather_params
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(WrapperOptimizer):
     """ZeRO-1/2 over a process group; build it with ``memopt.shard``."""
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ShardConfig, comm: Comm
     ) -> None:
-        # Not Optimizer.__init__: groups and state are the inner optimizer's (properties).
-        self.inner, self.config, self.comm = optimizer, config, comm
-        self.defaults = optimizer.defaults
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._patch_step_function()
+        # Not Optimizer.__init__: groups and state are the inner optimizer's (WrapperOptimizer).
+        self.wrap(optimizer)
+        self.config, self.comm = config, comm
         groups = optimizer.param_groups
         self.plans = make_plans(
             [list(g["params"]) for g in groups],
@@ -143,20 +138,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return hook
 
     # -- torch.optim.Optimizer surface -------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.inner.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.inner.state
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.finish_grad_sync()
         self.inner.step()
         if not (self._plain and len(self.in_place) == len(self.locals)):
