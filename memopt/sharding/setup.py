@@ -62,6 +62,12 @@ def apply_sharding(
                 f"master_dtype={config.master_dtype} is not possible (use None or float32)"
             )
     comm = Comm.resolve(process_group)
+    if config.offload_params != "none" and comm.group is None:
+        raise ValueError(
+            f"memopt.shard: offload_params={config.offload_params!r} runs FSDP2, which needs "
+            "torch.distributed initialized; on one device a one-rank group is enough "
+            "(torchrun --nproc_per_node 1, or init_process_group with world_size=1)"
+        )
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)
@@ -76,8 +82,10 @@ def apply_sharding(
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, optimizer)
-    forced = comm.group is not None and world1_collectives()  # see comm.world1_collectives
-    if config.stage == 3 and (comm.world > 1 or forced):  # else world 1: the plain path
+    # World size 1 takes the plain path, unless asked for the collectives (comm.world1_
+    # collectives) or for parameter offload (which is FSDP2's, even on one device).
+    forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
+    if config.stage == 3 and (comm.world > 1 or forced):
         return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
     if is_meta(model):  # stage 3 on one rank: the whole model is this rank's shard
         options = fsdp or FSDPOptions()

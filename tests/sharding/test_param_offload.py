@@ -35,6 +35,18 @@ def test_stage3_cpu_param_offload_equals_single_process() -> None:
     run_distributed(_run, world_size=2, timeout_s=90)
 
 
+def _one_rank(rank: int, world: int) -> bool:
+    model = T3.make_model()
+    model, sharded = memopt.shard(
+        model, T.make_optimizer("adamw", model), stage=3, offload_params="cpu"
+    )
+    return isinstance(sharded, memopt.sharding.FSDPOptimizer)
+
+
+def test_one_rank_param_offload_still_runs_fsdp2() -> None:
+    assert run_distributed(_one_rank, world_size=1, timeout_s=60) == [True]
+
+
 def test_param_offload_config_errors() -> None:
     import pytest
 
@@ -43,6 +55,8 @@ def test_param_offload_config_errors() -> None:
         memopt.shard(model, T.make_optimizer("adamw", model), stage=2, offload_params="cpu")
     with pytest.raises(NotImplementedError, match="nvme"):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="nvme")
+    with pytest.raises(ValueError, match="needs torch.distributed initialized"):
+        memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="cpu")
     with pytest.raises(ValueError, match="'none' or 'cpu'"):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="gpu")
     assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
