@@ -42,6 +42,7 @@ from memopt.offload.tier import (
     TierHandle,
     TierReport,
     check_io_tensor,
+    live_entry,
     new_handle,
     request_nbytes,
     wait_all,
@@ -134,13 +135,7 @@ class NVMeTier(StorageTier):
         return handle
 
     def _entry(self, handle: TierHandle) -> _Entry:
-        try:
-            return self._table[handle.key]
-        except KeyError:
-            raise ValueError(
-                f"handle {handle.key} ({handle.tier!r}) is not live on this NVMe tier "
-                "(freed, or allocated on another tier)"
-            ) from None
+        return live_entry(self._table, handle, "NVMe")
 
     def free(self, handle: TierHandle) -> None:
         """Wait for the handle's I/O still in flight (ignoring its errors), then free."""

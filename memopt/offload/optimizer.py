@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memopt._utils.wrapped_optim import closure_loss
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
 from memopt.offload.hybrid_update import HybridUpdate
 from memopt.offload.nvme_file import NVMeConfig
@@ -121,10 +122,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         items = []
         fresh = [p for g in self.param_groups for p in g["params"]
                  if p.grad is not None and p not in self.store]  # fmt: skip

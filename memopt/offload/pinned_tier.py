@@ -27,6 +27,7 @@ from memopt.offload.tier import (
     TierHandle,
     TierReport,
     check_io_tensor,
+    live_entry,
     new_handle,
     request_nbytes,
 )
@@ -57,13 +58,7 @@ class PinnedCPUTier(StorageTier):
         return handle
 
     def _block(self, handle: TierHandle) -> ArenaBlock:
-        try:
-            return self._blocks[handle.key]
-        except KeyError:
-            raise ValueError(
-                f"handle {handle.key} ({handle.tier!r}) is not live on this {self.name!r} tier "
-                "(freed, or allocated on another tier)"
-            ) from None
+        return live_entry(self._blocks, handle, repr(self.name))
 
     def view(self, handle: TierHandle) -> torch.Tensor:
         """The handle's bytes as a tensor of its shape/dtype (uint8 for a raw request)."""

@@ -21,10 +21,12 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 _IDS = itertools.count(1)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -193,3 +195,14 @@ def check_io_tensor(handle: TierHandle, tensor: torch.Tensor, what: str) -> None
         )
     if not tensor.is_contiguous():
         raise ValueError(f"{what}: tensor must be contiguous (call .contiguous() first)")
+
+
+def live_entry(table: dict[int, T], handle: TierHandle, tier: str) -> T:
+    """``table[handle.key]``, or a ValueError saying the handle is not live on ``tier``."""
+    try:
+        return table[handle.key]
+    except KeyError:
+        raise ValueError(
+            f"handle {handle.key} ({handle.tier!r}) is not live on this {tier} tier "
+            "(freed, or allocated on another tier)"
+        ) from None

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from memopt._utils import warn_once
+from memopt._utils.wrapped_optim import closure_loss
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim import kernels
@@ -118,10 +119,7 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._prefetch_refreshes()
         meta = self._meta()
         try:
