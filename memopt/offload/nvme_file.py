@@ -9,6 +9,11 @@ in the middle of a training step. With ``direct="required"`` (the default) that 
 ``OSError`` naming the directory and the two ways out; with ``direct="prefer"`` it is one
 warning and buffered I/O (the page cache then holds a copy of everything written); with
 ``direct="off"`` buffered I/O is used silently.
+
+Several tiers of one process may share a directory (optimizer state and stage-3 parameter
+shards under one ``nvme_path``): a path another open tier of this process holds is never
+truncated; the next free name (``memopt-rank<r>-1.swap``, ...) is taken instead, and
+``release_swap_file`` gives the name back when its tier closes.
 """
 
 from __future__ import annotations
@@ -16,16 +21,19 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from memopt._utils import warn_once
 
-__all__ = ["NVMeConfig", "SwapFile", "open_swap_file", "grow_swap_file"]
+__all__ = ["NVMeConfig", "SwapFile", "grow_swap_file", "open_swap_file", "release_swap_file"]
 
 DirectMode = Literal["required", "prefer", "off"]
 _ALIGN = 4096
+_IN_USE: set[Path] = set()  # swap files open in this process (resolved paths)
+_IN_USE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -111,11 +119,38 @@ def _no_direct(config: NVMeConfig, path: Path, err: OSError) -> None:
     warn_once(msg.replace("or pass direct='prefer' to fall back", "falling back") + ".")
 
 
+def _claim_path(config: NVMeConfig) -> Path:
+    """The rank's file name, or the first ``-<n>`` variant no open tier of this process holds."""
+    first = config.path()
+    with _IN_USE_LOCK:
+        path, n = first, 0
+        while path.resolve() in _IN_USE:
+            n += 1
+            path = first.with_name(f"{first.stem}-{n}{first.suffix}")
+        _IN_USE.add(path.resolve())
+    return path
+
+
+def release_swap_file(swap: SwapFile) -> None:
+    """Let a later tier of this process reuse ``swap``'s file name (call after closing it)."""
+    with _IN_USE_LOCK:
+        _IN_USE.discard(swap.path.resolve())
+
+
 def open_swap_file(config: NVMeConfig) -> SwapFile:
     """Open, preallocate and probe the rank's swap file."""
     directory = Path(config.directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = config.path()
+    path = _claim_path(config)
+    try:
+        return _open(config, directory, path)
+    except BaseException:
+        with _IN_USE_LOCK:
+            _IN_USE.discard(path.resolve())
+        raise
+
+
+def _open(config: NVMeConfig, directory: Path, path: Path) -> SwapFile:
     base = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
     direct = config.direct != "off" and hasattr(os, "O_DIRECT")
     fd = -1

@@ -35,7 +35,12 @@ from memopt.offload.allocator import FreeListAllocator, round_up
 from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
 from memopt.offload.io_backend import IOBackend, IOOp
 from memopt.offload.native_aio import make_backend
-from memopt.offload.nvme_file import NVMeConfig, grow_swap_file, open_swap_file
+from memopt.offload.nvme_file import (
+    NVMeConfig,
+    grow_swap_file,
+    open_swap_file,
+    release_swap_file,
+)
 from memopt.offload.tier import (
     IOFuture,
     StorageTier,
@@ -287,3 +292,4 @@ class NVMeTier(StorageTier):
             self.file.fd = -1
             if not self.config.keep_file:
                 self.file.path.unlink(missing_ok=True)
+            release_swap_file(self.file)

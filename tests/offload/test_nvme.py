@@ -93,6 +93,29 @@ def test_one_file_offset_table_and_reuse(tier: NVMeTier, tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["memopt-rank0.swap"]
 
 
+def test_two_tiers_in_one_directory_get_separate_files(tmp_path: Path, arena: PinnedArena) -> None:
+    # optimizer state and stage-3 parameter shards may share one nvme_path: the second tier
+    # must not truncate the first one's file
+    a = NVMeTier(_config(tmp_path), arena=arena)
+    b = NVMeTier(_config(tmp_path), arena=arena)
+    try:
+        assert {a.file.path.name, b.file.path.name} == {"memopt-rank0.swap", "memopt-rank0-1.swap"}
+        ha, hb = a.allocate((1024,), torch.float32), b.allocate((1024,), torch.float32)
+        a.write_async(ha, torch.arange(1024.0)).wait()
+        b.write_async(hb, -torch.arange(1024.0)).wait()
+        out = torch.empty(1024)
+        a.read_async(ha, out).wait()
+        assert torch.equal(out, torch.arange(1024.0))
+    finally:
+        b.close()
+        a.close()
+    c = NVMeTier(_config(tmp_path), arena=arena)  # both names released on close
+    try:
+        assert c.file.path.name == "memopt-rank0.swap"
+    finally:
+        c.close()
+
+
 def test_many_in_flight_overlap(tmp_path: Path, arena: PinnedArena) -> None:
     """Several writes and reads outstanding at once; the backend runs them concurrently."""
     active, peak, lock = 0, 0, threading.Lock()
