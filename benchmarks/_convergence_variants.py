@@ -11,6 +11,10 @@ reported held-out loss never takes part in the choice.
 ``state_dtype="int8"`` on memopt optimizers. ``bnb_adamw8bit`` is bitsandbytes'
 ``AdamW8bit`` with AdamW's learning rate, betas, eps and weight decay (0): the peer for
 memopt's ``AdamW(state_dtype="int8")``.
+
+Option overrides (``--set NAME:KEY=V[,V...]``): extra values of an optimizer's options
+(``examples.tinyllama.default_config``) to run besides its learning rates; every
+(option set, rate) pair is a candidate, and the validation loss picks among all of them.
 """
 
 from __future__ import annotations
@@ -78,10 +82,13 @@ def validation_split(max_bytes: int = 400_000, heldout_every: int = 10,
     return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (a 32-bit one of ``OPTIMIZERS`` or an 8-bit variant)."""
+def build_optimizer(name: str, model: nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a 32-bit one of ``OPTIMIZERS`` or an 8-bit variant); ``kw``
+    overrides ``examples.tinyllama.default_config`` (``--set``)."""
     if name in OPTIMIZERS:
-        return make_optimizer(name, model, lr=lr)
+        return make_optimizer(name, model, lr=lr, **kw)
+    if kw and name in ("bnb_adamw8bit", "adamw_int8"):
+        raise ValueError(f"--set does not apply to {name!r} (it has no low-rank options): {kw}")
     if name == "bnb_adamw8bit":
         import bitsandbytes as bnb
 
@@ -93,19 +100,57 @@ def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optim
         return memopt.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=0.0, state_dtype="int8")
     if name in EIGHT_BIT:
-        return make_optimizer(EIGHT_BIT[name], model, lr=lr, state_dtype="int8")
+        return make_optimizer(EIGHT_BIT[name], model, lr=lr, state_dtype="int8", **kw)
     raise ValueError(f"optimizer must be one of {ALL_NAMES}, got {name!r}")
 
 
-def config_of(name: str, hidden: int, lr: float) -> dict[str, Any]:
+def config_of(name: str, hidden: int, lr: float,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     base = EIGHT_BIT.get(name, name)
-    cfg = default_config(base, hidden)
+    cfg = {**default_config(base, hidden), **(overrides or {})}
     cfg["lr"] = lr
     if name == "bnb_adamw8bit":
         cfg["impl"] = "bitsandbytes.optim.AdamW8bit"
     elif name in EIGHT_BIT:
         cfg["state_dtype"] = "int8"
     return cfg
+
+
+def _value(text: str) -> Any:
+    """A ``--set`` value: int, float, true/false, or the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_overrides(specs: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """``--set NAME:KEY=V[,V...]`` (repeatable) -> per optimizer, the option sets to run:
+    the product over its keys of their values (``apollo_mini:scale=128,64`` gives two)."""
+    keyed: dict[str, dict[str, list[Any]]] = {}
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        key, _, values = rest.partition("=")
+        if name not in ALL_NAMES or not key or not values:
+            raise SystemExit(f"--set wants NAME:KEY=V[,V...] with NAME in {ALL_NAMES}, "
+                             f"got {spec!r}")
+        keyed.setdefault(name, {})[key] = [_value(v) for v in values.split(",")]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, options in keyed.items():
+        combos: list[dict[str, Any]] = [{}]
+        for key, values in options.items():
+            combos = [{**c, key: v} for c in combos for v in values]
+        out[name] = combos
+    return out
+
+
+def label_of(name: str, overrides: dict[str, Any]) -> str:
+    """The table label: the optimizer's, plus its ``--set`` options if any."""
+    if not overrides:
+        return ALL_LABELS[name]
+    return f"{ALL_LABELS[name]} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
 
 
 def eight_bit_table(best: dict[str, dict[str, Any]]) -> str:

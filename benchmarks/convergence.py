@@ -22,6 +22,7 @@ and ``--out`` JSON.
     python benchmarks/convergence.py --sweep               # the LR sweep, 19 + 6 runs
     python benchmarks/convergence.py --quick               # tiny model, 60 steps (smoke test)
     python benchmarks/convergence.py --lr galore=3e-3,1e-2 --optimizers adamw galore
+    python benchmarks/convergence.py --optimizers apollo_mini --set apollo_mini:scale=128,64
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ import torch  # noqa: E402
 
 import memopt  # noqa: E402
 from benchmarks._convergence_variants import (  # noqa: E402
-    ALL_LABELS,
     ALL_NAMES,
     EIGHT_BIT,
     build_optimizer,
     config_of,
     eight_bit_table,
+    label_of,
+    parse_overrides,
     plot,
     validation_split,
 )
@@ -103,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="wider learning-rate grids")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR[,LR...]",
                    help="override one optimizer's learning-rate grid (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME:KEY=V[,V...]",
+                   dest="overrides", help="also run these values of an optimizer option "
+                   "(each with every rate of its grid; validation picks; repeatable)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--quick", action="store_true",
@@ -143,23 +148,24 @@ def grids(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def run_one(name: str, lr: float, data: tuple[torch.Tensor, ...],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Train one (optimizer, lr); final held-out (test) and validation losses."""
+            args: argparse.Namespace, kw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one (optimizer, options ``kw``, lr); final held-out (test) and validation losses."""
     train_data, heldout, val = data
+    kw = kw or {}
     model = tiny_llama(args.size, seed=args.seed, max_seq_len=max(512, args.seq_len))
     model.to(args.device)
-    opt = build_optimizer(name, model, lr)
+    opt = build_optimizer(name, model, lr, **kw)
     res = train(
         model, opt, args.steps, train_data, heldout, batch_size=args.batch_size,
         seq_len=args.seq_len, seed=args.seed, eval_every=args.eval_every,
         eval_windows=args.eval_windows, progress=not args.no_progress,
-        desc=f"{ALL_LABELS[name]} lr={lr:g}",
+        desc=f"{label_of(name, kw)} lr={lr:g}",
     )
     val_loss = evaluate(model, val, seq_len=args.seq_len, n_windows=args.eval_windows)
     sb = memopt.optim.state_bytes(opt)
     return dict(
-        optimizer=name, label=ALL_LABELS[name], lr=lr,
-        config=config_of(name, int(model.config.hidden_size), lr), val_loss=val_loss,
+        optimizer=name, label=label_of(name, kw), lr=lr, overrides=kw,
+        config=config_of(name, int(model.config.hidden_size), lr, kw), val_loss=val_loss,
         heldout_loss=res.heldout_loss, initial_heldout_loss=res.initial_heldout_loss,
         evals=res.evals, losses=res.losses, seconds=res.seconds,
         sec_per_step=res.seconds / max(1, args.steps), state_bytes=sb.total,
@@ -262,13 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     data = tuple(t.to(args.device) for t in (*byte_corpus(), validation_split()))
     lr_grid = grids(args)
+    overrides = parse_overrides(args.overrides)
     meta: dict[str, Any] = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv[1:],
         size=args.size, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         seed=args.seed, grids=lr_grid, torch=torch.__version__, threads=torch.get_num_threads(),
         python=platform.python_version(), train_bytes=int(data[0].numel()),
         heldout_bytes=int(data[1].numel()), val_bytes=int(data[2].numel()),
-        device=str(args.device), commit=git_commit(),
+        device=str(args.device), commit=git_commit(), overrides=overrides,
     )
     previous: list[dict[str, Any]] = []
     sessions: list[Any] = []
@@ -283,34 +290,36 @@ def main(argv: list[str] | None = None) -> int:
                        seconds=round(time.perf_counter() - t_start, 1))
             _write_json(args.out, {**meta, "sessions": [*sessions, now]}, runs)
 
-    def run_grid(name: str, lrs: list[float]) -> None:
+    def run_grid(name: str, lrs: list[float], option_sets: list[dict[str, Any]]) -> None:
         nonlocal n_trained
-        for lr in lrs:
-            done = [r for r in previous if r["optimizer"] == name and r["lr"] == lr]
+        for kw, lr in ((kw, lr) for kw in option_sets for lr in lrs):
+            done = [r for r in previous if r["optimizer"] == name and r["lr"] == lr
+                    and r.get("overrides", {}) == kw]
             if done:
                 runs.append(done[0])
                 continue
             try:
-                r = run_one(name, lr, data, args)
+                r = run_one(name, lr, data, args, kw)
                 r["commit"] = meta["commit"]
                 runs.append(r)
             except FloatingPointError as e:  # a diverged run is a result, not a crash
-                print(f"{ALL_LABELS[name]} lr={lr:g}: {e}", file=sys.stderr)
-                runs.append(dict(optimizer=name, label=ALL_LABELS[name], lr=lr,
+                print(f"{label_of(name, kw)} lr={lr:g}: {e}", file=sys.stderr)
+                runs.append(dict(optimizer=name, label=label_of(name, kw), lr=lr, overrides=kw,
                                  heldout_loss=float("nan"), diverged=str(e)))
             n_trained += 1
             save()  # partial results survive an interrupted run
 
     for name, lrs in lr_grid.items():
         if name in OPTIMIZERS:
-            run_grid(name, lrs)
+            run_grid(name, lrs, overrides.get(name, [{}]))
     # 8-bit variants: at the rate chosen (on validation) for their 32-bit counterpart
     chosen = best_runs([r for r in runs if r["heldout_loss"] == r["heldout_loss"]])
     for name in (n for n in ALL_NAMES if n in EIGHT_BIT and n in args.optimizers):
         base = EIGHT_BIT[name]
         default = chosen[base]["lr"] if base in chosen else GRID[base][0]
         meta["grids"][name] = lr_grid.get(name, [default])
-        run_grid(name, meta["grids"][name])
+        same = [chosen[base].get("overrides", {})] if base in chosen else [{}]
+        run_grid(name, meta["grids"][name], overrides.get(name, same))
     total = time.perf_counter() - t_start
     reused = f", {len(runs) - n_trained} runs reused from {args.resume}" if previous else ""
     report(runs, meta, args, f"{n_trained} runs trained in {total / 60:.1f} min{reused}")
