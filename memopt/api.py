@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding import ShardConfig, ShardedOptimizer, apply_sharding
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, Layout, Stage
@@ -35,6 +36,7 @@ def shard(
     fsdp: FSDPOptions | None = None,
     offload: OffloadConfig | str | None = None,
     offload_params: str = "none",
+    param_nvme: NVMeConfig | str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Partition ``optimizer``'s state (stage 1), gradients (2) and parameters (3) over the ranks.
 
@@ -55,9 +57,16 @@ def shard(
     optimizers keep their own state there (docs/offload_optim.md).
     ``offload_params="cpu"`` (stage 3): parameter shards, gradients and optimizer state on the
     CPU, each unit copied to the device just before its all-gather (FSDP2's CPUOffloadPolicy).
+    ``offload_params="nvme"`` (stage 3) with ``param_nvme=`` (a directory, or an
+    ``NVMeConfig``): each rank's parameter shards live in an NVMe file and are read back just
+    before their unit is gathered (prefetched along the recorded unit order) and during its
+    optimizer step. At stage 3 ``offload=`` keeps the inner optimizer's state of each unit on
+    that tier between steps (any optimizer with per-parameter state). docs/shard.md.
     """
     if isinstance(offload, str):
         offload = OffloadConfig(device=offload)  # type: ignore[arg-type]
+    if isinstance(param_nvme, str | os.PathLike):
+        param_nvme = NVMeConfig(directory=param_nvme)
     if deepspeed_config is not None:  # the layout default then follows the config's stage
         config = deepspeed_shard_config(
             deepspeed_config, optimizer, layout=layout, stage=stage,
@@ -70,14 +79,8 @@ def shard(
                     f"offload_optimizer ({config.offload!r}); set it in one place only"
                 )
             config = dataclasses.replace(config, offload=offload)
-        if offload_params != "none":
-            if config.offload_params not in ("none", offload_params):
-                raise ValueError(
-                    f"memopt.shard: offload_params={offload_params!r} contradicts "
-                    f"deepspeed_config's offload_param ({config.offload_params!r}); set it in "
-                    "one place only"
-                )
-            config = dataclasses.replace(config, offload_params=offload_params)  # type: ignore[arg-type]
+        if offload_params != "none" or param_nvme is not None:
+            config = _with_param_offload(config, offload_params, param_nvme)
     else:
         if layout is None:
             layout = "dim0" if stage == 3 else "whole_tensor"
@@ -88,8 +91,29 @@ def shard(
             master_dtype=master_dtype,
             offload=offload,
             offload_params=offload_params,  # type: ignore[arg-type]
+            param_nvme=param_nvme,
         )
     return apply_sharding(model, optimizer, config, process_group, fsdp)
+
+
+def _with_param_offload(
+    config: ShardConfig, offload_params: str, param_nvme: NVMeConfig | None
+) -> ShardConfig:
+    """``offload_params`` / ``param_nvme`` arguments on top of a DeepSpeed config's."""
+    if offload_params == "none":
+        offload_params = config.offload_params
+    if config.offload_params not in ("none", offload_params):
+        raise ValueError(
+            f"memopt.shard: offload_params={offload_params!r} contradicts deepspeed_config's "
+            f"offload_param ({config.offload_params!r}); set it in one place only"
+        )
+    nvme = param_nvme or config.param_nvme
+    if param_nvme is not None and config.param_nvme not in (None, param_nvme):
+        raise ValueError(
+            f"memopt.shard: param_nvme={param_nvme!r} contradicts deepspeed_config's "
+            f"offload_param.nvme_path ({config.param_nvme!r}); set it in one place only"
+        )
+    return dataclasses.replace(config, offload_params=offload_params, param_nvme=nvme)  # type: ignore[arg-type]
 
 
 __all__ = ["shard"]

@@ -12,11 +12,12 @@ from typing import Literal
 
 import torch
 
+from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 
 Stage = Literal[1, 2, 3]
 Layout = Literal["whole_tensor", "dim0"]
-ParamOffload = Literal["none", "cpu"]
+ParamOffload = Literal["none", "cpu", "nvme"]
 STAGES: tuple[int, ...] = (1, 2, 3)
 LAYOUTS: tuple[str, ...] = ("whole_tensor", "dim0")
 #: Default gradient / parameter bucket size (DDP's default, 25 MiB).
@@ -35,12 +36,17 @@ class ShardConfig:
     - ``master_dtype``: keep the optimizer's copy of each owned shard in this dtype (e.g.
       ``torch.float32`` for a bf16 model); ``None`` steps the parameters' own dtype in place.
     - ``offload``: keep the optimizer's state (AdamW: fp32 master weights and moments; the
-      low-rank optimizers: their own state) on a tier (``OffloadConfig``: pinned CPU or NVMe;
-      stages 1 and 2), see docs/offload_optim.md.
+      low-rank optimizers: their own state) on a tier (``OffloadConfig``: pinned CPU or NVMe),
+      see docs/offload_optim.md. At stage 3 the inner optimizer's state tensors of each FSDP
+      unit are kept there between steps and streamed unit by unit (``param_swap``).
     - ``offload_params``: stage 3 only: ``"cpu"`` keeps each rank's parameter shards, their
       gradients and so the optimizer state and step on the CPU (FSDP2's ``CPUOffloadPolicy``:
       each unit is copied to the device just before its all-gather, the next unit's copy
-      overlapping the current compute); ``"none"`` keeps them on the device.
+      overlapping the current compute); ``"nvme"`` keeps each rank's parameter shards in an
+      NVMe file (``param_nvme``) and brings a unit's shards back just before FSDP2 gathers
+      it and during its optimizer step, reading ahead along the recorded unit order
+      (``param_swap``); ``"none"`` keeps them on the device.
+    - ``param_nvme``: the ``NVMeConfig`` (or its directory) of ``offload_params="nvme"``.
     """
 
     stage: Stage = 2
@@ -49,6 +55,7 @@ class ShardConfig:
     master_dtype: torch.dtype | None = None
     offload: OffloadConfig | None = None
     offload_params: ParamOffload = "none"
+    param_nvme: NVMeConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or self.stage not in STAGES:
@@ -77,24 +84,33 @@ class ShardConfig:
                 f"memopt.shard: offload must be None, 'cpu' or a memopt.offload.OffloadConfig, "
                 f"got {self.offload!r}"
             )
-        if self.offload is not None and self.stage == 3:
-            raise NotImplementedError(
-                "memopt.shard: offload= (optimizer state on a tier) is implemented for stages 1 "
-                "and 2; at stage 3 use offload_params='cpu', which keeps the parameter shards, "
-                "gradients and optimizer state on the CPU (FSDP2 CPUOffloadPolicy)"
-            )
         if self.offload_params not in ("none", "cpu", "nvme"):
             raise ValueError(
-                f"memopt.shard: offload_params must be 'none' or 'cpu', got {self.offload_params!r}"
+                f"memopt.shard: offload_params must be 'none', 'cpu' or 'nvme', got "
+                f"{self.offload_params!r}"
             )
-        if self.offload_params == "nvme":
-            raise NotImplementedError(
-                "memopt.shard: offload_params='nvme' (stage-3 parameter shards on NVMe) is not "
-                "implemented; use offload_params='cpu'"
-            )
+        self._check_param_nvme()
         if self.offload_params != "none" and self.stage != 3:
             raise ValueError(
                 f"memopt.shard: offload_params={self.offload_params!r} applies to stage 3 "
                 f"(parameters are sharded there), got stage {self.stage}; for stages 1/2 "
                 "offload the optimizer state with offload='cpu' or 'nvme'"
+            )
+
+    def _check_param_nvme(self) -> None:
+        nvme = self.param_nvme
+        if self.offload_params == "nvme" and nvme is None:
+            raise ValueError(
+                "memopt.shard: offload_params='nvme' needs param_nvme= (a directory on the NVMe "
+                "disk, or a memopt.offload.NVMeConfig(directory=...))"
+            )
+        if nvme is not None and not isinstance(nvme, NVMeConfig):
+            raise TypeError(
+                f"memopt.shard: param_nvme must be a memopt.offload.NVMeConfig (memopt.shard also "
+                f"takes a directory string), got {type(nvme).__name__}"
+            )
+        if nvme is not None and self.offload_params != "nvme":
+            raise ValueError(
+                f"memopt.shard: param_nvme is set but offload_params={self.offload_params!r}; "
+                "pass offload_params='nvme' (or drop param_nvme)"
             )

@@ -18,7 +18,8 @@ Every key DeepSpeed 0.19 accepts in the block is known here, in one of four kind
   ``ShardConfig.offload`` (an ``OffloadConfig``: ``nvme_path``, ``pin_memory``; stages 1/2);
   ``offload_param`` with device ``cpu`` -> ``ShardConfig.offload_params="cpu"`` (stage 3,
   FSDP2's CPU offload; with ``offload_optimizer`` on the CPU too, that one setting covers
-  both); ``offload_param`` on ``nvme`` raises ``NotImplementedError`` (issue 5).
+  both); ``offload_param`` on ``nvme`` -> ``offload_params="nvme"`` with
+  ``param_nvme=NVMeConfig(directory=nvme_path)`` (stage 3; ``nvme_path`` required).
 - *matched*: a behavior memopt always has (``contiguous_gradients``, ``reduce_scatter``,
   ``overlap_comm`` for stages 2 and 3, ...): the value that asks for it is accepted silently;
   the other value warns, since memopt cannot switch the behavior off.
@@ -42,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, ShardConfig
 
@@ -143,11 +145,13 @@ class DeepSpeedZero:
         if self.bucket_bytes is not None:
             kwargs["bucket_bytes"] = self.bucket_bytes
         off = self.offload_optimizer
-        if self.offload_param.device == "cpu":
-            kwargs["offload_params"] = "cpu"
+        if self.offload_param.device != "none":
+            kwargs["offload_params"] = self.offload_param.device
+        if self.offload_param.device == "nvme":
+            kwargs["param_nvme"] = NVMeConfig(directory=str(self.offload_param.nvme_path))
         # ZeRO-3 with both offloads on the CPU: FSDP2's CPU offload keeps the optimizer state
         # (and step) on the CPU with the parameter shards, which is what both keys ask for
-        both_cpu = self.stage == 3 and off.device == "cpu" and "offload_params" in kwargs
+        both_cpu = self.stage == 3 and off.device == "cpu" and self.offload_param.device == "cpu"
         if off.device != "none" and not both_cpu:
             kwargs["offload"] = OffloadConfig(off.device, off.nvme_path, off.pin_memory)
         return ShardConfig(master_dtype=self.master_dtype, **kwargs)
@@ -333,11 +337,8 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
             f"memopt.shard: offload_optimizer.ratio={out[0].ratio} (partial offload) is not "
             "implemented; memopt offloads all of a rank's optimizer state (ratio 1.0)"
         )
-    if out[1].device == "nvme":
-        raise NotImplementedError(
-            f"memopt.shard: zero_optimization.offload_param with device 'nvme' (parameter "
-            f"shards on NVMe) is not implemented: {OFFLOAD_ISSUE}. Use \"device\": \"cpu\""
-        )
+    if out[1].device == "nvme" and not out[1].nvme_path:
+        raise ValueError('memopt.shard: offload_param.device "nvme" needs "nvme_path"')
     if block.get("zenflow"):
         raise NotImplementedError(
             f"memopt.shard: zero_optimization.zenflow (ZenFlow offload) is not implemented: "

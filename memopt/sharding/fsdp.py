@@ -39,6 +39,7 @@ from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp_optim import FSDPOptimizer
 from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
+from memopt.sharding.param_swap import make_param_swapper
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,8 @@ def shard_stage3(
     """``fully_shard`` the model, then wrap the optimizer around the new DTensor parameters.
 
     ``fully_shard`` replaces every parameter object; the optimizer's are found again by name.
-    A meta-device model is materialized shard by shard right after (``meta_init``).
+    A meta-device model is materialized shard by shard right after (``meta_init``); with
+    ``offload_params="nvme"`` the shards then go to NVMe (``param_swap``).
     """
     order = param_names(model, optimizer)
     meta = is_meta(model)
@@ -221,6 +223,10 @@ def shard_stage3(
     apply_fully_shard(model, comm, options, config.master_dtype, config.offload_params)
     if meta:
         materialize(model, device, comm.rank, comm.world, options.init_fn)
+    swapper = None
+    if config.offload_params == "nvme":
+        assert config.param_nvme is not None  # ShardConfig checked it
+        swapper = make_param_swapper(model, config.param_nvme, comm.rank)
     new = dict(model.named_parameters())
     params = [[new[n] for n in group] for group in order]
-    return model, FSDPOptimizer(model, optimizer, config, comm, params)
+    return model, FSDPOptimizer(model, optimizer, config, comm, params, swapper)

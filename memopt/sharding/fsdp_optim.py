@@ -22,6 +22,13 @@ is a *holder*: a plain tensor that, for each step, is re-pointed (``holder.data 
   size (``plan.make_plans``). Correct, not fast: one gather and one broadcast per such matrix
   per step, issued in plan order on every rank.
 
+Tiers (``param_swap``, ``unit_state``): with ``offload_params="nvme"`` (a ``ParamSwapper``)
+or ``offload=`` (a ``UnitStateStore``) the step streams FSDP2 units in a fixed order (the same
+on every rank, so owner collectives keep their order): prefetch unit k+1's shards and state,
+load unit k's, bind only unit k's gradients (the inner optimizer skips parameters without a
+gradient, so per-parameter step counts are unchanged), step, write the updated shards and
+state back; unit k's storage is freed once its write lands, while unit k+1 steps.
+
 Clipping uses ``torch.nn.utils.get_total_norm`` on the DTensor gradients (``full_tensor()``
 of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps to FSDP2's
 ``set_requires_gradient_sync(False)``.
@@ -30,7 +37,7 @@ of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -41,7 +48,9 @@ from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.optimizer import ShardedOptimizer
+from memopt.sharding.param_swap import ParamSwapper, fsdp_groups
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
+from memopt.sharding.unit_state import UnitStateStore
 
 
 class FSDPOptimizer(ShardedOptimizer):
@@ -58,6 +67,7 @@ class FSDPOptimizer(ShardedOptimizer):
         config: ShardConfig,
         comm: Comm,
         params: Sequence[Sequence[Tensor]],
+        swapper: ParamSwapper | None = None,
     ) -> None:
         # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order.
         # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
@@ -89,21 +99,85 @@ class FSDPOptimizer(ShardedOptimizer):
                     self.locals[index] = local
                 index += 1
         self._install_row_projectors()
+        #: the NVMe parameter swapper (``offload_params="nvme"``), else None
+        self.param_swapper = swapper
+        #: the inner optimizer's state on a tier (``offload=``), else None
+        self.state_store: UnitStateStore | None = None
+        if config.offload is not None:
+            tier = config.offload.make_tier(comm.rank)
+            self.state_store = UnitStateStore(self.inner, tier, config.offload.min_state_bytes)
+        streamed = swapper is not None or self.state_store is not None
+        self._units = self._unit_plans() if streamed else []
+
+    def _unit_plans(self) -> list[tuple[int, list[ParamPlan]]]:
+        """The plans of each FSDP2 unit, units in ``fsdp_groups`` order, plans in plan order."""
+        unit_of = {
+            id(fp.sharded_param): i
+            for i, g in enumerate(fsdp_groups(self.model))
+            for fp in g.fsdp_params
+        }
+        by_unit: dict[int, list[ParamPlan]] = {}
+        for p in self.plans:
+            assert id(p.param) in unit_of, "every stage-3 parameter belongs to an FSDP2 unit"
+            by_unit.setdefault(unit_of[id(p.param)], []).append(p)
+        return sorted(by_unit.items())
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
-        whole = self._bind()
+        if self._units:
+            self._step_units()
+            return loss
+        whole = self._bind(self.plans)
         self.inner.step()
         self._scatter_back(whole)
         self._release()
         return loss
 
-    def _bind(self) -> list[ParamPlan]:
-        """Point every holder at this step's tensors; gather whole matrices to owners."""
+    def _step_units(self) -> None:
+        """One unit at a time (see the module docstring)."""
+        sw, st, units = self.param_swapper, self.state_store, self._units
+        if sw is not None:
+            sw.begin_step()
+        written: list[int] = []
+        for k, (unit, plans) in enumerate(units):
+            if k + 1 < len(units):
+                if sw is not None:
+                    sw.prefetch(units[k + 1][0])
+                if st is not None:
+                    st.prefetch(self._held(units[k + 1][1]))
+            if sw is not None:
+                sw.load(unit)
+            if st is not None:
+                st.fetch(self._held(plans))
+            whole = self._bind(plans)
+            self.inner.step()
+            self._scatter_back(whole)
+            for h in self._held(plans):
+                h.grad = None
+            if st is not None:
+                st.send(self._held(plans))
+            if sw is not None:
+                sw.write_back(unit, evict=False)
+                written.append(unit)
+                if len(written) > 1:  # unit k-1's write had unit k's step to land
+                    sw.release(written.pop(0))
+        if sw is not None:
+            for unit in written:
+                sw.release(unit)
+        if st is not None:
+            st.drain()
+        self._release()
+
+    def _held(self, plans: list[ParamPlan]) -> list[Tensor]:
+        return [self.holders[p.index] for p in plans]
+
+    def _bind(self, plans: list[ParamPlan]) -> list[ParamPlan]:
+        """Point the holders of ``plans`` at this step's tensors; gather whole matrices to
+        their owners."""
         whole = []
-        for p in self.plans:
+        for p in plans:
             h, grad = self.holders[p.index], p.param.grad
             if p.owner is None:
                 h.data = _local(p.param)
@@ -148,6 +222,46 @@ class FSDPOptimizer(ShardedOptimizer):
 
     def finish_grad_sync(self) -> None:
         """Nothing to do: FSDP2 reduce-scatters during the synchronizing backward."""
+
+    # -- tiers: state dicts, residency ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.state_store is None:
+            return super().state_dict()
+        self.state_store.fetch_all()
+        try:
+            sd = super().state_dict()
+            # own per-parameter dicts: send_all() swaps the inner state's tensors for
+            # placeholders, and torch's state_dict shares those dicts
+            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+            return sd
+        finally:
+            self.state_store.send_all()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.state_store is not None:
+            self.state_store.fetch_all()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            if self.state_store is not None:
+                self.state_store.send_all()
+
+    def resident_params(self, write_back: bool = True) -> Any:
+        """A context in which every parameter shard is in memory (reading or editing the
+        model's parameters directly under ``offload_params="nvme"``; a no-op otherwise)."""
+        if self.param_swapper is None:
+            return nullcontext()
+        return self.param_swapper.resident(write_back)
+
+    def close(self) -> None:
+        """Bring shards and state back into memory and free their tiers."""
+        if self.state_store is not None:
+            self.state_store.close()
+            self.state_store = None
+        if self.param_swapper is not None:
+            self.param_swapper.close()
+            self.param_swapper = None
+        self._units = []
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -53,14 +53,6 @@ def apply_sharding(
             f"memopt.shard: optimizer must be a torch.optim.Optimizer, got "
             f"{type(optimizer).__name__}"
         )
-    low_rank = config.offload is not None and is_low_rank_optimizer(optimizer)
-    if config.offload is not None:
-        check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
-        if not low_rank and config.master_dtype not in (None, torch.float32):
-            raise ValueError(
-                f"memopt.shard: with offload= the master weights are fp32 on the tier; "
-                f"master_dtype={config.master_dtype} is not possible (use None or float32)"
-            )
     comm = Comm.resolve(process_group)
     if config.offload_params != "none" and comm.group is None:
         raise ValueError(
@@ -68,6 +60,13 @@ def apply_sharding(
             "torch.distributed initialized; on one device a one-rank group is enough "
             "(torchrun --nproc_per_node 1, or init_process_group with world_size=1)"
         )
+    # World size 1 takes the plain path, unless asked for the collectives (comm.world1_
+    # collectives) or for parameter offload (which is FSDP2's, even on one device).
+    forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
+    fsdp2 = config.stage == 3 and (comm.world > 1 or forced)
+    low_rank = config.offload is not None and is_low_rank_optimizer(optimizer)
+    if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
+        _check_offload(optimizer, config, low_rank)
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)
@@ -82,10 +81,7 @@ def apply_sharding(
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(comm, error, optimizer)
-    # World size 1 takes the plain path, unless asked for the collectives (comm.world1_
-    # collectives) or for parameter offload (which is FSDP2's, even on one device).
-    forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
-    if config.stage == 3 and (comm.world > 1 or forced):
+    if fsdp2:
         return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
     if is_meta(model):  # stage 3 on one rank: the whole model is this rank's shard
         options = fsdp or FSDPOptions()
@@ -107,6 +103,15 @@ def apply_sharding(
     sharded.defaults = sharded.inner.defaults
     sharded.config = config
     return model, sharded
+
+
+def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, low_rank: bool) -> None:
+    check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
+    if not low_rank and config.master_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"memopt.shard: with offload= the master weights are fp32 on the tier; "
+            f"master_dtype={config.master_dtype} is not possible (use None or float32)"
+        )
 
 
 def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:

@@ -101,13 +101,25 @@ def test_bad_values(block: dict, exc: type, match: str) -> None:
 @pytest.mark.parametrize(
     ("block", "key"),
     [
-        ({"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}, "offload_param"),
         ({"zenflow": {"topk_ratio": 0.1}}, "zenflow"),
     ],
 )
 def test_offload_not_implemented_names_the_issue(block: dict, key: str) -> None:
     with pytest.raises(NotImplementedError, match=f"{key}.*issue 5"):
         read_deepspeed({"stage": 3, **block})
+
+
+def test_offload_param_nvme_is_mapped() -> None:
+    from memopt.offload import NVMeConfig, OffloadConfig
+
+    block = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}
+    cfg = from_deepspeed(block)
+    assert cfg.offload_params == "nvme" and cfg.param_nvme == NVMeConfig(directory="/nvme")
+    assert cfg.offload is None
+    both = from_deepspeed({**block, "offload_optimizer": {"device": "nvme", "nvme_path": "/o"}})
+    assert both.offload == OffloadConfig("nvme", "/o") and both.offload_params == "nvme"
+    with pytest.raises(ValueError, match="needs .nvme_path"):
+        read_deepspeed({"stage": 3, "offload_param": {"device": "nvme"}})
 
 
 def test_offload_none_is_mapped() -> None:

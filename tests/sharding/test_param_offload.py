@@ -53,10 +53,10 @@ def test_param_offload_config_errors() -> None:
     model = T3.make_model()
     with pytest.raises(ValueError, match="applies to stage 3"):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=2, offload_params="cpu")
-    with pytest.raises(NotImplementedError, match="nvme"):
+    with pytest.raises(ValueError, match="needs param_nvme="):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="nvme")
     with pytest.raises(ValueError, match="needs torch.distributed initialized"):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="cpu")
-    with pytest.raises(ValueError, match="'none' or 'cpu'"):
+    with pytest.raises(ValueError, match="'none', 'cpu' or 'nvme'"):
         memopt.shard(model, T.make_optimizer("adamw", model), stage=3, offload_params="gpu")
     assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())

@@ -1,0 +1,79 @@
+"""Model ``state_dict`` / ``load_state_dict`` with stage-3 shards on NVMe (``ParamSwapper``).
+
+A state dict holds the shards themselves (``DTensor`` row shards, views of FSDP2's sharded
+storage), which the swapper frees between uses. Hooks on each unit's own module (the module
+``fully_shard`` was applied to, whose ``state_dict`` recursion covers exactly that unit's
+parameters) keep that correct one unit at a time:
+
+- ``state_dict``: the pre-hook loads the unit; the post-hook replaces the unit's entries
+  by clones (so they outlive the eviction) and evicts it again. Peak: the state dict itself
+  plus one unit.
+- ``load_state_dict``: the pre-hook loads the unit; FSDP2 copies the values into the shards
+  in place; the post-hook writes them to the tier and evicts. ``assign=True`` (which replaces
+  the parameter objects) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from memopt.sharding.param_swap import ParamSwapper
+
+__all__ = ["install_state_dict_hooks"]
+
+
+def _unit_module(group: Any) -> nn.Module:
+    modules = group.modules if hasattr(group, "modules") else (group.module,)
+    return modules[0]
+
+
+def install_state_dict_hooks(swapper: ParamSwapper, model: nn.Module) -> list[Any]:
+    """Register the four hooks per unit; return their handles."""
+    handles = []
+    for u in swapper.units:
+        module = _unit_module(u.group)
+        index = u.index
+
+        def pre_save(_m: nn.Module, _prefix: str, _keep: bool, index: int = index) -> None:
+            swapper.load(index)
+            swapper.units[index].pins += 1
+
+        def post_save(_m: nn.Module, sd: dict[str, Any], _prefix: str, _meta: Any,
+                      index: int = index) -> None:  # fmt: skip
+            unit = swapper.units[index]
+            ptrs = {p.tensor.untyped_storage().data_ptr() for p in unit.pieces}
+            for key, value in sd.items():
+                local = getattr(value, "_local_tensor", value)
+                if getattr(local, "untyped_storage", None) is None:
+                    continue
+                if local.untyped_storage().data_ptr() in ptrs:
+                    sd[key] = value.detach().clone()
+            unit.pins -= 1
+            swapper._evict(unit)
+
+        def pre_load(_m: nn.Module, _sd: Any, _prefix: str, meta: Any, *_: Any,
+                     index: int = index) -> None:  # fmt: skip
+            if meta.get("assign_to_params_buffers"):
+                raise NotImplementedError(
+                    "memopt.shard(offload_params='nvme'): load_state_dict(assign=True) would "
+                    "replace the parameter shards the NVMe swapper manages; load without "
+                    "assign=True (values are copied into the shards)"
+                )
+            swapper.load(index)
+            swapper.units[index].pins += 1
+
+        def post_load(_m: nn.Module, _keys: Any, index: int = index) -> None:
+            swapper.units[index].pins -= 1
+            swapper.write_back(index, evict=False)
+            swapper._evict(swapper.units[index])
+
+        handles += [
+            module.register_state_dict_pre_hook(pre_save),
+            module.register_state_dict_post_hook(post_save),
+            module.register_load_state_dict_pre_hook(pre_load),
+            module.register_load_state_dict_post_hook(post_load),
+        ]
+    return handles

@@ -1,0 +1,120 @@
+"""Stage 3 with ``offload=``: the inner optimizer's state tensors of each FSDP unit live on a
+tier (pinned CPU or NVMe) between steps.
+
+``UnitStateStore(inner, tier)`` works with any optimizer that keeps per-parameter state in
+``inner.state[p]`` (torch's AdamW and Adam, every memopt optimizer): after a unit's
+parameters are stepped, ``send`` writes each of their state tensors of at least
+``min_bytes`` (moments, bases, 8-bit codes; not step counters) to the tier and leaves an
+empty placeholder; ``fetch`` (started for the next unit while this one steps) reads them back
+into fresh tensors before the unit's next step. Each (parameter, key) has one tier handle,
+reallocated only if the tensor's shape or dtype changes. ``fetch_all`` / ``send_all`` serve
+``state_dict`` and ``load_state_dict``, which see the inner optimizer's own layout.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+
+__all__ = ["UnitStateStore"]
+
+Key = tuple[int, str]
+
+
+class UnitStateStore:
+    """Per-parameter optimizer state on ``tier`` between steps; see the module docstring."""
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        tier: StorageTier,
+        min_bytes: int = 4096,
+        max_writes: int = 8,
+    ) -> None:
+        self.inner, self.tier = inner, tier
+        self.min_bytes, self.max_writes = min_bytes, max_writes
+        self._handles: dict[Key, TierHandle] = {}
+        self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self._reads: dict[int, list[IOFuture]] = {}
+        self._writes: deque[tuple[Tensor, IOFuture]] = deque()
+
+    def prefetch(self, params: Iterable[Tensor]) -> None:
+        """Start reading the state of ``params`` (no wait)."""
+        for p in params:
+            state = self.inner.state.get(p)
+            if not state:
+                continue
+            for key in [k for k in state if (id(p), k) in self._away]:
+                shape, dtype, device = self._away.pop((id(p), key))
+                out = torch.empty(shape, dtype=dtype, device=device)
+                fut = self.tier.read_async(self._handles[(id(p), key)], out)
+                self._reads.setdefault(id(p), []).append(fut)
+                state[key] = out
+
+    def fetch(self, params: Iterable[Tensor]) -> None:
+        """The state of ``params`` resident (reads started if needed, then waited on)."""
+        params = list(params)
+        self.prefetch(params)
+        wait_all([f for p in params for f in self._reads.pop(id(p), [])])
+
+    def send(self, params: Iterable[Tensor]) -> None:
+        """Write the large state tensors of ``params`` to the tier; they shrink at once (the
+        write keeps its source alive until it is done)."""
+        for p in params:
+            state = self.inner.state.get(p, {})
+            for key, t in list(state.items()):
+                if not isinstance(t, Tensor) or t.numel() * t.element_size() < self.min_bytes:
+                    continue
+                src = t.detach().contiguous()
+                fut = self.tier.write_async(self._handle((id(p), key), t), src)
+                self._away[(id(p), key)] = (t.shape, t.dtype, t.device)
+                state[key] = t.new_empty(0)
+                self._writes.append((src, fut))
+                while len(self._writes) > self.max_writes:
+                    self._writes.popleft()[1].wait()
+
+    def _handle(self, key: Key, t: Tensor) -> TierHandle:
+        h = self._handles.get(key)
+        if h is not None and (h.shape != tuple(t.shape) or h.dtype != t.dtype):
+            self.tier.free(h)
+            h = None
+        if h is None:
+            h = self._handles[key] = self.tier.allocate(tuple(t.shape), t.dtype)
+        return h
+
+    def drain(self) -> None:
+        wait_all([fut for _, fut in self._writes])
+        self._writes.clear()
+
+    def all_params(self) -> list[Tensor]:
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def fetch_all(self) -> None:
+        self.drain()
+        self.fetch(self.all_params())
+
+    def send_all(self) -> None:
+        self.send(self.all_params())
+        self.drain()
+
+    def resident_bytes(self) -> int:
+        """Bytes of state tensors held in memory now (not on the tier)."""
+        return sum(
+            t.numel() * t.element_size()
+            for st in self.inner.state.values()
+            for t in st.values()
+            if isinstance(t, Tensor)
+        )
+
+    def close(self) -> None:
+        """Bring the state back into memory, then free the tier."""
+        self.fetch_all()
+        for h in self._handles.values():
+            self.tier.free(h)
+        self._handles.clear()
+        self.tier.close()
