@@ -5,6 +5,8 @@ to host staging overlaps the next forward/backward and is fenced before the next
 step; a background writer publishes each snapshot atomically (safetensors per rank with
 aligned tensors, a JSON manifest with checksums). ``load`` verifies and reshards to the
 current world size/layout. ``export_hf`` writes consolidated weights for Hugging Face.
+``redundancy=RedundancyConfig(...)`` also keeps each save in peers' host memory (REFT), from
+which ``recover()`` rebuilds a lost rank's snapshot without the disk.
 See docs/checkpoint.md.
 """
 
@@ -12,9 +14,15 @@ from __future__ import annotations
 
 from memopt.checkpoint.checkpointer import FORMAT_VERSION, AsyncCheckpointer
 from memopt.checkpoint.config import CheckpointConfig
-from memopt.checkpoint.errors import CheckpointError, CorruptSnapshotError, SnapshotMismatchError
+from memopt.checkpoint.errors import (
+    CheckpointError,
+    CorruptSnapshotError,
+    PeerRecoveryError,
+    SnapshotMismatchError,
+)
 from memopt.checkpoint.export import export_hf
 from memopt.checkpoint.reader import Snapshot
+from memopt.checkpoint.redundancy_config import RedundancyConfig
 from memopt.checkpoint.stats import CheckpointStats, SaveRecord
 
 __all__ = [
@@ -24,6 +32,8 @@ __all__ = [
     "CheckpointError",
     "CheckpointStats",
     "CorruptSnapshotError",
+    "PeerRecoveryError",
+    "RedundancyConfig",
     "SaveRecord",
     "Snapshot",
     "SnapshotMismatchError",

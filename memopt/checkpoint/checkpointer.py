@@ -14,12 +14,15 @@ of the checkpointer's own, so it never interleaves with training collectives); r
 the manifest, fsyncs, renames the directory to ``step_.../`` and rotates old snapshots; a
 broadcast tells every rank the outcome. Loading verifies checksums and falls back to the
 previous published snapshot when the newest is damaged.
+
+With ``redundancy=RedundancyConfig(...)`` each save's staged bytes are also mirrored in host
+memory and protected on peers by a background thread on a second gloo group (``peer_tier``);
+``recover()`` / ``load(from_peers=True)`` rebuild a lost rank's snapshot from them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import warnings
@@ -30,21 +33,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memopt._utils import get_logger
 from memopt.checkpoint import capture as C
 from memopt.checkpoint import publish as P
-from memopt.checkpoint import restore as R
+from memopt.checkpoint.commit import FORMAT_VERSION, commit
 from memopt.checkpoint.config import CheckpointConfig
-from memopt.checkpoint.errors import CheckpointError, CorruptSnapshotError
+from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
 from memopt.checkpoint.fileformat import checksum_fn, plan_file, resolve_checksum, write_file
+from memopt.checkpoint.loading import open_published, restore_all
+from memopt.checkpoint.peer_tier import build_tier
 from memopt.checkpoint.pipeline import Job, Pipeline
 from memopt.checkpoint.reader import Snapshot
+from memopt.checkpoint.redundancy_config import RedundancyConfig
 from memopt.checkpoint.stats import CheckpointStats, SaveRecord
 from memopt.offload.arena import ArenaConfig, PinnedArena
 from memopt.offload.hostmem import PAGE_SIZE
-
-FORMAT_VERSION = 1
-log = get_logger("memopt.checkpoint")
 
 
 class AsyncCheckpointer:
@@ -52,6 +54,10 @@ class AsyncCheckpointer:
 
     Construct it on every rank (it makes a gloo group when a process group exists).
     Options: ``CheckpointConfig`` fields as keywords, or ``config=``; ``metadata=`` a dict.
+    ``redundancy=RedundancyConfig(...)``: also keep each save in peers' host memory (REFT),
+    on ``redundancy_group`` (default: a new gloo group over the same ranks); ``adopt=`` an
+    older checkpointer of this process (e.g. before the process group was re-formed with a
+    replacement rank) whose in-memory snapshot this one takes over (the old one is closed).
     """
 
     def __init__(
@@ -62,6 +68,9 @@ class AsyncCheckpointer:
         config: CheckpointConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
         process_group: Any = None,
+        redundancy: RedundancyConfig | None = None,
+        redundancy_group: Any = None,
+        adopt: AsyncCheckpointer | None = None,
         **options: Any,
     ) -> None:
         if config is not None and (options or keep != 3):
@@ -81,6 +90,7 @@ class AsyncCheckpointer:
             ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
             self._group = dist.new_group(ranks=ranks, backend="gloo")
         self._check_directory()
+        self.peers = build_tier(redundancy, redundancy_group, adopt, self._group, self.config)
         pin: Any = "auto" if self.config.pin == "auto" and torch.cuda.is_available() else "off"
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin=pin))
         self.stats = CheckpointStats()
@@ -211,6 +221,8 @@ class AsyncCheckpointer:
     def _write(self, job: Job) -> None:
         tmp = self._tmp(job)
         data_name, json_name = P.rank_files(self.rank)
+        if self.peers is not None:  # a host copy for peers, overlapping the disk write
+            self.peers.begin(job, self.rank, self.world)
         try:
             os.makedirs(tmp, exist_ok=True)
             assert job.staging is not None
@@ -229,12 +241,17 @@ class AsyncCheckpointer:
                 f"checkpoint step {job.step}: writing rank {self.rank}'s files in {tmp} failed: "
                 f"{e} (disk full or not writable?); published snapshots are untouched"
             ) from e
+        finally:
+            if self.peers is not None:  # before the staging block is released
+                self.peers.end(job)
         job.files = {
             data_name: data_crc,
             json_name: checksum_fn(self.checksum)(raw, 0),
         }
 
     def _publish(self, job: Job) -> None:
+        if self.peers is not None:  # every job, failed ones too: the protector is collective
+            self.peers.submit(job)
         mine: Any = repr(job.error) if job.error is not None else job.files
         infos = [mine]
         if self._group is not None:
@@ -242,51 +259,14 @@ class AsyncCheckpointer:
             dist.all_gather_object(infos, mine, group=self._group)
         outcome = ""
         if self.rank == 0:
-            outcome = self._commit(job, infos)
+            tmp, meta = self._tmp(job), (self.world, self.checksum, self.metadata)
+            outcome = commit(self.directory, tmp, job, infos, self.config, meta)
         if self._group is not None:
             box = [outcome]
             dist.broadcast_object_list(box, group=self._group, group_src=0)
             outcome = box[0]
         if outcome and job.error is None:
             raise CheckpointError(outcome)
-
-    def _commit(self, job: Job, infos: list[Any]) -> str:
-        bad = [f"rank {r}: {i}" for r, i in enumerate(infos) if isinstance(i, str)]
-        tmp = self._tmp(job)
-        if bad:
-            P.shutil.rmtree(tmp, ignore_errors=True)
-            return f"checkpoint step {job.step} was not published: " + "; ".join(bad)
-        try:
-            files: dict[str, int] = {}
-            for info in infos:
-                files.update(info)
-            P.write_json(
-                os.path.join(tmp, P.MANIFEST), self._manifest(job, files), self.config.fsync
-            )
-            P.publish(self.directory, tmp, job.step, self.config.fsync)
-            P.rotate(self.directory, self.config.keep)
-        except OSError as e:
-            P.shutil.rmtree(tmp, ignore_errors=True)
-            return f"checkpoint step {job.step}: publishing {tmp} failed: {e}"
-        log.info("checkpoint: step %d published (%d ranks)", job.step, self.world)
-        return ""
-
-    def _manifest(self, job: Job, files: dict[str, int]) -> dict[str, Any]:
-        return {
-            "format": "memopt-checkpoint",
-            "format_version": FORMAT_VERSION,
-            "step": job.step,
-            "world_size": self.world,
-            "checksum": self.checksum,
-            "files": files,
-            "alignment": self.config.alignment,
-            "versions": {
-                "memopt": getattr(sys.modules.get("memopt"), "__version__", "unknown"),
-                "torch": torch.__version__,
-            },
-            "metadata": self.metadata,
-            "time": time.time(),
-        }
 
     # -- completion -------------------------------------------------------------------
     def _raise_pending(self) -> None:
@@ -299,11 +279,16 @@ class AsyncCheckpointer:
             if isinstance(err, CheckpointError):
                 raise err
             raise CheckpointError(f"a background checkpoint save failed: {err!r}") from err
+        if self.peers is not None:
+            self.peers.raise_pending()
 
     def wait(self) -> None:
-        """Block until every save so far is published; raise a background failure."""
+        """Block until every save so far is published (and, with redundancy, protected or
+        skipped by peers); raise a background failure."""
         for job in list(self._jobs):
             job.done.wait()
+        if self.peers is not None:
+            self.peers.join()
         self._raise_pending()
 
     def latest(self) -> int | None:
@@ -322,37 +307,52 @@ class AsyncCheckpointer:
         model: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
+        from_peers: bool = False,
     ) -> dict[str, Any]:
-        """Restore a snapshot (``None``: the newest good one) and return its ``extra``."""
-        self.wait()
-        snap = self._open(step)
-        if model is not None:
-            R.restore_model(snap, model)
-        if optimizer is not None:
-            R.restore_optimizer(snap, optimizer, model, self.rank, self.world)
-        if scheduler is not None:
-            R.restore_scheduler(snap, scheduler, self.rank)
-        if self.config.restore_rng:
-            R.restore_rng(snap, self.rank)
-        log.info("checkpoint: loaded step %d from %s", snap.step, snap.path)
-        return R.restore_extra(snap, self.rank)
+        """Restore a snapshot (``None``: the newest good one) and return its ``extra``.
 
-    def _open(self, step: int | None) -> Snapshot:
-        if step is not None:
-            path = P.step_dir(self.directory, step)
-            if not os.path.isfile(os.path.join(path, P.MANIFEST)):
-                raise FileNotFoundError(
-                    f"AsyncCheckpointer.load: no published snapshot of step {step} in "
-                    f"{self.directory} (published: {self.steps()})"
-                )
-            return Snapshot(path, self.config.verify)
-        for s in reversed(self.steps()):
+        ``from_peers=True`` (collective): the snapshot held in peers' memory (``recover``);
+        where peers cannot rebuild it, the published one on disk, with a warning.
+        """
+        self.wait()
+        if from_peers:
             try:
-                return Snapshot(P.step_dir(self.directory, s), self.config.verify)
-            except CorruptSnapshotError as e:
-                warnings.warn(f"{e}; falling back to an older snapshot", stacklevel=3)
-                log.warning("checkpoint: %s", e)
-        raise FileNotFoundError(f"AsyncCheckpointer.load: no loadable snapshot in {self.directory}")
+                snap = self._from_peers(step)
+            except PeerRecoveryError as e:
+                try:
+                    snap = open_published(self.directory, step, self.config.verify)
+                except FileNotFoundError as d:
+                    raise PeerRecoveryError(f"{e}; no fallback on disk: {d}") from e
+                warnings.warn(f"{e}; loading step {snap.step} from disk instead", stacklevel=2)
+        else:
+            snap = open_published(self.directory, step, self.config.verify)
+        return self._restore(snap, model, optimizer, scheduler)
+
+    def recover(
+        self,
+        step: int | None = None,
+        *,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> dict[str, Any]:
+        """Collective: load the latest snapshot protected in peers' memory (rebuilding it on
+        ranks that lost theirs), without reading the directory; returns its ``extra``.
+        Raises ``PeerRecoveryError`` on every rank when peers cannot rebuild it."""
+        self.wait()
+        return self._restore(self._from_peers(step), model, optimizer, scheduler)
+
+    def _from_peers(self, step: int | None) -> Snapshot:
+        if self.peers is None:
+            raise ValueError(
+                "AsyncCheckpointer: loading from peers needs redundancy=RedundancyConfig(...)"
+            )
+        return self.peers.recover(step, self.rank, self.world)
+
+    def _restore(self, snap: Snapshot, model: Any, optimizer: Any, scheduler: Any) -> Any:
+        return restore_all(
+            snap, model, optimizer, scheduler, self.rank, self.world, self.config.restore_rng
+        )
 
     def close(self) -> None:
         """Finish pending saves, stop the threads, release staging memory."""
@@ -368,6 +368,8 @@ class AsyncCheckpointer:
                 h.remove()
             self._hooks.clear()
             self.arena.close()
+            if self.peers is not None:
+                self.peers.close()
         self._raise_pending()
 
     def __enter__(self) -> AsyncCheckpointer:

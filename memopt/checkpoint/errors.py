@@ -13,3 +13,7 @@ class CorruptSnapshotError(ValueError):
 
 class SnapshotMismatchError(ValueError):
     """A snapshot does not fit the model/optimizer it is loaded into (names or shapes)."""
+
+
+class PeerRecoveryError(CheckpointError):
+    """Peers cannot rebuild the in-memory snapshot (too many ranks lost, steps differ, none)."""

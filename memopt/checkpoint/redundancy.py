@@ -23,9 +23,8 @@ k blocks per stripe to decode (erasure). The replacement checks the crc32 record
 time, unpacks and returns ``PeerSnapshot(step, tensors, meta)``; other ranks return None. The
 replacement holds no peers' pieces afterwards: protect again to restore full protection.
 
-Collectives run on ``group`` (default: the default group, looked up at each call so that a
-re-created default group works). Called from a background thread next to training, pass a
-dedicated gloo group. Tensors on any device are copied to host memory when packed.
+Collectives run on ``group`` (default: the default group). From a background thread next to
+training (as ``AsyncCheckpointer(redundancy=...)`` does), pass a dedicated gloo group.
 """
 
 from __future__ import annotations
@@ -48,10 +47,7 @@ from memopt.checkpoint.peer_blob import (
 from memopt.checkpoint.redundancy_config import RedundancyConfig
 
 __all__ = ["PeerRedundancy", "RedundancyConfig", "PeerSnapshot"]
-
-
-# One row per rank of the table all-gathered at protect time.
-_STEP, _LEN, _CRC, _FP = range(4)
+_STEP, _LEN, _CRC, _FP = range(4)  # one row per rank of the table all-gathered at protect time
 
 
 @dataclass
@@ -108,9 +104,7 @@ class PeerRedundancy:
         return None if self._state is None else self._state.step
 
     def _global(self, rank: int) -> int:
-        if self._group is None:
-            return rank
-        return int(dist.get_global_rank(self._group, rank))
+        return rank if self._group is None else int(dist.get_global_rank(self._group, rank))
 
     def _all_gather(self, row: list[int]) -> list[list[int]]:
         mine = torch.tensor(row, dtype=torch.int64)
@@ -388,6 +382,12 @@ class PeerRedundancy:
         blob = state.own_source()
         # Changed tensors cannot serve as data blocks; the others' blocks may still suffice.
         return blob if blob_crc(blob) == state.table[self.rank][_CRC] else None
+
+    def take_over(self, other: PeerRedundancy) -> None:
+        """Hold what ``other`` (same config and ranks, e.g. an older group) held; it is emptied."""
+        if other.config.fingerprint() != self.config.fingerprint() or other.world != self.world:
+            raise ValueError(f"take_over: {other.config} on {other.world} ranks does not match")
+        self._state, other._state = other._state, None
 
     # -- accounting ------------------------------------------------------------------------
     def memory_bytes(self) -> int:

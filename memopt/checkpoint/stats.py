@@ -14,6 +14,8 @@ class SaveRecord:
         optimizer step while this save's device-to-host copy was unfinished.
     copied_s: when the copy to host staging finished.
     durable_s: when the snapshot was published (every rank's files fsynced, renamed).
+    protected_s: with ``redundancy=``, when peers held this save in host memory (0 if not);
+        ``protected`` says whether they do, ``protect_note`` why not (skipped, failed).
     """
 
     step: int
@@ -24,6 +26,9 @@ class SaveRecord:
     written_s: float = 0.0
     durable_s: float = 0.0
     ok: bool = False
+    protected_s: float = 0.0
+    protected: bool = False
+    protect_note: str = ""
 
 
 @dataclass

@@ -143,15 +143,25 @@ class CheckpointConfig:
     every_n_steps: int = opt(0, "snapshot every N optimizer steps (0: only at the end)")
     keep: int = opt(3, "published snapshots kept")
     resume: bool = opt(True, "resume from the newest snapshot in directory when there is one")
-    redundancy: Literal["none", "replicate"] = opt(
-        "none", "also keep each rank's model and optimizer tensors in a peer's host memory "
-        "(REFT replication; needs 2+ ranks)")
+    redundancy: Literal["none", "replicate", "erasure"] = opt(
+        "none", "also keep each rank's latest snapshot in peers' host memory (REFT; needs 2+ "
+        "ranks and directory): 'replicate' whole copies on the next ranks, 'erasure' k + m "
+        "Reed-Solomon parity over the ranks (needs zfec)")
+    copies: int = opt(1, "redundancy: replicate: copies of each snapshot (survives that many "
+                      "lost ranks)")
+    erasure_k: int = opt(0, "redundancy: erasure: data blocks per stripe (0: world size - "
+                         "erasure_m; k + m must equal the world size)")
+    erasure_m: int = opt(1, "redundancy: erasure: parity blocks per stripe (survives that many "
+                         "lost ranks)")
     fsync: bool = opt(True, "fsync before publishing (off only for throwaway runs)")
 
     def __post_init__(self) -> None:
         check_fields(self, "checkpoint")
         positive(self, "checkpoint", "keep")
         positive(self, "checkpoint", "every_n_steps", zero_ok=True)
+        positive(self, "checkpoint", "copies")
+        positive(self, "checkpoint", "erasure_m")
+        positive(self, "checkpoint", "erasure_k", zero_ok=True)
 
 
 PRESETS: dict[str, dict[str, int]] = {

@@ -8,7 +8,9 @@
 4. Sharding and offload from ``sharding`` (``memopt.sharding.apply_sharding``); at stage 0
    with more than one rank the model is wrapped in ``DistributedDataParallel``.
 5. LR scheduler (warm-up + cosine over ``train.steps``) on the final optimizer.
-6. Checkpointer (``checkpoint.directory``) and, with ``checkpoint.resume``, a resume from the
+6. Checkpointer (``checkpoint.directory``), with ``checkpoint.redundancy`` its in-memory peer
+   tier (``AsyncCheckpointer(redundancy=RedundancyConfig(...))``: each save's staged bytes are
+   protected on peers in the background), and, with ``checkpoint.resume``, a resume from the
    newest snapshot there: ``Setup.start_step`` and ``Setup.resume_message`` say where from.
 
 The returned ``Setup`` holds what a training loop needs; the loop stays the user's.
@@ -74,15 +76,13 @@ class Setup:
 
     def save(self, step: int) -> None:
         """Snapshot model, optimizer and scheduler at ``step`` (asynchronous; see
-        memopt.checkpoint); with redundancy, also protect this rank's tensors on a peer."""
+        memopt.checkpoint); with redundancy, the checkpointer also protects it on peers."""
         if self.checkpointer is not None:
             extra: dict[str, Any] = {"step": step}
             if self.in_backward is not None:  # micro-batch counter and previous grad norm
                 extra["in_backward"] = self.in_backward.state_dict()
             self.checkpointer.save(step, model=self.raw_model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, extra=extra)
-        if self.redundancy is not None:
-            self.redundancy.protect(step, _local_tensors(self.raw_model, self.optimizer))
 
     def close(self) -> None:
         """Finish pending snapshots and remove activation hooks."""
@@ -97,19 +97,6 @@ class Setup:
         from memopt.config.describe import describe_setup
 
         return describe_setup(self)
-
-
-def _local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        v = v.to_local() if hasattr(v, "to_local") else v
-        out[f"model.{k}"] = v.detach().cpu()
-    for pid, st in optimizer.state_dict().get("state", {}).items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to_local() if hasattr(v, "to_local") else v
-                out[f"optim.{pid}.{k}"] = v.detach().cpu()
-    return out
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -149,8 +136,11 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     world = dist.get_world_size(process_group) if distributed else 1
     rank = dist.get_rank(process_group) if distributed else 0
     if config.checkpoint.redundancy != "none" and world < 2:
-        raise ValueError("checkpoint.redundancy: replicate needs 2+ ranks (torchrun "
-                         "--nproc-per-node 2); set it to none on one process")
+        raise ValueError(f"checkpoint.redundancy: {config.checkpoint.redundancy} needs 2+ ranks "
+                         "(torchrun --nproc-per-node 2); set it to none on one process")
+    if config.checkpoint.redundancy != "none" and not config.checkpoint.directory:
+        raise ValueError("checkpoint.redundancy is a tier of the checkpointer: set "
+                         "checkpoint.directory too")
     device = resolve_device(config.model.device)
     model.to(device=device, dtype=build.DTYPES[config.model.dtype])
     manager, the_plan = _activations(model, config, sample_batch)
@@ -181,16 +171,29 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
 
 
 def _checkpointing(config: Config, process_group: Any, world: int) -> tuple[Any, Any]:
+    """The checkpointer, and its in-memory peer tier (``Setup.redundancy``) when configured."""
     ck = config.checkpoint
-    checkpointer = redundancy = None
-    if ck.directory:
-        from memopt.checkpoint import AsyncCheckpointer
+    if not ck.directory:
+        return None, None
+    from memopt.checkpoint import AsyncCheckpointer
 
-        checkpointer = AsyncCheckpointer(ck.directory, keep=ck.keep, fsync=ck.fsync,
-                                         process_group=process_group)
-    if ck.redundancy == "replicate" and world > 1:
-        from memopt.checkpoint.redundancy import PeerRedundancy
-        from memopt.checkpoint.redundancy_config import RedundancyConfig
+    checkpointer = AsyncCheckpointer(ck.directory, keep=ck.keep, fsync=ck.fsync,
+                                     process_group=process_group,
+                                     redundancy=redundancy_config(ck, world))
+    return checkpointer, checkpointer.peers
 
-        redundancy = PeerRedundancy(RedundancyConfig(mode="replicate", copies=1), process_group)
-    return checkpointer, redundancy
+
+def redundancy_config(ck: Any, world: int) -> Any:
+    """``checkpoint.redundancy/copies/erasure_k/erasure_m`` as a ``RedundancyConfig`` (or None)."""
+    if ck.redundancy == "none":
+        return None
+    from memopt.checkpoint.redundancy_config import RedundancyConfig
+
+    if ck.redundancy == "replicate":
+        return RedundancyConfig(mode="replicate", copies=ck.copies)
+    k = ck.erasure_k or world - ck.erasure_m
+    config = RedundancyConfig(mode="erasure", k=k, m=ck.erasure_m)
+    problem = config.group_size_error(world)
+    if problem:
+        raise ValueError(f"checkpoint.erasure_k/erasure_m: {problem}")
+    return config

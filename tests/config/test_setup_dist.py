@@ -56,8 +56,8 @@ def _one(rank: int, world: int, stage: int, directory: str) -> dict:
     kind = type(s.model).__name__
     _steps(s, 3, rank, world)
     s.save(3)
+    s.checkpointer.wait()  # the peers' copy is made in the background: wait for it
     held = s.redundancy.memory_bytes()
-    s.checkpointer.wait()
     s.close()
     again = memopt.setup(_model(), _cfg(stage, directory, "replicate"))
     _steps(again, 2, rank, world)

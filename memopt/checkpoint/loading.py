@@ -1,0 +1,65 @@
+"""Finding and loading a snapshot: the published one on disk, or one rebuilt from peers.
+
+``open_published(directory, step, verify)``: ``step=None`` opens the newest published snapshot
+whose files verify, warning and falling back to the previous one for each damaged snapshot;
+a given step must be published and intact (``CorruptSnapshotError`` otherwise).
+``restore_all`` loads any ``Snapshot`` (files, or ``mirror.MemorySnapshot``) into the model,
+optimizer, scheduler and this rank's RNG, and returns the extras: one code path for both, so a
+snapshot rebuilt from peers loads bit for bit as its files would.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt._utils import get_logger
+from memopt.checkpoint import publish as P
+from memopt.checkpoint import restore as R
+from memopt.checkpoint.errors import CorruptSnapshotError
+from memopt.checkpoint.reader import Snapshot
+
+log = get_logger("memopt.checkpoint")
+
+
+def open_published(directory: str, step: int | None, verify: bool) -> Snapshot:
+    if step is not None:
+        path = P.step_dir(directory, step)
+        if not os.path.isfile(os.path.join(path, P.MANIFEST)):
+            raise FileNotFoundError(
+                f"AsyncCheckpointer.load: no published snapshot of step {step} in "
+                f"{directory} (published: {P.published_steps(directory)})"
+            )
+        return Snapshot(path, verify)
+    for s in reversed(P.published_steps(directory)):
+        try:
+            return Snapshot(P.step_dir(directory, s), verify)
+        except CorruptSnapshotError as e:
+            warnings.warn(f"{e}; falling back to an older snapshot", stacklevel=3)
+            log.warning("checkpoint: %s", e)
+    raise FileNotFoundError(f"AsyncCheckpointer.load: no loadable snapshot in {directory}")
+
+
+def restore_all(
+    snap: Snapshot,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    rank: int,
+    world: int,
+    rng: bool,
+) -> dict[str, Any]:
+    if model is not None:
+        R.restore_model(snap, model)
+    if optimizer is not None:
+        R.restore_optimizer(snap, optimizer, model, rank, world)
+    if scheduler is not None:
+        R.restore_scheduler(snap, scheduler, rank)
+    if rng:
+        R.restore_rng(snap, rank)
+    log.info("checkpoint: loaded step %d from %s", snap.step, snap.path)
+    return R.restore_extra(snap, rank)
