@@ -7,7 +7,10 @@ parameters) keep that correct one unit at a time:
 
 - ``state_dict``: the pre-hook loads the unit; the post-hook replaces the unit's entries
   by clones (so they outlive the eviction) and evicts it again. Peak: the state dict itself
-  plus one unit.
+  plus one unit. Inside ``ParamSwapper.resident()`` (``FSDPOptimizer.resident_params()``)
+  the entries are the live shards instead, as without offload: code that writes into a
+  ``state_dict()``'s tensors (``memopt.checkpoint``'s restore) must run there, and the
+  shards are written back on leaving it.
 - ``load_state_dict``: the pre-hook loads the unit; FSDP2 copies the values into the shards
   in place; the post-hook writes them to the tier and evicts. ``assign=True`` (which replaces
   the parameter objects) is refused with a clear error.
@@ -44,6 +47,9 @@ def install_state_dict_hooks(swapper: ParamSwapper, model: nn.Module) -> list[An
         def post_save(_m: nn.Module, sd: dict[str, Any], _prefix: str, _meta: Any,
                       index: int = index) -> None:  # fmt: skip
             unit = swapper.units[index]
+            unit.pins -= 1
+            if unit.pins:  # inside ``resident()``: the entries alias the live shards
+                return
             ptrs = {p.tensor.untyped_storage().data_ptr() for p in unit.pieces}
             for key, value in sd.items():
                 local = getattr(value, "_local_tensor", value)
@@ -51,7 +57,6 @@ def install_state_dict_hooks(swapper: ParamSwapper, model: nn.Module) -> list[An
                     continue
                 if local.untyped_storage().data_ptr() in ptrs:
                     sd[key] = value.detach().clone()
-            unit.pins -= 1
             swapper._evict(unit)
 
         def pre_load(_m: nn.Module, _sd: Any, _prefix: str, meta: Any, *_: Any,

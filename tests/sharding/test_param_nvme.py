@@ -124,7 +124,17 @@ def _round_trip(rank: int, world: int, path: str) -> None:
     )  # fmt: skip
     sw = fresh_opt.param_swapper
     assert sw is not None and sw.tier.config.directory == f"{path}/r{rank}/b/params"
-    fresh.load_state_dict(msd)
+    fresh.load_state_dict(msd)  # hooks: each unit loaded, copied into, written, evicted
+    _check_evicted(sw)
+    _equal_params(fresh, fresh_opt, {k: v.full_tensor() for k, v in msd.items()})
+    with fresh_opt.resident_params():  # state_dict() entries alias the live shards here
+        for value in fresh.state_dict().values():
+            value.to_local().zero_()
+    _equal_params(fresh, fresh_opt, {k: torch.zeros(v.shape) for k, v in msd.items()})
+    with fresh_opt.resident_params():  # memopt.checkpoint's restore writes this way
+        live = fresh.state_dict()
+        for key, value in msd.items():
+            live[key].to_local().copy_(value.to_local())
     fresh_opt.load_state_dict(osd)
     _check_evicted(sw)
     assert T3.train(fresh, fresh_opt, rank, world) == T3.train(ref_model, ref_opt, rank, world)
