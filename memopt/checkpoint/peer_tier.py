@@ -4,11 +4,11 @@ kept on this rank and protected on peers, in the background, next to the disk wr
 Per save, with ``AsyncCheckpointer(..., redundancy=RedundancyConfig(...))``:
 
 1. Writer thread, while it writes the rank's files: ``begin(job)`` starts a mirror-copy thread
-   that copies the rank's file image (the plan's header, then the staged data section, chunk by
-   chunk as the device->host copy fills it) into a *mirror* block of the tier's own host arena
-   (a host memcpy, no second device copy; it overlaps the disk write). ``end(job)`` waits for
-   it before the staging block is released. A mirror also holds the rank's JSON skeleton (step,
-   extras, RNG, optimizer metadata): ``mirror.py``.
+   that, once the device->host copy is complete (so that it never slows the copy the fence
+   waits for), copies the rank's file image (the plan's header, then the staged data section)
+   into a *mirror* block of the tier's own host arena (a host memcpy, no second device copy; it
+   overlaps the disk write). ``end(job)`` waits for it before the staging block is released.
+   A mirror also holds the rank's JSON skeleton (step, extras, RNG, optimizer metadata).
 2. Writer thread, at publish: ``submit(job)`` queues the mirror (or None: this rank could not
    stage it, or the protector is ``max_pending`` saves behind) for the protector thread.
 3. Protector thread, save by save in save order, on the tier's dedicated gloo group: an
@@ -51,7 +51,6 @@ from memopt.checkpoint.stats import SaveRecord
 from memopt.offload.arena import ArenaBlock, ArenaConfig, PinnedArena
 
 log = get_logger("memopt.checkpoint")
-_CHUNK = 16 << 20  # the mirror copy follows the staging copy in chunks of this size
 
 
 @dataclass
@@ -121,17 +120,13 @@ class PeerTier:
         blob = self.arena.bytes_view(block)[:total]
         mirror = Mirror(job.step, blob, block)
         blob[: len(prefix)].copy_(torch.frombuffer(bytearray(prefix), dtype=torch.uint8))
-        base = len(prefix)
-        for lo in range(0, plan.data_bytes, _CHUNK):
-            hi = min(lo + _CHUNK, plan.data_bytes)
-            job.wait_copied(hi)
-            if job.error is not None or job.staging is None:
-                break
-            blob[base + lo : base + hi].copy_(job.staging[lo:hi])
+        # Only once the device->host copy is complete: running beside it would slow the copy
+        # that the training loop's fence waits for (the stall); the disk write goes on meanwhile.
         job.wait_copied(plan.data_bytes)
-        if job.error is not None:  # the staged bytes are not the save's values
+        if job.error is not None or job.staging is None:  # not the save's values
             self._free(mirror)
             return None
+        blob[len(prefix) :].copy_(job.staging)
         return mirror
 
     def _free(self, mirror: Mirror | None) -> None:
