@@ -20,11 +20,21 @@ Per checkpoint at step s:
 - durable: from the save call until the bytes are on disk: memopt's ``durable_s`` (files and
   directory fsynced, renamed); torch.save's call plus an ``fsync`` of the file (done outside the
   timed steps: a favour to torch.save); DCP's future completing (its writer fsyncs).
-Throughput is bytes / durable (while training, and for one save each with the training loop
-idle: the write path alone), against fio's sequential O_DIRECT write bandwidth (libaio, 1 MiB
-blocks, queue depth 32) measured before and after in the same directory (the best of the two).
+Throughput of memopt's saves, two definitions, from the checkpointer's own ``stats``:
+(a) writer = bytes / (first byte written -> files fsynced and snapshot published), the
+writer's own rate, the like-for-like comparison with fio; (b) save = bytes / (save call ->
+published), which adds the copy to host staging before the first write. fio (``_fio.py``:
+libaio, O_DIRECT, 1 MiB blocks, end_fsync, the checkpoint's size, in the same directory, at
+the queue depth that holds as many bytes in flight as memopt's writer: 64 x 1 MiB against
+8 x 8 MiB) runs right before and right after every memopt save, and each save is compared with
+the higher of its two adjacent fio figures (conservative; the mean is printed too); the
+median of these per-save ratios is reported, while training and with the loop idle
+(``--idle-saves`` saves). ``--ab-follow`` adds a second memopt method whose writer starts as
+soon as the first chunk is staged and follows the copy (the previous design), interleaved
+like the others, for an A/B in one run. torch.save and DCP get bytes / durable.
 Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
-(target <= 0.02), memopt throughput / fio (target >= 0.8); the same for blocking time.
+(target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
+blocking time and the save throughput.
 """
 
 from __future__ import annotations
@@ -46,6 +56,10 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt.checkpoint import AsyncCheckpointer
+from memopt.checkpoint.writer import bytes_in_flight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fio import MIB, Adjacent  # noqa: E402
 
 
 def make_model(params_m: float, layers: int) -> nn.Module:
@@ -75,6 +89,9 @@ class Method:
         self.durable: list[float] = []
         self.nbytes: list[int] = []
 
+    def begin(self) -> None:
+        """Before the interval (untimed): memopt runs fio here."""
+
     def save(self, step: int) -> None:
         pass
 
@@ -85,11 +102,21 @@ class Method:
 class Memopt(Method):
     name = "memopt AsyncCheckpointer"
 
-    def __init__(self, d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool
+    ) -> None:
         super().__init__()
         self.ckpt = AsyncCheckpointer(d, keep=2)
+        if follow:  # the A/B variant: the writer overlaps the copy (the previous design)
+            self.ckpt._pipeline.follow_copy = True
+            self.name = "memopt, writer following the copy"
         self.phases: list[tuple[float, float]] = []  # (copy to host done, then write) seconds
         self.model, self.opt = model, opt
+        self.train_adj, self.idle_adj = Adjacent(**fio), Adjacent(**fio)
+        self.adj = self.train_adj
+
+    def begin(self) -> None:
+        self.adj.before()
 
     def save(self, step: int) -> None:
         self.ckpt.save(step, model=self.model, optimizer=self.opt)
@@ -102,6 +129,10 @@ class Memopt(Method):
         self.phases.append((rec.copied_s, rec.written_s - rec.copied_s))
         self.durable.append(rec.durable_s)
         self.nbytes.append(rec.nbytes)
+        self.adj.after(writer=rec.writer_Bps, save=rec.save_Bps)
+        if self.adj.saves:
+            self.adj.saves[-1].update(copied_s=rec.copied_s, write_start_s=rec.write_start_s,
+                                      durable_s=rec.durable_s)  # fmt: skip
 
 
 class TorchSave(Method):
@@ -164,6 +195,7 @@ def run_rounds(
     for r in range(rounds):
         for meth in methods[r % len(methods) :] + methods[: r % len(methods)]:
             times = []
+            meth.begin()
             for i in range(every):
                 t0 = time.perf_counter()
                 train_step(model, opt, x)
@@ -176,29 +208,33 @@ def run_rounds(
         print(f"# round {r + 1}/{rounds} done", flush=True)
 
 
-def idle_durable(methods: list[Method], step: int) -> dict[str, tuple[float, int]]:
-    """Each method saves once with the training loop idle: (seconds to durable, bytes)."""
-    out = {}
+def idle_durable(methods: list[Method], step: int, repeats: int) -> dict[str, tuple[float, int]]:
+    """Saves with the training loop idle: (median seconds to durable, bytes) per method.
+
+    memopt's methods save ``repeats`` times (interleaved, fio adjacent to each), the peers once.
+    """
+    seen: dict[str, list[tuple[float, int]]] = {}
     for meth in methods:
-        meth.save(step)
-        meth.drain()
-        out[meth.name] = (meth.durable.pop(), meth.nbytes.pop())
-        meth.blocking.pop()
-        step += 1
-    return out
+        if isinstance(meth, Memopt):
+            meth.adj = meth.idle_adj
+    for r in range(repeats):
+        for meth in methods:
+            if r and not isinstance(meth, Memopt):
+                continue
+            meth.begin()
+            meth.save(step)
+            meth.drain()
+            seen.setdefault(meth.name, []).append((meth.durable.pop(), meth.nbytes.pop()))
+            meth.blocking.pop()
+            step += 1
+    return {name: (statistics.median(d for d, _ in v), v[-1][1]) for name, v in seen.items()}
 
 
-def fio_write(d: Path, size: int) -> float | None:
-    if not shutil.which("fio"):
-        print("# fio: not installed (apt-get install -y fio): peer missing")
-        return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from nvme_bench import fio_run
-
-    try:
-        return fio_run(d, size, 1 << 20, 32, "write") * 1e9
-    finally:
-        (d / "fio.dat").unlink(missing_ok=True)
+def checkpoint_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of model and optimizer tensors: the size of one checkpoint, give or take padding."""
+    tensors = list(model.state_dict().values())
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def summarize(meth: Method, base: float, skip: int) -> dict[str, float]:
@@ -232,11 +268,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--every", type=int, default=3, help="steps per interval (save every K)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
+    ap.add_argument("--idle-saves", type=int, default=3, help="memopt saves with the loop idle")
+    ap.add_argument("--ab-follow", action="store_true",
+                    help="also run memopt with the writer following the copy (A/B)")  # fmt: skip
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
-    if args.every < 2 or args.rounds < 2:
-        raise SystemExit("--every >= 2 (stall spans 2 steps) and --rounds >= 2 (1 is warm-up)")
+    if args.every < 2 or args.rounds < 2 or args.idle_saves < 1:
+        raise SystemExit("--every >= 2 (stall spans 2 steps), --rounds >= 2 (1 is warm-up), "
+                         "--idle-saves >= 1")  # fmt: skip
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_stall_", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -250,23 +290,26 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()}")  # fmt: skip
     print(f"# model: {args.layers} x Linear({width}, {width}) = {n_params / 1e6:.1f}M params, "
           f"AdamW (fp32 state), batch {args.batch}; {args.rounds} rounds (first = warm-up) of "
           f"{args.every} steps per method; dir {root}", flush=True)  # fmt: skip
     train_step(model, opt, x)  # the optimizer state exists from here on
-    fio = [fio_write(root, 1 << 30)]
-    methods = [
-        Method(),
-        Memopt(root / "memopt", model, opt),
-        TorchSave(root, model, opt),
-        DCPAsync(root, model, opt),
-    ]
+    fio = {"directory": root, "size": checkpoint_bytes(model, opt),
+           "queue_depth": bytes_in_flight() // MIB}  # fmt: skip
+    print(
+        f"# fio: {fio['size'] / 1e9:.2f} GB, 1 MiB blocks, queue depth {fio['queue_depth']} "
+        "(memopt's writer: the same bytes in flight), before and after every memopt save"
+    )
+    mems = [Memopt(root / "memopt", model, opt, fio, False)]
+    if args.ab_follow:
+        mems.append(Memopt(root / "memopt_follow", model, opt, fio, True))
+    methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
-    idle = idle_durable(methods[1:], 10**6)
-    phases = methods[1].phases[1:]  # type: ignore[attr-defined]
-    methods[1].ckpt.close()  # type: ignore[attr-defined]
-    fio.append(fio_write(root, 1 << 30))
+    idle = idle_durable(methods[1:], 10**6, args.idle_saves)
+    print(f"# load average after the run: {os.getloadavg()}")
+    for m in mems:
+        m.ckpt.close()
     base_steps = [t for iv in methods[0].intervals[1:] for t in iv]
     base = statistics.median(base_steps)
     q = statistics.quantiles(base_steps, n=4)
@@ -275,22 +318,46 @@ def main() -> None:
     print("| method | stall s (2 steps) | blocking s | overhead s (K steps) | durable s | GB "
           "| GB/s |\n|---|---|---|---|---|---|---|")  # fmt: skip
     results = {m.name: summarize(m, base, 1) for m in methods[1:]}
-    copy_s, write_s = (statistics.median(p[i] for p in phases) for i in (0, 1))
-    print(f"# memopt while training: copy to host done at {copy_s:.2f} s, then write + fsync + "
-          f"publish {write_s:.2f} s (medians)")  # fmt: skip
-    print("# saved with the training loop idle (one save each): seconds to durable, GB/s")
     for name, (sec, nbytes) in idle.items():
         results[name]["idle_durable_s"] = sec
         results[name]["idle_throughput_Bps"] = nbytes / sec
+    for m in mems:
+        copy_s, write_s = (statistics.median(p[i] for p in m.phases[1:]) for i in (0, 1))
+        print(f"# {m.name} while training: copy to host done at {copy_s:.2f} s, then write + "
+              f"fsync + publish {write_s:.2f} s more (medians)")  # fmt: skip
+        results[m.name].update(throughput_report(m))
+    print("# saved with the training loop idle: seconds to durable (median), GB/s")
+    for name, (sec, nbytes) in idle.items():
         print(f"#   {name}: {sec:.2f} s, {nbytes / sec / 1e9:.2f} GB/s")
-    report(list(results.values()), base, [v for v in fio if v], args)
+    report(results, mems[0].name, base, args)
     dist.destroy_process_group()
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def report(rows: list[dict], base: float, fio: list[float], args: argparse.Namespace) -> None:
-    m, t, d = rows
+def throughput_report(m: Memopt) -> dict[str, float]:
+    """Per-save throughput against the adjacent fio runs; returns the medians."""
+    out: dict[str, float] = {}
+    for what, adj, skip in (("training", m.train_adj, 1), ("idle", m.idle_adj, 0)):
+        print(
+            f"# {m.name}, {what}, per save: copy done / write start / durable s | GB/s "
+            "writer (a) / save (b) | fio before / after GB/s | (a) / max adjacent fio"
+        )
+        for i, row in enumerate(adj.saves):
+            tag = " (warm-up, left out)" if i < skip else ""
+            print(f"#   {row['copied_s']:.2f} / {row['write_start_s']:.2f} / "
+                  f"{row['durable_s']:.2f} | {row['writer'] / 1e9:.2f} / {row['save'] / 1e9:.2f}"
+                  f" | {row['fio_before'] / 1e9:.2f} / {row['fio_after'] / 1e9:.2f} | "
+                  f"{row['writer/fio_max']:.3f}{tag}")  # fmt: skip
+        for key in ("writer", "save"):
+            for ref in ("fio_max", "fio_mean"):
+                out[f"{what}_{key}/{ref}"] = adj.median(f"{key}/{ref}", skip)
+            out[f"{what}_{key}_Bps"] = adj.median(key, skip)
+    return out
+
+
+def report(results: dict[str, dict], mem: str, base: float, args: argparse.Namespace) -> None:
+    m, t, d = results[mem], results["torch.save (sync)"], results["DCP async_save"]
 
     def ratio(key: str, peer: dict, target: str) -> str:
         if peer[key] <= 0:
@@ -300,18 +367,19 @@ def report(rows: list[dict], base: float, fio: list[float], args: argparse.Names
     for key in ("stall_s", "blocking_s"):
         print(f"memopt {key} / DCP async_save:  {ratio(key, d, 'target <= 0.1')}")
         print(f"memopt {key} / torch.save:      {ratio(key, t, 'target <= 0.02')}")
-    if fio:
-        bw = max(fio)
-        runs = ", ".join(f"{v / 1e9:.2f}" for v in fio)
-        print(f"fio O_DIRECT write GB/s: {runs} (best {bw / 1e9:.2f})")
-        for key, what in (("throughput_Bps", "while training"), ("idle_throughput_Bps", "idle")):
-            print(f"memopt throughput / fio ({what}): {m[key] / bw:.3f} (target >= 0.8); "
-                  f"DCP {d[key] / bw:.3f}, torch.save {t[key] / bw:.3f}")  # fmt: skip
+    for name, row in results.items():
+        if "training_writer/fio_max" not in row:
+            continue
+        for what in ("training", "idle"):
+            print(f"{name} ({what}): writer (a) {row[f'{what}_writer_Bps'] / 1e9:.2f} GB/s = "
+                  f"{row[f'{what}_writer/fio_max']:.3f} x adjacent fio (max; "
+                  f"{row[f'{what}_writer/fio_mean']:.3f} x mean) (target >= 0.8); "
+                  f"save (b) {row[f'{what}_save_Bps'] / 1e9:.2f} GB/s = "
+                  f"{row[f'{what}_save/fio_max']:.3f} x (max; "
+                  f"{row[f'{what}_save/fio_mean']:.3f} x mean)")  # fmt: skip
     if args.json:
-        names = ("memopt", "torch.save", "dcp")
-        payload = {"args": vars(args), "base_step_s": base, "fio_Bps": fio}
-        payload.update(dict(zip(names, rows, strict=True)))
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+        payload = {"args": vars(args), "base_step_s": base, "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ multiple of the alignment (4096 by default: ``O_DIRECT`` and GPUDirect friendly)
 forbids holes in the data section, so the gaps between tensors are declared as ``U8`` tensors
 named ``__pad__.<k>``; readers skip them. ``plan_file`` computes the header and offsets before
 any byte is copied, so the host staging buffer is laid out exactly as the data section and the
-writer issues one contiguous write of it.
+writer (``writer.py``) writes straight from it, in large aligned pieces.
 
 The checksum (crc32c when the ``crc32c`` package is present, else zlib's crc32) covers the
 whole file; it is computed while writing and while reading, in the same pass as the I/O.
@@ -15,14 +15,10 @@ whole file; it is computed while writing and while reading, in the same pass as 
 
 from __future__ import annotations
 
-import errno
 import json
-import mmap
 import os
 import zlib
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +26,7 @@ import numpy as np
 import torch
 
 from memopt.checkpoint.errors import CorruptSnapshotError
+from memopt.checkpoint.writer import write_data_file
 
 _crc32c: Any
 try:  # crc32c has wheels for every CPython we support; zlib is the fallback
@@ -38,8 +35,7 @@ except ImportError:  # pragma: no cover - exercised only without the package
     _crc32c = None
 
 PAD_PREFIX = "__pad__."
-_CHUNK = 64 << 20
-_IN_FLIGHT = 2
+_CHUNK = 64 << 20  # read size of file_checksum
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -156,67 +152,12 @@ def write_file(
     ``direct``: open with ``O_DIRECT`` (bypass the page cache) when the file system allows it
     and ``data`` is page-aligned; the plan's sizes are alignment multiples, so every write is.
     ``ready(n)`` blocks until the first ``n`` bytes of ``data`` hold their values (the
-    writer follows the copy into staging chunk by chunk).
+    writer follows the copy into staging chunk by chunk). How: ``writer.write_data_file``
+    (preallocated file, several writes in flight, checksum overlapped with the I/O).
     """
-    crc = checksum_fn(checksum)
-    value = crc(plan.header, 0)
-    view = memoryview(data.numpy().data) if data.numel() else memoryview(b"")
-    aligned = data.data_ptr() % 4096 == 0 and not (
-        len(plan.header) % 4096 or plan.data_bytes % 4096
+    return write_data_file(
+        path, plan.header, data[: plan.data_bytes], checksum_fn(checksum), fsync, direct, ready
     )
-    fd = _open_new(path, direct and aligned)
-    try:
-        _write_all(fd, _aligned(plan.header))
-        base = len(plan.header)
-        # two chunk writes in flight (no idle device between requests); the checksum of a
-        # chunk is computed while it is being written
-        with ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="memopt-ckpt-io") as io:
-            pending: deque[Future[None]] = deque()
-            for lo in range(0, len(view), _CHUNK):
-                part = view[lo : lo + _CHUNK]
-                if ready is not None:
-                    ready(lo + len(part))
-                if len(pending) >= _IN_FLIGHT:
-                    pending.popleft().result()
-                pending.append(io.submit(_pwrite_all, fd, part, base + lo))
-                value = crc(part, value)
-            for f in pending:
-                f.result()
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    return value
-
-
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    while len(buf):
-        n = os.pwrite(fd, buf, offset)
-        buf, offset = buf[n:], offset + n
-
-
-def _open_new(path: str, direct: bool) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, flags | os.O_DIRECT, 0o644)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
-                raise
-    return os.open(path, flags, 0o644)
-
-
-def _aligned(raw: bytes) -> memoryview:
-    """``raw`` in page-aligned memory (O_DIRECT needs aligned buffers)."""
-    buf = mmap.mmap(-1, max(len(raw), 1))
-    buf.write(raw)
-    return memoryview(buf)[: len(raw)]
-
-
-def _write_all(fd: int, buf: memoryview) -> None:
-    while len(buf):
-        n = os.write(fd, buf)
-        buf = buf[n:]
 
 
 def fsync_dir(path: str) -> None:

@@ -9,9 +9,15 @@ thread waits on a completion event; on CPU they are plain copies in the thread. 
 
 Stage 2 (writer thread) writes the rank's safetensors file and JSON, fsyncs them, frees the
 staging block, then calls ``publish_fn`` (the barrier over ranks and rank 0's atomic rename).
-It gets each job as soon as its staging block exists and follows the copy: before writing a
-chunk it waits until the copier has staged that prefix of the data section (``wait_copied``;
-per tensor on CPU, at the end for CUDA tensors), so copy and write overlap.
+It gets each job as soon as its staging block exists and starts writing
+(``record.write_start_s``; ``writer.py``: a preallocated file, several writes in flight) when
+the whole data section is staged. Why not overlap the two: CUDA staging is complete only when
+its one completion event fires anyway, and on the CPU path the copy and the writes compete for
+the same cores and memory bandwidth (on the 2-core VM of docs/benchmarks.md the copy of 1.2 GB
+took 0.35 s alone and 0.9 s under the writes, with no gain in time to durable), while the copy
+is what the next ``optimizer.step`` waits for (the fence). ``follow_copy=True`` restores the
+overlap: the writer starts once the first chunk is staged and waits before each chunk until
+the copier has staged that prefix (``wait_copied``, per tensor on CPU).
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
 """
@@ -30,6 +36,7 @@ import torch
 from memopt.checkpoint.capture import Entry
 from memopt.checkpoint.fileformat import FilePlan
 from memopt.checkpoint.stats import SaveRecord
+from memopt.checkpoint.writer import CHUNK
 from memopt.offload.arena import ArenaBlock, PinnedArena
 
 STAGING_GRANULE = 1 << 20  # staging blocks are whole MiB
@@ -68,7 +75,12 @@ class Job:
 
 
 class Pipeline:
-    """Copier and writer threads over a queue of jobs."""
+    """Copier and writer threads over a queue of jobs.
+
+    ``follow_copy``: the writer starts once the first chunk is staged and follows the copy
+    (default False: it starts when the copy has finished; see the module docstring)."""
+
+    follow_copy = False
 
     def __init__(
         self,
@@ -151,6 +163,9 @@ class Pipeline:
         while (job := self._write_q.get()) is not None:
             try:
                 if job.error is None:
+                    first = CHUNK if self.follow_copy else job.plan.data_bytes
+                    job.wait_copied(min(first, job.plan.data_bytes))
+                    job.record.write_start_s = time.perf_counter() - job.t0
                     self._write(job)
                     job.record.written_s = time.perf_counter() - job.t0
             except BaseException as e:  # noqa: BLE001 - kept and raised from wait()

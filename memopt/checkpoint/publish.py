@@ -5,7 +5,8 @@
 fsynced (files, then the directory), so a reader never sees a partial one. Rotation and
 replacement first rename a snapshot to ``.trash-...`` (atomic), then delete it: a crash in the
 middle leaves a trash directory (removed at the next start), never a half-deleted snapshot
-that looks published.
+that looks published. The deletion itself runs in a background thread, after the new
+snapshot is published (``_discard``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from typing import Any
 
@@ -65,10 +67,37 @@ def write_json(path: str, obj: Any, fsync: bool) -> bytes:
     return data
 
 
+_deleting: list[threading.Thread] = []
+_delete_lock = threading.Lock()  # held while deleting
+_list_lock = threading.Lock()  # guards _deleting
+
+
+def _remove(trash: str) -> None:
+    with _delete_lock:  # one deletion at a time: they compete for the disk otherwise
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _discard(root: str, path: str) -> None:
+    """Rename ``path`` to a trash name (atomic), then delete it in a background thread.
+
+    Deleting a GB-sized file costs a few hundred ms where the file system discards (TRIMs)
+    the freed blocks; the snapshot that replaced it is durable already, so that time is
+    kept off the save's path. The threads are not daemons: the interpreter lets them finish;
+    a crash leaves the trash directory, removed by ``clean_stale`` at the next start."""
     trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
     os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm")
+    t.start()
+    with _list_lock:
+        _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]
+
+
+def wait_deletions() -> None:
+    """Block until every background deletion of rotated snapshots has finished."""
+    with _list_lock:
+        threads = list(_deleting)
+    for t in threads:
+        t.join()
 
 
 def publish(root: str, tmp: str, step: int, fsync: bool) -> str:

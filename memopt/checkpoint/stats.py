@@ -13,9 +13,19 @@ class SaveRecord:
         the file plan, no copy), waiting for a staging slot, and fence waits before an
         optimizer step while this save's device-to-host copy was unfinished.
     copied_s: when the copy to host staging finished.
+    write_start_s: when the writer began this rank's files (file created, first byte
+        submitted): once the data section is staged (its first chunk with ``follow_copy``).
+    written_s: when this rank's files were written and fsynced.
     durable_s: when the snapshot was published (every rank's files fsynced, renamed).
     protected_s: with ``redundancy=``, when peers held this save in host memory (0 if not);
         ``protected`` says whether they do, ``protect_note`` why not (skipped, failed).
+    nbytes: bytes of this rank's tensor file (header + data section).
+
+    Two throughputs in bytes/s (0 until the save is durable): ``writer_Bps`` = nbytes /
+    (durable_s - write_start_s), the writer's own rate from its first byte to the publish
+    (the like-for-like figure against a disk benchmark such as fio); ``save_Bps`` = nbytes /
+    durable_s, from the ``save`` call, the copy to host staging before the first write
+    included.
     """
 
     step: int
@@ -23,12 +33,22 @@ class SaveRecord:
     capture_s: float = 0.0
     stall_s: float = 0.0
     copied_s: float = 0.0
+    write_start_s: float = 0.0
     written_s: float = 0.0
     durable_s: float = 0.0
     ok: bool = False
     protected_s: float = 0.0
     protected: bool = False
     protect_note: str = ""
+
+    @property
+    def writer_Bps(self) -> float:
+        span = self.durable_s - self.write_start_s
+        return self.nbytes / span if self.ok and span > 0 else 0.0
+
+    @property
+    def save_Bps(self) -> float:
+        return self.nbytes / self.durable_s if self.ok and self.durable_s > 0 else 0.0
 
 
 @dataclass
@@ -50,5 +70,7 @@ class CheckpointStats:
             "saves": float(len(done)),
             "mean_stall_s": sum(r.stall_s for r in done) / n,
             "mean_durable_s": sum(r.durable_s for r in done) / n,
+            "mean_writer_Bps": sum(r.writer_Bps for r in done) / n,
+            "mean_save_Bps": sum(r.save_Bps for r in done) / n,
             "bytes": float(sum(r.nbytes for r in done)),
         }
