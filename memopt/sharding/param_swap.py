@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt.offload.allocator import round_up
+from memopt.offload.arena import ArenaConfig, PinnedArena
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
@@ -338,10 +339,14 @@ def make_param_swapper(
 ) -> ParamSwapper:
     """A ``ParamSwapper`` over an ``NVMeTier`` in ``<nvme.directory>/params`` (apart from an
     optimizer-state file in the same directory), preallocated to the rank's shard bytes plus
-    room for the shadow slots of two units' writes in flight (``grow_bytes`` beyond that)."""
+    room for the shadow slots of two units' writes in flight (``grow_bytes`` beyond that).
+
+    The tier's bounce buffers (shards whose storage is not page-aligned, or on a device) come
+    from an arena of its own that grows by one largest unit at a time, so they cost about the
+    units in flight, not the shared arena's 256 MiB chunks; pinned only for a device."""
+    groups = fsdp_groups(model)
     sizes = [
-        sum(round_up(t.untyped_storage().nbytes(), 4096) for t in _storages(g))
-        for g in fsdp_groups(model)
+        sum(round_up(t.untyped_storage().nbytes(), 4096) for t in _storages(g)) for g in groups
     ]
     need = sum(sizes) + 2 * max(sizes, default=0)
     directory = f"{nvme.directory}/params"
@@ -349,9 +354,13 @@ def make_param_swapper(
         nvme, directory=directory, capacity_bytes=round_up(max(need, 4096), 4096),
         rank=rank if nvme.rank is None else nvme.rank,
     )  # fmt: skip
+    on_cpu = all(t.device.type == "cpu" for g in groups for t in _storages(g))
+    arena = PinnedArena(
+        ArenaConfig(chunk_bytes=max(sizes, default=0), pin="off" if on_cpu else "auto")
+    )
     tier: NVMeTier | None = None
     try:
-        tier = NVMeTier(cfg)
+        tier = NVMeTier(cfg, arena=arena)
         return ParamSwapper(model, tier, lookahead)
     except OSError as err:
         if tier is not None:

@@ -42,6 +42,7 @@ class UnitStateStore:
         self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._reads: dict[int, list[IOFuture]] = {}
         self._writes: deque[tuple[Tensor, IOFuture]] = deque()
+        self.bytes_read = self.bytes_written = 0  # moved to / from the tier since setup
 
     def prefetch(self, params: Iterable[Tensor]) -> None:
         """Start reading the state of ``params`` (no wait)."""
@@ -53,6 +54,7 @@ class UnitStateStore:
                 shape, dtype, device = self._away.pop((id(p), key))
                 out = torch.empty(shape, dtype=dtype, device=device)
                 fut = self.tier.read_async(self._handles[(id(p), key)], out)
+                self.bytes_read += out.numel() * out.element_size()
                 self._reads.setdefault(id(p), []).append(fut)
                 state[key] = out
 
@@ -72,6 +74,7 @@ class UnitStateStore:
                     continue
                 src = t.detach().contiguous()
                 fut = self.tier.write_async(self._handle((id(p), key), t), src)
+                self.bytes_written += src.numel() * src.element_size()
                 self._away[(id(p), key)] = (t.shape, t.dtype, t.device)
                 state[key] = t.new_empty(0)
                 self._writes.append((src, fut))
