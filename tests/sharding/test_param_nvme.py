@@ -148,8 +148,12 @@ def test_state_dicts_round_trip_and_deepspeed_mapping(tmp_path: Any) -> None:
 
 
 def _one_rank_errors(rank: int, world: int, path: str) -> None:
-    model, opt = _shard("adamw", f"{path}/ok", True, None)  # one rank: FSDP2 all the same
+    # one rank: FSDP2 all the same (its one-rank gather reads the shard in wait_for_unshard)
+    model, opt = _shard("adamw", f"{path}/ok", True, None)
     assert isinstance(opt, memopt.sharding.FSDPOptimizer) and opt.param_swapper is not None
+    ref = T3.make_model()
+    assert T3.train(model, opt) == T3.train(ref, T.make_optimizer("adamw", ref))
+    _check_evicted(opt.param_swapper)
     opt.close()
     free = os.statvfs(path)
     fake = os.statvfs_result((*free[:4], 0, *free[5:]))  # no block available to us
