@@ -22,6 +22,7 @@ from torch import nn
 
 import memopt.optim as mo
 from memopt.config.sections import ActivationsConfig, OptimizerConfig, ShardingConfig
+from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding import ShardConfig
 
@@ -102,6 +103,9 @@ def shard_config(sc: ShardingConfig) -> ShardConfig | None:
         master_dtype=master,
         offload=offload_config(sc),
         offload_params=sc.offload_params,
+        param_nvme=NVMeConfig(directory=sc.nvme_path)
+        if sc.offload_params == "nvme" and sc.nvme_path
+        else None,
     )
 
 

@@ -63,17 +63,21 @@ def _sharding(ds: dict[str, Any], out: dict[str, Any]) -> None:
     sh["stage"] = z.stage
     if z.bucket_bytes is not None:
         sh["bucket_bytes"] = z.bucket_bytes
-    if z.offload_param.device == "cpu":
-        sh["offload_params"] = "cpu"
+    if z.offload_param.device != "none":
+        sh["offload_params"] = z.offload_param.device
     off = z.offload_optimizer
-    if off.device != "none" and z.stage != 3:
+    # ZeRO-3 with both on the CPU: offload_params: cpu already keeps the state there
+    both_cpu = z.stage == 3 and off.device == z.offload_param.device == "cpu"
+    if off.device != "none" and not both_cpu:
         sh["offload"] = off.device
-        if off.nvme_path is not None:
-            sh["nvme_path"] = str(off.nvme_path)
-    elif off.device == "nvme":
-        raise ValueError("DeepSpeed offload_optimizer nvme under stage 3: memopt offloads "
-                         "optimizer state to NVMe at stages 1/2 only; use stage 2, or "
-                         "offload_param cpu at stage 3")
+    blocks = (off, z.offload_param)
+    paths = {str(b.nvme_path) for b in blocks if b.device == "nvme" and b.nvme_path is not None}
+    if len(paths) > 1:
+        raise ValueError(f"DeepSpeed offload_optimizer and offload_param name different "
+                         f"nvme_path values {sorted(paths)}; memopt keeps both tiers' swap "
+                         "files under one sharding.nvme_path: give them the same directory")
+    if paths:
+        sh["nvme_path"] = paths.pop()
 
 
 def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:

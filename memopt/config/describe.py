@@ -45,8 +45,10 @@ def _sharding(s: Any) -> str:
         text += f", optimizer state on {sc.offload}"
         if sc.offload == "nvme":
             text += f" ({sc.nvme_path})"
-    if sc.offload_params != "none":
+    if sc.offload_params == "cpu":
         text += ", parameters, gradients and optimizer state on the CPU"
+    elif sc.offload_params == "nvme":
+        text += f", parameter shards on nvme ({sc.nvme_path}), read ahead of each unit"
     return text
 
 

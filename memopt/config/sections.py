@@ -72,25 +72,27 @@ class ShardingConfig:
         "auto", "dtype of the master weights the optimizer updates ('auto': the parameters')")
     bucket_bytes: int = opt(25 << 20, "gradient reduce / gather bucket size", size=True)
     offload: Literal["none", "cpu", "nvme"] = opt(
-        "none", "optimizer state tier (stages 0-2; stage 0 is run as stage 1 on one rank)")
-    nvme_path: str | None = opt(None, "directory of the NVMe swap files (offload: nvme)")
-    offload_params: Literal["none", "cpu"] = opt("none", "stage 3: parameter shards, gradients "
-                                                 "and optimizer state on the CPU")
+        "none", "optimizer state tier (stage 0 is run as stage 1 on one rank; at stage 3 each "
+        "unit's state is streamed through the step)")
+    nvme_path: str | None = opt(None, "directory of the NVMe swap files (offload: nvme, "
+                                "offload_params: nvme)")
+    offload_params: Literal["none", "cpu", "nvme"] = opt(
+        "none", "stage 3: 'cpu' keeps parameter shards, gradients and optimizer state on the "
+        "CPU; 'nvme' keeps parameter shards in a file under nvme_path, read ahead of use")
     hybrid_update: bool = opt(False, "offload: update each group on the CPU or the device, by "
                               "measured rates (Deep Optimizer States)")
 
     def __post_init__(self) -> None:
         check_fields(self, "sharding")
         positive(self, "sharding", "bucket_bytes")
-        if self.offload == "nvme" and not self.nvme_path:
-            raise ValueError("config key 'sharding.nvme_path' is required with offload: nvme")
-        if self.offload != "none" and self.stage == 3:
-            raise ValueError(
-                "sharding.offload applies to stages 0-2; with stage 3 use "
-                "sharding.offload_params: cpu (parameters and optimizer state on the CPU)"
-            )
+        for key in ("offload", "offload_params"):
+            if getattr(self, key) == "nvme" and not self.nvme_path:
+                raise ValueError(f"config key 'sharding.nvme_path' is required with {key}: nvme")
         if self.offload_params != "none" and self.stage != 3:
             raise ValueError("config key 'sharding.offload_params' needs sharding.stage: 3")
+        if self.hybrid_update and self.stage == 3:
+            raise ValueError("sharding.hybrid_update applies to stages 0-2 (ZeRO-Offload's "
+                             "pipeline); set it to false at stage 3")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from memopt import Config
-from memopt.config import OptimizerConfig, ShardingConfig
+from memopt.config import OptimizerConfig, ShardingConfig, build
 from memopt.config.reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,9 +106,11 @@ def test_python_construction_is_validated() -> None:
     with pytest.raises(ValueError, match="optimizer.name"):
         OptimizerConfig(name="sgd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="offload_params"):
-        ShardingConfig(stage=3, offload="cpu")
-    with pytest.raises(ValueError, match="offload_params"):
         ShardingConfig(stage=2, offload_params="cpu")
+    with pytest.raises(ValueError, match="nvme_path' is required with offload_params"):
+        ShardingConfig(stage=3, offload_params="nvme")
+    with pytest.raises(ValueError, match="hybrid_update"):
+        ShardingConfig(stage=3, offload="cpu", hybrid_update=True)
     with pytest.raises(ValueError, match="in_backward"):
         Config(optimizer=OptimizerConfig(in_backward=True), sharding=ShardingConfig(stage=2))
     with pytest.raises(ValueError, match="one of budget, policy, policies"):
@@ -142,6 +144,18 @@ def test_from_deepspeed(tmp_path: Path) -> None:
         {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
     )
     assert z3.sharding.stage == 3 and z3.sharding.offload_params == "cpu"
+    z3n = Config.from_deepspeed({"zero_optimization": {
+        "stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nv"},
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/nv"}}})  # fmt: skip
+    sh = z3n.sharding
+    assert (sh.offload_params, sh.offload, sh.nvme_path) == ("nvme", "nvme", "/nv")
+    built = build.shard_config(sh)
+    assert built is not None and built.param_nvme is not None
+    assert str(built.param_nvme.directory) == "/nv" and built.offload is not None
+    with pytest.raises(ValueError, match="different nvme_path"):
+        Config.from_deepspeed({"zero_optimization": {
+            "stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/a"},
+            "offload_optimizer": {"device": "nvme", "nvme_path": "/b"}}})  # fmt: skip
     assert Config.from_deepspeed({"zero_optimization": {"stage": 0}}).sharding.stage == 0
     with pytest.raises(ValueError, match="Adam/AdamW"):
         Config.from_deepspeed({"optimizer": {"type": "OneBitLamb"}})
