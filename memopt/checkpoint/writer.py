@@ -11,11 +11,13 @@
 2. Submit the header, then the data section in ``CHUNK`` pieces to an I/O engine of
    ``memopt.offload`` (the NVMe tier's: the native Linux AIO engine, whose C thread keeps up to
    ``IN_FLIGHT`` pieces in the kernel without the GIL, when its library loaded and the file is
-   ``O_DIRECT``; else a pool of ``IN_FLIGHT`` threads issuing ``pwrite``). The writer follows
-   the copy into staging: before submitting a chunk it waits until that prefix of ``data``
-   is staged (``ready``); every staged chunk is submitted at once, the engine queues the rest.
-3. The running checksum of a chunk is computed right after its submission, while the disk
-   writes it (``crc32c`` releases the GIL): only the last chunk's checksum is on the path.
+   ``O_DIRECT``; else a pool of ``IN_FLIGHT`` threads issuing ``pwrite``). Every chunk is
+   submitted at once (the engine queues what is beyond ``IN_FLIGHT``), each after
+   ``ready(end of chunk)`` returned: a pipeline whose writer follows the copy into staging
+   blocks there until that prefix of ``data`` is staged.
+3. Only then the running checksum of the data, while the disk writes it (``crc32c`` releases
+   the GIL): a checksum slowed by busy cores never holds back a submission, so the queue
+   stays full; it is on the path only if it takes longer than the whole write.
 4. Wait for every piece (after a failure too: the staging memory must outlive its I/O), then
    ``fsync``; the caller publishes (rename) only after that.
 
@@ -108,12 +110,13 @@ def write_data_file(
             _preallocate(fd, len(header) + n)
         pending += engine.submit("write", fd, head_addr, len(header), 0, path)
         base, addr = len(header), data.data_ptr()
-        for lo in range(0, n, CHUNK):
+        for lo in range(0, n, CHUNK):  # everything staged goes to the engine's queue first
             hi = min(lo + CHUNK, n)
             if ready is not None:
                 ready(hi)
             pending += engine.submit("write", fd, addr + lo, hi - lo, base + lo, path)
-            value = crc(view[lo:hi], value)
+        for lo in range(0, n, CHUNK):  # then the checksum, while the disk writes
+            value = crc(view[lo : lo + CHUNK], value)
         _wait_all(pending)
         if fsync:
             os.fsync(fd)
