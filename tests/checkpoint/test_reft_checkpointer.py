@@ -280,3 +280,23 @@ def test_redundancy_needs_ranks(tmp_path) -> None:
     with pytest.raises(ValueError, match="redundancy=RedundancyConfig"):
         ck.recover()
     ck.close()
+
+
+def test_setup_config_keys_make_the_redundancy_config() -> None:
+    from memopt import Config
+    from memopt.config.setup import redundancy_config
+
+    def ck(**keys: Any) -> Any:
+        return Config.from_dict({"checkpoint": {"directory": "ckpt", **keys}}).checkpoint
+
+    assert redundancy_config(ck(), 2) is None
+    assert redundancy_config(ck(redundancy="replicate", copies=2), 3) == RedundancyConfig(
+        mode="replicate", copies=2
+    )
+    assert redundancy_config(ck(redundancy="erasure"), 4) == RedundancyConfig(
+        mode="erasure", k=3, m=1
+    )
+    with pytest.raises(ValueError, match="k \\+ m = 4 ranks, this one has 3"):
+        redundancy_config(ck(redundancy="erasure", erasure_k=3), 3)
+    with pytest.raises(ValueError, match="checkpoint.copies"):
+        ck(copies=0)
