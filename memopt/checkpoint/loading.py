@@ -10,6 +10,7 @@ snapshot rebuilt from peers loads bit for bit as its files would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -53,10 +54,15 @@ def restore_all(
     world: int,
     rng: bool,
 ) -> dict[str, Any]:
-    if model is not None:
-        R.restore_model(snap, model)
-    if optimizer is not None:
-        R.restore_optimizer(snap, optimizer, model, rank, world)
+    # Stage-3 parameter shards on NVMe (``FSDPOptimizer.resident_params``): restore writes into
+    # the model's state_dict tensors, which alias the live shards only while they are resident;
+    # on exit the restored shards are written back to the tier.
+    resident = getattr(optimizer, "resident_params", None)
+    with resident() if callable(resident) else contextlib.nullcontext():
+        if model is not None:
+            R.restore_model(snap, model)
+        if optimizer is not None:
+            R.restore_optimizer(snap, optimizer, model, rank, world)
     if scheduler is not None:
         R.restore_scheduler(snap, scheduler, rank)
     if rng:

@@ -85,9 +85,12 @@ class Setup:
                                    scheduler=self.scheduler, extra=extra)
 
     def close(self) -> None:
-        """Finish pending snapshots and remove activation hooks."""
+        """Finish pending snapshots, remove activation hooks, close the optimizer's tiers."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+        close_optimizer = getattr(self.optimizer, "close", None)
+        if callable(close_optimizer):  # NVMe / pinned tiers of offloaded state and parameters
+            close_optimizer()
         if self.activations is not None:
             self.activations.remove()
         if self.in_backward is not None:
