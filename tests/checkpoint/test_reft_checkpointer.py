@@ -1,8 +1,9 @@
 """AsyncCheckpointer(redundancy=...): saves are protected in peers' host memory (REFT), and a
 rank that lost its files and its memory gets its snapshot back from peers, bit for bit.
 
-2 gloo ranks, replication, torch AdamW (replicated, rank 0 writes the model): the save returns
-before the protection (a gated protector; the checkpointer's own records say so); rank 1 drops
+2 gloo ranks, replication, torch AdamW (replicated, rank 0 writes the model): saves return and
+publish before the protection (a gated protector; the checkpointer's own records say so), and
+a save that finds the protector too far behind is skipped on every rank alike; rank 1 drops
 its files and memory, the survivors re-create their checkpointer (``adopt=``), the directory is
 moved away, and ``recover`` restores parameters, optimizer state, scheduler, RNG and extras
 exactly (training on agrees bit for bit with the run that never failed). A failed protect
@@ -101,8 +102,9 @@ def _replace(
     return AsyncCheckpointer(directory, fsync=False, redundancy=cfg, adopt=ck)
 
 
-def _gated_save(ck: AsyncCheckpointer, model: Any, opt: Any, sched: Any) -> dict[str, bool]:
-    """The protector is held at a gate: save, fence and publication go on without it."""
+def _gated_save(ck: AsyncCheckpointer, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
+    """The protector is held at a gate: saves, fences and publication go on without it; a save
+    that finds ``max_inflight`` (2) saves queued for peers is skipped by every rank."""
     gate = threading.Event()
     real = ck.peers.red.protect_blob  # type: ignore[union-attr]
 
@@ -111,19 +113,26 @@ def _gated_save(ck: AsyncCheckpointer, model: Any, opt: Any, sched: Any) -> dict
         real(step, blob)
 
     ck.peers.red.protect_blob = held  # type: ignore[union-attr,method-assign]
-    train(model, opt, sched, 0, 1)
-    ck.save(1, model=model, optimizer=opt, scheduler=sched)
-    rec = ck.stats.last
-    assert rec is not None
-    train(model, opt, sched, 1, 2)  # the optimizer step's fence waits for the copy only
+    for step in range(4):
+        train(model, opt, sched, step, step + 1)  # the optimizer step's fence: the copy only
+        ck.save(step + 1, model=model, optimizer=opt, scheduler=sched)
+    recs = ck.stats.records[-4:]
+    train(model, opt, sched, 4, 5)
     deadline = time.monotonic() + 60
-    while not rec.ok and time.monotonic() < deadline:
+    while not recs[-1].ok and time.monotonic() < deadline:
         time.sleep(0.01)
-    out = {"published_unprotected": rec.ok and not rec.protected and ck.latest() == 1}
+    out: dict[str, Any] = {
+        "published_unprotected": all(r.ok and not r.protected for r in recs) and ck.latest() == 4
+    }
     gate.set()
     ck.wait()
     ck.peers.red.protect_blob = real  # type: ignore[union-attr,method-assign]
-    out["protected_after"] = rec.protected and rec.protected_s >= rec.durable_s > rec.stall_s
+    first, last = recs[0], recs[-1]
+    out["protected_after"] = first.protected and first.protected_s >= first.durable_s
+    out["stall_below_durable"] = first.durable_s > first.stall_s
+    out["behind_skipped"] = not last.protected and last.protect_note.startswith("skipped")
+    out["labels"] = [r.step for r in recs if r.protected]
+    out["in_order"] = ck.peers.protected_step == out["labels"][-1]  # type: ignore[union-attr]
     return out
 
 
@@ -223,6 +232,7 @@ real_write_file = ckpt_module.write_file
 
 def test_replicate_two_ranks_recover_a_lost_rank_from_peer_memory(tmp_path) -> None:
     results = run_distributed(_two_ranks, world_size=2, timeout_s=120, args=(str(tmp_path),))
+    assert results[0]["labels"] == results[1]["labels"] and results[0]["labels"][0] == 1
     for rank, out in enumerate(results):
         for key in ("recovered", "continued", "fallback5", "recovered6", "disk_fallback"):
             assert out[key] == [], (rank, key, out[key])
