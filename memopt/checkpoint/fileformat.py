@@ -10,29 +10,23 @@ any byte is copied, so the host staging buffer is laid out exactly as the data s
 writer (``writer.py``) writes straight from it, in large aligned pieces.
 
 The checksum (crc32c when the ``crc32c`` package is present, else zlib's crc32) covers the
-whole file; it is computed while writing and while reading, in the same pass as the I/O.
+whole file; it is computed while writing (``checksum.py``: in pieces on two threads, combined)
+and while reading.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from memopt.checkpoint.checksum import checksum_fn, resolve_checksum  # noqa: F401 (re-exported)
 from memopt.checkpoint.errors import CorruptSnapshotError
 from memopt.checkpoint.writer import write_data_file
-
-_crc32c: Any
-try:  # crc32c has wheels for every CPython we support; zlib is the fallback
-    import crc32c as _crc32c
-except ImportError:  # pragma: no cover - exercised only without the package
-    _crc32c = None
 
 PAD_PREFIX = "__pad__."
 _CHUNK = 64 << 20  # read size of file_checksum
@@ -55,27 +49,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-def checksum_fn(name: str) -> Callable[[bytes | memoryview, int], int]:
-    """The running checksum ``f(data, previous) -> value`` called ``name``."""
-    if name == "crc32c":
-        if _crc32c is None:
-            raise ValueError(
-                "checksum 'crc32c' needs the crc32c package (pip install crc32c), or use "
-                "checksum='crc32'"
-            )
-        return lambda data, prev: int(_crc32c.crc32c(data, prev))
-    if name == "crc32":
-        return lambda data, prev: zlib.crc32(data, prev)
-    raise ValueError(f"unknown checksum {name!r} (expected 'crc32c' or 'crc32')")
-
-
-def resolve_checksum(name: str) -> str:
-    if name == "auto":
-        return "crc32c" if _crc32c is not None else "crc32"
-    checksum_fn(name)  # raises if unavailable
-    return name
 
 
 def _round_up(n: int, a: int) -> int:
@@ -156,7 +129,7 @@ def write_file(
     (preallocated file, several writes in flight, checksum overlapped with the I/O).
     """
     return write_data_file(
-        path, plan.header, data[: plan.data_bytes], checksum_fn(checksum), fsync, direct, ready
+        path, plan.header, data[: plan.data_bytes], checksum, fsync, direct, ready
     )
 
 

@@ -18,16 +18,19 @@ import zlib
 import pytest
 import torch
 
-from memopt.checkpoint import AsyncCheckpointer, CheckpointError, fileformat, publish, writer
+from memopt.checkpoint import (
+    AsyncCheckpointer,
+    CheckpointError,
+    checksum,
+    fileformat,
+    publish,
+    writer,
+)
 from memopt.checkpoint.pipeline import Job, Pipeline
 from memopt.offload import io_backend, native_aio
 
 PAGE = 4096
 ENGINES = ["threads"] + (["native"] if native_aio.native_available() else [])
-
-
-def _crc(data: bytes | memoryview, prev: int) -> int:
-    return zlib.crc32(data, prev)
 
 
 def _payload(nbytes: int) -> torch.Tensor:
@@ -54,7 +57,7 @@ def test_bytes_and_checksum(tmp_path, monkeypatch, small_chunks, engine, direct)
     data = _payload(17 * (64 << 10) + 3 * PAGE)  # not a whole number of chunks
     ready_calls: list[int] = []
     path = str(tmp_path / "f")
-    crc = writer.write_data_file(path, header, data, _crc, True, direct, ready_calls.append)
+    crc = writer.write_data_file(path, header, data, "crc32", True, direct, ready_calls.append)
     raw = open(path, "rb").read()
     assert raw == header + data.numpy().tobytes()
     assert crc == zlib.crc32(raw)
@@ -69,8 +72,8 @@ def test_preallocates_only_direct_files(tmp_path, monkeypatch, small_chunks) -> 
         writer, "_fallocate", lambda fd, o, n: (calls.append((o, n)), real(fd, o, n))
     )
     header, data = b"x" * PAGE, _payload(5 * PAGE)
-    writer.write_data_file(str(tmp_path / "d"), header, data, _crc, False, True)
-    writer.write_data_file(str(tmp_path / "b"), header, data, _crc, False, False)
+    writer.write_data_file(str(tmp_path / "d"), header, data, "crc32", False, True)
+    writer.write_data_file(str(tmp_path / "b"), header, data, "crc32", False, False)
     if not _direct_supported(tmp_path):
         pytest.skip("this file system has no O_DIRECT")
     assert calls == [(0, 6 * PAGE)]  # the direct file, once, whole; the buffered one never
@@ -102,7 +105,9 @@ def test_several_writes_in_flight(tmp_path, monkeypatch, small_chunks) -> None:
                 inside[0] -= 1
 
     monkeypatch.setattr(io_backend, "_pwrite", slow)
-    writer.write_data_file(str(tmp_path / "f"), b"h" * PAGE, _payload(32 << 16), _crc, False, True)
+    writer.write_data_file(
+        str(tmp_path / "f"), b"h" * PAGE, _payload(32 << 16), "crc32", False, True
+    )
     assert peak[0] == writer.IN_FLIGHT
 
 
@@ -125,7 +130,7 @@ def test_failure_waits_for_pieces_in_flight(tmp_path, monkeypatch, small_chunks)
     monkeypatch.setattr(io_backend, "_pwrite", flaky)
     with pytest.raises(OSError, match="No space left") as info:
         writer.write_data_file(
-            str(tmp_path / "f"), b"h" * PAGE, _payload(1 << 20), _crc, True, True
+            str(tmp_path / "f"), b"h" * PAGE, _payload(1 << 20), "crc32", True, True
         )
     assert info.value.errno == errno.ENOSPC
     assert started[0] == finished[0] > 3
@@ -233,3 +238,18 @@ def test_write_file_keeps_its_signature(tmp_path) -> None:
     data = _payload(plan.data_bytes)
     crc = fileformat.write_file(str(tmp_path / "f"), plan, data, "crc32", True, True)
     assert crc == fileformat.file_checksum(str(tmp_path / "f"), "crc32")
+
+
+@pytest.mark.parametrize("name", ["crc32", "crc32c"])
+def test_checksum_in_pieces_equals_one_pass(name) -> None:
+    fn = checksum.checksum_fn(name)
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, ((1 << 20) + 123,), dtype=torch.uint8, generator=g)
+    data = raw.numpy().tobytes()
+    for la, lb in ((0, 5), (5, 0), (1, 1), (1000, 4097), (1 << 20, 123)):
+        a, b = data[:la], data[la : la + lb]
+        assert checksum.combine(name, fn(a, 0), fn(b, 0), lb) == fn(a + b, 0)
+    head = fn(b"header", 0)
+    for piece, workers in ((64 << 10, 2), (64 << 10, 3), (1 << 30, 2), (4096, 1)):
+        got = checksum.parallel_checksum(name, memoryview(data), piece, head, workers)
+        assert got == fn(b"header" + data, 0), (piece, workers)
