@@ -9,8 +9,11 @@ Per save, with ``AsyncCheckpointer(..., redundancy=RedundancyConfig(...))``:
    into a *mirror* block of the tier's own host arena (a host memcpy, no second device copy; it
    overlaps the disk write). ``end(job)`` waits for it before the staging block is released.
    A mirror also holds the rank's JSON skeleton (step, extras, RNG, optimizer metadata).
-2. Writer thread, at publish: ``submit(job)`` queues the mirror (or None: this rank could not
-   stage it, or the protector is ``max_pending`` saves behind) for the protector thread.
+2. Mirror-copy thread, as soon as the mirror is complete (the disk write goes on): the mirror
+   is queued for the protector thread (None: this rank could not stage it, or the protector is
+   ``max_pending`` saves behind). A save that never reached the writer is queued as None at
+   publish (``submit``). The writer handles saves one at a time and the mirror thread is one
+   thread, so every rank queues every save once, in save order.
 3. Protector thread, save by save in save order, on the tier's dedicated gloo group: an
    all-gather of ``[has mirror, step]``; unless every rank of the group has a mirror of the
    same step, every rank skips this save (the previous protection stays). Otherwise
@@ -20,7 +23,7 @@ Per save, with ``AsyncCheckpointer(..., redundancy=RedundancyConfig(...))``:
    staged bytes, a failed protect never touches published files.
 
 ``recover(step)`` is collective over the checkpointer's group: the ranks all-gather the step
-they hold (-1: a replacement, or a rank that lost its memory); they agree that the survivors
+they hold (None: a replacement, or a rank that lost its memory); they agree that the survivors
 hold one step (the requested one, when given) or all raise ``PeerRecoveryError``; each
 redundancy group rebuilds its lost members (``rebuild_blob``; too many lost: the error is
 all-gathered, so every rank raises it); then every rank broadcasts its blob, so each rank
@@ -84,8 +87,8 @@ class PeerTier:
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin="off"))
         self.own: Mirror | None = None
         self._lock = threading.Lock()  # the arena's trim vs. blocks in use, own
-        self._futures: dict[int, Future[Mirror | None]] = {}
-        self._staged: dict[int, Mirror | None] = {}
+        self._futures: dict[int, Future[None]] = {}
+        self._begun: set[int] = set()  # saves whose mirror copy was started (writer thread)
         self._copy = ThreadPoolExecutor(1, thread_name_prefix="memopt-ckpt-mirror")
         self._q: queue.Queue[_Item | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -94,18 +97,25 @@ class PeerTier:
         self._thread.daemon = True
         self._thread.start()
 
-    # -- stage: staging -> mirror (writer thread) -----------------------------------------
+    # -- stage: staging -> mirror (writer thread, mirror-copy thread) ---------------------
     def begin(self, job: Job, rank: int, world: int) -> None:
-        self._futures[job.seq] = self._copy.submit(self._mirror, job, rank, world)
+        self._begun.add(job.seq)
+        self._futures[job.seq] = self._copy.submit(self._mirror_and_queue, job, rank, world)
 
     def end(self, job: Job) -> None:
-        fut, mirror = self._futures.pop(job.seq, None), None
+        """Wait for ``begin(job)``'s mirror copy (the staging block is released after this)."""
+        fut = self._futures.pop(job.seq, None)
         if fut is not None:
-            try:
-                mirror = fut.result()
-            except Exception as e:  # noqa: BLE001 - this save is then skipped by the tier
-                log.warning("checkpoint: step %d not mirrored for peers: %r", job.step, e)
-        self._staged[job.seq] = mirror
+            fut.result()
+
+    def _mirror_and_queue(self, job: Job, rank: int, world: int) -> None:
+        mirror = None
+        try:
+            mirror = self._mirror(job, rank, world)
+        except Exception as e:  # noqa: BLE001 - this save is then skipped by the tier
+            log.warning("checkpoint: step %d not mirrored for peers: %r", job.step, e)
+        finally:  # queued at once, next to the disk write (every job once, in save order)
+            self._enqueue(job, mirror)
 
     def _mirror(self, job: Job, rank: int, world: int) -> Mirror | None:
         plan = job.plan
@@ -137,7 +147,14 @@ class PeerTier:
 
     # -- protect (protector thread) ---------------------------------------------------------
     def submit(self, job: Job) -> None:
-        mirror = self._staged.pop(job.seq, None)
+        """At publish: queue a save that never reached ``begin`` (it failed before the write),
+        so that every rank queues every save, in order (the protector is collective)."""
+        if job.seq in self._begun:
+            self._begun.discard(job.seq)
+        else:
+            self._enqueue(job, None)
+
+    def _enqueue(self, job: Job, mirror: Mirror | None) -> None:
         if mirror is not None and self._q.qsize() >= self.max_pending:
             log.warning("checkpoint: peers are %d saves behind; step %d is not protected",
                         self._q.qsize(), job.step)  # fmt: skip
