@@ -2,16 +2,21 @@
 
 ``csrc/aio/aio.cpp`` wraps ``io_setup`` / ``io_submit`` / ``io_getevents`` (no libaio
 dependency) in an engine with its own C worker thread, behind a C ABI loaded with ctypes.
-``NativeAIOBackend`` implements the ``IOBackend`` protocol: ``submit`` splits a request into
-``block_size`` pieces, each with its own ``Future``, and enqueues them with one call.
+``NativeAIOBackend`` implements the ``IOBackend`` protocol: ``submit`` hands the request to
+the engines, which cut it into ``block_size`` pieces themselves, and returns one ``Future``
+per engine part (the thread backend returns one per piece).
 
-Pattern: the C worker keeps up to ``queue_depth`` pieces in the kernel, sleeps in ``poll`` on
-an eventfd the kernel signals at each completion, reaps, resubmits the rest of a short
-transfer and refills the queue without the GIL, so the device queue never waits for Python.
-One Python reaper thread collects finished pieces (``memopt_aio_poll``, GIL released) and
-resolves their futures. A read that ends early (the file ended) becomes EIO; a negative
-result, or a request the kernel refuses at submit (EBADF, EINVAL), becomes an ``OSError``
-with that errno and the same message as the thread backend's.
+Pattern: ``workers`` engines (default 2, ``MEMOPT_AIO_WORKERS``) share the queue depth; a
+request is cut into one block-aligned part per engine. Each engine's C worker keeps its share
+of the pieces in the kernel, sleeps in ``poll`` on an eventfd the kernel signals at each
+completion, reaps, resubmits the rest of a short transfer and refills the queue without the
+GIL, so the device queue never waits for Python. An engine reports a part once, when its
+last piece is done, so its Python reaper thread (``memopt_aio_poll``, GIL released)
+resolves one future per part rather than one per piece (a 64 MiB tensor at 1 MiB blocks:
+2 completions instead of 64). A read that ends early (the file ended) becomes EIO; a failed
+piece (negative result, or a request the kernel refuses at submit: EBADF, EINVAL) becomes
+an ``OSError`` with that errno and the same message as the thread backend's, naming the
+failed piece's offset and length.
 
 ``make_backend`` picks the engine for ``NVMeTier``: ``MEMOPT_AIO=native`` (error if the
 library did not load), ``threads``, or ``auto`` / unset (native when loaded and the file is
@@ -31,9 +36,9 @@ from pathlib import Path
 from memopt._utils.native import load_library
 from memopt.offload.io_backend import IOBackend, IOOp, ThreadPoolBackend, _fail
 
-__all__ = ["NativeAIOBackend", "native_available", "make_backend"]
+__all__ = ["NativeAIOBackend", "native_available", "make_backend", "default_workers"]
 
-_ABI = 2
+_ABI = 3  # 3: the engine cuts requests into pieces, one completion per request
 _lib: ctypes.CDLL | None = None
 _loaded = False
 
@@ -51,9 +56,9 @@ def _load() -> ctypes.CDLL | None:
             lib.memopt_aio_create.restype = p
             lib.memopt_aio_destroy.argtypes = [p]
             lib.memopt_aio_destroy.restype = None
-            lib.memopt_aio_enqueue.argtypes = [p, i, pi, pi, pu64, pi64, pi64, pu64]
+            lib.memopt_aio_enqueue.argtypes = [p, i, pi, pi, pu64, pi64, pi64, pu64, i64]
             lib.memopt_aio_enqueue.restype = None
-            lib.memopt_aio_poll.argtypes = [p, i, i64, pu64, pi64]
+            lib.memopt_aio_poll.argtypes = [p, i, i64, pu64, pi64, pi64, pi64]
             lib.memopt_aio_poll.restype = i
         _lib = lib
     return _lib
@@ -65,40 +70,26 @@ def native_available() -> bool:
 
 
 @dataclass
-class _Piece:
+class _Request:
     op: IOOp
-    nbytes: int
-    offset: int
     label: str
     future: cf.Future
 
 
-class NativeAIOBackend:
-    """Linux AIO: ``queue_depth`` pieces of ``block_size`` in flight, kept full by a C thread."""
+class _Engine:
+    """One C engine (AIO context + worker thread) and the Python reaper resolving its futures."""
 
-    name = "native"
     _POLL_BATCH = 256
 
-    def __init__(self, queue_depth: int = 8, block_size: int = 1 << 20) -> None:
-        if queue_depth < 1:
-            raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
-        if block_size < 4096 or block_size % 4096:
-            raise ValueError(f"block_size must be a multiple of 4096, got {block_size}")
-        lib = _load()
-        if lib is None:
-            raise RuntimeError(
-                "the native AIO library is not built; rebuild with `pip install -e .` "
-                "or use ThreadPoolBackend (MEMOPT_AIO=threads)"
-            )
+    def __init__(self, lib: ctypes.CDLL, depth: int, block_size: int) -> None:
         self._lib = lib
-        self.queue_depth = queue_depth
         self.block_size = block_size
         err = ctypes.c_int(0)
-        self._engine = lib.memopt_aio_create(queue_depth, ctypes.byref(err))
+        self._engine = lib.memopt_aio_create(depth, ctypes.byref(err))
         if not self._engine:
-            raise OSError(err.value, f"io_setup({queue_depth}) failed: {os.strerror(err.value)}")
+            raise OSError(err.value, f"io_setup({depth}) failed: {os.strerror(err.value)}")
         self._lock = threading.Condition()
-        self._outstanding: dict[int, _Piece] = {}
+        self._outstanding: dict[int, _Request] = {}
         self._next_tag = 1
         self._closing = False
         self._reaper = threading.Thread(target=self._reap_loop, name="memopt-aio", daemon=True)
@@ -106,65 +97,57 @@ class NativeAIOBackend:
 
     def submit(
         self, op: IOOp, fd: int, ptr: int, nbytes: int, offset: int, label: str
-    ) -> list[cf.Future]:
-        starts = list(range(0, nbytes, self.block_size))
-        k = len(starts)
-        if k == 0:
-            return []
-        sizes = [min(self.block_size, nbytes - s) for s in starts]
-        futures: list[cf.Future[None]] = [cf.Future() for _ in starts]
-        for fut in futures:
-            fut.set_running_or_notify_cancel()
+    ) -> cf.Future:
+        fut: cf.Future[None] = cf.Future()
+        fut.set_running_or_notify_cancel()
         with self._lock:
             if self._closing:
                 raise RuntimeError("NativeAIOBackend is closed")
-            tags = list(range(self._next_tag, self._next_tag + k))
-            self._next_tag += k
-            for tag, s, n, fut in zip(tags, starts, sizes, futures, strict=True):
-                self._outstanding[tag] = _Piece(op, n, offset + s, label, fut)
+            tag = self._next_tag
+            self._next_tag += 1
+            self._outstanding[tag] = _Request(op, label, fut)
             self._lock.notify_all()
         self._lib.memopt_aio_enqueue(
-            self._engine,
-            k,
-            (ctypes.c_int * k)(*([int(op == "write")] * k)),
-            (ctypes.c_int * k)(*([fd] * k)),
-            (ctypes.c_uint64 * k)(*[ptr + s for s in starts]),
-            (ctypes.c_int64 * k)(*sizes),
-            (ctypes.c_int64 * k)(*[offset + s for s in starts]),
-            (ctypes.c_uint64 * k)(*tags),
-        )
-        return futures
+            self._engine, 1, ctypes.byref(ctypes.c_int(int(op == "write"))),
+            ctypes.byref(ctypes.c_int(fd)), ctypes.byref(ctypes.c_uint64(ptr)),
+            ctypes.byref(ctypes.c_int64(nbytes)), ctypes.byref(ctypes.c_int64(offset)),
+            ctypes.byref(ctypes.c_uint64(tag)), self.block_size,
+        )  # fmt: skip
+        return fut
 
     @staticmethod
-    def _outcome(piece: _Piece, res: int) -> OSError | None:
-        if res < 0:
-            err = OSError(-res, os.strerror(-res))
-        elif res < piece.nbytes:
-            what = "short read: the file ended before the slot did"
-            err = OSError(errno.EIO, what if piece.op == "read" else "write made no progress")
-        else:
+    def _outcome(req: _Request, status: int, offset: int, nbytes: int) -> OSError | None:
+        """None for success, else the error of the failed piece (errno, or -1: short)."""
+        if status == 0:
             return None
-        return _fail(err, piece.label, piece.op, piece.nbytes, piece.offset)
+        if status > 0:
+            err = OSError(status, os.strerror(status))
+        else:
+            what = "short read: the file ended before the slot did"
+            err = OSError(errno.EIO, what if req.op == "read" else "write made no progress")
+        return _fail(err, req.label, req.op, nbytes, offset)
 
     def _reap_loop(self) -> None:
         cap = self._POLL_BATCH
         tags = (ctypes.c_uint64 * cap)()
-        results = (ctypes.c_int64 * cap)()
+        status, offsets, lengths = ((ctypes.c_int64 * cap)() for _ in range(3))
         while True:
             with self._lock:
                 while not self._outstanding and not self._closing:
                     self._lock.wait()
                 if not self._outstanding and self._closing:
                     return
-            n = self._lib.memopt_aio_poll(self._engine, cap, 100_000_000, tags, results)
+            n = self._lib.memopt_aio_poll(
+                self._engine, cap, 100_000_000, tags, status, offsets, lengths
+            )
             with self._lock:
-                done = [(self._outstanding.pop(int(tags[i])), int(results[i])) for i in range(n)]
-            for piece, res in done:
-                err = self._outcome(piece, res)
+                done = [(self._outstanding.pop(int(tags[i])), i) for i in range(n)]
+            for req, i in done:
+                err = self._outcome(req, int(status[i]), int(offsets[i]), int(lengths[i]))
                 if err is None:
-                    piece.future.set_result(None)
+                    req.future.set_result(None)
                 else:
-                    piece.future.set_exception(err)
+                    req.future.set_exception(err)
 
     def close(self) -> None:
         """Finish every queued and in-flight piece, then release the engine."""
@@ -176,6 +159,81 @@ class NativeAIOBackend:
         self._reaper.join()
         self._lib.memopt_aio_destroy(self._engine)
         self._engine = None
+
+
+def default_workers() -> int:
+    """``$MEMOPT_AIO_WORKERS``, else 2 (1 on a one-CPU machine): see ``NativeAIOBackend``."""
+    env = os.environ.get("MEMOPT_AIO_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MEMOPT_AIO_WORKERS must be an integer >= 1, not {env!r}")
+        return int(env)
+    return min(2, os.cpu_count() or 1)
+
+
+class NativeAIOBackend:
+    """Linux AIO: ``queue_depth`` pieces of ``block_size`` in flight, kept full by C threads.
+
+    ``workers`` engines (AIO context + C submit/reap thread each) share the queue depth; a
+    request is cut into ``workers`` contiguous, block-aligned parts, one per engine (a request
+    of one block goes to the engines in turn). Two submitters rather than one: the kernel's
+    O_DIRECT submission work (pinning pages, building bios) runs on both cores, and on a busy
+    machine one thread gets one scheduler share to refill the queue (docs/benchmarks.md:
+    1 -> 2 workers was 1.5-2x on this shared VM). ``submit`` returns one future per part.
+    """
+
+    name = "native"
+
+    def __init__(
+        self, queue_depth: int = 8, block_size: int = 1 << 20, workers: int | None = None
+    ) -> None:
+        if queue_depth < 1:
+            raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+        if block_size < 4096 or block_size % 4096:
+            raise ValueError(f"block_size must be a multiple of 4096, got {block_size}")
+        workers = default_workers() if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(
+                "the native AIO library is not built; rebuild with `pip install -e .` "
+                "or use ThreadPoolBackend (MEMOPT_AIO=threads)"
+            )
+        self.queue_depth = queue_depth
+        self.block_size = block_size
+        self.workers = min(workers, queue_depth)
+        depths = [queue_depth // self.workers + (i < queue_depth % self.workers)
+                  for i in range(self.workers)]  # fmt: skip
+        self._engines: list[_Engine] = []
+        try:
+            for depth in depths:
+                self._engines.append(_Engine(lib, depth, block_size))
+        except OSError:
+            self.close()
+            raise
+        self._turn = 0
+
+    def submit(
+        self, op: IOOp, fd: int, ptr: int, nbytes: int, offset: int, label: str
+    ) -> list[cf.Future]:
+        if nbytes <= 0:
+            return []
+        blocks = -(-nbytes // self.block_size)
+        parts = min(len(self._engines), blocks)
+        per = -(-blocks // parts) * self.block_size
+        first, self._turn = self._turn, (self._turn + 1) % len(self._engines)
+        futures = []
+        for i, start in enumerate(range(0, nbytes, per)):
+            engine = self._engines[(first + i) % len(self._engines)]
+            n = min(per, nbytes - start)
+            futures.append(engine.submit(op, fd, ptr + start, n, offset + start, label))
+        return futures
+
+    def close(self) -> None:
+        """Finish every queued and in-flight piece, then release the engines."""
+        for engine in self._engines:
+            engine.close()
 
 
 def make_backend(

@@ -183,3 +183,65 @@ def test_buffered_file_gets_threads(tmp_path: Path, arena: PinnedArena, monkeypa
     backend = make_backend(4, 4096, direct=False)
     assert backend.name == "threads"
     backend.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_engine_cuts_requests_and_round_trips(tmp_path: Path, arena: PinnedArena, workers) -> None:
+    """A request of 10.5 blocks is cut by the engines (one future per engine part, not one per
+    block) and round-trips, at a queue depth below the piece count."""
+    _require_native()
+    path = tmp_path / "cut.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    backend = NativeAIOBackend(queue_depth=3, block_size=8192, workers=workers)
+    nbytes = 8192 * 10 + 4096
+    src = arena.tensor(arena.alloc(nbytes, alignment=4096))
+    dst = arena.tensor(arena.alloc(nbytes, alignment=4096))
+    src.copy_(torch.randint(0, 255, (nbytes,), dtype=torch.uint8))
+    try:
+        futures = backend.submit("write", fd, src.data_ptr(), nbytes, 4096, "cut")
+        assert len(futures) == min(workers, 3)
+        IOFuture(futures, "cut write").wait(10)
+        # one-block requests go to the engines in turn; all land
+        small = [backend.submit("read", fd, dst.data_ptr() + o, 4096, 4096 + o, "small")
+                 for o in range(0, nbytes, 4096)]  # fmt: skip
+        assert all(len(f) == 1 for f in small)
+        wait_all([IOFuture(f, "small read") for f in small])
+        assert torch.equal(dst, src)
+        assert os.path.getsize(path) == 4096 + nbytes
+    finally:
+        backend.close()
+        os.close(fd)
+
+
+def test_failed_piece_is_named_in_the_error(tmp_path: Path, arena: PinnedArena) -> None:
+    """A 4-block read whose last block lies past the end of the file fails with EIO naming that
+    block's offset and length, and the engine keeps serving later requests."""
+    _require_native()
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"y" * 3 * 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    backend = NativeAIOBackend(queue_depth=2, block_size=4096, workers=1)
+    buf = arena.alloc(4 * 4096, alignment=4096)
+    try:
+        fut = IOFuture(backend.submit("read", fd, buf.ptr, 4 * 4096, 0, "past eof"), "eof")
+        with pytest.raises(OSError, match=r"past eof: read of 4096 bytes at file offset 12288"):
+            fut.wait(10)
+        IOFuture(backend.submit("read", fd, buf.ptr, 3 * 4096, 0, "ok"), "ok").wait(10)
+        assert bytes(arena.bytes_view(buf)[: 3 * 4096].numpy()) == b"y" * 3 * 4096
+    finally:
+        backend.close()
+        os.close(fd)
+
+
+def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_native()
+    monkeypatch.setenv("MEMOPT_AIO_WORKERS", "3")
+    assert native_aio.default_workers() == 3
+    b = NativeAIOBackend(queue_depth=2, block_size=4096)
+    assert b.workers == 2  # never more engines than the queue depth
+    b.close()
+    monkeypatch.setenv("MEMOPT_AIO_WORKERS", "zero")
+    with pytest.raises(ValueError, match="MEMOPT_AIO_WORKERS"):
+        native_aio.default_workers()
+    with pytest.raises(ValueError, match="workers"):
+        NativeAIOBackend(queue_depth=2, block_size=4096, workers=0)
