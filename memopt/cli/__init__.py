@@ -35,7 +35,10 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", dest="world_size", type=int, default=1)
     p.add_argument("--param-dtype", dest="param_dtype", choices=sorted(DTYPES))
     p.add_argument("--activations", dest="activation_policy", choices=("keep", "recompute", "swap"))
-    p.add_argument("--offload", choices=("cpu", "nvme"))
+    p.add_argument("--offload", choices=("cpu", "nvme"), help="optimizer state tier")
+    p.add_argument("--offload-params", dest="offload_params", choices=("cpu", "nvme"),
+                   help="stage 3: where parameter shards live")
+    p.add_argument("--nvme-path", dest="nvme_path", help="directory for the nvme swap files")
     p.add_argument("--json", help="also write the figures as JSON to this path")
 
 

@@ -36,6 +36,8 @@ class Workload:
     param_dtype: str = "float32"
     activation_policy: str = "keep"
     offload: str | None = None
+    offload_params: str | None = None
+    nvme_path: str | None = None  # directory of the swap files (offload / offload_params nvme)
 
     def llama_config(self) -> Any:
         from transformers import LlamaConfig
@@ -71,6 +73,7 @@ class Workload:
             world_size=self.world_size,
             param_dtype=DTYPES[self.param_dtype],
             offload=self.offload,
+            offload_params=self.offload_params,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             activation_policy=self.activation_policy,
@@ -122,8 +125,7 @@ def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
                 raise ValueError(
                     f"stage {w.stage} with world size {w.world_size} needs that many ranks"
                 )
-            stage: Any = w.stage or 1
-            model, opt = shard(model, opt, stage=stage, offload=w.offload)
+            model, opt = shard(model, opt, **shard_kwargs(w))
         timeline.mark("built")
         loss = torch.zeros(())
         for step in range(steps):
@@ -135,6 +137,22 @@ def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
     if manager is not None:
         manager.remove()
     return float(loss.detach())
+
+
+def shard_kwargs(w: Workload) -> dict[str, Any]:
+    """``memopt.shard`` arguments for ``w`` (stage 0 with an offload tier runs as stage 1)."""
+    from memopt.offload import NVMeConfig, OffloadConfig
+
+    if "nvme" in (w.offload, w.offload_params) and not w.nvme_path:
+        raise ValueError("an nvme offload needs nvme_path (--nvme-path DIR)")
+    kw: dict[str, Any] = {"stage": w.stage or 1}
+    if w.offload is not None:
+        kw["offload"] = OffloadConfig(device=w.offload, nvme_path=w.nvme_path)  # type: ignore[arg-type]
+    if w.offload_params is not None:
+        kw["offload_params"] = w.offload_params
+    if w.offload_params == "nvme":
+        kw["param_nvme"] = NVMeConfig(directory=w.nvme_path)  # type: ignore[arg-type]
+    return kw
 
 
 def warm_up(w: Workload) -> None:
@@ -152,11 +170,13 @@ def warm_up(w: Workload) -> None:
     if w.stage or w.offload:  # the same collectives and tiers: their one-time buffers
         from memopt.api import shard
 
-        stage: Any = w.stage or 1
-        model, opt = shard(model, opt, stage=stage, offload=w.offload)
+        model, opt = shard(model, opt, **shard_kwargs(w))
     x = torch.randint(0, micro.vocab, (1, 16))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
+    close = getattr(opt, "close", None)
+    if callable(close):  # give the tiers (and their files) back before the measured run
+        close()
     del model, opt
     gc.collect()
 

@@ -12,7 +12,8 @@ The model is only described (meta device); the figures per rank are:
   balanced greedily, heaviest first, as ``memopt.sharding.plan`` does; ``dim0`` row-shards
   full-state matrices), plus an fp32 master copy of the shard when ``master_dtype`` differs
   from the parameters'. With ``offload`` they move to the pinned host tier ("cpu") or to disk
-  ("nvme", with three staging buffers in pinned host memory);
+  ("nvme", with three staging buffers in pinned host memory); at stage 3 ``offload`` and
+  ``offload_params`` place them as ``stage3_offload`` describes;
 - activations and the backward's temporaries: the meta trace of ``trace`` (``keep``,
   ``recompute``; ``swap`` keeps two blocks on the device and the rest on pinned host);
 - the peak is the larger of two moments: forward/backward (activations + temporaries +
@@ -34,6 +35,7 @@ from memopt.memory import optstate
 from memopt.memory.model import ParamInfo, as_meta_module, buffer_bytes, param_infos
 from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate
 from memopt.memory.sharding import ShardShare, shard_share
+from memopt.memory.stage3_offload import UnitSizes, place_stage3
 from memopt.memory.trace import ActivationTrace, causal_lm_inputs, meta_copy, trace_step
 
 Policy = Literal["keep", "recompute", "swap"]
@@ -54,6 +56,7 @@ class EstimateConfig:
     param_dtype: torch.dtype = torch.float32
     master_dtype: torch.dtype | None = None
     offload: Literal["cpu", "nvme"] | None = None
+    offload_params: Literal["cpu", "nvme"] | None = None
     batch_size: int = 1
     seq_len: int = 512
     activation_policy: Policy = "keep"
@@ -80,9 +83,14 @@ class EstimateConfig:
                 f"activation_policy must be 'keep', 'recompute' or 'swap', got "
                 f"{self.activation_policy!r}"
             )
-        if self.offload is not None and self.stage == 3:
-            raise NotImplementedError(
-                "offload is estimated for stages 0-2 (as memopt.shard runs it)"
+        if self.offload_params not in (None, "cpu", "nvme"):
+            raise ValueError(
+                f"offload_params must be None, 'cpu' or 'nvme', got {self.offload_params!r}"
+            )
+        if self.offload_params is not None and self.stage != 3:
+            raise ValueError(
+                f"offload_params={self.offload_params!r} needs stage=3 (parameters are sharded "
+                f"there), got stage {self.stage}"
             )
 
     @property
@@ -140,7 +148,10 @@ def assemble(
         "buffers": buffer_bytes(module, cfg.param_dtype),
     }
     held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
-    if cfg.offload is None:
+    grads, step_only = share.grads, {}
+    if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
+        base, grads, step_only = place_stage3(cfg, tiers, base, held, grads, unit_sizes(module))
+    elif cfg.offload is None:
         base.update(held)
     else:
         where = "pinned_host" if cfg.offload == "cpu" else "disk"
@@ -151,10 +162,12 @@ def assemble(
             tiers["pinned_host"]["temporaries"] = staging
     acts, host_acts = _activations(cfg, trace)
     tiers["pinned_host"]["activations"] = host_acts
-    grad_frac = share.grads / max(1, sum(p.nbytes for p in infos))
+    grad_frac = grads / max(1, sum(p.nbytes for p in infos))
     fwd = dict(base, activations=acts, gradients=int(trace.peak_gradients * grad_frac))
     fwd["temporaries"] = trace.peak_temporaries + share.gathered
-    step = dict(base, gradients=share.grads)
+    step = dict(base, gradients=grads)
+    for k, v in step_only.items():
+        step[k] = step.get(k, 0) + v
     step["temporaries"] = _step_temporaries(cfg, infos) + share.buckets
     phase = "forward/backward" if sum(fwd.values()) >= sum(step.values()) else "optimizer step"
     dev.update(fwd if phase == "forward/backward" else step)
@@ -180,6 +193,14 @@ def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]
     return trace.peak_activations - swapped, swapped
 
 
+def unit_sizes(module: nn.Module) -> UnitSizes:
+    """The largest stage-3 unit's share of all parameters (see ``stage3_offload``)."""
+    from memopt.memory.trace import find_blocks
+
+    total = sum(p.numel() for p in module.parameters())
+    return UnitSizes([sum(p.numel() for p in b.parameters()) for b in find_blocks(module)], total)
+
+
 def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
     """Bytes unsharded at once under stage 3: the root unit (every parameter outside the
     repeated blocks: embeddings, head, final norm; gathered for the whole step) plus two of
@@ -196,8 +217,10 @@ def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
 
 def _notes(cfg: EstimateConfig) -> list[str]:
     notes = []
-    if cfg.offload == "nvme":
+    if cfg.offload == "nvme" and cfg.stage != 3:
         notes.append("nvme: the disk column is the swap file; pinned host holds 3 staging buffers")
+    if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
+        notes.append("stage 3 offload: two units' shards/state in memory (in use + read ahead)")
     if cfg.activation_policy == "swap":
         notes.append("swap: two blocks' activations stay on the device (current + prefetch)")
     return notes

@@ -36,3 +36,25 @@ def on_rank(rank: int, world: int) -> list[dict[str, Any]]:
     assert mmap_large_allocations()
     rows = [measure(c) for c in SINGLE[rank::world]]
     return rows + [measure({"stage": s, "world_size": world}) for s in (1, 2, 3)]
+
+
+#: Stage 3 with parameter shards and optimizer state off the device (memopt.memory.stage3_offload).
+STAGE3_OFFLOAD = [
+    {"offload_params": "nvme"},
+    {"offload_params": "nvme", "offload": "nvme"},
+    {"offload_params": "cpu"},
+]
+
+
+def on_rank_stage3_offload(rank: int, world: int, root: str) -> list[dict[str, Any]]:
+    from memopt.memory.timeline import mmap_large_allocations
+
+    warnings.simplefilter("ignore")
+    assert mmap_large_allocations()
+    rows = []
+    for extra in STAGE3_OFFLOAD:
+        case: dict[str, Any] = {"stage": 3, "world_size": world, **extra}
+        if "nvme" in extra.values():
+            case["nvme_path"] = f"{root}/nvme"
+        rows.append(measure(case))
+    return rows

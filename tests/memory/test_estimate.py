@@ -82,6 +82,27 @@ def test_offload_moves_state_to_host_tiers(base) -> None:
     assert 0 < nvme.peak["pinned_host"] <= 3 * 64 * 2**20
 
 
+def test_stage3_offload_places_shards_and_state() -> None:
+    z3 = estimate(CFG, stage=3, world_size=2, device_kind="cuda", **KW)
+    shards = z3.breakdown["device"]["parameters"]
+    state = z3.breakdown["device"]["optimizer_state"]
+    # parameter shards on NVMe: the disk holds them all, memory two units (in use + ahead)
+    nv = estimate(CFG, stage=3, world_size=2, device_kind="cuda", offload_params="nvme", **KW)
+    assert nv.breakdown["disk"]["parameters"] == shards
+    assert 0 < nv.breakdown["device"]["parameters"] < shards
+    assert 0 < nv.breakdown["pinned_host"]["temporaries"] < shards  # the bounce arena
+    # + optimizer state on NVMe: none of it in memory outside the optimizer step
+    both = estimate(CFG, stage=3, world_size=2, device_kind="cuda", offload_params="nvme",
+                    offload="nvme", **KW)  # fmt: skip
+    assert both.breakdown["disk"]["optimizer_state"] == state
+    assert both.device_peak < nv.device_peak
+    # FSDP2's CPU offload on a GPU run: shards, gradients and state on pinned host memory
+    cpu = estimate(CFG, stage=3, world_size=2, device_kind="cuda", offload_params="cpu", **KW)
+    host = cpu.breakdown["pinned_host"]
+    assert host["parameters"] == shards and host["optimizer_state"] == state
+    assert cpu.breakdown["device"]["parameters"] == 0
+
+
 def test_recompute_and_swap_lower_device_activations(base) -> None:
     rec = estimate(CFG, activation_policy="recompute", **KW)
     swap = estimate(CFG, activation_policy="swap", **KW)
@@ -112,6 +133,8 @@ def test_bf16_halves_parameters(base) -> None:
         ({"world_size": 0}, "world_size must be a positive int"),
         ({"activation_policy": "drop"}, "activation_policy must be"),
         ({"offload": "tape"}, "offload must be None"),
+        ({"offload_params": "nvme"}, "needs stage=3"),
+        ({"stage": 3, "offload_params": "tape"}, "offload_params must be None"),
     ],
 )
 def test_bad_config_is_a_value_error(kwargs, match) -> None:

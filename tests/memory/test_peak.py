@@ -11,10 +11,12 @@ process), then AdamW under ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2) on the 2 gloo ranks
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from tests._harness.dist import run_distributed
-from tests.memory._peak import on_rank
+from tests.memory._peak import on_rank, on_rank_stage3_offload
 
 TOL = 0.10
 
@@ -43,3 +45,16 @@ def test_predicted_peak_within_10_percent_single_process_and_zero_1_2_3() -> Non
         if "stage" not in r["case"] or r["measured"] > worst.get(key, {"measured": 0})["measured"]:
             worst[key if "stage" in r["case"] else str(id(r))] = r
     _check(list(worst.values()))
+
+
+@pytest.mark.timeout(300)
+def test_predicted_peak_within_10_percent_zero3_with_nvme_and_cpu_offload() -> None:
+    """Stage 3 with parameter shards on NVMe (and the optimizer state too) and with FSDP2's
+    CPU offload: the most loaded rank's measured peak against the prediction."""
+    with tempfile.TemporaryDirectory() as d:
+        per_rank = run_distributed(on_rank_stage3_offload, world_size=2, timeout_s=280, args=(d,))
+    worst = [max(rows, key=lambda r: r["measured"]) for rows in zip(*per_rank, strict=True)]
+    assert [r["case"].get("offload_params") for r in worst] == ["nvme", "nvme", "cpu"]
+    for r in worst:
+        r["case"] = {k: v for k, v in r["case"].items() if k != "nvme_path"}
+    _check(worst)
