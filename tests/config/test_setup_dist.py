@@ -36,8 +36,9 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
 
 
-def _steps(s: memopt.Setup, n: int, rank: int, world: int) -> None:
-    for step in range(n):
+def _steps(s: memopt.Setup, n: int, rank: int, world: int, first: int = 0) -> None:
+    """``n`` steps on batches ``first ..`` (this rank's slice of each)."""
+    for step in range(first, first + n):
         x, y = _data(step)
         per = x.shape[0] // world
         xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
@@ -87,9 +88,13 @@ def test_stage2_and_ddp_two_ranks_checkpoint_redundancy_resume() -> None:
 
 
 def test_optimizer_in_backward(tmp_path: Path) -> None:
-    cfg = Config.from_dict({"model": {"device": "cpu"},
-                            "optimizer": {"in_backward": True, "max_grad_norm": 5.0},
-                            "checkpoint": {"directory": str(tmp_path), "fsync": False}})
+    cfg = Config.from_dict(
+        {
+            "model": {"device": "cpu"},
+            "optimizer": {"in_backward": True, "max_grad_norm": 5.0},
+            "checkpoint": {"directory": str(tmp_path), "fsync": False},
+        }
+    )
     s = memopt.setup(_model(), cfg)
     assert s.in_backward is not None and "inside backward" in s.describe()
     before = [p.detach().clone() for p in s.model.parameters()]

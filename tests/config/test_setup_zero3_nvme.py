@@ -13,6 +13,7 @@ from torch import nn
 import memopt
 from memopt import Config
 from tests._harness.dist import run_distributed
+from tests.config.test_setup_dist import _steps
 
 
 class _Blocks(nn.Module):
@@ -43,27 +44,15 @@ def _cfg(stage: int, root: str | None = None) -> Config:
     })  # fmt: skip
 
 
-def _steps(s: memopt.Setup, first: int, n: int, rank: int, world: int) -> None:
-    for step in range(first, first + n):
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
-        per = x.shape[0] // world
-        xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
-        nn.functional.mse_loss(s.model(xs), ys).backward()
-        s.optimizer.step()
-        s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
-
-
 def _ranked(rank: int, world: int, root: str) -> dict:
     s = memopt.setup(_Blocks(), _cfg(3, root))
     described = s.describe()
-    _steps(s, 0, 3, rank, world)
+    _steps(s, 3, rank, world)
     s.save(3)
     s.close()
     files = sorted(p.name for p in Path(root, "nvme").iterdir())
     again = memopt.setup(_Blocks(), _cfg(3, root))
-    _steps(again, 3, 2, rank, world)
+    _steps(again, 2, rank, world, first=3)
     with again.optimizer.resident_params():
         weights = [p.full_tensor().detach().clone() for p in again.raw_model.parameters()]
     again.close()
@@ -75,7 +64,7 @@ def test_zero3_params_and_state_on_nvme_from_config_trains_and_resumes() -> None
     with tempfile.TemporaryDirectory() as d:
         out = run_distributed(_ranked, world_size=2, timeout_s=180, args=(d,))
     ref = memopt.setup(_Blocks(), _cfg(0))
-    _steps(ref, 0, 5, 0, 1)
+    _steps(ref, 5, 0, 1)
     expected = [p.detach().clone() for p in ref.model.parameters()]
     for r in out:
         assert "parameter shards on nvme" in r["described"]
