@@ -261,6 +261,9 @@ def _three_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     out["extra"] = _same_extra(extra, _extra(rank, 3))
     train(model, opt, sched, 3, 5, rank, world)
     out["continued"] = equal(full_params(model), after)
+    # every rank holds step 3 now (the replacement its rebuilt copy): nothing to rebuild
+    ck.load(model=model, optimizer=opt, scheduler=sched, from_peers=True)
+    out["reloaded"] = _diff(_state(model, opt, sched), want)
 
     ck.save(5, model=model, optimizer=opt, scheduler=sched)
     ck.wait()
@@ -276,7 +279,7 @@ def test_erasure_three_ranks_recover_one_and_refuse_two(tmp_path) -> None:
     pytest.importorskip("zfec")
     results = run_distributed(_three_ranks, world_size=3, timeout_s=120, args=(str(tmp_path),))
     for rank, out in enumerate(results):
-        assert out["recovered"] == [] and out["continued"] == [], (rank, out)
+        assert out["recovered"] == out["continued"] == out["reloaded"] == [], (rank, out)
         assert out["extra"] and out["raised"], (rank, out)
     assert sum(out["owns_state"] for out in results) >= 2  # state is spread over the ranks
 
