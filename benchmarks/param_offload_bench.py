@@ -102,10 +102,23 @@ def _io_bytes(opt: Any) -> int:
     return total + (0 if st is None else st.bytes_read + st.bytes_written)
 
 
+def _held_bytes(model: Any, opt: Any) -> int:
+    """Bytes of parameter shards and optimizer state tensors in memory now (unique storages;
+    a DTensor by its local shard). memopt's optimizer state keys are the holders."""
+    seen: dict[int, int] = {}
+    inner = getattr(opt, "inner", opt)
+    tensors = [getattr(p, "_local_tensor", p) for p in model.parameters()]
+    tensors += [t for st in inner.state.values() for t in st.values() if hasattr(t, "numel")]
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.nbytes():
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-
     from shard_bench import build_model
 
     if args.config.startswith("deepspeed"):
@@ -124,6 +137,8 @@ def worker(args: argparse.Namespace) -> None:
     lazy = "deepspeed3" if args.config.startswith("deepspeed") else "memopt3"
     model = build_model(args.quick, lazy, True)
     step, opt = _setup(args.config, model, args)
+    if opt is not None:  # memopt.shard returned the (sharded) model in place
+        model = opt.model
     g = torch.Generator().manual_seed(1000 + rank)
     vocab = 512 if args.quick else 32000
     times, io = [], []
@@ -137,7 +152,8 @@ def worker(args: argparse.Namespace) -> None:
             io.append(_io_bytes(opt) - before)
     mine = {"rank": rank, "step_s": statistics.median(times), "peak_kib": rss_kib("VmHWM"),
             "rss_kib": rss_kib("VmRSS"), "base_kib": base_kib,
-            "io_bytes": statistics.median(io)}  # fmt: skip
+            "io_bytes": statistics.median(io),
+            "held_bytes": _held_bytes(model, opt) if opt is not None else None}  # fmt: skip
     got: list[Any] = [None] * world
     dist.all_gather_object(got, mine)
     if rank == 0:
@@ -179,16 +195,19 @@ def summarize(runs: list[list[dict[str, Any]]]) -> dict[str, float]:
         "rss_mib": med(lambda r: r["rss_kib"] / 1024),
         "delta_mib": med(lambda r: (r["peak_kib"] - r["base_kib"]) / 1024),
         "io_mib": med(lambda r: r["io_bytes"] / MIB),
+        "held_mib": med(lambda r: (r["held_bytes"] or 0) / MIB),
     }
 
 
 def tables(res: dict[str, dict[str, float]], fio: tuple[float, float] | None) -> str:
     lines = ["| configuration | step (ms) | peak RSS/rank (MiB) | peak - base (MiB) "
-             "| RSS between steps (MiB) | NVMe I/O per step/rank (MiB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| RSS between steps (MiB) | shards + state held between steps (MiB) "
+             "| NVMe I/O per step/rank (MiB) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in res.items():
         cells = [f"{s[k]:.0f}" for k in ("step_ms", "peak_mib", "delta_mib", "rss_mib")]
-        lines.append(f"| {name} | {' | '.join(cells)} | {s['io_mib']:.0f} |")
+        held = f"{s['held_mib']:.1f}" if s["held_mib"] else "n/a"
+        lines.append(f"| {name} | {' | '.join(cells)} | {held} | {s['io_mib']:.0f} |")
     lines += ["", "| configuration | step / memopt3 | peak-base / memopt3 "
               "| step / deepspeed3-offload | peak-base / deepspeed3-offload |",
               "|---|---|---|---|---|"]  # fmt: skip

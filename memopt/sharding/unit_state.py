@@ -7,7 +7,9 @@ parameters are stepped, ``send`` writes each of their state tensors of at least
 ``min_bytes`` (moments, bases, 8-bit codes; not step counters) to the tier and leaves an
 empty placeholder; ``fetch`` (started for the next unit while this one steps) reads them back
 into fresh tensors before the unit's next step. Each (parameter, key) has one tier handle,
-reallocated only if the tensor's shape or dtype changes. ``fetch_all`` / ``send_all`` serve
+reallocated only if the tensor's shape or dtype changes. Host tensors are read back into
+page-aligned memory, so the NVMe tier moves them in place (no bounce copy of their size, and
+no bounce memory held). ``fetch_all`` / ``send_all`` serve
 ``state_dict`` and ``load_state_dict``, which see the inner optimizer's own layout.
 """
 
@@ -24,6 +26,19 @@ from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 __all__ = ["UnitStateStore"]
 
 Key = tuple[int, str]
+_PAGE = 4096
+
+
+def _aligned_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty host tensor at a page-aligned address (a view 0-4095 bytes into a slightly
+    larger buffer), so the NVMe tier reads and later writes it in place instead of staging
+    it through a bounce buffer of its size; device tensors as usual."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = shape.numel() * dtype.itemsize
+    buf = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    skip = -buf.data_ptr() % _PAGE
+    return buf[skip : skip + nbytes].view(dtype).view(shape)
 
 
 class UnitStateStore:
@@ -34,7 +49,7 @@ class UnitStateStore:
         inner: torch.optim.Optimizer,
         tier: StorageTier,
         min_bytes: int = 4096,
-        max_writes: int = 8,
+        max_writes: int = 2,
     ) -> None:
         self.inner, self.tier = inner, tier
         self.min_bytes, self.max_writes = min_bytes, max_writes
@@ -52,7 +67,7 @@ class UnitStateStore:
                 continue
             for key in [k for k in state if (id(p), k) in self._away]:
                 shape, dtype, device = self._away.pop((id(p), key))
-                out = torch.empty(shape, dtype=dtype, device=device)
+                out = _aligned_empty(shape, dtype, device)
                 fut = self.tier.read_async(self._handles[(id(p), key)], out)
                 self.bytes_read += out.numel() * out.element_size()
                 self._reads.setdefault(id(p), []).append(fut)
