@@ -14,7 +14,9 @@ and the memory-bandwidth yardsticks, measured in the same run on arrays of the s
 12 B, in place like Adam, so no write-allocate traffic beyond what is counted).
 
 Every repetition runs each contender once, in a fresh random order (the machine is shared:
-interleaving spreads other jobs' load over all of them), and the table reports medians.
+interleaving spreads other jobs' load over all of them), and the table reports medians,
+plus paired ratios: per repetition t(peer) / t(contender), median and quartiles over the
+repetitions (> 1: the contender is faster; the quartiles show how far noise moves it).
 Adam moves 28 B per parameter (read p, g, m, v; write p, m, v; +2 B for the bf16 copy,
 counted as 2 B for both bf16 rows although the unfused one reads p a second time);
 "of bw" is that rate over the best yardstick, the bound a streaming kernel can reach here.
@@ -117,6 +119,13 @@ def measure(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[f
     return times
 
 
+def paired(times: dict[str, list[float]], ref: str, name: str) -> str:
+    """Median and quartiles over repetitions of t(ref) / t(name) within the same repetition:
+    the speed ratio with the machine's slow drift (other jobs) cancelled pairwise."""
+    q = statistics.quantiles([a / b for a, b in zip(times[ref], times[name], strict=True)], n=4)
+    return f"{q[1]:.2f} [{q[0]:.2f}-{q[2]:.2f}]"
+
+
 def run_size(n: int, reps: int, use_ds: bool) -> list[str]:
     p, g = torch.randn(n), torch.randn(n) * 1e-2
     param = torch.nn.Parameter(p)
@@ -141,12 +150,14 @@ def run_size(n: int, reps: int, use_ds: bool) -> list[str]:
         rate = nbytes / med[name]
         spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
         vs_torch = med["torch fused"] / med[name]
+        vs_ds = paired(times, "DeepSpeedCPUAdam", name) if ds is not None else "n/a"
         rows.append(
             f"| {n / 1e6:.0f}M | {name} | {med[name] * 1e3:.1f} | {spread} | "
-            f"{rate / 1e9:.1f} | {rate / best:.2f} | {vs_torch:.2f}x |"
+            f"{rate / 1e9:.1f} | {rate / best:.2f} | {vs_torch:.2f}x | "
+            f"{paired(times, 'torch fused', name)} | {vs_ds} |"
         )
     refs_txt = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items())
-    rows.append(f"| {n / 1e6:.0f}M | yardsticks (median) | | | {refs_txt} | | |")
+    rows.append(f"| {n / 1e6:.0f}M | yardsticks (median) | | | {refs_txt} | | | | |")
     return rows
 
 
@@ -165,8 +176,11 @@ def main() -> None:
         f"isa={cpu_adam.selected_isa()} openmp={cpu_adam.has_openmp()}, "
         f"load average at start {os.getloadavg()[0]:.1f}, reps {args.reps}"
     )
-    print("| params | step | median ms | min-max ms | GB/s | of bw | speed vs torch |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| params | step | median ms | min-max ms | GB/s | of bw | speed vs torch "
+        "| paired vs torch [IQR] | paired vs DeepSpeed [IQR] |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for row in run_size(int(float(size)), args.reps, not args.no_deepspeed):
             print(row, flush=True)

@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
-        [--backends native,threads] [--warmup 1]
+        [--backends native,native:1,threads] [--warmup 1]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
 
-- memopt: ``NVMeTier`` with each backend of ``--backends`` (native Linux AIO, thread pool),
+- memopt: ``NVMeTier`` with each backend of ``--backends`` (native Linux AIO with its default
+  workers, ``native:W`` with W workers, thread pool),
   the data split into 8 handles (like 8 optimizer sub-groups) all submitted before waiting,
   from and to page-aligned arena tensors;
 - fio: ``ioengine=libaio, direct=1, bs, iodepth``, one job, sequential write then read;
@@ -39,7 +40,8 @@ from pathlib import Path
 import torch
 
 from memopt.offload import ArenaConfig, NVMeConfig, NVMeTier, PinnedArena
-from memopt.offload.native_aio import make_backend
+from memopt.offload.io_backend import IOBackend
+from memopt.offload.native_aio import NativeAIOBackend, make_backend
 from memopt.offload.tier import wait_all
 
 N_HANDLES = 8
@@ -55,6 +57,14 @@ def _once(tier: NVMeTier, handles: list, bufs: list[torch.Tensor], size: int) ->
 
 
 Peers = dict[str, Callable[[], tuple[float, float]]]
+
+
+def backend_for(kind: str, qd: int, bs: int) -> IOBackend:
+    """``native``, ``threads`` or ``native:W`` (the native engine with W workers)."""
+    name, _, workers = kind.partition(":")
+    if name == "native" and workers:
+        return NativeAIOBackend(qd, bs, workers=int(workers))
+    return make_backend(qd, bs, name)
 
 
 def memopt_runs(
@@ -81,7 +91,7 @@ def memopt_runs(
             directory=d / kind, capacity_bytes=2 * size + (64 << 20), block_size=bs,
             queue_depth=qd,
         )  # fmt: skip
-        tier = NVMeTier(cfg, arena=arena, backend=make_backend(qd, bs, kind))
+        tier = NVMeTier(cfg, arena=arena, backend=backend_for(kind, qd, bs))
         bufs = [arena.tensor(arena.alloc(part, alignment=4096)) for _ in range(N_HANDLES)]
         for b in bufs:
             b.random_(0, 255)
@@ -184,7 +194,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--backends", default="native,threads", help="memopt I/O engines to time")
+    p.add_argument(
+        "--backends",
+        default="native,native:1,threads",
+        help="memopt I/O engines to time (native:W = the native engine with W workers)",
+    )
     a = p.parse_args()
     d = Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
