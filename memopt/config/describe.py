@@ -74,7 +74,11 @@ def _checkpoint(s: Any) -> str:
     else:
         every = f"every {ck.every_n_steps} steps" if ck.every_n_steps else "at the end"
         text = f"{ck.directory} {every}, keep {ck.keep}"
-    return text + (", peer replica in host memory" if s.redundancy is not None else "")
+    if s.redundancy is None:
+        return text
+    if ck.redundancy == "erasure":
+        return text + f", erasure-coded across peers' host memory (m={ck.erasure_m})"
+    return text + f", {ck.copies} peer replica(s) in host memory"
 
 
 def describe_setup(s: Any) -> str:
