@@ -16,9 +16,9 @@
    ``ready(end of chunk)`` returned: a pipeline whose writer follows the copy into staging
    blocks there until that prefix of ``data`` is staged.
 3. Only then the checksum of the data, while the disk writes it, over ``CHUNK`` pieces on
-   ``CRC_WORKERS`` threads, combined (``checksum.parallel_checksum``; both CRC libraries
-   release the GIL): a checksum slowed by busy cores never holds back a submission, so the
-   queue stays full; it is on the path only if it takes longer than the whole write.
+   ``CRC_WORKERS`` threads (1 on small machines), combined (``checksum.parallel_checksum``;
+   both CRC libraries release the GIL): a checksum slowed by busy cores never holds back a
+   submission, so the queue stays full; it is on the path only if it outlasts the write.
 4. Wait for every piece (after a failure too: the staging memory must outlive its I/O), then
    ``fsync``; the caller publishes (rename) only after that.
 
@@ -46,8 +46,9 @@ __all__ = ["CHUNK", "IN_FLIGHT", "bytes_in_flight", "write_data_file"]
 CHUNK = 8 << 20  # bytes per write request (the device splits it at max_sectors_kb)
 IN_FLIGHT = 8  # requests in the kernel at once
 # Threads of the checksum pass: one core's crc32c (~8 GB/s here) is below what an NVMe array
-# writes; on this VM's disk (1-2 GB/s) 1 and 2 measured alike.
-CRC_WORKERS = 2
+# writes, so 2 where there are cores to spare; on a small machine 1, since a second busy
+# thread preempts the training's own (on this 2-core VM's 1-2 GB/s disk both measured alike).
+CRC_WORKERS = 2 if (os.cpu_count() or 1) >= 8 else 1
 _PAGE = 4096
 
 # Looked up at call time so tests can inject a full disk.
