@@ -39,6 +39,7 @@ from concurrent.futures import Future
 import torch
 
 from memopt.checkpoint.checksum import checksum_fn, parallel_checksum
+from memopt.offload.io_backend import IOBackend, ThreadPoolBackend
 from memopt.offload.native_aio import make_backend
 
 __all__ = ["CHUNK", "IN_FLIGHT", "bytes_in_flight", "write_data_file"]
@@ -80,6 +81,13 @@ def _preallocate(fd: int, size: int) -> None:
             raise  # ENOSPC and friends: the save fails early and cleanly
 
 
+def _engine(direct: bool) -> IOBackend:
+    try:
+        return make_backend(IN_FLIGHT, CHUNK, direct=direct)
+    except OSError:  # io_setup refused (the system's aio-max-nr is used up): threads work too
+        return ThreadPoolBackend(IN_FLIGHT, CHUNK)
+
+
 def _page_buffer(raw: bytes) -> tuple[ctypes.Array[ctypes.c_char], int]:
     """``raw`` copied into page-aligned memory (O_DIRECT needs aligned buffers): (buf, addr).
 
@@ -110,7 +118,7 @@ def write_data_file(
     head_buf, head_addr = _page_buffer(header)
     crc = checksum_fn(checksum)
     pending: list[Future[None]] = []
-    engine = make_backend(IN_FLIGHT, CHUNK, direct=is_direct)
+    engine = _engine(is_direct)
     try:
         if is_direct:
             _preallocate(fd, len(header) + n)

@@ -253,3 +253,14 @@ def test_checksum_in_pieces_equals_one_pass(name) -> None:
     for piece, workers in ((64 << 10, 2), (64 << 10, 3), (1 << 30, 2), (4096, 1)):
         got = checksum.parallel_checksum(name, memoryview(data), piece, head, workers)
         assert got == fn(b"header" + data, 0), (piece, workers)
+
+
+def test_native_engine_refused_falls_back_to_threads(tmp_path, monkeypatch) -> None:
+    def refused(*args: object) -> None:
+        raise OSError(errno.EAGAIN, "io_setup: aio-max-nr reached")
+
+    monkeypatch.setenv("MEMOPT_AIO", "native")
+    monkeypatch.setattr(native_aio, "NativeAIOBackend", refused)
+    data = _payload(3 * PAGE)
+    writer.write_data_file(str(tmp_path / "f"), b"h" * PAGE, data, "crc32", False, True)
+    assert open(tmp_path / "f", "rb").read()[PAGE:] == data.numpy().tobytes()
