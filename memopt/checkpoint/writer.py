@@ -114,11 +114,15 @@ def write_data_file(
     n = data.numel()
     view = memoryview(data.numpy().data) if n else memoryview(b"")
     aligned = not (data.data_ptr() % _PAGE or len(header) % _PAGE or n % _PAGE)
-    fd, is_direct = _open_new(path, direct and aligned)
-    head_buf, head_addr = _page_buffer(header)
     crc = checksum_fn(checksum)
+    fd, is_direct = _open_new(path, direct and aligned)
+    try:
+        engine = _engine(is_direct)
+    except BaseException:
+        os.close(fd)
+        raise
+    head_buf, head_addr = _page_buffer(header)
     pending: list[Future[None]] = []
-    engine = _engine(is_direct)
     try:
         if is_direct:
             _preallocate(fd, len(header) + n)
