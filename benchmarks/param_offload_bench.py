@@ -116,6 +116,18 @@ def _held_bytes(model: Any, opt: Any) -> int:
     return sum(seen.values())
 
 
+def _trimmed_rss_kib() -> int:
+    """VmRSS after glibc's ``malloc_trim(0)`` hands free heap pages back to the kernel: the
+    memory the process holds live, without what the allocator kept after frees."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_kib("VmRSS")
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -153,7 +165,8 @@ def worker(args: argparse.Namespace) -> None:
     mine = {"rank": rank, "step_s": statistics.median(times), "peak_kib": rss_kib("VmHWM"),
             "rss_kib": rss_kib("VmRSS"), "base_kib": base_kib,
             "io_bytes": statistics.median(io),
-            "held_bytes": _held_bytes(model, opt) if opt is not None else None}  # fmt: skip
+            "held_bytes": _held_bytes(model, opt) if opt is not None else None,
+            "trim_kib": _trimmed_rss_kib()}  # fmt: skip
     got: list[Any] = [None] * world
     dist.all_gather_object(got, mine)
     if rank == 0:
@@ -196,16 +209,19 @@ def summarize(runs: list[list[dict[str, Any]]]) -> dict[str, float]:
         "delta_mib": med(lambda r: (r["peak_kib"] - r["base_kib"]) / 1024),
         "io_mib": med(lambda r: r["io_bytes"] / MIB),
         "held_mib": med(lambda r: (r["held_bytes"] or 0) / MIB),
+        "trim_mib": med(lambda r: r["trim_kib"] / 1024),
     }
 
 
 def tables(res: dict[str, dict[str, float]], fio: tuple[float, float] | None) -> str:
     lines = ["| configuration | step (ms) | peak RSS/rank (MiB) | peak - base (MiB) "
-             "| RSS between steps (MiB) | shards + state held between steps (MiB) "
+             "| RSS between steps (MiB) | same after malloc_trim (MiB) "
+             "| shards + state held between steps (MiB) "
              "| NVMe I/O per step/rank (MiB) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in res.items():
-        cells = [f"{s[k]:.0f}" for k in ("step_ms", "peak_mib", "delta_mib", "rss_mib")]
+        keys = ("step_ms", "peak_mib", "delta_mib", "rss_mib", "trim_mib")
+        cells = [f"{s[k]:.0f}" for k in keys]
         held = f"{s['held_mib']:.1f}" if s["held_mib"] else "n/a"
         lines.append(f"| {name} | {' | '.join(cells)} | {held} | {s['io_mib']:.0f} |")
     lines += ["", "| configuration | step / memopt3 | peak-base / memopt3 "

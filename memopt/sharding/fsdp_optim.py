@@ -166,6 +166,7 @@ class FSDPOptimizer(ShardedOptimizer):
         if sw is not None:
             for unit in written:
                 sw.release(unit)
+            sw.drain()
         if st is not None:
             st.drain()
         self._release()

@@ -220,10 +220,12 @@ class ParamSwapper:
         self._evict(u)
 
     def drain(self) -> None:
-        """Wait for every write in flight; raise the first error."""
+        """Wait for every write in flight; raise the first error. Then hand the staging
+        arena's empty chunks back to the kernel (between steps nothing is in flight)."""
         for u in self.units:
             wait_all(u.writes)
             u.writes = []
+        trim_arena(self.tier)
 
     # -- the FSDP2 hooks ------------------------------------------------------------------
     def _wrap(self, u: _Unit) -> None:
@@ -332,6 +334,14 @@ class ParamSwapper:
                 self.tier.free(piece.handle)
             u.pieces = []
         self.tier.close()
+
+
+def trim_arena(tier: StorageTier) -> None:
+    """Unmap the empty chunks of ``tier``'s unpinned staging arena (an NVMe tier's bounce
+    buffers; pinned arenas keep theirs: re-pinning every step would cost more)."""
+    arena = getattr(tier, "arena", None)
+    if isinstance(tier, NVMeTier) and arena is not None and arena.config.pin == "off":
+        arena.trim()
 
 
 def make_param_swapper(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+from memopt.sharding.param_swap import trim_arena
 
 __all__ = ["UnitStateStore"]
 
@@ -106,8 +107,10 @@ class UnitStateStore:
         return h
 
     def drain(self) -> None:
+        """Wait for the writes in flight; then unmap the tier arena's empty chunks."""
         wait_all([fut for _, fut in self._writes])
         self._writes.clear()
+        trim_arena(self.tier)
 
     def all_params(self) -> list[Tensor]:
         return [p for g in self.inner.param_groups for p in g["params"]]
