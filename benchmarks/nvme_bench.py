@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
-        [--backends native,native:1,threads] [--warmup 1]
+        [--backends native,native:2,threads] [--warmup 1]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
@@ -198,7 +198,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument(
         "--backends",
-        default="native,native:1,threads",
+        default="native,native:2,threads",
         help="memopt I/O engines to time (native:W = the native engine with W workers)",
     )
     a = p.parse_args()

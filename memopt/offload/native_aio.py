@@ -6,14 +6,14 @@ dependency) in an engine with its own C worker thread, behind a C ABI loaded wit
 the engines, which cut it into ``block_size`` pieces themselves, and returns one ``Future``
 per engine part (the thread backend returns one per piece).
 
-Pattern: ``workers`` engines (default 2, ``MEMOPT_AIO_WORKERS``) share the queue depth; a
+Pattern: ``workers`` engines (default 1, ``MEMOPT_AIO_WORKERS``) share the queue depth; a
 request is cut into one block-aligned part per engine. Each engine's C worker keeps its share
 of the pieces in the kernel, sleeps in ``poll`` on an eventfd the kernel signals at each
 completion, reaps, resubmits the rest of a short transfer and refills the queue without the
 GIL, so the device queue never waits for Python. An engine reports a part once, when its
 last piece is done, so its Python reaper thread (``memopt_aio_poll``, GIL released)
 resolves one future per part rather than one per piece (a 64 MiB tensor at 1 MiB blocks:
-2 completions instead of 64). A read that ends early (the file ended) becomes EIO; a failed
+1 completion instead of 64). A read that ends early (the file ended) becomes EIO; a failed
 piece (negative result, or a request the kernel refuses at submit: EBADF, EINVAL) becomes
 an ``OSError`` with that errno and the same message as the thread backend's, naming the
 failed piece's offset and length.
@@ -162,13 +162,13 @@ class _Engine:
 
 
 def default_workers() -> int:
-    """``$MEMOPT_AIO_WORKERS``, else 2 (1 on a one-CPU machine): see ``NativeAIOBackend``."""
+    """``$MEMOPT_AIO_WORKERS``, else 1 (see ``NativeAIOBackend``)."""
     env = os.environ.get("MEMOPT_AIO_WORKERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"MEMOPT_AIO_WORKERS must be an integer >= 1, not {env!r}")
         return int(env)
-    return min(2, os.cpu_count() or 1)
+    return 1
 
 
 class NativeAIOBackend:
@@ -176,10 +176,12 @@ class NativeAIOBackend:
 
     ``workers`` engines (AIO context + C submit/reap thread each) share the queue depth; a
     request is cut into ``workers`` contiguous, block-aligned parts, one per engine (a request
-    of one block goes to the engines in turn). Two submitters rather than one: the kernel's
-    O_DIRECT submission work (pinning pages, building bios) runs on both cores, and on a busy
-    machine one thread gets one scheduler share to refill the queue (docs/benchmarks.md:
-    1 -> 2 workers was 1.5-2x on this shared VM). ``submit`` returns one future per part.
+    of one block goes to the engines in turn). More than one spreads the kernel's O_DIRECT
+    submission work (pinning pages, building bios) over several cores and gives the queue
+    refill more than one scheduler share on a busy machine; on the 2-core VM of
+    docs/benchmarks.md two workers were 1.5-2.2x one under heavy load in a scratch A/B but
+    not better in the recorded benchmark runs, so the default stays 1.
+    ``submit`` returns one future per part.
     """
 
     name = "native"

@@ -235,6 +235,8 @@ def test_failed_piece_is_named_in_the_error(tmp_path: Path, arena: PinnedArena) 
 
 def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     _require_native()
+    monkeypatch.delenv("MEMOPT_AIO_WORKERS", raising=False)
+    assert native_aio.default_workers() == 1
     monkeypatch.setenv("MEMOPT_AIO_WORKERS", "3")
     assert native_aio.default_workers() == 3
     b = NativeAIOBackend(queue_depth=2, block_size=4096)
