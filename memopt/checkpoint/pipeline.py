@@ -15,10 +15,10 @@ the whole data section is staged. Why not overlap the two: CUDA staging is compl
 its one completion event fires anyway, and on the CPU path the copy and the writes compete for
 the same cores and memory bandwidth, and the copy is what the next ``optimizer.step`` waits
 for (the fence): on the 2-core VM of docs/benchmarks.md the copy of 1.2 GB took 0.35 s alone
-and 0.9 s under the writes, and while training, time to durable was shorter writing after the
-copy (with the loop idle, overlapping was). ``follow_copy=True`` restores the overlap: the
-writer starts once the first chunk is staged and waits before each chunk until the copier
-has staged that prefix (``wait_copied``, per tensor on CPU).
+and 0.9 s under the writes. By time to durable the A/B there was mixed (overlap better with
+the loop idle, either one ahead while training). ``follow_copy=True`` restores the overlap:
+the writer starts once the first chunk is staged and waits before each chunk until the
+copier has staged that prefix (``wait_copied``, per tensor on CPU).
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
 """
