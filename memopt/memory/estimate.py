@@ -148,7 +148,7 @@ def assemble(
         "buffers": buffer_bytes(module, cfg.param_dtype),
     }
     held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
-    grads, step_only = share.grads, {}
+    grads, step_only = share.grads, dict[str, int]()
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
         base, grads, step_only = place_stage3(cfg, tiers, base, held, grads, unit_sizes(module))
     elif cfg.offload is None:
