@@ -12,7 +12,7 @@ offload=...)``), and this module rewrites the estimate's resident figures to mat
 - ``offload_params="nvme"`` (``ParamSwapper``): the shards live in the NVMe file (the disk
   column); in memory are only the unit in use and the one read ahead (at most the two
   largest units' shards), plus the tier's bounce arena of one largest unit in host memory.
-- ``offload`` at stage 3 (``UnitStateStore``): each unit's optimizer state (and fp32 master
+- ``offload`` at stage 3 (``StateStore``): each unit's optimizer state (and fp32 master
   copy) lives on the tier (pinned host or disk) between steps; during the unit-by-unit step
   two units' state is in memory (the one stepping and the one read ahead).
   With ``offload="cpu"`` the state's bytes are counted on the pinned tier and the two units

@@ -22,9 +22,9 @@ is a *holder*: a plain tensor that, for each step, is re-pointed (``holder.data 
   size (``plan.make_plans``). Correct, not fast: one gather and one broadcast per such matrix
   per step, issued in plan order on every rank.
 
-Tiers (``param_swap``, ``unit_state``): with ``offload_params="nvme"`` (a ``ParamSwapper``)
-or ``offload=`` (a ``UnitStateStore``) the step streams FSDP2 units in a fixed order (the same
-on every rank, so owner collectives keep their order): prefetch unit k+1's shards and state,
+Tiers (``param_swap``, ``memopt.offload.state_store``): with ``offload_params="nvme"`` (a
+``ParamSwapper``) or ``offload=`` (a ``StateStore``) the step streams FSDP2 units in a fixed
+order (the same on every rank, so owner collectives keep their order): prefetch unit k+1's shards and state,
 load unit k's, bind only unit k's gradients (the inner optimizer skips parameters without a
 gradient, so per-parameter step counts are unchanged), step, write the updated shards and
 state back; unit k's storage is freed once its write lands, while unit k+1 steps.
@@ -44,13 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import closure_loss
+from memopt.offload.state_store import StateStore
 from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.optimizer import ShardedOptimizer
 from memopt.sharding.param_swap import ParamSwapper, fsdp_groups
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
-from memopt.sharding.unit_state import UnitStateStore
 
 
 class FSDPOptimizer(ShardedOptimizer):
@@ -102,10 +102,10 @@ class FSDPOptimizer(ShardedOptimizer):
         #: the NVMe parameter swapper (``offload_params="nvme"``), else None
         self.param_swapper = swapper
         #: the inner optimizer's state on a tier (``offload=``), else None
-        self.state_store: UnitStateStore | None = None
+        self.state_store: StateStore | None = None
         if config.offload is not None:
             tier = config.offload.make_tier(comm.rank)
-            self.state_store = UnitStateStore(self.inner, tier, config.offload.min_state_bytes)
+            self.state_store = StateStore(self.inner, tier, config.offload.min_state_bytes)
         streamed = swapper is not None or self.state_store is not None
         self._units = self._unit_plans() if streamed else []
 

@@ -44,6 +44,7 @@ from memopt.offload.allocator import round_up
 from memopt.offload.arena import ArenaConfig, PinnedArena
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
+from memopt.offload.state_store import trim_arena
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 
 __all__ = ["ParamSwapper", "SwapStats", "fsdp_groups", "make_param_swapper"]
@@ -334,14 +335,6 @@ class ParamSwapper:
                 self.tier.free(piece.handle)
             u.pieces = []
         self.tier.close()
-
-
-def trim_arena(tier: StorageTier) -> None:
-    """Unmap the empty chunks of ``tier``'s unpinned staging arena (an NVMe tier's bounce
-    buffers; pinned arenas keep theirs: re-pinning every step would cost more)."""
-    arena = getattr(tier, "arena", None)
-    if isinstance(tier, NVMeTier) and arena is not None and arena.config.pin == "off":
-        arena.trim()
 
 
 def make_param_swapper(

@@ -1,5 +1,6 @@
 """Stage 3 with ``offload_params="nvme"`` (parameter shards in an NVMe file, ``param_swap``)
-and ``offload=`` (the inner optimizer's state on a tier, ``unit_state``) train exactly as
+and ``offload=`` (the inner optimizer's state on a tier, ``memopt.offload.state_store``) train
+exactly as
 the in-memory stage 3 (same ranks, same arithmetic: bit for bit); the shards really leave
 memory between uses, prefetch runs ahead of FSDP2's gathers, state dicts round-trip, and
 the configuration errors name their fix."""

@@ -1,12 +1,14 @@
-"""Stage 3 with ``offload=``: the inner optimizer's state tensors of each FSDP unit live on a
-tier (pinned CPU or NVMe) between steps.
+"""Per-parameter optimizer state kept on a storage tier (pinned CPU or NVMe) between updates.
 
-``UnitStateStore(inner, tier)`` works with any optimizer that keeps per-parameter state in
-``inner.state[p]`` (torch's AdamW and Adam, every memopt optimizer): after a unit's
-parameters are stepped, ``send`` writes each of their state tensors of at least
+Shared by ``StateOffloadedOptimizer`` (stages 0-2: one parameter at a time around
+``step_one``) and stage 3's ``FSDPOptimizer`` with ``offload=`` (one FSDP unit at a time).
+``StateStore(inner, tier)`` works with any optimizer that keeps per-parameter state in
+``inner.state[p]`` (torch's AdamW and Adam, every memopt optimizer): after parameters are
+stepped, ``send`` writes each of their state tensors of at least
 ``min_bytes`` (moments, bases, 8-bit codes; not step counters) to the tier and leaves an
-empty placeholder; ``fetch`` (started for the next unit while this one steps) reads them back
-into fresh tensors before the unit's next step. Each (parameter, key) has one tier handle,
+empty placeholder (at most ``max_writes`` writes in flight, each keeping its source alive);
+``prefetch`` / ``fetch`` (started for the next parameters while these step) read them back
+into fresh tensors before their next step. Each (parameter, key) has one tier handle,
 reallocated only if the tensor's shape or dtype changes. Host tensors are read back into
 page-aligned memory, so the NVMe tier moves them in place (no bounce copy of their size, and
 no bounce memory held). ``fetch_all`` / ``send_all`` serve
@@ -21,10 +23,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
-from memopt.sharding.param_swap import trim_arena
 
-__all__ = ["UnitStateStore"]
+__all__ = ["StateStore", "trim_arena"]
 
 Key = tuple[int, str]
 _PAGE = 4096
@@ -42,7 +44,15 @@ def _aligned_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) 
     return buf[skip : skip + nbytes].view(dtype).view(shape)
 
 
-class UnitStateStore:
+def trim_arena(tier: StorageTier) -> None:
+    """Unmap the empty chunks of ``tier``'s unpinned staging arena (an NVMe tier's bounce
+    buffers; pinned arenas keep theirs: re-pinning every step would cost more)."""
+    arena = getattr(tier, "arena", None)
+    if isinstance(tier, NVMeTier) and arena is not None and arena.config.pin == "off":
+        arena.trim()
+
+
+class StateStore:
     """Per-parameter optimizer state on ``tier`` between steps; see the module docstring."""
 
     def __init__(
@@ -132,10 +142,11 @@ class UnitStateStore:
             if isinstance(t, Tensor)
         )
 
-    def close(self) -> None:
-        """Bring the state back into memory, then free the tier."""
+    def close(self, close_tier: bool = True) -> None:
+        """Bring the state back into memory, free its handles and (``close_tier``) the tier."""
         self.fetch_all()
         for h in self._handles.values():
             self.tier.free(h)
         self._handles.clear()
-        self.tier.close()
+        if close_tier:
+            self.tier.close()
