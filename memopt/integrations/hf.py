@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from memopt.integrations._memory import format_memory, memory_by_tier
 from memopt.integrations.hf_callback import MemoptCallback, unwrap_model, unwrap_optimizer
+from memopt.integrations.hf_config import trainer_options, training_arguments
 from memopt.integrations.hf_optim import OPTIMIZERS, create_optimizer, hf_param_groups
 from memopt.integrations.hf_trainer import MemoptTrainer, resume
 
@@ -29,6 +30,8 @@ __all__ = [
     "hf_param_groups",
     "memory_by_tier",
     "resume",
+    "trainer_options",
+    "training_arguments",
     "unwrap_model",
     "unwrap_optimizer",
 ]

@@ -216,6 +216,27 @@ class MemoptTrainer(Trainer):
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
 
+    @classmethod
+    def from_config(
+        cls, config: Any, *, args: Any = None, output_dir: str | None = None, **kwargs: Any
+    ) -> MemoptTrainer:
+        """A ``MemoptTrainer`` run by a ``memopt.Config`` (``hf_config``): optimizer, sharding,
+        snapshots and activation budget from the Config; ``args`` (``TrainingArguments``)
+        default to the Config's hyper-parameters, schedule and steps
+        (``training_arguments(config)``) with ``output_dir``; other ``kwargs`` (``model``,
+        ``train_dataset``, ``callbacks``, ...) go to the Trainer."""
+        from transformers import TrainingArguments
+
+        from memopt.integrations.hf_config import trainer_options, training_arguments
+
+        options = trainer_options(config)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + options.pop("callbacks")
+        if args is None:
+            args = TrainingArguments(
+                output_dir=output_dir or "memopt-trainer", **training_arguments(config)
+            )
+        return cls(args=args, callbacks=callbacks, **options, **kwargs)
+
     def _sync_replicated_trainable_parameters(self, model: Any) -> None:
         if self.memopt_shard is None:
             super()._sync_replicated_trainable_parameters(model)

@@ -24,10 +24,11 @@ is a *holder*: a plain tensor that, for each step, is re-pointed (``holder.data 
 
 Tiers (``param_swap``, ``memopt.offload.state_store``): with ``offload_params="nvme"`` (a
 ``ParamSwapper``) or ``offload=`` (a ``StateStore``) the step streams FSDP2 units in a fixed
-order (the same on every rank, so owner collectives keep their order): prefetch unit k+1's shards and state,
-load unit k's, bind only unit k's gradients (the inner optimizer skips parameters without a
-gradient, so per-parameter step counts are unchanged), step, write the updated shards and
-state back; unit k's storage is freed once its write lands, while unit k+1 steps.
+order (the same on every rank, so owner collectives keep their order): prefetch unit k+1's
+shards and state, load unit k's, bind only unit k's gradients (the inner optimizer skips
+parameters without a gradient, so per-parameter step counts are unchanged), step, write the
+updated shards and state back; unit k's storage is freed once its write lands, while unit k+1
+steps.
 
 Clipping uses ``torch.nn.utils.get_total_norm`` on the DTensor gradients (``full_tensor()``
 of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps to FSDP2's

@@ -177,3 +177,35 @@ def test_sharded_trainer_refuses_hf_optimizer_checkpoints(tmp_path) -> None:
             memopt_optimizer="adamw",
             memopt_shard={"stage": 2},
         )
+
+
+def test_trainer_from_memopt_config(tmp_path) -> None:
+    from memopt import Config
+    from memopt.integrations.hf import training_arguments, unwrap_optimizer
+
+    cfg = Config.from_dict({
+        "train": {"steps": 4, "batch_size": 4},
+        "optimizer": {"name": "galore", "lr": 2e-3, "weight_decay": 0.05, "betas": [0.8, 0.95],
+                      "eps": 1e-7, "rank": 8, "update_proj_gap": 2, "warmup_steps": 1,
+                      "min_lr_ratio": 0.25},
+        "checkpoint": {"directory": str(tmp_path / "ck"), "every_n_steps": 2, "fsync": False},
+    })  # fmt: skip
+    args = training_arguments(cfg)
+    assert (args["learning_rate"], args["adam_beta1"], args["max_steps"]) == (2e-3, 0.8, 4)
+    t = MemoptTrainer.from_config(
+        cfg, output_dir=str(tmp_path / "out"), model=tiny_llama(0), train_dataset=Tokens()
+    )
+    t.args.use_cpu, t.args.report_to, t.args.disable_tqdm = True, [], True
+    t.train()
+    opt = unwrap_optimizer(t.optimizer)
+    assert type(opt).__name__ == "GaLoreAdamW"
+    low = [g for g in opt.param_groups if g.get("rank") is not None]
+    assert low and all(g["rank"] == 8 and g["update_proj_gap"] == 2 for g in low)
+    assert all(g["weight_decay"] == 0.05 and g["betas"] == (0.8, 0.95) for g in low)
+    # the Config's schedule: cosine down to min_lr_ratio x lr at the last step
+    assert t.lr_scheduler.get_last_lr()[0] == pytest.approx(2e-3 * 0.25)
+    cb = find_callback(t)
+    assert cb is not None and cb.checkpointer is not None and cb.checkpointer.steps() == [2, 4]
+    cb.close()
+    with pytest.raises(ValueError, match="optimizer.in_backward"):
+        MemoptTrainer.from_config(cfg.replace(["optimizer.in_backward=true"]), model=tiny_llama(0))
