@@ -1,7 +1,8 @@
 """The ``memopt`` command line: ``memopt estimate``, ``memopt report`` and ``memopt run``.
 
 ``estimate`` prints the predicted peak per tier of a built-in tiny LLaMA (random init,
-described on the meta device) with the given optimizer, stage and world size; ``report``
+described on the meta device) with the given optimizer, stage and world size, or of a recipe
+(``--recipe RECIPE.yaml [key=value ...]``: ``memopt.config.estimate``); ``report``
 trains that model for a few steps in this process under a ``memopt.memory.Timeline`` and
 writes ``timeline.png`` and ``timeline.md`` with the estimate beside the measured curve;
 ``run`` launches a recipe (``recipes/*.yaml``) under torchrun (``memopt.cli.launch``).
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="predict peak memory per tier before a run")
     _workload_args(est)
+    est.add_argument("--recipe", help="estimate a memopt.Config YAML (a recipe) instead of the "
+                     "built-in workload; --world-size still applies")
+    est.add_argument("overrides", nargs="*", help="with --recipe: section.key=value overrides")
     rep = sub.add_parser("report", help="measure a few steps and plot memory per tier")
     _workload_args(rep)
     rep.add_argument("--steps", type=int, default=5)
@@ -64,8 +68,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    w = Workload.from_args(args)
-    est = w.estimate()
+    if args.recipe is not None:
+        from memopt.config import Config
+        from memopt.config.estimate import estimate
+
+        est = estimate(Config.from_yaml(args.recipe, args.overrides), args.world_size)
+    elif args.overrides:
+        raise SystemExit(f"memopt estimate: overrides {args.overrides} need --recipe RECIPE.yaml")
+    else:
+        est = Workload.from_args(args).estimate()
     print(est)
     if args.json:
         with open(args.json, "w") as f:

@@ -25,6 +25,30 @@ def test_estimate_prints_table_and_json(tmp_path, capsys) -> None:
     assert d["peak"]["device"] == sum(d["breakdown"]["device"].values())
 
 
+def test_estimate_a_recipe(tmp_path, capsys) -> None:
+    """``memopt estimate --recipe``: the Config's optimizer, sharding, offload tiers, dtype and
+    batch reach the estimator (the ZeRO-3 NVMe recipe: shards and state on disk)."""
+    from memopt import Config
+    from memopt.config.estimate import estimate_kwargs
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "zero3_nvme.yaml"
+    out = tmp_path / "r.json"
+    rc = main(["estimate", "--recipe", str(recipe), "--world-size", "2", "--json", str(out),
+               "train.batch_size=2"])  # fmt: skip
+    assert rc == 0 and "world size 2" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    cfg = d["config"]
+    assert (cfg["stage"], cfg["offload"], cfg["offload_params"]) == (3, "nvme", "nvme")
+    assert cfg["batch_size"] == 2 and d["peak"]["disk"] > 0
+    assert d["breakdown"]["disk"]["optimizer_state"] > 0 and d["breakdown"]["disk"]["parameters"]
+    kw = estimate_kwargs(Config.from_dict({"optimizer": {"name": "frugal", "density": 0.5,
+                                                         "state_dtype": "int8"}}))  # fmt: skip
+    assert kw["optimizer_kwargs"] == {"density": 0.5, "state_dtype": "int8"}
+    assert kw["stage"] == 0 and kw["offload"] is None
+    with pytest.raises(SystemExit, match="need --recipe"):
+        main(["estimate", "train.steps=3"])
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_report_writes_png_and_table(tmp_path, capsys) -> None:
     rc = main(["report", *TINY, "--steps", "2", "--out", str(tmp_path / "r"),

@@ -1,0 +1,83 @@
+"""``estimate(config, world_size)``: the memory estimator (``memopt.memory.estimate``) for a
+``memopt.Config``, before anything is allocated: the model is the Config's LLaMA built on the
+meta device, and the estimator's fields come from the Config's sections:
+
+- ``optimizer.name`` / ``target`` / ``rank`` / ``density`` / ``proj`` / ``state_dtype``;
+- ``sharding.stage`` / ``layout`` / ``master_dtype`` / ``bucket_bytes`` / ``offload`` /
+  ``offload_params`` (stage 0 with an offload tier runs as stage 1, as ``memopt.setup`` does);
+- ``model.dtype``, ``model.device`` (``auto``: CUDA when available);
+- ``train.batch_size`` / ``seq_len``;
+- ``activations.policy`` when it is ``keep``, ``recompute`` or ``swap`` for every block.
+  A planner budget (``activations.budget``) is not modelled: the estimate then assumes
+  ``keep`` and says so in its notes (``memopt.activations.plan`` predicts its own peak).
+
+``memopt estimate --recipe RECIPE.yaml [key=value ...] --world-size N`` prints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memopt.config.config import Config
+from memopt.config.workload import llama_config
+
+__all__ = ["estimate", "estimate_kwargs"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
+    """The ``memopt.memory.estimate`` keywords for ``config`` at ``world_size`` ranks."""
+    o, sc, ac = config.optimizer, config.sharding, config.activations
+    opt_kw: dict[str, Any] = {}
+    if o.name == "frugal":
+        opt_kw["density"] = o.density
+    elif o.rank is not None:
+        opt_kw["rank"] = o.rank
+    if o.proj is not None:
+        opt_kw["proj"] = o.proj
+    if o.state_dtype != "auto":
+        opt_kw["state_dtype"] = o.state_dtype
+    stage = sc.stage or (1 if sc.offload != "none" else 0)
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "optimizer": o.name,
+        "optimizer_kwargs": opt_kw,
+        "target": o.target,
+        "stage": stage,
+        "world_size": world_size,
+        "layout": None if sc.layout == "auto" or stage == 3 else sc.layout,
+        "param_dtype": _DTYPES[config.model.dtype],
+        "master_dtype": None if sc.master_dtype == "auto" else _DTYPES[sc.master_dtype],
+        "offload": None if sc.offload == "none" else sc.offload,
+        "offload_params": None if sc.offload_params == "none" else sc.offload_params,
+        "batch_size": config.train.batch_size,
+        "seq_len": config.train.seq_len,
+        "activation_policy": ac.policy if ac.policy in ("keep", "recompute", "swap") else "keep",
+        "bucket_bytes": sc.bucket_bytes,
+        "device_kind": device,
+    }
+
+
+def estimate(config: Config, world_size: int = 1) -> Any:
+    """Predicted peak bytes per tier (``MemoryEstimate``) of one rank of ``config``."""
+    from memopt.memory import estimate as memory_estimate
+
+    model_config = llama_config(config)
+    # Traced with use_cache on, like the estimator's measured checks (memopt run trains with it
+    # off): without a cache, transformers looks for packed sequences in the position ids,
+    # a data-dependent .item() the meta trace cannot run. The cache adds 2 x layers x batch x
+    # seq x hidden values of the forward's key/value tensors it keeps alive.
+    model_config.use_cache = True
+    result = memory_estimate(model_config, **estimate_kwargs(config, world_size))
+    ac = config.activations
+    if ac.budget or ac.policies or (ac.policy and ac.policy not in ("keep", "recompute", "swap")):
+        result.notes.append(
+            "activations: the planner budget / per-block policies are not modelled here "
+            "(estimated as 'keep'); memopt.activations.plan predicts the managed peak"
+        )
+    return result
