@@ -40,6 +40,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-params", dest="offload_params", choices=("cpu", "nvme"),
                    help="stage 3: where parameter shards live")
     p.add_argument("--nvme-path", dest="nvme_path", help="directory for the nvme swap files")
+    p.add_argument("--activation-budget", dest="activation_budget",
+                   help="run the activation planner under this budget ('50%%', '6MiB'); "
+                   "report adds its predictions beside the measured ledger")
     p.add_argument("--json", help="also write the figures as JSON to this path")
 
 
@@ -103,8 +106,12 @@ def _report(args: argparse.Namespace) -> int:
 
         arena = default_arena()
     tl = Timeline(interval=args.interval, arena=arena)
-    _workload.run(w, args.steps, tl)
+    notes: list[str] = []
+    _workload.run(w, args.steps, tl, notes=notes)
     paths = tl.write(args.out, estimate=est)
+    if notes:  # the planner's predictions beside what the ledger measured
+        with open(paths["md"], "a") as f:
+            f.write("\n## Activation planner\n\n```\n" + "\n".join(notes) + "\n```\n")
     print(paths["md"].read_text())
     print(f"wrote {paths['png']} and {paths['md']}")
     if args.json:

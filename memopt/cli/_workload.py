@@ -38,6 +38,7 @@ class Workload:
     offload: str | None = None
     offload_params: str | None = None
     nvme_path: str | None = None  # directory of the swap files (offload / offload_params nvme)
+    activation_budget: str | None = None  # run the activation planner under this budget
 
     def llama_config(self) -> Any:
         from transformers import LlamaConfig
@@ -105,8 +106,15 @@ def build_optimizer(w: Workload, model: torch.nn.Module) -> torch.optim.Optimize
     return cls[w.optimizer](mo.param_groups(model, rank=kw.get("rank", 128)), **sd)
 
 
-def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
-    """Build the model inside ``timeline`` (so it is counted) and train ``steps`` steps."""
+def run(
+    w: Workload, steps: int, timeline: Any, seed: int = 0, notes: list[str] | None = None
+) -> float:
+    """Build the model inside ``timeline`` (so it is counted) and train ``steps`` steps.
+
+    With ``w.activation_budget`` the planner profiles a copy of the model before the timeline
+    starts (so its unmanaged profiling step is not the measured peak), the plan is applied to
+    the measured model, and its predictions against the measured ledger are appended to
+    ``notes``."""
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
@@ -115,10 +123,11 @@ def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
     warm_up(w)
     torch.manual_seed(seed)
     x = torch.randint(0, w.vocab, (w.batch_size, w.seq_len))
+    the_plan = _plan(w, x) if w.activation_budget else None
     with timeline:
         model: Any = LlamaForCausalLM(w.llama_config())
         model = model.to(dtype=DTYPES[w.param_dtype])
-        manager = _activations(model, w.activation_policy)
+        manager = _activations(model, w.activation_policy, the_plan)
         opt: Any = build_optimizer(w, model)
         if w.stage or w.offload:
             if w.stage and not (dist.is_initialized() and dist.get_world_size() == w.world_size):
@@ -135,8 +144,27 @@ def run(w: Workload, steps: int, timeline: Any, seed: int = 0) -> float:
             opt.zero_grad(set_to_none=True)
             timeline.mark(f"step {step}")
     if manager is not None:
+        if the_plan is not None and notes is not None:
+            from memopt.activations import compare
+
+            notes.append(compare(the_plan, manager.ledger))
+            notes.append(manager.report(the_plan))
         manager.remove()
     return float(loss.detach())
+
+
+def _plan(w: Workload, x: torch.Tensor) -> Any:
+    """The activation planner's plan for ``w``'s model under ``w.activation_budget``, made on a
+    copy (same config and dtype) so the measured model never runs unmanaged."""
+    from transformers import LlamaForCausalLM
+
+    from memopt.activations import plan
+
+    probe: Any = LlamaForCausalLM(w.llama_config())
+    probe = probe.to(dtype=DTYPES[w.param_dtype])
+    result = plan(probe, {"input_ids": x, "labels": x}, w.activation_budget or "50%")
+    del probe
+    return result
 
 
 def shard_kwargs(w: Workload) -> dict[str, Any]:
@@ -181,11 +209,15 @@ def warm_up(w: Workload) -> None:
     gc.collect()
 
 
-def _activations(model: torch.nn.Module, policy: str) -> Any:
-    """Install ``policy`` on every block with memopt.activations (None for "keep")."""
+def _activations(model: torch.nn.Module, policy: str, the_plan: Any = None) -> Any:
+    """Install ``the_plan``, else ``policy`` on every block, with memopt.activations (None for
+    "keep")."""
+    from memopt.activations import ActivationPolicy, apply, find_blocks
+
+    if the_plan is not None:
+        return apply(model, the_plan)
     if policy == "keep":
         return None
-    from memopt.activations import ActivationPolicy, apply, find_blocks
 
     plan = {name: ActivationPolicy(action=policy) for name, _ in find_blocks(model)}  # type: ignore[arg-type]
     return apply(model, plan)

@@ -61,6 +61,17 @@ def test_report_writes_png_and_table(tmp_path, capsys) -> None:
     assert d["measured_peak"]["host"] > 0 and d["estimate"]["peak"]["device"] > 0
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_report_puts_the_planner_beside_the_measured_ledger(tmp_path, capsys) -> None:
+    rc = main(["report", *TINY, "--steps", "2", "--activation-budget", "50%",
+               "--out", str(tmp_path / "r")])  # fmt: skip
+    assert rc == 0
+    md = (tmp_path / "r" / "timeline.md").read_text()
+    planner = md.split("## Activation planner", 1)[1]
+    assert "predicted peak" in planner and "measured (ledger 'device')" in planner
+    assert "model.layers.0" in planner and "model.layers.1" in planner  # one row per block
+
+
 def test_unknown_optimizer_rejected() -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["estimate", "--optimizer", "lion"])
