@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from memopt.config.config import Config
+from memopt.config.setup import resolve_device
 from memopt.config.workload import llama_config
 
 __all__ = ["estimate", "estimate_kwargs"]
@@ -41,9 +42,8 @@ def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
     if o.state_dtype != "auto":
         opt_kw["state_dtype"] = o.state_dtype
     stage = sc.stage or (1 if sc.offload != "none" else 0)
-    device = config.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = config.model.device  # an explicit "cuda" is estimated even on a CPU-only host
+    device = resolve_device("auto").type if choice == "auto" else choice
     return {
         "optimizer": o.name,
         "optimizer_kwargs": opt_kw,

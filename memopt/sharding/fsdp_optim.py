@@ -50,7 +50,7 @@ from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.optimizer import ShardedOptimizer
-from memopt.sharding.param_swap import ParamSwapper, fsdp_groups
+from memopt.sharding.param_swap import ParamSwapper, unit_index
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
 
 
@@ -111,12 +111,9 @@ class FSDPOptimizer(ShardedOptimizer):
         self._units = self._unit_plans() if streamed else []
 
     def _unit_plans(self) -> list[tuple[int, list[ParamPlan]]]:
-        """The plans of each FSDP2 unit, units in ``fsdp_groups`` order, plans in plan order."""
-        unit_of = {
-            id(fp.sharded_param): i
-            for i, g in enumerate(fsdp_groups(self.model))
-            for fp in g.fsdp_params
-        }
+        """The plans of each FSDP2 unit, units in ``fsdp_groups`` order (``unit_index``),
+        plans in plan order."""
+        unit_of = unit_index(self.model)
         by_unit: dict[int, list[ParamPlan]] = {}
         for p in self.plans:
             assert id(p.param) in unit_of, "every stage-3 parameter belongs to an FSDP2 unit"

@@ -47,7 +47,7 @@ from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.state_store import trim_arena
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 
-__all__ = ["ParamSwapper", "SwapStats", "fsdp_groups", "make_param_swapper"]
+__all__ = ["ParamSwapper", "SwapStats", "fsdp_groups", "make_param_swapper", "unit_index"]
 
 _TRACE_CAP = 1 << 14  # entries of the recorded cycle (a run that never steps stops recording)
 
@@ -68,6 +68,13 @@ def fsdp_groups(model: nn.Module) -> list[Any]:
                 seen.add(id(group))
                 groups.append(group)
     return groups
+
+
+def unit_index(model: nn.Module) -> dict[int, int]:
+    """``id(sharded parameter) -> index of its unit in fsdp_groups(model)``."""
+    return {
+        id(fp.sharded_param): i for i, g in enumerate(fsdp_groups(model)) for fp in g.fsdp_params
+    }
 
 
 @dataclass
@@ -132,9 +139,6 @@ class ParamSwapper:
         self.tier, self.lookahead = tier, lookahead
         self.stats = SwapStats()
         self.units = [_Unit(i, g) for i, g in enumerate(fsdp_groups(model))]
-        self.unit_of = {
-            id(fp.sharded_param): u.index for u in self.units for fp in u.group.fsdp_params
-        }
         self._trace: list[int] = []
         self._recording, self._cursor = True, 0
         self._hooks: list[Any] = []
@@ -188,12 +192,16 @@ class ParamSwapper:
             piece.tensor.untyped_storage().resize_(0)
         u.resident = False
 
+    @staticmethod
+    def _wait_reads(u: _Unit) -> None:
+        wait_all(u.reads)
+        u.reads = []
+
     def load(self, index: int) -> None:
         """Make unit ``index`` resident (reading it if needed) and wait for its bytes."""
         u = self.units[index]
         self._start_read(u, ahead=False)
-        wait_all(u.reads)
-        u.reads = []
+        self._wait_reads(u)
 
     def prefetch(self, index: int) -> None:
         """Start reading unit ``index`` (no wait)."""
@@ -203,8 +211,7 @@ class ParamSwapper:
         """Write the unit's (updated) shards to the tier; evict it once written, unless it is
         needed again within the lookahead window."""
         u = self.units[index]
-        wait_all(u.reads)
-        u.reads = []
+        self._wait_reads(u)
         for piece in u.pieces:
             self._write_piece(u, piece)
         if evict:
@@ -291,11 +298,7 @@ class ParamSwapper:
     def resident(self, write_back: bool = True) -> Iterator[None]:
         """Every unit resident inside (e.g. to read or edit the parameters); on exit the
         shards are written back (unless ``write_back=False``) and evicted."""
-        for u in self.units:
-            self.prefetch(u.index)
-        for u in self.units:
-            self.load(u.index)
-            u.pins += 1
+        self._pin_all()
         try:
             yield
         finally:
@@ -305,6 +308,14 @@ class ParamSwapper:
                     self.write_back(u.index, evict=False)
             for u in self.units:
                 self._release(u)
+
+    def _pin_all(self) -> None:
+        """Every unit resident (all reads started first, then waited on) and pinned."""
+        for u in self.units:
+            self.prefetch(u.index)
+        for u in self.units:
+            self.load(u.index)
+            u.pins += 1
 
     def _hook_state_dicts(self, model: nn.Module) -> None:
         """``state_dict``: load, then clone each unit's entries and evict; ``load_state_dict``:
@@ -323,9 +334,7 @@ class ParamSwapper:
 
     def close(self) -> None:
         """Bring every shard back into memory and free the tier (the swapper is done)."""
-        for u in self.units:
-            self.load(u.index)
-            u.pins += 1
+        self._pin_all()
         self.drain()
         for h in self._hooks:
             h.remove()
