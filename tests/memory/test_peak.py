@@ -28,6 +28,7 @@ def _check(rows: list[dict]) -> None:
         f"{r['measured'] / 2**20:.2f} MiB, ratio {r['predicted'] / r['measured']:.3f}"
         for r in rows
     )
+    print("\n" + table)  # the figures docs/memory.md quotes: pytest -s shows them
     assert not bad, "prediction off by more than 10%:\n" + table
 
 
