@@ -84,7 +84,8 @@ def rank_main(rank: int, world: int, store: str, mb: float, repeats: int, q: mp.
         ok = got is None or all(torch.equal(got.tensors[k], v) for k, v in mine.items())
         rows.append((name, len(lost), held, statistics.median(times), rebuild_s, ok))
     q.put((rank, snap_bytes, rows))
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
 
 
 def _block(model: Any, opt: Any, x: torch.Tensor, steps: int, ck: Any, step0: int) -> float:
@@ -144,7 +145,8 @@ def ckpt_main(rank: int, world: int, store: str, args: Any, root: str, q: Any) -
                      statistics.median([r.protected_s for r in recs if r.protected] or [0.0]),
                      sum(r.protected for r in recs), len(recs), recs[-1].nbytes, held))  # fmt: skip
     q.put((rank, rows))
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
 
 
 def ckpt_report(args: Any, results: dict[int, list[Any]]) -> None:

@@ -330,7 +330,8 @@ def main() -> None:
     for name, (sec, nbytes) in idle.items():
         print(f"#   {name}: {sec:.2f} s, {nbytes / sec / 1e9:.2f} GB/s")
     report(results, mems[0].name, base, args)
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 

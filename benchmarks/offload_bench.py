@@ -150,7 +150,8 @@ def worker(args: argparse.Namespace) -> None:
         out["groups"], out["state_bytes"] = len(st.groups), store.nbytes()
     with open(args.out, "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
 
 
 # -- driver ------------------------------------------------------------------------------------

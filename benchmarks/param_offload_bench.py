@@ -171,8 +171,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(got, mine)
     if rank == 0:
         Path(args.out).write_text(json.dumps(got))
-    dist.barrier()
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
 
 
 def run_one(config: str, args: argparse.Namespace) -> list[dict[str, Any]]:

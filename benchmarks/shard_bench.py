@@ -184,8 +184,8 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(got, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    from memopt.sharding import shutdown_distributed
+    shutdown_distributed()
 
 
 # -- driver side -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.api import Setup, setup
 from memopt.cli._meter import Meter
 from memopt.config import Config
@@ -132,11 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = Config.from_yaml(args[0], overrides=args[1:])
     _init_distributed()
+    ok = False
     try:
         train(config)
+        ok = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(ok=ok)
     return 0
 
 

@@ -9,6 +9,7 @@ low-rank optimizers (``rowproj``) and the ``ShardedOptimizer``; stage 3 applies 
 
 from __future__ import annotations
 
+from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.sharding.config import LAYOUTS, STAGES, ShardConfig
 from memopt.sharding.fsdp import FSDPOptions
 from memopt.sharding.fsdp_optim import FSDPOptimizer
@@ -23,4 +24,5 @@ __all__ = [
     "ShardConfig",
     "ShardedOptimizer",
     "apply_sharding",
+    "shutdown_distributed",
 ]

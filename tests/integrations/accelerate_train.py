@@ -52,6 +52,7 @@ def main(out: str, stage: int) -> None:
     if acc.is_main_process:
         info = {"world": acc.num_processes, "kind": str(acc.distributed_type)}
         torch.save({"params": params, "norms": norms, **info}, out)
+    acc.wait_for_everyone()  # nobody leaves while rank 0 saves (see memopt._utils.dist_teardown)
     acc.end_training()
 
 
