@@ -67,6 +67,9 @@ def main(out: str, work: str) -> None:
         result["b"] = _params(b)
     if a.args.process_index == 0:
         torch.save(result, out)
+    # nobody leaves while rank 0 saves (see memopt.sharding.shutdown_distributed)
+    a.accelerator.wait_for_everyone()
+    a.accelerator.end_training()
 
 
 if __name__ == "__main__":
