@@ -49,8 +49,9 @@ from memopt.offload.state_store import StateStore
 from memopt.sharding import rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
+from memopt.sharding.fsdp2_internals import unit_index
 from memopt.sharding.optimizer import ShardedOptimizer
-from memopt.sharding.param_swap import ParamSwapper, unit_index
+from memopt.sharding.param_swap import ParamSwapper
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
 
 

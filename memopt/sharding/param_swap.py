@@ -46,35 +46,11 @@ from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.state_store import trim_arena
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+from memopt.sharding.fsdp2_internals import check_fsdp2_internals, fsdp_groups
 
-__all__ = ["ParamSwapper", "SwapStats", "fsdp_groups", "make_param_swapper", "unit_index"]
+__all__ = ["ParamSwapper", "SwapStats", "make_param_swapper"]
 
 _TRACE_CAP = 1 << 14  # entries of the recorded cycle (a run that never steps stops recording)
-
-
-def fsdp_groups(model: nn.Module) -> list[Any]:
-    """Every ``FSDPParamGroup`` under ``model``, in ``model.modules()`` order (the same order
-    on every rank)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    groups: list[Any] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        state = module._get_fsdp_state()
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            if id(group) not in seen:
-                seen.add(id(group))
-                groups.append(group)
-    return groups
-
-
-def unit_index(model: nn.Module) -> dict[int, int]:
-    """``id(sharded parameter) -> index of its unit in fsdp_groups(model)``."""
-    return {
-        id(fp.sharded_param): i for i, g in enumerate(fsdp_groups(model)) for fp in g.fsdp_params
-    }
 
 
 @dataclass
@@ -357,6 +333,7 @@ def make_param_swapper(
     from an arena of its own that grows by one largest unit at a time, so they cost about the
     units in flight, not the shared arena's 256 MiB chunks; pinned only for a device."""
     groups = fsdp_groups(model)
+    check_fsdp2_internals(groups, "memopt.shard(offload_params='nvme')")
     sizes = [
         sum(round_up(t.untyped_storage().nbytes(), 4096) for t in _storages(g)) for g in groups
     ]
