@@ -7,7 +7,8 @@ Contenders, all on the same parameter and gradient tensors (each keeps its own m
 - ``torch fused``: ``torch.optim.AdamW(fused=True)`` (torch's vectorised CPU kernel), and
   ``torch fused+bf16 copy_``: the same followed by ``out.copy_(p)``, the unfused copy-back;
 - ``DeepSpeedCPUAdam``: DeepSpeed's AVX kernel (``pip install deepspeed ninja``; the first
-  construction JIT-builds the op, about 90 s, cached afterwards), skipped if not importable;
+  construction JIT-builds the op, about 90 s, cached afterwards), skipped if not importable,
+  and ``DeepSpeedCPUAdam+bf16 copy_`` (its CPU Adam has no fused low-precision copy);
 
 and the memory-bandwidth yardsticks, measured in the same run on arrays of the same size:
 ``copy`` (b <- a: 8 B/element counted), ``triad`` (a <- b + s c: 12 B), ``add_`` (a += b:
@@ -101,12 +102,15 @@ def memopt_step(
 
 def torch_fused_step(param: torch.nn.Parameter, lowp: bool = False) -> Callable[[], object]:
     opt = torch.optim.AdamW([param], fused=True, **HP)  # type: ignore[arg-type]
-    if not lowp:
-        return opt.step
+    return with_bf16_copy(opt.step, param) if lowp else opt.step
+
+
+def with_bf16_copy(step: Callable[[], object], param: torch.nn.Parameter) -> Callable[[], object]:
+    """``step`` followed by the unfused copy-back of the updated parameters to bf16."""
     out = torch.empty(param.shape, dtype=torch.bfloat16)
 
     def run() -> object:
-        opt.step()
+        step()
         return out.copy_(param.detach())
 
     return run
@@ -196,6 +200,7 @@ def run_size(
     ds = deepspeed_step(param) if use_ds else None
     if ds is not None:
         fns["DeepSpeedCPUAdam"] = ds
+        fns["DeepSpeedCPUAdam+bf16 copy_"] = with_bf16_copy(ds, param)
     refs = yardsticks(n)
     clock = time.thread_time if cpu_time else time.perf_counter
     times = measure({**fns, **{k: f for k, (f, _) in refs.items()}}, reps, clock)
@@ -207,12 +212,15 @@ def run_size(
         nbytes = (30 if "bf16" in name else 28) * n
         rate = nbytes / med[name]
         spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
-        vs_torch = med["torch fused"] / med[name]
-        vs_ds = paired(times, "DeepSpeedCPUAdam", name) if ds is not None else "n/a"
+        # each row against the peers producing the same output (fp32 only, or + bf16 copy)
+        tail = "+bf16 copy_" if "bf16" in name else ""
+        torch_ref, ds_ref = "torch fused" + tail, "DeepSpeedCPUAdam" + tail
+        vs_torch = med[torch_ref] / med[name]
+        vs_ds = paired(times, ds_ref, name) if ds is not None and name != ds_ref else ""
         rows.append(
             f"| {n / 1e6:.0f}M | {name} | {med[name] * 1e3:.1f} | {spread} | "
             f"{rate / 1e9:.1f} | {rate / best:.2f} | {vs_torch:.2f}x | "
-            f"{paired(times, 'torch fused', name)} | {vs_ds} |"
+            f"{paired(times, torch_ref, name) if name != torch_ref else ''} | {vs_ds} |"
         )
     refs_txt = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items())
     rows.append(f"| {n / 1e6:.0f}M | yardsticks (median) | | | {refs_txt} | | | | |")
@@ -245,6 +253,7 @@ def main() -> None:
         f"isa={cpu_adam.selected_isa()} openmp={cpu_adam.has_openmp()}, "
         f"load average at start {os.getloadavg()[0]:.1f}, reps {args.reps}"
     )
+    print("# rows with a bf16 copy are compared with the peers' bf16 rows (same output)")
     print(
         "| params | step | median ms | min-max ms | GB/s | of bw | speed vs torch "
         "| paired vs torch [IQR] | paired vs DeepSpeed [IQR] |"
