@@ -2,22 +2,26 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
-        [--backends native,native:2,threads] [--warmup 1]
+        [--backends native,native+huge,threads] [--warmup 1]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
 
 - memopt: ``NVMeTier`` with each backend of ``--backends`` (native Linux AIO with its default
-  workers, ``native:W`` with W workers, thread pool),
-  the data split into 8 handles (like 8 optimizer sub-groups) all submitted before waiting,
-  from and to page-aligned arena tensors;
+  workers, ``native:W`` with W workers, thread pool; a ``+huge`` suffix puts the arena on
+  transparent huge pages, ``ArenaConfig(huge_pages="auto")``, and the run prints how many bytes
+  huge pages really backed), the data split into 8 handles (like 8 optimizer sub-groups) all
+  submitted before waiting, from and to page-aligned arena tensors;
 - fio: ``ioengine=libaio, direct=1, bs, iodepth``, one job, sequential write then read;
 - DeepSpeed: ``aio_handle(bs, qd, single_submit=False, overlap_events=True, 1)`` with
   ``sync_pwrite`` / ``sync_pread`` of one locked buffer (the ZeRO-Infinity swap path).
 
 Write then read, ``--repeats`` rounds in which every tool runs once (the order rotates each
 round, so the disk's drift hits all alike), after ``--warmup`` untimed rounds; the median
-GB/s (1e9 bytes/s) is reported with ratios memopt/fio and memopt/DeepSpeed. A missing peer
+GB/s (1e9 bytes/s) is reported with ratios memopt/fio and memopt/DeepSpeed, and the median
+number of block-layer requests each tool's write and read of ``--size-mib`` cost, from the
+deltas of ``/sys/dev/block/<dev>/stat`` around its turn (a 1 MiB request the queue limits
+split counts twice; other processes' I/O on the disk adds to it). A missing peer
 is reported as missing, not skipped silently. ``--sweep`` also times memopt at queue depths
 4-32 and block sizes 1-4 MiB.
 """
@@ -59,9 +63,25 @@ def _once(tier: NVMeTier, handles: list, bufs: list[torch.Tensor], size: int) ->
 Peers = dict[str, Callable[[], tuple[float, float]]]
 
 
+def disk_counter(d: Path) -> Callable[[], tuple[int, int]] | None:
+    """(completed write requests, completed read requests) of the block device holding ``d``,
+    from ``/sys/dev/block/<major>:<minor>/stat``; None where that file is missing."""
+    dev = os.stat(d).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    if not stat.exists():
+        return None
+
+    def read() -> tuple[int, int]:
+        f = stat.read_text().split()
+        return int(f[4]), int(f[0])
+
+    return read
+
+
 def backend_for(kind: str, qd: int, bs: int) -> IOBackend:
-    """``native``, ``threads`` or ``native:W`` (the native engine with W workers)."""
-    name, _, workers = kind.partition(":")
+    """``native``, ``threads`` or ``native:W`` (the native engine with W workers), with an
+    optional ``+huge`` suffix (handled by the caller: huge-page arena)."""
+    name, _, workers = kind.removesuffix("+huge").partition(":")
     if name == "native" and workers:
         return NativeAIOBackend(qd, bs, workers=int(workers))
     return make_backend(qd, bs, name)
@@ -76,17 +96,24 @@ def memopt_runs(
     kinds: list[str],
     warmup: int = 0,
     peers: Peers | None = None,
+    requests: dict[str, tuple[list[int], list[int]]] | None = None,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """One tier per I/O engine (own file in ``d/<kind>``) and each peer (one write + read per
     call), timed in interleaved rounds (the order rotates each round) so the disk's drift hits
-    every tool alike; the first ``warmup`` rounds are not recorded."""
+    every tool alike; the first ``warmup`` rounds are not recorded. With ``requests`` given,
+    the disk's (write, read) request-count deltas of each turn are appended to it per tool."""
     peers = peers or {}
     names = kinds + list(peers)
     out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in names}
+    count = disk_counter(d) if requests is not None else None
     part = size // N_HANDLES
     arenas, tiers, state = [], {}, {}
     for kind in kinds:
-        arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0))
+        huge = "auto" if kind.endswith("+huge") else "off"
+        arena = PinnedArena(ArenaConfig(initial_bytes=size, chunk_bytes=0, huge_pages=huge))
+        if huge != "off":
+            print(f"# {kind}: {arena.huge_pages().huge_bytes >> 20} MiB of the "
+                  f"{arena.report().capacity_bytes >> 20} MiB arena on huge pages")  # fmt: skip
         cfg = NVMeConfig(
             directory=d / kind, capacity_bytes=2 * size + (64 << 20), block_size=bs,
             queue_depth=qd,
@@ -102,10 +129,17 @@ def memopt_runs(
         for rnd in range(warmup + repeats):
             shift = rnd % len(names)
             for kind in names[shift:] + names[:shift]:
+                before = count() if count else (0, 0)
                 w, r = peers[kind]() if kind in peers else _once(tiers[kind], *state[kind], size)
-                if rnd >= warmup:
-                    out[kind][0].append(w)
-                    out[kind][1].append(r)
+                if rnd < warmup:
+                    continue
+                out[kind][0].append(w)
+                out[kind][1].append(r)
+                if count and requests is not None:
+                    after = count()
+                    reqs = requests.setdefault(kind, ([], []))
+                    reqs[0].append(after[0] - before[0])
+                    reqs[1].append(after[1] - before[1])
     finally:
         for tier in tiers.values():
             tier.close()
@@ -198,7 +232,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument(
         "--backends",
-        default="native,native:2,threads",
+        default="native,native+huge,threads",
         help="memopt I/O engines to time (native:W = the native engine with W workers)",
     )
     a = p.parse_args()
@@ -227,15 +261,23 @@ def main() -> None:
         )
     else:
         print(f"# DeepSpeed: {ds_note}")
+    reqs: dict[str, tuple[list[int], list[int]]] = {}
     runs = _timed(
-        "all tools", lambda: memopt_runs(d, size, bs, qd, a.repeats, kinds, a.warmup, peers)
+        "all tools",
+        lambda: memopt_runs(d, size, bs, qd, a.repeats, kinds, a.warmup, peers, reqs),
     )
     (d / "fio.dat").unlink(missing_ok=True)
+    labels = {name: f"memopt NVMeTier ({name})" if name in kinds else name for name in runs}
     for name, values in runs.items():
-        results[f"memopt NVMeTier ({name})" if name in kinds else name] = values
-    print("\n| tool | write GB/s | read GB/s |\n|---|---:|---:|")
-    for name, (w, r) in results.items():
-        print(_row(name, w, r))
+        results[labels[name]] = values
+    print("\n| tool | write GB/s | read GB/s | write requests | read requests |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (w, r) in runs.items():
+        rw, rr = reqs.get(name, ([0], [0]))
+        print(f"{_row(labels[name], w, r)} {statistics.median(rw):.0f} | "
+              f"{statistics.median(rr):.0f} |")  # fmt: skip
+    print(f"# requests: median block-layer requests per {a.size_mib} MiB written / read "
+          f"({size // bs} when no request is split)")  # fmt: skip
     for me, mine in results.items():
         if not me.startswith("memopt"):
             continue

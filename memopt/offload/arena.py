@@ -12,6 +12,12 @@ So the arena reserves what was asked for (rounded to 64 bytes and the alignment)
 ``2**ceil(log2 n)`` as torch's caching host allocator does, and never ``count x largest`` as
 DeepSpeed's swap pools do. ``report()`` gives requested / reserved / pinned / capacity bytes.
 
+``huge_pages`` ("auto" / "required"; default "off") backs chunks with transparent huge pages
+(see ``hostmem``): then, and only when THP is enabled, each chunk is rounded up to a whole
+number of huge pages (2 MiB) so that all of it can be huge; ``report()``'s capacity includes
+that rounding and ``huge_pages()`` says how many bytes were added by it and how many are
+verified huge.
+
 ``tensor(block, dtype, shape)`` is a typed view into the arena (no copy). A view must not be
 used after its block is freed: the bytes may be handed to someone else.
 """
@@ -26,10 +32,17 @@ from dataclasses import dataclass
 import torch
 
 from memopt.offload.allocator import FreeListAllocator, round_up
-from memopt.offload.hostmem import PAGE_SIZE, HostBuffer, PinMode
+from memopt.offload.hostmem import (
+    PAGE_SIZE,
+    HostBuffer,
+    HugePageMode,
+    PinMode,
+    huge_page_size,
+    thp_mode,
+)
 from memopt.offload.tier import TierReport
 
-__all__ = ["ArenaBlock", "ArenaConfig", "PinnedArena", "default_arena"]
+__all__ = ["ArenaBlock", "ArenaConfig", "HugePageReport", "PinnedArena", "default_arena"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,8 @@ class ArenaConfig:
     granule: every block is a multiple of this (exact size up to a cache line).
     alignment: default block alignment; a request may ask for more (4096 for O_DIRECT).
     pin: "auto" pins or warns once and falls back; "required" raises; "off" never pins.
+    huge_pages: back chunks with transparent huge pages: "auto" (falls back to 4 KiB pages,
+        one warning), "required" (raises naming the sysfs setting) or "off".
     """
 
     initial_bytes: int = 0
@@ -48,6 +63,7 @@ class ArenaConfig:
     granule: int = 64
     alignment: int = 64
     pin: PinMode = "auto"
+    huge_pages: HugePageMode = "off"
 
     def __post_init__(self) -> None:
         for name in ("initial_bytes", "chunk_bytes"):
@@ -61,6 +77,21 @@ class ArenaConfig:
             raise ValueError(
                 f"ArenaConfig.pin must be 'auto', 'required' or 'off', not {self.pin!r}"
             )
+        if self.huge_pages not in ("auto", "required", "off"):
+            raise ValueError(
+                "ArenaConfig.huge_pages must be 'auto', 'required' or 'off', "
+                f"not {self.huge_pages!r}"
+            )
+
+
+@dataclass(frozen=True)
+class HugePageReport:
+    """mode: the config's; huge_bytes: chunk bytes verified backed by huge pages;
+    rounding_bytes: bytes mapped beyond the page-rounded chunk sizes to make whole huge pages."""
+
+    mode: HugePageMode
+    huge_bytes: int
+    rounding_bytes: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,7 @@ class ArenaBlock:
 class _Chunk:
     buffer: HostBuffer
     alloc: FreeListAllocator
+    rounding: int = 0  # bytes added to make whole huge pages
 
 
 class PinnedArena:
@@ -98,10 +130,15 @@ class PinnedArena:
             self._add_chunk(round_up(self.config.initial_bytes, PAGE_SIZE))
 
     def _add_chunk(self, nbytes: int) -> int:
-        buf = HostBuffer(nbytes, pin=self.config.pin, prepare=self._prepare)
+        mode, rounding = self.config.huge_pages, 0
+        if mode != "off" and thp_mode() in ("always", "madvise"):
+            rounding = round_up(nbytes, huge_page_size()) - nbytes
+        size = nbytes + rounding
+        buf = HostBuffer(size, pin=self.config.pin, prepare=self._prepare, huge_pages=mode)
         idx = self._next_chunk
         self._next_chunk += 1
-        self._chunks[idx] = _Chunk(buf, FreeListAllocator(nbytes, granule=self.config.granule))
+        alloc = FreeListAllocator(size, granule=self.config.granule)
+        self._chunks[idx] = _Chunk(buf, alloc, rounding)
         return idx
 
     def alloc(self, nbytes: int, alignment: int | None = None) -> ArenaBlock:
@@ -180,6 +217,13 @@ class PinnedArena:
                 capacity_bytes=sum(s.capacity for s in stats),
                 live_handles=sum(s.allocated_blocks for s in stats),
             )
+
+    def huge_pages(self) -> HugePageReport:
+        """Huge-page backing of the live chunks and the bytes their rounding added."""
+        with self._lock:
+            chunks = list(self._chunks.values())
+            huge = sum(c.buffer.huge_bytes for c in chunks)
+            return HugePageReport(self.config.huge_pages, huge, sum(c.rounding for c in chunks))
 
     def chunk_count(self) -> int:
         return len(self._chunks)
