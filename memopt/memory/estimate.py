@@ -19,7 +19,9 @@ The model is only described (meta device); the figures per rank are:
 - the peak is the larger of two moments: forward/backward (activations + temporaries +
   gradients as they appear) and the optimizer step (all gradients + the step's working
   tensors: fp32 moments of the largest parameter for 8-/4-bit state, the full-size gradient
-  and update of the largest low-rank matrix, one foreach chunk for AdamW).
+  and update of the largest low-rank matrix, one foreach chunk for AdamW); at stage 3 with
+  offload each moment has its own resident shards, state and bounce arena
+  (``stage3_offload``), the arena counted with its moment on a CPU run.
 """
 
 from __future__ import annotations
@@ -148,9 +150,11 @@ def assemble(
         "buffers": buffer_bytes(module, cfg.param_dtype),
     }
     held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
-    grads, step_only = share.grads, dict[str, int]()
+    grads, step_base = share.grads, base
+    arena = {"forward/backward": 0, "optimizer step": 0}
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
-        base, grads, step_only = place_stage3(cfg, tiers, base, held, grads, unit_sizes(module))
+        placed = place_stage3(cfg, tiers, base, held, grads, unit_sizes(module))
+        base, step_base, grads, arena = placed.forward, placed.step, placed.grads, placed.arena
     elif cfg.offload is None:
         base.update(held)
     else:
@@ -165,17 +169,38 @@ def assemble(
     grad_frac = grads / max(1, sum(p.nbytes for p in infos))
     fwd = dict(base, activations=acts, gradients=int(trace.peak_gradients * grad_frac))
     fwd["temporaries"] = trace.peak_temporaries + share.gathered
-    step = dict(base, gradients=grads)
-    for k, v in step_only.items():
-        step[k] = step.get(k, 0) + v
+    step = dict(step_base, gradients=grads)
     step["temporaries"] = _step_temporaries(cfg, infos) + share.buckets
-    phase = "forward/backward" if sum(fwd.values()) >= sum(step.values()) else "optimizer step"
+    phase = _peak_phase(cfg, fwd, step, arena)
     dev.update(fwd if phase == "forward/backward" else step)
+    _add_arena(cfg, tiers, arena, phase)
     notes = share.notes + _notes(cfg)
     return MemoryEstimate(
         breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
         config=_config_dict(cfg, trace), notes=notes,
     )  # fmt: skip
+
+
+def _peak_phase(
+    cfg: EstimateConfig, fwd: dict[str, int], step: dict[str, int], arena: dict[str, int]
+) -> str:
+    """The moment with more device bytes (on a CPU run, where the stage-3 bounce arena is
+    in the same memory, with each moment's arena bytes added)."""
+    on_cpu = cfg.device_kind == "cpu"
+    f = sum(fwd.values()) + (arena["forward/backward"] if on_cpu else 0)
+    s = sum(step.values()) + (arena["optimizer step"] if on_cpu else 0)
+    return "forward/backward" if f >= s else "optimizer step"
+
+
+def _add_arena(
+    cfg: EstimateConfig, tiers: dict[str, dict[str, int]], arena: dict[str, int], phase: str
+) -> None:
+    """The stage-3 parameter swapper's bounce arena on the host tier: the peak moment's on a
+    CPU run (one memory), the tier's own peak with a GPU."""
+    if cfg.device_kind == "cpu":
+        tiers["pageable_host"]["temporaries"] += arena[phase]
+    else:
+        tiers["pinned_host"]["temporaries"] += max(arena.values())
 
 
 def _master(cfg: EstimateConfig, share: ShardShare) -> int:
@@ -194,7 +219,7 @@ def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]
 
 
 def unit_sizes(module: nn.Module) -> UnitSizes:
-    """The largest stage-3 unit's share of all parameters (see ``stage3_offload``)."""
+    """The stage-3 units' shares of all parameters (see ``stage3_offload``)."""
     from memopt.memory.trace import find_blocks
 
     total = sum(p.numel() for p in module.parameters())
@@ -220,7 +245,10 @@ def _notes(cfg: EstimateConfig) -> list[str]:
     if cfg.offload == "nvme" and cfg.stage != 3:
         notes.append("nvme: the disk column is the swap file; pinned host holds 3 staging buffers")
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
-        notes.append("stage 3 offload: two units' shards/state in memory (in use + read ahead)")
+        notes.append(
+            "stage 3 offload: in memory only the units read ahead (forward/backward) or in "
+            "the step's pipeline, and a bounce arena of those units (see stage3_offload)"
+        )
     if cfg.activation_policy == "swap":
         notes.append("swap: two blocks' activations stay on the device (current + prefetch)")
     return notes

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from memopt.memory import MemoryEstimate, estimate
 from memopt.memory.model import param_infos
 from memopt.memory.optstate import optimizer_state
+from memopt.memory.result import CATEGORIES, TIERS
+from memopt.memory.stage3_offload import Stage3Placement, UnitSizes, place_stage3
 from tests.memory.conftest import tiny_config
 
 CFG = tiny_config(hidden=128, layers=4, vocab=1000)
@@ -101,6 +105,31 @@ def test_stage3_offload_places_shards_and_state() -> None:
     host = cpu.breakdown["pinned_host"]
     assert host["parameters"] == shards and host["optimizer_state"] == state
     assert cpu.breakdown["device"]["parameters"] == 0
+
+
+def _place(device_kind: str, offload: str | None) -> Stage3Placement:
+    cfg = SimpleNamespace(device_kind=device_kind, offload=offload, offload_params="nvme")
+    tiers = {t: dict.fromkeys(CATEGORIES, 0) for t in TIERS}
+    units = UnitSizes([10, 10], 100)  # two blocks of 10% and a root unit of 80%
+    held = {"optimizer_state": 2000, "master_weights": 0}
+    return place_stage3(cfg, tiers, {"parameters": 1000, "buffers": 0}, held, 1000, units)
+
+
+def test_stage3_nvme_params_follow_the_swapper_moments() -> None:
+    """The swapper's residency (stage3_offload): forward/backward holds the block read ahead
+    and its bounce; the first step (no read-ahead, no state yet) the largest unit's bounce;
+    the step three units and two units' bounce; a pinned arena keeps two whole chunks of
+    the largest unit (80% each here: capped at all the shards)."""
+    fwd, step = "forward/backward", "optimizer step"
+    steady = _place("cpu", None)  # state in memory: the steady forward/backward is the peak
+    assert steady.forward["parameters"] == 100 and steady.forward["optimizer_state"] == 2000
+    assert steady.arena == {fwd: 100, step: 900}
+    assert steady.step["parameters"] == 1000 and steady.grads == 1000
+    first = _place("cpu", "nvme")  # state on NVMe: the first step's 80% bounce is larger
+    assert first.forward["parameters"] == 0 and first.forward["optimizer_state"] == 0
+    assert first.arena[fwd] == 800 and first.step["optimizer_state"] == 1800
+    gpu = _place("cuda", None)
+    assert gpu.forward["parameters"] == 100 and gpu.arena == {fwd: 1000, step: 1000}
 
 
 def test_recompute_and_swap_lower_device_activations(base) -> None:
