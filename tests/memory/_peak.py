@@ -49,8 +49,8 @@ STAGE3_OFFLOAD = [
 def warm_up_full_shapes() -> None:
     """One forward/backward of an unsharded TINY model, unmeasured. ``Workload.run``'s own
     warm-up uses one layer, a 256-token vocabulary and 16 tokens; the one-time buffers of the
-    measured shapes (about 5.7 MiB here: GEMM packing and the loss over 512 x 8000 logits)
-    would otherwise land in the first case measured in the process only."""
+    measured shapes (about 5.7 MiB here, allocated in the head's forward and the loss's
+    backward) would otherwise land in the first case measured in the process only."""
     import gc
 
     import torch

@@ -6,7 +6,9 @@ tensors leave the resident set). The model is a small random-init LLaMA (2 layer
 vocab 8000: 4M parameters; batch 4 x 128 tokens; peaks of 84-114 MiB, large enough that the
 few MiB of one-time buffers the first run of a process still adds stay under 5%), two steps
 per case: AdamW, GaLore rank 32, APOLLO-Mini and 8-bit AdamW without sharding (two per rank
-process), then AdamW under ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2) on the 2 gloo ranks.
+process), then AdamW under ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2) on the 2 gloo ranks. The
+stage-3 offload cases (NVMe parameters, + NVMe state, CPU offload) run after an unmeasured
+forward/backward at the measured shapes, so their first case carries no one-time buffers.
 """
 
 from __future__ import annotations
