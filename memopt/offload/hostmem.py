@@ -18,9 +18,10 @@ Transparent huge pages (``huge_pages="auto" | "required"``, default ``"off"``): 
 over-mapped by two huge pages (2 MiB on x86-64) and the buffer is a view that starts on a huge
 page boundary, with at least one untouched 4 KiB page of slack on both sides (so the kernel
 keeps the buffer's range in a VMA of its own). ``madvise(MADV_HUGEPAGE)`` is applied before the
-first touch; the pages are then faulted in (by ``mlock``/``cudaHostRegister``, else by
-``MADV_POPULATE_WRITE``) and the result is verified from ``AnonHugePages`` of that VMA in
-``/proc/self/smaps``: ``huge_bytes`` is what huge pages really back. Why: a 1 MiB O_DIRECT
+first touch; once pinning faulted the pages in (``mlock``/``cudaHostRegister``; unpinned,
+``"required"`` faults them with ``MADV_POPULATE_WRITE``, ``"auto"`` leaves them lazy) the result
+is verified from ``AnonHugePages`` of that VMA in ``/proc/self/smaps``: ``huge_bytes`` is what
+huge pages really back. Why: a 1 MiB O_DIRECT
 request made of scattered 4 KiB pages needs 256 DMA segments, more than many queues take
 (virtio: 254), so the block layer splits it in two; inside one 2 MiB page it is one segment.
 When THP is ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``) or the kernel backs
@@ -181,7 +182,12 @@ class HostBuffer:
         return offset, True
 
     def _check_huge(self, offset: int, mode: HugePageMode) -> None:
-        """Fault the pages in if pinning did not, then read back what huge pages back."""
+        """Read back what huge pages back once the pages are in: pinning faulted them; else
+        "required" faults them now, "auto" leaves them lazy (huge from their first touch,
+        unverified: ``huge_bytes`` counts only what is resident now)."""
+        if self.pinned == "none" and mode == "auto":
+            self.huge_bytes = anon_huge_bytes(self.ptr, self.nbytes)
+            return
         if self.pinned == "none":
             try:
                 self._map.madvise(_MADV_POPULATE_WRITE, offset, self.nbytes)

@@ -54,6 +54,21 @@ def test_plain_buffer_is_not_huge_in_madvise_mode() -> None:
 
 
 @needs_thp
+def test_unpinned_auto_stays_lazy_and_gets_huge_pages_on_touch() -> None:
+    buf = HostBuffer(2 * HUGE, pin="off", huge_pages="auto")
+    assert buf.huge_bytes == 0  # nothing faulted in yet: no eager commit of the whole buffer
+    assert anon_huge_bytes(buf.ptr, buf.nbytes) == 0
+    buf.tensor.fill_(1)  # first touch
+    assert anon_huge_bytes(buf.ptr, buf.nbytes) == 2 * HUGE
+
+
+def test_default_arena_asks_for_huge_pages() -> None:
+    from memopt.offload.arena import default_arena
+
+    assert default_arena().config.huge_pages == "auto"
+
+
+@needs_thp
 def test_exact_size_and_partial_tail() -> None:
     nbytes = 2 * HUGE + 3 * hostmem.PAGE_SIZE
     buf = HostBuffer(nbytes, pin="off", huge_pages="required")
@@ -95,8 +110,9 @@ def test_kernel_backing_less_is_detected(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(hostmem, "anon_huge_bytes", lambda ptr, n: HUGE)
     with pytest.raises(OSError, match=f"backed {HUGE} of {2 * HUGE} bytes"):
         HostBuffer(2 * HUGE, pin="off", huge_pages="required")
+    monkeypatch.setattr(hostmem, "_mlock", lambda ptr, n: 0)  # "pinned": pages are in
     with pytest.warns(RuntimeWarning, match="backed"):
-        buf = HostBuffer(2 * HUGE, pin="off", huge_pages="auto")
+        buf = HostBuffer(2 * HUGE, pin="required", huge_pages="auto")
     assert buf.huge_bytes == HUGE  # what the kernel gave, reported truthfully
 
 
