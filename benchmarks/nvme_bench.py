@@ -209,9 +209,12 @@ def _row(name: str, w: list[float], r: list[float]) -> str:
 
 
 def _ratio(a: list[float], b: list[float]) -> str:
-    """Ratio of medians, then the median of the per-round ratios (same round, paired)."""
-    pair = statistics.median([x / y for x, y in zip(a, b, strict=True)])
-    return f"{statistics.median(a) / statistics.median(b):.2f} (paired {pair:.2f})"
+    """Ratio of medians, then the median and the lowest of the per-round ratios (paired)."""
+    pairs = [x / y for x, y in zip(a, b, strict=True)]
+    return (
+        f"{statistics.median(a) / statistics.median(b):.2f} "
+        f"(paired {statistics.median(pairs):.2f}, min {min(pairs):.2f})"
+    )
 
 
 def _timed(label: str, fn: Callable[[], tuple[list[float], list[float]]]):
