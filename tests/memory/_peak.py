@@ -46,31 +46,11 @@ STAGE3_OFFLOAD = [
 ]
 
 
-def warm_up_full_shapes() -> None:
-    """One forward/backward of an unsharded TINY model, unmeasured. ``Workload.run``'s own
-    warm-up uses one layer, a 256-token vocabulary and 16 tokens; the one-time buffers of the
-    measured shapes (about 5.7 MiB here, allocated in the head's forward and the loss's
-    backward) would otherwise land in the first case measured in the process only."""
-    import gc
-
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from memopt.cli._workload import Workload
-
-    model = LlamaForCausalLM(Workload(**TINY).llama_config())
-    x = torch.randint(0, TINY["vocab"], (TINY["batch_size"], TINY["seq_len"]))
-    model(input_ids=x, labels=x).loss.backward()
-    del model, x
-    gc.collect()
-
-
 def on_rank_stage3_offload(rank: int, world: int, root: str) -> list[dict[str, Any]]:
     from memopt.memory.timeline import mmap_large_allocations
 
     warnings.simplefilter("ignore")
     assert mmap_large_allocations()
-    warm_up_full_shapes()
     rows = []
     for extra in STAGE3_OFFLOAD:
         case: dict[str, Any] = {"stage": 3, "world_size": world, **extra}
