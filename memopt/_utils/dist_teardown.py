@@ -3,9 +3,10 @@
 When one rank destroys its gloo process group and exits while a peer is still working (rank 0
 writing a report or a checkpoint, say), the exiting rank can abort at interpreter shutdown
 with ``terminate called without an active exception`` (SIGABRT), failing the whole launch
-after training succeeded. Reproduced with plain torch 2.13 and gloo: two ranks, a few
-all-reduces, rank 0 sleeps 0.2-0.5 s before ``destroy_process_group``: about 1 launch in 12
-aborts; with a barrier first, none did in 16. So on the normal path every rank meets at a
+after training succeeded. Reproduced with plain torch 2.13 and gloo under ``torchrun``: two
+ranks, a few all-reduces (world and a device-mesh subgroup), rank 0 sleeping 0-2 s before
+``destroy_process_group``: 2 of 19 launches aborted (rank 0 0.5 s and 0 s late); with a
+barrier first, none of 16 (0-0.2 s late). So on the normal path every rank meets at a
 barrier first; after an error the barrier is skipped (the peers may never arrive) and the
 group is only destroyed.
 """
