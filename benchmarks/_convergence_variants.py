@@ -12,6 +12,10 @@ reported held-out loss never takes part in the choice.
 ``AdamW8bit`` with AdamW's learning rate, betas, eps and weight decay (0): the peer for
 memopt's ``AdamW(state_dtype="int8")``.
 
+bf16-matmul variants (``*_bf16mm``): the projection GEMMs in bf16 (``matmul_dtype=
+"bfloat16"``), everything else as their fp32 counterpart, at its chosen learning rate.
+The bar is tighter than for 8-bit state: within 1% of the counterpart's held-out loss.
+
 Option overrides (``--set NAME:KEY=V[,V...]``): extra values of an optimizer's options
 (``examples.tinyllama.default_config``) to run besides its learning rates; every
 (option set, rate) pair is a candidate, and the validation loss picks among all of them.
@@ -45,9 +49,19 @@ EIGHT_BIT_LABELS = {
     "frugal_int8": "FRUGAL int8",
     "natural_galore_int8": "Natural GaLore int8",
 }
+# name -> fp32-matmul counterpart (same options, same learning rate)
+BF16_MM: dict[str, str] = {
+    "galore_bf16mm": "galore",
+    "apollo_bf16mm": "apollo",
+    "natural_galore_bf16mm": "natural_galore",
+    "frugal_bf16mm": "frugal",
+}
+BF16_MM_LABELS = {name: f"{LABELS[base]} bf16 matmul" for name, base in BF16_MM.items()}
+COUNTERPART = {**EIGHT_BIT, **BF16_MM}
 _MIB = 1024 * 1024
-ALL_NAMES = (*OPTIMIZERS, *EIGHT_BIT)
-ALL_LABELS = {**LABELS, **EIGHT_BIT_LABELS}
+ALL_NAMES = (*OPTIMIZERS, *EIGHT_BIT, *BF16_MM)
+ALL_LABELS = {**LABELS, **EIGHT_BIT_LABELS, **BF16_MM_LABELS}
+TARGET_BF16MM = 0.01  # bf16 projection GEMMs no more than 1% worse than fp32 ones
 TARGET_8BIT = 0.02  # each 8-bit variant no more than 2% worse than its 32-bit counterpart
 TARGET_PEER = 0.01  # memopt AdamW int8 within 1% of bitsandbytes' AdamW8bit
 
@@ -101,18 +115,22 @@ def build_optimizer(name: str, model: nn.Module, lr: float, **kw: Any) -> torch.
                                   weight_decay=0.0, state_dtype="int8")
     if name in EIGHT_BIT:
         return make_optimizer(EIGHT_BIT[name], model, lr=lr, state_dtype="int8", **kw)
+    if name in BF16_MM:
+        return make_optimizer(BF16_MM[name], model, lr=lr, matmul_dtype="bfloat16", **kw)
     raise ValueError(f"optimizer must be one of {ALL_NAMES}, got {name!r}")
 
 
 def config_of(name: str, hidden: int, lr: float,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    base = EIGHT_BIT.get(name, name)
+    base = COUNTERPART.get(name, name)
     cfg = {**default_config(base, hidden), **(overrides or {})}
     cfg["lr"] = lr
     if name == "bnb_adamw8bit":
         cfg["impl"] = "bitsandbytes.optim.AdamW8bit"
     elif name in EIGHT_BIT:
         cfg["state_dtype"] = "int8"
+    elif name in BF16_MM:
+        cfg["matmul_dtype"] = "bfloat16"
     return cfg
 
 
@@ -177,6 +195,26 @@ def eight_bit_table(best: dict[str, dict[str, Any]]) -> str:
         ratio = mine["heldout_loss"] / peer["heldout_loss"]
         ok = "within 1%" if abs(ratio - 1) <= TARGET_PEER else "**not within 1%**"
         lines.append(f"\nmemopt AdamW int8 / bitsandbytes AdamW8bit: {ratio:.4f} ({ok})")
+    return "\n".join(lines)
+
+
+def bf16_matmul_table(best: dict[str, dict[str, Any]]) -> str:
+    """bf16 projection GEMMs vs the same optimizer in fp32 (target 1%)."""
+    lines = ["| optimizer | lr | held-out loss | vs fp32 matmuls | <= 1.01 | s/step | "
+             "s/step vs fp32 |", "|---|---|---|---|---|---|---|"]
+    for name, base_name in BF16_MM.items():
+        r, base = best.get(name), best.get(base_name)
+        if r is None:
+            continue
+        if base is None:
+            ratio_s = ok = speed = "n/a"
+        else:
+            ratio = r["heldout_loss"] / base["heldout_loss"]
+            ratio_s = f"{ratio:.4f}"
+            ok = "yes" if ratio <= 1 + TARGET_BF16MM else "**no**"
+            speed = f"{r['sec_per_step'] / base['sec_per_step']:.2f}"
+        lines.append(f"| {r['label']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {ratio_s} | "
+                     f"{ok} | {r['sec_per_step']:.2f} | {speed} |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,10 @@ import torch  # noqa: E402
 import memopt  # noqa: E402
 from benchmarks._convergence_variants import (  # noqa: E402
     ALL_NAMES,
+    BF16_MM,
+    COUNTERPART,
     EIGHT_BIT,
+    bf16_matmul_table,
     build_optimizer,
     config_of,
     eight_bit_table,
@@ -321,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, lrs in lr_grid.items():
         if name in OPTIMIZERS:
             run_grid(name, lrs, overrides.get(name, [{}]))
-    # 8-bit variants: at the rate chosen (on validation) for their 32-bit counterpart
+    # 8-bit and bf16-matmul variants: at the rate chosen (on validation) for their counterpart
     chosen = best_runs([r for r in runs if r["heldout_loss"] == r["heldout_loss"]])
-    for name in (n for n in ALL_NAMES if n in EIGHT_BIT and n in args.optimizers):
-        base = EIGHT_BIT[name]
+    for name in (n for n in ALL_NAMES if n in COUNTERPART and n in args.optimizers):
+        base = COUNTERPART[name]
         default = chosen[base]["lr"] if base in chosen else GRID[base][0]
         meta["grids"][name] = lr_grid.get(name, [default])
         same = [chosen[base].get("overrides", {})] if base in chosen else [{}]
@@ -354,6 +357,9 @@ def report(runs: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
     if any(name in best for name in EIGHT_BIT):
         print("\n8-bit optimizer state (each at its 32-bit counterpart's learning rate):\n")
         print(eight_bit_table(best))
+    if any(name in best for name in BF16_MM):
+        print("\nbf16 projection GEMMs (each at its fp32 counterpart's learning rate):\n")
+        print(bf16_matmul_table(best))
     print("\nLearning-rate sweep (final losses; the rate is chosen on validation):\n")
     print(sweep_table(runs, everything))
     if not args.no_png and finite:

@@ -72,7 +72,10 @@ TARGETS = [
     ("memopt GaLore rsvd", "galore-torch GaLore", 0.5),
     ("memopt GaLore subspace", "galore-torch GaLore", 0.5),
     ("memopt GaLore gram", "galore-torch GaLore", 0.5),
+    ("memopt GaLore rsvd bf16-mm", "galore-torch GaLore", 0.5),
+    ("memopt GaLore subspace bf16-mm", "galore-torch GaLore", 0.5),
     ("memopt APOLLO", "apollo-torch APOLLO", 0.7),
+    ("memopt APOLLO bf16-mm", "apollo-torch APOLLO", 0.7),
     ("memopt APOLLO-Mini", "apollo-torch APOLLO-Mini", 0.7),
 ]
 
@@ -184,7 +187,8 @@ def _memopt(cls_name: str, **extra: Any) -> Callable[[list, int, int], torch.opt
         elif cls_name == "ApolloMini":
             groups = _lowrank(ps, 1, gap)
         elif cls_name == "ApolloAdamW":
-            groups = _lowrank(ps, r, gap, proj="random", scale=1.0, scale_type="channel")
+            groups = _lowrank(ps, r, gap, proj="random", scale=1.0, scale_type="channel",
+                              **extra)
         else:
             groups = _lowrank(ps, r, gap, scale=GALORE_SCALE, **extra)
         return cls(groups, lr=1e-3)
@@ -227,10 +231,17 @@ SPECS = [
     Spec("memopt GaLore rsvd", "memopt", _memopt("GaLoreAdamW", proj="rsvd"), f_galore),
     Spec("memopt GaLore subspace", "memopt", _memopt("GaLoreAdamW", proj="subspace"), f_galore),
     Spec("memopt GaLore gram", "memopt", _memopt("GaLoreAdamW", proj="gram"), f_galore),
+    # matmul_dtype="bfloat16": the projection GEMMs in bf16 (fp32 weights, moments, basis)
+    Spec("memopt GaLore rsvd bf16-mm", "memopt",
+         _memopt("GaLoreAdamW", proj="rsvd", matmul_dtype="bfloat16"), f_galore),
+    Spec("memopt GaLore subspace bf16-mm", "memopt",
+         _memopt("GaLoreAdamW", proj="subspace", matmul_dtype="bfloat16"), f_galore),
     Spec("memopt NaturalGaLore", "memopt", _memopt("NaturalGaLoreAdamW"), f_natural),
     Spec("apollo-torch APOLLO", "apollo-torch",
          lambda ps, r, g: _apollo_torch(ps, r, g, False), f_apollo_ref),
     Spec("memopt APOLLO", "memopt", _memopt("ApolloAdamW"), f_apollo),
+    Spec("memopt APOLLO bf16-mm", "memopt", _memopt("ApolloAdamW", matmul_dtype="bfloat16"),
+         f_apollo),
     Spec("apollo-torch APOLLO-Mini", "apollo-torch",
          lambda ps, r, g: _apollo_torch(ps, r, g, True),
          lambda s, r, g, n: f_apollo_ref(s, 1, g, n)),
@@ -465,7 +476,8 @@ CATEGORIES = [  # (category, regex on the op name); the rest is elementwise/othe
     ("randn", r"aten::(normal_|randn|randperm)$"),
 ]
 BREAKDOWN = ["galore-torch GaLore", "memopt GaLore svd", "memopt GaLore rsvd",
-             "apollo-torch APOLLO", "memopt APOLLO"]
+             "memopt GaLore rsvd bf16-mm", "apollo-torch APOLLO", "memopt APOLLO",
+             "memopt APOLLO bf16-mm"]
 
 
 def _categorize(name: str) -> str:

@@ -157,3 +157,41 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
     }
     return 0;
 }
+
+// out = beta * out + alpha * float(u) for fp32 `out` and bf16 `u` (raw uint16 bits), one pass.
+// The low-rank optimizers' bf16 back-projection (matmul_dtype="bfloat16") produces the update
+// in bf16; torch's mixed-dtype add_ first converts the whole update to fp32 in a separate pass
+// and allocation, which on the CPU costs about as much as the add itself. A bf16 value is the
+// high half of an fp32, so the conversion is a 16-bit shift the compiler vectorizes.
+namespace {
+
+MEMOPT_CLONES
+void axpby_bf16_range(float* __restrict out, const uint16_t* __restrict u, int64_t lo,
+                      int64_t hi, float alpha, float beta) {
+    for (int64_t i = lo; i < hi; ++i) {
+        const uint32_t bits = static_cast<uint32_t>(u[i]) << 16;
+        float x;
+        __builtin_memcpy(&x, &bits, sizeof(x));
+        out[i] = beta * out[i] + alpha * x;
+    }
+}
+
+}  // namespace
+
+// Returns 0, or -1 on bad arguments.
+extern "C" MEMOPT_API int memopt_axpby_bf16(float* out, const uint16_t* u, int64_t n,
+                                            float alpha, float beta) {
+    if (n < 0 || (n > 0 && (out == nullptr || u == nullptr))) return -1;
+    const int64_t grain = int64_t(1) << 15;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(),
+                                                                       n / grain)));
+#endif
+    const int64_t chunks = (n + grain - 1) / grain;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        axpby_bf16_range(out, u, c * grain, std::min(n, (c + 1) * grain), alpha, beta);
+    }
+    return 0;
+}

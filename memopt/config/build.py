@@ -54,6 +54,8 @@ def optimizer_groups(model: nn.Module, oc: OptimizerConfig) -> list[dict[str, An
         low["scale"] = oc.scale
     if oc.proj is not None:
         low["proj"] = oc.proj
+    if oc.matmul_dtype != "auto":
+        low["matmul_dtype"] = oc.matmul_dtype
     return mo.param_groups(model, target=oc.target, weight_decay=oc.weight_decay, **low)
 
 

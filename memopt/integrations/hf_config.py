@@ -94,6 +94,8 @@ def _optimizer_options(config: Config) -> dict[str, Any]:
         for key in ("scale", "proj"):
             if getattr(o, key) is not None:
                 opts[key] = getattr(o, key)
+        if o.matmul_dtype != "auto":
+            opts["matmul_dtype"] = o.matmul_dtype
     if o.state_dtype != "auto":
         opts["optimizer_kwargs"] = {"state_dtype": o.state_dtype}
     return opts

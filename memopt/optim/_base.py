@@ -100,12 +100,15 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
             group["proj_type"],
             tuple(sorted(group.get("proj_options", {}).items())),
             group.get("state_dtype"),
+            group.get("matmul_dtype"),
         )
         proj = self._projectors.get(key)
         if proj is None:
             opts = dict(group.get("proj_options", {}))
             if moments.compute_fp32(group):
                 opts["basis_dtype"] = torch.float32
+            if group.get("matmul_dtype") is not None:
+                opts["matmul_dtype"] = group["matmul_dtype"]
             proj = make_projector(
                 group[self.proj_key],
                 rank=group.get("rank"),

@@ -10,12 +10,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from memopt.optim.projection import PROJ_TYPES, PROJECTORS
+from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector
 
 #: Keys torch.optim itself puts in groups, or that memopt's helpers add.
 BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 STATE_DTYPES = (None, "float32", "int8", "int4")
+MATMUL_DTYPES = (None, "bfloat16")
 
 
 def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) -> None:
@@ -82,6 +83,24 @@ def check_low_rank(
         raise ValueError(
             f"{owner}: moments must be one of {MOMENT_POLICIES}, got {group.get('moments')!r}"
         )
+    if group.get("matmul_dtype") not in MATMUL_DTYPES:
+        raise ValueError(
+            f"{owner}: matmul_dtype must be None (the gradient's dtype) or 'bfloat16', got "
+            f"{group.get('matmul_dtype')!r}"
+        )
+    if group.get("matmul_dtype") is not None and not _has_gemms(group[proj_key]):
+        raise ValueError(
+            f"{owner}: matmul_dtype={group['matmul_dtype']!r} sets the dtype of projection GEMMs, "
+            f"and {proj_key}={group[proj_key]!r} has none; use a dense projector (svd, rsvd, "
+            "subspace, gram, random, orthogonal) or drop matmul_dtype"
+        )
     scale = group.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or scale <= 0:
         raise ValueError(f"{owner}: scale must be a number > 0, got {scale!r}")
+
+
+def _has_gemms(proj_name: str) -> bool:
+    try:
+        return issubclass(PROJECTORS.get(proj_name), DenseProjector)
+    except ValueError:  # an optimizer's own mode (FRUGAL's "block"): no projection GEMMs
+        return False

@@ -44,6 +44,7 @@ APOLLO_DEFAULTS: dict[str, Any] = {
     "nl_gamma": 1.01,
     "moments": "keep",
     "stagger": False,
+    "matmul_dtype": None,
 }
 
 

@@ -57,6 +57,7 @@ FRUGAL_LOW_RANK: dict[str, Any] = {
     "moments": "reset",
     "stagger": False,
     "block_order": "descending",
+    "matmul_dtype": None,
 }
 
 RULES = ("sign_sgd", "sgd", "none")

@@ -45,6 +45,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "proj_options": {},
     "moments": "keep",
     "stagger": False,
+    "matmul_dtype": None,
 }
 
 

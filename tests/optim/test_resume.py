@@ -27,6 +27,14 @@ CASES = {
     ),
     "galore-gram": (GaLoreAdamW, {"rank": 3, "update_proj_gap": 3, "proj": "gram"}),
     "galore-full": (GaLoreAdamW, {"rank": 3, "update_proj_gap": 3, "proj_type": "full"}),
+    "galore-bf16-matmul": (
+        GaLoreAdamW,
+        {"rank": 3, "update_proj_gap": 3, "proj": "rsvd", "matmul_dtype": "bfloat16"},
+    ),
+    "apollo-bf16-matmul": (
+        ApolloAdamW,
+        {"rank": 3, "update_proj_gap": 3, "matmul_dtype": "bfloat16"},
+    ),
     "apollo": (ApolloAdamW, {"rank": 3, "update_proj_gap": 3}),
     "apollo-mini": (ApolloMini, {"rank": 1, "update_proj_gap": 3}),
     "frugal-svd": (FrugalAdamW, {"density": 0.25, "update_proj_gap": 3}),
