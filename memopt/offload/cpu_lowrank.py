@@ -7,10 +7,6 @@ column (``norms_dim=0``): what ``memopt.optim.kernels.adam_update`` computes in 
 torch passes, in one. It lives here, beside the AdamW step in the same library, because the
 native build and its loader are this package's; ``memopt.optim.kernels`` dispatches to it for
 contiguous fp32 CPU tensors when the library is present (``usable``).
-
-``axpby_bf16(out, u, alpha, beta)``: ``out = beta * out + alpha * u`` for an fp32 ``out`` and
-a bf16 ``u`` in one pass (torch converts ``u`` to fp32 in a pass of its own first); the
-back-projection of ``matmul_dtype="bfloat16"`` writes its update into the weights with it.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from torch import Tensor
 
 from memopt.offload.cpu_adam import _library
 
-__all__ = ["axpby_bf16", "lowrank_adam", "usable"]
+__all__ = ["lowrank_adam", "usable"]
 
 
 def usable(*ts: Tensor) -> bool:
@@ -68,26 +64,3 @@ def lowrank_adam(
     if rc != 0:
         raise RuntimeError(f"memopt_lowrank_adam failed (code {rc}) on {rows}x{cols}")
     return out, num, den
-
-
-def axpby_bf16(out: Tensor, u: Tensor, *, alpha: float, beta: float = 1.0) -> bool:
-    """``out = beta * out + alpha * u`` in place, natively; False (nothing done) when the
-    library is absent or the tensors are not contiguous CPU fp32 ``out`` / bf16 ``u`` of one
-    shape, so the caller falls back to torch."""
-    lib = _library()
-    if (
-        lib is None
-        or out.device.type != "cpu"
-        or u.device.type != "cpu"
-        or out.dtype != torch.float32
-        or u.dtype != torch.bfloat16
-        or out.shape != u.shape
-        or not (out.is_contiguous() and u.is_contiguous())
-    ):
-        return False
-    rc = lib.memopt_axpby_bf16(
-        out.data_ptr(), u.data_ptr(), out.numel(), ctypes.c_float(alpha), ctypes.c_float(beta)
-    )
-    if rc != 0:
-        raise RuntimeError(f"memopt_axpby_bf16 failed (code {rc}) on {tuple(out.shape)}")
-    return True

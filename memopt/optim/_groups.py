@@ -10,13 +10,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector
+from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector, lowp
 
 #: Keys torch.optim itself puts in groups, or that memopt's helpers add.
 BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 STATE_DTYPES = (None, "float32", "int8", "int4")
-MATMUL_DTYPES = (None, "bfloat16")
+MATMUL_DTYPES = (None, *lowp.MATMUL_DTYPES)
 
 
 def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) -> None:

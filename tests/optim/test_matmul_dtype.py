@@ -1,4 +1,9 @@
-"""``matmul_dtype="bfloat16"``: the projection GEMMs in bf16, everything else unchanged."""
+"""``matmul_dtype="bfloat16"``: the projection GEMMs in bf16 arithmetic, the rest unchanged.
+
+Two routes (``memopt.optim.projection.lowp``): on the CPU, fp32 GEMMs under oneDNN's bf16
+math mode ("fpmath"); elsewhere, GEMMs on bf16 copies ("cast"). Both are run here on the
+CPU: the cast route by turning the fpmath one off.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,21 @@ import warnings
 import pytest
 import torch
 
-from memopt.offload import cpu_lowrank
-from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW, kernels
-from memopt.optim.projection import dense
+from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW
+from memopt.optim.projection import lowp
 
 SHAPES = [(24, 40), (40, 24), (32, 32)]
+needs_fpmath = pytest.mark.skipif(not lowp.fpmath_available(), reason="torch without the knob")
+
+
+@pytest.fixture(params=["fpmath", "cast"])
+def route(request, monkeypatch) -> str:
+    if request.param == "fpmath" and not lowp.fpmath_available():
+        pytest.skip("this torch has no oneDNN fp32-precision knob")
+    if request.param == "cast":
+        monkeypatch.setattr(lowp, "fpmath_available", lambda: False)
+        monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: True)  # no warning here
+    return request.param
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -32,38 +47,94 @@ def _train(cls, group: dict, steps: int = 6, dtype=torch.float32, **ctor):
     return ps, opt
 
 
+def proj_ref(g, pp, qq, side):
+    if side == "right":
+        return g @ pp.T
+    if side == "left":
+        return pp.T @ g
+    return pp.T @ g @ qq.T
+
+
+def back_ref(d, pp, qq, side):
+    if qq is not None:
+        return pp @ d @ qq
+    return d @ pp if side == "right" else pp @ d
+
+
+def test_routes() -> None:
+    x = torch.zeros(2, 2)
+    assert lowp.route(x, None) is None
+    assert lowp.route(x.bfloat16(), "bfloat16") is None  # already bf16 GEMMs
+    assert lowp.route(x.half(), "bfloat16") is None  # would lose mantissa bits
+    want = "fpmath" if lowp.fpmath_available() else "cast"
+    assert lowp.route(x, "bfloat16") == want
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
-def test_galore_projection_and_update_are_the_bf16_gemms(proj_type: str) -> None:
-    """The projected gradient and the write into W are exactly the bf16 GEMMs, in fp32."""
+def test_projection_and_update_arithmetic(proj_type: str, route: str) -> None:
+    """On the cast route the projected gradient and the write into W are exactly the bf16
+    GEMMs, in fp32; on the fpmath route they are fp32 GEMMs within bf16 rounding."""
     ps, opt = _train(GaLoreAdamW, {"rank": 4, "update_proj_gap": 50, "proj_type": proj_type,
                                    "matmul_dtype": "bfloat16"}, steps=1)
-    group = opt.param_groups[0]
-    proj = opt.projector(group)
+    proj = opt.projector(opt.param_groups[0])
     for p in ps:
         state = opt.state[p]
         P, Q = proj.basis(state)
         assert P.dtype == torch.float32  # the stored basis keeps its dtype
         grad = torch.randn(p.shape)
-        low = proj.project(state, grad)
-        b, pb = grad.bfloat16(), P.bfloat16()
         side = proj.side(tuple(p.shape))
-        if side == "right":
-            want = b @ pb.T
-        elif side == "left":
-            want = pb.T @ b
-        else:
-            want = pb.T @ b @ Q.bfloat16().T
-        assert low.dtype == torch.float32
-        torch.testing.assert_close(low, want.float(), rtol=0, atol=0)
-
+        low = proj.project(state, grad)
         direction = torch.randn_like(low)
         w = p.detach().clone()
         before = w.clone()
         proj.apply_update(state, direction, w, alpha=-0.5, beta=0.9)
-        back = proj.project_back(state, direction)
-        assert back.dtype == torch.bfloat16
-        # one rounding (native fused kernel) or two (torch): equal to fp32 rounding
-        torch.testing.assert_close(w, before * 0.9 - 0.5 * back.float(), rtol=1e-6, atol=1e-6)
+        assert low.dtype == w.dtype == torch.float32
+
+        if route == "cast":
+            bf = torch.bfloat16
+            qb = None if Q is None else Q.to(bf)
+            assert torch.equal(low, proj_ref(grad.to(bf), P.to(bf), qb, side).float())
+            back = back_ref(direction.to(bf), P.to(bf), qb, side)
+            assert torch.equal(proj.project_back(state, direction), back)
+            torch.testing.assert_close(w, before * 0.9 - 0.5 * back.float())
+        else:
+            exact = proj_ref(grad.double(), P.double(), None if Q is None else Q.double(), side)
+            assert ((low.double() - exact).norm() / exact.norm()) < 2**-8
+            upd = back_ref(direction.double(), P.double(), None if Q is None else Q.double(), side)
+            err = (w.double() - (before.double() * 0.9 - 0.5 * upd)).norm()
+            assert err / (0.5 * upd.norm()) < 2**-8
+
+
+@needs_fpmath
+def test_fpmath_knob_is_set_only_around_the_gemms(monkeypatch) -> None:
+    """The oneDNN knob reads "bf16" inside memopt's GEMMs and is restored after (also when
+    a GEMM raises); the user's own matmuls are untouched."""
+    knob = torch.backends.mkldnn.matmul
+    seen: list[str] = []
+    real_project = lowp.cpu_bf16_fpmath
+
+    def spy():
+        cm = real_project()
+
+        class Wrap:
+            def __enter__(self):
+                cm.__enter__()
+                seen.append(knob.fp32_precision)
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrap()
+
+    monkeypatch.setattr(lowp, "cpu_bf16_fpmath", spy)
+    before = knob.fp32_precision
+    _train(GaLoreAdamW, {"rank": 4, "update_proj_gap": 3, "matmul_dtype": "bfloat16"}, steps=2)
+    assert seen and set(seen) == {"bf16"}
+    assert knob.fp32_precision == before
+    monkeypatch.setattr(lowp, "cpu_bf16_fpmath", real_project)
+    with pytest.raises(RuntimeError), lowp.cpu_bf16_fpmath():
+        torch.ones(2, 3) @ torch.ones(2, 3)  # shape error inside
+    assert knob.fp32_precision == before
 
 
 @pytest.mark.parametrize(
@@ -79,9 +150,9 @@ def test_galore_projection_and_update_are_the_bf16_gemms(proj_type: str) -> None
     ],
     ids=["galore-rsvd", "galore-subspace", "apollo", "natural-galore", "frugal-svd"],
 )
-def test_bf16_matmuls_track_fp32(cls, group: dict, bound: float) -> None:
-    """Across refreshes, the weights stay within bf16 rounding of the fp32-matmul run
-    (relative to how far they moved), and differ from it (the option is applied)."""
+def test_bf16_matmuls_track_fp32(cls, group: dict, bound: float, route: str) -> None:
+    """Across refreshes, the weights stay within bf16 rounding of the fp32-matmul run,
+    relative to how far they moved."""
     ref, _ = _train(cls, group)
     got, _ = _train(cls, {**group, "matmul_dtype": "bfloat16"})
     start = _params()
@@ -89,7 +160,9 @@ def test_bf16_matmuls_track_fp32(cls, group: dict, bound: float) -> None:
         moved = (a - s).norm()
         assert moved > 0
         err = ((b - a).norm() / moved).item()
-        assert 0 < err < bound, err
+        assert err < bound, err
+        if route == "cast":
+            assert err > 0  # the option really changed the arithmetic
 
 
 def test_bf16_parameters_are_unaffected() -> None:
@@ -113,8 +186,9 @@ def test_bad_values_are_errors() -> None:
                       "matmul_dtype": "bfloat16"}])
 
 
-def test_warns_where_the_cpu_has_no_bf16_dot_products(monkeypatch) -> None:
-    monkeypatch.setattr(dense, "cpu_has_bf16_gemm", lambda: False)
+def test_cast_route_warns_where_the_cpu_has_no_bf16_dot_products(monkeypatch) -> None:
+    monkeypatch.setattr(lowp, "fpmath_available", lambda: False)
+    monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: False)
     monkeypatch.setattr("memopt._utils.logging._SEEN", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -134,27 +208,3 @@ def test_config_key_reaches_the_groups() -> None:
     opt = build_optimizer(model, cfg.optimizer)
     low = [g for g in opt.param_groups if g.get("rank")]
     assert low and all(g["matmul_dtype"] == "bfloat16" for g in low)
-
-
-@pytest.mark.parametrize("n", [0, 7, 1 << 17])
-def test_add_lowp_matches_torch(n: int, monkeypatch) -> None:
-    """The native one-pass bf16 -> fp32 axpby equals torch's mixed-dtype add (to fp32
-    rounding), with MEMOPT_KERNELS=torch as the reference and strided tensors falling back."""
-    g = torch.Generator().manual_seed(n)
-    out = torch.randn(n, generator=g)
-    upd = torch.randn(n, generator=g).bfloat16()
-    want = out * 0.75 + (-0.3) * upd.float()
-    got = out.clone()
-    kernels.add_lowp_(got, upd, alpha=-0.3, beta=0.75)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    if n and cpu_lowrank.usable(out):  # the native path really ran (not the fallback)
-        assert cpu_lowrank.axpby_bf16(out.clone(), upd, alpha=1.0)
-    strided = torch.randn(2 * n + 2, generator=g)[::2][:n] if n else out.clone()
-    assert not n or not cpu_lowrank.axpby_bf16(strided, upd, alpha=1.0)
-    ref = strided.clone()
-    kernels.add_lowp_(strided, upd, alpha=2.0)
-    torch.testing.assert_close(strided, ref + 2.0 * upd.float(), rtol=1e-6, atol=1e-6)
-    monkeypatch.setenv("MEMOPT_KERNELS", "torch")
-    forced = out.clone()
-    kernels.add_lowp_(forced, upd, alpha=-0.3, beta=0.75)
-    torch.testing.assert_close(forced, want, rtol=1e-6, atol=1e-6)

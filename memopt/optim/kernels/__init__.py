@@ -174,16 +174,3 @@ def scaled_update_(
         F_MODE=mode,
         BLOCK=BLOCK,
     )
-
-
-def add_lowp_(out: Tensor, upd: Tensor, *, alpha: float, beta: float = 1.0) -> None:
-    """``out = beta * out + alpha * upd`` in place, for an update in a lower precision than
-    ``out`` (bf16 into fp32 weights: the back-projection of ``matmul_dtype="bfloat16"``).
-
-    On the CPU the native kernel does it in one pass; torch's mixed-dtype ``add_`` would first
-    convert the whole update to fp32 in a pass and an allocation of its own."""
-    if _env_mode() == "auto" and cpu_lowrank.axpby_bf16(out, upd, alpha=alpha, beta=beta):
-        return
-    if beta != 1.0:
-        out.mul_(beta)
-    out.add_(upd, alpha=alpha)

@@ -9,24 +9,18 @@ Projection and back-projection are single matmuls; ``apply_update`` fuses the
 back-projection, the scale, the weight decay and the write into the parameter in one
 ``addmm_``, so no full-size update tensor is allocated.
 
-``matmul_dtype="bfloat16"`` runs the projection GEMMs (and the back-projection) on bf16
-copies of the gradient, the basis and the low-rank direction, with fp32 accumulation inside
-the GEMM; the projected gradient comes back in the gradient's dtype, and the update is added
-to the parameter in its own dtype. Moments and the basis stay as they are. On hardware with
-native bf16 dot products (CPUs with AVX512-BF16 or AMX, GPU tensor cores) these GEMMs run
-about 3x faster than in fp32; the price is bf16 rounding (relative 2^-9) of the projected
-gradient and of the update, see docs/optim.md.
+``matmul_dtype="bfloat16"`` lets the projection GEMMs use bf16 arithmetic (``lowp``: oneDNN's
+bf16 math mode on the CPU, bf16 copies elsewhere); moments and the basis are unchanged.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from memopt._utils import warn_once
+from memopt.optim.projection import lowp
 from memopt.optim.projection.base import Projector, checked_float
 from memopt.optim.projection.linalg import gram_eigh, randomized_svd, thin_svd
 
@@ -40,46 +34,30 @@ class DenseProjector(Projector):
     def state_keys(self) -> tuple[str, ...]:
         return ("proj_P", "proj_Q")
 
-    def matmul_dtype(self, x: Tensor) -> torch.dtype | None:
-        """The dtype the GEMMs run in for operand ``x``, when it is not ``x``'s own."""
-        name = self.options.get("matmul_dtype")
-        if name is None:
-            return None
-        dtype = MATMUL_DTYPES[name]
-        if x.dtype == dtype:
-            return None
-        if x.device.type == "cpu" and not cpu_has_bf16_gemm():
-            warn_once(
-                "matmul_dtype='bfloat16': this CPU has no native bf16 dot products (AVX512-BF16 "
-                "or AMX), so bf16 GEMMs are emulated and slower than fp32; drop the option here"
-            )
-        return dtype
+    def _route(self, x: Tensor) -> lowp.Route:
+        return lowp.route(x, self.options.get("matmul_dtype"))
 
     def project(self, state: dict[str, Any], grad: Tensor) -> Tensor:
         p, q = self.basis(state)
         side = self.side(_mat_shape(grad))
-        md = self.matmul_dtype(grad)
-        out_dtype = grad.dtype
-        if md is not None:
-            grad, p, q = grad.to(md), p.to(md), None if q is None else q.to(md)
-        if side == "right":
-            low = grad @ p.T
-        elif side == "left":
-            low = p.T @ grad
-        else:
-            assert q is not None
-            low = p.T @ grad @ q.T
-        return low if md is None else low.to(out_dtype)
+        r = self._route(grad)
+        if r == "cast":
+            bf16 = torch.bfloat16
+            low = _project(grad.to(bf16), p.to(bf16), None if q is None else q.to(bf16), side)
+            return low.to(grad.dtype)
+        with lowp.gemm_context(r):
+            return _project(grad, p, q, side)
 
     def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
-        """The full-size update; in ``matmul_dtype`` when that option is set."""
+        """The full-size update (in bf16 on the ``cast`` route of ``matmul_dtype``)."""
         p, q = self.basis(state)
-        md = self.matmul_dtype(low)
-        if md is not None:
-            low, p, q = low.to(md), p.to(md), None if q is None else q.to(md)
-        if q is not None:
-            return p @ low @ q
-        return low @ p if self._right(state) else p @ low
+        r = self._route(low)
+        if r == "cast":
+            low, p, q = low.bfloat16(), p.bfloat16(), None if q is None else q.bfloat16()
+        with lowp.gemm_context(r):
+            if q is not None:
+                return p @ low @ q
+            return low @ p if self._right(state) else p @ low
 
     def _right(self, state: dict[str, Any]) -> bool:
         return bool(state.get("proj_right", True))
@@ -88,20 +66,17 @@ class DenseProjector(Projector):
         self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
     ) -> None:
         p, q = self.basis(state)
-        if self.matmul_dtype(out) is not None:  # a low-precision update, added at out's dtype
-            from memopt.optim import kernels  # (kernels imports the optimizers' helpers)
-
-            kernels.add_lowp_(out, self.project_back(state, low), alpha=alpha, beta=beta)
-            return
-        if low.dtype != out.dtype or p.dtype != out.dtype:
+        r = self._route(out)
+        if r == "cast" or low.dtype != out.dtype or p.dtype != out.dtype:
             super().apply_update(state, low, out, alpha=alpha, beta=beta)
             return
-        if q is not None:
-            out.addmm_(p, low @ q, beta=beta, alpha=alpha)
-        elif self._right(state):
-            out.addmm_(low, p, beta=beta, alpha=alpha)
-        else:
-            out.addmm_(p, low, beta=beta, alpha=alpha)
+        with lowp.gemm_context(r):
+            if q is not None:
+                out.addmm_(p, low @ q, beta=beta, alpha=alpha)
+            elif self._right(state):
+                out.addmm_(low, p, beta=beta, alpha=alpha)
+            else:
+                out.addmm_(p, low, beta=beta, alpha=alpha)
 
     def change_of_basis(self, old: dict[str, Any], new: dict[str, Any]) -> list[Tensor]:
         """Right: low_new = low_old @ C with C = P_old P_new^T; left: C^T @ low_old."""
@@ -128,15 +103,13 @@ class DenseProjector(Projector):
             state["proj_P"], state["proj_Q"] = u.to(dtype, copy=True), vh.to(dtype, copy=True)
 
 
-MATMUL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
-
-
-@functools.cache
-def cpu_has_bf16_gemm() -> bool:
-    """Whether this CPU has native bf16 dot products (AVX512-BF16 or AMX tiles)."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+def _project(grad: Tensor, p: Tensor, q: Tensor | None, side: str) -> Tensor:
+    if side == "right":
+        return grad @ p.T
+    if side == "left":
+        return p.T @ grad
+    assert q is not None
+    return p.T @ grad @ q.T
 
 
 def _mat_shape(g: Tensor) -> tuple[int, int]:
