@@ -12,9 +12,11 @@ reported held-out loss never takes part in the choice.
 ``AdamW8bit`` with AdamW's learning rate, betas, eps and weight decay (0): the peer for
 memopt's ``AdamW(state_dtype="int8")``.
 
-bf16-matmul variants (``*_bf16mm``): the projection GEMMs in bf16 (``matmul_dtype=
-"bfloat16"``), everything else as their fp32 counterpart, at its chosen learning rate.
-The bar is tighter than for 8-bit state: within 1% of the counterpart's held-out loss.
+bf16-matmul variants: the projection GEMMs with ``matmul_dtype="bfloat16"``, everything else
+as their fp32 counterpart, at its chosen learning rate. ``*_bf16mm`` take the route the
+machine gives (on a CPU with torch >= 2.9, oneDNN's bf16 math mode); ``*_bf16cast`` force
+GEMMs on bf16 copies (``MEMOPT_MATMUL_ROUTE=cast``, a GPU's rounding). The bar is tighter
+than for 8-bit state: within 1% of the counterpart's held-out loss.
 
 Option overrides (``--set NAME:KEY=V[,V...]``): extra values of an optimizer's options
 (``examples.tinyllama.default_config``) to run besides its learning rates; every
@@ -51,12 +53,14 @@ EIGHT_BIT_LABELS = {
 }
 # name -> fp32-matmul counterpart (same options, same learning rate)
 BF16_MM: dict[str, str] = {
-    "galore_bf16mm": "galore",
-    "apollo_bf16mm": "apollo",
-    "natural_galore_bf16mm": "natural_galore",
-    "frugal_bf16mm": "frugal",
+    f"{base}_{kind}": base
+    for base in ("galore", "apollo", "natural_galore", "frugal")
+    for kind in ("bf16mm", "bf16cast")
 }
-BF16_MM_LABELS = {name: f"{LABELS[base]} bf16 matmul" for name, base in BF16_MM.items()}
+BF16_MM_LABELS = {
+    name: f"{LABELS[base]} bf16 matmul" + (" (bf16 copies)" if name.endswith("cast") else "")
+    for name, base in BF16_MM.items()
+}
 COUNTERPART = {**EIGHT_BIT, **BF16_MM}
 _MIB = 1024 * 1024
 ALL_NAMES = (*OPTIMIZERS, *EIGHT_BIT, *BF16_MM)
@@ -99,6 +103,7 @@ def validation_split(max_bytes: int = 400_000, heldout_every: int = 10,
 def build_optimizer(name: str, model: nn.Module, lr: float, **kw: Any) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a 32-bit one of ``OPTIMIZERS`` or an 8-bit variant); ``kw``
     overrides ``examples.tinyllama.default_config`` (``--set``)."""
+    os.environ.pop("MEMOPT_MATMUL_ROUTE", None)  # (set by a bf16-copies variant before)
     if name in OPTIMIZERS:
         return make_optimizer(name, model, lr=lr, **kw)
     if kw and name in ("bnb_adamw8bit", "adamw_int8"):
@@ -116,6 +121,10 @@ def build_optimizer(name: str, model: nn.Module, lr: float, **kw: Any) -> torch.
     if name in EIGHT_BIT:
         return make_optimizer(EIGHT_BIT[name], model, lr=lr, state_dtype="int8", **kw)
     if name in BF16_MM:
+        if name.endswith("_bf16cast"):
+            os.environ["MEMOPT_MATMUL_ROUTE"] = "cast"  # read at every step; reset below
+        else:
+            os.environ.pop("MEMOPT_MATMUL_ROUTE", None)
         return make_optimizer(BF16_MM[name], model, lr=lr, matmul_dtype="bfloat16", **kw)
     raise ValueError(f"optimizer must be one of {ALL_NAMES}, got {name!r}")
 
@@ -131,6 +140,7 @@ def config_of(name: str, hidden: int, lr: float,
         cfg["state_dtype"] = "int8"
     elif name in BF16_MM:
         cfg["matmul_dtype"] = "bfloat16"
+        cfg["matmul_route"] = "cast" if name.endswith("_bf16cast") else "auto"
     return cfg
 
 

@@ -70,6 +70,15 @@ def test_routes() -> None:
     assert lowp.route(x, "bfloat16") == want
 
 
+def test_route_can_be_forced_to_cast(monkeypatch) -> None:
+    monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: True)
+    monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "cast")
+    assert lowp.route(torch.zeros(2, 2), "bfloat16") == "cast"
+    monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "fast")
+    with pytest.raises(ValueError, match="MEMOPT_MATMUL_ROUTE must be 'auto' or 'cast'"):
+        lowp.route(torch.zeros(2, 2), "bfloat16")
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
 def test_projection_and_update_arithmetic(proj_type: str, route: str) -> None:
     """On the cast route the projected gradient and the write into W are exactly the bf16

@@ -16,13 +16,15 @@ Two routes, picked per operand (``route``):
   parameter in its own dtype. Relative rounding 2^-9 of the projected gradient and update.
 
 Only fp32 operands are affected: bf16 parameters already run bf16 GEMMs, and fp16 ones
-would lose mantissa bits.
+would lose mantissa bits. ``MEMOPT_MATMUL_ROUTE=cast`` forces the cast route on the CPU too
+(to reproduce a GPU run's rounding on a CPU, or to measure it: benchmarks/convergence.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -33,6 +35,7 @@ from memopt._utils import warn_once
 
 MATMUL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
 Route = Literal["fpmath", "cast"] | None
+ENV_ROUTE = "MEMOPT_MATMUL_ROUTE"
 
 
 @functools.cache
@@ -55,7 +58,10 @@ def route(x: Tensor, matmul_dtype: str | None) -> Route:
     if matmul_dtype is None or x.dtype != torch.float32:
         return None
     if x.device.type == "cpu":
-        if fpmath_available():
+        forced = os.environ.get(ENV_ROUTE, "auto")
+        if forced not in ("auto", "cast"):
+            raise ValueError(f"{ENV_ROUTE} must be 'auto' or 'cast', got {forced!r}")
+        if forced == "auto" and fpmath_available():
             return "fpmath"
         if not cpu_has_bf16_gemm():
             warn_once(
