@@ -31,7 +31,9 @@ the higher of its two adjacent fio figures (conservative; the mean is printed to
 median of these per-save ratios is reported, while training and with the loop idle
 (``--idle-saves`` saves). ``--ab-follow`` adds a second memopt method whose writer starts as
 soon as the first chunk is staged and follows the copy (the previous design), interleaved
-like the others, for an A/B in one run. torch.save and DCP get bytes / durable.
+like the others, for an A/B in one run; ``--ab-nice N`` likewise adds one with
+``background_nice=N`` (niced copier and writer threads, one-thread CPU copies). torch.save and
+DCP get bytes / durable.
 Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
 (target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
 blocking time and the save throughput.
@@ -103,13 +105,16 @@ class Memopt(Method):
     name = "memopt AsyncCheckpointer"
 
     def __init__(
-        self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool
+        self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool,
+        nice: int = 0,
     ) -> None:
         super().__init__()
-        self.ckpt = AsyncCheckpointer(d, keep=2)
+        self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice)
         if follow:  # the A/B variant: the writer overlaps the copy (the previous design)
             self.ckpt._pipeline.follow_copy = True
             self.name = "memopt, writer following the copy"
+        if nice:
+            self.name = f"memopt, background_nice={nice}"
         self.phases: list[tuple[float, float]] = []  # (copy to host done, then write) seconds
         self.model, self.opt = model, opt
         self.train_adj, self.idle_adj = Adjacent(**fio), Adjacent(**fio)
@@ -271,6 +276,8 @@ def main() -> None:
     ap.add_argument("--idle-saves", type=int, default=3, help="memopt saves with the loop idle")
     ap.add_argument("--ab-follow", action="store_true",
                     help="also run memopt with the writer following the copy (A/B)")  # fmt: skip
+    ap.add_argument("--ab-nice", type=int, default=0, metavar="N",
+                    help="also run memopt with CheckpointConfig(background_nice=N), interleaved")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
@@ -304,6 +311,8 @@ def main() -> None:
     mems = [Memopt(root / "memopt", model, opt, fio, False)]
     if args.ab_follow:
         mems.append(Memopt(root / "memopt_follow", model, opt, fio, True))
+    if args.ab_nice:
+        mems.append(Memopt(root / "memopt_nice", model, opt, fio, False, nice=args.ab_nice))
     methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
     idle = idle_durable(methods[1:], 10**6, args.idle_saves)
@@ -368,6 +377,10 @@ def report(results: dict[str, dict], mem: str, base: float, args: argparse.Names
     for key in ("stall_s", "blocking_s"):
         print(f"memopt {key} / DCP async_save:  {ratio(key, d, 'target <= 0.1')}")
         print(f"memopt {key} / torch.save:      {ratio(key, t, 'target <= 0.02')}")
+    for name, row in results.items():  # the A/B variants against the same peers
+        if name != mem and name.startswith("memopt,") and d["stall_s"] > 0 and t["stall_s"] > 0:
+            print(f"{name}: stall_s / DCP {row['stall_s'] / d['stall_s']:.3f}, / torch.save "
+                  f"{row['stall_s'] / t['stall_s']:.3f}")
     for name, row in results.items():
         if "training_writer/fio_max" not in row:
             continue

@@ -99,7 +99,10 @@ class AsyncCheckpointer:
         self._seq = 0
         self._hooks: dict[int, Any] = {}
         self._error: BaseException | None = None
-        self._pipeline = Pipeline(self.arena, self._write, self._publish, self._slots.release)
+        self._pipeline = Pipeline(
+            self.arena, self._write, self._publish, self._slots.release,
+            nice=self.config.background_nice,
+        )  # fmt: skip
         self._closed = False
 
     def _check_directory(self) -> None:

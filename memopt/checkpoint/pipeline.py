@@ -19,12 +19,16 @@ and 0.9 s under the writes. By time to durable the A/B there was mixed (overlap 
 the loop idle, either one ahead while training). ``follow_copy=True`` restores the overlap:
 the writer starts once the first chunk is staged and waits before each chunk until the
 copier has staged that prefix (``wait_copied``, per tensor on CPU).
+``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority, and CPU
+tensors are then copied by the copier thread alone (``_copy_one_thread``) rather than by an
+OpenMP team on every core, so a CPU training loop keeps its cores.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -32,8 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from memopt._utils import warn_once
 from memopt.checkpoint.capture import Entry
 from memopt.checkpoint.fileformat import FilePlan
 from memopt.checkpoint.stats import SaveRecord
@@ -89,18 +95,31 @@ class Pipeline:
         write_fn: Callable[[Job], None],
         publish_fn: Callable[[Job], None],
         on_done: Callable[[], None],
+        *,
+        nice: int = 0,
     ) -> None:
         self.arena, self._write, self._publish = arena, write_fn, publish_fn
+        self.nice = nice
         self._on_done = on_done
         self._copy_q: queue.Queue[Job | None] = queue.Queue()
         self._write_q: queue.Queue[Job | None] = queue.Queue()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._threads = [
-            threading.Thread(target=self._copier, name="memopt-ckpt-copy", daemon=True),
-            threading.Thread(target=self._writer, name="memopt-ckpt-write", daemon=True),
-        ]
+            threading.Thread(target=self._niced(self._copier), name="memopt-ckpt-copy",
+                             daemon=True),
+            threading.Thread(target=self._niced(self._writer), name="memopt-ckpt-write",
+                             daemon=True),
+        ]  # fmt: skip
         for t in self._threads:
             t.start()
+
+    def _niced(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            if self.nice:
+                lower_priority(self.nice)
+            body()
+
+        return run
 
     def submit(self, job: Job) -> None:
         self._copy_q.put(job)
@@ -139,7 +158,8 @@ class Pipeline:
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
         for e, (src, dst) in zip(job.entries, slots, strict=True):
             if src.device.type != "cuda":
-                dst.copy_(src)
+                if not (self.nice and _copy_one_thread(dst, src)):
+                    dst.copy_(src)
                 if not on_device:  # a staged prefix: the writer may write up to here
                     job.advance(job.plan.offsets[e.name] + dst.numel() * dst.element_size())
         if on_device:
@@ -189,3 +209,23 @@ class Pipeline:
         self._copy_q.put(None)
         for t in self._threads:
             t.join()
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness to ``nice`` (Linux schedules threads one by one)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except (AttributeError, OSError) as e:  # not Linux, or not permitted
+        warn_once(f"CheckpointConfig.background_nice: cannot lower this thread's priority ({e})")
+
+
+def _copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Copy a contiguous CPU tensor on this thread alone (numpy's copy: no OpenMP team, the
+    GIL released); False when the layout needs torch's copy."""
+    if not (src.is_contiguous() and dst.is_contiguous() and src.dtype == dst.dtype):
+        return False
+    if src.numel() == 0:
+        return True
+    np.copyto(dst.view(-1).view(torch.uint8).numpy(), src.view(-1).view(torch.uint8).numpy())
+    return True

@@ -167,3 +167,39 @@ def test_config_is_validated(tmp_path) -> None:
         CheckpointConfig(alignment=3000)
     with pytest.raises(ValueError, match="checksum"):
         CheckpointConfig(checksum="md5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"background_nice must be an int in \[0, 19\], got 20"):
+        CheckpointConfig(background_nice=20)
+
+
+def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeypatch) -> None:
+    """With background_nice the copier and writer run niced (the training thread does not),
+    CPU tensors go through the one-thread copy, and the snapshot loads bit for bit."""
+    import os
+    import threading
+
+    used: list[int] = []
+    orig = pipeline._copy_one_thread
+
+    def spy(dst: torch.Tensor, src: torch.Tensor) -> bool:
+        ok = orig(dst, src)
+        used.append(int(ok))
+        return ok
+
+    monkeypatch.setattr(pipeline, "_copy_one_thread", spy)
+    model, opt, sched = T.make_all("adamw", 0)
+    T.train(model, opt, sched, 0, 2)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with AsyncCheckpointer(tmp_path, keep=2, background_nice=7) as ckpt:
+        ckpt.save(2, model=model, optimizer=opt, scheduler=sched)
+        ckpt.wait()
+        nices = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
+                 for t in threading.enumerate() if t.name.startswith("memopt-ckpt-")}
+        assert nices == {"memopt-ckpt-copy": max(7, mine), "memopt-ckpt-write": max(7, mine)}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+        assert used and all(used)
+        fresh, fresh_opt, fresh_sched = T.make_all("adamw", 0)
+        ckpt.load(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"],
+                       fresh_opt.state_dict()["state"][0]["exp_avg"])
