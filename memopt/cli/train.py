@@ -7,12 +7,13 @@
    this rank's batch stream (``memopt.config.workload``);
 3. ``memopt.setup`` (activations, optimizer, sharding/offload, scheduler, checkpointer,
    resume); a resumed run says so, naming the snapshot step, before the first step;
-4. per step: ``grad_accum`` micro-batches of forward/backward, clip, ``optimizer.step()``,
-   ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints one log line: loss (this
-   step's, mean over ranks), tokens/s (all ranks, over the steps since the last line), LR,
-   and memory per tier (``memopt.cli._meter``); a tqdm progress bar runs on stderr; every
-   ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous: the copy overlaps the
-   next step) and the end of the run takes a last one.
+4. per step: ``grad_accum`` micro-batches of forward/backward (all but the last inside
+   ``accumulation_context``: the sharded optimizer's or DDP's ``no_sync``), clip,
+   ``optimizer.step()``, ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints
+   one log line: loss (this step's, mean over ranks), tokens/s (all ranks, over the steps
+   since the last line), LR, and memory per tier (``memopt.cli._meter``); a tqdm progress
+   bar runs on stderr; every ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous:
+   the copy overlaps the next step) and the end of the run takes a last one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -42,14 +44,38 @@ def _init_distributed() -> None:
         dist.init_process_group(backend)
 
 
+def accumulation_context(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                         sync: bool) -> AbstractContextManager[Any]:
+    """The context for one micro-batch's forward and backward under gradient accumulation.
+
+    ``sync=True`` (the last micro-batch of a step) gives a null context: that backward
+    synchronizes the accumulated gradients. ``sync=False`` gives ``optimizer.no_sync()`` for
+    memopt's sharded optimizers (stage 1: a no-op, since it reduces at ``step()``; stage 2:
+    gradients stay in ``param.grad`` instead of being reduced and freed; stage 3: FSDP2's
+    ``set_requires_gradient_sync(False)``), ``model.no_sync()`` for a
+    ``DistributedDataParallel`` model (stage 0 on 2+ ranks), and a null context otherwise
+    (one process without sharding). ``model``/``optimizer``: ``Setup.model`` and
+    ``Setup.optimizer``.
+    """
+    if sync:
+        return nullcontext()
+    no_sync = getattr(optimizer, "no_sync", None)
+    if callable(no_sync):
+        return no_sync()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return nullcontext()
+
+
 def _train_step(s: Setup, data: Any) -> float:
     """One optimizer step; returns the mean micro-batch loss of this rank."""
     cfg = s.config
-    total = 0.0
-    for _ in range(cfg.train.grad_accum):
+    n, total = cfg.train.grad_accum, 0.0
+    for micro in range(n):
         x = next(data).to(s.device)
-        loss = s.model(input_ids=x, labels=x).loss
-        (loss / cfg.train.grad_accum).backward()
+        with accumulation_context(s.model, s.optimizer, sync=micro == n - 1):
+            loss = s.model(input_ids=x, labels=x).loss
+            (loss / n).backward()
         total += float(loss.detach())
     clip = cfg.optimizer.max_grad_norm
     if clip is not None and s.in_backward is None:
@@ -60,7 +86,7 @@ def _train_step(s: Setup, data: Any) -> float:
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return total / cfg.train.grad_accum
+    return total / n
 
 
 def _mean_over_ranks(value: float, s: Setup) -> float:
