@@ -84,7 +84,8 @@ class ShardingConfig:
         "none", "stage 3: 'cpu' keeps parameter shards, gradients and optimizer state on the "
         "CPU; 'nvme' keeps parameter shards in a file under nvme_path, read ahead of use")
     hybrid_update: bool = opt(False, "offload: update each group on the CPU or the device, by "
-                              "measured rates (Deep Optimizer States)")
+                              "measured rates (Deep Optimizer States); AdamW only: with a "
+                              "low-rank optimizer it is an error")
 
     def __post_init__(self) -> None:
         check_fields(self, "sharding")

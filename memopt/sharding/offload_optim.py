@@ -96,7 +96,19 @@ def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
 def state_inner(
     inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
 ) -> StateOffloadedOptimizer:
-    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier."""
+    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier.
+
+    ``OffloadConfig(hybrid=True)`` is a ``ValueError`` here: the hybrid CPU/device split is
+    a schedule of ``OffloadedAdamW``'s pipeline groups, which this path does not run.
+    """
+    if config.hybrid:
+        raise ValueError(
+            f"memopt.shard(offload=...): OffloadConfig(hybrid=True) (config key "
+            f"sharding.hybrid_update) applies to the AdamW offload pipeline only; "
+            f"{type(inner).__name__} is a low-rank optimizer whose state is streamed per "
+            f"parameter and stepped where its parameters live. Set hybrid=False "
+            f"(sharding.hybrid_update: false), or use optimizer AdamW"
+        )
     opt = StateOffloadedOptimizer(
         inner, config.make_tier(rank), min_bytes=config.min_state_bytes
     )

@@ -99,6 +99,18 @@ def test_unsupported_combinations_raise_before_anything() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_hybrid_with_low_rank_optimizer_raises() -> None:
+    """``hybrid`` schedules the AdamW pipeline; with a low-rank optimizer it is an error that
+    names the optimizer and the fix, never a silent no-op."""
+    model = T.make_model()
+    opt = T.make_optimizer("galore", model)
+    with pytest.raises(ValueError, match=rf"hybrid=True.*{type(opt).__name__}.*hybrid=False"):
+        memopt.shard(model, opt, stage=2, offload=OffloadConfig("cpu", hybrid=True))
+    with pytest.raises(ValueError, match="hybrid_update: false"):
+        memopt.shard(model, T.make_optimizer("apollo", model), stage=1,
+                     offload=OffloadConfig("cpu", hybrid=True))  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["galore", "apollo", "frugal"])
 def test_low_rank_state_offload_world1(tmp_path: Path, name: str) -> None:
     model = T.make_model()
