@@ -2,17 +2,33 @@
 
 - ``zero_optimization``: through ``memopt.sharding.deepspeed_config.read_deepspeed`` (the
   same mapping ``memopt.shard(deepspeed_config=...)`` uses: stage, bucket size in bytes,
-  ``offload_optimizer`` cpu/nvme with its ``nvme_path``, ``offload_param`` cpu; unknown keys
-  raise, keys without effect warn). Stage 0 is plain data parallelism (``sharding.stage: 0``).
+  ``offload_optimizer`` cpu/nvme and ``offload_param`` cpu/nvme, with their ``nvme_path``
+  (one directory for both); unknown keys raise, keys without effect warn). Stage 0 is plain
+  data parallelism (``sharding.stage: 0``).
 - ``optimizer``: ``type`` Adam/AdamW (any case) -> ``optimizer.name: adamw`` with ``lr``,
   ``betas``, ``eps``, ``weight_decay`` from ``params``; any other type raises ``ValueError``
   (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section).
-- ``scheduler``: ``WarmupLR``/``WarmupDecayLR``/``WarmupCosineLR`` -> ``warmup_steps`` from
-  ``warmup_num_steps`` (cosine decay after it).
-- ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights; ``fp16.enabled`` raises
-  (memopt has no loss scaler: use bf16).
+- ``scheduler`` (``warmup_num_steps`` -> ``optimizer.warmup_steps``; memopt's warm-up is
+  linear from about 0):
+  ``WarmupLR`` (constant after warm-up) -> ``schedule: constant``, ``warmup_max_lr`` ->
+  ``optimizer.lr``;
+  ``WarmupDecayLR`` (linear decay to 0 at ``total_num_steps``) -> ``schedule: cosine`` with
+  ``min_lr_ratio: 0`` (a cosine, not a linear, decay: warned), ``total_num_steps`` ->
+  ``train.steps`` (memopt's decay spans the run), ``warmup_max_lr`` -> ``optimizer.lr``;
+  ``WarmupCosineLR`` -> ``schedule: cosine``, ``cos_min_ratio`` -> ``min_lr_ratio``,
+  ``total_num_steps`` -> ``train.steps``.
+  What has no counterpart is warned about, not dropped silently: a non-zero
+  ``warmup_min_lr``/``warmup_min_ratio`` (memopt warms up from about 0), a ``warmup_type``
+  other than ``linear``, other params.
+- ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights. ``fp16.enabled``
+  raises here: this config builds the training run, and memopt has no loss scaler, so an
+  fp16 model would train without one (use bf16). ``memopt.shard(deepspeed_config=...)``
+  accepts it because there the model, its dtype and the loss are the caller's: it only reads
+  fp32 master weights from it.
 - ``train_micro_batch_size_per_gpu`` -> ``train.batch_size``; ``gradient_accumulation_steps`` ->
   ``train.grad_accum``; ``gradient_clipping`` -> ``optimizer.max_grad_norm`` (0: off).
+  ``train_batch_size`` (the global batch) is not carried over (memopt's global batch is
+  ``batch_size * grad_accum * ranks``): a warning says so.
 
 Values of ``"auto"`` (the HF integration's placeholder) keep ``base``'s value. Other top-level
 keys (``aio``, ``wall_clock_breakdown``, ...) are reported in a single warning.
@@ -94,14 +110,49 @@ def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
         _set(out, "optimizer", key, params.get(key))
 
 
-def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
+def _warn(message: str) -> None:
+    warnings.warn(f"Config.from_deepspeed: {message}", stacklevel=4)
+
+
+def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
     sched = ds.get("scheduler")
-    if sched is not None:
-        kind = str(sched.get("type", "")).lower()
-        if kind not in _SCHEDULERS:
-            raise ValueError(f"DeepSpeed scheduler {sched.get('type')!r}: memopt maps "
-                             "WarmupLR, WarmupDecayLR and WarmupCosineLR")
-        _set(out, "optimizer", "warmup_steps", sched.get("params", {}).get("warmup_num_steps"))
+    if sched is None:
+        return
+    name = sched.get("type")
+    kind = str(name or "").lower()
+    if kind not in _SCHEDULERS:
+        raise ValueError(f"DeepSpeed scheduler {name!r}: memopt maps "
+                         "WarmupLR, WarmupDecayLR and WarmupCosineLR")
+    params = dict(sched.get("params", {}))
+    _set(out, "optimizer", "warmup_steps", params.pop("warmup_num_steps", None))
+    if kind == "warmuplr":
+        _set(out, "optimizer", "schedule", "constant")
+    else:
+        _set(out, "optimizer", "schedule", "cosine")
+        _set(out, "train", "steps", params.pop("total_num_steps", None))
+    if kind == "warmupdecaylr":
+        _set(out, "optimizer", "min_lr_ratio", 0.0)
+        _warn(f"scheduler {name}: its linear decay to 0 becomes memopt's cosine decay to 0 "
+              "(optimizer.schedule: cosine, min_lr_ratio: 0) over train.steps")
+    if kind == "warmupcosinelr":
+        _set(out, "optimizer", "min_lr_ratio", params.pop("cos_min_ratio", None))
+    else:
+        _set(out, "optimizer", "lr", params.pop("warmup_max_lr", None))
+    low = params.pop("warmup_min_lr" if kind != "warmupcosinelr" else "warmup_min_ratio", None)
+    if low not in (None, "auto", 0, 0.0):
+        _warn(f"scheduler {name}: warm-up start {low} not carried over (memopt's warm-up "
+              "rises linearly from about 0 to optimizer.lr)")
+    wtype = params.pop("warmup_type", None)
+    if wtype is None and kind != "warmupcosinelr":
+        wtype = "log"  # DeepSpeed's default for WarmupLR / WarmupDecayLR
+    if wtype not in (None, "linear") and out.get("optimizer", {}).get("warmup_steps", 1) != 0:
+        _warn(f"scheduler {name}: warmup_type {wtype!r} becomes memopt's linear warm-up")
+    if params:
+        _warn(f"scheduler {name}: ignored params {sorted(params)}")
+
+
+def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
+    _scheduler(ds, out)
     if isinstance(ds.get("fp16"), Mapping) and ds["fp16"].get("enabled") is True:
         raise ValueError("DeepSpeed fp16: memopt has no loss scaler; use bf16 (bf16.enabled)")
     if isinstance(ds.get("bf16"), Mapping) and ds["bf16"].get("enabled") is True:
@@ -109,6 +160,9 @@ def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
         _set(out, "sharding", "master_dtype", "fp32")
     _set(out, "train", "batch_size", ds.get("train_micro_batch_size_per_gpu"))
     _set(out, "train", "grad_accum", ds.get("gradient_accumulation_steps"))
+    if ds.get("train_batch_size") not in (None, "auto"):
+        _warn(f"train_batch_size {ds['train_batch_size']} not carried over: memopt's global "
+              "batch is train.batch_size (per rank) * train.grad_accum * ranks")
     clip = ds.get("gradient_clipping")
     if clip is not None and clip != "auto":
         _set(out, "optimizer", "max_grad_norm", clip if clip > 0 else "null")

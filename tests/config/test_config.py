@@ -169,6 +169,39 @@ def test_from_deepspeed(tmp_path: Path) -> None:
     assert any("wall_clock_breakdown" in str(x.message) for x in w)
 
 
+def _from_ds(ds: dict) -> tuple[Config, list[str]]:
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        cfg = Config.from_deepspeed(ds)
+    return cfg, [str(x.message) for x in w]
+
+
+def test_from_deepspeed_schedulers_map_or_warn() -> None:
+    # WarmupLR: constant after warm-up, peak warmup_max_lr; the log warm-up (DeepSpeed's
+    # default) and a non-zero start are warned about, not dropped silently
+    cfg, msgs = _from_ds({"scheduler": {"type": "WarmupLR", "params": {
+        "warmup_num_steps": 5, "warmup_max_lr": 3e-4, "warmup_min_lr": 1e-5}}})  # fmt: skip
+    o = cfg.optimizer
+    assert (o.schedule, o.warmup_steps, o.lr) == ("constant", 5, 3e-4)
+    assert any("warmup_type 'log'" in m for m in msgs) and any("1e-05" in m for m in msgs)
+    # WarmupDecayLR: cosine to 0 over total_num_steps (warned: not linear)
+    cfg, msgs = _from_ds({"scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_num_steps": 2, "total_num_steps": 40, "warmup_max_lr": 1e-3,
+        "warmup_type": "linear"}}})  # fmt: skip
+    o = cfg.optimizer
+    assert (o.schedule, o.min_lr_ratio, o.lr, cfg.train.steps) == ("cosine", 0.0, 1e-3, 40)
+    assert len(msgs) == 1 and "linear decay" in msgs[0]
+    # WarmupCosineLR: cos_min_ratio and total_num_steps map; nothing to warn about
+    cfg, msgs = _from_ds({"scheduler": {"type": "WarmupCosineLR", "params": {
+        "warmup_num_steps": 2, "total_num_steps": 30, "cos_min_ratio": 0.05}}})  # fmt: skip
+    assert (cfg.optimizer.min_lr_ratio, cfg.train.steps) == (0.05, 30) and not msgs
+    # train_batch_size is not carried over: said
+    _, msgs = _from_ds({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4})
+    assert len(msgs) == 1 and "train_batch_size 64" in msgs[0]
+    _, msgs = _from_ds({"train_batch_size": "auto"})
+    assert not msgs
+
+
 def test_docs_config_md_is_current() -> None:
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == reference_markdown(), (
