@@ -118,7 +118,10 @@ class DeepSpeedConfigWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Offload:
-    """One DeepSpeed offload block: where the state would live (only ``"none"`` is built)."""
+    """One DeepSpeed offload block and where it puts things: ``offload_optimizer`` cpu/nvme
+    builds ``ShardConfig.offload`` (optimizer state on that tier, any stage); ``offload_param``
+    cpu/nvme builds ``ShardConfig.offload_params`` (stage 3; nvme with ``param_nvme`` from
+    ``nvme_path``). A ``ratio`` below 1 (partial offload) raises."""
 
     device: Literal["none", "cpu", "nvme"] = "none"
     pin_memory: bool = True
