@@ -93,14 +93,10 @@ def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
     return opt
 
 
-def state_inner(
-    inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
-) -> StateOffloadedOptimizer:
-    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier.
-
-    ``OffloadConfig(hybrid=True)`` is a ``ValueError`` here: the hybrid CPU/device split is
-    a schedule of ``OffloadedAdamW``'s pipeline groups, which this path does not run.
-    """
+def check_no_hybrid(inner: torch.optim.Optimizer, config: OffloadConfig) -> None:
+    """``OffloadConfig(hybrid=True)`` with a low-rank optimizer is a ``ValueError``: the hybrid
+    CPU/device split is a schedule of ``OffloadedAdamW``'s pipeline groups, which the
+    low-rank path (state streamed per parameter) does not run."""
     if config.hybrid:
         raise ValueError(
             f"memopt.shard(offload=...): OffloadConfig(hybrid=True) (config key "
@@ -109,6 +105,14 @@ def state_inner(
             f"parameter and stepped where its parameters live. Set hybrid=False "
             f"(sharding.hybrid_update: false), or use optimizer AdamW"
         )
+
+
+def state_inner(
+    inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
+) -> StateOffloadedOptimizer:
+    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier
+    (``check_no_hybrid`` has refused ``hybrid=True`` before anything was built)."""
+    check_no_hybrid(inner, config)
     opt = StateOffloadedOptimizer(
         inner, config.make_tier(rank), min_bytes=config.min_state_bytes
     )

@@ -19,6 +19,7 @@ from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
 from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import (
+    check_no_hybrid,
     check_offloadable,
     is_low_rank_optimizer,
     offload_inner,
@@ -65,6 +66,8 @@ def apply_sharding(
     forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
     fsdp2 = config.stage == 3 and (comm.world > 1 or forced)
     low_rank = config.offload is not None and is_low_rank_optimizer(optimizer)
+    if low_rank and config.offload is not None:  # every stage, before hooks or FSDP2 units
+        check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
         _check_offload(optimizer, config, low_rank)
     error: Exception | None = None

@@ -109,6 +109,8 @@ def test_hybrid_with_low_rank_optimizer_raises() -> None:
     with pytest.raises(ValueError, match="hybrid_update: false"):
         memopt.shard(model, T.make_optimizer("apollo", model), stage=1,
                      offload=OffloadConfig("cpu", hybrid=True))  # fmt: skip
+    # refused before anything is installed: no gradient hooks left on the model
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["galore", "apollo", "frugal"])
