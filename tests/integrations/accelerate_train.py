@@ -2,7 +2,7 @@
 
 ``accelerate launch --cpu --num_processes 2 accelerate_train.py OUT`` or plain ``python
 accelerate_train.py OUT`` (one process): the same global batch either way (per-process batch =
-GLOBAL_BATCH / processes), GaLore under memopt.shard stage 2, 2 accumulation micro-batches per
+GLOBAL_BATCH / processes), APOLLO under memopt.shard (stage from argv), 2 micro-batches per
 step via ``accelerator.accumulate`` and clipping via ``accelerator.clip_grad_norm_``. The main
 process saves the final parameters and the clip norms to OUT.
 """
@@ -36,7 +36,10 @@ def main(out: str, stage: int) -> None:
     groups = memopt.optim.param_groups(
         model, "attn|mlp", rank=4, update_proj_gap=2, weight_decay=0.01
     )
-    opt = memopt.optim.GaLoreAdamW(groups, lr=3e-3)
+    # APOLLO, not GaLore: its seeded projection is the same at any world size, while GaLore's
+    # SVD basis of a matrix with near-equal singular values can flip on reduction-order noise
+    # (1e-8 at 2 ranks -> 3e-4 in one matrix after a refresh, seen on this VM's BLAS).
+    opt = memopt.optim.ApolloAdamW(groups, lr=3e-3)
     batch = GLOBAL_BATCH // acc.num_processes
     loader = DataLoader(Tokens(24), batch_size=batch, shuffle=False)
     model, opt, loader = prepare(acc, model, opt, loader, stage=stage)
