@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memopt._utils.threads import single_threaded
+
 
 def thin_svd(g: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Top-r left/right singular vectors from the full thin SVD."""
@@ -34,7 +36,8 @@ def thin_svd(g: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 def _cholesky_qr(a: Tensor) -> Tensor:
     gram = a.mT @ a
-    chol = torch.linalg.cholesky(gram)
+    with single_threaded(a.device.type == "cpu"):
+        chol = torch.linalg.cholesky(gram)
     return torch.linalg.solve_triangular(chol, a.mT, upper=False).mT
 
 
@@ -106,6 +109,7 @@ def randomized_svd(
         q = _orth(g.mT @ q)  # n x k
         q = _orth(g @ q)  # m x k
     b = q.mT @ g  # k x n
-    ub, _, vh = torch.linalg.svd(b, full_matrices=False)
+    with single_threaded(b.device.type == "cpu"):
+        ub, _, vh = torch.linalg.svd(b, full_matrices=False)
     u = q @ ub
     return u[..., :r], vh[..., :r, :]
