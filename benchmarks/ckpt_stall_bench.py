@@ -278,6 +278,8 @@ def main() -> None:
                     help="also run memopt with the writer following the copy (A/B)")  # fmt: skip
     ap.add_argument("--ab-nice", type=int, default=0, metavar="N",
                     help="also run memopt with CheckpointConfig(background_nice=N), interleaved")
+    ap.add_argument("--no-fio", action="store_true",
+                    help="run without fio (the write-throughput target is then not judged)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     args = ap.parse_args()
@@ -301,6 +303,14 @@ def main() -> None:
     print(f"# model: {args.layers} x Linear({width}, {width}) = {n_params / 1e6:.1f}M params, "
           f"AdamW (fp32 state), batch {args.batch}; {args.rounds} rounds (first = warm-up) of "
           f"{args.every} steps per method; dir {root}", flush=True)  # fmt: skip
+    if shutil.which("fio") is None:
+        if not args.no_fio:
+            raise SystemExit(
+                "ckpt_stall_bench: fio is not installed, and the write-throughput target is "
+                "judged against it (apt-get install fio, or scripts/setup.sh with the bench "
+                "extra as root); --no-fio runs the stall part alone"
+            )
+        print("# fio not installed (--no-fio): write throughput is not compared with the disk")
     train_step(model, opt, x)  # the optimizer state exists from here on
     fio = {"directory": root, "size": checkpoint_bytes(model, opt),
            "queue_depth": bytes_in_flight() // MIB}  # fmt: skip

@@ -52,8 +52,14 @@ from typing import Any
 
 # Waiting OpenMP threads sleep instead of spinning. On a shared 2-core machine the default
 # (spin) made every optimizer's step up to 10x slower whenever another process ran; set
-# OMP_WAIT_POLICY=ACTIVE in the environment to measure with spinning. Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY=ACTIVE in the environment to measure with spinning, or =default to leave
+# it unset (libgomp's spin-then-sleep, what a training script gets). Must precede torch.
+# The policy moves the ratios: PASSIVE charges a thread wake-up (~60-90 us on a VM) to every
+# parallel region, so the implementation with more, smaller ops pays more (docs/benchmarks.md).
+if os.environ.get("OMP_WAIT_POLICY", "").lower() == "default":
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -626,7 +632,8 @@ def machine_info() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None
     return {"cpu": model, "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "memopt": memopt_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
+            "memopt": memopt_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

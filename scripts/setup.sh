@@ -55,4 +55,16 @@ fi
 log "installing memopt in editable mode: pip install -e \"$target\""
 "$PY" -m pip install "${PIP_QUIET[@]}" -e "$target"
 
+# The disk benchmarks (ckpt_stall_bench, nvme_bench) compare against fio, a system package.
+if [[ ",$EXTRAS," == *",bench,"* ]] && ! command -v fio >/dev/null 2>&1; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing fio (apt-get) for the disk benchmarks"
+        apt-get install -y -qq fio >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fio >/dev/null 2>&1; } \
+            || log "warning: apt-get could not install fio; the disk benchmarks will say so"
+    else
+        log "note: fio is not installed (the disk benchmarks need it): install it with your package manager"
+    fi
+fi
+
 log "done: torch $("$PY" -c 'import torch; print(torch.__version__)'), python at $PY"
