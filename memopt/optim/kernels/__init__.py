@@ -145,10 +145,9 @@ def scaled_update_(
         f = factor.to(w.dtype)
         if isinstance(alpha, Tensor):
             f, alpha = f * alpha.to(w.dtype), 1.0
-        if f.dim() == 0:
-            w.add_(g.to(w.dtype) * f, alpha=alpha)
-        else:
-            w.addcmul_(g.to(w.dtype), f, value=alpha)
+        # One pass for every factor shape (a 0-d factor broadcasts too): no G-sized
+        # temporary, which for tensor-wise scaling cost more than the update itself.
+        w.addcmul_(g.to(w.dtype), f, value=alpha)
         return
     rows, cols = w.shape
     if factor.dim() == 0:
