@@ -36,6 +36,18 @@ def _chunks(items: list[Any], max_bytes: int) -> list[list[Any]]:
     return out
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite.
+
+    One reduction pass first: a NaN or inf anywhere makes the sum non-finite. Only if the
+    sum is not finite (that, or finite values whose sum overflows) does the elementwise
+    check run, which is three passes and a temporary in torch.
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class RefreshMixin:
     """Refresh bookkeeping; expects ``param_groups``, ``projector()``, ``_meta()`` and
     ``_init_state()`` from the optimizer it is mixed into."""
@@ -95,7 +107,7 @@ class RefreshMixin:
 
     def _batch_factors(self, proj: Any, chunk: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> None:
         stack = torch.stack([checked_float(g) for _, g, _ in chunk])
-        if not bool(torch.isfinite(stack).all()):
+        if not all_finite(stack):
             return
         seeds = [self._refresh_seed(st) for _, _, st in chunk]
         u, vh = proj.factors(stack, seeds, [st for _, _, st in chunk])
@@ -133,7 +145,7 @@ class RefreshMixin:
         return True
 
     def _check_finite(self, proj: Projector, g: Tensor, step: int, label: str) -> None:
-        if proj.uses_gradient and not bool(torch.isfinite(g).all()):
+        if proj.uses_gradient and not all_finite(g):
             raise FloatingPointError(
                 f"{type(self).__name__}: the gradient of {label} has non-finite values at step "
                 f"{step}; a {proj.name!r} projector cannot be computed from it. Skip such steps "

@@ -52,3 +52,38 @@ def test_randomized_svd_factors_on_one_thread(two_threads, monkeypatch) -> None:
     _, _, vh_exact = svd(low, full_matrices=False)
     overlap = torch.linalg.matrix_norm(vh @ vh_exact[:, :8].mT) ** 2 / 8
     assert torch.allclose(overlap, torch.ones(3), atol=1e-4)
+
+
+def test_all_finite_fast_path_and_overflow() -> None:
+    from memopt.optim._refresh import all_finite
+
+    big = torch.full((4, 4), 3e38)  # finite entries whose sum overflows to inf
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(8, 8)
+        t[3, 5] = bad
+        assert not all_finite(t)
+    pair = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, the check too
+    assert not all_finite(pair)
+    assert all_finite(torch.randn(5, 7, dtype=torch.bfloat16))
+
+
+def test_wide_svd_matches_lapack_and_falls_back_when_rank_deficient() -> None:
+    g = torch.Generator().manual_seed(4)
+    # distinct singular values, so the factors are unique up to sign
+    u0 = torch.linalg.qr(torch.randn(3, 12, 12, generator=g, dtype=torch.float64))[0]
+    v0 = torch.linalg.qr(torch.randn(3, 50, 12, generator=g, dtype=torch.float64))[0]
+    s0 = torch.linspace(10, 1, 12, dtype=torch.float64)
+    b = (u0 * s0) @ v0.mT
+    ub, vh = linalg._wide_svd(b.float())
+    u_ref, _, vh_ref = torch.linalg.svd(b, full_matrices=False)
+    signs = torch.sign((ub.double() * u_ref).sum(-2, keepdim=True))
+    assert torch.allclose(ub.double() * signs, u_ref, atol=1e-5)
+    assert torch.allclose(vh.double() * signs.mT, vh_ref, atol=1e-5)
+    eye = torch.eye(12)
+    assert torch.allclose(vh @ vh.mT, eye.expand(3, 12, 12), atol=1e-5)
+    # rank 3 of 12: the Cholesky of the Gram matrix fails, LAPACK's SVD answers
+    low = torch.randn(12, 3, generator=g) @ torch.randn(3, 50, generator=g)
+    ub, vh = linalg._wide_svd(low)
+    assert torch.allclose(vh @ vh.mT, eye, atol=1e-5)
+    assert torch.allclose(ub @ ub.mT, eye, atol=1e-5)
