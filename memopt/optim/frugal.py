@@ -219,7 +219,7 @@ class FrugalAdamW(MemoptOptimizer):
         if rule != "none":
             residual = g.clone()
             proj.apply_update(state, low, residual, alpha=-1.0)
-            out = torch.sign(residual) if rule == "sign_sgd" else residual
+            out = residual.sign_() if rule == "sign_sgd" else residual  # our own copy
             w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
         direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="torch", lr=lr_p)
         proj.apply_update(state, direction, w, alpha=-step_size)
