@@ -19,7 +19,11 @@ from setuptools.command.build_ext import build_ext
 NATIVE = [
     Extension(
         "memopt.offload._cpu_adam_lib",
-        sources=["csrc/cpu_adam/cpu_adam.cpp", "csrc/cpu_adam/lowrank_adam.cpp"],
+        sources=[
+            "csrc/cpu_adam/cpu_adam.cpp",
+            "csrc/cpu_adam/lowrank_adam.cpp",
+            "csrc/cpu_adam/lowbit_adam.cpp",
+        ],
         depends=["csrc/cpu_adam/cpu_adam_simd.h"],
         language="c++",
     ),

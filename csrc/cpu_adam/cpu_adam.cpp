@@ -176,7 +176,8 @@ MEMOPT_API int memopt_cpu_adam_isa_mask(void) {
 // Bumped whenever the signature of memopt_cpu_adam_step changes, so a stale build left in
 // the source tree is refused (and the torch path used) instead of called wrongly.
 // 2: memopt_lowrank_adam (lowrank_adam.cpp) added.
-MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 2; }
+// 3: memopt_adamw_q8 (lowbit_adam.cpp) added.
+MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 3; }
 
 MEMOPT_API int memopt_cpu_adam_has_openmp(void) {
 #ifdef _OPENMP

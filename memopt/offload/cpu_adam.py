@@ -37,7 +37,7 @@ EpsMode = Literal["torch", "galore"]
 ISAS = ("scalar", "avx2", "avx512")
 ENV_ISA = "MEMOPT_CPU_ADAM_ISA"
 CHUNK = 1 << 16  # elements per OpenMP work item: 256 KiB per fp32 stream, L2-sized
-_ABI = 2  # 2: memopt_lowrank_adam
+_ABI = 3  # 2: memopt_lowrank_adam; 3: memopt_adamw_q8
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _LOWP = (torch.bfloat16, torch.float16)
 _UNSET = object()
@@ -62,6 +62,12 @@ def _library() -> ctypes.CDLL | None:
             lib.memopt_lowrank_adam.restype = ctypes.c_int
             lib.memopt_lowrank_adam.argtypes = [
                 p, p, p, p, ctypes.c_int64, ctypes.c_int64, f, f, f, f, f, f, ctypes.c_int, p, p,
+            ]  # fmt: skip
+            i = ctypes.c_int
+            lib.memopt_adamw_q8.restype = ctypes.c_int
+            lib.memopt_adamw_q8.argtypes = [
+                p, i, p, i, p, p, p, p, p, p, p, p, p, p, i, i, ctypes.c_int64,
+                f, f, f, f, f, f, f, f, i, i, i, i,
             ]  # fmt: skip
         _lib = lib
     return _lib  # type: ignore[return-value]

@@ -43,9 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt.offload import cpu_lowbit
+from memopt.offload.cpu_adam import native_available
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
-from memopt.optim.kernels import backend
+from memopt.optim.kernels import _env_mode, backend
 from memopt.optim.lowbit import DEFAULT_BLOCK_SIZE, state_code
 
 QBLOCK = DEFAULT_BLOCK_SIZE[8]  # elements per absmax block (the int8 state's)
@@ -55,6 +57,7 @@ NUM_WARPS = 1
 KEY_SHIFT = 19  # search cells: the top 13 bits of y's float32 pattern (4 mantissa bits)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TABLES: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, int]] = {}
+_NATIVE_TABLES: dict[bool, tuple[Tensor, Tensor, int]] = {}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -99,6 +102,15 @@ def search_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, i
     return _TABLES[key]
 
 
+def _native_tables(signed: bool) -> tuple[Tensor, Tensor, int]:
+    """``search_tables`` on the CPU with the cell counts widened to int32 (the native kernel's
+    layout: 32 KiB, and its lookups become vector gathers)."""
+    if signed not in _NATIVE_TABLES:
+        mids, base, steps = search_tables(signed, torch.device("cpu"))
+        _NATIVE_TABLES[signed] = (mids, base.to(torch.int32), steps)
+    return _NATIVE_TABLES[signed]
+
+
 def _quant_ok(state: dict[str, Any], p: Tensor) -> bool:
     """Whether stored codes (if any) are contiguous, on p's device and sized for p."""
     if "exp_avg_q" not in state:
@@ -119,17 +131,32 @@ def _quant_ok(state: dict[str, Any], p: Tensor) -> bool:
     return math.prod(state.get("moment_shape", ())) == n
 
 
-def _eligible(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+def _route(p: Tensor) -> str | None:
+    """Which kernel may take ``p``: "triton" (``kernels.backend``), "native" (CPU tensors
+    under ``MEMOPT_KERNELS=auto`` with the native library loaded) or None (torch path)."""
+    if backend(p) == "triton":
+        return "triton"
+    if p.device.type == "cpu" and _env_mode() == "auto" and native_available():
+        return "native"
+    return None
+
+
+def _eligible(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> str | None:
+    """The kernel that takes this step ("triton" or "native"), or None for the torch path."""
     g = p.grad
-    if g is None or moments.lowbit_kind(group, p.numel()) != "int8" or backend(p) != "triton":
-        return False
+    if g is None or moments.lowbit_kind(group, p.numel()) != "int8":
+        return None
+    route = _route(p)
+    if route is None:
+        return None
     if not group.get("correct_bias", True) or isinstance(group["lr"], Tensor):
-        return False
+        return None
     if p.dtype not in _DTYPES or g.dtype not in _DTYPES or g.layout != torch.strided:
-        return False
+        return None
     if g.shape != p.shape or g.device != p.device:
-        return False
-    return p.is_contiguous() and g.is_contiguous() and _quant_ok(state, p)
+        return None
+    ok = p.is_contiguous() and g.is_contiguous() and _quant_ok(state, p)
+    return route if ok else None
 
 
 def _allocate(state: dict[str, Any], p: Tensor) -> None:
@@ -173,13 +200,24 @@ def adamw_lowbit_step_(
     ``t`` is the bias-correction step (``_full_adam`` counts it), ``eps_mode`` the eps
     placement. Parameter, codes and absmax are updated in place.
     """
-    if not _eligible(p, state, group):
+    route = _eligible(p, state, group)
+    if route is None:
         return False
-    from memopt.optim.kernels import triton_lowbit
-
     first = "exp_avg_q" not in state
     if first:
         _allocate(state, p)
+    if route == "native":
+        assert p.grad is not None
+        cpu_lowbit.adamw_q8(
+            p, p.grad, state["exp_avg_q"], state["exp_avg_absmax"],
+            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"],
+            codes=(state_code("int8", True, p.device), state_code("int8", False, p.device)),
+            tables=(_native_tables(True), _native_tables(False)),
+            scalars=_scalars(group, eps_mode, t), first=first,
+        )  # fmt: skip
+        return True
+    from memopt.optim.kernels import triton_lowbit
+
     n = p.numel()
     m_mids, m_base, m_steps = search_tables(True, p.device)
     v_mids, v_base, v_steps = search_tables(False, p.device)

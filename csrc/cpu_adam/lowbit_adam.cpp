@@ -1,0 +1,393 @@
+// AdamW on 8-bit block-quantized moments, one pass, for memopt.optim.kernels on the CPU.
+//
+// The int8 optimizer state (memopt.optim._moments) keeps each moment as uint8 indices into a
+// 256-entry fp32 code plus one fp32 absmax per 256-element block. The eager torch path
+// dequantizes a whole parameter's moments into fp32 tensors, runs torch's fused AdamW on them
+// and quantizes them back: a dozen passes over memory and two fp32 temporaries per moment.
+// Here every quantization block is done in one go while it sits in L1:
+//
+//   1. read p, g and the two code arrays; dequantize m = code_m[q] * absmax_m (same for v),
+//      or start from zero on the first step;
+//   2. the Adam step in fp32, in exactly the form torch's CPU fused AdamW rounds it (the
+//      Triton kernel memopt/optim/kernels/triton_lowbit.py is written the same way; see
+//      memopt/optim/kernels/lowbit_adam.py for the derivation):
+//        p = p * keep_pre
+//        m = fma(w, g - m, m)              (lerp; fma(w', g - m, g) when 1 - b1 >= 0.5)
+//        v = fma(g * c2, g, v * b2)
+//        p = p - (step_size * m) / (sqrt(v) / bc2_sqrt + eps)
+//        p = p * keep_post
+//      then p is written back (rounded to nearest even for bf16 / fp16);
+//   3. per block, absmax = max |m| (NaN if the block holds one, as torch.amax), the same for
+//      v after v = max(v, 0);
+//   4. y = m / absmax (a zero block divides by 1), code index = number of fp32 midpoints
+//      below y (ties to the lower code), as memopt.optim.lowbit.quant.nearest_index gives.
+//      The count is a table lookup and a short search: the top bits of y's float pattern
+//      pick a cell (a contiguous float range); base[cell] counts the midpoints below the
+//      cell and a `steps`-step binary search over the following midpoints (padded with
+//      +inf) counts those inside it. The tables come from lowbit_adam.search_tables().
+//
+// Bit-exactness with the torch path needs every rounding to be the one written above: no
+// contraction of a*b+c into an fma by the compiler (pragmas below; the build's -std=c++17
+// also turns GCC's contraction off), std::fma exactly where torch fuses, and IEEE division
+// and square root (no -ffast-math, no reciprocal estimates).
+//
+// Work split: OpenMP over groups of whole quantization blocks (blocks are independent);
+// a parameter below the grain stays on the calling thread. The block body is compiled per
+// ISA (target_clones), like lowrank_adam.cpp. Plain C ABI, loaded with ctypes from
+// memopt/offload/cpu_adam.py (same library and ABI version as the AdamW step).
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MEMOPT_Q8_AVX512 1
+#include <immintrin.h>
+#endif
+
+#define MEMOPT_API __attribute__((visibility("default")))
+
+// Clones by x86-64 level, not single features: the fma the update needs is not part of the
+// "avx2" target, and without it std::fma is a libm call in the loop (exact, but scalar).
+// GCC before 12 may not take the level names here; it gets the feature-named clones.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define MEMOPT_CLONES \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEMOPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MEMOPT_CLONES
+#endif
+
+namespace {
+
+constexpr int64_t kQBlock = 256;          // elements per absmax block (the int8 state's)
+constexpr int64_t kGroup = 16;            // blocks per OpenMP work item (4096 elements)
+constexpr int64_t kGrain = int64_t(1) << 15;  // elements per thread before threads pay off
+enum Dtype { DT_F32 = 1, DT_BF16 = 2, DT_F16 = 3 };
+
+struct Q8Scalars {
+    float keep_pre, keep_post, lerp_w, c2, b2, step_size, bc2_sqrt, eps;
+    bool first, lerp_from_g;
+};
+
+struct Q8Tables {  // one moment's code, padded midpoints and cell table
+    const float* code;
+    const float* mids;
+    const int32_t* base;
+    int steps;
+};
+
+inline uint32_t bits_of(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+
+inline float float_of(uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    const uint32_t man = h & 0x3ffu;
+    if (exp == 0x1f) return float_of(sign | 0x7f800000u | (man << 13));
+    if (exp != 0) return float_of(sign | ((exp + 112u) << 23) | (man << 13));
+    // zero or subnormal: man * 2^-24 is exact in fp32
+    const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -mag : mag;
+}
+
+inline uint16_t float_to_half(float x) {  // round to nearest even, NaN quiet
+    const uint32_t u = bits_of(x);
+    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to 65520 or more: inf
+    if (a < 0x38800000u) {  // below the smallest normal half: count units of 2^-24
+        const float units = std::nearbyint(float_of(a) * 16777216.0f);  // exact scaling
+        return sign | static_cast<uint16_t>(units);
+    }
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | static_cast<uint16_t>((r >> 13) - (112u << 10));
+}
+
+// max |x| over x[0, len) by integer max over the bit patterns with the sign cleared: for
+// non-negative floats the pattern order is the value order and every NaN pattern lies above
+// +inf, so a NaN anywhere gives a NaN absmax (as torch.amax does), and the loop vectorizes.
+inline float block_absmax(const float* __restrict x, int64_t len) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < len; ++i) {
+        const uint32_t a = bits_of(x[i]) & 0x7fffffffu;
+        top = a > top ? a : top;
+    }
+    return float_of(top);
+}
+
+// Codes for x[0, len) against one moment's tables; returns the block's absmax. Inlined into
+// each ISA clone of step_block. The cell table is int32 so the lookups vectorize as gathers.
+inline float quantize_block(const float* __restrict x, int64_t len, const Q8Tables& t,
+                            uint8_t* __restrict out) {
+    const float amax = block_absmax(x, len);
+    const float scale = amax > 0.0f ? amax : 1.0f;  // a zero (or NaN) block divides by 1
+    const float* __restrict mids = t.mids;
+    const int32_t* __restrict base = t.base;
+    if (t.steps == 2) {  // the int8 codes' tables need 2 (signed) and 3 (unsigned) steps
+        for (int64_t i = 0; i < len; ++i) {
+            const float y = x[i] / scale;
+            int32_t pos = base[bits_of(y) >> 19];
+            pos += mids[pos + 1] < y ? 2 : 0;
+            pos += mids[pos] < y ? 1 : 0;
+            out[i] = static_cast<uint8_t>(pos);
+        }
+    } else if (t.steps == 3) {
+        for (int64_t i = 0; i < len; ++i) {
+            const float y = x[i] / scale;
+            int32_t pos = base[bits_of(y) >> 19];
+            pos += mids[pos + 3] < y ? 4 : 0;
+            pos += mids[pos + 1] < y ? 2 : 0;
+            pos += mids[pos] < y ? 1 : 0;
+            out[i] = static_cast<uint8_t>(pos);
+        }
+    } else {
+        const int32_t top = 1 << (t.steps - 1);
+        for (int64_t i = 0; i < len; ++i) {
+            const float y = x[i] / scale;
+            int32_t pos = base[bits_of(y) >> 19];
+            for (int32_t half = top; half > 0; half >>= 1) pos += mids[pos + half - 1] < y ? half : 0;
+            out[i] = static_cast<uint8_t>(pos);
+        }
+    }
+    return amax;
+}
+
+inline void load_block(const void* src, int dt, int64_t len, float* __restrict dst) {
+    if (dt == DT_BF16) {
+        const uint16_t* s = static_cast<const uint16_t*>(src);
+        for (int64_t i = 0; i < len; ++i) dst[i] = float_of(uint32_t(s[i]) << 16);
+    } else if (dt == DT_F16) {
+        const uint16_t* s = static_cast<const uint16_t*>(src);
+        for (int64_t i = 0; i < len; ++i) dst[i] = half_to_float(s[i]);
+    } else {
+        std::memcpy(dst, src, static_cast<size_t>(len) * 4);
+    }
+}
+
+inline void store_block(void* dst, int dt, int64_t len, const float* __restrict src) {
+    if (dt == DT_BF16) {
+        uint16_t* d = static_cast<uint16_t*>(dst);
+        for (int64_t i = 0; i < len; ++i) {
+            const uint32_t u = bits_of(src[i]);
+            const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+            // NaN: torch's canonical bf16 NaN
+            d[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+        }
+    } else if (dt == DT_F16) {
+        uint16_t* d = static_cast<uint16_t*>(dst);
+        for (int64_t i = 0; i < len; ++i) d[i] = float_to_half(src[i]);
+    } else {
+        std::memcpy(dst, src, static_cast<size_t>(len) * 4);
+    }
+}
+
+// The 255 midpoints in the order a branchless binary search visits them: with steps of
+// h = 128 >> L (level L = 0..7) the running count pos is a multiple of 2h, and the midpoint
+// compared is mids[pos + h - 1], i.e. entry pos >> (8 - L) of level L's 2^L midpoints
+// mids[(2j + 1) h - 1]. Eight levels: count(mids < y) exactly, ties (mid == y) not counted.
+struct alignas(64) LevelMids {
+    float level[8][128];
+};
+
+void build_levels(const float* mids, LevelMids& out) {
+    for (int lv = 0; lv < 8; ++lv) {
+        const int h = 128 >> lv;
+        for (int j = 0; j < 128; ++j)
+            out.level[lv][j] = j < (1 << lv) ? mids[(2 * j + 1) * h - 1] : INFINITY;
+    }
+}
+
+#ifdef MEMOPT_Q8_AVX512
+#pragma GCC diagnostic push
+// GCC 12 flags the deliberately undefined vector inside _mm512_permutexvar_ps's expansion.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// quantize_block with the search in registers: each level's midpoints are one to eight zmm
+// registers and a lookup is a permute (vpermps / vpermt2ps) instead of a gather from memory,
+// which costs several times more per element on recent Intel parts. Same divisions, same
+// comparisons, same codes.
+__attribute__((target("avx512f"))) float quantize_block_avx512(const float* __restrict x,
+                                                               int64_t len,
+                                                               const LevelMids& t,
+                                                               uint8_t* __restrict out) {
+    const float amax = block_absmax(x, len);
+    const __m512 scale = _mm512_set1_ps(amax > 0.0f ? amax : 1.0f);
+    __m512 lv[16];  // levels 0..4: one register each; level 5: lv[5..6]; level 6: lv[7..10]
+    for (int i = 0; i < 5; ++i) lv[i] = _mm512_load_ps(t.level[i]);
+    for (int i = 0; i < 2; ++i) lv[5 + i] = _mm512_load_ps(t.level[5] + 16 * i);
+    for (int i = 0; i < 4; ++i) lv[7 + i] = _mm512_load_ps(t.level[6] + 16 * i);
+    __m512 l7[8];
+    for (int i = 0; i < 8; ++i) l7[i] = _mm512_load_ps(t.level[7] + 16 * i);
+    const __m512i bit5 = _mm512_set1_epi32(32), bit6 = _mm512_set1_epi32(64);
+    for (int64_t i = 0; i < len; i += 16) {
+        const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+        const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(k, x + i), scale);
+        __m512i pos = _mm512_setzero_si512();
+        auto advance = [&](__m512 mid, int h) {
+            const __mmask16 below = _mm512_cmp_ps_mask(mid, y, _CMP_LT_OQ);
+            pos = _mm512_mask_add_epi32(pos, below, pos, _mm512_set1_epi32(h));
+        };
+        advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 8), lv[0]), 128);
+        advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 7), lv[1]), 64);
+        advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 6), lv[2]), 32);
+        advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 5), lv[3]), 16);
+        advance(_mm512_permutexvar_ps(_mm512_srli_epi32(pos, 4), lv[4]), 8);
+        advance(_mm512_permutex2var_ps(lv[5], _mm512_srli_epi32(pos, 3), lv[6]), 4);
+        {
+            const __m512i j = _mm512_srli_epi32(pos, 2);  // 0..63
+            const __m512 lo = _mm512_permutex2var_ps(lv[7], j, lv[8]);
+            const __m512 hi = _mm512_permutex2var_ps(lv[9], j, lv[10]);
+            advance(_mm512_mask_blend_ps(_mm512_test_epi32_mask(j, bit5), lo, hi), 2);
+        }
+        {
+            const __m512i j = _mm512_srli_epi32(pos, 1);  // 0..127
+            const __mmask16 b5 = _mm512_test_epi32_mask(j, bit5);
+            const __m512 q0 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[0], j, l7[1]),
+                                                   _mm512_permutex2var_ps(l7[2], j, l7[3]));
+            const __m512 q1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[4], j, l7[5]),
+                                                   _mm512_permutex2var_ps(l7[6], j, l7[7]));
+            advance(_mm512_mask_blend_ps(_mm512_test_epi32_mask(j, bit6), q0, q1), 1);
+        }
+        _mm512_mask_cvtepi32_storeu_epi8(out + i, k, pos);
+    }
+    return amax;
+}
+#pragma GCC diagnostic pop
+#endif
+
+inline float quantize(const float* __restrict x, int64_t len, const Q8Tables& t,
+                      const LevelMids* levels, uint8_t* __restrict out) {
+#ifdef MEMOPT_Q8_AVX512
+    if (levels != nullptr) return quantize_block_avx512(x, len, *levels, out);
+#else
+    (void)levels;
+#endif
+    return quantize_block(x, len, t, out);
+}
+
+// One quantization block [0, len) of the parameter (pointers already offset to it).
+MEMOPT_CLONES
+void step_block(void* p, int pdt, const void* g, int gdt, uint8_t* __restrict mq,
+                float* __restrict mabs, uint8_t* __restrict vq, float* __restrict vabs,
+                const Q8Tables& tm, const Q8Tables& tv, const LevelMids* lm,
+                const LevelMids* lv, int64_t len, const Q8Scalars& s) {
+    alignas(64) float pf[kQBlock], gf[kQBlock], m[kQBlock], v[kQBlock];
+    load_block(p, pdt, len, pf);
+    load_block(g, gdt, len, gf);
+    if (s.first) {
+        for (int64_t i = 0; i < len; ++i) m[i] = v[i] = 0.0f;
+    } else {
+        const float am = *mabs, av = *vabs;
+        const float* __restrict mc = tm.code;
+        const float* __restrict vc = tv.code;
+        for (int64_t i = 0; i < len; ++i) {
+            m[i] = mc[mq[i]] * am;
+            v[i] = vc[vq[i]] * av;
+        }
+    }
+    const float keep_pre = s.keep_pre, keep_post = s.keep_post, w = s.lerp_w, c2 = s.c2;
+    const float b2 = s.b2, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
+    const bool from_g = s.lerp_from_g;
+    for (int64_t i = 0; i < len; ++i) {
+        const float gi = gf[i];
+        const float mi = std::fma(w, gi - m[i], from_g ? gi : m[i]);
+        const float vi = std::fma(gi * c2, gi, v[i] * b2);
+        const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+        pf[i] = (pf[i] * keep_pre - (step_size * mi) / denom) * keep_post;
+        m[i] = mi;
+        v[i] = vi < 0.0f ? 0.0f : vi;  // v.clamp_(min=0) before quantizing, NaN kept
+    }
+    store_block(p, pdt, len, pf);
+    *mabs = quantize(m, len, tm, lm, mq);
+    *vabs = quantize(v, len, tv, lv, vq);
+}
+
+inline bool valid_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || dt == DT_F16; }
+
+inline int64_t dtype_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+}  // namespace
+
+// One AdamW step of n elements on int8 moments, in place: param (dtype code 1 fp32, 2 bf16,
+// 3 fp16), grad (same codes), the codes m_q / v_q (n bytes each) and absmax m_abs / v_abs
+// (ceil(n / 256) floats each). m_code / v_code are the 256-entry codes; m_mids / v_mids the
+// 255 midpoints padded with 2**steps +inf; m_base / v_base the 2**(32 - 19) cell counts
+// as int32 (lowbit_adam.search_tables). The scalars are lowbit_adam._scalars, already fp32.
+// first: the moments start at zero (codes and absmax are only written). n_threads <= 0: one.
+// vector_search: 1 searches the midpoints in AVX-512 registers where the CPU has AVX-512F,
+// 0 always uses the table search (the same codes; a switch for tests and comparisons).
+// Returns 0, or -1 on bad arguments.
+extern "C" MEMOPT_API int memopt_adamw_q8(
+    void* param, int param_dtype, const void* grad, int grad_dtype, uint8_t* m_q,
+    float* m_abs, uint8_t* v_q, float* v_abs, const float* m_code, const float* v_code,
+    const float* m_mids, const float* v_mids, const int32_t* m_base, const int32_t* v_base,
+    int m_steps, int v_steps, int64_t n, float keep_pre, float keep_post, float lerp_w,
+    float c2, float b2, float step_size, float bc2_sqrt, float eps, int first,
+    int lerp_from_g, int n_threads, int vector_search) {
+    if (n < 0 || !valid_dtype(param_dtype) || !valid_dtype(grad_dtype)) return -1;
+    if (m_steps < 1 || m_steps > 8 || v_steps < 1 || v_steps > 8) return -1;
+    if (n == 0) return 0;
+    if (!param || !grad || !m_q || !m_abs || !v_q || !v_abs || !m_mids || !v_mids ||
+        !m_base || !v_base || (!first && (!m_code || !v_code)))
+        return -1;
+    const Q8Scalars s{keep_pre, keep_post, lerp_w, c2,    b2,
+                      step_size, bc2_sqrt, eps,    first != 0, lerp_from_g != 0};
+    const Q8Tables tm{m_code, m_mids, m_base, m_steps};
+    const Q8Tables tv{v_code, v_mids, v_base, v_steps};
+    // The register search needs the 255 midpoints themselves (steps and padding aside).
+    LevelMids lm_levels, lv_levels;
+    const LevelMids *lm = nullptr, *lv = nullptr;
+#ifdef MEMOPT_Q8_AVX512
+    if (vector_search && __builtin_cpu_supports("avx512f")) {
+        build_levels(m_mids, lm_levels);
+        build_levels(v_mids, lv_levels);
+        lm = &lm_levels;
+        lv = &lv_levels;
+    }
+#else
+    (void)vector_search;
+#endif
+    const int64_t blocks = (n + kQBlock - 1) / kQBlock;
+    const int64_t groups = (blocks + kGroup - 1) / kGroup;
+    const int64_t psize = dtype_size(param_dtype), gsize = dtype_size(grad_dtype);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>(std::max(n_threads, 1), n / kGrain)));
+#else
+    (void)n_threads;
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+        const int64_t b1 = std::min(blocks, (grp + 1) * kGroup);
+        for (int64_t b = grp * kGroup; b < b1; ++b) {
+            const int64_t o = b * kQBlock, len = std::min(kQBlock, n - o);
+            step_block(static_cast<char*>(param) + o * psize, param_dtype,
+                       static_cast<const char*>(grad) + o * gsize, grad_dtype, m_q + o,
+                       m_abs + b, v_q + o, v_abs + b, tm, tv, lm, lv, len, s);
+        }
+    }
+    return 0;
+}
