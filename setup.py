@@ -24,7 +24,7 @@ NATIVE = [
             "csrc/cpu_adam/lowrank_adam.cpp",
             "csrc/cpu_adam/lowbit_adam.cpp",
         ],
-        depends=["csrc/cpu_adam/cpu_adam_simd.h"],
+        depends=["csrc/cpu_adam/cpu_adam_simd.h", "csrc/cpu_adam/lowp_scalar.h"],
         language="c++",
     ),
     Extension(

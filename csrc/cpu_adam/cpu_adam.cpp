@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lowp_scalar.h"
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define MEMOPT_X86 1
 #include <cpuid.h>
@@ -61,55 +63,10 @@ struct Span {  // one chunk of one tensor
 };
 
 // ---------------------------------------------------------------- scalar helpers
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN: torch's canonical bf16 NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-
-inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        u = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else {  // subnormal: normalise
-        int e = -1;
-        do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
-        u = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
-    }
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32_to_f16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;  // NaN: quiet, as F16C and torch give
-    if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
-    if (a < 0x38800000u) {  // fp16 subnormal or zero: scale to an integer, round half even
-        float s = std::fabs(f) * 16777216.0f;  // 2^24: one fp16 subnormal ulp is 2^-24
-        float r = std::nearbyint(s);
-        return sign | static_cast<uint16_t>(r);
-    }
-    uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round mantissa to 10 bits, half even
-    return sign | static_cast<uint16_t>(((r >> 13) - (112u << 10)) & 0xffffu);
-}
+using memopt_native::bf16_to_f32;
+using memopt_native::f16_to_f32;
+using memopt_native::f32_to_bf16;
+using memopt_native::f32_to_f16;
 
 inline float load_grad(const void* g, int dt, int64_t i) {
     if (dt == DT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(g)[i]);

@@ -51,6 +51,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lowp_scalar.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -93,42 +95,11 @@ struct Q8Tables {  // one moment's code, padded midpoints and cell table
     int steps;
 };
 
-inline uint32_t bits_of(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    return u;
-}
-
-inline float float_of(uint32_t u) {
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
-
-inline float half_to_float(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1fu;
-    const uint32_t man = h & 0x3ffu;
-    if (exp == 0x1f) return float_of(sign | 0x7f800000u | (man << 13));
-    if (exp != 0) return float_of(sign | ((exp + 112u) << 23) | (man << 13));
-    // zero or subnormal: man * 2^-24 is exact in fp32
-    const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;
-    return sign ? -mag : mag;
-}
-
-inline uint16_t float_to_half(float x) {  // round to nearest even, NaN quiet
-    const uint32_t u = bits_of(x);
-    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-    const uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;
-    if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to 65520 or more: inf
-    if (a < 0x38800000u) {  // below the smallest normal half: count units of 2^-24
-        const float units = std::nearbyint(float_of(a) * 16777216.0f);  // exact scaling
-        return sign | static_cast<uint16_t>(units);
-    }
-    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
-    return sign | static_cast<uint16_t>((r >> 13) - (112u << 10));
-}
+using memopt_native::bits_of;
+using memopt_native::f16_to_f32;
+using memopt_native::f32_to_bf16;
+using memopt_native::f32_to_f16;
+using memopt_native::float_of;
 
 // max |x| over x[0, len) by integer max over the bit patterns with the sign cleared: for
 // non-negative floats the pattern order is the value order and every NaN pattern lies above
@@ -185,7 +156,7 @@ inline void load_block(const void* src, int dt, int64_t len, float* __restrict d
         for (int64_t i = 0; i < len; ++i) dst[i] = float_of(uint32_t(s[i]) << 16);
     } else if (dt == DT_F16) {
         const uint16_t* s = static_cast<const uint16_t*>(src);
-        for (int64_t i = 0; i < len; ++i) dst[i] = half_to_float(s[i]);
+        for (int64_t i = 0; i < len; ++i) dst[i] = f16_to_f32(s[i]);
     } else {
         std::memcpy(dst, src, static_cast<size_t>(len) * 4);
     }
@@ -194,15 +165,10 @@ inline void load_block(const void* src, int dt, int64_t len, float* __restrict d
 inline void store_block(void* dst, int dt, int64_t len, const float* __restrict src) {
     if (dt == DT_BF16) {
         uint16_t* d = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < len; ++i) {
-            const uint32_t u = bits_of(src[i]);
-            const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-            // NaN: torch's canonical bf16 NaN
-            d[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-        }
+        for (int64_t i = 0; i < len; ++i) d[i] = f32_to_bf16(src[i]);
     } else if (dt == DT_F16) {
         uint16_t* d = static_cast<uint16_t*>(dst);
-        for (int64_t i = 0; i < len; ++i) d[i] = float_to_half(src[i]);
+        for (int64_t i = 0; i < len; ++i) d[i] = f32_to_f16(src[i]);
     } else {
         std::memcpy(dst, src, static_cast<size_t>(len) * 4);
     }
