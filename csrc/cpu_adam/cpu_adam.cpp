@@ -134,7 +134,8 @@ MEMOPT_API int memopt_cpu_adam_isa_mask(void) {
 // the source tree is refused (and the torch path used) instead of called wrongly.
 // 2: memopt_lowrank_adam (lowrank_adam.cpp) added.
 // 3: memopt_adamw_q8 (lowbit_adam.cpp) added.
-MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 3; }
+// 4: memopt_q8_quantize / memopt_q8_dequantize (lowbit_adam.cpp) added.
+MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 4; }
 
 MEMOPT_API int memopt_cpu_adam_has_openmp(void) {
 #ifdef _OPENMP

@@ -35,6 +35,9 @@
 // also turns GCC's contraction off), std::fma exactly where torch fuses, and IEEE division
 // and square root (no -ffast-math, no reciprocal estimates).
 //
+// memopt_q8_quantize / memopt_q8_dequantize expose steps 3-4 and the dequantization on
+// their own (the same block routines), for memopt.optim.lowbit.quant's int8 path on the CPU.
+//
 // Work split: OpenMP over groups of whole quantization blocks (blocks are independent);
 // a parameter below the grain stays on the calling thread. The block body is compiled per
 // ISA (target_clones), like lowrank_adam.cpp. Plain C ABI, loaded with ctypes from
@@ -297,14 +300,69 @@ inline void dequantize(const uint8_t* __restrict q, float absmax, const float* _
     for (int64_t i = 0; i < len; ++i) out[i] = code[q[i]] * absmax;
 }
 
+// Codes and absmax of one block, by the register search (levels) or the table search.
+// A block whose absmax is not finite (it holds an inf or a NaN) is the only place a y can
+// be non-finite; there the torch path's key tables send every non-finite y (either NaN,
+// +inf, -inf) to code 255, and so does this, whichever search ran. Its values dequantize
+// to inf / NaN either way (code * non-finite absmax).
 inline float quantize(const float* __restrict x, int64_t len, const Q8Tables& t,
                       const LevelMids* levels, uint8_t* __restrict out) {
+    float amax;
 #ifdef MEMOPT_Q8_AVX512
-    if (levels != nullptr) return quantize_block_avx512(x, len, *levels, out);
+    if (levels != nullptr)
+        amax = quantize_block_avx512(x, len, *levels, out);
+    else
 #else
     (void)levels;
 #endif
-    return quantize_block(x, len, t, out);
+        amax = quantize_block(x, len, t, out);
+    if ((bits_of(amax) & 0x7fffffffu) >= 0x7f800000u) {
+        for (int64_t i = 0; i < len; ++i)
+            if ((bits_of(x[i]) & 0x7fffffffu) >= 0x7f800000u) out[i] = 255;
+    }
+    return amax;
+}
+
+// Quantization blocks [b0, b1) of an fp32 array of n elements (the last may be short).
+MEMOPT_CLONES
+void quantize_blocks(const float* __restrict x, int64_t n, int64_t b0, int64_t b1,
+                     const Q8Tables& t, const LevelMids* levels, uint8_t* __restrict q,
+                     float* __restrict absmax) {
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t o = b * kQBlock, len = std::min(kQBlock, n - o);
+        absmax[b] = quantize(x + o, len, t, levels, q + o);
+    }
+}
+
+// fp32 -> bf16 as torch's vectorized CPU conversion does it (what torch.mul into a bf16
+// output runs on x86): round to nearest even, every NaN -> 0xffff. The scalar f32_to_bf16
+// gives torch's scalar 0x7fc0 instead; finite values and infinities are the same.
+inline uint16_t bf16_torch_vec(float f) {
+    const uint32_t u = bits_of(f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0xffffu : rounded);
+}
+
+// out = code[q] * absmax over blocks [b0, b1), written as fp32, bf16 or fp16 (the fp32
+// product rounded to nearest even, as torch.mul into a low-precision output rounds it).
+MEMOPT_CLONES
+void dequantize_blocks(const uint8_t* __restrict q, const float* __restrict absmax, int64_t n,
+                       int64_t b0, int64_t b1, const float* __restrict code, bool vec, int dt,
+                       void* out) {
+    alignas(64) float buf[kQBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t o = b * kQBlock, len = std::min(kQBlock, n - o);
+        if (dt == DT_F32) {
+            dequantize(q + o, absmax[b], code, len, vec, static_cast<float*>(out) + o);
+        } else if (dt == DT_BF16) {
+            dequantize(q + o, absmax[b], code, len, vec, buf);
+            uint16_t* d = static_cast<uint16_t*>(out) + o;
+            for (int64_t i = 0; i < len; ++i) d[i] = bf16_torch_vec(buf[i]);
+        } else {
+            dequantize(q + o, absmax[b], code, len, vec, buf);
+            store_block(static_cast<uint16_t*>(out) + o, dt, len, buf);
+        }
+    }
 }
 
 // One quantization block [0, len) of the parameter (pointers already offset to it).
@@ -343,6 +401,43 @@ inline bool valid_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || dt == 
 
 inline int64_t dtype_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
+// Threads for n elements: n_threads (at least one), fewer when each would get under kGrain.
+inline int pick_threads(int64_t n, int n_threads) {
+#ifdef _OPENMP
+    return static_cast<int>(
+        std::max<int64_t>(1, std::min<int64_t>(std::max(n_threads, 1), n / kGrain)));
+#else
+    (void)n;
+    (void)n_threads;
+    return 1;
+#endif
+}
+
+// The register-search levels for these padded midpoints, or nullptr (no AVX-512F, or not
+// asked for): then the cell-table search runs.
+inline const LevelMids* levels_for(const float* mids, bool want, LevelMids& storage) {
+#ifdef MEMOPT_Q8_AVX512
+    if (want && __builtin_cpu_supports("avx512f")) {
+        build_levels(mids, storage);
+        return &storage;
+    }
+#else
+    (void)mids;
+    (void)want;
+    (void)storage;
+#endif
+    return nullptr;
+}
+
+inline bool vector_lookup(bool want) {
+#ifdef MEMOPT_Q8_AVX512
+    return want && __builtin_cpu_supports("avx512f");
+#else
+    (void)want;
+    return false;
+#endif
+}
+
 }  // namespace
 
 // One AdamW step of n elements on int8 moments, in place: param (dtype code 1 fp32, 2 bf16,
@@ -373,27 +468,12 @@ extern "C" MEMOPT_API int memopt_adamw_q8(
     const Q8Tables tv{v_code, v_mids, v_base, v_steps};
     // The register search needs the 255 midpoints themselves (steps and padding aside).
     LevelMids lm_levels, lv_levels;
-    const LevelMids *lm = nullptr, *lv = nullptr;
-#ifdef MEMOPT_Q8_AVX512
-    if (vector_search && __builtin_cpu_supports("avx512f")) {
-        build_levels(m_mids, lm_levels);
-        build_levels(v_mids, lv_levels);
-        lm = &lm_levels;
-        lv = &lv_levels;
-    }
-#else
-    (void)vector_search;
-#endif
+    const LevelMids* lm = levels_for(m_mids, vector_search != 0, lm_levels);
+    const LevelMids* lv = levels_for(v_mids, vector_search != 0, lv_levels);
     const int64_t blocks = (n + kQBlock - 1) / kQBlock;
     const int64_t groups = (blocks + kGroup - 1) / kGroup;
     const int64_t psize = dtype_size(param_dtype), gsize = dtype_size(grad_dtype);
-    int threads = 1;
-#ifdef _OPENMP
-    threads = static_cast<int>(
-        std::max<int64_t>(1, std::min<int64_t>(std::max(n_threads, 1), n / kGrain)));
-#else
-    (void)n_threads;
-#endif
+    const int threads = pick_threads(n, n_threads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
         const int64_t b1 = std::min(blocks, (grp + 1) * kGroup);
@@ -404,5 +484,54 @@ extern "C" MEMOPT_API int memopt_adamw_q8(
                        m_abs + b, v_q + o, v_abs + b, tm, tv, lm, lv, len, s);
         }
     }
+    return 0;
+}
+
+// Block-quantize n fp32 values x into codes q (n bytes) and absmax (ceil(n / 256) floats),
+// exactly as memopt.optim.lowbit.quant.quantize_blockwise does with bits=8 and 256-element
+// blocks: absmax = max |x| per block (NaN if the block holds one), y = x / absmax (a block
+// whose absmax is zero or NaN divides by 1), code = count(midpoints < y), non-finite y ->
+// 255. mids / base / steps are one code's tables as memopt_adamw_q8 takes them
+// (lowbit_adam.search_tables, cell counts as int32). n_threads <= 0: one. vector_search as
+// in memopt_adamw_q8. Returns 0, or -1 on bad arguments.
+extern "C" MEMOPT_API int memopt_q8_quantize(const float* x, int64_t n, const float* mids,
+                                             const int32_t* base, int steps, uint8_t* q,
+                                             float* absmax, int n_threads, int vector_search) {
+    if (n < 0 || steps < 1 || steps > 8) return -1;
+    if (n == 0) return 0;
+    if (!x || !mids || !base || !q || !absmax) return -1;
+    const Q8Tables t{nullptr, mids, base, steps};
+    LevelMids storage;
+    const LevelMids* levels = levels_for(mids, vector_search != 0, storage);
+    const int64_t blocks = (n + kQBlock - 1) / kQBlock;
+    const int64_t groups = (blocks + kGroup - 1) / kGroup;
+    const int threads = pick_threads(n, n_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t grp = 0; grp < groups; ++grp)
+        quantize_blocks(x, n, grp * kGroup, std::min(blocks, (grp + 1) * kGroup), t, levels, q,
+                        absmax);
+    return 0;
+}
+
+// The inverse: out[i] = code[q[i]] * absmax[i / 256] for n elements, computed in fp32 and
+// written as out_dtype (1 fp32, 2 bf16, 3 fp16; round to nearest even; NaN as torch's
+// vectorized conversions write it: bf16 0xffff, fp16 sign | 0x7e00), as
+// dequantize_blockwise does with bits=8. code: 256 fp32 values. vector_lookup: 1 looks the
+// code up in AVX-512 registers where the CPU has AVX-512F (the same values). Returns 0, or
+// -1 on bad arguments.
+extern "C" MEMOPT_API int memopt_q8_dequantize(const uint8_t* q, const float* absmax, int64_t n,
+                                               const float* code, int out_dtype, void* out,
+                                               int n_threads, int vector_lookup_flag) {
+    if (n < 0 || !valid_dtype(out_dtype)) return -1;
+    if (n == 0) return 0;
+    if (!q || !absmax || !code || !out) return -1;
+    const bool vec = vector_lookup(vector_lookup_flag != 0);
+    const int64_t blocks = (n + kQBlock - 1) / kQBlock;
+    const int64_t groups = (blocks + kGroup - 1) / kGroup;
+    const int threads = pick_threads(n, n_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t grp = 0; grp < groups; ++grp)
+        dequantize_blocks(q, absmax, n, grp * kGroup, std::min(blocks, (grp + 1) * kGroup), code,
+                          vec, out_dtype, out);
     return 0;
 }

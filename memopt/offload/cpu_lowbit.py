@@ -7,6 +7,10 @@ and quantizing back. The arithmetic and the quantization are those of the Triton
 (``memopt.optim.kernels.triton_lowbit``), so the result equals the torch path's bit for bit.
 ``memopt.optim.kernels.lowbit_adam`` builds the arguments (codes, search tables, fp32
 scalars) and dispatches here for CPU tensors when the library is loaded (``usable``).
+
+``q8_quantize`` / ``q8_dequantize`` are the kernel's block quantization on its own (the
+same routines): ``memopt.optim.lowbit.quant.quantize_blockwise`` / ``dequantize_blockwise``
+call them for 8-bit, 256-element-block state on the CPU, with the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ from torch import Tensor
 
 from memopt.offload.cpu_adam import _DTYPE_CODE, _library
 
-__all__ = ["adamw_q8", "usable"]
+__all__ = ["adamw_q8", "available", "q8_dequantize", "q8_quantize", "usable"]
 
 QBLOCK = 256  # elements per absmax block, fixed in the kernel
 KEY_SHIFT = 19  # search cells: y's float32 pattern >> 19, fixed in the kernel
 _SCALARS = ("keep_pre", "keep_post", "lerp_w", "c2", "b2", "step_size", "bc2_sqrt", "eps")
+
+
+def available() -> bool:
+    """Whether the native library (with the int8 routines) is loaded."""
+    return _library() is not None
 
 
 def usable(p: Tensor, g: Tensor) -> bool:
@@ -39,10 +48,10 @@ def usable(p: Tensor, g: Tensor) -> bool:
     )
 
 
-def _check(name: str, t: Tensor, dtype: torch.dtype, numel: int) -> None:
+def _check(name: str, t: Tensor, dtype: torch.dtype, numel: int, fn: str = "adamw_q8") -> None:
     if t.device.type != "cpu" or t.dtype != dtype or t.numel() != numel or not t.is_contiguous():
         raise ValueError(
-            f"adamw_q8: {name} must be a contiguous CPU {dtype} tensor of {numel} elements, "
+            f"{fn}: {name} must be a contiguous CPU {dtype} tensor of {numel} elements, "
             f"got {t.dtype} {tuple(t.shape)} on {t.device}"
         )
 
@@ -98,3 +107,75 @@ def adamw_q8(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"memopt_adamw_q8 failed (code {rc}) on {n} elements")
+
+
+def _threads(num_threads: int | None) -> int:
+    return max(1, num_threads if num_threads is not None else torch.get_num_threads())
+
+
+def q8_quantize(
+    x: Tensor,
+    q: Tensor,
+    absmax: Tensor,
+    *,
+    table: tuple[Tensor, Tensor, int],
+    num_threads: int | None = None,
+    vector_search: bool = True,
+) -> None:
+    """Block-quantize fp32 ``x`` into ``q`` (uint8, ``x.numel()``) and ``absmax`` (fp32, one
+    per 256 elements), as ``quantize_blockwise(x, code, 256, bits=8)`` does.
+
+    ``table``: the code's ``(padded midpoints, int32 cell counts, steps)`` as ``adamw_q8``
+    takes them. ``vector_search=False`` keeps the table search on AVX-512 CPUs (for tests).
+    """
+    fn = "q8_quantize"
+    lib = _library()
+    if lib is None:
+        raise ValueError("q8_quantize: the native library is not loaded")
+    n = x.numel()
+    _check("x", x, torch.float32, n, fn)
+    _check("q", q, torch.uint8, n, fn)
+    _check("absmax", absmax, torch.float32, -(-n // QBLOCK), fn)
+    mids, base, steps = table
+    _check("midpoints", mids, torch.float32, 255 + 2**steps, fn)
+    _check("cell table", base, torch.int32, 2 ** (32 - KEY_SHIFT), fn)
+    rc = lib.memopt_q8_quantize(
+        x.data_ptr(), n, mids.data_ptr(), base.data_ptr(), steps, q.data_ptr(),
+        absmax.data_ptr(), _threads(num_threads), int(vector_search),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"memopt_q8_quantize failed (code {rc}) on {n} elements")
+
+
+def q8_dequantize(
+    q: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    out: Tensor,
+    *,
+    num_threads: int | None = None,
+    vector_lookup: bool = True,
+) -> None:
+    """``out = code[q] * absmax[block]`` (fp32 product, rounded to ``out``'s dtype: fp32,
+    bf16 or fp16), as ``dequantize_blockwise(q, absmax, code, 256, ..., bits=8)`` does.
+
+    ``code``: 256 fp32 values. ``vector_lookup=False`` keeps the plain indexed loads on
+    AVX-512 CPUs (for tests).
+    """
+    fn = "q8_dequantize"
+    lib = _library()
+    if lib is None:
+        raise ValueError("q8_dequantize: the native library is not loaded")
+    n = q.numel()
+    _check("q", q, torch.uint8, n, fn)
+    _check("absmax", absmax, torch.float32, -(-n // QBLOCK), fn)
+    _check("code", code, torch.float32, 256, fn)
+    if out.dtype not in _DTYPE_CODE:
+        raise ValueError(f"q8_dequantize: out must be fp32, bf16 or fp16, got {out.dtype}")
+    _check("out", out, out.dtype, n, fn)
+    rc = lib.memopt_q8_dequantize(
+        q.data_ptr(), absmax.data_ptr(), n, code.data_ptr(), _DTYPE_CODE[out.dtype],
+        out.data_ptr(), _threads(num_threads), int(vector_lookup),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"memopt_q8_dequantize failed (code {rc}) on {n} elements")
