@@ -1,6 +1,7 @@
 // Scalar conversions between fp32 and the 16-bit float formats, shared by the native CPU
 // kernels (cpu_adam.cpp, lowbit_adam.cpp). Round to nearest even, as torch's .to() does;
-// NaN becomes torch's canonical quiet NaN (bf16 0x7fc0, fp16 sign | 0x7e00); fp16 overflow
+// NaN becomes a quiet NaN (bf16 0x7fc0, fp16 sign | 0x7e00; torch 2.13 on x86 writes a bf16
+// NaN as 0xffff, so only a NaN's bit pattern can differ from torch's); fp16 overflow
 // goes to inf and fp16 subnormals are exact. Integer work on the bit patterns only (the one
 // float multiply scales by a power of two), so the results do not depend on the compiler's
 // floating-point contraction or the target ISA.
