@@ -16,27 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model  # noqa: E402
+
 SHAPES = [(1024, 1024)] * 4 + [(2736, 1024), (2736, 1024), (1024, 2736)]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _params(dtype: torch.dtype) -> list[torch.nn.Parameter]:
@@ -87,7 +77,7 @@ def main() -> None:
     eager = _time(int8, "torch", dtype, args.steps)
     native = _time(int8, "auto", dtype, args.steps) if native_available() else float("nan")
     n = sum(a * b for a, b in SHAPES)
-    print(f"machine: {_cpu_model()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"machine: {cpu_model()}, {args.threads} threads, torch {torch.__version__}")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"params: one LLaMA-350M block, {n / 1e6:.1f}M {args.dtype}, median of {args.steps}")

@@ -23,14 +23,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model  # noqa: E402
 
 from memopt.optim import ApolloAdamW, GaLoreAdamW
 from memopt.optim.lowbit import quant
@@ -47,17 +48,6 @@ VARIANTS = [
     ("int8 native", "int8", "auto", True),
     ("int8 auto, torch quant", "int8", "auto", False),
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _params() -> list[torch.nn.Parameter]:
@@ -105,7 +95,7 @@ def main() -> None:
         ms = {label: 1e3 * _time(name, sd, mode, nq, args) for label, sd, mode, nq in VARIANTS}
         rows.append((name, ms))
     labels = [v[0] for v in VARIANTS]
-    print(f"Machine: {_cpu_model()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"Machine: {cpu_model()}, {args.threads} threads, torch {torch.__version__}")
     print(f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"Command: python {' '.join(sys.argv)}")
     print()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from memopt.optim import (
     NaturalGaLoreAdamW,
     state_bytes,
 )
+from tests.optim._roundtrip import reload
 
 OPTIMIZERS = {
     "adamw": (AdamW, {}),
@@ -74,13 +73,7 @@ def test_resume_is_bit_exact(name, kind):
     params = _params()
     opt = _opt(name, params, kind)
     _run(opt, params, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"p": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    blob = torch.load(buf, weights_only=True)
-    params2 = [torch.nn.Parameter(t.clone()) for t in blob["p"]]
-    opt2 = _opt(name, params2, kind)
-    opt2.load_state_dict(blob["opt"])
+    params2, opt2 = reload(params, opt, lambda ps: _opt(name, ps, kind))
     _run(opt2, params2, 3, 4)
     for a, b in zip(ref, params2, strict=True):
         assert torch.equal(a, b)

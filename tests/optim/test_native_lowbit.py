@@ -6,8 +6,6 @@ bit for bit: parameters, both code arrays and both absmax arrays."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from memopt.offload import cpu_lowbit
 from memopt.offload.cpu_adam import native_available
 from memopt.optim import AdamW, GaLoreAdamW, _full_adam
 from memopt.optim.kernels import lowbit_adam
+from tests.optim._roundtrip import reload
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native library not built")
 
@@ -173,13 +172,7 @@ def test_optimizer_and_resume(name, monkeypatch, calls) -> None:  # type: ignore
     params = _params()
     opt = _make(name, params)
     _run(opt, params, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"p": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    blob = torch.load(buf, weights_only=True)
-    params2 = [torch.nn.Parameter(t.clone()) for t in blob["p"]]
-    opt2 = _make(name, params2)
-    opt2.load_state_dict(blob["opt"])
+    params2, opt2 = reload(params, opt, lambda ps: _make(name, ps))
     _run(opt2, params2, 3, 3)
     assert len(calls) == 2 * 6  # resumed state still goes through the native kernel
     for a, b in zip(ref, params2, strict=True):

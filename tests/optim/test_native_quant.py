@@ -7,8 +7,6 @@ values' bit patterns (so NaN and -0.0 count too)."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ from memopt.optim.lowbit import (
     quantize_blockwise,
     state_code,
 )
+from tests.optim._roundtrip import reload
 
 pytestmark = pytest.mark.skipif(not cpu_lowbit.available(), reason="native library not built")
 
@@ -211,13 +210,7 @@ def test_low_rank_optimizers_and_resume(name: str, monkeypatch, native) -> None:
     params = _params()
     opt = _make(name, params)
     _run(opt, params, 0, 3)
-    buf = io.BytesIO()
-    torch.save({"p": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    blob = torch.load(buf, weights_only=True)
-    params2 = [torch.nn.Parameter(t.clone()) for t in blob["p"]]
-    opt2 = _make(name, params2)
-    opt2.load_state_dict(blob["opt"])
+    params2, opt2 = reload(params, opt, lambda ps: _make(name, ps))
     _run(opt2, params2, 3, 2)
     assert "q" in native and "d" in native
     for a, b in zip(ref, params2, strict=True):
