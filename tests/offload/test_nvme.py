@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -132,6 +133,12 @@ def test_finished_io_is_freed_without_the_cycle_collector(tier: NVMeTier) -> Non
             assert fut.keep_alive is None
             ref = weakref.ref(fut)
             del fut
+            # The worker thread that finished the last piece may still be returning from the
+            # callback (its frame and the piece hold the future for a moment after wait()
+            # wakes); a reference cycle, with the collector off, would hold it for good.
+            deadline = time.monotonic() + 2.0
+            while ref() is not None and time.monotonic() < deadline:
+                time.sleep(0.005)
             assert ref() is None, f"a finished {op} future was kept alive by a cycle"
     finally:
         gc.enable()
