@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_model  # noqa: E402
 
 from memopt.optim import ApolloAdamW, GaLoreAdamW
-from memopt.optim.lowbit import quant
+from memopt.optim.lowbit import native
 
 SHAPES = [(1024, 1024)] * 4 + [(2736, 1024), (2736, 1024), (1024, 2736)]
 OPTIMIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -63,9 +63,9 @@ def _params() -> list[torch.nn.Parameter]:
 def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, args: Any) -> float:
     """Median seconds per ``step()``."""
     os.environ["MEMOPT_KERNELS"] = mode
-    real = quant._native_on
+    real = native.native_on
     if not native_quant:
-        quant._native_on = lambda: False  # type: ignore[assignment]
+        native.native_on = lambda: False  # type: ignore[assignment]
     try:
         cls, extra = OPTIMIZERS[name]
         params = _params()
@@ -80,7 +80,7 @@ def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, arg
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     finally:
-        quant._native_on = real  # type: ignore[method-assign]
+        native.native_on = real  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from memopt.optim.lowbit import (
     quantize_blockwise,
     state_code,
 )
+from memopt.optim.lowbit import native as native_quant
 from tests.optim._roundtrip import reload
 
 pytestmark = pytest.mark.skipif(not cpu_lowbit.available(), reason="native library not built")
@@ -228,7 +229,7 @@ def test_all_native_kernels_with_and_without_native_quant(name: str, monkeypatch
     monkeypatch.setenv("MEMOPT_KERNELS", "auto")
     runs = []
     for on in (True, False):
-        monkeypatch.setattr(quant, "_native_on", lambda on=on: on and cpu_lowbit.available())
+        monkeypatch.setattr(native_quant, "native_on", lambda on=on: on and cpu_lowbit.available())
         params = _params()
         opt = _make(name, params)
         _run(opt, params, 0, 4)

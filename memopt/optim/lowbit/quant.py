@@ -26,20 +26,8 @@ exactly; otherwise it falls back to bucketize. Tables are built once per code te
 Work runs in chunks of whole blocks (2^18 elements on CPU, 2^24 elsewhere): temporaries
 (~17 bytes per element) stay bounded, and on CPU they stay in cache.
 
-Native CPU path. For 8 bits, 256-element blocks, contiguous CPU tensors and one of the
-int8 state codes (``dynamic_map(signed, 8)``, by value), ``quantize_blockwise`` and
-``dequantize_blockwise`` call the C++ block routines of ``memopt.offload.cpu_lowbit`` (the
-ones the native int8 AdamW uses) when the library is loaded and ``MEMOPT_KERNELS`` is
-``auto``; ``MEMOPT_KERNELS=torch`` (or ``triton``) keeps the torch code below. The native
-routines take the same steps in the same fp32 arithmetic (one division per element, the
-count of midpoints below y), so codes, absmax and dequantized values are bit-identical to
-the torch path's. Inputs of other dtypes are converted to fp32 first, as here. Blocks with
-inf or NaN match too: absmax is NaN (a NaN in the block) or inf, and every non-finite y
-gets code 255, which is what the key tables give for the non-finite keys. The one possible
-difference is which NaN bit pattern a NaN absmax carries when a block holds NaNs with
-different payloads (torch's amax keeps one of them, the native max the largest pattern).
-Dequantized NaNs are written as torch's vectorized x86 conversions write them (bf16 0xffff,
-fp16 sign | 0x7e00); a torch build that converts with its scalar code gives bf16 0x7fc0.
+Native CPU path: for int8 state on the CPU, ``quantize_blockwise`` and
+``dequantize_blockwise`` hand the work to ``native`` (same results, bit for bit).
 
 State helpers (``quantize_state`` / ``dequantize_state``) hold tensors only; codes are
 module constants cached per (kind, signed, device). 4-bit unsigned state (Adam's second
@@ -57,7 +45,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from memopt.offload import cpu_lowbit
+from memopt.optim.lowbit import native
 
 QuantKind = Literal["int8", "int4"]
 KIND_BITS: dict[str, int] = {"int8": 8, "int4": 4}
@@ -69,12 +57,6 @@ _DEVICE_CHUNK = 1 << 24  # elsewhere: bounds the ~17 bytes/element of temporarie
 _Tables = tuple[Tensor, Tensor]  # (uint8 index, float32 midpoint) per key
 _MAPS: dict[tuple[str, bool, int, torch.device], Tensor] = {}
 _TABLES: dict[int, tuple[weakref.ref[Tensor], int, _Tables | None]] = {}
-_NativeTable = tuple[Tensor, Tensor, int]  # (padded midpoints, int32 cell counts, steps)
-_NATIVE_BITS, _NATIVE_BLOCK = 8, 256  # what the native routines take
-_NATIVE_OUT = (torch.float32, torch.bfloat16, torch.float16)
-_NATIVE_TABLES: dict[bool, _NativeTable] = {}
-_NATIVE_CODES: dict[int, tuple[weakref.ref[Tensor], int, bool | None]] = {}
-_REFERENCE_CODES: dict[bool, Tensor] = {}
 
 
 def dynamic_map(signed: bool, bits: int = 8) -> Tensor:
@@ -215,81 +197,6 @@ def _check(bits: int, block_size: int | None) -> int:
     return bs
 
 
-def _native_on() -> bool:
-    """``MEMOPT_KERNELS=auto`` and the native library loaded."""
-    from memopt.optim.kernels import _env_mode  # lazy: kernels imports this package
-
-    return _env_mode() == "auto" and cpu_lowbit.available()
-
-
-def _native_signedness(code: Tensor) -> bool | None:
-    """True / False when ``code`` equals the signed / unsigned int8 state code (by value,
-    cached per live tensor and version), else None."""
-    if code.device.type != "cpu" or code.dtype != torch.float32 or code.shape != (256,):
-        return None
-    key = id(code)
-    entry = _NATIVE_CODES.get(key)
-    if entry is not None and entry[0]() is code and entry[1] == code._version:
-        return entry[2]
-    if not _REFERENCE_CODES:  # private copies: the shared state codes could be edited
-        _REFERENCE_CODES.update({s: dynamic_map(s, 8) for s in (True, False)})
-    found = next((s for s, ref in _REFERENCE_CODES.items() if torch.equal(code, ref)), None)
-
-    def forget(_ref: weakref.ref[Tensor]) -> None:
-        _NATIVE_CODES.pop(key, None)
-
-    _NATIVE_CODES[key] = (weakref.ref(code, forget), code._version, found)
-    return found
-
-
-def _native_table(signed: bool) -> _NativeTable:
-    """The search tables of ``kernels.lowbit_adam.search_tables`` with int32 cell counts."""
-    if signed not in _NATIVE_TABLES:
-        from memopt.optim.kernels.lowbit_adam import search_tables  # lazy, as above
-
-        mids, base, steps = search_tables(signed, torch.device("cpu"))
-        _NATIVE_TABLES[signed] = (mids, base.to(torch.int32), steps)
-    return _NATIVE_TABLES[signed]
-
-
-def _quantize_native(x: Tensor, code: Tensor, bs: int, bits: int) -> tuple[Tensor, Tensor] | None:
-    """The native 8-bit quantization where it applies, else None (the torch code runs)."""
-    if bits != _NATIVE_BITS or bs != _NATIVE_BLOCK or x.device.type != "cpu":
-        return None
-    if not x.is_contiguous() or not _native_on():
-        return None
-    signed = _native_signedness(code)
-    if signed is None:
-        return None
-    flat = x.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    n = flat.numel()
-    codes = torch.empty(n, dtype=torch.uint8)
-    absmax = torch.empty(-(-n // bs), dtype=torch.float32)
-    cpu_lowbit.q8_quantize(flat, codes, absmax, table=_native_table(signed))
-    return codes, absmax
-
-
-def _dequantize_native(
-    codes: Tensor, absmax: Tensor, code: Tensor, bs: int, n: int, dtype: torch.dtype, bits: int
-) -> Tensor | None:
-    """The native 8-bit dequantization where it applies, else None (the torch code runs)."""
-    if bits != _NATIVE_BITS or bs != _NATIVE_BLOCK or dtype not in _NATIVE_OUT:
-        return None
-    if codes.device.type != "cpu" or absmax.device.type != "cpu" or code.device.type != "cpu":
-        return None
-    if absmax.dtype != torch.float32 or code.dtype != torch.float32 or code.shape != (256,):
-        return None
-    if not (codes.is_contiguous() and absmax.is_contiguous() and code.is_contiguous()):
-        return None
-    if not _native_on():
-        return None
-    out = torch.empty(n, dtype=dtype)
-    cpu_lowbit.q8_dequantize(codes.reshape(-1), absmax.reshape(-1), code, out)
-    return out
-
-
 def _chunk(device: torch.device, block_size: int) -> int:
     """Elements per pass: whole blocks, an even count (nibble pairs), at least one block."""
     target = _CPU_CHUNK if device.type == "cpu" else _DEVICE_CHUNK
@@ -308,9 +215,9 @@ def quantize_blockwise(
     bs = _check(bits, block_size)
     if code.numel() > 2**bits:
         raise ValueError(f"code has {code.numel()} values; {bits} bits hold {2**bits}")
-    native = _quantize_native(x, code, bs, bits)
-    if native is not None:
-        return native
+    native_out = native.quantize(x, code, bs, bits)
+    if native_out is not None:
+        return native_out
     flat = x.detach().reshape(-1)
     n = flat.numel()
     absmax = torch.empty(-(-n // bs), dtype=torch.float32, device=x.device)
@@ -353,9 +260,9 @@ def dequantize_blockwise(
         )
     if code.device != codes.device:
         raise ValueError(f"code is on {code.device}, codes on {codes.device}")
-    native = _dequantize_native(codes, absmax, code, bs, n, dtype, bits)
-    if native is not None:
-        return native.view(tuple(shape))
+    native_out = native.dequantize(codes, absmax, code, bs, n, dtype, bits)
+    if native_out is not None:
+        return native_out.view(tuple(shape))
     table = code.to(torch.float32)
     if bits == 4:  # one gather through a 256 x 2 table of (high nibble, low nibble) values
         byte = torch.arange(256, device=code.device)
