@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from memopt.offload.cpu_adam import _DTYPE_CODE, _library
+from memopt.offload.cpu_adam import native_available as available
 
 __all__ = ["adamw_q8", "available", "q8_dequantize", "q8_quantize", "usable"]
 
@@ -29,15 +30,10 @@ KEY_SHIFT = 19  # search cells: y's float32 pattern >> 19, fixed in the kernel
 _SCALARS = ("keep_pre", "keep_post", "lerp_w", "c2", "b2", "step_size", "bc2_sqrt", "eps")
 
 
-def available() -> bool:
-    """Whether the native library (with the int8 routines) is loaded."""
-    return _library() is not None
-
-
 def usable(p: Tensor, g: Tensor) -> bool:
     """True when the native kernel can take this parameter and gradient."""
     return (
-        _library() is not None
+        available()
         and p.device.type == "cpu"
         and g.device.type == "cpu"
         and p.dtype in _DTYPE_CODE
@@ -46,6 +42,17 @@ def usable(p: Tensor, g: Tensor) -> bool:
         and g.is_contiguous()
         and g.numel() == p.numel()
     )
+
+
+def _loaded(fn: str) -> Any:
+    lib = _library()
+    if lib is None:
+        raise ValueError(f"{fn}: the native library is not loaded")
+    return lib
+
+
+def _threads(num_threads: int | None) -> int:
+    return max(1, num_threads if num_threads is not None else torch.get_num_threads())
 
 
 def _check(name: str, t: Tensor, dtype: torch.dtype, numel: int, fn: str = "adamw_q8") -> None:
@@ -96,21 +103,16 @@ def adamw_q8(
         _check("midpoints", mids, torch.float32, 255 + 2**steps)
         _check("cell table", base, torch.int32, 2 ** (32 - KEY_SHIFT))
     (m_mids, m_base, m_steps), (v_mids, v_base, v_steps) = tables
-    threads = num_threads if num_threads is not None else torch.get_num_threads()
     rc = lib.memopt_adamw_q8(
         p.data_ptr(), _DTYPE_CODE[p.dtype], g.data_ptr(), _DTYPE_CODE[g.dtype],
         m_q.data_ptr(), m_absmax.data_ptr(), v_q.data_ptr(), v_absmax.data_ptr(),
         codes[0].data_ptr(), codes[1].data_ptr(), m_mids.data_ptr(), v_mids.data_ptr(),
         m_base.data_ptr(), v_base.data_ptr(), m_steps, v_steps, n,
         *(float(scalars[k]) for k in _SCALARS), int(first), int(bool(scalars["LERP_FROM_G"])),
-        max(1, threads), int(vector_search),
+        _threads(num_threads), int(vector_search),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"memopt_adamw_q8 failed (code {rc}) on {n} elements")
-
-
-def _threads(num_threads: int | None) -> int:
-    return max(1, num_threads if num_threads is not None else torch.get_num_threads())
 
 
 def q8_quantize(
@@ -129,9 +131,7 @@ def q8_quantize(
     takes them. ``vector_search=False`` keeps the table search on AVX-512 CPUs (for tests).
     """
     fn = "q8_quantize"
-    lib = _library()
-    if lib is None:
-        raise ValueError("q8_quantize: the native library is not loaded")
+    lib = _loaded(fn)
     n = x.numel()
     _check("x", x, torch.float32, n, fn)
     _check("q", q, torch.uint8, n, fn)
@@ -163,9 +163,7 @@ def q8_dequantize(
     AVX-512 CPUs (for tests).
     """
     fn = "q8_dequantize"
-    lib = _library()
-    if lib is None:
-        raise ValueError("q8_dequantize: the native library is not loaded")
+    lib = _loaded(fn)
     n = q.numel()
     _check("q", q, torch.uint8, n, fn)
     _check("absmax", absmax, torch.float32, -(-n // QBLOCK), fn)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from memopt.offload import cpu_lowrank
+from memopt.offload.cpu_adam import native_available
 from memopt.optim import _functional as F
 
 _TRITON = importlib.util.find_spec("triton") is not None
@@ -52,10 +53,16 @@ def backend(t: Tensor) -> Literal["torch", "triton"]:
     return "torch"
 
 
+def native_cpu_on() -> bool:
+    """``MEMOPT_KERNELS=auto`` (``torch`` forces the torch reference) and the native CPU
+    library loaded: the switch every native CPU kernel checks."""
+    return _env_mode() == "auto" and native_available()
+
+
 def _native_cpu(*ts: Tensor) -> bool:
     """The native CPU kernels apply: ``MEMOPT_KERNELS=auto`` (``torch`` forces the torch
     reference), CPU fp32 contiguous tensors, and the native library built."""
-    return ts[0].device.type == "cpu" and _env_mode() == "auto" and cpu_lowrank.usable(*ts)
+    return ts[0].device.type == "cpu" and native_cpu_on() and cpu_lowrank.usable(*ts)
 
 
 def _tk() -> Any:

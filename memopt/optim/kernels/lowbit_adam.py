@@ -63,10 +63,9 @@ import torch
 from torch import Tensor
 
 from memopt.offload import cpu_lowbit
-from memopt.offload.cpu_adam import native_available
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
-from memopt.optim.kernels import _env_mode, backend
+from memopt.optim.kernels import backend, native_cpu_on
 from memopt.optim.lowbit import DEFAULT_BLOCK_SIZE, state_code
 
 QBLOCK = DEFAULT_BLOCK_SIZE[8]  # elements per absmax block (the int8 state's)
@@ -121,9 +120,10 @@ def search_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor, i
     return _TABLES[key]
 
 
-def _native_tables(signed: bool) -> tuple[Tensor, Tensor, int]:
-    """``search_tables`` on the CPU with the cell counts widened to int32 (the native kernel's
-    layout: 32 KiB, and its lookups become vector gathers)."""
+def native_search_tables(signed: bool) -> tuple[Tensor, Tensor, int]:
+    """``search_tables`` on the CPU with the cell counts widened to int32 (the native
+    routines' layout: 32 KiB, and their lookups become vector gathers); shared by the AdamW
+    kernel and ``lowbit.native``'s quantization."""
     if signed not in _NATIVE_TABLES:
         mids, base, steps = search_tables(signed, torch.device("cpu"))
         _NATIVE_TABLES[signed] = (mids, base.to(torch.int32), steps)
@@ -155,7 +155,7 @@ def _route(p: Tensor) -> str | None:
     under ``MEMOPT_KERNELS=auto`` with the native library loaded) or None (torch path)."""
     if backend(p) == "triton":
         return "triton"
-    if p.device.type == "cpu" and _env_mode() == "auto" and native_available():
+    if p.device.type == "cpu" and native_cpu_on():
         return "native"
     return None
 
@@ -231,7 +231,7 @@ def adamw_lowbit_step_(
             p, p.grad, state["exp_avg_q"], state["exp_avg_absmax"],
             state["exp_avg_sq_q"], state["exp_avg_sq_absmax"],
             codes=(state_code("int8", True, p.device), state_code("int8", False, p.device)),
-            tables=(_native_tables(True), _native_tables(False)),
+            tables=(native_search_tables(True), native_search_tables(False)),
             scalars=_scalars(group, eps_mode, t), first=first,
         )  # fmt: skip
         return True

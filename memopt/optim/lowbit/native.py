@@ -29,16 +29,15 @@ from memopt.offload import cpu_lowbit
 _Table = tuple[Tensor, Tensor, int]  # (padded midpoints, int32 cell counts, steps)
 _BITS, _BLOCK = 8, 256  # what the native routines take
 _OUT = (torch.float32, torch.bfloat16, torch.float16)
-_TABLES: dict[bool, _Table] = {}
 _CODES: dict[int, tuple[weakref.ref[Tensor], int, bool | None]] = {}
 _REFERENCE_CODES: dict[bool, Tensor] = {}
 
 
 def native_on() -> bool:
-    """``MEMOPT_KERNELS=auto`` and the native library loaded."""
-    from memopt.optim.kernels import _env_mode  # lazy: kernels imports this package
+    """``MEMOPT_KERNELS=auto`` and the native library loaded (``kernels.native_cpu_on``)."""
+    from memopt.optim.kernels import native_cpu_on  # lazy: kernels imports this package
 
-    return _env_mode() == "auto" and cpu_lowbit.available()
+    return native_cpu_on()
 
 
 def _signedness(code: Tensor) -> bool | None:
@@ -64,13 +63,10 @@ def _signedness(code: Tensor) -> bool | None:
 
 
 def _table(signed: bool) -> _Table:
-    """The search tables of ``kernels.lowbit_adam.search_tables`` with int32 cell counts."""
-    if signed not in _TABLES:
-        from memopt.optim.kernels.lowbit_adam import search_tables  # lazy, as above
+    """The code's search tables, as the AdamW kernel takes them."""
+    from memopt.optim.kernels.lowbit_adam import native_search_tables  # lazy, as above
 
-        mids, base, steps = search_tables(signed, torch.device("cpu"))
-        _TABLES[signed] = (mids, base.to(torch.int32), steps)
-    return _TABLES[signed]
+    return native_search_tables(signed)
 
 
 def quantize(
