@@ -14,8 +14,14 @@ Variants: ``fp32`` (state_dtype None, ``auto``); ``int8 torch`` (``MEMOPT_KERNEL
 every elementwise part on the torch code, quantization included); ``int8 native``
 (``auto``: the native low-rank Adam and the native quantization); ``int8 auto, torch
 quant`` (``auto`` with only the quantization held on the torch code), which separates what
-the native quantization saves from what the native low-rank Adam saves. Prints a markdown
-table.
+the native quantization saves from what the native low-rank Adam saves. The peer:
+galore-torch's ``GaLoreAdamW8bit`` (bitsandbytes' 8-bit Adam on the projected gradient, same
+rank, scale and gap; ``proj_type="std"``), timed the same way, against memopt's int8 GaLore;
+apollo-torch has no 8-bit optimizer, so APOLLO is compared with its own fp32 step only.
+galore-torch 1.0's ``GaLoreAdamW8bit.step`` calls ``torch.cuda.synchronize()``, so on a
+CPU-only torch it fails; the script runs it anyway and prints the error it raised.
+Without galore-torch and bitsandbytes (the ``bench`` extra) the script stops with an error.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -60,6 +66,28 @@ def _params() -> list[torch.nn.Parameter]:
     return params
 
 
+def _median_step(opt: torch.optim.Optimizer, steps: int) -> float:
+    """Two warm-up steps (projections and state built), then the median of ``steps``."""
+    for _ in range(2):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_peer(args: Any) -> float:
+    """galore-torch's GaLoreAdamW8bit on the same parameters (median seconds per step)."""
+    import galore_torch
+
+    params = _params()
+    group = {"params": params, "rank": args.rank, "update_proj_gap": 10**9, "scale": 0.25,
+             "proj_type": "std"}  # fmt: skip
+    return _median_step(galore_torch.GaLoreAdamW8bit([group], lr=1e-3), args.steps)
+
+
 def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, args: Any) -> float:
     """Median seconds per ``step()``."""
     os.environ["MEMOPT_KERNELS"] = mode
@@ -71,14 +99,7 @@ def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, arg
         params = _params()
         group = {"params": params, "rank": args.rank, "update_proj_gap": 10**9, **extra}
         opt = cls([group], lr=1e-3, weight_decay=0.0, state_dtype=state_dtype)
-        for _ in range(2):
-            opt.step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return _median_step(opt, args.steps)
     finally:
         native.native_on = real  # type: ignore[method-assign]
 
@@ -90,6 +111,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        import bitsandbytes  # noqa: F401
+        import galore_torch  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(
+            "int8_state_cpu: galore-torch and bitsandbytes (the peer) are not installed: "
+            "bash scripts/setup.sh dev,bench"
+        ) from err
     rows = []
     for name in OPTIMIZERS:
         ms = {label: 1e3 * _time(name, sd, mode, nq, args) for label, sd, mode, nq in VARIANTS}
@@ -114,6 +143,17 @@ def main() -> None:
             ms["int8 auto, torch quant"] / ms["int8 native"],
         )
         print(f"| {name} | {cells} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    os.environ["MEMOPT_KERNELS"] = "auto"
+    print()
+    try:
+        peer = 1e3 * _time_peer(args)
+    except (AssertionError, RuntimeError) as err:  # galore-torch 1.0 needs CUDA here
+        print(f"galore-torch GaLoreAdamW8bit: could not run on this machine: "
+              f"{type(err).__name__}: {err}")  # fmt: skip
+        return
+    mine = dict(rows)["GaLoreAdamW"]["int8 native"]
+    print(f"galore-torch GaLoreAdamW8bit: {peer:.1f} ms; memopt GaLoreAdamW int8 (native) / "
+          f"galore-torch GaLoreAdamW8bit: {mine / peer:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
