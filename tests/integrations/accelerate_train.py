@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 import memopt
 from memopt.integrations.accelerate import prepare
+from tests.integrations._exit import leave_now
 from tests.integrations._tiny import Tokens, tiny_llama
 
 GLOBAL_BATCH, ACCUM, MAX_NORM = 4, 2, 0.5
@@ -57,6 +58,7 @@ def main(out: str, stage: int) -> None:
         torch.save({"params": params, "norms": norms, **info}, out)
     acc.wait_for_everyone()  # nobody leaves while rank 0 saves (see memopt._utils.dist_teardown)
     acc.end_training()
+    leave_now()  # results saved, ranks left together: skip finalization (see _exit)
 
 
 if __name__ == "__main__":
