@@ -32,7 +32,9 @@ median of these per-save ratios is reported, while training and with the loop id
 (``--idle-saves`` saves). ``--ab-follow`` adds a second memopt method whose writer starts as
 soon as the first chunk is staged and follows the copy (the previous design), interleaved
 like the others, for an A/B in one run; ``--ab-nice N`` likewise adds one with
-``background_nice=N`` (niced copier and writer threads, one-thread CPU copies). torch.save and
+``background_nice=N`` (niced copier and writer threads) and ``--ab-team`` one whose CPU copy
+to staging runs on torch's OpenMP team of every core (before 2026-11-23; now the copier
+thread copies alone). torch.save and
 DCP get bytes / durable.
 Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
 (target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
@@ -106,7 +108,7 @@ class Memopt(Method):
 
     def __init__(
         self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool,
-        nice: int = 0,
+        nice: int = 0, team: bool = False,
     ) -> None:
         super().__init__()
         self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice)
@@ -115,7 +117,12 @@ class Memopt(Method):
             self.name = "memopt, writer following the copy"
         if nice:
             self.name = f"memopt, background_nice={nice}"
+        if team:  # the A/B variant: CPU tensors copied by torch's OpenMP team (before 2026-11-23)
+            self.ckpt._pipeline.copy_team = True
+            self.name = "memopt, copy by an OpenMP team"
         self.phases: list[tuple[float, float]] = []  # (copy to host done, then write) seconds
+        self.cpu: list[float] = []  # the save's copier + writer thread CPU seconds
+        self.idle_cpu: list[float] = []  # the same for the saves with the loop idle
         self.model, self.opt = model, opt
         self.train_adj, self.idle_adj = Adjacent(**fio), Adjacent(**fio)
         self.adj = self.train_adj
@@ -132,6 +139,7 @@ class Memopt(Method):
         assert rec.ok, rec
         self.blocking.append(rec.stall_s)  # capture + slot wait + fence waits
         self.phases.append((rec.copied_s, rec.written_s - rec.copied_s))
+        self.cpu.append(rec.background_cpu_s)
         self.durable.append(rec.durable_s)
         self.nbytes.append(rec.nbytes)
         self.adj.after(writer=rec.writer_Bps, save=rec.save_Bps)
@@ -231,6 +239,9 @@ def idle_durable(methods: list[Method], step: int, repeats: int) -> dict[str, tu
             meth.drain()
             seen.setdefault(meth.name, []).append((meth.durable.pop(), meth.nbytes.pop()))
             meth.blocking.pop()
+            if isinstance(meth, Memopt):  # keep the training saves' phases apart
+                meth.phases.pop()
+                meth.idle_cpu.append(meth.cpu.pop())
             step += 1
     return {name: (statistics.median(d for d, _ in v), v[-1][1]) for name, v in seen.items()}
 
@@ -278,6 +289,10 @@ def main() -> None:
                     help="also run memopt with the writer following the copy (A/B)")  # fmt: skip
     ap.add_argument("--ab-nice", type=int, default=0, metavar="N",
                     help="also run memopt with CheckpointConfig(background_nice=N), interleaved")
+    ap.add_argument("--ab-team", action="store_true",
+                    help="add a memopt method whose copy to staging runs on torch's OpenMP "
+                         "team of every core (the default before 2026-11-23; now the copier "
+                         "thread copies alone)")
     ap.add_argument("--no-fio", action="store_true",
                     help="run without fio (the write-throughput target is then not judged)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
@@ -323,6 +338,8 @@ def main() -> None:
         mems.append(Memopt(root / "memopt_follow", model, opt, fio, True))
     if args.ab_nice:
         mems.append(Memopt(root / "memopt_nice", model, opt, fio, False, nice=args.ab_nice))
+    if args.ab_team:
+        mems.append(Memopt(root / "memopt_team", model, opt, fio, False, team=True))
     methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
     idle = idle_durable(methods[1:], 10**6, args.idle_saves)
@@ -342,8 +359,12 @@ def main() -> None:
         results[name]["idle_throughput_Bps"] = nbytes / sec
     for m in mems:
         copy_s, write_s = (statistics.median(p[i] for p in m.phases[1:]) for i in (0, 1))
+        cpu_s = statistics.median(m.cpu[1:])
         print(f"# {m.name} while training: copy to host done at {copy_s:.2f} s, then write + "
-              f"fsync + publish {write_s:.2f} s more (medians)")  # fmt: skip
+              f"fsync + publish {write_s:.2f} s more; copier + writer threads used {cpu_s:.3f} "
+              f"CPU s per save ({statistics.median(m.idle_cpu):.3f} with the loop idle; "
+              "medians)")  # fmt: skip
+        results[m.name]["background_cpu_s"] = cpu_s
         results[m.name].update(throughput_report(m))
     print("# saved with the training loop idle: seconds to durable (median), GB/s")
     for name, (sec, nbytes) in idle.items():

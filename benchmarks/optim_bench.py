@@ -50,16 +50,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-# Waiting OpenMP threads sleep instead of spinning. On a shared 2-core machine the default
-# (spin) made every optimizer's step up to 10x slower whenever another process ran; set
-# OMP_WAIT_POLICY=ACTIVE in the environment to measure with spinning, or =default to leave
-# it unset (libgomp's spin-then-sleep, what a training script gets). Must precede torch.
-# The policy moves the ratios: PASSIVE charges a thread wake-up (~60-90 us on a VM) to every
-# parallel region, so the implementation with more, smaller ops pays more (docs/benchmarks.md).
+# The OpenMP wait policy is left as the environment has it: unset by default (libgomp's
+# spin-then-sleep, what a training script gets). On a shared, loaded machine spin-waiting made
+# every optimizer's step up to 10x slower; OMP_WAIT_POLICY=PASSIVE keeps such runs sane, but it
+# charges a thread wake-up (~60-90 us on a VM) to every parallel region, so the implementation
+# with more, smaller ops (the references) pays more and the ratios flatter memopt
+# (docs/benchmarks.md, "what the OpenMP wait policy does to the ratios"). Until 2026-11-23 this
+# script set PASSIVE itself. =default is accepted as "unset". Must precede torch.
 if os.environ.get("OMP_WAIT_POLICY", "").lower() == "default":
     del os.environ["OMP_WAIT_POLICY"]
-else:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

@@ -28,9 +28,8 @@ class CheckpointConfig:
     pin: pin the host staging buffers (``"auto"``: when CUDA is available).
     background_nice: CPU niceness (0-19) of the copier and writer threads (Linux, per thread;
         0: the training thread's). Above 0 they yield the cores to training when both compete,
-        which matters when training runs on the CPU itself, and CPU-tensor copies run on the
-        copier thread alone instead of an OpenMP team across every core (the copy is
-        memory-bound: one thread copies about as fast). Elsewhere a warning, then ignored.
+        which matters when training runs on the CPU itself. Elsewhere a warning, then
+        ignored. (CPU-tensor copies run on the copier thread alone either way.)
     """
 
     keep: int = 3

@@ -19,9 +19,12 @@ and 0.9 s under the writes. By time to durable the A/B there was mixed (overlap 
 the loop idle, either one ahead while training). ``follow_copy=True`` restores the overlap:
 the writer starts once the first chunk is staged and waits before each chunk until the
 copier has staged that prefix (``wait_copied``, per tensor on CPU).
-``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority, and CPU
-tensors are then copied by the copier thread alone (``_copy_one_thread``) rather than by an
-OpenMP team on every core, so a CPU training loop keeps its cores.
+CPU tensors are copied by the copier thread alone (``_copy_one_thread``: numpy's copy, the GIL
+released), not by torch's ``copy_``, which starts an OpenMP team of every core for the copier
+thread: the copy is bound by memory bandwidth (1.2 GB into staging: 0.10 s on one thread, 0.10 s
+on two, on the 2-core VM of docs/benchmarks.md), so the team only adds threads that compete with
+a CPU training loop's own. ``copy_team = True`` restores the team (the benchmark's A/B).
+``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
 """
@@ -88,6 +91,7 @@ class Pipeline:
     (default False: it starts when the copy has finished; see the module docstring)."""
 
     follow_copy = False
+    copy_team = False  # CPU copies by torch's OpenMP team instead of the copier thread alone
 
     def __init__(
         self,
@@ -126,6 +130,7 @@ class Pipeline:
 
     def _copier(self) -> None:
         while (job := self._copy_q.get()) is not None:
+            cpu0 = time.thread_time()
             for stage in (self._stage, self._copy):
                 try:
                     if job.error is None:
@@ -135,6 +140,7 @@ class Pipeline:
                 if stage == self._stage:  # the writer follows the copy, chunk by chunk
                     self._write_q.put(job)
             job.entries = []  # drop the references to live tensors
+            job.record.background_cpu_s += time.thread_time() - cpu0
             job.record.copied_s = time.perf_counter() - job.t0
             job.advance(job.plan.data_bytes)  # (also releases the writer after a failure)
             job.copied.set()
@@ -158,7 +164,7 @@ class Pipeline:
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
         for e, (src, dst) in zip(job.entries, slots, strict=True):
             if src.device.type != "cuda":
-                if not (self.nice and _copy_one_thread(dst, src)):
+                if self.copy_team or not _copy_one_thread(dst, src):
                     dst.copy_(src)
                 if not on_device:  # a staged prefix: the writer may write up to here
                     job.advance(job.plan.offsets[e.name] + dst.numel() * dst.element_size())
@@ -182,6 +188,7 @@ class Pipeline:
 
     def _writer(self) -> None:
         while (job := self._write_q.get()) is not None:
+            cpu0 = time.thread_time()
             try:
                 if job.error is None:
                     first = CHUNK if self.follow_copy else job.plan.data_bytes
@@ -201,6 +208,8 @@ class Pipeline:
             except BaseException as e:  # noqa: BLE001
                 job.error = job.error or e
             job.record.durable_s = time.perf_counter() - job.t0
+            # (the copier added its CPU time before setting ``copied``, waited for above)
+            job.record.background_cpu_s += time.thread_time() - cpu0
             job.record.ok = job.error is None
             job.done.set()
             self._on_done()

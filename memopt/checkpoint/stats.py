@@ -20,6 +20,12 @@ class SaveRecord:
     protected_s: with ``redundancy=``, when peers held this save in host memory (0 if not);
         ``protected`` says whether they do, ``protect_note`` why not (skipped, failed).
     nbytes: bytes of this rank's tensor file (header + data section).
+    background_cpu_s: CPU seconds the copier and writer threads spent on this save (copy to
+        staging, checksum, submitting writes, publish; per-thread CPU time). Where training
+        saturates the host's cores, the steps that overlap the save lose about this much
+        time even though ``stall_s`` stays near zero. Not counted: the I/O engine's own
+        thread, the kernel's work for the writes, and the checksum's helper threads on
+        machines of 8+ cores (``writer.CRC_WORKERS``; below that the writer thread runs it).
 
     Two throughputs in bytes/s (0 until the save is durable): ``writer_Bps`` = nbytes /
     (durable_s - write_start_s), the writer's own rate from its first byte to the publish
@@ -40,6 +46,7 @@ class SaveRecord:
     protected_s: float = 0.0
     protected: bool = False
     protect_note: str = ""
+    background_cpu_s: float = 0.0
 
     @property
     def writer_Bps(self) -> float:

@@ -203,3 +203,31 @@ def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeyp
         assert torch.equal(a, b)
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"],
                        fresh_opt.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("team", [False, True])
+def test_cpu_copy_runs_on_the_copier_thread_and_cpu_time_is_counted(tmp_path, monkeypatch,
+                                                                    team) -> None:
+    """By default CPU tensors are copied by the copier thread alone (no OpenMP team of its
+    own); ``copy_team`` brings torch's copy back. Either way the snapshot is exact, and the
+    save's ``background_cpu_s`` counts the copy and the checksum."""
+    used: list[bool] = []
+    orig = pipeline._copy_one_thread
+
+    def spy(dst: torch.Tensor, src: torch.Tensor) -> bool:
+        used.append(orig(dst, src))
+        return used[-1]
+
+    monkeypatch.setattr(pipeline, "_copy_one_thread", spy)
+    monkeypatch.setattr(pipeline.Pipeline, "copy_team", team)
+    big = {"w": torch.randn(1 << 23), "b": torch.arange(1000, dtype=torch.int64)}  # 32 MB
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        ckpt.save(1, extra=big)
+        ckpt.wait()
+        rec = ckpt.stats.records[-1]
+        got = ckpt.load()
+    assert all(torch.equal(got[k], v) for k, v in big.items())
+    assert used == ([] if team else [True, True])
+    # a 32 MB copy plus a crc32c pass over it: well above a millisecond of CPU, and no more
+    # than the two threads could have spent while the save ran
+    assert 1e-3 < rec.background_cpu_s <= 2 * rec.durable_s + 0.05
