@@ -144,7 +144,6 @@ def main() -> None:
     else:
         print(f"# fio (libaio, O_DIRECT, 1 MiB, QD 64, end_fsync), two runs: "
               f"{' / '.join(f'{b / 1e9:.2f}' for b in fio if b)} GB/s")  # fmt: skip
-    del raw, live, src, s_np
     state = {"model": {"w": params}, "optim": {"exp_avg": moments[0], "exp_avg_sq": moments[1]}}
     ts_wall, ts_cpu = timed(lambda: torch_save(root / "ts.pt", state), args.repeats)
     print(f"| torch.save of the same state + fsync (the peer) | {ts_wall:.3f} | {ts_cpu:.3f} | "

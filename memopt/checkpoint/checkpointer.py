@@ -45,6 +45,7 @@ from memopt.checkpoint.pipeline import Job, Pipeline
 from memopt.checkpoint.reader import Snapshot
 from memopt.checkpoint.redundancy_config import RedundancyConfig
 from memopt.checkpoint.stats import CheckpointStats, SaveRecord
+from memopt.checkpoint.writer import Engines
 from memopt.offload.arena import ArenaConfig, PinnedArena
 from memopt.offload.hostmem import PAGE_SIZE
 
@@ -99,6 +100,7 @@ class AsyncCheckpointer:
         self._seq = 0
         self._hooks: dict[int, Any] = {}
         self._error: BaseException | None = None
+        self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
             self.arena, self._write, self._publish, self._slots.release,
             nice=self.config.background_nice,
@@ -237,6 +239,7 @@ class AsyncCheckpointer:
                 self.config.fsync,
                 self.config.direct_io,
                 job.wait_copied,
+                self._engines,
             )
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
         except OSError as e:
@@ -367,6 +370,7 @@ class AsyncCheckpointer:
                 job.done.wait()
         finally:
             self._pipeline.close()
+            self._engines.close()  # (the writer thread has ended: no write is in flight)
             for h in self._hooks.values():
                 h.remove()
             self._hooks.clear()

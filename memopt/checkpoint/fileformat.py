@@ -26,7 +26,7 @@ import torch
 
 from memopt.checkpoint.checksum import checksum_fn, resolve_checksum  # noqa: F401 (re-exported)
 from memopt.checkpoint.errors import CorruptSnapshotError
-from memopt.checkpoint.writer import write_data_file
+from memopt.checkpoint.writer import Engines, write_data_file
 
 PAD_PREFIX = "__pad__."
 _CHUNK = 64 << 20  # read size of file_checksum
@@ -119,6 +119,7 @@ def write_file(
     fsync: bool,
     direct: bool = False,
     ready: Callable[[int], None] | None = None,
+    engines: Engines | None = None,
 ) -> int:
     """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum.
 
@@ -126,10 +127,11 @@ def write_file(
     and ``data`` is page-aligned; the plan's sizes are alignment multiples, so every write is.
     ``ready(n)`` blocks until the first ``n`` bytes of ``data`` hold their values (the
     writer follows the copy into staging chunk by chunk). How: ``writer.write_data_file``
-    (preallocated file, several writes in flight, checksum overlapped with the I/O).
+    (preallocated file, several writes in flight, checksum overlapped with the I/O), through
+    ``engines`` when given (kept across files: see ``writer.Engines``).
     """
     return write_data_file(
-        path, plan.header, data[: plan.data_bytes], checksum, fsync, direct, ready
+        path, plan.header, data[: plan.data_bytes], checksum, fsync, direct, ready, engines
     )
 
 
