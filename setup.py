@@ -29,7 +29,7 @@ NATIVE = [
     ),
     Extension(
         "memopt.offload._aio_lib",
-        sources=["csrc/aio/aio.cpp"],
+        sources=["csrc/aio/aio.cpp", "csrc/aio/copy_crc.cpp"],
         language="c++",
     ),
 ]

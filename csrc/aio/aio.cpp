@@ -215,7 +215,8 @@ void run(Engine* e) {
 }  // namespace
 
 // 3: requests are split into pieces by the engine, one completion per request.
-MEMOPT_API int memopt_aio_abi_version() { return 3; }
+// 4: memopt_copy_crc32c / memopt_copy_crc32c_hw (copy_crc.cpp).
+MEMOPT_API int memopt_aio_abi_version() { return 4; }
 
 // An engine keeping up to `depth` pieces in flight; NULL with *err = errno on failure.
 MEMOPT_API void* memopt_aio_create(int depth, int* err) {

@@ -200,6 +200,7 @@ class AsyncCheckpointer:
         }
         align = min(self.config.alignment, PAGE_SIZE)
         job = Job(step, self._seq, entries, skel, plan, SaveRecord(step), t0, align)
+        job.checksum = self.checksum
         self._seq += 1
         if any(e.tensor.device.type == "cuda" for e in entries):
             devices = {e.tensor.device for e in entries if e.tensor.device.type == "cuda"}
@@ -240,6 +241,7 @@ class AsyncCheckpointer:
                 self.config.direct_io,
                 job.wait_copied,
                 self._engines,
+                job.copied_checksum,
             )
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
         except OSError as e:

@@ -120,6 +120,7 @@ def write_file(
     direct: bool = False,
     ready: Callable[[int], None] | None = None,
     engines: Engines | None = None,
+    known_checksum: Callable[[], int | None] | None = None,
 ) -> int:
     """Write header + ``data`` (uint8, ``plan.data_bytes``) to a new file; returns the checksum.
 
@@ -128,10 +129,12 @@ def write_file(
     ``ready(n)`` blocks until the first ``n`` bytes of ``data`` hold their values (the
     writer follows the copy into staging chunk by chunk). How: ``writer.write_data_file``
     (preallocated file, several writes in flight, checksum overlapped with the I/O), through
-    ``engines`` when given (kept across files: see ``writer.Engines``).
+    ``engines`` when given (kept across files: see ``writer.Engines``); ``known_checksum()``
+    gives the checksum when the copier already computed it (else None).
     """
     return write_data_file(
-        path, plan.header, data[: plan.data_bytes], checksum, fsync, direct, ready, engines
+        path, plan.header, data[: plan.data_bytes], checksum, fsync, direct, ready, engines,
+        known_checksum,
     )
 
 

@@ -44,6 +44,9 @@ import torch
 
 from memopt._utils import warn_once
 from memopt.checkpoint.capture import Entry
+from memopt.checkpoint.checksum import checksum_fn
+from memopt.checkpoint.copy_crc import available as fused_ok
+from memopt.checkpoint.copy_crc import copy_crc32c
 from memopt.checkpoint.fileformat import FilePlan
 from memopt.checkpoint.stats import SaveRecord
 from memopt.checkpoint.writer import CHUNK
@@ -72,6 +75,13 @@ class Job:
     reported: bool = False  # the error was already raised to the caller (from save)
     copied_upto: int = 0  # bytes of the data section already in staging (a prefix)
     progress: threading.Condition = field(default_factory=threading.Condition)
+    checksum: str = ""  # the file's checksum algorithm ("crc32c": the copier may compute it)
+    file_crc: int | None = None  # crc of header + data section, when the copier computed it
+
+    def copied_checksum(self) -> int | None:
+        """The file's checksum computed by the copier (after the copy), else None."""
+        self.copied.wait()
+        return self.file_crc
 
     def advance(self, upto: int) -> None:
         with self.progress:
@@ -162,6 +172,9 @@ class Pipeline:
     def _copy(self, job: Job) -> None:
         slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
+        if not on_device and not self.copy_team and job.checksum == "crc32c" and fused_ok():
+            self._copy_and_checksum(job, slots)
+            return
         for e, (src, dst) in zip(job.entries, slots, strict=True):
             if src.device.type != "cuda":
                 if self.copy_team or not _copy_one_thread(dst, src):
@@ -178,6 +191,30 @@ class Pipeline:
                 finished = torch.cuda.Event()
                 finished.record(self._stream)
             finished.synchronize()
+
+    @staticmethod
+    def _copy_and_checksum(job: Job, slots: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """CPU tensors: copy each into its slot and continue the file's CRC-32C over it in the
+        same pass (``copy_crc``), in file order, padding included; the writer then has no
+        checksum pass to make (``Job.file_crc``)."""
+        assert job.staging is not None
+        crc = checksum_fn("crc32c")
+        value, pos = crc(job.plan.header, 0), 0
+        flat = job.staging
+        order = sorted(zip(job.entries, slots, strict=True),
+                       key=lambda es: job.plan.offsets[es[0].name])  # fmt: skip
+        for e, (src, dst) in order:
+            off = job.plan.offsets[e.name]
+            nbytes = dst.numel() * dst.element_size()
+            value = crc(_raw(flat[pos:off]), value)  # the padding before it
+            if src.is_contiguous() and src.dtype == dst.dtype:
+                value = copy_crc32c(flat[off : off + nbytes], src, value)
+            else:  # e.g. a transposed basis: torch lays it out, then the slot is checksummed
+                dst.copy_(src)
+                value = crc(_raw(flat[off : off + nbytes]), value)
+            pos = off + nbytes
+            job.advance(pos)
+        job.file_crc = crc(_raw(flat[pos:]), value)
 
     @staticmethod
     def _slot(job: Job, e: Entry) -> torch.Tensor:
@@ -218,6 +255,11 @@ class Pipeline:
         self._copy_q.put(None)
         for t in self._threads:
             t.join()
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous uint8 CPU tensor, without a copy."""
+    return memoryview(t.numpy().data)
 
 
 def lower_priority(nice: int) -> None:

@@ -130,12 +130,15 @@ def write_data_file(
     direct: bool,
     ready: Callable[[int], None] | None = None,
     engines: Engines | None = None,
+    known_checksum: Callable[[], int | None] | None = None,
 ) -> int:
     """Write ``header`` then ``data`` (uint8, CPU) to a new file; return the running checksum.
 
     ``direct``: use ``O_DIRECT`` when possible (the sizes must be page multiples and ``data``
     page-aligned, else buffered). ``ready(n)`` blocks until ``data[:n]`` holds its values.
-    ``engines``: I/O engines to use and keep (else made for this call and closed after it)."""
+    ``engines``: I/O engines to use and keep (else made for this call and closed after it).
+    ``known_checksum()``: the file's checksum if someone already computed it (the copier, in
+    the same pass as the copy: ``copy_crc``), else None and it is computed here."""
     n = data.numel()
     view = memoryview(data.numpy().data) if n else memoryview(b"")
     aligned = not (data.data_ptr() % _PAGE or len(header) % _PAGE or n % _PAGE)
@@ -160,8 +163,11 @@ def write_data_file(
             if ready is not None:
                 ready(hi)
             pending += engine.submit("write", fd, addr + lo, hi - lo, base + lo, path)
-        # then the checksum, while the disk writes
-        value = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS)
+        # then the checksum, while the disk writes (unless the copier already made it)
+        known = known_checksum() if known_checksum is not None else None
+        if known is None:
+            known = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS)
+        value = known
         _wait_all(pending)
         if fsync:
             os.fsync(fd)

@@ -38,7 +38,8 @@ from memopt.offload.io_backend import IOBackend, IOOp, ThreadPoolBackend, _fail
 
 __all__ = ["NativeAIOBackend", "native_available", "make_backend", "default_workers"]
 
-_ABI = 3  # 3: the engine cuts requests into pieces, one completion per request
+_ABI = 4  # 3: the engine cuts requests into pieces, one completion per request
+# 4: memopt_copy_crc32c (csrc/aio/copy_crc.cpp, bound in memopt/checkpoint/copy_crc.py)
 _lib: ctypes.CDLL | None = None
 _loaded = False
 

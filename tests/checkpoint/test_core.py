@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from memopt.checkpoint import AsyncCheckpointer, CheckpointConfig, export_hf, pipeline
+from memopt.checkpoint import AsyncCheckpointer, CheckpointConfig, export_hf, pipeline, writer
 from memopt.checkpoint.codec import decode, encode
 from tests.checkpoint import _common as T
 
@@ -173,19 +173,10 @@ def test_config_is_validated(tmp_path) -> None:
 
 def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeypatch) -> None:
     """With background_nice the copier and writer run niced (the training thread does not),
-    CPU tensors go through the one-thread copy, and the snapshot loads bit for bit."""
+    and the snapshot loads bit for bit."""
     import os
     import threading
 
-    used: list[int] = []
-    orig = pipeline._copy_one_thread
-
-    def spy(dst: torch.Tensor, src: torch.Tensor) -> bool:
-        ok = orig(dst, src)
-        used.append(int(ok))
-        return ok
-
-    monkeypatch.setattr(pipeline, "_copy_one_thread", spy)
     model, opt, sched = T.make_all("adamw", 0)
     T.train(model, opt, sched, 0, 2)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -196,7 +187,6 @@ def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeyp
                  for t in threading.enumerate() if t.name.startswith("memopt-ckpt-")}
         assert nices == {"memopt-ckpt-copy": max(7, mine), "memopt-ckpt-write": max(7, mine)}
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
-        assert used and all(used)
         fresh, fresh_opt, fresh_sched = T.make_all("adamw", 0)
         ckpt.load(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
@@ -205,29 +195,69 @@ def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeyp
                        fresh_opt.state_dict()["state"][0]["exp_avg"])
 
 
-@pytest.mark.parametrize("team", [False, True])
-def test_cpu_copy_runs_on_the_copier_thread_and_cpu_time_is_counted(tmp_path, monkeypatch,
-                                                                    team) -> None:
-    """By default CPU tensors are copied by the copier thread alone (no OpenMP team of its
-    own); ``copy_team`` brings torch's copy back. Either way the snapshot is exact, and the
-    save's ``background_cpu_s`` counts the copy and the checksum."""
-    used: list[bool] = []
-    orig = pipeline._copy_one_thread
+@pytest.mark.parametrize("path", ["fused", "one_thread", "team"])
+def test_cpu_copy_paths_and_cpu_time(tmp_path, monkeypatch, path) -> None:
+    """CPU tensors are staged by the copier thread alone: with the CRC-32C computed in the same
+    pass (``copy_crc``, when built), so the writer makes no checksum pass; else by numpy's
+    one-thread copy. ``copy_team`` brings torch's copy back. Every path gives the same files
+    (checksums verified on load), and ``background_cpu_s`` counts the copy and checksum."""
+    if path == "fused" and not pipeline.fused_ok():
+        pytest.skip("the native copy + CRC-32C is not built here")
+    calls: dict[str, int] = {"fused": 0, "one_thread": 0, "writer_crc": 0}
 
-    def spy(dst: torch.Tensor, src: torch.Tensor) -> bool:
-        used.append(orig(dst, src))
-        return used[-1]
+    def counted(name, fn):  # type: ignore[no-untyped-def]
+        def run(*a, **k):  # type: ignore[no-untyped-def]
+            calls[name] += 1
+            return fn(*a, **k)
 
-    monkeypatch.setattr(pipeline, "_copy_one_thread", spy)
-    monkeypatch.setattr(pipeline.Pipeline, "copy_team", team)
-    big = {"w": torch.randn(1 << 23), "b": torch.arange(1000, dtype=torch.int64)}  # 32 MB
+        return run
+
+    monkeypatch.setattr(pipeline, "copy_crc32c", counted("fused", pipeline.copy_crc32c))
+    monkeypatch.setattr(pipeline, "_copy_one_thread",
+                        counted("one_thread", pipeline._copy_one_thread))  # fmt: skip
+    monkeypatch.setattr(writer, "parallel_checksum",
+                        counted("writer_crc", writer.parallel_checksum))  # fmt: skip
+    monkeypatch.setattr(pipeline.Pipeline, "copy_team", path == "team")
+    if path == "one_thread":
+        monkeypatch.setattr(pipeline, "fused_ok", lambda: False)
+    big = {"w": torch.randn(1 << 23), "b": torch.arange(1000, dtype=torch.int64),
+           "t": torch.randn(300, 200).t(), "z": torch.zeros(0)}  # fmt: skip
     with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
         ckpt.save(1, extra=big)
         ckpt.wait()
         rec = ckpt.stats.records[-1]
-        got = ckpt.load()
+        got = ckpt.load()  # verify=True: the file's checksum is checked
     assert all(torch.equal(got[k], v) for k, v in big.items())
-    assert used == ([] if team else [True, True])
-    # a 32 MB copy plus a crc32c pass over it: well above a millisecond of CPU, and no more
+    if path == "fused":  # 3 tensors copied in one pass; the transposed one by torch
+        assert calls == {"fused": 3, "one_thread": 0, "writer_crc": 0}
+    elif path == "one_thread":
+        assert calls["fused"] == 0 and calls["one_thread"] == 4 and calls["writer_crc"] == 1
+    else:
+        assert calls == {"fused": 0, "one_thread": 0, "writer_crc": 1}
+    # a 32 MB copy plus a CRC-32C over it: well above a millisecond of CPU, and no more
     # than the two threads could have spent while the save ran
     assert 1e-3 < rec.background_cpu_s <= 2 * rec.durable_s + 0.05
+
+
+def test_fused_copy_crc_matches_the_crc32c_package() -> None:
+    """``copy_crc32c`` copies exactly and continues a running CRC-32C like ``crc32c.crc32c``,
+    at every length around its 3 x 8 KiB rounds and any alignment of source and target."""
+    crc32c = pytest.importorskip("crc32c")
+    from memopt.checkpoint.copy_crc import available, copy_crc32c
+
+    if not available():
+        pytest.skip("the native copy + CRC-32C is not built here")
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 24575, 24576, 24577, 3 * 8192 * 4 + 13, (1 << 20) + 3):
+        src = torch.randint(0, 256, (n + 3,), dtype=torch.uint8, generator=g)
+        out = torch.zeros(n + 8, dtype=torch.uint8)
+        for so, do, prev in ((0, 0, 0), (1, 0, 7), (3, 5, 0xDEADBEEF)):
+            s, d = src[so : so + n], out[do : do + n]
+            d.zero_()
+            assert copy_crc32c(d, s, prev) == crc32c.crc32c(s.numpy().tobytes(), prev)
+            assert torch.equal(d, s)
+    x = torch.randn(5, 7)
+    with pytest.raises(ValueError, match="uint8 view of 140 bytes"):
+        copy_crc32c(torch.empty(139, dtype=torch.uint8), x)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        copy_crc32c(torch.empty(140, dtype=torch.uint8), x.t())

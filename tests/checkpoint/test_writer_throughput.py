@@ -174,10 +174,10 @@ def test_write_starts_after_the_copy_unless_following(tmp_path, monkeypatch, fol
     at_start: list[tuple[int, int]] = []  # (bytes staged, bytes in all) when the writer began
     real = fileformat.write_data_file
 
-    def spy(path, header, data, crc, fsync, direct, ready=None, engines=None):  # type: ignore[no-untyped-def]
+    def spy(path, header, data, crc, fsync, direct, ready, *rest):  # type: ignore[no-untyped-def]
         job = ready.__self__  # the job's wait_copied
         at_start.append((job.copied_upto, job.plan.data_bytes))
-        return real(path, header, data, crc, fsync, direct, ready, engines)
+        return real(path, header, data, crc, fsync, direct, ready, *rest)
 
     monkeypatch.setattr(fileformat, "write_data_file", spy)
     tensors = {f"t{i}": torch.full((PAGE,), float(i)) for i in range(6)}
