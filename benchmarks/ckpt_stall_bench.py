@@ -32,9 +32,10 @@ median of these per-save ratios is reported, while training and with the loop id
 (``--idle-saves`` saves). ``--ab-follow`` adds a second memopt method whose writer starts as
 soon as the first chunk is staged and follows the copy (the previous design), interleaved
 like the others, for an A/B in one run; ``--ab-nice N`` likewise adds one with
-``background_nice=N`` (niced copier and writer threads) and ``--ab-team`` one whose CPU copy
-to staging runs on torch's OpenMP team of every core (before 2026-11-23; now the copier
-thread copies alone). torch.save and
+``background_nice=N`` (niced copier and writer threads), ``--ab-team`` one that stages CPU
+tensors as before 2026-11-23 (torch's ``copy_`` on an OpenMP team of every core; now the
+copier thread copies alone) and ``--ab-fused`` one with ``checksum_in_copy=True`` (copy and
+crc32c in one pass, ``memopt/checkpoint/copy_crc.py``). torch.save and
 DCP get bytes / durable.
 Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
 (target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
@@ -108,18 +109,20 @@ class Memopt(Method):
 
     def __init__(
         self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool,
-        nice: int = 0, team: bool = False,
+        nice: int = 0, team: bool = False, fused: bool = False,
     ) -> None:
         super().__init__()
-        self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice)
+        self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice, checksum_in_copy=fused)
+        if fused:
+            self.name = "memopt, checksum_in_copy"
         if follow:  # the A/B variant: the writer overlaps the copy (the previous design)
             self.ckpt._pipeline.follow_copy = True
             self.name = "memopt, writer following the copy"
         if nice:
             self.name = f"memopt, background_nice={nice}"
-        if team:  # the A/B variant: CPU tensors copied by torch's OpenMP team (before 2026-11-23)
+        if team:  # the A/B variant: the staging path before 2026-11-23 (see --ab-team)
             self.ckpt._pipeline.copy_team = True
-            self.name = "memopt, copy by an OpenMP team"
+            self.name = "memopt, copy by torch's OpenMP team"
         self.phases: list[tuple[float, float]] = []  # (copy to host done, then write) seconds
         self.cpu: list[float] = []  # the save's copier + writer thread CPU seconds
         self.idle_cpu: list[float] = []  # the same for the saves with the loop idle
@@ -290,9 +293,11 @@ def main() -> None:
     ap.add_argument("--ab-nice", type=int, default=0, metavar="N",
                     help="also run memopt with CheckpointConfig(background_nice=N), interleaved")
     ap.add_argument("--ab-team", action="store_true",
-                    help="add a memopt method whose copy to staging runs on torch's OpenMP "
-                         "team of every core (the default before 2026-11-23; now the copier "
-                         "thread copies alone)")
+                    help="add a memopt method that stages as before 2026-11-23: torch's copy_ "
+                         "(an OpenMP team of every core) instead of one copier thread")
+    ap.add_argument("--ab-fused", action="store_true",
+                    help="add a memopt method with CheckpointConfig(checksum_in_copy=True): "
+                         "copy and crc32c in one pass, no checksum pass in the writer")
     ap.add_argument("--no-fio", action="store_true",
                     help="run without fio (the write-throughput target is then not judged)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
@@ -340,6 +345,8 @@ def main() -> None:
         mems.append(Memopt(root / "memopt_nice", model, opt, fio, False, nice=args.ab_nice))
     if args.ab_team:
         mems.append(Memopt(root / "memopt_team", model, opt, fio, False, team=True))
+    if args.ab_fused:
+        mems.append(Memopt(root / "memopt_fused", model, opt, fio, False, fused=True))
     methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
     idle = idle_durable(methods[1:], 10**6, args.idle_saves)

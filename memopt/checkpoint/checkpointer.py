@@ -103,7 +103,7 @@ class AsyncCheckpointer:
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
             self.arena, self._write, self._publish, self._slots.release,
-            nice=self.config.background_nice,
+            nice=self.config.background_nice, fuse_checksum=self.config.checksum_in_copy,
         )  # fmt: skip
         self._closed = False
 

@@ -24,6 +24,10 @@ released), not by torch's ``copy_``, which starts an OpenMP team of every core f
 thread: the copy is bound by memory bandwidth (1.2 GB into staging: 0.10 s on one thread, 0.10 s
 on two, on the 2-core VM of docs/benchmarks.md), so the team only adds threads that compete with
 a CPU training loop's own. ``copy_team = True`` restores the team (the benchmark's A/B).
+``fuse_checksum`` (``CheckpointConfig.checksum_in_copy``): CPU tensors are copied and their
+CRC-32C computed in one pass (``copy_crc``) and the writer makes no checksum pass; off by
+default, because on the VM of docs/benchmarks.md the disk writes that followed were 15-25%
+slower (reason not found), which cost more than the CPU it saves.
 ``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
@@ -111,9 +115,11 @@ class Pipeline:
         on_done: Callable[[], None],
         *,
         nice: int = 0,
+        fuse_checksum: bool = False,
     ) -> None:
         self.arena, self._write, self._publish = arena, write_fn, publish_fn
         self.nice = nice
+        self.fuse_checksum = fuse_checksum  # CPU copies also compute the file's CRC-32C
         self._on_done = on_done
         self._copy_q: queue.Queue[Job | None] = queue.Queue()
         self._write_q: queue.Queue[Job | None] = queue.Queue()
@@ -172,7 +178,8 @@ class Pipeline:
     def _copy(self, job: Job) -> None:
         slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
-        if not on_device and not self.copy_team and job.checksum == "crc32c" and fused_ok():
+        if (not on_device and not self.copy_team and self.fuse_checksum and job.checksum == "crc32c"
+                and fused_ok()):
             self._copy_and_checksum(job, slots)
             return
         for e, (src, dst) in zip(job.entries, slots, strict=True):

@@ -169,6 +169,8 @@ def test_config_is_validated(tmp_path) -> None:
         CheckpointConfig(checksum="md5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"background_nice must be an int in \[0, 19\], got 20"):
         CheckpointConfig(background_nice=20)
+    with pytest.raises(ValueError, match="checksum_in_copy must be a bool, got 'yes'"):
+        CheckpointConfig(checksum_in_copy="yes")  # type: ignore[arg-type]
 
 
 def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeypatch) -> None:
@@ -197,10 +199,11 @@ def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeyp
 
 @pytest.mark.parametrize("path", ["fused", "one_thread", "team"])
 def test_cpu_copy_paths_and_cpu_time(tmp_path, monkeypatch, path) -> None:
-    """CPU tensors are staged by the copier thread alone: with the CRC-32C computed in the same
-    pass (``copy_crc``, when built), so the writer makes no checksum pass; else by numpy's
-    one-thread copy. ``copy_team`` brings torch's copy back. Every path gives the same files
-    (checksums verified on load), and ``background_cpu_s`` counts the copy and checksum."""
+    """CPU tensors are staged by the copier thread alone: by numpy's one-thread copy (the
+    default), or with ``checksum_in_copy`` by the native copy that computes the CRC-32C in
+    the same pass, so the writer makes no checksum pass. ``copy_team`` brings torch's copy
+    back. Every path gives the same files (checksums verified on load), and
+    ``background_cpu_s`` counts the copy and checksum."""
     if path == "fused" and not pipeline.fused_ok():
         pytest.skip("the native copy + CRC-32C is not built here")
     calls: dict[str, int] = {"fused": 0, "one_thread": 0, "writer_crc": 0}
@@ -218,11 +221,10 @@ def test_cpu_copy_paths_and_cpu_time(tmp_path, monkeypatch, path) -> None:
     monkeypatch.setattr(writer, "parallel_checksum",
                         counted("writer_crc", writer.parallel_checksum))  # fmt: skip
     monkeypatch.setattr(pipeline.Pipeline, "copy_team", path == "team")
-    if path == "one_thread":
-        monkeypatch.setattr(pipeline, "fused_ok", lambda: False)
     big = {"w": torch.randn(1 << 23), "b": torch.arange(1000, dtype=torch.int64),
            "t": torch.randn(300, 200).t(), "z": torch.zeros(0)}  # fmt: skip
-    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+    with AsyncCheckpointer(tmp_path, save_rng=False, checksum_in_copy=path != "one_thread",
+                           checksum="crc32c") as ckpt:  # fmt: skip
         ckpt.save(1, extra=big)
         ckpt.wait()
         rec = ckpt.stats.records[-1]
