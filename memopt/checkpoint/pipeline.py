@@ -21,9 +21,10 @@ the writer starts once the first chunk is staged and waits before each chunk unt
 copier has staged that prefix (``wait_copied``, per tensor on CPU).
 CPU tensors are copied by the copier thread alone (``_copy_one_thread``: numpy's copy, the GIL
 released), not by torch's ``copy_``, which starts an OpenMP team of every core for the copier
-thread: the copy is bound by memory bandwidth (1.2 GB into staging: 0.10 s on one thread, 0.10 s
-on two, on the 2-core VM of docs/benchmarks.md), so the team only adds threads that compete with
-a CPU training loop's own. ``copy_team = True`` restores the team (the benchmark's A/B).
+thread: the copy is bound by memory bandwidth, so the team buys little wall time for twice the
+CPU (1.2 GB of model-sized tensors into staging on the 2-core VM of docs/benchmarks.md: 0.17 s
+and 0.18 CPU s on one thread, 0.11 s and 0.23 CPU s on two), CPU that a training loop on the
+same cores loses. ``copy_team = True`` restores the team (the benchmark's A/B).
 ``fuse_checksum`` (``CheckpointConfig.checksum_in_copy``): CPU tensors are copied and their
 CRC-32C computed in one pass (``copy_crc``) and the writer makes no checksum pass; off by
 default, because on the VM of docs/benchmarks.md the disk writes that followed were 15-25%
