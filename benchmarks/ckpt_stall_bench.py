@@ -34,8 +34,9 @@ soon as the first chunk is staged and follows the copy (the previous design), in
 like the others, for an A/B in one run; ``--ab-nice N`` likewise adds one with
 ``background_nice=N`` (niced copier and writer threads), ``--ab-team`` one that stages CPU
 tensors as before 2026-11-23 (torch's ``copy_`` on an OpenMP team of every core; now the
-copier thread copies alone) and ``--ab-fused`` one with ``checksum_in_copy=True`` (copy and
-crc32c in one pass, ``memopt/checkpoint/copy_crc.py``). torch.save and
+copier thread copies alone) and ``--ab-two-pass`` one with ``checksum_in_copy=False`` (copy,
+then a crc32c pass in the writer; the default is one pass, ``memopt/checkpoint/copy_crc.py``).
+torch.save and
 DCP get bytes / durable.
 Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
 (target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
@@ -109,12 +110,13 @@ class Memopt(Method):
 
     def __init__(
         self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, fio: dict, follow: bool,
-        nice: int = 0, team: bool = False, fused: bool = False,
+        nice: int = 0, team: bool = False, two_pass: bool = False,
     ) -> None:
         super().__init__()
-        self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice, checksum_in_copy=fused)
-        if fused:
-            self.name = "memopt, checksum_in_copy"
+        self.ckpt = AsyncCheckpointer(d, keep=2, background_nice=nice,
+                                      checksum_in_copy=not two_pass)  # fmt: skip
+        if two_pass:
+            self.name = "memopt, checksum_in_copy=False"
         if follow:  # the A/B variant: the writer overlaps the copy (the previous design)
             self.ckpt._pipeline.follow_copy = True
             self.name = "memopt, writer following the copy"
@@ -295,9 +297,9 @@ def main() -> None:
     ap.add_argument("--ab-team", action="store_true",
                     help="add a memopt method that stages as before 2026-11-23: torch's copy_ "
                          "(an OpenMP team of every core) instead of one copier thread")
-    ap.add_argument("--ab-fused", action="store_true",
-                    help="add a memopt method with CheckpointConfig(checksum_in_copy=True): "
-                         "copy and crc32c in one pass, no checksum pass in the writer")
+    ap.add_argument("--ab-two-pass", action="store_true",
+                    help="add a memopt method with CheckpointConfig(checksum_in_copy=False): "
+                         "copy, then the writer's crc32c pass (the default before 2026-11-23)")
     ap.add_argument("--no-fio", action="store_true",
                     help="run without fio (the write-throughput target is then not judged)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
@@ -345,8 +347,8 @@ def main() -> None:
         mems.append(Memopt(root / "memopt_nice", model, opt, fio, False, nice=args.ab_nice))
     if args.ab_team:
         mems.append(Memopt(root / "memopt_team", model, opt, fio, False, team=True))
-    if args.ab_fused:
-        mems.append(Memopt(root / "memopt_fused", model, opt, fio, False, fused=True))
+    if args.ab_two_pass:
+        mems.append(Memopt(root / "memopt_two_pass", model, opt, fio, False, two_pass=True))
     methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
     idle = idle_durable(methods[1:], 10**6, args.idle_saves)

@@ -2,21 +2,25 @@
 //
 // Why: a checkpoint of CPU tensors was copied into staging (one pass reading the source and
 // writing staging) and then checksummed (a second pass reading staging). On the 2-core VM of
-// docs/benchmarks.md that is 0.17 + 0.09 CPU seconds per 1.2 GB, taken from a training loop
-// that needs both cores. Here each 8-byte word is loaded once, fed to the CRC and stored:
-// the checksum rides on the copy's memory traffic.
+// docs/benchmarks.md that is 0.18 + 0.09 CPU seconds per 1.2 GB, taken from a training loop
+// that needs both cores. Here the source is read from memory once: each 24 KiB block is
+// copied, then its CRC is computed from the same bytes while they are still in the L1 cache.
 //
 // How: the SSE4.2 crc32 instruction has a latency of 3 cycles and a throughput of 1 per
 // cycle, so three independent streams (three consecutive blocks of kBlock bytes) keep it busy;
 // their CRCs are joined with the "shift" operator: the CRC register of A||B is the register of
 // A advanced over |B| zero bytes, XOR the register of B started from 0 (the register update is
 // linear over GF(2)), and advancing over n zero bytes is a multiplication by x^(8n) modulo the
-// polynomial, done with four 256-entry tables per block length. Stores are non-temporal
-// (movnti): staging is read next by the disk's DMA, not by the CPU, so the copy neither
-// reads the destination lines first nor evicts the cache. Registers are kept in the reflected
-// bit order of CRC-32C (bit 31 is x^0), inverted on entry and exit like every CRC-32C API.
-// Without SSE4.2 (another architecture, an old CPU) memopt_copy_crc32c_hw() says 0 and the
-// caller keeps its two-pass path; the table-driven fallback here is only for completeness.
+// polynomial, done with four 256-entry tables per block length. The copy streams front to
+// back with non-temporal 16-byte stores: staging is read next by the disk's DMA, not by the
+// CPU, so the copy neither reads the destination lines first nor evicts the cache. (A first
+// version stored each stream's words as it read them, three interleaved store streams 8 KiB
+// apart; on that VM the disk writes from staging filled that way ran 15-25% slower, with
+// regular stores too, for a reason not found. Front-to-back stores do not.) Registers are kept
+// in the reflected bit order of CRC-32C (bit 31 is x^0), inverted on entry and exit like every
+// CRC-32C API. Without SSE4.2 (another architecture, an old CPU) memopt_copy_crc32c_hw() says
+// 0 and the caller keeps its two-pass path; the table-driven fallback here is only for
+// completeness.
 // Plain C ABI, loaded with ctypes (memopt/checkpoint/copy_crc.py).
 #include <cstddef>
 #include <cstdint>
@@ -93,30 +97,27 @@ uint32_t copy_crc_soft(uint8_t* dst, const uint8_t* src, size_t n, uint32_t crc)
 __attribute__((target("sse4.2"))) uint32_t copy_crc_hw(uint8_t* dst, const uint8_t* src,
                                                          size_t n, uint32_t crc) {
     const Tables& t = tables();
-    const bool stream = (reinterpret_cast<uintptr_t>(dst) & 7) == 0;
+    const bool stream = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;
     uint64_t c0 = crc;
     while (n >= 3 * kBlock) {
-        const uint8_t* a = src;
+        // the copy first, front to back (see the top: not three interleaved store streams),
+        // then the CRC of the same 24 KiB, read again from the L1 cache
+        if (stream) {
+            for (size_t i = 0; i < 3 * kBlock; i += 16)
+                _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+        } else {
+            std::memcpy(dst, src, 3 * kBlock);
+        }
         uint64_t c1 = 0, c2 = 0;
         for (size_t i = 0; i < kBlock; i += 8) {
             uint64_t va, vb, vc;
-            std::memcpy(&va, a + i, 8);
-            std::memcpy(&vb, a + kBlock + i, 8);
-            std::memcpy(&vc, a + 2 * kBlock + i, 8);
+            std::memcpy(&va, src + i, 8);
+            std::memcpy(&vb, src + kBlock + i, 8);
+            std::memcpy(&vc, src + 2 * kBlock + i, 8);
             c0 = _mm_crc32_u64(c0, va);
             c1 = _mm_crc32_u64(c1, vb);
             c2 = _mm_crc32_u64(c2, vc);
-            if (stream) {
-                _mm_stream_si64(reinterpret_cast<long long*>(dst + i), static_cast<long long>(va));
-                _mm_stream_si64(reinterpret_cast<long long*>(dst + kBlock + i),
-                                static_cast<long long>(vb));
-                _mm_stream_si64(reinterpret_cast<long long*>(dst + 2 * kBlock + i),
-                                static_cast<long long>(vc));
-            } else {
-                std::memcpy(dst + i, &va, 8);
-                std::memcpy(dst + kBlock + i, &vb, 8);
-                std::memcpy(dst + 2 * kBlock + i, &vc, 8);
-            }
         }
         c0 = shift_block(t, static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c1);
         c0 = shift_block(t, static_cast<uint32_t>(c0)) ^ static_cast<uint32_t>(c2);

@@ -25,10 +25,9 @@ thread: the copy is bound by memory bandwidth, so the team buys little wall time
 CPU (1.2 GB of model-sized tensors into staging on the 2-core VM of docs/benchmarks.md: 0.17 s
 and 0.18 CPU s on one thread, 0.11 s and 0.23 CPU s on two), CPU that a training loop on the
 same cores loses. ``copy_team = True`` restores the team (the benchmark's A/B).
-``fuse_checksum`` (``CheckpointConfig.checksum_in_copy``): CPU tensors are copied and their
-CRC-32C computed in one pass (``copy_crc``) and the writer makes no checksum pass; off by
-default, because on the VM of docs/benchmarks.md the disk writes that followed were 15-25%
-slower (reason not found), which cost more than the CPU it saves.
+``fuse_checksum`` (``CheckpointConfig.checksum_in_copy``, on by default): CPU tensors are
+copied and their CRC-32C computed in one pass (``copy_crc``: the source read from memory
+once), and the writer makes no checksum pass.
 ``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
@@ -116,7 +115,7 @@ class Pipeline:
         on_done: Callable[[], None],
         *,
         nice: int = 0,
-        fuse_checksum: bool = False,
+        fuse_checksum: bool = True,
     ) -> None:
         self.arena, self._write, self._publish = arena, write_fn, publish_fn
         self.nice = nice

@@ -199,10 +199,10 @@ def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeyp
 
 @pytest.mark.parametrize("path", ["fused", "one_thread", "team"])
 def test_cpu_copy_paths_and_cpu_time(tmp_path, monkeypatch, path) -> None:
-    """CPU tensors are staged by the copier thread alone: by numpy's one-thread copy (the
-    default), or with ``checksum_in_copy`` by the native copy that computes the CRC-32C in
-    the same pass, so the writer makes no checksum pass. ``copy_team`` brings torch's copy
-    back. Every path gives the same files (checksums verified on load), and
+    """CPU tensors are staged by the copier thread alone: by the native copy that computes
+    the CRC-32C in the same pass (``checksum_in_copy``, the default), so the writer makes no
+    checksum pass, or with it off by numpy's one-thread copy. ``copy_team`` brings torch's
+    copy back. Every path gives the same files (checksums verified on load), and
     ``background_cpu_s`` counts the copy and checksum."""
     if path == "fused" and not pipeline.fused_ok():
         pytest.skip("the native copy + CRC-32C is not built here")
@@ -223,8 +223,8 @@ def test_cpu_copy_paths_and_cpu_time(tmp_path, monkeypatch, path) -> None:
     monkeypatch.setattr(pipeline.Pipeline, "copy_team", path == "team")
     big = {"w": torch.randn(1 << 23), "b": torch.arange(1000, dtype=torch.int64),
            "t": torch.randn(300, 200).t(), "z": torch.zeros(0)}  # fmt: skip
-    with AsyncCheckpointer(tmp_path, save_rng=False, checksum_in_copy=path != "one_thread",
-                           checksum="crc32c") as ckpt:  # fmt: skip
+    off = {"checksum_in_copy": False} if path == "one_thread" else {}  # else the default: on
+    with AsyncCheckpointer(tmp_path, save_rng=False, checksum="crc32c", **off) as ckpt:
         ckpt.save(1, extra=big)
         ckpt.wait()
         rec = ckpt.stats.records[-1]
