@@ -10,8 +10,8 @@ any byte is copied, so the host staging buffer is laid out exactly as the data s
 writer (``writer.py``) writes straight from it, in large aligned pieces.
 
 The checksum (crc32c when the ``crc32c`` package is present, else zlib's crc32) covers the
-whole file; it is computed while writing (``checksum.py``: in pieces on two threads, combined)
-and while reading.
+whole file; it is computed while staging CPU tensors (``copy_crc``, one pass with the copy)
+or else while writing (``checksum.py``: in pieces, combined), and again while reading.
 """
 
 from __future__ import annotations
