@@ -103,7 +103,8 @@ class AsyncCheckpointer:
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
             self.arena, self._write, self._publish, self._slots.release,
-            nice=self.config.background_nice, fuse_checksum=self.config.checksum_in_copy,
+            nice=self.config.background_nice,
+            fuse_checksum=self.config.checksum_in_copy and self.checksum == "crc32c",
         )  # fmt: skip
         self._closed = False
 
@@ -200,7 +201,6 @@ class AsyncCheckpointer:
         }
         align = min(self.config.alignment, PAGE_SIZE)
         job = Job(step, self._seq, entries, skel, plan, SaveRecord(step), t0, align)
-        job.checksum = self.checksum
         self._seq += 1
         if any(e.tensor.device.type == "cuda" for e in entries):
             devices = {e.tensor.device for e in entries if e.tensor.device.type == "cuda"}

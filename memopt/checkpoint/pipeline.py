@@ -79,7 +79,6 @@ class Job:
     reported: bool = False  # the error was already raised to the caller (from save)
     copied_upto: int = 0  # bytes of the data section already in staging (a prefix)
     progress: threading.Condition = field(default_factory=threading.Condition)
-    checksum: str = ""  # the file's checksum algorithm ("crc32c": the copier may compute it)
     file_crc: int | None = None  # crc of header + data section, when the copier computed it
 
     def copied_checksum(self) -> int | None:
@@ -115,11 +114,12 @@ class Pipeline:
         on_done: Callable[[], None],
         *,
         nice: int = 0,
-        fuse_checksum: bool = True,
+        fuse_checksum: bool = False,
     ) -> None:
         self.arena, self._write, self._publish = arena, write_fn, publish_fn
         self.nice = nice
-        self.fuse_checksum = fuse_checksum  # CPU copies also compute the file's CRC-32C
+        # CPU copies also compute the file's CRC-32C (the caller passes True only for crc32c)
+        self.fuse_checksum = fuse_checksum and fused_ok()
         self._on_done = on_done
         self._copy_q: queue.Queue[Job | None] = queue.Queue()
         self._write_q: queue.Queue[Job | None] = queue.Queue()
@@ -178,8 +178,7 @@ class Pipeline:
     def _copy(self, job: Job) -> None:
         slots = [(e.tensor, self._slot(job, e)) for e in job.entries]
         on_device = [(src, dst) for src, dst in slots if src.device.type == "cuda"]
-        if (not on_device and not self.copy_team and self.fuse_checksum and job.checksum == "crc32c"
-                and fused_ok()):
+        if not on_device and not self.copy_team and self.fuse_checksum:
             self._copy_and_checksum(job, slots)
             return
         for e, (src, dst) in zip(job.entries, slots, strict=True):
@@ -214,7 +213,7 @@ class Pipeline:
             off = job.plan.offsets[e.name]
             nbytes = dst.numel() * dst.element_size()
             value = crc(_raw(flat[pos:off]), value)  # the padding before it
-            if src.is_contiguous() and src.dtype == dst.dtype:
+            if src.is_contiguous():
                 value = copy_crc32c(flat[off : off + nbytes], src, value)
             else:  # e.g. a transposed basis: torch lays it out, then the slot is checksummed
                 dst.copy_(src)

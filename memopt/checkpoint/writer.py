@@ -164,10 +164,9 @@ def write_data_file(
                 ready(hi)
             pending += engine.submit("write", fd, addr + lo, hi - lo, base + lo, path)
         # then the checksum, while the disk writes (unless the copier already made it)
-        known = known_checksum() if known_checksum is not None else None
-        if known is None:
-            known = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS)
-        value = known
+        value = known_checksum() if known_checksum is not None else None
+        if value is None:
+            value = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS)
         _wait_all(pending)
         if fsync:
             os.fsync(fd)
