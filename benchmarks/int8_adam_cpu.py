@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_model  # noqa: E402
+from _timing import median_step  # noqa: E402
 
 SHAPES = [(1024, 1024)] * 4 + [(2736, 1024), (2736, 1024), (1024, 2736)]
 
@@ -46,15 +45,9 @@ def _time(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], mod
     os.environ["MEMOPT_KERNELS"] = mode
     params = _params(dtype)
     opt = make(params)
-    for _ in range(2):
-        opt.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    ms = median_step(opt, steps) * 1e3
     del opt, params
-    return statistics.median(times) * 1e3
+    return ms
 
 
 def main() -> None:

@@ -29,15 +29,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_model  # noqa: E402
+from _timing import median_step  # noqa: E402
 
 from memopt.optim import ApolloAdamW, GaLoreAdamW
 from memopt.optim.lowbit import native
@@ -66,18 +65,6 @@ def _params() -> list[torch.nn.Parameter]:
     return params
 
 
-def _median_step(opt: torch.optim.Optimizer, steps: int) -> float:
-    """Two warm-up steps (projections and state built), then the median of ``steps``."""
-    for _ in range(2):
-        opt.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _time_peer(args: Any) -> float:
     """galore-torch's GaLoreAdamW8bit on the same parameters (median seconds per step)."""
     import galore_torch
@@ -85,7 +72,7 @@ def _time_peer(args: Any) -> float:
     params = _params()
     group = {"params": params, "rank": args.rank, "update_proj_gap": 10**9, "scale": 0.25,
              "proj_type": "std"}  # fmt: skip
-    return _median_step(galore_torch.GaLoreAdamW8bit([group], lr=1e-3), args.steps)
+    return median_step(galore_torch.GaLoreAdamW8bit([group], lr=1e-3), args.steps)
 
 
 def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, args: Any) -> float:
@@ -99,7 +86,7 @@ def _time(name: str, state_dtype: str | None, mode: str, native_quant: bool, arg
         params = _params()
         group = {"params": params, "rank": args.rank, "update_proj_gap": 10**9, **extra}
         opt = cls([group], lr=1e-3, weight_decay=0.0, state_dtype=state_dtype)
-        return _median_step(opt, args.steps)
+        return median_step(opt, args.steps)
     finally:
         native.native_on = real  # type: ignore[method-assign]
 
