@@ -23,6 +23,7 @@ NATIVE = [
             "csrc/cpu_adam/cpu_adam.cpp",
             "csrc/cpu_adam/lowrank_adam.cpp",
             "csrc/cpu_adam/lowbit_adam.cpp",
+            "csrc/cpu_adam/channel_sumsq.cpp",
         ],
         depends=["csrc/cpu_adam/cpu_adam_simd.h", "csrc/cpu_adam/lowp_scalar.h"],
         language="c++",

@@ -37,8 +37,8 @@ EpsMode = Literal["torch", "galore"]
 ISAS = ("scalar", "avx2", "avx512")
 ENV_ISA = "MEMOPT_CPU_ADAM_ISA"
 CHUNK = 1 << 16  # elements per OpenMP work item: 256 KiB per fp32 stream, L2-sized
-_ABI = 4  # 2: memopt_lowrank_adam; 3: memopt_adamw_q8
-# 4: memopt_q8_quantize / memopt_q8_dequantize
+_ABI = 5  # 2: memopt_lowrank_adam; 3: memopt_adamw_q8
+# 4: memopt_q8_quantize / memopt_q8_dequantize; 5: memopt_channel_sumsq
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _LOWP = (torch.bfloat16, torch.float16)
 _UNSET = object()
@@ -74,6 +74,9 @@ def _library() -> ctypes.CDLL | None:
             lib.memopt_q8_quantize.argtypes = [p, ctypes.c_int64, p, p, i, p, p, i, i]
             lib.memopt_q8_dequantize.restype = ctypes.c_int
             lib.memopt_q8_dequantize.argtypes = [p, p, ctypes.c_int64, p, i, p, i, i]
+            i64 = ctypes.c_int64
+            lib.memopt_channel_sumsq.restype = ctypes.c_int
+            lib.memopt_channel_sumsq.argtypes = [p, i64, i64, i64, i, p]
         _lib = lib
     return _lib  # type: ignore[return-value]
 

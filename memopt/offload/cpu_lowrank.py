@@ -7,6 +7,11 @@ column (``norms_dim=0``): what ``memopt.optim.kernels.adam_update`` computes in 
 torch passes, in one. It lives here, beside the AdamW step in the same library, because the
 native build and its loader are this package's; ``memopt.optim.kernels`` dispatches to it for
 contiguous fp32 CPU tensors when the library is present (``usable``).
+
+``channel_sumsq(g, dim)`` (``csrc/cpu_adam/channel_sumsq.cpp``) is APOLLO's other read of a
+full-size tensor: the sums of squares of G per row (``dim=1``) or per column (``dim=0``),
+for the norm-growth limiter, at memory speed in both directions (torch's column norms of a
+row-major matrix run several times slower than its row norms).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from memopt.offload.cpu_adam import _library
 
-__all__ = ["lowrank_adam", "usable"]
+__all__ = ["channel_sumsq", "lowrank_adam", "usable"]
 
 
 def usable(*ts: Tensor) -> bool:
@@ -64,3 +69,25 @@ def lowrank_adam(
     if rc != 0:
         raise RuntimeError(f"memopt_lowrank_adam failed (code {rc}) on {rows}x{cols}")
     return out, num, den
+
+
+def channel_sumsq(g: Tensor, dim: int) -> Tensor:
+    """Sums of squares of a 2-D fp32 CPU matrix over ``dim`` (fp32; accumulated in double).
+
+    ``dim=1`` gives one sum per row, ``dim=0`` one per column. Rows may be strided (any
+    ``g.stride(0) >= g.shape[1]``); elements within a row must be contiguous.
+    """
+    lib = _library()
+    if lib is None or g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32:
+        raise ValueError("channel_sumsq: needs the native library and a 2-D fp32 CPU matrix")
+    if dim not in (0, 1):
+        raise ValueError(f"channel_sumsq: dim must be 0 or 1, got {dim}")
+    rows, cols = g.shape
+    if cols > 1 and g.stride(1) != 1 or rows > 1 and g.stride(0) < cols:
+        raise ValueError(f"channel_sumsq: rows must be contiguous, got strides {g.stride()}")
+    out = torch.empty(rows if dim == 1 else cols, dtype=torch.float32)
+    ld = max(int(g.stride(0)), cols)
+    rc = lib.memopt_channel_sumsq(g.data_ptr(), rows, cols, ld, dim, out.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"memopt_channel_sumsq failed (code {rc}) on {rows}x{cols}, dim {dim}")
+    return out

@@ -84,7 +84,7 @@ def _update_norms(items: list[_Item], factors: list[Tensor], tensor_wise: bool) 
     gs = [it.g for it in items]
     if tensor_wise:
         return torch.stack(torch._foreach_norm(gs)) * torch.stack(factors).abs()
-    chans = [torch.linalg.vector_norm(it.g, dim=it.dim) for it in items]
+    chans = [kernels.channel_norms(it.g, it.dim) for it in items]
     flat = [f.reshape(-1) for f in factors]
     return torch.stack(torch._foreach_norm(torch._foreach_mul(chans, flat)))
 

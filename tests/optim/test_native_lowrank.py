@@ -71,3 +71,54 @@ def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="fp32 contiguous"):
         cpu_lowrank.lowrank_adam(low.double(), m, v, beta1=0.9, beta2=0.99, eps=1e-8, c2=1.0,
                                  norms_dim=None)  # fmt: skip
+
+
+# -- channel sums of squares (APOLLO's limiter reads G once for them) ------------------------
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (130, 17), (17, 300), (512, 1376), (1376, 64)])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_channel_sumsq_matches_float64(shape: tuple[int, int], dim: int) -> None:
+    g = 3.0 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    got = cpu_lowrank.channel_sumsq(g, dim)
+    want = (g.double() ** 2).sum(dim)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-7, atol=0)
+
+
+def test_channel_sumsq_strided_rows_and_zeros() -> None:
+    base = torch.randn(40, 300, generator=torch.Generator().manual_seed(3))
+    g = base[:, 10:210]  # rows 300 apart, 200 wide: the kernel must not read the gap
+    base[:, :10] = 1e30
+    base[:, 210:] = 1e30
+    for dim in (0, 1):
+        torch.testing.assert_close(
+            cpu_lowrank.channel_sumsq(g, dim).double(), (g.double() ** 2).sum(dim), rtol=2e-7,
+            atol=0,
+        )  # fmt: skip
+    assert cpu_lowrank.channel_sumsq(torch.zeros(4, 9), 0).eq(0).all()
+
+
+def test_channel_norms_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.randn(33, 70, generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = cpu_lowrank.channel_sumsq
+    monkeypatch.setattr(cpu_lowrank, "channel_sumsq", lambda *a: calls.append(1) or real(*a))
+    for dim in (0, 1):
+        monkeypatch.setenv("MEMOPT_KERNELS", "auto")
+        got = kernels.channel_norms(g, dim)
+        monkeypatch.setenv("MEMOPT_KERNELS", "torch")
+        want = kernels.channel_norms(g, dim)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert len(calls) == 2  # native under auto, torch's vector_norm when forced
+    monkeypatch.setenv("MEMOPT_KERNELS", "auto")
+    kernels.channel_norms(g.t(), 0)  # columns not contiguous: torch path
+    kernels.channel_norms(g.double(), 0)
+    assert len(calls) == 2
+
+
+def test_channel_sumsq_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="dim must be 0 or 1"):
+        cpu_lowrank.channel_sumsq(torch.ones(2, 2), 2)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        cpu_lowrank.channel_sumsq(torch.ones(3, 4).t(), 0)
+    with pytest.raises(ValueError, match="2-D fp32"):
+        cpu_lowrank.channel_sumsq(torch.ones(2, 2, dtype=torch.float64), 0)

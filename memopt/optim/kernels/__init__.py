@@ -139,6 +139,23 @@ def adam_update(
     return out, step_size, num, den
 
 
+def channel_norms(g: Tensor, dim: int) -> Tensor:
+    """The 2-norm of each row (``dim=1``) or each column (``dim=0``) of a 2-D ``g``.
+
+    On fp32 CPU tensors with the native library: one pass at memory speed in either
+    direction (``cpu_lowrank.channel_sumsq``); torch's ``vector_norm`` elsewhere.
+    """
+    if (
+        g.device.type == "cpu"
+        and g.dtype == torch.float32
+        and g.stride(-1) == 1
+        and native_cpu_on()
+        and g.dim() == 2
+    ):
+        return cpu_lowrank.channel_sumsq(g, dim).sqrt_()
+    return torch.linalg.vector_norm(g, dim=dim)
+
+
 def scaled_update_(
     w: Tensor, g: Tensor, factor: Tensor, alpha: float | Tensor, keep: float
 ) -> None:
