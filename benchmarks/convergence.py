@@ -9,8 +9,8 @@ Learning rates: every rate in an optimizer's grid is run and the one with the lo
 final *validation* loss is kept (AdamW included, so the baseline is tuned too). The
 validation split is other held-out files (benchmarks/_convergence_variants.py), so the
 reported held-out loss plays no part in the choice. ``--sweep`` widens the grids.
-``OPTION_SETS`` adds option values to choose among the same way (APOLLO-Mini's ``scale``:
-128 and the reference's hidden/4); ``--set`` overrides them.
+``OPTION_SETS`` adds option values to choose among the same way (none by default);
+``--set`` adds them from the command line (``--set apollo_mini:scale=128,64``).
 
 8-bit state: memopt AdamW, GaLore, APOLLO, FRUGAL and Natural GaLore with
 ``state_dtype="int8"``, and bitsandbytes' ``AdamW8bit`` as the peer, each at the rate
@@ -19,7 +19,7 @@ counterpart's held-out loss; memopt's AdamW int8 within 1% of bitsandbytes'.
 ``--optimizers`` picks a subset. Output: markdown tables on stdout, a loss-curve PNG,
 and ``--out`` JSON.
 
-    python benchmarks/convergence.py                       # 14 runs, ~80 min on 2 busy cores
+    python benchmarks/convergence.py                       # 13 runs, ~80 min on 2 busy cores
     python benchmarks/convergence.py --device cuda         # the same on a GPU
     python benchmarks/convergence.py --sweep               # the LR sweep, 19 + 6 runs
     python benchmarks/convergence.py --quick               # tiny model, 60 steps (smoke test)
@@ -88,12 +88,11 @@ GRID: dict[str, list[float]] = {
     "frugal": [1e-3],
     "natural_galore": [5e-3],
 }
-# Option values tried besides the rates (each with every rate; validation picks). APOLLO-Mini:
-# the library's scale 128 and the reference's width rule, hidden/4 = 64 at width 256 (its
-# 60M and 130M scripts use a quarter of the width; docs/benchmarks.md, "APOLLO-Mini re-run").
-OPTION_SETS: dict[str, list[dict[str, Any]]] = {
-    "apollo_mini": [{"scale": 128.0}, {"scale": 64.0}],
-}
+# Option values tried besides the rates (each with every rate; validation picks). Empty:
+# every optimizer runs its one configuration of examples.tinyllama.default_config. Until
+# session 9 APOLLO-Mini also ran scale 128 next to the reference's width rule (hidden/4,
+# now its configuration); docs/benchmarks.md, "APOLLO-Mini: the reference's width rule".
+OPTION_SETS: dict[str, list[dict[str, Any]]] = {}
 SWEEP: dict[str, list[float]] = {
     "adamw": [2.5e-4, 5e-4, 1e-3, 3e-3],
     "galore": [5e-3, 1e-2, 2e-2],
