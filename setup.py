@@ -25,7 +25,11 @@ NATIVE = [
             "csrc/cpu_adam/lowbit_adam.cpp",
             "csrc/cpu_adam/channel_sumsq.cpp",
         ],
-        depends=["csrc/cpu_adam/cpu_adam_simd.h", "csrc/cpu_adam/lowp_scalar.h"],
+        depends=[
+            "csrc/cpu_adam/cpu_adam_simd.h",
+            "csrc/cpu_adam/lowp_scalar.h",
+            "csrc/cpu_adam/clones.h",
+        ],
         language="c++",
     ),
     Extension(

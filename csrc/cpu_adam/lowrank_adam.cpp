@@ -27,13 +27,7 @@
 #include <omp.h>
 #endif
 
-#define MEMOPT_API __attribute__((visibility("default")))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MEMOPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MEMOPT_CLONES
-#endif
+#include "clones.h"
 
 namespace {
 
