@@ -12,7 +12,10 @@
 // Work split: with row channels (or none) OpenMP takes whole rows, each thread owning the
 // sums of its rows; with column channels it takes blocks of columns over all rows, each
 // thread owning the sums of its columns, so no reduction between threads is needed either
-// way. The element loops are plain C++ compiled once per ISA (target_clones: AVX-512, AVX2,
+// way. Each thread gets one contiguous range (static schedule): with dynamic 4-row chunks
+// the two threads interleaved rows, wrote the same cache lines of the per-row sums and paid
+// a dispatch per 2 KiB, and a 60M block's seven calls took 0.85 ms on 2 threads against 0.49
+// on one (now 0.29). The element loops are plain C++ compiled once per ISA (target_clones: AVX-512, AVX2,
 // baseline; the loader picks the best at load time), so the library still runs anywhere.
 // Small matrices stay on the calling thread (see the grain below).
 //
@@ -130,14 +133,14 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
 #endif
     if (norms == 0) {
         const int64_t nblocks = (cols + kColBlock - 1) / kColBlock;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
         for (int64_t b = 0; b < nblocks; ++b) {
             const int64_t c0 = b * kColBlock, c1 = std::min(cols, c0 + kColBlock);
             col_block(g, m, v, d, rows, cols, c0, c1, h, num, den);
         }
         return 0;
     }
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * cols;
         float dummy[2] = {0.0f, 0.0f};
