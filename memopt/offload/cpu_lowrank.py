@@ -28,9 +28,12 @@ __all__ = ["channel_sumsq", "lowrank_adam", "usable"]
 
 def usable(*ts: Tensor) -> bool:
     """True when the native kernel can take these tensors (loaded, CPU, fp32, contiguous)."""
-    return _library() is not None and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts
-    )
+    if _library() is None:
+        return False
+    for t in ts:  # a loop, not all(<genexpr>): called per parameter per step
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return True
 
 
 def lowrank_adam(

@@ -46,7 +46,8 @@ class _Item:
 
 def apollo_many(opt: ApolloAdamW, params: list[Tensor], group: dict[str, Any]) -> None:
     """One APOLLO step for ``params`` (low-rank, with gradients) of ``group``."""
-    items = [_project_and_adam(opt, p, group) for p in params]
+    meta = opt._meta()
+    items = [_project_and_adam(opt, p, group, meta[id(p)][1]) for p in params]
     by_kind: dict[tuple[str, bool], list[_Item]] = {}
     for it in items:  # stacking needs one device; the limiter's first step is special
         by_kind.setdefault((str(it.g.device), "nl_prev" in it.state), []).append(it)
@@ -54,8 +55,7 @@ def apollo_many(opt: ApolloAdamW, params: list[Tensor], group: dict[str, Any]) -
         _finish(chunk, group)
 
 
-def _project_and_adam(opt: ApolloAdamW, p: Tensor, group: dict[str, Any]) -> _Item:
-    meta = opt._meta()[id(p)][1]
+def _project_and_adam(opt: ApolloAdamW, p: Tensor, group: dict[str, Any], meta: Any) -> _Item:
     state = opt._init_state(p, group, meta)
     _, g, low, _ = opt.projected_gradient(p, group, state, meta.label)
     dim = 1 if state["proj_right"] else 0

@@ -107,8 +107,9 @@ class ApolloAdamW(MemoptOptimizer):
 
     def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
         # step(): the whole group at once (see _apollo_many)
+        meta = self._meta()
         for p in params:
-            check_grad(p.grad, self._meta()[id(p)][1].label)  # type: ignore[arg-type]
+            check_grad(p.grad, meta[id(p)][1].label)  # type: ignore[arg-type]
         apollo_many(self, params, group)
 
     def low_rank_step(
