@@ -75,8 +75,9 @@ def lowrank_adam(
 
 
 def channel_sumsq(g: Tensor, dim: int) -> Tensor:
-    """Sums of squares of a 2-D fp32 CPU matrix over ``dim`` (fp32; accumulated in double).
+    """Sums of squares of a 2-D fp32 CPU matrix over ``dim``, returned in fp32.
 
+    Column sums accumulate in double; row sums in 32 float lanes joined in double.
     ``dim=1`` gives one sum per row, ``dim=0`` one per column. Rows may be strided (any
     ``g.stride(0) >= g.shape[1]``); elements within a row must be contiguous.
     """

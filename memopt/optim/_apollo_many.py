@@ -30,6 +30,7 @@ from memopt.optim import _functional as F
 from memopt.optim import kernels
 
 if TYPE_CHECKING:
+    from memopt.optim._base import ParamMeta
     from memopt.optim.apollo import ApolloAdamW
 
 
@@ -55,7 +56,9 @@ def apollo_many(opt: ApolloAdamW, params: list[Tensor], group: dict[str, Any]) -
         _finish(chunk, group)
 
 
-def _project_and_adam(opt: ApolloAdamW, p: Tensor, group: dict[str, Any], meta: Any) -> _Item:
+def _project_and_adam(
+    opt: ApolloAdamW, p: Tensor, group: dict[str, Any], meta: ParamMeta
+) -> _Item:
     state = opt._init_state(p, group, meta)
     _, g, low, _ = opt.projected_gradient(p, group, state, meta.label)
     dim = 1 if state["proj_right"] else 0

@@ -146,11 +146,11 @@ def channel_norms(g: Tensor, dim: int) -> Tensor:
     direction (``cpu_lowrank.channel_sumsq``); torch's ``vector_norm`` elsewhere.
     """
     if (
-        g.device.type == "cpu"
+        g.dim() == 2
+        and g.device.type == "cpu"
         and g.dtype == torch.float32
-        and g.stride(-1) == 1
+        and g.stride(1) == 1
         and native_cpu_on()
-        and g.dim() == 2
     ):
         return cpu_lowrank.channel_sumsq(g, dim).sqrt_()
     return torch.linalg.vector_norm(g, dim=dim)
