@@ -65,7 +65,9 @@ void col_block_sumsq(const float* __restrict g, int64_t rows, int64_t ld, int64_
 // (>= cols). Returns 0, or -1 on bad arguments.
 extern "C" MEMOPT_API int memopt_channel_sumsq(const float* g, int64_t rows, int64_t cols,
                                                int64_t ld, int dim, float* out) {
-    if (rows < 0 || cols < 0 || ld < cols || (dim != 0 && dim != 1) || out == nullptr) return -1;
+    if (rows < 0 || cols < 0 || ld < cols || (dim != 0 && dim != 1)) return -1;
+    if ((dim == 1 ? rows : cols) == 0) return 0;  // nothing to write (out may be null)
+    if (out == nullptr || (rows > 0 && cols > 0 && g == nullptr)) return -1;
     int threads = 1;
 #ifdef _OPENMP
     threads = static_cast<int>(std::max<int64_t>(

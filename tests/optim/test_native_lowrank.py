@@ -95,6 +95,10 @@ def test_channel_sumsq_strided_rows_and_zeros() -> None:
             atol=0,
         )  # fmt: skip
     assert cpu_lowrank.channel_sumsq(torch.zeros(4, 9), 0).eq(0).all()
+    for shape in ((0, 5), (3, 0)):  # empty matrices: empty or all-zero sums, no error
+        for dim in (0, 1):
+            want = torch.zeros(shape[1] if dim == 0 else shape[0])
+            assert torch.equal(cpu_lowrank.channel_sumsq(torch.zeros(shape), dim), want)
 
 
 def test_channel_norms_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
