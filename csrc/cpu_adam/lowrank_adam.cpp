@@ -120,7 +120,8 @@ extern "C" MEMOPT_API int memopt_lowrank_adam(const float* g, float* m, float* v
                                               float b2, float a2, float eps, float c2,
                                               int norms, float* num, float* den) {
     if (rows < 0 || cols < 0 || norms < -1 || norms > 1) return -1;
-    if (norms != -1 && (num == nullptr || den == nullptr)) return -1;
+    const int64_t n_sums = norms == 1 ? rows : (norms == 0 ? cols : 0);
+    if (n_sums > 0 && (num == nullptr || den == nullptr)) return -1;  // null is fine if empty
     const LowRankHyper h{b1, a1, b2, a2, eps, c2};
     // Threads only for work worth waking them for (torch's grain: 32 Ki elements per
     // thread); a small matrix (APOLLO-Mini's 1 x n, a small rank) runs on the caller's

@@ -73,6 +73,20 @@ def test_rejects_bad_input() -> None:
                                  norms_dim=None)  # fmt: skip
 
 
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+@pytest.mark.parametrize("norms_dim", [None, 0, 1])
+def test_empty_matrices(shape: tuple[int, int], norms_dim: int | None) -> None:
+    z = torch.zeros(shape)
+    d, num, den = cpu_lowrank.lowrank_adam(
+        z, z.clone(), z.clone(), beta1=0.9, beta2=0.999, eps=1e-8, c2=1.0, norms_dim=norms_dim
+    )
+    assert d.shape == shape
+    if norms_dim is not None:
+        n = shape[1] if norms_dim == 0 else shape[0]
+        assert num is not None and den is not None
+        assert torch.equal(num, torch.zeros(n)) and torch.equal(den, torch.zeros(n))
+
 # -- channel sums of squares (APOLLO's limiter reads G once for them) ------------------------
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (130, 17), (17, 300), (512, 1376), (1376, 64)])
 @pytest.mark.parametrize("dim", [0, 1])
