@@ -3,7 +3,7 @@
 // APOLLO scales G by one factor per channel (a row or a column) and needs ||G s||, which is
 // sqrt(sum_c s_c^2 ||G_c||^2): the channel sums of squares of G, one read of G. torch's
 // `linalg.vector_norm(g, dim=0)` on a row-major fp32 matrix (one sum per column) runs at
-// 1-8 GB/s on the 2-core Xeon VM (the down projection of a LLaMA block: 0.7-2.7 ms for a
+// 1-8 GB/s on the 2-core Xeon VM (the down projection of a LLaMA block: 0.4-2.7 ms for a
 // 512 x 1376 matrix), against 30-90 GB/s for dim=1; this pass runs both at memory speed.
 //
 // dim 1 (one sum per row): OpenMP over rows, each row summed with lane-wise partials.

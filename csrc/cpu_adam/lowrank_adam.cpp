@@ -14,9 +14,10 @@
 // thread owning the sums of its columns, so no reduction between threads is needed either
 // way. Each thread gets one contiguous range (static schedule): with dynamic 4-row chunks
 // the two threads interleaved rows, wrote the same cache lines of the per-row sums and paid
-// a dispatch per 2 KiB, and a 60M block's seven calls took 0.85 ms on 2 threads against 0.49
-// on one (now 0.29). The element loops are plain C++ compiled once per ISA (target_clones: AVX-512, AVX2,
-// baseline; the loader picks the best at load time), so the library still runs anywhere.
+// a dispatch per 2 KiB, and a 60M block's seven calls took 0.85 ms on 2 threads against
+// 0.49 on one (now 0.27-0.29). The element loops are plain C++ compiled once per ISA
+// (target_clones: AVX-512, AVX2, baseline; the loader picks the best at load time), so the
+// library still runs anywhere.
 // Small matrices stay on the calling thread (see the grain below).
 //
 // Plain C ABI: loaded with ctypes from memopt/offload/cpu_adam.py (same library, same ABI
