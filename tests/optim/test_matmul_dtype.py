@@ -7,12 +7,13 @@ CPU: the cast route by turning the fpmath one off.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
-from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW
+from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW, kernels
 from memopt.optim.projection import lowp
 
 SHAPES = [(24, 40), (40, 24), (32, 32)]
@@ -217,3 +218,35 @@ def test_config_key_reaches_the_groups() -> None:
     opt = build_optimizer(model, cfg.optimizer)
     low = [g for g in opt.param_groups if g.get("rank")]
     assert low and all(g["matmul_dtype"] == "bfloat16" for g in low)
+
+
+def test_fast_env_reads_follow_the_environment(monkeypatch) -> None:
+    """The hot-path reads of MEMOPT_MATMUL_ROUTE / MEMOPT_KERNELS see every way of setting them."""
+    from memopt._utils.env import getenv_fast
+
+    name = "MEMOPT_TEST_FAST_ENV"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv_fast(name, "dflt") == "dflt"
+    monkeypatch.setenv(name, "one")
+    assert getenv_fast(name, "dflt") == "one"
+    os.environ[name] = "two"
+    assert getenv_fast(name, "dflt") == "two"
+    del os.environ[name]
+    assert getenv_fast(name, "dflt") == "dflt"
+    monkeypatch.setenv("MEMOPT_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="MEMOPT_KERNELS must be auto, torch or triton"):
+        kernels.backend(torch.zeros(1))
+
+
+def test_fpmath_context_keeps_a_global_bf16_setting() -> None:
+    knob = torch.backends.mkldnn.matmul
+    if not lowp.fpmath_available():
+        pytest.skip("this torch has no oneDNN fp32-precision knob")
+    before = knob.fp32_precision
+    try:
+        knob.fp32_precision = "bf16"  # the user's own global choice
+        with lowp.cpu_bf16_fpmath():
+            assert knob.fp32_precision == "bf16"
+        assert knob.fp32_precision == "bf16"
+    finally:
+        knob.fp32_precision = before

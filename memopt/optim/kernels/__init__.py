@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from memopt._utils.env import getenv_fast
 from memopt.offload import cpu_lowrank
 from memopt.offload.cpu_adam import native_available
 from memopt.optim import _functional as F
@@ -32,14 +32,8 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _env_mode() -> str:
-    # Called twice per parameter per step: os.environ.get re-encodes the key each time
-    # (~10 us, a visible share of a GPU step that is bound by host time), so read the
-    # environment's underlying bytes mapping where CPython has one.
-    data = getattr(os.environ, "_data", None)
-    if isinstance(data, dict):
-        raw = data.get(b"MEMOPT_KERNELS")
-        return "auto" if raw is None else os.fsdecode(raw)
-    return os.environ.get("MEMOPT_KERNELS", "auto")
+    # Called twice per parameter per step: see memopt._utils.env for why not os.environ.get.
+    return getenv_fast("MEMOPT_KERNELS", "auto")
 
 
 def backend(t: Tensor) -> Literal["torch", "triton"]:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from memopt._utils import warn_once
+from memopt._utils.env import getenv_fast
 
 MATMUL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
 Route = Literal["fpmath", "cast"] | None
@@ -59,7 +58,7 @@ def route(x: Tensor, matmul_dtype: str | None) -> Route:
     if matmul_dtype is None or x.dtype != torch.float32:
         return None
     if x.device.type == "cpu":
-        forced = os.environ.get(ENV_ROUTE, "auto")
+        forced = getenv_fast(ENV_ROUTE, "auto")
         if forced not in ("auto", "cast"):
             raise ValueError(f"{ENV_ROUTE} must be 'auto' or 'cast', got {forced!r}")
         if forced == "auto" and fpmath_available():
@@ -73,16 +72,25 @@ def route(x: Tensor, matmul_dtype: str | None) -> Route:
     return "cast"
 
 
-@contextlib.contextmanager
-def cpu_bf16_fpmath() -> Iterator[None]:
-    """fp32 CPU matmuls inside go through oneDNN with bf16 math allowed; restored after."""
-    knob: Any = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 - torch >= 2.9 only
-    before = knob.fp32_precision
-    knob.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        knob.fp32_precision = before
+class cpu_bf16_fpmath:  # noqa: N801 - used as a context manager, like contextlib's
+    """fp32 CPU matmuls inside go through oneDNN with bf16 math allowed; restored after.
+
+    A plain class rather than ``@contextmanager``: it is entered around every projection
+    GEMM, and the generator machinery cost more than setting the knob.
+    """
+
+    __slots__ = ("_before",)
+
+    def __enter__(self) -> None:
+        knob: Any = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 - torch >= 2.9 only
+        self._before = knob.fp32_precision
+        if self._before != "bf16":
+            knob.fp32_precision = "bf16"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before != "bf16":
+            knob: Any = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009
+            knob.fp32_precision = self._before
 
 
 def gemm_context(r: Route) -> contextlib.AbstractContextManager[None]:
