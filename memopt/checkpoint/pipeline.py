@@ -53,7 +53,7 @@ from memopt.checkpoint.copy_crc import available as fused_ok
 from memopt.checkpoint.copy_crc import copy_crc32c
 from memopt.checkpoint.fileformat import FilePlan
 from memopt.checkpoint.stats import SaveRecord
-from memopt.checkpoint.writer import CHUNK
+from memopt.checkpoint.writer import CHUNK, tensor_bytes
 from memopt.offload.arena import ArenaBlock, PinnedArena
 
 STAGING_GRANULE = 1 << 20  # staging blocks are whole MiB
@@ -212,15 +212,15 @@ class Pipeline:
         for e, (src, dst) in order:
             off = job.plan.offsets[e.name]
             nbytes = dst.numel() * dst.element_size()
-            value = crc(_raw(flat[pos:off]), value)  # the padding before it
+            value = crc(tensor_bytes(flat[pos:off]), value)  # the padding before it
             if src.is_contiguous():
                 value = copy_crc32c(flat[off : off + nbytes], src, value)
             else:  # e.g. a transposed basis: torch lays it out, then the slot is checksummed
                 dst.copy_(src)
-                value = crc(_raw(flat[off : off + nbytes]), value)
+                value = crc(tensor_bytes(flat[off : off + nbytes]), value)
             pos = off + nbytes
             job.advance(pos)
-        job.file_crc = crc(_raw(flat[pos:]), value)
+        job.file_crc = crc(tensor_bytes(flat[pos:]), value)
 
     @staticmethod
     def _slot(job: Job, e: Entry) -> torch.Tensor:
@@ -261,11 +261,6 @@ class Pipeline:
         self._copy_q.put(None)
         for t in self._threads:
             t.join()
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous uint8 CPU tensor, without a copy."""
-    return memoryview(t.numpy().data)
 
 
 def lower_priority(nice: int) -> None:

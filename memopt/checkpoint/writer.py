@@ -47,7 +47,9 @@ from memopt.checkpoint.checksum import checksum_fn, parallel_checksum
 from memopt.offload.io_backend import IOBackend, ThreadPoolBackend
 from memopt.offload.native_aio import make_backend
 
-__all__ = ["CHUNK", "IN_FLIGHT", "Engines", "bytes_in_flight", "write_data_file"]
+__all__ = [
+    "CHUNK", "IN_FLIGHT", "Engines", "bytes_in_flight", "tensor_bytes", "write_data_file",
+]
 
 CHUNK = 8 << 20  # bytes per write request (the device splits it at max_sectors_kb)
 IN_FLIGHT = 8  # requests in the kernel at once
@@ -111,6 +113,11 @@ class Engines:
             self._by_kind.popitem()[1].close()
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous uint8 CPU tensor, without a copy (empty: an empty view)."""
+    return memoryview(t.numpy().data) if t.numel() else memoryview(b"")
+
+
 def _page_buffer(raw: bytes) -> tuple[ctypes.Array[ctypes.c_char], int]:
     """``raw`` copied into page-aligned memory (O_DIRECT needs aligned buffers): (buf, addr).
 
@@ -140,11 +147,10 @@ def write_data_file(
     ``known_checksum()``: the file's checksum if someone already computed it (the copier, in
     the same pass as the copy: ``copy_crc``), else None and it is computed here."""
     n = data.numel()
-    view = memoryview(data.numpy().data) if n else memoryview(b"")
+    view = tensor_bytes(data)
     aligned = not (data.data_ptr() % _PAGE or len(header) % _PAGE or n % _PAGE)
     crc = checksum_fn(checksum)
     fd, is_direct = _open_new(path, direct and aligned)
-    own = engines is None
     pool = Engines() if engines is None else engines
     try:
         engine = pool.get(is_direct)
@@ -172,7 +178,7 @@ def write_data_file(
             os.fsync(fd)
     finally:
         _wait_all(pending, raise_first=False)  # after a failure: no I/O may outlive the buffers
-        if own:
+        if engines is None:  # made for this call
             pool.close()
         os.close(fd)
         del head_buf  # (only now: the header's write has finished)
