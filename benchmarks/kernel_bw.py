@@ -12,11 +12,18 @@ here) and the spec sheet's peak, where the GPU is one we know. Side by side:
 - ``adam_update`` with APOLLO's per-channel norms (row channels and column channels).
 - ``scaled_update_`` (APOLLO's write-back, W <- keep W + alpha G f): reads W, G; writes W.
   Against eager torch (``mul_`` then ``addcmul_``).
+- ``channel_norms`` (APOLLO's per-row or per-column norms of G): reads G. The native CPU
+  pass against torch's ``linalg.vector_norm``.
+
+On a CPU with the native library built, "memopt native CPU" rows (``MEMOPT_KERNELS=auto``:
+``csrc/cpu_adam``'s one-pass Adam and channel sums) sit next to the torch path's.
 
     python benchmarks/kernel_bw.py --device cuda [--reps 30]
 
-On a CPU it times the torch paths only (Triton runs there only interpreted, which says
-nothing about speed).
+On a CPU it times the native and torch paths (Triton runs there only interpreted, which
+says nothing about speed).
+
+    python benchmarks/kernel_bw.py --device cpu --shapes 512x128,1376x128,128x1376,512x1376
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ def cases(
     dev: torch.device, shape: tuple[int, int], triton: bool
 ) -> list[tuple[str, int, Callable]]:
     """(name, bytes moved, callable) for one shape."""
+    from memopt.offload.cpu_adam import native_available as native_cpu_available
     from memopt.optim import kernels
 
     n = shape[0] * shape[1]
@@ -94,15 +102,22 @@ def cases(
     def scaled() -> None:
         kernels.scaled_update_(w, g, col, alpha=-1e-3, keep=0.999)
 
+    def norms(dim: int) -> Callable[[], object]:
+        return lambda: kernels.channel_norms(g, dim)
+
     out: list[tuple[str, int, Callable]] = []
-    backends = (["triton"] if triton else []) + ["torch"]
+    native = dev.type == "cpu" and native_cpu_available()
+    backends = (["triton"] if triton else []) + (["auto"] if native else []) + ["torch"]
     for be in backends:
-        tag = "memopt Triton" if be == "triton" else "memopt torch path"
+        tag = {"triton": "memopt Triton", "auto": "memopt native CPU"}.get(be, "memopt torch path")
         out.append((f"adam_update ({tag})", 6 * n * F32, with_backend(be, adam(None))))
         out.append((f"adam_update + row norms ({tag})", 6 * n * F32, with_backend(be, adam(1))))
         out.append((f"adam_update + column norms ({tag})", 6 * n * F32,
                     with_backend(be, adam(0))))
         out.append((f"scaled_update_ ({tag})", 3 * n * F32, with_backend(be, scaled)))
+        if be != "triton":  # APOLLO's channel norms of G (native on the CPU, else torch's)
+            out.append((f"channel_norms, rows ({tag})", n * F32, with_backend(be, norms(1))))
+            out.append((f"channel_norms, columns ({tag})", n * F32, with_backend(be, norms(0))))
     if dev.type == "cuda" or hasattr(torch, "_fused_adamw_"):
         out.append(("torch._fused_adamw_ (peer, one tensor)", 7 * n * F32, torch_fused))
     return out
