@@ -1,8 +1,9 @@
 """``matmul_dtype="bfloat16"``: the projection GEMMs in bf16 arithmetic, the rest unchanged.
 
-Two routes (``memopt.optim.projection.lowp``): on the CPU, fp32 GEMMs under oneDNN's bf16
-math mode ("fpmath"); elsewhere, GEMMs on bf16 copies ("cast"). Both are run here on the
-CPU: the cast route by turning the fpmath one off.
+Three routes (``memopt.optim.projection.lowp``): on an AMX CPU, memopt's own bf16 GEMM
+("native"); on other CPUs, fp32 GEMMs under oneDNN's bf16 math mode ("fpmath"); elsewhere,
+GEMMs on bf16 copies ("cast"). All are run here on the CPU, the later ones by turning the
+earlier ones off (the native one only where the CPU has AMX).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from memopt.offload import cpu_gemm
 from memopt.optim import ApolloAdamW, FrugalAdamW, GaLoreAdamW, NaturalGaLoreAdamW, kernels
 from memopt.optim.projection import lowp
 
@@ -20,10 +22,14 @@ SHAPES = [(24, 40), (40, 24), (32, 32)]
 needs_fpmath = pytest.mark.skipif(not lowp.fpmath_available(), reason="torch without the knob")
 
 
-@pytest.fixture(params=["fpmath", "cast"])
+@pytest.fixture(params=["native", "fpmath", "cast"])
 def route(request, monkeypatch) -> str:
+    if request.param == "native" and not cpu_gemm.available():
+        pytest.skip("no AMX-BF16 on this CPU, or the native library is not built")
     if request.param == "fpmath" and not lowp.fpmath_available():
         pytest.skip("this torch has no oneDNN fp32-precision knob")
+    if request.param != "native":
+        monkeypatch.setattr(cpu_gemm, "available", lambda: False)
     if request.param == "cast":
         monkeypatch.setattr(lowp, "fpmath_available", lambda: False)
         monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: True)  # no warning here
@@ -67,17 +73,28 @@ def test_routes() -> None:
     assert lowp.route(x, None) is None
     assert lowp.route(x.bfloat16(), "bfloat16") is None  # already bf16 GEMMs
     assert lowp.route(x.half(), "bfloat16") is None  # would lose mantissa bits
-    want = "fpmath" if lowp.fpmath_available() else "cast"
+    want = "native" if cpu_gemm.available() else "fpmath" if lowp.fpmath_available() else "cast"
     assert lowp.route(x, "bfloat16") == want
 
 
-def test_route_can_be_forced_to_cast(monkeypatch) -> None:
+def test_route_can_be_forced(monkeypatch) -> None:
     monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: True)
+    x = torch.zeros(2, 2)
     monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "cast")
-    assert lowp.route(torch.zeros(2, 2), "bfloat16") == "cast"
+    assert lowp.route(x, "bfloat16") == "cast"
+    if lowp.fpmath_available():
+        monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "fpmath")
+        assert lowp.route(x, "bfloat16") == "fpmath"
+    monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "native")
+    monkeypatch.setattr("memopt._utils.logging._SEEN", set())
+    if cpu_gemm.available():
+        assert lowp.route(x, "bfloat16") == "native"
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)
+    with pytest.warns(UserWarning, match="AMX bf16 GEMM is not usable here"):
+        assert lowp.route(x, "bfloat16") in ("fpmath", "cast")  # the next route, said so
     monkeypatch.setenv("MEMOPT_MATMUL_ROUTE", "fast")
-    with pytest.raises(ValueError, match="MEMOPT_MATMUL_ROUTE must be 'auto' or 'cast'"):
-        lowp.route(torch.zeros(2, 2), "bfloat16")
+    with pytest.raises(ValueError, match="MEMOPT_MATMUL_ROUTE must be one of auto, native"):
+        lowp.route(x, "bfloat16")
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
@@ -107,6 +124,23 @@ def test_projection_and_update_arithmetic(proj_type: str, route: str) -> None:
             back = back_ref(direction.to(bf), P.to(bf), qb, side)
             assert torch.equal(proj.project_back(state, direction), back)
             torch.testing.assert_close(w, before * 0.9 - 0.5 * back.float())
+        elif route == "native":  # fp32 sums of the bf16-rounded operands' products
+            def bd(t):
+                return None if t is None else t.bfloat16().double()
+
+            exact = proj_ref(bd(grad), bd(P), bd(Q), side)
+            if Q is not None:  # the inner product is rounded to bf16 again for the outer GEMM
+                exact = proj_ref(bd(grad), bd(P), None, "left").float().bfloat16().double()
+                exact = exact @ bd(Q).T
+            torch.testing.assert_close(low.double(), exact, rtol=1e-5, atol=1e-5)
+            d = bd(direction)
+            if Q is not None:
+                d = (direction.bfloat16().double() @ bd(Q)).float().bfloat16().double()
+                upd = bd(P) @ d
+            else:
+                upd = back_ref(d, bd(P), None, side)
+            torch.testing.assert_close(w.double(), before.double() * 0.9 - 0.5 * upd,
+                                       rtol=1e-5, atol=1e-5)
         else:
             exact = proj_ref(grad.double(), P.double(), None if Q is None else Q.double(), side)
             assert ((low.double() - exact).norm() / exact.norm()) < 2**-8
@@ -137,6 +171,7 @@ def test_fpmath_knob_is_set_only_around_the_gemms(monkeypatch) -> None:
         return Wrap()
 
     monkeypatch.setattr(lowp, "cpu_bf16_fpmath", spy)
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)  # the fpmath route
     before = knob.fp32_precision
     _train(GaLoreAdamW, {"rank": 4, "update_proj_gap": 3, "matmul_dtype": "bfloat16"}, steps=2)
     assert seen and set(seen) == {"bf16"}
@@ -197,6 +232,7 @@ def test_bad_values_are_errors() -> None:
 
 
 def test_cast_route_warns_where_the_cpu_has_no_bf16_dot_products(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)
     monkeypatch.setattr(lowp, "fpmath_available", lambda: False)
     monkeypatch.setattr(lowp, "cpu_has_bf16_gemm", lambda: False)
     monkeypatch.setattr("memopt._utils.logging._SEEN", set())

@@ -45,6 +45,13 @@ class DenseProjector(Projector):
             bf16 = torch.bfloat16
             low = _project(grad.to(bf16), p.to(bf16), None if q is None else q.to(bf16), side)
             return low.to(grad.dtype)
+        if r == "native" and grad.dim() == 2 and p.dtype == grad.dtype:
+            if side == "right":
+                return lowp.mm(r, grad, p.T)
+            if side == "left":
+                return lowp.mm(r, p.T, grad)
+            assert q is not None
+            return lowp.mm(r, lowp.mm(r, p.T, grad), q.T)
         with lowp.gemm_context(r):
             return _project(grad, p, q, side)
 
@@ -54,6 +61,10 @@ class DenseProjector(Projector):
         r = self._route(low)
         if r == "cast":
             low, p, q = low.bfloat16(), p.bfloat16(), None if q is None else q.bfloat16()
+        if r == "native" and low.dim() == 2 and p.dtype == low.dtype:
+            if q is not None:
+                return lowp.mm(r, lowp.mm(r, p, low), q)
+            return lowp.mm(r, low, p) if self._right(state) else lowp.mm(r, p, low)
         with lowp.gemm_context(r):
             if q is not None:
                 return p @ low @ q
@@ -70,13 +81,12 @@ class DenseProjector(Projector):
         if r == "cast" or low.dtype != out.dtype or p.dtype != out.dtype:
             super().apply_update(state, low, out, alpha=alpha, beta=beta)
             return
-        with lowp.gemm_context(r):
-            if q is not None:
-                out.addmm_(p, low @ q, beta=beta, alpha=alpha)
-            elif self._right(state):
-                out.addmm_(low, p, beta=beta, alpha=alpha)
-            else:
-                out.addmm_(p, low, beta=beta, alpha=alpha)
+        if q is not None:
+            lowp.addmm_(r, out, p, lowp.mm(r, low, q), beta=beta, alpha=alpha)
+        elif self._right(state):
+            lowp.addmm_(r, out, low, p, beta=beta, alpha=alpha)
+        else:
+            lowp.addmm_(r, out, p, low, beta=beta, alpha=alpha)
 
     def change_of_basis(self, old: dict[str, Any], new: dict[str, Any]) -> list[Tensor]:
         """Right: low_new = low_old @ C with C = P_old P_new^T; left: C^T @ low_old."""

@@ -1,11 +1,17 @@
 """Reduced-precision projection GEMMs: the ``matmul_dtype="bfloat16"`` option.
 
-Two routes, picked per operand (``route``):
+Three routes, picked per operand (``route``):
 
-- ``"fpmath"`` (fp32 tensors on the CPU, torch >= 2.9): the GEMMs stay fp32 in and out and
-  run through oneDNN with its bf16 math mode allowed (``torch.backends.mkldnn.matmul.
-  fp32_precision = "bf16"``, set only around memopt's own GEMMs and restored after). oneDNN
-  may then round the inputs to bf16 inside the kernel where that is fast (AMX); no cast
+- ``"native"`` (fp32 tensors on a CPU with AMX-BF16, memopt's native library built): memopt's
+  own AMX kernel (``memopt.offload.cpu_gemm``): the operands are rounded to bf16 while they
+  are packed into tiles, the products are summed in fp32, and the write-back keeps its fused
+  form (``W = beta W + alpha P L`` in one call). Same arithmetic as ``"fpmath"`` below, at a
+  fraction of its time on projection shapes (K = 128..4096, one side the rank), where oneDNN
+  spends most of its time outside the tiles: ``benchmarks/gemm_route.py``.
+- ``"fpmath"`` (fp32 tensors on the CPU, torch >= 2.9, no native kernel): the GEMMs stay fp32
+  in and out and run through oneDNN with its bf16 math mode allowed (``torch.backends.mkldnn.
+  matmul.fp32_precision = "bf16"``, set only around memopt's own GEMMs and restored after).
+  oneDNN may then round the inputs to bf16 inside the kernel where that is fast (AMX); no cast
   passes, and the write-back keeps its fused ``addmm_``. On CPUs where torch's default fp32
   GEMM is MKL's generic path (AMD EPYC here) this also moves the GEMMs onto oneDNN's AVX-512
   kernels, which is where most of the gain comes from: measured on the 2-core EPYC,
@@ -17,8 +23,9 @@ Two routes, picked per operand (``route``):
   parameter in its own dtype. Relative rounding 2^-9 of the projected gradient and update.
 
 Only fp32 operands are affected: bf16 parameters already run bf16 GEMMs, and fp16 ones
-would lose mantissa bits. ``MEMOPT_MATMUL_ROUTE=cast`` forces the cast route on the CPU too
-(to reproduce a GPU run's rounding on a CPU, or to measure it: benchmarks/convergence.py).
+would lose mantissa bits. ``MEMOPT_MATMUL_ROUTE`` picks a CPU route by name (``auto``, the
+default: native, else fpmath, else cast; or ``native``, ``fpmath``, ``cast``), e.g. to
+reproduce a GPU run's rounding on a CPU, or to compare the routes (benchmarks/convergence.py).
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ from torch import Tensor
 
 from memopt._utils import warn_once
 from memopt._utils.env import getenv_fast
+from memopt.offload import cpu_gemm
 
 MATMUL_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16}
-Route = Literal["fpmath", "cast"] | None
+Route = Literal["native", "fpmath", "cast"] | None
 ENV_ROUTE = "MEMOPT_MATMUL_ROUTE"
+_CPU_ROUTES = ("auto", "native", "fpmath", "cast")
 
 
 @functools.cache
@@ -57,18 +66,26 @@ def route(x: Tensor, matmul_dtype: str | None) -> Route:
     """How GEMMs on ``x`` (an operand or the output) run under ``matmul_dtype``."""
     if matmul_dtype is None or x.dtype != torch.float32:
         return None
-    if x.device.type == "cpu":
-        forced = getenv_fast(ENV_ROUTE, "auto")
-        if forced not in ("auto", "cast"):
-            raise ValueError(f"{ENV_ROUTE} must be 'auto' or 'cast', got {forced!r}")
-        if forced == "auto" and fpmath_available():
-            return "fpmath"
-        if not cpu_has_bf16_gemm():
-            warn_once(
-                "matmul_dtype='bfloat16': this CPU has no native bf16 dot products (AVX512-BF16 "
-                "or AMX) and this torch has no oneDNN fp32-precision knob, so the bf16 GEMMs "
-                "are emulated and slower than fp32; drop the option here"
-            )
+    if x.device.type != "cpu":
+        return "cast"
+    forced = getenv_fast(ENV_ROUTE, "auto")
+    if forced not in _CPU_ROUTES:
+        raise ValueError(f"{ENV_ROUTE} must be one of {', '.join(_CPU_ROUTES)}; got {forced!r}")
+    if forced in ("auto", "native") and cpu_gemm.available():
+        return "native"
+    if forced == "native":
+        warn_once(
+            f"{ENV_ROUTE}=native: memopt's AMX bf16 GEMM is not usable here (no AMX-BF16, or "
+            "the native library is not built); using the next route"
+        )
+    if forced != "cast" and fpmath_available():
+        return "fpmath"
+    if not cpu_has_bf16_gemm():
+        warn_once(
+            "matmul_dtype='bfloat16': this CPU has no native bf16 dot products (AVX512-BF16 "
+            "or AMX) and this torch has no oneDNN fp32-precision knob, so the bf16 GEMMs "
+            "are emulated and slower than fp32; drop the option here"
+        )
     return "cast"
 
 
@@ -94,4 +111,23 @@ class cpu_bf16_fpmath:  # noqa: N801 - used as a context manager, like contextli
 
 
 def gemm_context(r: Route) -> contextlib.AbstractContextManager[None]:
-    return cpu_bf16_fpmath() if r == "fpmath" else contextlib.nullcontext()
+    """Around torch GEMMs of route ``r`` (native falls back to fpmath for odd operands)."""
+    return cpu_bf16_fpmath() if r in ("fpmath", "native") else contextlib.nullcontext()
+
+
+def mm(r: Route, a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` on route ``r`` (operands already cast where the route is ``cast``; on the
+    native route, 2-D fp32 CPU operands, which the callers check)."""
+    if r == "native":
+        return cpu_gemm.mm(a, b)
+    with gemm_context(r):
+        return a @ b
+
+
+def addmm_(r: Route, out: Tensor, a: Tensor, b: Tensor, *, alpha: float, beta: float) -> None:
+    """``out = beta * out + alpha * a @ b`` on route ``r`` (2-D fp32 operands and output)."""
+    if r == "native" and (out.shape[1] < 2 or out.stride(1) == 1):
+        cpu_gemm.addmm_(out, a, b, alpha=alpha, beta=beta)
+        return
+    with gemm_context(r):
+        out.addmm_(a, b, beta=beta, alpha=alpha)
