@@ -8,15 +8,18 @@
 // does the same arithmetic, but at the sizes of a projection (K = 128..4096, one side = the
 // rank) it spent most of its time outside the tiles: 0.6-0.7 TFLOP/s on two cores.
 //
-// Layout. Both operands are packed once per call into a per-thread buffer: A row-major
-// (Mp x Kp bf16, rows of K), B in the tiles' pair layout (Kp/2 x Np x 2 bf16: the two K rows
-// of each pair side by side per column), zero-padded to multiples of 32. Each packer has a
-// vector path for the two layouts projections have (the strided side's elements contiguous
-// along K, or along the other index) and a scalar path for any other strides. The output is
-// computed in 32 x 32 blocks (four 16 x 16 accumulator tiles, two A and two B tiles per
-// 32-deep K step), blocks split statically across the OpenMP team in column-major order so
-// each thread walks a contiguous range of B's columns; each block is stored to a small
-// buffer and merged into C (alpha, beta) with AVX-512, masked at the edges.
+// Layout and order. The larger of A's rows and B's columns is streamed: each thread of the
+// OpenMP team takes a contiguous range of 32-wide strips of it, packs one strip at a time into
+// its own buffer (bf16, 16 x 32 tiles of 1 KiB each for A; the tiles' pair layout for B, the
+// two K rows of each pair side by side per column) and computes that strip's 32 x 32 output
+// blocks against the other operand, which the team packs whole first. Each block is four
+// 16 x 16 accumulator tiles fed by two A and two B tiles per 32-deep K step; while they
+// work, the next strip's fp32 source (and, with beta, the next block of C) is prefetched into
+// L2, and the previous block is merged into C (alpha, beta) with AVX-512, masked at the
+// edges. Each packer has a vector path for the layouts projections have (the strided side's
+// elements contiguous along K, or along the other index) and a scalar path for any strides.
+// Measured alternatives that were slower and dropped (benchmarks/gemm_route.py, table 2):
+// packing the next strip a K step at a time between the tile instructions (+10%).
 //
 // Linux needs a process to ask for the AMX state before using the tiles (arch_prctl
 // ARCH_REQ_XCOMP_PERM); memopt_bf16_gemm_available() checks CPUID and makes that request.
@@ -130,12 +133,12 @@ inline int64_t b_at(int64_t p, int64_t j, int64_t Kp) {
     return (j / 16) * Kp * 16 + p * 32 + (j % 16) * 2;
 }
 
-// Columns [j0, j1) (multiples of 16) of B (K x N, element strides ks, js), pair rows
-// [p0, p1), written as columns j - base. Pair rows past K and columns past N are zero.
+// Columns [j0, j1) (multiples of 16) of B (K x N, element strides ks, js), every pair row,
+// written as columns j - base. Pair rows past K and columns past N are zero.
 MEMOPT_AMX_TARGET void pack_pairs(const float* x, int64_t ks, int64_t js, int64_t K, int64_t N,
                                   int64_t Kp, uint16_t* out, int64_t j0, int64_t j1,
-                                  int64_t base, int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+                                  int64_t base) {
+    for (int64_t p = 0; p < Kp / 2; ++p) {
         const int64_t k0 = 2 * p, k1 = 2 * p + 1;
         for (int64_t j = j0; j < j1; j += 16) {
             uint16_t* dst = out + b_at(p, j - base, Kp);
@@ -155,7 +158,7 @@ MEMOPT_AMX_TARGET void pack_pairs(const float* x, int64_t ks, int64_t js, int64_
     }
 }
 
-// Columns [j0, j1) of B, every pair row, when its columns are contiguous along K (ks == 1):
+// Columns [j0, j1) of B, as pack_pairs, when its columns are contiguous along K (ks == 1):
 // column j's pairs are adjacent floats; 16 pairs (32 k) are converted at once and scattered
 // down the strip.
 MEMOPT_AMX_TARGET void pack_pairs_kmajor(const float* x, int64_t js, int64_t K, int64_t N,
@@ -208,29 +211,6 @@ MEMOPT_AMX_TARGET void pack_rows(const float* a, int64_t is, int64_t ks, int64_t
                 for (int64_t q = 0; q < 16; ++q)
                     dst[q] = k + q < K ? to_bf16(src[(k + q) * ks]) : 0;
             }
-        }
-    }
-}
-
-// The fine-grained form of pack_rows for rows contiguous along K (ks == 1), in units of one
-// 32-element tile row: unit u is row x0 + u / (Kp / 32), columns 32 (u % (Kp / 32)) + [0, 32).
-MEMOPT_AMX_TARGET void pack_row_chunks(const float* a, int64_t is, int64_t M, int64_t K,
-                                       int64_t Kp, uint16_t* out, int64_t x0, int64_t u0,
-                                       int64_t u1) {
-    const int64_t per_row = Kp / 32;
-    for (int64_t u = u0; u < u1; ++u) {
-        const int64_t i = x0 + u / per_row, k = (u % per_row) * 32;
-        uint16_t* dst = out + a_at(i - x0, k, Kp);
-        const float* src = a + i * is + k;
-        if (i < M && k + 32 <= K) {
-            const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-            _mm512_store_si512(dst, (__m512i)v);
-        } else {
-            const __mmask16 lo = i < M && k < K ? tail_mask(K - k) : 0;
-            const __mmask16 hi = i < M && k + 16 < K ? tail_mask(K - k - 16) : 0;
-            const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + 16),
-                                                   _mm512_maskz_loadu_ps(lo, src));
-            _mm512_store_si512(dst, (__m512i)v);
         }
     }
 }
@@ -306,67 +286,6 @@ struct Prefetch {
     }
 };
 
-// One call's operands and how each is packed.
-struct Job {
-    const float* a;
-    int64_t a_is, a_ks;
-    const float* b;
-    int64_t b_ks, b_js;
-    int64_t M, N, K, Kp;
-    bool a_mmajor, b_kmajor, stream_a;
-
-    // The streamed operand's strip at x0 comes in units: 32-element tile rows of A (rows,
-    // or 16-row groups, for other strides), pair rows (or columns) of B.
-    int64_t strip_units() const {
-        if (stream_a) return a_mmajor ? kBlock / 16 : a_ks == 1 ? kBlock * (Kp / 32) : kBlock;
-        return b_kmajor ? kBlock : Kp / 2;
-    }
-    void pack_strip(uint16_t* dst, int64_t x0, int64_t u0, int64_t u1) const {
-        if (stream_a && a_mmajor)
-            pack_rows_mmajor(a, a_ks, M, K, Kp, dst, x0 + 16 * u0, x0 + 16 * u1, x0);
-        else if (stream_a && a_ks == 1)
-            pack_row_chunks(a, a_is, M, K, Kp, dst, x0, u0, u1);
-        else if (stream_a)
-            pack_rows(a, a_is, a_ks, M, K, Kp, dst, x0 + u0, x0 + u1, x0);
-        else if (b_kmajor)
-            pack_pairs_kmajor(b, b_js, K, N, Kp, dst, x0 + u0, x0 + u1, x0);
-        else
-            pack_pairs(b, b_ks, b_js, K, N, Kp, dst, x0, x0 + kBlock, x0, u0, u1);
-    }
-    // Rows [x0, x1) of A or columns [x0, x1) of B (multiples of 16) of the operand packed
-    // whole.
-    void pack_whole(uint16_t* dst, int64_t x0, int64_t x1) const {
-        if (!stream_a && a_mmajor)
-            pack_rows_mmajor(a, a_ks, M, K, Kp, dst, x0, x1, 0);
-        else if (!stream_a)
-            pack_rows(a, a_is, a_ks, M, K, Kp, dst, x0, x1, 0);
-        else if (b_kmajor)
-            pack_pairs_kmajor(b, b_js, K, N, Kp, dst, x0, x1, 0);
-        else
-            pack_pairs(b, b_ks, b_js, K, N, Kp, dst, x0, x1, 0, 0, Kp / 2);
-    }
-};
-
-// Packs the next streamed strip in slices, one per K step of the current strip's blocks, so
-// the conversion's loads and stores run while the tiles compute (double-buffered strips).
-struct StripPacker {
-    const Job* job = nullptr;
-    uint16_t* dst = nullptr;
-    int64_t x0 = 0, done = 0, units = 0, steps = 0, total_steps = 1;
-    // One K step of the current strip's blocks: pack up to this step's share of the units.
-    void step() {
-        if (done >= units) return;
-        ++steps;
-        const int64_t to = std::min(units, (units * steps + total_steps - 1) / total_steps);
-        if (to > done) job->pack_strip(dst, x0, done, to);
-        done = std::max(done, to);
-    }
-    void finish() {
-        if (done < units) job->pack_strip(dst, x0, done, units);
-        done = units;
-    }
-};
-
 // Finished blocks wait here one block long: each block's merge into C (AVX-512, bound by
 // C's memory traffic when beta is used) runs while the tiles work on the next block.
 struct Pending {
@@ -375,14 +294,13 @@ struct Pending {
     bool has = false;
     int64_t i0 = 0, j0 = 0;
 };
-
 // One 32 x 32 output block from a 32-row strip pair of packed A (at) and a 32-column strip
 // pair of packed B (bt), each strip Kp * 16 elements; merged into C at (i0, j0) after the
 // next block's products are issued (or by flush()).
 MEMOPT_AMX_TARGET void block(const uint16_t* at, const uint16_t* bt, int64_t Kp, float* c,
                              int64_t cs, int64_t i0, int64_t j0, int64_t M, int64_t N,
-                             float alpha, float beta, bool accumulate, Prefetch pc,
-                             Pending& pend, StripPacker& next) {
+                             float alpha, float beta, bool accumulate, Prefetch& pf,
+                             Prefetch pc, Pending& pend) {
     float* out = pend.buf[pend.cur];
     const int64_t strip = Kp * 16;
     _tile_zero(0);
@@ -398,8 +316,8 @@ MEMOPT_AMX_TARGET void block(const uint16_t* at, const uint16_t* bt, int64_t Kp,
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+        pf.step();
         pc.step();
-        next.step();  // part of the next strip, while the tiles work on this K step
     }
     if (pend.has)
         merge_block(pend.buf[pend.cur ^ 1], c, cs, pend.i0, pend.j0, M, N, alpha, beta,
@@ -413,7 +331,6 @@ MEMOPT_AMX_TARGET void block(const uint16_t* at, const uint16_t* bt, int64_t Kp,
     pend.has = true;
     pend.cur ^= 1;
 }
-
 MEMOPT_AMX_TARGET void flush(Pending& pend, float* c, int64_t cs, int64_t M, int64_t N,
                              float alpha, float beta, bool accumulate) {
     if (pend.has)
@@ -488,8 +405,16 @@ MEMOPT_API int memopt_bf16_gemm(const float* a, int64_t a_is, int64_t a_ks, cons
     auto* full = static_cast<uint16_t*>(operand_scratch.get(static_cast<size_t>(whole * Kp) * 2));
     if (full == nullptr) return -3;
     const bool acc = accumulate != 0 && beta != 0.0f;
-    const Job job{a, a_is, a_ks, b, b_ks, b_js, M, N, K, Kp,
-                  a_is == 1 && a_ks != 1 && M > 1, b_ks == 1 && b_js != 1 && N > 1, stream_a};
+    const bool a_mmajor = a_is == 1 && a_ks != 1 && M > 1;
+    const bool b_kmajor = b_ks == 1 && b_js != 1 && N > 1;
+    auto pack_a = [&](uint16_t* out, int64_t i0, int64_t i1, int64_t base) {
+        if (a_mmajor) pack_rows_mmajor(a, a_ks, M, K, Kp, out, i0, i1, base);
+        else pack_rows(a, a_is, a_ks, M, K, Kp, out, i0, i1, base);
+    };
+    auto pack_b = [&](uint16_t* out, int64_t j0, int64_t j1, int64_t base) {
+        if (b_kmajor) pack_pairs_kmajor(b, b_js, K, N, Kp, out, j0, j1, base);
+        else pack_pairs(b, b_ks, b_js, K, N, Kp, out, j0, j1, base);
+    };
     // With accumulate, the next block's rows of C are prefetched while this one computes.
     auto c_ahead = [&](int64_t i0, int64_t j0) {
         Prefetch pc;
@@ -501,7 +426,6 @@ MEMOPT_API int memopt_bf16_gemm(const float* a, int64_t a_is, int64_t a_ks, cons
         }
         return pc;
     };
-    const int64_t nblocks = (stream_a ? Np : Mp) / kBlock;  // blocks per streamed strip
     // A small product (APOLLO-Mini's rank 1, a small layer) stays on the calling thread.
     const int64_t work = Mp * Np * Kp;
     const int threads = work < (int64_t{1} << 21) ? 1 : (num_threads > 0 ? num_threads : 1);
@@ -514,8 +438,9 @@ MEMOPT_API int memopt_bf16_gemm(const float* a, int64_t a_is, int64_t a_ks, cons
         nt = omp_get_num_threads();
 #endif
         const int64_t g = whole / 16;
-        job.pack_whole(full, share(g, t, nt) * 16, share(g, t + 1, nt) * 16);
-        auto* local = static_cast<uint16_t*>(strip_scratch.get(static_cast<size_t>(strip) * 8));
+        if (stream_a) pack_b(full, share(g, t, nt) * 16, share(g, t + 1, nt) * 16, 0);
+        else pack_a(full, share(g, t, nt) * 16, share(g, t + 1, nt) * 16, 0);
+        auto* local = static_cast<uint16_t*>(strip_scratch.get(static_cast<size_t>(strip) * 4));
         if (local == nullptr) {
 #pragma omp atomic write
             failed = 1;
@@ -524,27 +449,33 @@ MEMOPT_API int memopt_bf16_gemm(const float* a, int64_t a_is, int64_t a_ks, cons
         int any_failed;
 #pragma omp atomic read
         any_failed = failed;
-        const int64_t s0 = share(strips, t, nt), s1 = share(strips, t + 1, nt);
-        if (!any_failed && s0 < s1) {  // nothing is written to C unless every thread can run
+        if (!any_failed) {  // nothing is written to C unless every thread can run
             load_tile_config();
             Pending pend;
-            StripPacker first{&job, local, s0 * kBlock, 0, job.strip_units(), 0, 1};
-            first.finish();
-            for (int64_t s = s0; s < s1; ++s) {
+            for (int64_t s = share(strips, t, nt); s < share(strips, t + 1, nt); ++s) {
                 const int64_t x0 = s * kBlock;
-                uint16_t* cur = local + ((s - s0) & 1) * 2 * strip;  // two strips of 16
-                StripPacker next{&job, local + ((s - s0 + 1) & 1) * 2 * strip, x0 + kBlock, 0,
-                                 s + 1 < s1 ? job.strip_units() : 0, 0, nblocks * (Kp / kBlock)};
-                if (stream_a) {
-                    for (int64_t j0 = 0; j0 < Np; j0 += kBlock)
-                        block(cur, full + (j0 / 16) * strip, Kp, c, cs, x0, j0, M, N, alpha,
-                              beta, acc, c_ahead(x0, j0 + kBlock), pend, next);
-                } else {
-                    for (int64_t i0 = 0; i0 < Mp; i0 += kBlock)
-                        block(full + (i0 / 16) * strip, cur, Kp, c, cs, i0, x0, M, N, alpha,
-                              beta, acc, c_ahead(i0 + kBlock, x0), pend, next);
+                Prefetch pf;  // the next strip's source, when its rows are contiguous
+                const int64_t next = x0 + kBlock, nblocks = (stream_a ? Np : Mp) / kBlock;
+                if (stream_a && a_ks == 1 && next < M) {
+                    pf = {reinterpret_cast<const char*>(a + next * a_is), a_is * 4, K * 4,
+                          std::min<int64_t>(kBlock, M - next), 0, 0};
+                } else if (!stream_a && b_js == 1 && next < N) {
+                    pf = {reinterpret_cast<const char*>(b + next), b_ks * 4,
+                          std::min<int64_t>(kBlock, N - next) * 4, K, 0, 0};
                 }
-                next.finish();
+                pf.per_step = (pf.rows * ((pf.span + 63) / 64) + nblocks * (Kp / kBlock) - 1) /
+                              (nblocks * (Kp / kBlock));
+                if (stream_a) {
+                    pack_a(local, x0, x0 + kBlock, x0);
+                    for (int64_t j0 = 0; j0 < Np; j0 += kBlock)
+                        block(local, full + (j0 / 16) * strip, Kp, c, cs, x0, j0, M, N, alpha,
+                              beta, acc, pf, c_ahead(x0, j0 + kBlock), pend);
+                } else {
+                    pack_b(local, x0, x0 + kBlock, x0);
+                    for (int64_t i0 = 0; i0 < Mp; i0 += kBlock)
+                        block(full + (i0 / 16) * strip, local, Kp, c, cs, i0, x0, M, N, alpha,
+                              beta, acc, pf, c_ahead(i0 + kBlock, x0), pend);
+                }
             }
             flush(pend, c, cs, M, N, alpha, beta, acc);
             release_tiles();
