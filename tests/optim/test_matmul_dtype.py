@@ -286,3 +286,19 @@ def test_fpmath_context_keeps_a_global_bf16_setting() -> None:
         assert knob.fp32_precision == "bf16"
     finally:
         knob.fp32_precision = before
+
+
+def test_native_route_falls_back_for_operands_it_does_not_take(monkeypatch) -> None:
+    """A write-back into a parameter without unit column stride, on the native route, runs
+    as a torch GEMM (oneDNN's bf16 math where the knob exists, plain fp32 where it does not)
+    and gives the same update within bf16 rounding."""
+    if not cpu_gemm.available():
+        pytest.skip("no AMX-BF16 on this CPU, or the native library is not built")
+    g = torch.Generator().manual_seed(3)
+    p, low = torch.randn(24, 8, generator=g), torch.randn(8, 40, generator=g)
+    exact = p.double() @ low.double()
+    for knob in (True, False):
+        monkeypatch.setattr(lowp, "fpmath_available", lambda knob=knob: knob)
+        out = torch.zeros(40, 24).T  # 24 x 40, column stride 24
+        lowp.addmm_("native", out, p, low, alpha=1.0, beta=0.0)
+        assert ((out.double() - exact).norm() / exact.norm()) < 2**-8

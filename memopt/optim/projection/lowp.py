@@ -111,8 +111,12 @@ class cpu_bf16_fpmath:  # noqa: N801 - used as a context manager, like contextli
 
 
 def gemm_context(r: Route) -> contextlib.AbstractContextManager[None]:
-    """Around torch GEMMs of route ``r`` (native falls back to fpmath for odd operands)."""
-    return cpu_bf16_fpmath() if r in ("fpmath", "native") else contextlib.nullcontext()
+    """Around torch GEMMs of route ``r``. The native route's odd operands (a strided output,
+    a stacked batch) run here too: on oneDNN's bf16 math where this torch has the knob,
+    else as plain fp32 GEMMs."""
+    if r == "fpmath" or r == "native" and fpmath_available():
+        return cpu_bf16_fpmath()
+    return contextlib.nullcontext()
 
 
 def mm(r: Route, a: Tensor, b: Tensor) -> Tensor:
