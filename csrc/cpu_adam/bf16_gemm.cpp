@@ -100,21 +100,17 @@ MEMOPT_AMX_TARGET inline __m256i cvt16(const float* src, __mmask16 mask) {
     return (__m256i)_mm512_cvtneps_pbh(x);
 }
 
-// Interleave two rows of 16 bf16 into 16 (lo, hi) pairs: [lo0 hi0 lo1 hi1 ...].
-MEMOPT_AMX_TARGET inline __m512i pairs16(__m256i lo, __m256i hi) {
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
-    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    return _mm512_permutexvar_epi16(idx, both);
-}
-
 // [lo0..lo15 hi0..hi15] (bf16) -> [lo0 hi0 lo1 hi1 ...]: 16 pairs in pair-layout order.
 MEMOPT_AMX_TARGET inline __m512i interleave(__m512bh both) {
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                          16, 0);
     return _mm512_permutexvar_epi16(idx, (__m512i)both);
+}
+
+// The same from two rows of 16 bf16 held apart: [lo0 hi0 lo1 hi1 ...].
+MEMOPT_AMX_TARGET inline __m512i pairs16(__m256i lo, __m256i hi) {
+    return interleave((__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 }
 
 __mmask16 tail_mask(int64_t left) {

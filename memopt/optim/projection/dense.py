@@ -15,6 +15,8 @@ bf16 math mode on the CPU, bf16 copies elsewhere); moments and the basis are unc
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,12 +48,7 @@ class DenseProjector(Projector):
             low = _project(grad.to(bf16), p.to(bf16), None if q is None else q.to(bf16), side)
             return low.to(grad.dtype)
         if r == "native" and grad.dim() == 2 and p.dtype == grad.dtype:
-            if side == "right":
-                return lowp.mm(r, grad, p.T)
-            if side == "left":
-                return lowp.mm(r, p.T, grad)
-            assert q is not None
-            return lowp.mm(r, lowp.mm(r, p.T, grad), q.T)
+            return _project(grad, p, q, side, functools.partial(lowp.mm, r))
         with lowp.gemm_context(r):
             return _project(grad, p, q, side)
 
@@ -62,13 +59,9 @@ class DenseProjector(Projector):
         if r == "cast":
             low, p, q = low.bfloat16(), p.bfloat16(), None if q is None else q.bfloat16()
         if r == "native" and low.dim() == 2 and p.dtype == low.dtype:
-            if q is not None:
-                return lowp.mm(r, lowp.mm(r, p, low), q)
-            return lowp.mm(r, low, p) if self._right(state) else lowp.mm(r, p, low)
+            return _project_back(low, p, q, self._right(state), functools.partial(lowp.mm, r))
         with lowp.gemm_context(r):
-            if q is not None:
-                return p @ low @ q
-            return low @ p if self._right(state) else p @ low
+            return _project_back(low, p, q, self._right(state))
 
     def _right(self, state: dict[str, Any]) -> bool:
         return bool(state.get("proj_right", True))
@@ -113,13 +106,26 @@ class DenseProjector(Projector):
             state["proj_P"], state["proj_Q"] = u.to(dtype, copy=True), vh.to(dtype, copy=True)
 
 
-def _project(grad: Tensor, p: Tensor, q: Tensor | None, side: str) -> Tensor:
+Matmul = Callable[[Tensor, Tensor], Tensor]
+
+
+def _project(
+    grad: Tensor, p: Tensor, q: Tensor | None, side: str, mm: Matmul = torch.matmul
+) -> Tensor:
     if side == "right":
-        return grad @ p.T
+        return mm(grad, p.T)
     if side == "left":
-        return p.T @ grad
+        return mm(p.T, grad)
     assert q is not None
-    return p.T @ grad @ q.T
+    return mm(mm(p.T, grad), q.T)
+
+
+def _project_back(
+    low: Tensor, p: Tensor, q: Tensor | None, right: bool, mm: Matmul = torch.matmul
+) -> Tensor:
+    if q is not None:
+        return mm(mm(p, low), q)
+    return mm(low, p) if right else mm(p, low)
 
 
 def _mat_shape(g: Tensor) -> tuple[int, int]:
