@@ -25,6 +25,7 @@ NATIVE = [
             "csrc/cpu_adam/lowbit_adam.cpp",
             "csrc/cpu_adam/channel_sumsq.cpp",
             "csrc/cpu_adam/bf16_gemm.cpp",
+            "csrc/cpu_adam/projected_adam.cpp",
         ],
         depends=[
             "csrc/cpu_adam/cpu_adam_simd.h",

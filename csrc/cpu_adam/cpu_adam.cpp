@@ -136,7 +136,7 @@ MEMOPT_API int memopt_cpu_adam_isa_mask(void) {
 // 3: memopt_adamw_q8 (lowbit_adam.cpp) added.
 // 4: memopt_q8_quantize / memopt_q8_dequantize (lowbit_adam.cpp) added.
 // 5: memopt_channel_sumsq (channel_sumsq.cpp) added.
-MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 6; }
+MEMOPT_API int memopt_cpu_adam_abi_version(void) { return 7; }
 
 MEMOPT_API int memopt_cpu_adam_has_openmp(void) {
 #ifdef _OPENMP

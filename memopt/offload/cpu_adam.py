@@ -37,8 +37,9 @@ EpsMode = Literal["torch", "galore"]
 ISAS = ("scalar", "avx2", "avx512")
 ENV_ISA = "MEMOPT_CPU_ADAM_ISA"
 CHUNK = 1 << 16  # elements per OpenMP work item: 256 KiB per fp32 stream, L2-sized
-_ABI = 6  # 2: memopt_lowrank_adam; 3: memopt_adamw_q8
+_ABI = 7  # 2: memopt_lowrank_adam; 3: memopt_adamw_q8
 # 4: memopt_q8_quantize / memopt_q8_dequantize; 5: memopt_channel_sumsq; 6: memopt_bf16_gemm
+# 7: memopt_projected_adam
 _DTYPE_CODE = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _LOWP = (torch.bfloat16, torch.float16)
 _UNSET = object()
@@ -81,6 +82,10 @@ def _library() -> ctypes.CDLL | None:
             lib.memopt_bf16_gemm.restype = ctypes.c_int
             lib.memopt_bf16_gemm.argtypes = [
                 p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, f, f, i, i,
+            ]  # fmt: skip
+            lib.memopt_projected_adam.restype = ctypes.c_int
+            lib.memopt_projected_adam.argtypes = [
+                p, i64, i64, p, i64, i64, p, i64, p, p, i64, i64, i64, i, f, f, f, f, f, f, f, f, i,
             ]  # fmt: skip
         _lib = lib
     return _lib  # type: ignore[return-value]

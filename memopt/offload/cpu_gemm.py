@@ -20,7 +20,7 @@ from torch import Tensor
 
 from memopt.offload.cpu_adam import _library
 
-__all__ = ["addmm_", "available", "mm", "usable"]
+__all__ = ["addmm_", "available", "mm", "projected_adam_", "usable"]
 
 _ERRORS = {
     -1: "this CPU has no AMX-BF16 (or the kernel refused the tile state)",
@@ -86,8 +86,9 @@ def _run(
     pa, pb, pc = a.data_ptr(), b.data_ptr(), out.data_ptr()
     if not fresh and m and n:
         end_c = pc + 4 * ((m - 1) * cs + n)
-        if k and (_overlaps(pc, end_c, pa, m, k, a_is, a_ks)
-                  or _overlaps(pc, end_c, pb, k, n, b_ks, b_js)):
+        if k and (
+            _overlaps(pc, end_c, pa, m, k, a_is, a_ks) or _overlaps(pc, end_c, pb, k, n, b_ks, b_js)
+        ):
             raise ValueError("cpu_gemm: out must not share memory with a or b")
     rc = _library().memopt_bf16_gemm(  # type: ignore[union-attr] # usable() checked
         pa, a_is, a_ks, pb, b_ks, b_js, pc, max(cs, n),
@@ -95,6 +96,72 @@ def _run(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"cpu_gemm: native bf16 GEMM failed ({_ERRORS.get(rc, rc)})")
+
+
+def projected_adam_(
+    g: Tensor,
+    basis: Tensor,
+    w: Tensor,
+    m: Tensor,
+    v: Tensor,
+    *,
+    right: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    c2: float,
+    alpha: float,
+    beta: float,
+) -> None:
+    """One matrix's GaLore step in one native call (``csrc/cpu_adam/projected_adam.cpp``).
+
+    ``R = g @ basis.T`` (``right``; ``basis`` r x n) or ``basis.T @ g`` (left; m x r), Adam's
+    moments ``m``, ``v`` (R's shape) advanced in place with direction ``D = m / (sqrt(v) c2 +
+    eps)``, then ``w = beta * w + alpha * (D @ basis)`` (right) or ``(basis @ D)`` (left).
+    Both products in bf16 arithmetic, exactly as ``mm`` / ``addmm_`` and
+    ``cpu_lowrank.lowrank_adam`` called one after the other (bitwise the same results).
+    ``g`` and ``basis`` may have any strides; ``m`` and ``v`` are contiguous; ``w`` has unit
+    column stride and shares no memory with the others.
+    """
+    if not usable(g, basis, w, m, v):
+        raise ValueError("projected_adam_: needs AMX-BF16 and 2-D fp32 CPU tensors")
+    rows, cols = g.shape
+    r = basis.shape[0] if right else basis.shape[1]
+    low_shape = (rows, r) if right else (r, cols)
+    need_basis = (r, cols) if right else (rows, r)
+    if tuple(w.shape) != (rows, cols) or tuple(basis.shape) != need_basis or r == 0:
+        raise ValueError(
+            f"projected_adam_: grad {tuple(g.shape)}, basis {tuple(basis.shape)} and weight "
+            f"{tuple(w.shape)} do not fit a {'right' if right else 'left'} projection"
+        )
+    if tuple(m.shape) != low_shape or tuple(v.shape) != low_shape:
+        raise ValueError(
+            f"projected_adam_: moments {tuple(m.shape)} / {tuple(v.shape)}, expected {low_shape}"
+        )
+    if not (m.is_contiguous() and v.is_contiguous()):
+        raise ValueError("projected_adam_: the moments must be contiguous")
+    ws, wcol = w.stride()
+    if cols > 1 and wcol != 1 or rows > 1 and ws < cols:
+        raise ValueError(f"projected_adam_: the weight needs unit column stride ({w.stride()})")
+    gs, gcol = g.stride()
+    bs, bcol = basis.stride()
+    pw = w.data_ptr()
+    end_w = pw + 4 * ((rows - 1) * ws + cols)
+    n_low = low_shape[0] * low_shape[1]
+    if (
+        _overlaps(pw, end_w, g.data_ptr(), rows, cols, gs, gcol)
+        or _overlaps(pw, end_w, basis.data_ptr(), basis.shape[0], basis.shape[1], bs, bcol)
+        or _overlaps(pw, end_w, m.data_ptr(), 1, n_low, 1, 1)
+        or _overlaps(pw, end_w, v.data_ptr(), 1, n_low, 1, 1)
+    ):
+        raise ValueError("projected_adam_: the weight must not share memory with the others")
+    rc = _library().memopt_projected_adam(  # type: ignore[union-attr] # usable() checked
+        g.data_ptr(), gs, gcol, basis.data_ptr(), bs, bcol, pw, max(ws, cols), m.data_ptr(),
+        v.data_ptr(), rows, cols, r, int(right), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+        eps, c2, alpha, beta, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"projected_adam_: native step failed ({_ERRORS.get(rc, rc)})")
 
 
 def _overlaps(lo: int, hi: int, ptr: int, rows: int, cols: int, rs: int, cs: int) -> bool:

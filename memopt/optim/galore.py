@@ -21,12 +21,13 @@ rest). The back-projection, scale, weight decay and write into W are one ``addmm
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim._base import MemoptOptimizer
+from memopt.optim._galore_fused import fused_step, group_fusable
 
 ADAMW_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -58,6 +59,9 @@ class GaLoreAdamW(MemoptOptimizer):
 
     base_defaults = ADAMW_DEFAULTS
     low_rank_defaults = GALORE_DEFAULTS
+    #: Whether steady steps may take the one-call native path (``_galore_fused``); a
+    #: subclass that changes the update rule (Natural GaLore) turns it off.
+    fused_steady_step: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -84,9 +88,19 @@ class GaLoreAdamW(MemoptOptimizer):
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return None if self.projects(p, group) else "galore"
 
+    def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        if not (self.fused_steady_step and group_fusable(self, group)):
+            super().low_rank_many(params, group)
+            return
+        for p in params:
+            if not fused_step(self, p, group):
+                self.step_one(p)
+
     def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
+        if self.fused_steady_step and group_fusable(self, group) and fused_step(self, p, group):
+            return  # optimizer-in-backward's steady steps
         proj, _, low, _ = self.projected_gradient(p, group, state, label)
         direction, step_size = self.low_rank_adam(low, group, state)
         write_update(p, proj, state, direction, step_size * group["scale"], group)

@@ -41,6 +41,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         "damping": 1e-3,
         "moments": "reset",
     }
+    fused_steady_step = False  # its update is not GaLore's (the Woodbury step in between)
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(params, lr=lr, **kwargs)
