@@ -9,7 +9,8 @@
 // calls them one by one from Python, with the same arguments, so the results are bitwise
 // those of that path; what this saves is the host work between them (on a LLaMA-60M block,
 // ~0.5 ms of a ~3 ms step: route and state lookups, two allocations and three ctypes calls
-// per matrix). R and D live in per-thread scratch that grows to the largest matrix seen.
+// per matrix). R and D live in per-thread scratch that grows to the largest matrix seen (kept
+// up to 2 x 32 MiB between calls).
 //
 // Plain C ABI, loaded with ctypes from memopt/offload/cpu_adam.py (same library and ABI).
 
@@ -45,6 +46,18 @@ struct Pair {
     }
 };
 thread_local Pair scratch;
+constexpr int64_t kKeepFloats = int64_t{8} << 20;  // scratch kept between calls: 2 x 32 MiB
+
+// Frees a scratch grown past kKeepFloats (a very large layer) once the call is done.
+struct TrimOnExit {
+    ~TrimOnExit() {
+        if (scratch.n > kKeepFloats) {
+            std::free(scratch.p);
+            scratch.p = nullptr;
+            scratch.n = 0;
+        }
+    }
+};
 
 }  // namespace
 
@@ -63,6 +76,7 @@ extern "C" MEMOPT_API int memopt_projected_adam(const float* g, int64_t g_rs, in
                                                 float alpha, float beta, int num_threads) {
     if (M <= 0 || N <= 0 || r <= 0 || w_rs < N) return -2;
     const int64_t rows = right ? M : r, cols = right ? r : N;
+    TrimOnExit trim;
     float* low = scratch.get(rows * cols);
     if (low == nullptr) return -3;
     float* dir = low + rows * cols;
