@@ -16,6 +16,8 @@ import ctypes
 import importlib.machinery
 from pathlib import Path
 
+import torch
+
 from memopt._utils.logging import warn_once
 
 _STATUS: dict[str, str] = {}
@@ -52,6 +54,20 @@ def load_library(package_dir: Path, stem: str, abi_prefix: str, abi: int) -> cty
         return None
     _STATUS[stem] = "loaded"
     return lib
+
+
+def mark_written(*tensors: object) -> None:
+    """Tell autograd that a native (or Triton) kernel wrote these tensors in place.
+
+    Kernels that write through ``data_ptr()`` bypass the version counter torch's own in-place
+    ops bump, so a tensor saved for backward and then overwritten (an optimizer step between
+    forward and backward) would go unnoticed and the gradients silently be wrong; with the
+    bump, backward raises torch's usual "modified by an inplace operation" error. Non-tensors
+    (``None``) are skipped; the bump costs well under a microsecond.
+    """
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            torch.autograd.graph.increment_version(t)
 
 
 def native_status() -> dict[str, str]:

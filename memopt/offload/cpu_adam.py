@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from memopt._utils.native import load_library
+from memopt._utils.native import load_library, mark_written
 
 EpsMode = Literal["torch", "galore"]
 ISAS = ("scalar", "avx2", "avx512")
@@ -256,6 +256,7 @@ def _native_step(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"memopt_cpu_adam_step failed with code {rc} (isa {ISAS[isa]})")
+    mark_written(*p, *m, *v, *(out or []))
 
 
 def _torch_step(

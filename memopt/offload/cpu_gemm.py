@@ -18,6 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
+from memopt._utils.native import mark_written
 from memopt.offload.cpu_adam import _library
 
 __all__ = ["addmm_", "available", "mm", "projected_adam_", "usable"]
@@ -96,6 +97,8 @@ def _run(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"cpu_gemm: native bf16 GEMM failed ({_ERRORS.get(rc, rc)})")
+    if not fresh:
+        mark_written(out)
 
 
 def projected_adam_(
@@ -162,6 +165,7 @@ def projected_adam_(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"projected_adam_: native step failed ({_ERRORS.get(rc, rc)})")
+    mark_written(w, m, v)
 
 
 def _overlaps(lo: int, hi: int, ptr: int, rows: int, cols: int, rs: int, cs: int) -> bool:

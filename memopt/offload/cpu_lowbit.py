@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt._utils.native import mark_written
 from memopt.offload.cpu_adam import _DTYPE_CODE, _library
 from memopt.offload.cpu_adam import native_available as available
 
@@ -113,6 +114,7 @@ def adamw_q8(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"memopt_adamw_q8 failed (code {rc}) on {n} elements")
+    mark_written(p, m_q, m_absmax, v_q, v_absmax)
 
 
 def q8_quantize(

@@ -21,6 +21,7 @@ import ctypes
 import torch
 from torch import Tensor
 
+from memopt._utils.native import mark_written
 from memopt.offload.cpu_adam import _library
 
 __all__ = ["channel_sumsq", "lowrank_adam", "usable"]
@@ -71,6 +72,7 @@ def lowrank_adam(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"memopt_lowrank_adam failed (code {rc}) on {rows}x{cols}")
+    mark_written(m, v)
     return out, num, den
 
 

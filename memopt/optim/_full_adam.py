@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt._utils.native import mark_written
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim.kernels import lowbit_adam
@@ -105,6 +106,9 @@ def _fused(
         amsgrad=False,
         maximize=False,
     )
+    # torch's fused kernel leaves the version counters alone (torch.optim.AdamW(fused=True)
+    # too): bump them, so a step between forward and backward is caught like any in-place op
+    mark_written(*weights, *(st["exp_avg"] for st in states), *(st["exp_avg_sq"] for st in states))
     if eps_mode == "galore" and wd:
         torch._foreach_mul_(weights, 1.0 - lr * wd)
     if mixed:

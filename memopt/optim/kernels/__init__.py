@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from memopt._utils.env import getenv_fast
+from memopt._utils.native import mark_written
 from memopt.offload import cpu_lowrank
 from memopt.offload.cpu_adam import native_available
 from memopt.optim import _functional as F
@@ -122,12 +123,14 @@ def adam_update(
             low, m, v, out, num, den, rows, cols, beta1, beta2, eps, inv_sqrt_bc2,
             TORCH_EPS=eps_mode == "torch", BLOCK_R=ROW_BLOCK, BLOCK_C=COL_BLOCK,
         )  # fmt: skip
+        mark_written(m, v)
         return out, step_size, num, den
     _tk().adam_channels[(rows,)](
         low, m, v, out, num, den, cols, cols, 1, beta1, beta2, eps, inv_sqrt_bc2,
         TORCH_EPS=eps_mode == "torch", NORMS=norms_dim is not None,
         BLOCK=min(BLOCK, max(16, 1 << (cols - 1).bit_length())),
     )  # fmt: skip
+    mark_written(m, v)
     if norms_dim is None:
         return out, step_size, None, None
     return out, step_size, num, den
@@ -191,3 +194,4 @@ def scaled_update_(
         F_MODE=mode,
         BLOCK=BLOCK,
     )
+    mark_written(w)

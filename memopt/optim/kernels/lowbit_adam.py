@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt._utils.native import mark_written
 from memopt.offload import cpu_lowbit
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
@@ -250,5 +251,9 @@ def adamw_lowbit_step_(
         **_scalars(group, eps_mode, t), FIRST=first, KEY_SHIFT=KEY_SHIFT, STEPS_M=m_steps,
         STEPS_V=v_steps, BLOCKS=blocks, QBLOCK=QBLOCK,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    mark_written(
+        p, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
+        state["exp_avg_sq_absmax"],
     )  # fmt: skip
     return True
