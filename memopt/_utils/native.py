@@ -63,11 +63,21 @@ def mark_written(*tensors: object) -> None:
     ops bump, so a tensor saved for backward and then overwritten (an optimizer step between
     forward and backward) would go unnoticed and the gradients silently be wrong; with the
     bump, backward raises torch's usual "modified by an inplace operation" error. Non-tensors
-    (``None``) are skipped; the bump costs well under a microsecond.
+    (``None``) are skipped.
     """
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            torch.autograd.graph.increment_version(t)
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    global _BATCH_BUMP
+    if _BATCH_BUMP:
+        try:  # recent torch takes the whole list in one call (~40 ns a tensor)
+            torch._C._increment_version(ts)
+            return
+        except TypeError:
+            _BATCH_BUMP = False
+    for t in ts:
+        torch.autograd.graph.increment_version(t)
+
+
+_BATCH_BUMP = True
 
 
 def native_status() -> dict[str, str]:

@@ -51,3 +51,22 @@ def test_a_step_between_forward_and_backward_is_caught(make) -> None:
     assert w._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_mark_written_on_a_torch_that_takes_one_tensor_at_a_time(monkeypatch) -> None:
+    from memopt._utils import native
+
+    real = torch._C._increment_version
+
+    def one_at_a_time(arg):
+        if isinstance(arg, list):
+            raise TypeError("expects a Tensor")
+        return real(arg)
+
+    monkeypatch.setattr(torch._C, "_increment_version", one_at_a_time)
+    monkeypatch.setattr(native, "_BATCH_BUMP", True)
+    a, b = torch.zeros(3), torch.zeros(2)
+    native.mark_written(a, None, b)
+    native.mark_written(a)
+    assert (a._version, b._version) == (2, 1)
+    assert native._BATCH_BUMP is False
