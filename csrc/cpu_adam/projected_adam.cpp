@@ -62,7 +62,8 @@ struct TrimOnExit {
 }  // namespace
 
 // g: M x N with element strides (g_rs, g_cs); p: the basis (right: r x N, left: M x r) with
-// element strides (p_rs, p_cs) (a right basis from an SVD is often column-major); w: M x N, row stride w_rs, unit column stride; m, v: contiguous, R's shape.
+// element strides (p_rs, p_cs) (a right basis from an SVD is often column-major); w: M x N,
+// row stride w_rs, unit column stride; m, v: contiguous, R's shape.
 // b1..c2 as memopt_lowrank_adam; alpha, beta as memopt_bf16_gemm's write-back.
 // Returns 0; -2 bad sizes, -3 no scratch; otherwise the first failing kernel's code (-1 no
 // AMX). On an error before the write-back W is untouched; the moments are updated only once
