@@ -125,8 +125,9 @@ def f_galore(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
 
 
 def f_natural(shapes: list, rank: int, gap: int, steps: int) -> tuple[int, int]:
-    # GaLore + s d r projected-gradient history.
-    extra = sum(NATURAL_HISTORY * d * rank * F32 for d, _ in map(_de, shapes))
+    # GaLore + s d r projected-gradient history + its s x s Gram matrix.
+    s = NATURAL_HISTORY
+    extra = sum((s * d * rank + s * s) * F32 for d, _ in map(_de, shapes))
     return f_galore(shapes, rank, gap, steps)[0] + extra, 0
 
 

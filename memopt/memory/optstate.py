@@ -10,7 +10,8 @@ as dim 0 x the rest), moments in ``state_dtype`` (None: the parameter's dtype):
   projection when m >= n), rank clamped to the reduced side, moments of the projected shape
   (m x r or r x n); a dense basis (svd: r x n or m x r) is saved state, a seeded random one
   (APOLLO) is a regenerable *cache* (still memory); APOLLO adds a 4-byte limiter scalar;
-  Natural GaLore adds ``natural_history`` x (projected numel) of gradient history;
+  Natural GaLore adds ``natural_history`` = s x (projected numel) of gradient history and
+  its s x s Gram matrix;
 - FRUGAL ``density``: rank = round(density x reduced side); ``proj="block"`` gives full moments
   to round(density x count) whole tensors of the group and nothing to the rest;
 - 8-/4-bit moments (``state_dtype="int8"/"int4"``), for moment tensors of >= 4096 elements:
@@ -122,7 +123,8 @@ def _natural_galore(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
         return _full(p, kw)
     saved, cache = _galore(p, kw)
     _, _, low_numel = _projected(p, kw, "svd")
-    history = int(kw.get("natural_history", 4)) * low_numel * p.dtype.itemsize
+    s = int(kw.get("natural_history", 4))
+    history = (s * low_numel + s * s) * p.dtype.itemsize  # the history and its Gram matrix
     return saved + history, cache
 
 

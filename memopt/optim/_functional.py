@@ -76,6 +76,27 @@ def woodbury_natural_gradient(low: Tensor, history: Tensor, damping: float) -> T
     return nat.reshape(low.shape)
 
 
+def woodbury_newest_(
+    low: Tensor, history: Tensor, gram: Tensor, newest: int, damping: float
+) -> Tensor:
+    """``woodbury_natural_gradient`` for ``low`` stored as row ``newest`` of ``history``, with
+    the Gram matrix ``H H^T`` kept between calls (``gram``, s x s, updated in place).
+
+    Only the newest row's inner products change when it is written, and they are also the
+    ``H low`` the solve needs: one pass over the history for them and one for ``H^T coef``,
+    instead of recomputing the whole Gram matrix every step.
+    """
+    flat = low.reshape(-1)
+    n = history.shape[0]
+    dots = history @ flat  # n: <row_j, low>, and H low
+    gram[newest, :n] = dots
+    gram[:n, newest] = dots
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    coef = torch.linalg.solve(damping * eye + gram[:n, :n], dots)
+    nat = torch.addmv(flat, history.T, coef, beta=1.0 / damping, alpha=-1.0 / damping)
+    return nat.reshape(low.shape)
+
+
 def rotate_moments_(
     exp_avg: Tensor, exp_avg_sq: Tensor, change: list[Tensor], right: bool
 ) -> tuple[Tensor, Tensor]:

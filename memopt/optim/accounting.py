@@ -11,7 +11,7 @@ matrix, d = max(m, n), e = min(m, n), fp32:
 - APOLLO rank r: 2 d r moments (+ e r cache, not saved) + 1 limiter scalar
 - FRUGAL density rho: 2 d (rho e) moments (+ the basis for svd); block mode: 2 m n for
   the active tensors only
-- Natural GaLore: GaLore + s d r history (s = natural_history)
+- Natural GaLore: GaLore + s d r history + its s^2 Gram matrix (s = natural_history)
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ update direction comes from Adam applied to the natural gradient
 so the inverse empirical Fisher is applied without forming a k x k matrix.
 
 Extra memory per matrix: s * k floats for the history (k = max(m, n) * r for a one-sided
-projection, r * r for ``proj_type="full"``), plus s^2 during the solve. With s = 4 and a
+projection, r * r for ``proj_type="full"``) and s^2 for its Gram matrix H H^T, kept
+between steps so that a step computes only the newest row's inner products (one pass over
+the history for them, one for H^T times the solve's result). With s = 4 and a
 one-sided projection that is twice GaLore's moments; ``memopt.optim.state_bytes``
 counts it. The reference keeps the history across subspace refreshes, mixing
 gradients from two bases; here a refresh clears it, and by default the Adam moments
@@ -66,9 +68,14 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             state["nat_hist"].zero_()
             state["nat_count"] = 0
         hist = state["nat_hist"]
-        hist[state["nat_count"] % s].copy_(low.reshape(-1))
+        if "nat_gram" not in state:  # new, or a snapshot from before the Gram was kept
+            state["nat_gram"] = hist @ hist.T
+        elif state["nat_count"] == 0:
+            state["nat_gram"].zero_()
+        row = state["nat_count"] % s
+        hist[row].copy_(low.reshape(-1))
         state["nat_count"] += 1
         filled = hist[: min(state["nat_count"], s)]
-        natural = F.woodbury_natural_gradient(low, filled, group["damping"])
+        natural = F.woodbury_newest_(low, filled, state["nat_gram"], row, group["damping"])
         direction, step_size = self.low_rank_adam(natural, group, state)
         write_update(p, proj, state, direction, step_size * group["scale"], group)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from memopt.optim import NaturalGaLoreAdamW, state_bytes
-from memopt.optim._functional import woodbury_natural_gradient
+from memopt.optim._functional import woodbury_natural_gradient, woodbury_newest_
 
 
 def test_woodbury_equals_direct_inverse():
@@ -19,6 +19,59 @@ def test_woodbury_equals_direct_inverse():
     torch.testing.assert_close(woodbury_natural_gradient(low, hist, damping).reshape(-1), direct)
 
 
+def test_the_kept_gram_matrix_gives_the_recomputed_result_through_wraparound():
+    """The ring buffer as the optimizer fills it (s = 3, eight gradients, so rows are
+    overwritten twice): the kept Gram matrix equals H H^T and the step the reference's."""
+    torch.manual_seed(1)
+    s, damping = 3, 1e-3
+    hist = torch.zeros(s, 24, dtype=torch.float64)
+    gram = torch.zeros(s, s, dtype=torch.float64)
+    for count in range(8):
+        low = torch.randn(6, 4, dtype=torch.float64)
+        row = count % s
+        hist[row] = low.reshape(-1)
+        filled = hist[: min(count + 1, s)]
+        got = woodbury_newest_(low, filled, gram, row, damping)
+        n = filled.shape[0]
+        torch.testing.assert_close(gram[:n, :n], filled @ filled.T)
+        torch.testing.assert_close(got, woodbury_natural_gradient(low, filled, damping))
+
+
+def test_resume_keeps_the_gram_matrix_and_rebuilds_a_missing_one():
+    import io
+
+    def make(p):
+        return NaturalGaLoreAdamW(
+            [{"params": [p], "rank": 4, "update_proj_gap": 50, "natural_history": 3}], lr=1e-2
+        )
+
+    torch.manual_seed(2)
+    grads = [torch.randn(32, 16) for _ in range(9)]
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    opt = make(p)
+    for g in grads[:5]:
+        p.grad = g.clone()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = make(q)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for g in grads[5:]:
+        for o, x in ((opt, p), (opt2, q)):
+            x.grad = g.clone()
+            o.step()
+    assert torch.equal(p, q)  # bit for bit: the Gram matrix is saved state
+    # a snapshot without it (saved before it was kept) rebuilds it from the history
+    opt2.state[q].pop("nat_gram")
+    q.grad = torch.randn(32, 16)
+    opt2.step()
+    st = opt2.state[q]
+    hist = st["nat_hist"]
+    torch.testing.assert_close(st["nat_gram"], hist @ hist.T)
+
+
 def test_history_is_bounded_counted_and_reset_on_refresh():
     p = torch.nn.Parameter(torch.randn(32, 16))
     opt = NaturalGaLoreAdamW(
@@ -29,14 +82,17 @@ def test_history_is_bounded_counted_and_reset_on_refresh():
         opt.step()
     st = opt.state[p]
     assert st["nat_hist"].shape == (3, 32 * 4) and st["nat_count"] == 4
-    # persistent state: moments 2 * 32 * 4, basis 4 * 16, history 3 * 32 * 4 floats
-    assert state_bytes(opt).total == 4 * (2 * 32 * 4 + 4 * 16 + 3 * 32 * 4)
+    # persistent state: moments 2 * 32 * 4, basis 4 * 16, history 3 * 32 * 4 floats and
+    # the history's 3 x 3 Gram matrix
+    assert state_bytes(opt).total == 4 * (2 * 32 * 4 + 4 * 16 + 3 * 32 * 4 + 3 * 3)
     p.grad = torch.randn_like(p)
     opt.step()  # step index 4 < 5: no refresh yet
     p.grad = torch.randn_like(p)
     opt.step()  # step index 5: refresh clears the history, then stores this gradient
     assert st["nat_count"] == 1
     assert torch.count_nonzero(st["nat_hist"][1:]) == 0
+    hist = st["nat_hist"]
+    torch.testing.assert_close(st["nat_gram"], hist @ hist.T)  # cleared with the history
 
 
 def test_converges_on_noisy_least_squares_faster_than_galore_at_full_rank():
