@@ -27,7 +27,7 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim._base import MemoptOptimizer
-from memopt.optim._galore_fused import fused_step, group_fusable
+from memopt.optim._galore_fused import fused_step, group_route
 
 ADAMW_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -89,17 +89,19 @@ class GaLoreAdamW(MemoptOptimizer):
         return None if self.projects(p, group) else "galore"
 
     def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        if not (self.fused_steady_step and group_fusable(self, group)):
+        route = group_route(self, group) if self.fused_steady_step else None
+        if route is None:
             super().low_rank_many(params, group)
             return
         for p in params:
-            if not fused_step(self, p, group):
+            if not fused_step(self, p, group, route):
                 self.step_one(p)
 
     def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
-        if self.fused_steady_step and group_fusable(self, group) and fused_step(self, p, group):
+        route = group_route(self, group) if self.fused_steady_step else None
+        if route is not None and fused_step(self, p, group, route):
             return  # optimizer-in-backward's steady steps
         proj, _, low, _ = self.projected_gradient(p, group, state, label)
         direction, step_size = self.low_rank_adam(low, group, state)
