@@ -124,7 +124,8 @@ def _natural_galore(p: ParamInfo, kw: Mapping[str, Any]) -> tuple[int, int]:
     saved, cache = _galore(p, kw)
     _, _, low_numel = _projected(p, kw, "svd")
     s = int(kw.get("natural_history", 4))
-    history = (s * low_numel + s * s) * p.dtype.itemsize  # the history and its Gram matrix
+    # the history and its Gram matrix, kept in at least fp32 (_functional.woodbury_dtype)
+    history = (s * low_numel + s * s) * max(4, p.dtype.itemsize)
     return saved + history, cache
 
 

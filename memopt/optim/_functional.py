@@ -80,13 +80,14 @@ def woodbury_newest_(
     low: Tensor, history: Tensor, gram: Tensor, newest: int, damping: float
 ) -> Tensor:
     """``woodbury_natural_gradient`` for ``low`` stored as row ``newest`` of ``history``, with
-    the Gram matrix ``H H^T`` kept between calls (``gram``, s x s, updated in place).
+    the Gram matrix ``H H^T`` kept between calls (``gram``, s x s, updated in place; both in
+    ``woodbury_dtype``). Returns the natural gradient in ``low``'s dtype.
 
     Only the newest row's inner products change when it is written, and they are also the
     ``H low`` the solve needs: one pass over the history for them and one for ``H^T coef``,
     instead of recomputing the whole Gram matrix every step.
     """
-    flat = low.reshape(-1)
+    flat = low.reshape(-1).to(history.dtype)
     n = history.shape[0]
     dots = history @ flat  # n: <row_j, low>, and H low
     gram[newest, :n] = dots
@@ -94,7 +95,14 @@ def woodbury_newest_(
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     coef = torch.linalg.solve(damping * eye + gram[:n, :n], dots)
     nat = torch.addmv(flat, history.T, coef, beta=1.0 / damping, alpha=-1.0 / damping)
-    return nat.reshape(low.shape)
+    return nat.reshape(low.shape).to(low.dtype)
+
+
+def woodbury_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the natural gradient is computed (its history, Gram matrix and solve): at least
+    fp32. The Woodbury step subtracts from R most of itself and divides by the damping, so
+    bf16 arithmetic leaves mostly rounding noise (and LAPACK / cuSOLVER have no bf16 solve)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rotate_moments_(

@@ -12,7 +12,9 @@ so the inverse empirical Fisher is applied without forming a k x k matrix.
 Extra memory per matrix: s * k floats for the history (k = max(m, n) * r for a one-sided
 projection, r * r for ``proj_type="full"``) and s^2 for its Gram matrix H H^T, kept
 between steps so that a step computes only the newest row's inner products (one pass over
-the history for them, one for H^T times the solve's result). With s = 4 and a
+the history for them, one for H^T times the solve's result). Both are kept in at least
+fp32, also for bf16 parameters: the step subtracts from R most of itself and divides by the
+damping, which in bf16 leaves mostly rounding noise. With s = 4 and a
 one-sided projection that is twice GaLore's moments; ``memopt.optim.state_bytes``
 counts it. The reference keeps the history across subspace refreshes, mixing
 gradients from two bases; here a refresh clears it, and by default the Adam moments
@@ -62,7 +64,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         proj, _, low, refreshed = self.projected_gradient(p, group, state, label)
         s = group["natural_history"]
         if "nat_hist" not in state:
-            state["nat_hist"] = low.new_zeros((s, low.numel()))
+            state["nat_hist"] = low.new_zeros((s, low.numel()), dtype=F.woodbury_dtype(low.dtype))
             state["nat_count"] = 0
         elif refreshed and group["moments"] != "rotate":
             state["nat_hist"].zero_()

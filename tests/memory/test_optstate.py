@@ -38,6 +38,11 @@ CASES = [
         {"rank": 8},
         lambda m: mo.NaturalGaLoreAdamW(mo.param_groups(m, rank=8)),
     ),
+    (  # bf16 weights: bf16 moments, the natural gradient's history and Gram matrix in fp32
+        "natural_galore",
+        {"rank": 8},
+        lambda m: mo.NaturalGaLoreAdamW(mo.param_groups(m.to(torch.bfloat16), rank=8)),
+    ),
     ("apollo", {"rank": 8}, lambda m: mo.ApolloAdamW(mo.param_groups(m, rank=8))),
     ("apollo_mini", {}, lambda m: mo.ApolloMini(mo.param_groups(m, rank=1))),
     ("frugal", {"density": 0.25}, lambda m: mo.FrugalAdamW(mo.param_groups(m, density=0.25))),
