@@ -24,11 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt._utils import warn_once
 from memopt.optim.lowbit import dequantize_state, quantize_state
 
 LOWBIT = ("int8", "int4")
 MIN_LOWBIT_NUMEL = 4096
 _PLAIN = ("exp_avg", "exp_avg_sq")
+FP16_MOMENTS = (
+    "memopt: fp16 parameters with fp16 Adam moments (state_dtype=None): second moments below "
+    "fp16's smallest value (6e-8) are stored as zero, and the next step divides by sqrt(v) "
+    "+ eps alone, so steps grow by orders of magnitude (torch.optim.AdamW does the same). "
+    'Pass state_dtype="float32" (or "int8"), or train with fp32 master weights (torch.amp)'
+)
 _QUANT = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax", "moment_shape")
 
 
@@ -58,6 +65,8 @@ def load(state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> tuple[Te
     if kind is None:
         if "exp_avg" not in state:
             dtype = torch.float32 if compute_fp32(group) else like.dtype
+            if dtype == torch.float16:
+                warn_once(FP16_MOMENTS)
             state["exp_avg"] = torch.zeros(like.shape, dtype=dtype, device=like.device)
             state["exp_avg_sq"] = torch.zeros(like.shape, dtype=dtype, device=like.device)
         return state["exp_avg"], state["exp_avg_sq"]

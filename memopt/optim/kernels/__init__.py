@@ -96,10 +96,18 @@ def adam_update(
         )
         return d, step_size, num, den
     if backend(low) == "torch" or low.dim() != 2 or not low.is_contiguous():
-        F.adam_moments_(m, v, low, beta1, beta2)
+        # fp16 moments: the update runs in fp32 (as torch's fused Adam does) and is stored
+        # back. In fp16 itself eps (1e-8 for torch's placement) rounds to zero and small
+        # second moments underflow, so m / (sqrt(v) + eps) divided by zero.
+        half = m.dtype == torch.float16
+        mw, vw, x = (m.float(), v.float(), low.float()) if half else (m, v, low)
+        F.adam_moments_(mw, vw, x, beta1, beta2)
+        if half:
+            m.copy_(mw)
+            v.copy_(vw)
         d, step_size = F.adam_direction(
-            m,
-            v,
+            mw,
+            vw,
             step=step,
             beta1=beta1,
             beta2=beta2,
@@ -108,6 +116,7 @@ def adam_update(
             eps_mode=eps_mode,
             correct_bias=correct_bias,
         )
+        d = d.to(low.dtype) if half else d
         if norms_dim is None:
             return d, step_size, None, None
         num = d.float().square().sum(dim=norms_dim)
@@ -163,9 +172,14 @@ def scaled_update_(
     if backend(w) == "torch" or w.stride(1) != 1 or g.stride(1) != 1:
         if keep != 1.0:
             w.mul_(keep)
-        f = factor.to(w.dtype)
-        if isinstance(alpha, Tensor):
-            f, alpha = f * alpha.to(w.dtype), 1.0
+        if w.dtype == torch.float16:
+            # fp16: alpha * factor folded in fp32 first; the factor alone (||N|| / ||R||
+            # per channel) can exceed fp16's range although the update does not
+            f, alpha = (factor.float() * alpha).to(w.dtype), 1.0
+        else:
+            f = factor.to(w.dtype)
+            if isinstance(alpha, Tensor):
+                f, alpha = f * alpha.to(w.dtype), 1.0
         # One pass for every factor shape (a 0-d factor broadcasts too): no G-sized
         # temporary, which for tensor-wise scaling cost more than the update itself.
         w.addcmul_(g.to(w.dtype), f, value=alpha)
