@@ -9,7 +9,8 @@ as dim 0 x the rest), moments in ``state_dtype`` (None: the parameter's dtype):
 - low-rank (GaLore, APOLLO, FRUGAL): the side selection of ``proj_type`` ("std": right
   projection when m >= n), rank clamped to the reduced side, moments of the projected shape
   (m x r or r x n); a dense basis (svd: r x n or m x r) is saved state, a seeded random one
-  (APOLLO) is a regenerable *cache* (still memory); APOLLO adds a 4-byte limiter scalar;
+  (APOLLO) is a regenerable *cache* (still memory), either in the weights' dtype, or fp32
+  under any ``state_dtype``; APOLLO adds a 4-byte limiter scalar;
   Natural GaLore adds ``natural_history`` = s x (projected numel) of gradient history and
   its s x s Gram matrix;
 - FRUGAL ``density``: rank = round(density x reduced side); ``proj="block"`` gives full moments
@@ -106,7 +107,10 @@ def _projected(p: ParamInfo, kw: Mapping[str, Any], default_proj: str) -> tuple[
     low = low_shape(shape, kw)
     low_numel = low[0] * low[1]
     moments = moment_bytes(low_numel, p.dtype, kw.get("state_dtype"))
-    basis = _basis_numel(shape, low) * p.dtype.itemsize
+    # any state_dtype computes in fp32, and the basis is then kept in fp32 too
+    # (MemoptOptimizer.projector: basis_dtype); otherwise the gradient's dtype
+    basis_size = 4 if kw.get("state_dtype") is not None else p.dtype.itemsize
+    basis = _basis_numel(shape, low) * basis_size
     return moments, basis, low_numel
 
 

@@ -38,11 +38,6 @@ CASES = [
         {"rank": 8},
         lambda m: mo.NaturalGaLoreAdamW(mo.param_groups(m, rank=8)),
     ),
-    (  # bf16 weights: bf16 moments, the natural gradient's history and Gram matrix in fp32
-        "natural_galore",
-        {"rank": 8},
-        lambda m: mo.NaturalGaLoreAdamW(mo.param_groups(m.to(torch.bfloat16), rank=8)),
-    ),
     ("apollo", {"rank": 8}, lambda m: mo.ApolloAdamW(mo.param_groups(m, rank=8))),
     ("apollo_mini", {}, lambda m: mo.ApolloMini(mo.param_groups(m, rank=1))),
     ("frugal", {"density": 0.25}, lambda m: mo.FrugalAdamW(mo.param_groups(m, density=0.25))),
@@ -51,14 +46,41 @@ CASES = [
         {"density": 0.5, "proj": "block"},
         lambda m: mo.FrugalAdamW(mo.param_groups(m, density=0.5, proj="block")),
     ),
+    # fp32 compute for low-precision weights: moments and the basis (or its cache) in fp32
+    ("adamw", {"state_dtype": "float32"}, lambda m: mo.AdamW(_named(m), state_dtype="float32")),
+    (
+        "galore",
+        {"rank": 8, "state_dtype": "float32"},
+        lambda m: mo.GaLoreAdamW(mo.param_groups(m, rank=8), state_dtype="float32"),
+    ),
+    (
+        "natural_galore",
+        {"rank": 8, "state_dtype": "int8"},
+        lambda m: mo.NaturalGaLoreAdamW(mo.param_groups(m, rank=8), state_dtype="int8"),
+    ),
+    (
+        "apollo",
+        {"rank": 8, "state_dtype": "float32"},
+        lambda m: mo.ApolloAdamW(mo.param_groups(m, rank=8), state_dtype="float32"),
+    ),
+    (
+        "frugal",
+        {"density": 0.25, "state_dtype": "float32"},
+        lambda m: mo.FrugalAdamW(mo.param_groups(m, density=0.25), state_dtype="float32"),
+    ),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:rank 500")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     ("name", "kwargs", "build"), CASES, ids=[f"{c[0]}-{sorted(c[1].items())}" for c in CASES]
 )
-def test_rule_equals_measured_state(tiny_llama, name, kwargs, build) -> None:
+def test_rule_equals_measured_state(tiny_llama, name, kwargs, build, dtype) -> None:
+    """bf16 weights too: bf16 moments and basis by default, fp32 under any state_dtype (the
+    basis rule took the weights' dtype there until 2026-11-24) and for Natural GaLore's
+    history."""
+    tiny_llama.to(dtype)
     opt = build(tiny_llama)
     _one_step(tiny_llama, opt)
     measured = mo.state_bytes(opt)
