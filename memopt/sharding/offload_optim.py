@@ -13,7 +13,9 @@ Supported: ``torch.optim.AdamW``, ``torch.optim.Adam`` without weight decay, and
 full-rank ``AdamW``.
 
 Low-rank memopt optimizers (GaLore, APOLLO, APOLLO-Mini, FRUGAL, Natural GaLore; any optimizer
-with low-rank groups and a ``step_one``) take the other path, ``state_inner``: their own state
+with low-rank groups and a ``step_one``), and memopt's ``AdamW`` with quantized moments
+(``state_dtype="int8"`` / ``"int4"``, whose fp32 pipeline would silently keep fp32 moments:
+4x the bytes asked for, and other arithmetic) take the other path, ``state_inner``: their own state
 tensors (moments, bases, 8-bit codes and scales) go to the tier through a
 ``StateOffloadedOptimizer`` that streams them one parameter at a time around ``step_one``; the
 parameters (and fp32 masters, with ``master_dtype``) stay where the ShardedOptimizer keeps
@@ -29,7 +31,13 @@ import torch
 from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
 from memopt.offload.state_offload import StateOffloadedOptimizer
 
-__all__ = ["check_offloadable", "is_low_rank_optimizer", "offload_inner", "state_inner"]
+__all__ = [
+    "check_offloadable",
+    "is_low_rank_optimizer",
+    "keeps_own_state",
+    "offload_inner",
+    "state_inner",
+]
 
 _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
@@ -44,10 +52,21 @@ def is_low_rank_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def keeps_own_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether offload keeps ``optimizer``'s own state tensors on the tier (``state_inner``)
+    instead of replacing it by the fp32 AdamW pipeline: memopt's low-rank optimizers, and any
+    memopt optimizer with quantized moments in some group."""
+    if is_low_rank_optimizer(optimizer):
+        return True
+    return callable(getattr(optimizer, "step_one", None)) and any(
+        g.get("state_dtype") in ("int8", "int4") for g in optimizer.param_groups
+    )
+
+
 def check_offloadable(optimizer: torch.optim.Optimizer) -> None:
     """Raise ``NotImplementedError`` unless one of the two offload paths runs ``optimizer``."""
     name = type(optimizer).__name__
-    if is_low_rank_optimizer(optimizer):
+    if keeps_own_state(optimizer):
         return
     torch_adamw = isinstance(optimizer, torch.optim.AdamW)
     torch_adam = type(optimizer) is torch.optim.Adam
@@ -94,16 +113,19 @@ def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
 
 
 def check_no_hybrid(inner: torch.optim.Optimizer, config: OffloadConfig) -> None:
-    """``OffloadConfig(hybrid=True)`` with a low-rank optimizer is a ``ValueError``: the hybrid
-    CPU/device split is a schedule of ``OffloadedAdamW``'s pipeline groups, which the
-    low-rank path (state streamed per parameter) does not run."""
+    """``OffloadConfig(hybrid=True)`` with an optimizer that keeps its own state (low-rank, or
+    quantized moments) is a ``ValueError``: the hybrid CPU/device split is a schedule of
+    ``OffloadedAdamW``'s pipeline groups, which that path (state streamed per parameter) does
+    not run."""
     if config.hybrid:
+        low_rank = is_low_rank_optimizer(inner)
+        kind = "is a low-rank optimizer" if low_rank else "has quantized moments"
         raise ValueError(
             f"memopt.shard(offload=...): OffloadConfig(hybrid=True) (config key "
-            f"sharding.hybrid_update) applies to the AdamW offload pipeline only; "
-            f"{type(inner).__name__} is a low-rank optimizer whose state is streamed per "
+            f"sharding.hybrid_update) applies to the fp32 AdamW offload pipeline only; "
+            f"{type(inner).__name__} {kind}, so it keeps its own state, streamed per "
             f"parameter and stepped where its parameters live. Set hybrid=False "
-            f"(sharding.hybrid_update: false), or use optimizer AdamW"
+            f"(sharding.hybrid_update: false), or use optimizer AdamW with fp32 state"
         )
 
 

@@ -21,7 +21,7 @@ from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import (
     check_no_hybrid,
     check_offloadable,
-    is_low_rank_optimizer,
+    keeps_own_state,
     offload_inner,
     state_inner,
 )
@@ -65,11 +65,11 @@ def apply_sharding(
     # collectives) or for parameter offload (which is FSDP2's, even on one device).
     forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
     fsdp2 = config.stage == 3 and (comm.world > 1 or forced)
-    low_rank = config.offload is not None and is_low_rank_optimizer(optimizer)
-    if low_rank and config.offload is not None:  # every stage, before hooks or FSDP2 units
+    own_state = config.offload is not None and keeps_own_state(optimizer)
+    if own_state and config.offload is not None:  # every stage, before hooks or FSDP2 units
         check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
-        _check_offload(optimizer, config, low_rank)
+        _check_offload(optimizer, config, own_state)
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)
@@ -93,7 +93,7 @@ def apply_sharding(
         rebind(model, optimizer, names)
     if config.offload is None:
         return model, ShardedOptimizer(model, optimizer, config, comm)
-    if low_rank:  # the state goes to the tier; parameters / masters stay with the shards
+    if own_state:  # the state goes to the tier; parameters / masters stay with the shards
         sharded = ShardedOptimizer(model, optimizer, config, comm)
         sharded.inner = state_inner(sharded.inner, config.offload, comm.rank)
         return model, sharded
@@ -108,9 +108,9 @@ def apply_sharding(
     return model, sharded
 
 
-def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, low_rank: bool) -> None:
+def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, own_state: bool) -> None:
     check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
-    if not low_rank and config.master_dtype not in (None, torch.float32):
+    if not own_state and config.master_dtype not in (None, torch.float32):
         raise ValueError(
             f"memopt.shard: with offload= the master weights are fp32 on the tier; "
             f"master_dtype={config.master_dtype} is not possible (use None or float32)"

@@ -109,12 +109,17 @@ def test_hybrid_with_low_rank_optimizer_raises() -> None:
     with pytest.raises(ValueError, match="hybrid_update: false"):
         memopt.shard(model, T.make_optimizer("apollo", model), stage=1,
                      offload=OffloadConfig("cpu", hybrid=True))  # fmt: skip
+    with pytest.raises(ValueError, match="AdamW has quantized moments"):
+        memopt.shard(model, T.make_optimizer("adamw-int8", model), stage=1,
+                     offload=OffloadConfig("cpu", hybrid=True))  # fmt: skip
     # refused before anything is installed: no gradient hooks left on the model
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["galore", "apollo", "frugal"])
+@pytest.mark.parametrize("name", ["galore", "apollo", "frugal", "adamw-int8"])
 def test_low_rank_state_offload_world1(tmp_path: Path, name: str) -> None:
+    """adamw-int8: memopt's AdamW with quantized moments takes this path too (the test
+    model's tensors are under the 4096-element floor of quantization: see the next test)."""
     model = T.make_model()
     device = "nvme" if name == "galore" else "cpu"  # the test model's tensors are small:
     offload = OffloadConfig(device, nvme_path=tmp_path, min_state_bytes=0)  # move all of them
@@ -130,6 +135,35 @@ def test_low_rank_state_offload_world1(tmp_path: Path, name: str) -> None:
     assert any(t.numel() > 0 for st in sd["state"].values() for t in st.values()
                if isinstance(t, torch.Tensor))  # fmt: skip
     sharded.load_state_dict(sd)
+    sharded.inner.close()
+
+
+def test_quantized_adamw_state_stays_quantized_on_the_tier(tmp_path: Path) -> None:
+    """AdamW(state_dtype="int8") offloaded keeps int8 codes on the tier and steps exactly like
+    the plain optimizer. Until 2026-11-24 the fp32 AdamW pipeline took it: fp32 moments (4x
+    the bytes asked for) and a different update (1.4e-3 off after 5 steps here)."""
+
+    def build():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 5))
+        return m, memopt.optim.AdamW(m.parameters(), lr=1e-2, state_dtype="int8")
+
+    ref, ref_opt = build()
+    model, opt = build()
+    model, sharded = memopt.shard(model, opt, stage=2, offload=OffloadConfig("nvme", tmp_path))
+    assert isinstance(sharded.inner, StateOffloadedOptimizer)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x, y = torch.randn(8, 64, generator=g), torch.randn(8, 5, generator=g)
+        for m, o in ((ref, ref_opt), (model, sharded)):
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = sharded.inner.state_dict()["state"]
+    codes = [st["exp_avg_q"] for st in state.values() if "exp_avg_q" in st]
+    assert len(codes) == 1 and codes[0].dtype == torch.uint8 and codes[0].numel() == 64 * 64
     sharded.inner.close()
 
 

@@ -42,6 +42,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     low: dict[str, Any] = {"params": mats, "rank": 3, "update_proj_gap": 4}
     if name == "adamw":
         return AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    if name == "adamw-int8":
+        return AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, state_dtype="int8")
     if name == "galore":
         return GaLoreAdamW([low, {"params": rest}], lr=1e-2, weight_decay=0.01)
     if name == "apollo":
