@@ -31,6 +31,7 @@ NATIVE = [
             "csrc/cpu_adam/cpu_adam_simd.h",
             "csrc/cpu_adam/lowp_scalar.h",
             "csrc/cpu_adam/clones.h",
+            "csrc/cpu_adam/scratch.h",
         ],
         language="c++",
     ),

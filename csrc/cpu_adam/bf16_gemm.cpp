@@ -43,6 +43,7 @@
 #endif
 
 #include "clones.h"
+#include "scratch.h"
 
 namespace {
 
@@ -335,29 +336,9 @@ MEMOPT_AMX_TARGET void flush(Pending& pend, float* c, int64_t cs, int64_t M, int
     pend.has = false;
 }
 
-// One growable 64-byte-aligned scratch per calling thread, kept between calls up to kKeep.
-struct Scratch {
-    void* p = nullptr;
-    size_t n = 0;
-    ~Scratch() { std::free(p); }
-    void* get(size_t bytes) {
-        if (bytes <= n) return p;
-        std::free(p);
-        n = 0;
-        p = std::aligned_alloc(64, round_up(static_cast<int64_t>(bytes), 4096));
-        if (p != nullptr) n = round_up(static_cast<int64_t>(bytes), 4096);
-        return p;
-    }
-    void trim(size_t keep) {
-        if (n > keep) {
-            std::free(p);
-            p = nullptr;
-            n = 0;
-        }
-    }
-};
-thread_local Scratch operand_scratch;  // the calling thread's: the operand packed whole
-thread_local Scratch strip_scratch;    // every team thread's: its streamed strip
+// Growable scratch per thread (scratch.h), kept between calls up to kKeep.
+thread_local memopt::Scratch operand_scratch;  // the calling thread's: the operand packed whole
+thread_local memopt::Scratch strip_scratch;    // every team thread's: its streamed strip
 constexpr size_t kKeep = size_t{64} << 20;
 
 int64_t share(int64_t n, int t, int nt) { return n * t / nt; }

@@ -9,8 +9,8 @@
 // calls them one by one from Python, with the same arguments, so the results are bitwise
 // those of that path; what this saves is the host work between them (on a LLaMA-60M block,
 // ~0.5 ms of a ~3 ms step: route and state lookups, two allocations and three ctypes calls
-// per matrix). R and D live in per-thread scratch that grows to the largest matrix seen (kept
-// up to 2 x 32 MiB between calls).
+// per matrix). R and D live in per-thread scratch (scratch.h) that grows to the largest
+// matrix seen (kept up to 64 MiB between calls).
 //
 // Plain C ABI, loaded with ctypes from memopt/offload/cpu_adam.py (same library and ABI).
 
@@ -18,6 +18,7 @@
 #include <cstdlib>
 
 #include "clones.h"
+#include "scratch.h"
 
 extern "C" {
 int memopt_bf16_gemm(const float* a, int64_t a_is, int64_t a_ks, const float* b, int64_t b_ks,
@@ -30,55 +31,15 @@ int memopt_lowrank_adam(const float* g, float* m, float* v, float* d, int64_t ro
 
 namespace {
 
-// Two fp32 buffers of `n` floats each, 64-byte aligned, reused across calls.
-struct Pair {
-    float* p = nullptr;
-    int64_t n = 0;
-    ~Pair() { std::free(p); }
-    float* get(int64_t want) {
-        if (want <= n) return p;
-        std::free(p);
-        n = 0;
-        const auto bytes = static_cast<size_t>((2 * want * 4 + 63) / 64 * 64);
-        p = static_cast<float*>(std::aligned_alloc(64, bytes));
-        if (p != nullptr) n = want;
-        return p;
-    }
-};
-thread_local Pair scratch;
-constexpr int64_t kKeepFloats = int64_t{8} << 20;  // scratch kept between calls: 2 x 32 MiB
+thread_local memopt::Scratch scratch;  // R and D, two fp32 buffers of R's size
+constexpr size_t kKeep = size_t{64} << 20;  // kept between calls up to 64 MiB
 
-// Frees a scratch grown past kKeepFloats (a very large layer) once the call is done.
-struct TrimOnExit {
-    ~TrimOnExit() {
-        if (scratch.n > kKeepFloats) {
-            std::free(scratch.p);
-            scratch.p = nullptr;
-            scratch.n = 0;
-        }
-    }
-};
-
-}  // namespace
-
-// g: M x N with element strides (g_rs, g_cs); p: the basis (right: r x N, left: M x r) with
-// element strides (p_rs, p_cs) (a right basis from an SVD is often column-major); w: M x N,
-// row stride w_rs, unit column stride; m, v: contiguous, R's shape.
-// b1..c2 as memopt_lowrank_adam; alpha, beta as memopt_bf16_gemm's write-back.
-// Returns 0; -2 bad sizes, -3 no scratch; otherwise the first failing kernel's code (-1 no
-// AMX). On an error before the write-back W is untouched; the moments are updated only once
-// the projection has succeeded.
-extern "C" MEMOPT_API int memopt_projected_adam(const float* g, int64_t g_rs, int64_t g_cs,
-                                                const float* p, int64_t p_rs, int64_t p_cs,
-                                                float* w, int64_t w_rs,
-                                                float* m, float* v, int64_t M, int64_t N,
-                                                int64_t r, int right, float b1, float a1,
-                                                float b2, float a2, float eps, float c2,
-                                                float alpha, float beta, int num_threads) {
-    if (M <= 0 || N <= 0 || r <= 0 || w_rs < N) return -2;
+int step(const float* g, int64_t g_rs, int64_t g_cs, const float* p, int64_t p_rs,
+         int64_t p_cs, float* w, int64_t w_rs, float* m, float* v, int64_t M, int64_t N,
+         int64_t r, int right, float b1, float a1, float b2, float a2, float eps, float c2,
+         float alpha, float beta, int num_threads) {
     const int64_t rows = right ? M : r, cols = right ? r : N;
-    TrimOnExit trim;
-    float* low = scratch.get(rows * cols);
+    auto* low = static_cast<float*>(scratch.get(static_cast<size_t>(2 * rows * cols) * 4));
     if (low == nullptr) return -3;
     float* dir = low + rows * cols;
     int rc;
@@ -99,4 +60,27 @@ extern "C" MEMOPT_API int memopt_projected_adam(const float* g, int64_t g_rs, in
     // W = beta W + alpha P (M x r) @ D (r x N)
     return memopt_bf16_gemm(p, p_rs, p_cs, dir, N, 1, w, w_rs, M, N, r, alpha, beta, 1,
                             num_threads);
+}
+
+}  // namespace
+
+// g: M x N with element strides (g_rs, g_cs); p: the basis (right: r x N, left: M x r) with
+// element strides (p_rs, p_cs) (a right basis from an SVD is often column-major); w: M x N,
+// row stride w_rs, unit column stride; m, v: contiguous, R's shape.
+// b1..c2 as memopt_lowrank_adam; alpha, beta as memopt_bf16_gemm's write-back.
+// Returns 0; -2 bad sizes, -3 no scratch; otherwise the first failing kernel's code (-1 no
+// AMX). On an error before the write-back W is untouched; the moments are updated only once
+// the projection has succeeded.
+extern "C" MEMOPT_API int memopt_projected_adam(const float* g, int64_t g_rs, int64_t g_cs,
+                                                const float* p, int64_t p_rs, int64_t p_cs,
+                                                float* w, int64_t w_rs,
+                                                float* m, float* v, int64_t M, int64_t N,
+                                                int64_t r, int right, float b1, float a1,
+                                                float b2, float a2, float eps, float c2,
+                                                float alpha, float beta, int num_threads) {
+    if (M <= 0 || N <= 0 || r <= 0 || w_rs < N) return -2;
+    const int rc = step(g, g_rs, g_cs, p, p_rs, p_cs, w, w_rs, m, v, M, N, r, right, b1, a1,
+                        b2, a2, eps, c2, alpha, beta, num_threads);
+    scratch.trim(kKeep);
+    return rc;
 }
