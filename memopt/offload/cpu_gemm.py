@@ -79,20 +79,17 @@ def _run(
     if k2 != k or om != m or on != n:
         shapes = f"{tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}"
         raise ValueError(f"cpu_gemm: shapes {shapes} do not fit")
-    cs, ccol = out.stride()
-    if n > 1 and ccol != 1 or m > 1 and cs < n:
-        raise ValueError(f"cpu_gemm: out needs unit column stride (strides {out.stride()})")
+    cs, pc, end_c = _output(out, "cpu_gemm: out")
     a_is, a_ks = a.stride()
     b_ks, b_js = b.stride()
-    pa, pb, pc = a.data_ptr(), b.data_ptr(), out.data_ptr()
+    pa, pb = a.data_ptr(), b.data_ptr()
     if not fresh and m and n:
-        end_c = pc + 4 * ((m - 1) * cs + n)
         if k and (
             _overlaps(pc, end_c, pa, m, k, a_is, a_ks) or _overlaps(pc, end_c, pb, k, n, b_ks, b_js)
         ):
             raise ValueError("cpu_gemm: out must not share memory with a or b")
     rc = _library().memopt_bf16_gemm(  # type: ignore[union-attr] # usable() checked
-        pa, a_is, a_ks, pb, b_ks, b_js, pc, max(cs, n),
+        pa, a_is, a_ks, pb, b_ks, b_js, pc, cs,
         m, n, k, alpha, beta, int(accumulate), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
@@ -143,13 +140,9 @@ def projected_adam_(
         )
     if not (m.is_contiguous() and v.is_contiguous()):
         raise ValueError("projected_adam_: the moments must be contiguous")
-    ws, wcol = w.stride()
-    if cols > 1 and wcol != 1 or rows > 1 and ws < cols:
-        raise ValueError(f"projected_adam_: the weight needs unit column stride ({w.stride()})")
+    ws, pw, end_w = _output(w, "projected_adam_: the weight")
     gs, gcol = g.stride()
     bs, bcol = basis.stride()
-    pw = w.data_ptr()
-    end_w = pw + 4 * ((rows - 1) * ws + cols)
     n_low = low_shape[0] * low_shape[1]
     if (
         _overlaps(pw, end_w, g.data_ptr(), rows, cols, gs, gcol)
@@ -159,13 +152,24 @@ def projected_adam_(
     ):
         raise ValueError("projected_adam_: the weight must not share memory with the others")
     rc = _library().memopt_projected_adam(  # type: ignore[union-attr] # usable() checked
-        g.data_ptr(), gs, gcol, basis.data_ptr(), bs, bcol, pw, max(ws, cols), m.data_ptr(),
+        g.data_ptr(), gs, gcol, basis.data_ptr(), bs, bcol, pw, ws, m.data_ptr(),
         v.data_ptr(), rows, cols, r, int(right), beta1, 1.0 - beta1, beta2, 1.0 - beta2,
         eps, c2, alpha, beta, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"projected_adam_: native step failed ({_ERRORS.get(rc, rc)})")
     mark_written(w, m, v)
+
+
+def _output(out: Tensor, what: str) -> tuple[int, int, int]:
+    """(row stride for the kernel, first byte, end byte) of a 2-D fp32 output, which needs
+    unit column stride."""
+    rows, cols = out.shape
+    rs, cs = out.stride()
+    if cols > 1 and cs != 1 or rows > 1 and rs < cols:
+        raise ValueError(f"{what} needs unit column stride (strides {out.stride()})")
+    ptr = out.data_ptr()
+    return max(rs, cols), ptr, ptr + 4 * ((rows - 1) * rs + cols)
 
 
 def _overlaps(lo: int, hi: int, ptr: int, rows: int, cols: int, rs: int, cs: int) -> bool:

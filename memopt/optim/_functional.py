@@ -31,6 +31,20 @@ def adam_moments_(
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
 
+def bias_corrections(
+    step: int, beta1: float, beta2: float, correct_bias: bool = True
+) -> tuple[float, float]:
+    """(1 - b1^t, 1 - b2^t), or (1, 1) without bias correction."""
+    if not correct_bias:
+        return 1.0, 1.0
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def adam_step_size(lr: float, bc1: float, bc2: float, eps_mode: EpsMode) -> float:
+    """What the direction is scaled by (see module docstring for the two eps placements)."""
+    return lr / bc1 if eps_mode == "torch" else lr * math.sqrt(bc2) / bc1
+
+
 def adam_direction(
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -44,13 +58,12 @@ def adam_direction(
     correct_bias: bool = True,
 ) -> tuple[Tensor, float]:
     """The normalized direction and the step size to scale it by (see module docstring)."""
-    bc1 = 1.0 - beta1**step if correct_bias else 1.0
-    bc2 = 1.0 - beta2**step if correct_bias else 1.0
+    bc1, bc2 = bias_corrections(step, beta1, beta2, correct_bias)
     if eps_mode == "galore":
         denom = exp_avg_sq.sqrt().add_(eps)
-        return exp_avg / denom, lr * math.sqrt(bc2) / bc1
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
-    return exp_avg / denom, lr / bc1
+    else:
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
+    return exp_avg / denom, adam_step_size(lr, bc1, bc2, eps_mode)
 
 
 def norm_growth_limiter(norm: Tensor, prev: Tensor, gamma: float) -> Tensor:

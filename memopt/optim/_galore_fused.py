@@ -20,13 +20,13 @@ general step.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from memopt.offload import cpu_gemm, cpu_lowrank
+from memopt.optim import _functional as F
 from memopt.optim import kernels
 from memopt.optim._moments import LOWBIT
 from memopt.optim.projection import lowp
@@ -67,15 +67,12 @@ def fused_step(opt: GaLoreAdamW, p: Tensor, group: dict[str, Any], route: Route)
         return False
     if opt._refresh_due(state, group) or not _fits(p, g, basis, m, v, route):
         return False
-    step = state["step"] + 1
     b1, b2 = group["betas"]
-    t = step - state.get("moments_since", 0)  # what opt.bias_step gives after the increment
-    correct = group.get("correct_bias", True)
-    bc1 = 1.0 - b1**t if correct else 1.0
-    bc2 = 1.0 - b2**t if correct else 1.0
+    t = opt.bias_step(state) + 1  # this step's, once the counter has advanced
+    bc1, bc2 = F.bias_corrections(t, b1, b2, group.get("correct_bias", True))
     lr = group["lr"]
     # The same float expressions, in the same order, as adam_update and write_update.
-    step_size = lr * math.sqrt(bc2) / bc1 * group["scale"]
+    step_size = F.adam_step_size(lr, bc1, bc2, "galore") * group["scale"]
     keep = 1.0 - lr * group["weight_decay"]
     right = bool(state.get("proj_right", True))
     if route == "native":
@@ -91,7 +88,7 @@ def fused_step(opt: GaLoreAdamW, p: Tensor, group: dict[str, Any], route: Route)
         )
         a, b = (d, basis) if right else (basis, d)
         p.addmm_(a, b, beta=keep, alpha=-step_size * keep)
-    state["step"] = step
+    state["step"] += 1
     return True
 
 

@@ -68,12 +68,11 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             state["nat_count"] = 0
         elif refreshed and group["moments"] != "rotate":
             state["nat_hist"].zero_()
+            state.pop("nat_gram", None)  # rebuilt below from the cleared history
             state["nat_count"] = 0
         hist = state["nat_hist"]
-        if "nat_gram" not in state:  # new, or a snapshot from before the Gram was kept
+        if "nat_gram" not in state:  # new, cleared, or a snapshot from before it was kept
             state["nat_gram"] = hist @ hist.T
-        elif state["nat_count"] == 0:
-            state["nat_gram"].zero_()
         row = state["nat_count"] % s
         hist[row].copy_(low.reshape(-1))
         state["nat_count"] += 1

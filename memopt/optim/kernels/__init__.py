@@ -86,9 +86,8 @@ def adam_update(
     ``den`` are the squared norms of the direction and of ``low`` along that dim
     (APOLLO's channels), else None.
     """
-    bc1 = 1.0 - beta1**step if correct_bias else 1.0
-    bc2 = 1.0 - beta2**step if correct_bias else 1.0
-    step_size = lr / bc1 if eps_mode == "torch" else lr * math.sqrt(bc2) / bc1
+    bc1, bc2 = F.bias_corrections(step, beta1, beta2, correct_bias)
+    step_size = F.adam_step_size(lr, bc1, bc2, eps_mode)
     if low.dim() == 2 and _native_cpu(low, m, v):
         c2 = 1.0 / math.sqrt(bc2) if eps_mode == "torch" else 1.0
         d, num, den = cpu_lowrank.lowrank_adam(
