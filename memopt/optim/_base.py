@@ -20,6 +20,7 @@ and ``state_dict`` behave as users expect. What it adds:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
@@ -300,6 +301,7 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
         super().load_state_dict(state_dict)
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for pid, p in zip(saved["params"], group["params"], strict=True):
@@ -312,6 +314,51 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
                 proj = self.projector(group) if self.is_low_rank(group) else None
                 if proj is not None and p.dim() >= 2:
                     proj.rebuild(st, p)
+
+    def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
+        """Shape of Adam's moments for ``p`` in ``group`` (None: this parameter keeps none)."""
+        if self.plain_adam_mode(p, group) is not None or p.dim() < 2 or not self.is_low_rank(group):
+            return tuple(p.shape)
+        return tuple(self.projector(group).low_shape(matrix_shape(p)))
+
+    def _check_loaded_shapes(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
+    ) -> None:
+        """Refuse a state dict whose tensors cannot belong to these parameters (the model
+        changed shape, or the groups are in another order): torch would load it and the
+        next step would read moments of the wrong size."""
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"])
+            for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            return  # torch's load_state_dict raises its own error for this
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            names = group.get("param_names")
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                st = saved_state.get(pid)
+                if not st:
+                    continue
+                why = None
+                shape = self.expected_moment_shape(p, merged)
+                if shape is not None:
+                    why = moments.mismatch(st, shape)
+                if why is None and self.is_low_rank(merged) and p.dim() >= 2:
+                    proj = self.projector(merged)
+                    why = None if proj is None else proj.check_state(st, matrix_shape(p))
+                if why is not None:
+                    label = names[i] if names else f"group {gi} param {i}"
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the saved state of {label} "
+                        f"(shape {tuple(p.shape)} here) does not fit: {why}. The checkpoint is "
+                        "from a model whose shapes differ, or its parameters were passed in "
+                        "another order; nothing was loaded"
+                    )
+
+
+def matrix_shape(p: Tensor) -> tuple[int, int]:
+    """(m, n) of a parameter of 2 or more dims seen as a matrix (``as_matrix``)."""
+    return int(p.shape[0]), int(math.prod(p.shape[1:]))
 
 
 def check_grad(grad: Tensor, label: str) -> None:

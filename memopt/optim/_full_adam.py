@@ -40,6 +40,10 @@ def adamw_many(
     Plain moments are batched into one fused call per bucket. Quantized moments go one
     parameter at a time, so only one parameter's fp32 working copies exist at once.
     """
+    for p, st in zip(params, states, strict=True):  # before anything changes
+        why = moments.mismatch(st, tuple(p.shape))
+        if why is not None:
+            raise ValueError(f"optimizer state does not fit its parameter: {why}")
     buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, (p, st) in enumerate(zip(params, states, strict=True)):
         st["step"] += 1

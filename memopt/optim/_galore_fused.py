@@ -65,6 +65,10 @@ def fused_step(opt: GaLoreAdamW, p: Tensor, group: dict[str, Any], route: Route)
     v = state.get("exp_avg_sq")
     if basis is None or m is None or v is None or "proj_Q" in state:
         return False
+    right = bool(state.get("proj_right", True))
+    fit = (g.shape[0], basis.shape[0]) if right else (basis.shape[1], g.shape[1])
+    if m.shape != fit or v.shape != fit:  # the general path says what does not fit
+        return False
     if opt._refresh_due(state, group) or not _fits(p, g, basis, m, v, route):
         return False
     b1, b2 = group["betas"]
@@ -74,7 +78,6 @@ def fused_step(opt: GaLoreAdamW, p: Tensor, group: dict[str, Any], route: Route)
     # The same float expressions, in the same order, as adam_update and write_update.
     step_size = F.adam_step_size(lr, bc1, bc2, "galore") * group["scale"]
     keep = 1.0 - lr * group["weight_decay"]
-    right = bool(state.get("proj_right", True))
     if route == "native":
         cpu_gemm.projected_adam_(
             g, basis, p, m, v,

@@ -59,8 +59,26 @@ def drop(state: dict[str, Any]) -> None:
         state.pop(k, None)
 
 
+def mismatch(state: dict[str, Any], shape: tuple[int, ...]) -> str | None:
+    """Why the stored moments cannot be those of a tensor of ``shape``, or None."""
+    for key in _PLAIN:
+        got = state.get(key)
+        if isinstance(got, Tensor) and tuple(got.shape) != tuple(shape):
+            return f"{key} has shape {tuple(got.shape)}, expected {tuple(shape)}"
+    saved = state.get("moment_shape")
+    if saved is not None and tuple(int(x) for x in saved) != tuple(shape):
+        return f"its quantized moments are of shape {tuple(saved)}, expected {tuple(shape)}"
+    return None
+
+
 def load(state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """The moments to update in place: the stored tensors, or fp32 working copies."""
+    """The moments to update in place: the stored tensors, or fp32 working copies.
+
+    Stored moments of another shape (a state dict edited by hand) are an error here, before
+    any kernel reads them; ``load_state_dict`` checks the same earlier."""
+    why = mismatch(state, tuple(like.shape))
+    if why is not None:
+        raise ValueError(f"optimizer state does not fit its parameter: {why}")
     kind = lowbit_kind(group, like.numel())
     if kind is None:
         if "exp_avg" not in state:

@@ -157,6 +157,13 @@ class FrugalAdamW(MemoptOptimizer):
             start = cycle * k
         return {seq[(start + j) % len(seq)] for j in range(k)}
 
+    def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
+        if group["state_free"]:
+            return None
+        if self.is_low_rank(group) and group["proj"] == "block":
+            return tuple(p.shape)  # whole tensors, while active
+        return super().expected_moment_shape(p, group)
+
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         if group["state_free"]:
             return None
@@ -216,7 +223,9 @@ class FrugalAdamW(MemoptOptimizer):
         lr_p = group["lr"] * group["proj_params_lr_scale"]
         w = p if p.dim() == 2 else p.view(p.shape[0], -1)
         rule = group["inactive_update_rule"]
-        if rule != "none":
+        if rule != "none" and not proj.spans_all((int(g.shape[0]), int(g.shape[1]))):
+            # (a subspace that is the whole space leaves a residual of round-off, which
+            # sign_sgd would turn into a full step of +-lr on every entry)
             residual = g.clone()
             proj.apply_update(state, low, residual, alpha=-1.0)
             out = residual.sign_() if rule == "sign_sgd" else residual  # our own copy

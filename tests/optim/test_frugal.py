@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -130,3 +132,28 @@ def test_rejects_non_orthonormal_projector():
     p = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match="orthonormal"):
         FrugalAdamW([{"params": [p], "density": 0.25, "proj": "random"}])
+
+
+@pytest.mark.parametrize(
+    "size", [{"density": 1.0}, {"rank": 8}, {"rank": 32}, {"density": 1.0, "proj_type": "left"}]
+)
+@pytest.mark.parametrize("proj", ["svd", "orthogonal", "columns", "coordinate"])
+def test_whole_space_subspace_has_no_residual_step(size, proj):
+    if proj == "coordinate" and "rank" in size:
+        pytest.skip("coordinate selection takes density only")
+    """A subspace that is the whole matrix leaves nothing for the state-free rule: the step
+    equals the one without it. (The residual G - P P^T G of an orthonormal basis is
+    round-off there, and sign_sgd used to turn it into a full +-lr step on every entry.)"""
+    w0, g = torch.randn(16, 8), torch.randn(16, 8)
+    out = {}
+    for rule in ("none", "sign_sgd", "sgd"):
+        p = torch.nn.Parameter(w0.clone())
+        group = {"params": [p], "proj": proj, "inactive_update_rule": rule, **size}
+        with warnings.catch_warnings():  # (rank at the full side: clamped, warned once)
+            warnings.simplefilter("ignore")
+            opt = FrugalAdamW([group], lr=1e-3)
+            p.grad = g.clone()
+            opt.step()
+        out[rule] = p.detach()
+    assert torch.equal(out["sign_sgd"], out["none"])
+    assert torch.equal(out["sgd"], out["none"])

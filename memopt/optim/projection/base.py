@@ -123,6 +123,13 @@ class Projector(ABC):
             return limit
         return self.rank
 
+    def spans_all(self, shape: tuple[int, int]) -> bool:
+        """Whether the subspace of an ``m x n`` matrix is all of it (rank at the full side;
+        for a two-sided projection, a square matrix at full rank): nothing is left outside."""
+        r, side = self.rank_for(shape), self.side(shape)
+        return {"right": r == shape[1], "left": r == shape[0],
+                "both": r == shape[0] == shape[1]}[side]  # fmt: skip
+
     def low_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of the projected gradient (and of the low-rank moments)."""
         r = self.rank_for(shape)
@@ -169,6 +176,14 @@ class Projector(ABC):
     def state_keys(self) -> tuple[str, ...]:
         """Per-parameter state keys this projector owns (for accounting)."""
         return ()
+
+    def check_state(self, state: dict[str, Any], shape: tuple[int, int]) -> str | None:
+        """Why ``state`` (loaded from a checkpoint) cannot belong to an ``m x n`` matrix,
+        or None when it can. Checks what the projector stored about the shape."""
+        saved = state.get("proj_shape")
+        if saved is not None and tuple(int(x) for x in saved) != tuple(shape):
+            return f"its projector was built for a {saved[0]}x{saved[1]} matrix"
+        return None
 
     def rebuild(self, state: dict[str, Any], like: Tensor) -> None:  # noqa: B027
         """Regenerate ``cache_*`` entries after a load; projectors with stored bases need none."""

@@ -91,6 +91,20 @@ class DenseProjector(Projector):
             return [po @ pn.T]
         return [pn.T @ po]
 
+    def check_state(self, state: dict[str, Any], shape: tuple[int, int]) -> str | None:
+        why = super().check_state(state, shape)
+        if why is not None or "proj_P" not in state:
+            return why
+        r, side = self.rank_for(shape), self.side(shape)
+        m, n = shape
+        want = {"right": [("proj_P", (r, n))], "left": [("proj_P", (m, r))],
+                "both": [("proj_P", (m, r)), ("proj_Q", (r, n))]}[side]  # fmt: skip
+        for key, expect in want:
+            got = state.get(key)
+            if isinstance(got, Tensor) and tuple(got.shape) != expect:
+                return f"{key} has shape {tuple(got.shape)}, expected {expect}"
+        return None
+
     def store(self, state: dict[str, Any], grad: Tensor, u: Tensor, vh: Tensor) -> None:
         """Keep the factors this side needs, in the basis dtype."""
         dtype = self.options.get("basis_dtype") or grad.dtype
