@@ -32,6 +32,7 @@ from memopt.activations.ledger import SavedLedger, Token
 __all__ = [
     "ForwardWrap",
     "Kept",
+    "check_version",
     "WeightKeys",
     "counting_hooks",
     "is_plain_tensor",
@@ -125,14 +126,34 @@ def is_weight(t: torch.Tensor, params: WeightKeys) -> bool:
     return isinstance(var, torch.Tensor) and weight_key(var) in params
 
 
+def check_version(t: torch.Tensor, saved: int, what: str) -> None:
+    """autograd's check on a saved tensor, which its saved-tensor hooks turn off: raise if
+    ``t`` was modified in place since it was saved at version ``saved``."""
+    if t._version != saved:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: a {tuple(t.shape)} {t.dtype} tensor saved ({what}) at version "
+            f"{saved} is now at version {t._version}; clone it before modifying it in place"
+        )
+
+
 class Kept:
-    """A saved tensor left in place, with the ledger hold that counts it (None: a weight)."""
+    """A saved tensor left in place, with the ledger hold that counts it (None: a weight).
 
-    __slots__ = ("tensor", "token")
+    ``get()`` returns it after autograd's in-place check (saved-tensor hooks disable autograd's
+    own, so without this an in-place change would give a silently wrong gradient)."""
 
-    def __init__(self, tensor: torch.Tensor, token: Token | None) -> None:
+    __slots__ = ("tensor", "token", "version", "where")
+
+    def __init__(self, tensor: torch.Tensor, token: Token | None, where: str = "") -> None:
         self.tensor = tensor
         self.token = token
+        self.version = tensor._version
+        self.where = where
+
+    def get(self) -> torch.Tensor:
+        check_version(self.tensor, self.version, f"kept by memopt, {self.where or 'a block'}")
+        return self.tensor
 
 
 def counting_hooks(
@@ -140,12 +161,14 @@ def counting_hooks(
 ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
     """pack/unpack for ``keep``: nothing moves; non-weight saves are counted as ``device``."""
 
+    where = f"block {block!r}"
+
     def pack(t: torch.Tensor) -> Kept:
         if not is_plain_tensor(t) or is_weight(t, params):
-            return Kept(t, None)
-        return Kept(t, ledger.hold(t, place="device", block=block))
+            return Kept(t, None, where)
+        return Kept(t, ledger.hold(t, place="device", block=block), where)
 
     def unpack(packed: Kept) -> torch.Tensor:
-        return packed.tensor
+        return packed.get()
 
     return pack, unpack

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from memopt.activations._probe import NONBLOCK, LossFn
-from memopt.activations.ledger import SavedLedger, Token, storage_key
+from memopt.activations.hooks import Kept
+from memopt.activations.ledger import SavedLedger, storage_key
 from memopt.activations.profile import default_loss
 
 __all__ = ["StepMeasure", "count_outside_blocks", "measure_step"]
@@ -35,13 +36,6 @@ class StepMeasure:
     peak_bytes: int
     step_s: float
     cuda_peak_delta: int | None
-
-
-class _Counted:
-    __slots__ = ("tensor", "token")
-
-    def __init__(self, tensor: torch.Tensor, token: Token | None) -> None:
-        self.tensor, self.token = tensor, token
 
 
 def _held_by_a_block(ledger: SavedLedger, t: torch.Tensor) -> bool:
@@ -56,15 +50,17 @@ def count_outside_blocks(ledger: SavedLedger, model: nn.Module) -> Iterator[None
     """Count saves made outside managed blocks in ``ledger`` (parameters and buffers skipped)."""
     skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
-    def pack(t: torch.Tensor) -> _Counted:
-        if type(t) is not torch.Tensor or t.untyped_storage().data_ptr() in skip:
-            return _Counted(t, None)
-        if _held_by_a_block(ledger, t):  # e.g. a checkpoint saving its block's held input
-            return _Counted(t, None)
-        return _Counted(t, ledger.hold(t, place="device", block=NONBLOCK))
+    where = "outside the managed blocks"
 
-    def unpack(packed: _Counted) -> torch.Tensor:
-        return packed.tensor
+    def pack(t: torch.Tensor) -> Kept:
+        if type(t) is not torch.Tensor or t.untyped_storage().data_ptr() in skip:
+            return Kept(t, None, where)
+        if _held_by_a_block(ledger, t):  # e.g. a checkpoint saving its block's held input
+            return Kept(t, None, where)
+        return Kept(t, ledger.hold(t, place="device", block=NONBLOCK), where)
+
+    def unpack(packed: Kept) -> torch.Tensor:
+        return packed.get()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -103,18 +103,17 @@ class _SampledLinearFn(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         state: SampleState,
     ) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        n = x2.shape[0]
+        y = F.linear(x, weight, bias)  # x: rows (the caller flattens, see sampled_linear)
+        n = x.shape[0]
         k = sample_budget(n, state.ratio)
         if k >= n:
             idx: torch.Tensor | None = None
             w: torch.Tensor | None = None
-            x_sel = x2
+            x_sel = x
         else:
-            p = row_importance(x2, state.grad_proxy(n))
+            p = row_importance(x, state.grad_proxy(n))
             idx, w = wta_sample(p, k, state.generator(x.device), wta=state.wta)
-            x_sel = x2.detach().index_select(0, idx)
+            x_sel = x.detach().index_select(0, idx)
         ctx.save_for_backward(weight, x_sel, idx, w)
         ctx.state = state
         ctx.has_bias = bias is not None
@@ -149,8 +148,12 @@ def sampled_linear(
         )
     if not torch.is_grad_enabled() or not weight.requires_grad:
         return F.linear(x, weight, bias)
-    out: torch.Tensor = _SampledLinearFn.apply(x, weight, bias, state)
-    return out
+    # The Function sees 2-D rows and returns a fresh tensor; the reshapes around it are
+    # ordinary autograd views. (F.linear of a 3-D input returns a view of its 2-D result,
+    # and a view made inside a custom Function cannot be modified in place: an
+    # nn.ReLU(inplace=True) after the layer failed.)
+    out: torch.Tensor = _SampledLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, state)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class SampledLinear(nn.Linear):

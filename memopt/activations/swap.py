@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from memopt.activations.hooks import (
     Kept,
     WeightKeys,
+    check_version,
     counting_hooks,
     is_plain_tensor,
     is_weight,
@@ -171,13 +172,8 @@ class SwappedTensor:
 
     def unpack(self) -> torch.Tensor:
         orig = self._ref()
-        if orig is not None and orig._version != self.version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an "
-                f"inplace operation: a {tuple(self.size)} {self.dtype} tensor saved (and swapped "
-                f"by memopt, block {self.record.block!r}) at version {self.version} is now at "
-                f"version {orig._version}; clone it before modifying it in place"
-            )
+        if orig is not None:
+            check_version(orig, self.version, f"and swapped by memopt, block {self.record.block!r}")
         return self.record.restore(self.dtype, self.size, self.stride, self.offset)
 
     def __del__(self) -> None:
@@ -275,14 +271,16 @@ class SwapEngine:
         """The pack/unpack pair for one forward call of a swapped block."""
         seen: dict[int, tuple[StorageWeakRef, SwapRecord]] = {}
 
+        where = f"block {block!r}"
+
         def pack(t: torch.Tensor) -> Kept | SwappedTensor:
             if not is_plain_tensor(t) or is_weight(t, params):
                 self.stats["weights"] += 1
-                return Kept(t, None)
+                return Kept(t, None, where)
             storage = t.untyped_storage()
             if storage.nbytes() < max(self.min_swap_bytes, 1):
                 self.stats["small"] += 1
-                return Kept(t, self.ledger.hold(t, place="device", block=block))
+                return Kept(t, self.ledger.hold(t, place="device", block=block), where)
             self.reap()
             hit = seen.get(storage.data_ptr())
             if hit is not None and not hit[0].expired() and hit[1].version == t._version:
@@ -296,7 +294,7 @@ class SwapEngine:
 
         def unpack(packed: Kept | SwappedTensor) -> torch.Tensor:
             if isinstance(packed, Kept):
-                return packed.tensor
+                return packed.get()
             self.reap()
             return packed.unpack()
 
