@@ -86,6 +86,8 @@ class Record:
     in_bytes: dict[str, int] = field(default_factory=dict)
     all_in_bytes: dict[str, int] = field(default_factory=dict)
     out_bytes: dict[str, int] = field(default_factory=dict)
+    # per block: distinct input storages of the modules a split would run piece by piece
+    split_inputs: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
     secs: dict[str, dict[str, float]] = field(default_factory=dict)
     peak: int = 0
 
@@ -93,8 +95,15 @@ class Record:
 class Recorder:
     """Hooks for one instrumented step: current block, saved storages, time marks."""
 
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], clock: Clock):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[tuple[str, nn.Module]],
+        clock: Clock,
+        split_parts: dict[str, list[nn.Module]] | None = None,
+    ):
         self.blocks, self.clock = blocks, clock
+        self.split_parts = split_parts or {}
         self.skip = {t.untyped_storage().data_ptr() for t in model.parameters()}
         self.skip |= {t.untyped_storage().data_ptr() for t in model.buffers()}
         self.ledger = SavedLedger()
@@ -112,6 +121,9 @@ class Recorder:
             for sub in block.modules():
                 if isinstance(sub, nn.Linear):
                     self.handles.append(sub.register_forward_pre_hook(self._linear_pre))
+            for part in self.split_parts.get(name, ()):
+                self.handles.append(part.register_forward_pre_hook(
+                    self._split_pre(name), with_kwargs=True))  # fmt: skip
 
     def remove(self) -> None:
         for h in self.handles:
@@ -151,6 +163,13 @@ class Recorder:
             self.rec.out_bytes[name] = _nbytes(y)
             if y is not None and y.requires_grad:
                 y.register_hook(lambda _g: self._mark("bwd_start", name))
+        return hook
+
+    def _split_pre(self, name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = first_tensor(args, kwargs)
+            if x is not None and self.current == name and torch.is_grad_enabled():
+                self.rec.split_inputs.setdefault(name, {})[storage_key(x)] = x.nbytes
         return hook
 
     def _linear_pre(self, _m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -199,9 +218,9 @@ class Recorder:
 
 def instrumented_step(
     model: nn.Module, batch: Any, loss_fn: LossFn, blocks: list[tuple[str, nn.Module]],
-    clock: Clock,
+    clock: Clock, split_parts: dict[str, list[nn.Module]] | None = None,
 ) -> Record:
-    rec = Recorder(model, blocks, clock)
+    rec = Recorder(model, blocks, clock, split_parts)
     rec.install()
     try:
         clock.sync()

@@ -9,10 +9,13 @@ compute that can hide its copies (``Window``), each policy becomes an ``Option``
     recompute  A (checkpoint in)  S - I (re-run saves) 0                    f
     selective  A + K              S - I - Ks           0                    f (1 - fK)
     swap       0                  S (fetched back)     S                    copy(S) not hidden
-    split(a)   A                  S - I                a (S - I)            (1-a) f + copy(a(S-I))
+    split(a)   (1-a) P            S - I                a (S - I)            (1-a) f + copy(a(S-I))
     sample(r)  S - L + sum_l s_l  0                    0                    0
 
-(``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.)
+(``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.
+``P``: the distinct inputs of the modules a split runs piece by piece, of which it keeps the
+recomputed tokens' share: 5 x [B, L, H] for a LLaMA layer. Blocks split refuses get no split
+option.)
 Selective recompute keeps the outputs of the block's heavy ops (matmuls, attention: ``K``
 bytes, ``Ks`` of them saved for backward anyway, a share ``fK`` of the forward time) and
 re-runs only the rest. ``L`` is the bytes of the block's linear-layer inputs and ``s_l``
@@ -129,10 +132,16 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
         return Option(policy, 0, b.saved_bytes, b.saved_bytes,
                       _copy_cost(b.saved_bytes, prof, win))
     if policy.action == "split":
+        if b.split_input_bytes is None:
+            raise ValueError(
+                f"block {b.name}: token split cannot run on it (not token-local, and not a "
+                "transformer layer with self_attn and mlp children); use swap or recompute"
+            )
         a = policy.swap_fraction
         moved = int(a * rest)
         cost = (1.0 - a) * b.forward_s + _copy_cost(moved, prof, win)
-        return Option(policy, _kept_args(b), rest, moved, cost, seen_transient=moved)
+        held = round((1.0 - a) * b.split_input_bytes)  # the recomputed tokens' inputs
+        return Option(policy, held, rest, moved, cost, seen_transient=moved)
     return Option(policy, _sampled_held(b, policy.sample_ratio), 0, 0, 0.0)
 
 
@@ -144,8 +153,9 @@ def block_options(
     policies: list[ActivationPolicy] = []
     for action in actions:
         if action == "split":
-            policies += [ActivationPolicy("split", tier=tier, swap_fraction=a)
-                         for a in SPLIT_FRACTIONS]
+            if b.split_input_bytes is not None:  # (blocks split refuses get no split option)
+                policies += [ActivationPolicy("split", tier=tier, swap_fraction=a)
+                             for a in SPLIT_FRACTIONS]
         elif action == "sample":
             if b.linears:
                 policies.append(ActivationPolicy("sample", sample_ratio=sample_ratio))

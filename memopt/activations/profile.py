@@ -50,6 +50,7 @@ from memopt.activations._probe import (
     op_step,
 )
 from memopt.activations.blocks import BlockSpec, find_blocks
+from memopt.activations.tokensplit import split_parts
 from memopt.offload.arena import ArenaConfig, PinnedArena
 
 __all__ = ["BlockProfile", "Profile", "default_loss", "measure_copy_bandwidth", "profile"]
@@ -78,6 +79,9 @@ class BlockProfile:
     kept_out_bytes: int = 0  # their outputs: what a selective recompute caches
     kept_saved_bytes: int = 0  # the part of saved_bytes those outputs make up
     kept_fraction: float = 0.0  # their share of the forward time: what selective AC skips
+    # distinct inputs of the modules a split runs piece by piece (a split(a) keeps 1 - a of
+    # them on the device); None: split refuses this block
+    split_input_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,8 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 32 << 20,
         arena.close()
 
 
-def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]]) -> tuple[
-        tuple[BlockProfile, ...], int, int]:
+def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]],
+             splittable: set[str]) -> tuple[tuple[BlockProfile, ...], int, int]:
     rec = records[-1]  # bytes are the same every step; times: the minimum over the steps
     per_block = {name: 0 for name, _ in blocks}
     linear = {name: 0 for name, _ in blocks}
@@ -208,10 +212,12 @@ def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]]) -> tupl
         bwd = 2.0 * fwd if bwd == float("inf") else bwd  # input needs no grad: estimate
         in_key = rec.in_keys.get(name)
         in_saved = in_key is not None and name in rec.owners.get(in_key, ())
+        split_in = (sum(rec.split_inputs.get(name, {}).values())
+                    if name in splittable else None)  # fmt: skip
         out.append(BlockProfile(name, per_block[name], rec.in_bytes.get(name, 0),
                                 rec.out_bytes.get(name, 0), linear[name], fwd, bwd, in_saved,
                                 tuple(rec.linear_calls.get(name, ())),
-                                rec.all_in_bytes.get(name, 0)))
+                                rec.all_in_bytes.get(name, 0), split_input_bytes=split_in))
     return _share_times(out), nonblock, head
 
 
@@ -264,6 +270,7 @@ def profile(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     found = find_blocks(model, blocks)
+    parts = {n: sp for n, block in found if (sp := split_parts(block, n)) is not None}
     loss_fn = loss_fn or default_loss
     device = next(model.parameters()).device
     clock = Clock(device)
@@ -278,7 +285,7 @@ def profile(
         for _ in range(repeats):
             for p in params:
                 p.grad = None
-            records.append(instrumented_step(model, sample_batch, loss_fn, found, clock))
+            records.append(instrumented_step(model, sample_batch, loss_fn, found, clock, parts))
         if ops:
             for p in params:
                 p.grad = None
@@ -286,7 +293,7 @@ def profile(
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-    block_profiles, nonblock, head = _combine(records, found)
+    block_profiles, nonblock, head = _combine(records, found, set(parts))
     if ops:
         block_profiles = _with_ops(block_profiles, op_rec, op_times)
     biggest = max((b.saved_bytes for b in block_profiles), default=0)

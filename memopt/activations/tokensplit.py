@@ -54,6 +54,7 @@ from memopt.activations.policy import ActivationPolicy
 
 __all__ = [
     "SplitCost", "SplitInstall", "install_split", "is_token_local", "split_call", "split_cost",
+    "split_parts",
 ]
 
 Fwd = Callable[..., Any]
@@ -249,6 +250,31 @@ class SplitInstall:
         self.wraps = []
 
 
+def split_parts(module: nn.Module, name: str = "block") -> list[nn.Module] | None:
+    """The modules a split of ``module`` runs piece by piece (a split keeps ``1 - alpha`` of
+    each one's input on the device), or None when ``install_split`` would refuse the block.
+    The planner offers and prices split from this."""
+    if is_token_local(module):
+        return [module]
+    try:
+        parts, _ = _layer_plan(module, name)
+    except ValueError:
+        return None
+    return [child for _, child in parts]
+
+
+def _layer_plan(module: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
+    """(split children, attention module) of a transformer layer; ValueError if it is none."""
+    children = dict(module.named_children())
+    if "self_attn" not in children or "mlp" not in children:
+        raise ValueError(
+            f"cannot split block {name!r} ({type(module).__name__}): token split needs a "
+            "token-local module (Linear, norm, MLP, a Sequential of those) or a transformer "
+            "layer with self_attn and mlp children; use 'swap' or 'recompute' for it"
+        )
+    return _layer_parts(module, name)
+
+
 def _layer_parts(module: nn.Module, name: str) -> tuple[list[tuple[str, nn.Module]], nn.Module]:
     attn = module.get_submodule("self_attn")
     locals_: list[tuple[str, nn.Module]] = []
@@ -279,14 +305,7 @@ def install_split(module: nn.Module, policy: ActivationPolicy, ctx: InstallConte
     if is_token_local(module):
         wrap = wrap_forward(module, name, splitter.whole_body(name))
         return SplitInstall([wrap], "token-local", [name])
-    children = dict(module.named_children())
-    if "self_attn" not in children or "mlp" not in children:
-        raise ValueError(
-            f"cannot split block {name!r} ({type(module).__name__}): token split needs a "
-            "token-local module (Linear, norm, MLP, a Sequential of those) or a transformer "
-            "layer with self_attn and mlp children; use 'swap' or 'recompute' for it"
-        )
-    parts, attn = _layer_parts(module, name)
+    parts, attn = _layer_plan(module, name)
     wraps = [wrap_forward(module, name, splitter.layer_body())]
     try:
         wraps.append(wrap_forward(attn, f"{name}.self_attn", splitter.core_body()))

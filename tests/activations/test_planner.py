@@ -22,7 +22,7 @@ def synthetic(n: int = 4, device: str = "cpu", saved: list[int] | None = None,
     fwd = fwd or [0.010 + 0.002 * i for i in range(n)]
     blocks = tuple(
         BlockProfile(f"layers.{i}", saved[i], MiB, MiB, saved[i] // 2, fwd[i], 2 * fwd[i],
-                     True, ((64, (saved[i] // 2) // 256, 4),))
+                     True, ((64, (saved[i] // 2) // 256, 4),), split_input_bytes=3 * MiB)
         for i in range(n)
     )
     return Profile(blocks, nonblock_saved_bytes=3 * MiB, head_saved_bytes=2 * MiB,

@@ -80,3 +80,42 @@ def test_too_small_budget_names_the_minimum(llama) -> None:  # type: ignore[no-u
         act.plan(model, batch, "5%", profile=prof)
     with pytest.raises(ValueError, match="unknown block names"):
         act.plan(model, batch, "50%", profile=prof, overrides={"model.layers.99": "recompute"})
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
+def test_split_is_priced_as_held(llama, alpha) -> None:  # type: ignore[no-untyped-def]
+    """split(a) keeps 1 - a of the inputs of every module it runs piece by piece (5 x [B, L, H]
+    for a LLaMA layer), not just the block's arguments: priced as the arguments, plans with
+    split went over their budget (1.09-1.17x measured)."""
+    model, batch, prof = llama
+    block = prof.blocks[2]
+    assert block.split_input_bytes is not None and block.split_input_bytes > block.input_bytes
+    pol = act.ActivationPolicy("split", swap_fraction=alpha)
+    plan = act.plan(model, batch, "100%", profile=prof, overrides={block.name: pol})
+    decision = next(d for d in plan.decisions if d.name == block.name)
+    with act.apply(model, {block.name: pol}) as manager:  # this block alone
+        loss = model(**batch).loss
+        held = manager.ledger.current("device")  # from its forward to its backward
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    assert abs(held - decision.held_bytes) <= 0.03 * held
+
+
+def test_split_is_not_offered_where_it_cannot_run() -> None:
+    """A GPT-2 block has no self_attn/mlp pair and is not token-local: split would refuse it,
+    so the planner neither offers nor prices it there."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=256, n_positions=256)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 256, (1, 128))
+    batch = {"input_ids": ids, "labels": ids}
+    prof = act.profile(model, batch, repeats=1, ops=False)
+    assert all(b.split_input_bytes is None for b in prof.blocks)
+    for share in ("50%", "30%"):
+        plan = act.plan(model, batch, share, profile=prof)
+        assert all(d.policy.action != "split" for d in plan.decisions)
+        with act.apply(model, plan):  # applies (it used to offer split, which apply refused)
+            pass
+    with pytest.raises(ValueError, match="token split cannot run"):
+        act.plan(model, batch, "100%", profile=prof,
+                 overrides={prof.blocks[0].name: act.ActivationPolicy("split")})
