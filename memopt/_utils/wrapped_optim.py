@@ -32,6 +32,11 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     def wrap(self, inner: torch.optim.Optimizer) -> None:
         self.inner = inner
+        # The wrapper hands the inner optimizer shards, placeholders or tier-resident state,
+        # so shapes checked at load time against its parameters would be the wrong ones; the
+        # check before each step (against the tensors it then updates) stays.
+        if hasattr(inner, "check_loaded_shapes"):
+            inner.check_loaded_shapes = False
         self.defaults = inner.defaults
         for name in _HOOK_TABLES:
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import (
     CheckpointPolicy,
@@ -117,8 +117,9 @@ def _stacked(*cms: Any) -> Iterator[None]:
 class _Block:
     """One recomputed block: builds the checkpoint contexts and the ledger holds per call."""
 
-    def __init__(self, policy: ActivationPolicy, ctx: InstallContext) -> None:
+    def __init__(self, policy: ActivationPolicy, ctx: InstallContext, module: nn.Module) -> None:
         self.ctx = ctx
+        self.module = module
         self.name = ctx.block_name
         self.packets, self.overloads = resolve_ops(policy.keep_ops)
         self.selective = bool(policy.keep_ops)
@@ -168,7 +169,7 @@ class _Block:
                 hold(t)
         run = self.ctx.scheduler.begin(self.name)
         out = checkpoint(
-            original,
+            _ReplayKeepsBuffers(original, self.module),
             *args,
             use_reentrant=False,
             preserve_rng_state=True,
@@ -177,6 +178,42 @@ class _Block:
         )
         self.ctx.scheduler.watch_backward(run, out, extra=lambda: _release(tokens))
         return out
+
+
+class _ReplayKeepsBuffers:
+    """The block's forward for ``checkpoint``: the first call is the forward; later calls are
+    the backward's replay, which must not update the block's state again (a BatchNorm in
+    train mode would count the batch twice in its running statistics, as it does under plain
+    ``torch.utils.checkpoint``). The block's persistent buffers (its state_dict's: running
+    statistics; not caches such as rotary tables or masks) are copied before a replay and
+    put back after it. (BatchNorm's kernel updates its running mean and variance without
+    bumping their version counters, so changes cannot be detected; the copy is of every
+    persistent buffer, which are small next to the activations.)"""
+
+    def __init__(self, original: Callable[..., Any], module: nn.Module) -> None:
+        self.original, self.module = original, module
+        self.replay = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.replay:  # the forward
+            self.replay = True
+            return self.original(*args, **kwargs)
+        with _disable_current_modes():  # (the copies are not the block's ops: no SAC cache)
+            saved = [(b, b.clone()) for b in _persistent_buffers(self.module)]
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            with _disable_current_modes(), torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+
+
+def _persistent_buffers(module: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for sub in module.modules():
+        skip = sub._non_persistent_buffers_set
+        out += [b for n, b in sub._buffers.items() if b is not None and n not in skip]
+    return out
 
 
 _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
@@ -220,5 +257,5 @@ def install_recompute(
     module: nn.Module, policy: ActivationPolicy, ctx: InstallContext
 ) -> RecomputeInstalled:
     """``recompute``: checkpoint the block (selectively when ``policy.keep_ops`` is set)."""
-    block = _Block(policy, ctx)
+    block = _Block(policy, ctx, module)
     return RecomputeInstalled(wrap_forward(module, ctx.block_name, block), block.stats)

@@ -55,6 +55,9 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     base_defaults: ClassVar[dict[str, Any]] = {}
     #: Options that only groups with a ``rank`` (or ``density``) accept.
     low_rank_defaults: ClassVar[dict[str, Any]] = {}
+    #: Whether ``load_state_dict`` checks the saved state's shapes against the parameters
+    #: (a wrapper that swaps in shards or placeholders turns it off; see WrapperOptimizer).
+    check_loaded_shapes: bool = True
     #: Which group key names the projector kind.
     proj_key: ClassVar[str] = "proj"
     #: Selection modes that this optimizer handles itself instead of a registered projector.
@@ -301,7 +304,8 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
+        if self.check_loaded_shapes:
+            self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
         super().load_state_dict(state_dict)
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for pid, p in zip(saved["params"], group["params"], strict=True):

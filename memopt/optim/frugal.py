@@ -223,7 +223,7 @@ class FrugalAdamW(MemoptOptimizer):
         lr_p = group["lr"] * group["proj_params_lr_scale"]
         w = p if p.dim() == 2 else p.view(p.shape[0], -1)
         rule = group["inactive_update_rule"]
-        if rule != "none" and not proj.spans_all((int(g.shape[0]), int(g.shape[1]))):
+        if rule != "none" and not _whole_space(state):
             # (a subspace that is the whole space leaves a residual of round-off, which
             # sign_sgd would turn into a full step of +-lr on every entry)
             residual = g.clone()
@@ -232,6 +232,15 @@ class FrugalAdamW(MemoptOptimizer):
             w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
         direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="torch", lr=lr_p)
         proj.apply_update(state, direction, w, alpha=-step_size)
+
+
+def _whole_space(state: dict[str, Any]) -> bool:
+    """Whether the dense basis is square (orthonormal: P P^T = I), so the subspace is the whole
+    matrix and nothing is left for the state-free rule. Index projectors leave an exact zero
+    residual there by themselves."""
+    p = state.get("proj_P", state.get("cache_P"))
+    q = state.get("proj_Q", state.get("cache_Q"))
+    return all(b is None or b.shape[0] == b.shape[1] for b in (p, q)) and p is not None
 
 
 __all__ = ["FrugalAdamW"]

@@ -32,7 +32,10 @@ What the reference per-layer modes get wrong, and what happens here instead:
   exactly as the uninterrupted one.
 
 Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
-already gone.
+already gone. The optimizer's step pre-hooks run when the first parameter of a step is
+about to be updated (an ``AsyncCheckpointer`` fences its copy to host there; without it a
+snapshot taken between backwards could mix values from two steps). A parameter whose hook
+fires twice in one backward (a module used twice under reentrant checkpointing) is an error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
 from memopt.optim._base import MemoptOptimizer
@@ -70,6 +74,7 @@ class StepInBackward:
         self.last_grad_norm: float | None = None
         self._sq_norm: Tensor | None = None
         self._callback_queued = False
+        self._stepped: set[int] = set()  # parameters updated in this backward
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     # -- hooks ---------------------------------------------------------------------
@@ -82,6 +87,18 @@ class StepInBackward:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if not self._is_last_micro_batch() or p.grad is None:
             return
+        if id(p) in self._stepped:
+            raise RuntimeError(
+                "optimizer-in-backward: a parameter of shape "
+                f"{tuple(p.shape)} received a second gradient in the same backward, after it "
+                "was updated with the first: a module used twice under reentrant activation "
+                "checkpointing (torch.utils.checkpoint(..., use_reentrant=True), which runs one "
+                "backward per use). Use use_reentrant=False (HF: gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}); this step's update of that parameter is incomplete"
+            )
+        if not self._stepped:  # the step begins: what optimizer.step() would run first
+            run_step_pre_hooks(self.optimizer)
+        self._stepped.add(id(p))
         with torch.no_grad():
             sq = p.grad.detach().float().square().sum()
             self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
@@ -99,6 +116,7 @@ class StepInBackward:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        self._stepped.clear()
         if self._is_last_micro_batch():
             norm = math.sqrt(float(self._sq_norm)) if self._sq_norm is not None else 0.0
             self.last_grad_norm = self.prev_norm = norm
@@ -119,6 +137,17 @@ class StepInBackward:
         self.micro_step = int(state["micro_step"])
         self.steps = int(state["steps"])
         self.prev_norm = None if state["prev_norm"] is None else float(state["prev_norm"])
+
+
+def run_step_pre_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """The step pre-hooks ``optimizer.step()`` would run (global ones first, as torch does):
+    an ``AsyncCheckpointer`` fences its copy there, before any state changes."""
+    hooks = (
+        *_torch_optimizer._global_optimizer_pre_hooks.values(),
+        *optimizer._optimizer_step_pre_hooks.values(),
+    )
+    for hook in hooks:
+        hook(optimizer, (), {})
 
 
 def step_in_backward(

@@ -174,6 +174,9 @@ class RowShardProjector:
     def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
         self.base.rebuild(state, like)
 
+    def check_state(self, state: dict[str, Any], shape: tuple[int, int]) -> str | None:
+        return None  # a row shard's state is checked against its full matrix by the wrapper
+
     def side(self, shape: tuple[int, int]) -> str:
         return self.base.side(shape)
 

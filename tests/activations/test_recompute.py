@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from memopt.activations import ActivationOptions, SavedLedger, apply
 from memopt.activations.hooks import managed_block
@@ -133,3 +134,33 @@ def test_no_grad_runs_plain_forward() -> None:
         assert torch.equal(model(x), ref)
     assert mgr.installed["blocks.0"].stats.calls == 0
     mgr.remove()
+
+
+@pytest.mark.parametrize("keep_ops", [(), ("aten.convolution",)])
+def test_replay_does_not_update_batchnorm_statistics_again(keep_ops) -> None:  # type: ignore[no-untyped-def]
+    """The backward's replay of a recomputed block runs BatchNorm in train mode again; its
+    running statistics must count each batch once, as without recompute (plain
+    torch.utils.checkpoint counts it twice). Two steps, two forwards before one backward."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        return nn.Sequential(block, nn.Flatten(), nn.Linear(8 * 8 * 8, 1))
+
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(3)]
+
+    def run(model: nn.Module) -> None:
+        model(xs[0]).sum().backward()
+        (model(xs[1]).sum() + model(xs[2]).sum()).backward()
+
+    ref = make()
+    run(ref)
+    model = make()
+    with apply(model, {"0": recompute(keep_ops=keep_ops)}):
+        run(model)
+    bn_ref, bn = ref[0][1], model[0][1]
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == 3
+    assert torch.equal(bn.running_mean, bn_ref.running_mean)
+    assert torch.equal(bn.running_var, bn_ref.running_var)
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)

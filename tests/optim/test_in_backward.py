@@ -140,3 +140,42 @@ def test_bad_input():
         step_in_backward(model, AdamW(list(model.parameters())[:2]))
     with pytest.raises(ValueError, match="accumulation_steps"):
         step_in_backward(model, AdamW(model.parameters()), accumulation_steps=0)
+
+
+def test_step_pre_hooks_run_once_per_step_before_any_update() -> None:
+    """optimizer.step() is never called, so the step pre-hooks (an AsyncCheckpointer's fence)
+    run when the first parameter of a step is about to change, once per step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    opt = AdamW(model.parameters(), lr=1e-2)
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(
+        lambda *_: seen.append([p.detach().clone() for p in model.parameters()])
+    )
+    handle = step_in_backward(model, opt, accumulation_steps=2)
+    for i in range(4):
+        before = [p.detach().clone() for p in model.parameters()]
+        model(torch.randn(4, 8)).square().mean().backward()
+        if i % 2 == 0:  # first micro-batch: no step, no hook
+            assert len(seen) == i // 2
+        else:
+            assert len(seen) == i // 2 + 1
+            assert all(torch.equal(a, b) for a, b in zip(seen[-1], before, strict=True))
+            assert not all(
+                torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)
+            )
+    handle.remove()
+
+
+def test_module_used_twice_under_reentrant_checkpoint_is_an_error() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    opt = AdamW([*block.parameters(), *head.parameters()], lr=1e-2)
+    step_in_backward([*block.parameters(), *head.parameters()], opt)
+    x = torch.randn(4, 8, requires_grad=True)
+    for _ in range(2):
+        x = x + checkpoint(block, x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="reentrant"):
+        head(x).square().mean().backward()

@@ -123,13 +123,6 @@ class Projector(ABC):
             return limit
         return self.rank
 
-    def spans_all(self, shape: tuple[int, int]) -> bool:
-        """Whether the subspace of an ``m x n`` matrix is all of it (rank at the full side;
-        for a two-sided projection, a square matrix at full rank): nothing is left outside."""
-        r, side = self.rank_for(shape), self.side(shape)
-        return {"right": r == shape[1], "left": r == shape[0],
-                "both": r == shape[0] == shape[1]}[side]  # fmt: skip
-
     def low_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of the projected gradient (and of the low-rank moments)."""
         r = self.rank_for(shape)

@@ -177,9 +177,6 @@ class CoordinateProjector(_SeededIndex):
     def low_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:  # type: ignore[override]
         return (self.rank_for(shape),)
 
-    def spans_all(self, shape: tuple[int, int]) -> bool:
-        return self.rank_for(shape) == shape[0] * shape[1]
-
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
         m, n = state["proj_shape"]
         k = self.rank_for((m, n))
