@@ -169,6 +169,14 @@ class ShardedOptimizer(WrapperOptimizer):
         self.reducer.reset()
         self._synced = False
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "memopt.shard: parameter groups are planned (owners, buckets, shards) when the "
+            "optimizer is sharded; add_param_group afterwards would leave the new parameters "
+            "unreduced, so ranks would drift apart. Put every group in the optimizer before "
+            "memopt.shard (frozen layers too: they get no gradient until unfrozen)"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()
         sd["sharding"] = self._meta()
@@ -227,8 +235,12 @@ class ShardedOptimizer(WrapperOptimizer):
         if self._synced:
             return
         grads = self.reducer.finish() if not self._plain else self._plain_grads()
+        frozen = {p.index for p in self.plans if not p.param.requires_grad}
         for index, g in grads.items():
             local = self.locals[index]
+            if index in frozen:  # (packed as zeros like an unused parameter: it must not move)
+                local.grad = None
+                continue
             if g is not local.grad:
                 local.grad = g if g.dtype == local.dtype else g.to(local.dtype)
         self._synced = True

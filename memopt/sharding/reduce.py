@@ -90,9 +90,11 @@ class GradReducer:
         """A parameter's gradient is final for this backward (stage 2 hook)."""
         if p.index in self.packed:
             raise RuntimeError(
-                f"memopt.shard (stage 2): the gradient of {label} arrived twice before step(); "
-                "accumulate micro-batches inside `with sharded_opt.no_sync():` and let only the "
-                "last backward synchronize"
+                f"memopt.shard (stage 2): the gradient of {label} arrived twice before step(): "
+                "either micro-batches were accumulated outside `with sharded_opt.no_sync():` "
+                "(let only the last backward synchronize), or a module is used twice under "
+                "reentrant activation checkpointing (torch.utils.checkpoint(..., "
+                "use_reentrant=True) runs one backward per use; use use_reentrant=False)"
             )
         self._pack(p)
         self._launch_ready()

@@ -58,7 +58,30 @@ def _matrix(rank: int, world: int) -> dict[str, object]:
             }
             sharded.remove_hooks()
     _stage2_frees_and_bf16(rank, world)
+    _frozen_parameters_stay(rank, world)
     return results
+
+
+def _frozen_parameters_stay(rank: int, world: int) -> None:
+    """A frozen layer in the optimizer's groups (``AdamW(model.parameters())`` on a partly
+    frozen model) gets no gradient, so no decay and no state, as in one process: stages 1
+    and 2 used to hand it the zeros they reduce for unused parameters."""
+    import memopt
+    from tests.sharding import _train as T
+
+    for stage, layout in itertools.product((1, 2), ("whole_tensor", "dim0")):
+        model = T.make_model()
+        first = next(model.parameters())
+        first.requires_grad_(False)
+        before = first.detach().clone()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        model, sharded = memopt.shard(model, opt, stage=stage, layout=layout)
+        T.train(model, sharded, rank, world)
+        assert torch.equal(first.detach(), before), f"stage {stage}/{layout}: frozen moved"
+        for plan in sharded.plans:
+            if plan.param is first and plan.index in sharded.locals:
+                assert not sharded.state.get(sharded.locals[plan.index]), "state for frozen"
+        sharded.remove_hooks()
 
 
 def _stage2_frees_and_bf16(rank: int, world: int) -> None:

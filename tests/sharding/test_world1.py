@@ -69,3 +69,13 @@ def test_forced_collectives_on_one_rank_equal_the_plain_path() -> None:
 
     worst = run_distributed(_forced, world_size=1, timeout_s=120)[0]
     assert all(v <= 1e-6 for v in worst.values()), worst
+
+
+def test_add_param_group_after_sharding_is_an_error() -> None:
+    """The groups are planned once; a group added later would never be reduced (ranks drift)."""
+    model = T.make_model()
+    first, *rest = list(model.parameters())
+    model, sharded = memopt.shard(model, torch.optim.AdamW([first]), 2, "whole_tensor")
+    with pytest.raises(NotImplementedError, match="before memopt.shard"):
+        sharded.add_param_group({"params": rest})
+    assert len(sharded.param_groups) == 1
