@@ -127,7 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return launch.main(argv[1:])
     args = parser().parse_args(argv)
-    return {"estimate": _estimate, "report": _report}[args.command](args)
+    try:
+        return {"estimate": _estimate, "report": _report}[args.command](args)
+    except ValueError as e:  # bad input (a rank for AdamW, an unknown dtype...): no traceback
+        print(f"memopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 ``memopt.Config``, before anything is allocated: the model is the Config's LLaMA built on the
 meta device, and the estimator's fields come from the Config's sections:
 
-- ``optimizer.name`` / ``target`` / ``rank`` / ``density`` / ``proj`` / ``state_dtype``;
+- ``optimizer.name`` / ``target`` / ``rank`` / ``density`` / ``proj`` / ``state_dtype``
+  (``rank`` and ``proj`` only for the low-rank optimizers, as ``build`` passes them);
 - ``sharding.stage`` / ``layout`` / ``master_dtype`` / ``bucket_bytes`` / ``offload`` /
   ``offload_params`` (stage 0 with an offload tier runs as stage 1, as ``memopt.setup`` does);
 - ``model.dtype``, ``model.device`` (``auto``: CUDA when available);
-- ``train.batch_size`` / ``seq_len``;
+- ``train.batch_size`` / ``seq_len``, traced without a KV cache (``use_cache=False``, as
+  ``memopt run`` trains);
 - ``activations.policy`` when it is ``keep``, ``recompute`` or ``swap`` for every block.
   A planner budget (``activations.budget``) is not modelled: the estimate then assumes
   ``keep`` and says so in its notes (``memopt.activations.plan`` predicts its own peak).
@@ -35,9 +37,9 @@ def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
     opt_kw: dict[str, Any] = {}
     if o.name == "frugal":
         opt_kw["density"] = o.density
-    elif o.rank is not None:
+    elif o.rank is not None and o.name != "adamw":  # as memopt.config.build: AdamW has none
         opt_kw["rank"] = o.rank
-    if o.proj is not None:
+    if o.proj is not None and o.name != "adamw":
         opt_kw["proj"] = o.proj
     if o.state_dtype != "auto":
         opt_kw["state_dtype"] = o.state_dtype
@@ -67,12 +69,7 @@ def estimate(config: Config, world_size: int = 1) -> Any:
     """Predicted peak bytes per tier (``MemoryEstimate``) of one rank of ``config``."""
     from memopt.memory import estimate as memory_estimate
 
-    model_config = llama_config(config)
-    # Traced with use_cache on, like the estimator's measured checks (memopt run trains with it
-    # off): without a cache, transformers looks for packed sequences in the position ids,
-    # a data-dependent .item() the meta trace cannot run. The cache adds 2 x layers x batch x
-    # seq x hidden values of the forward's key/value tensors it keeps alive.
-    model_config.use_cache = True
+    model_config = llama_config(config)  # use_cache off, as memopt run trains
     result = memory_estimate(model_config, **estimate_kwargs(config, world_size))
     ac = config.activations
     if ac.budget or ac.policies or (ac.policy and ac.policy not in ("keep", "recompute", "swap")):

@@ -2,9 +2,10 @@
 
 The model is only described (meta device); the figures per rank are:
 
-- parameters: their bytes in ``param_dtype``; stage 3 keeps 1/W of them plus the gathered
-  units as temporaries: the root unit (parameters outside the repeated blocks) and the
-  largest block twice (the one in use and the prefetched next);
+- parameters: their bytes in ``param_dtype``, frozen ones included (they get no gradient
+  and no optimizer state; a model with nothing to train is an error); stage 3 keeps 1/W of
+  them plus the gathered units as temporaries: the root unit (parameters outside the
+  repeated blocks) and the largest block twice (the one in use and the prefetched next);
 - gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps 1/W plus the
   in-flight buckets, stage 3 1/W; stages 1/2 with ``whole_tensor`` keep them all (memopt
   packs every gradient into its bucket and holds the buckets until the step);
@@ -21,7 +22,12 @@ The model is only described (meta device); the figures per rank are:
   tensors: fp32 moments of the largest parameter for 8-/4-bit state, the full-size gradient
   and update of the largest low-rank matrix, one foreach chunk for AdamW); at stage 3 with
   offload each moment has its own resident shards, state and bounce arena
-  (``stage3_offload``), the arena counted with its moment on a CPU run.
+  (``stage3_offload``), the arena counted with its moment on a CPU run;
+- the pinned tier is the bytes requested; where they sit in memopt's shared pinned arena
+  (swapped activations, offload at stages 0-2) a note gives the whole chunks it maps.
+
+``EstimateConfig`` validates every field on construction (``optimizer_kwargs`` by
+``optstate.check_kwargs``; dtypes may be given by name), so a typo is an error, never ignored.
 """
 
 from __future__ import annotations
@@ -34,8 +40,14 @@ import torch
 from torch import nn
 
 from memopt.memory import optstate
-from memopt.memory.model import ParamInfo, as_meta_module, buffer_bytes, param_infos
-from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate
+from memopt.memory.model import (
+    ParamInfo,
+    as_meta_module,
+    buffer_bytes,
+    frozen_bytes,
+    param_infos,
+)
+from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate, fmt_bytes
 from memopt.memory.sharding import ShardShare, shard_share
 from memopt.memory.stage3_offload import UnitSizes, place_stage3
 from memopt.memory.trace import ActivationTrace, causal_lm_inputs, meta_copy, trace_step
@@ -43,6 +55,15 @@ from memopt.memory.trace import ActivationTrace, causal_lm_inputs, meta_copy, tr
 Policy = Literal["keep", "recompute", "swap"]
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 NVME_STAGING_BYTES = 64 * 2**20
+DEVICE_KINDS = ("cpu", "cuda")
+#: Chunk size of memopt's shared pinned arena (memopt.offload.default_arena, ArenaConfig's
+#: default; layer 2 may not import its sibling: tests/memory pin the two equal).
+ARENA_CHUNK_BYTES = 256 * 2**20
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,7 @@ class EstimateConfig:
     stage: int = 0
     world_size: int = 1
     layout: Literal["whole_tensor", "dim0"] | None = None
-    param_dtype: torch.dtype = torch.float32
+    param_dtype: torch.dtype = torch.float32  # or its name: "bfloat16", "bf16", ...
     master_dtype: torch.dtype | None = None
     offload: Literal["cpu", "nvme"] | None = None
     offload_params: Literal["cpu", "nvme"] | None = None
@@ -63,12 +84,22 @@ class EstimateConfig:
     seq_len: int = 512
     activation_policy: Policy = "keep"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    device_kind: str = "cpu"
+    device_kind: Literal["cpu", "cuda"] = "cpu"
 
     def __post_init__(self) -> None:
         if self.optimizer not in optstate.RULES:
             raise ValueError(
                 f"optimizer={self.optimizer!r} unknown; choose one of {sorted(optstate.RULES)}"
+            )
+        optstate.check_kwargs(self.optimizer, self.optimizer_kwargs)
+        for name in ("param_dtype", "master_dtype"):
+            value = getattr(self, name)
+            if value is not None or name == "param_dtype":
+                object.__setattr__(self, name, _dtype(name, value))
+        if self.device_kind not in DEVICE_KINDS:
+            raise ValueError(
+                f"device_kind must be one of {DEVICE_KINDS} ('cpu': no accelerator, the "
+                f"device column is host RAM), got {self.device_kind!r}"
             )
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
@@ -100,6 +131,17 @@ class EstimateConfig:
         return self.layout or ("dim0" if self.stage == 3 else "whole_tensor")
 
 
+def _dtype(field_name: str, value: Any) -> torch.dtype:
+    """A floating ``torch.dtype``, or its name (``"bfloat16"``, ``"bf16"`` ...) made one."""
+    dtype = DTYPE_NAMES.get(value) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{field_name} must be a floating torch.dtype or one of {sorted(DTYPE_NAMES)}, "
+            f"got {value!r}"
+        )
+    return dtype
+
+
 def estimate(
     model: Any, *, inputs: dict[str, torch.Tensor] | None = None, **kwargs: Any
 ) -> MemoryEstimate:
@@ -113,6 +155,12 @@ def estimate(
     cfg = EstimateConfig(**kwargs)
     module = as_meta_module(model, cfg.param_dtype)
     infos = param_infos(module, cfg.target if cfg.optimizer != "adamw" else None, cfg.param_dtype)
+    if not infos:
+        raise ValueError(
+            f"memopt.memory.estimate: {type(module).__name__} has no trainable parameters "
+            "(none, or all with requires_grad=False): there is nothing to train; pass the "
+            "module you train, or unfreeze the parameters it trains"
+        )
     meta = meta_copy(module).to(cfg.param_dtype)
     trace = trace_step(
         meta,
@@ -141,8 +189,9 @@ def assemble(
     """Combine the rules, the sharding share and the trace into a ``MemoryEstimate``."""
     state = optstate.optimizer_state(infos, cfg.optimizer, cfg.optimizer_kwargs)
     share = shard_share(
-        infos, state, cfg.stage, cfg.world_size, cfg.resolved_layout, find_units(module, cfg)
-    )
+        infos, state, cfg.stage, cfg.world_size, cfg.resolved_layout, find_units(module, cfg),
+        cfg.bucket_bytes, frozen_bytes(module, cfg.param_dtype),
+    )  # fmt: skip
     tiers = {t: dict.fromkeys(CATEGORIES, 0) for t in TIERS}
     dev = tiers["device"]
     base = {
@@ -174,7 +223,7 @@ def assemble(
     phase = _peak_phase(cfg, fwd, step, arena)
     dev.update(fwd if phase == "forward/backward" else step)
     _add_arena(cfg, tiers, arena, phase)
-    notes = share.notes + _notes(cfg)
+    notes = share.notes + _notes(cfg, trace) + _arena_note(cfg, tiers)
     return MemoryEstimate(
         breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
         config=_config_dict(cfg, trace), notes=notes,
@@ -240,8 +289,32 @@ def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
     return (total - sum(blocks) + 2 * max(blocks)) * size
 
 
-def _notes(cfg: EstimateConfig) -> list[str]:
+def _arena_note(cfg: EstimateConfig, tiers: dict[str, dict[str, int]]) -> list[str]:
+    """Swapped activations and stage 0-2 offload sit in memopt's shared pinned arena, which
+    maps (and pins, or mlocks on a CPU-only build) whole chunks: the figure is the bytes
+    requested (as the arena's ``requested_bytes``); the chunks reserved are said beside it."""
+    pinned = tiers["pinned_host"]
+    used = pinned["activations"]
+    if cfg.offload is not None and cfg.stage != 3:
+        used = sum(pinned.values())
+    if not used:
+        return []
+    chunks = -(-used // ARENA_CHUNK_BYTES)
+    return [
+        f"pinned arena: pinned_host counts the bytes requested; memopt's shared PinnedArena "
+        f"maps whole {fmt_bytes(ARENA_CHUNK_BYTES)} chunks and pins them (mlock on a CPU-only "
+        f"build), which makes them resident whole: it reserves {chunks} chunk(s) = "
+        f"{fmt_bytes(chunks * ARENA_CHUNK_BYTES)} of host RAM for them, not in the totals"
+    ]
+
+
+def _notes(cfg: EstimateConfig, trace: ActivationTrace) -> list[str]:
     notes = []
+    if cfg.activation_policy != "keep" and not trace.block_saved:
+        notes.append(
+            f"activation_policy={cfg.activation_policy!r}: the model has no repeated blocks "
+            "(an nn.ModuleList of one class), so the policy applies to nothing: figures as keep"
+        )
     if cfg.offload == "nvme" and cfg.stage != 3:
         notes.append("nvme: the disk column is the swap file; pinned host holds 3 staging buffers")
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):

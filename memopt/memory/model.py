@@ -110,6 +110,16 @@ def param_infos(
     return out
 
 
+def frozen_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the parameters that do not train (``requires_grad=False``, tied ones once):
+    weights in memory, with no gradient and no optimizer state."""
+    return sum(
+        p.numel() * (dtype.itemsize if dtype is not None else p.element_size())
+        for p in model.parameters()  # each tied parameter once
+        if not p.requires_grad
+    )
+
+
 def buffer_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of the module's buffers (rotary tables, running statistics ...)."""
     total = 0

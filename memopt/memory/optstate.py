@@ -18,6 +18,11 @@ as dim 0 x the rest), moments in ``state_dtype`` (None: the parameter's dtype):
 - 8-/4-bit moments (``state_dtype="int8"/"int4"``), for moment tensors of >= 4096 elements:
   one byte (half a byte) per element plus an fp32 absmax per 256 (128) elements; smaller
   tensors stay fp32.
+
+``check_kwargs`` validates the options the rules read (``KWARGS``), as the optimizers'
+``add_param_group`` does (``memopt.optim._groups``): an unknown key (a typo such as
+``rnak``) or value is a ``ValueError`` listing the supported ones, never ignored. The value
+lists restate the optimizers' (``tests/memory/test_estimate_inputs.py`` pins them equal).
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ from memopt.memory.model import ParamInfo
 MIN_LOWBIT_NUMEL = 4096
 LOWBIT_BLOCK = {"int8": 256, "int4": 128}
 DENSE_PROJ = ("svd", "gram", "rsvd", "randomized_svd")
+#: What the optimizers accept (memopt.optim._groups.STATE_DTYPES, projection.PROJ_TYPES and
+#: PROJECTORS' names): restated here because layer 2 may not import memopt.optim.
+STATE_DTYPES = (None, "float32", "int8", "int4")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJ_NAMES = ("columns", "coordinate", "gram", "orthogonal", "random", "randperm", "rsvd",
+              "subspace", "svd")  # fmt: skip
+_LOW_RANK_KEYS = ("state_dtype", "rank", "density", "proj", "proj_type")
+#: The ``optimizer_kwargs`` each rule reads (the options that change memory).
+KWARGS: dict[str, tuple[str, ...]] = {
+    "adamw": ("state_dtype",),
+    "galore": _LOW_RANK_KEYS,
+    "natural_galore": (*_LOW_RANK_KEYS, "natural_history"),
+    "apollo": _LOW_RANK_KEYS,
+    "apollo_mini": _LOW_RANK_KEYS,
+    "frugal": _LOW_RANK_KEYS,
+}
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,52 @@ def _frugal_block(params: Sequence[ParamInfo], kw: Mapping[str, Any]) -> StateEs
     return StateEstimate(sum(per.values()), 0, per)
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_kwargs(optimizer: str, kwargs: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the option and its allowed values for anything the rules of
+    ``optimizer`` would not read as the optimizer does (see the module docstring)."""
+    owner = f"optimizer_kwargs of {optimizer!r}"
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{owner} must be a mapping, got {type(kwargs).__name__}")
+    allowed = KWARGS[optimizer]
+    unknown = sorted(set(kwargs) - set(allowed), key=str)
+    if unknown:
+        hint = " (adamw keeps full state: no rank or density)" if optimizer == "adamw" else ""
+        raise ValueError(
+            f"{owner}: unknown option(s) {unknown}; supported: {sorted(allowed)}, the options "
+            f"that change memory{hint}"
+        )
+    bad = _bad_value(optimizer, kwargs)
+    if bad:
+        raise ValueError(f"{owner}: {bad}")
+
+
+def _bad_value(optimizer: str, kw: Mapping[str, Any]) -> str | None:
+    if kw.get("state_dtype") not in STATE_DTYPES:
+        return (
+            "state_dtype must be None (the parameter's dtype), 'float32', 'int8' or 'int4', "
+            f"got {kw['state_dtype']!r}"
+        )
+    if "rank" in kw and not _positive_int(kw["rank"]):
+        return f"rank must be a positive integer, got {kw['rank']!r}"
+    density = kw.get("density")
+    if density is not None and not (
+        isinstance(density, (int, float)) and not isinstance(density, bool) and 0 <= density <= 1
+    ):
+        return f"density must be a number in [0, 1], got {density!r}"
+    if kw.get("proj_type", "std") not in PROJ_TYPES:
+        return f"proj_type must be one of {PROJ_TYPES}, got {kw['proj_type']!r}"
+    names = (*PROJ_NAMES, "block") if optimizer == "frugal" else PROJ_NAMES
+    if kw.get("proj", "svd") not in names:
+        return f"proj must be one of {names}, got {kw['proj']!r}"
+    if "natural_history" in kw and not _positive_int(kw["natural_history"]):
+        return f"natural_history must be a positive integer, got {kw['natural_history']!r}"
+    return None
+
+
 def optimizer_state(
     params: Sequence[ParamInfo], optimizer: str, kwargs: Mapping[str, Any] | None = None
 ) -> StateEstimate:
@@ -175,6 +242,7 @@ def optimizer_state(
         raise ValueError(
             f"memopt.memory: unknown optimizer {optimizer!r}; choose one of {sorted(RULES)}"
         )
+    check_kwargs(optimizer, kwargs or {})
     rule, defaults = RULES[optimizer]
     kw = {**defaults, **(kwargs or {})}
     if "density" in (kwargs or {}) and optimizer != "frugal":

@@ -5,7 +5,9 @@ parameter is owned by one rank, owners chosen greedily (heaviest state first ont
 loaded rank, ties to the lowest), so the worst rank carries at most one parameter more than
 1/W; with ``dim0`` a full-state parameter whose rows cover every rank is row-sharded
 (``ceil(rows / W)`` rows on rank 0, the largest share) and low-rank ones stay whole. The
-figures are for the most loaded rank.
+figures are for the most loaded rank. Frozen parameters (``frozen_bytes``: no gradient, no
+state) are whole on every rank at stages 0-2 and row-sharded with the rest at stage 3 (FSDP2
+shards every parameter of a unit).
 """
 
 from __future__ import annotations
@@ -73,13 +75,14 @@ def shard_share(
     layout: str,
     unit_bytes: int,  # stage 3: parameter bytes unsharded at once
     bucket_bytes: int = 25 * 2**20,
+    frozen_bytes: int = 0,
 ) -> ShardShare:
     """The most loaded rank's share (see the module docstring)."""
     p_bytes = sum(p.nbytes for p in infos)
     total_numel = sum(p.numel for p in infos)
     cache_ratio = state.cache / max(1, state.total)
     if stage == 0 or world == 1:
-        return ShardShare(p_bytes, p_bytes, state.memory, total_numel)
+        return ShardShare(p_bytes + frozen_bytes, p_bytes, state.memory, total_numel)
     s, n, nb = _owned(infos, state, world, layout)
     s_mem = int(s * (1 + cache_ratio))
     buckets = min(bucket_bytes, p_bytes)
@@ -91,6 +94,9 @@ def shard_share(
         elif stage == 2:  # gradients move into the buckets during backward: no extra copy
             buckets = 0
             notes.append("stage 2 whole_tensor: gradients stay in their buckets until the step")
-        return ShardShare(p_bytes, grads, s_mem, int(n), buckets=buckets, notes=notes)
-    gathered = min(unit_bytes, p_bytes)
-    return ShardShare(int(nb), int(nb), s_mem, int(n), gathered=gathered)
+        return ShardShare(
+            p_bytes + frozen_bytes, grads, s_mem, int(n), buckets=buckets, notes=notes
+        )
+    gathered = min(unit_bytes, p_bytes + frozen_bytes)
+    params = int(nb) + -(-frozen_bytes // world)
+    return ShardShare(params, int(nb), s_mem, int(n), gathered=gathered)

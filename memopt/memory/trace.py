@@ -16,11 +16,22 @@ Attention: on meta, ``scaled_dot_product_attention`` would pick its math path, w
 the full attention matrix; real CPU and GPU runs pick a fused kernel that saves only q, k, v,
 the output and the log-sum-exp. The trace therefore routes meta SDPA calls (no dropout) to the
 fused CPU kernel's meta implementation (``fused_attention=True``), whose saved set is that of
-the real run (on GPU the flash / memory-efficient kernels save the same tensors).
+the real run (on GPU the flash / memory-efficient kernels save the same tensors). Calls
+whose ``attn_mask`` requires grad (T5's learned position bias) stay on the original path:
+the fused kernel cannot differentiate the mask, and a real CPU run takes the math path for
+them too. ``enable_gqa`` calls are routed too: the fused CPU kernel takes grouped K/V as
+they are, as it does in a real run.
 
-``recompute`` wraps every block in non-reentrant ``torch.utils.checkpoint`` for the trace (on
-the meta copy only), so its figure is the real recompute schedule: block inputs plus one
-block's activations at a time during backward.
+``recompute`` wraps every block in non-reentrant ``torch.utils.checkpoint`` for the trace
+(removed again afterwards), so its figure is the real recompute schedule: block inputs plus
+one block's activations at a time during backward. As ``memopt.activations``' recompute and
+HF's gradient checkpointing do, a checkpointed block gets no KV cache (``past_key_values``
+and the like set to None, ``use_cache=False``): the backward's replay would append to it a
+second time.
+
+Transformers' mask helpers read values (packed-sequence detection, "is this padding mask all
+ones"), which meta tensors do not have: ``hf_masks.meta_mask_values`` answers them for the
+trace (see there).
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from memopt.memory.hf_masks import meta_mask_values
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,13 @@ def fused_attention() -> Iterator[None]:
     def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> Tensor:  # fmt: skip
-        if q.device.type == "meta" and dropout_p == 0.0:
+        mask_grad = attn_mask is not None and attn_mask.requires_grad
+        if q.device.type == "meta" and dropout_p == 0.0 and not mask_grad:
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                # as SDPA does before its fused kernels (convert_boolean_attn_mask): a new
+                # additive mask in q's dtype, per call, which the kernel saves
+                zero = torch.scalar_tensor(0.0, dtype=q.dtype, device=attn_mask.device)
+                attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), zero)
             out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale
             )
@@ -142,14 +161,41 @@ def fused_attention() -> Iterator[None]:
         F.scaled_dot_product_attention = orig
 
 
-def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
+_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
+
+
+def _no_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A checkpointed block's keywords without a KV cache (as memopt's recompute passes them)."""
+    kwargs = {**kwargs, **{k: None for k in _CACHE_KWARGS if kwargs.get(k) is not None}}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+@contextlib.contextmanager
+def _checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
+    """Every block under non-reentrant checkpoint, without a KV cache, for the ``with``."""
     from torch.utils.checkpoint import checkpoint
 
+    def wrap(fwd: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(
+                fwd, *args, use_reentrant=False, preserve_rng_state=False, **_no_cache(kwargs)
+            )
+
+        return run
+
+    before = [b.__dict__.get("forward") for b in blocks]  # an instance forward (hooks) or None
     for b in blocks:
-        fwd = b.forward
-        b.forward = functools.partial(
-            checkpoint, fwd, use_reentrant=False, preserve_rng_state=False
-        )
+        b.forward = wrap(b.forward)
+    try:
+        yield
+    finally:
+        for b, fwd in zip(blocks, before, strict=True):
+            if fwd is None:
+                del b.forward  # the class's forward again
+            else:
+                b.forward = fwd
 
 
 def _loss(out: Any) -> Tensor:
@@ -173,8 +219,6 @@ def trace_step(
     skip = {p.untyped_storage()._cdata for p in params}
     skip |= {b.untyped_storage()._cdata for b in model.buffers()}
     blocks = find_blocks(model)
-    if recompute:
-        _checkpoint_blocks(blocks)
     saved: dict[int, int] = {}
     per_block = [0] * len(blocks)
     where = {"block": -1, "input": 0}
@@ -200,12 +244,16 @@ def trace_step(
         for i, b in enumerate(blocks)
     ]
     handles += [b.register_forward_hook(lambda *a: where.update(block=-1)) for b in blocks]
-    handles += [
-        p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad")) for p in params
+    handles += [  # frozen parameters get no gradient (and take no hook)
+        p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad"))
+        for p in params
+        if p.requires_grad
     ]
     try:
         attn = fused_attention() if attention else contextlib.nullcontext()
-        with attn, live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ckpt = _checkpointed(blocks) if recompute else contextlib.nullcontext()
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with attn, ckpt, meta_mask_values(), live, hooks:
             for t in inputs.values():
                 live.add(t, "act")
             loss = _loss(model(**inputs))

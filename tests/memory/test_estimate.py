@@ -174,3 +174,104 @@ def test_bad_config_is_a_value_error(kwargs, match) -> None:
 def test_bad_model_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="nn.Module or a transformers config"):
         estimate("llama")
+
+
+def _frozen_llama(frozen: str) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        m = LlamaForCausalLM(tiny_config())
+    for name, p in m.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+    return m
+
+
+def test_frozen_parameters_are_weights_without_gradients_or_state() -> None:
+    """A frozen embedding (or a LoRA-style frozen base) is in memory as weights, with no
+    gradient and no optimizer state (the estimate raised on any frozen parameter)."""
+    m = _frozen_llama("model.embed_tokens")
+    total = sum(p.numel() * 4 for p in m.parameters())
+    trainable = sum(p.numel() * 4 for p in m.parameters() if p.requires_grad)
+    assert 0 < trainable < total
+    est = estimate(m, stage=1, world_size=1, batch_size=1, seq_len=8)  # small: the step peaks
+    dev = est.breakdown["device"]
+    assert est.phase == "optimizer step"
+    assert dev["parameters"] == total
+    assert dev["gradients"] == trainable and dev["optimizer_state"] == 2 * trainable
+    # stage 3 row-shards the frozen weights with the rest (FSDP2 shards every parameter)
+    z3 = estimate(m, stage=3, world_size=2, batch_size=1, seq_len=8)
+    assert z3.breakdown["device"]["parameters"] == pytest.approx(total / 2, rel=0.02)
+    # all frozen but the head: the units gathered at stage 3 are still whole (frozen) blocks
+    from memopt.memory.estimate import EstimateConfig, find_units
+    from memopt.memory.sharding import shard_share
+
+    lora = _frozen_llama("model")
+    z3l = estimate(lora, stage=3, world_size=2, batch_size=1, seq_len=8)
+    assert z3l.breakdown["device"]["parameters"] == pytest.approx(total / 2, rel=0.02)
+    infos = param_infos(lora)
+    units = find_units(lora, EstimateConfig(stage=3))
+    share = shard_share(infos, optimizer_state(infos, "adamw"), 3, 2, "dim0", units,
+                        frozen_bytes=total - sum(p.nbytes for p in infos))  # fmt: skip
+    assert share.gathered == units > sum(p.nbytes for p in infos)
+
+
+@pytest.mark.parametrize("model", ["frozen", "no_params"])
+def test_nothing_to_train_is_a_value_error(model) -> None:
+    module = (
+        _frozen_llama("")  # every name starts with "": all frozen
+        if model == "frozen"
+        else torch.nn.Sequential(torch.nn.ReLU())
+    )
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        estimate(module, batch_size=1, seq_len=8)
+
+
+def test_swap_and_offload_name_the_pinned_arena_chunks(base) -> None:
+    """The pinned tier counts the bytes requested; the shared arena maps and pins whole
+    256 MiB chunks (what a measured run's RSS shows): the notes say how many."""
+    from memopt.memory.estimate import ARENA_CHUNK_BYTES
+    from memopt.offload import ArenaConfig
+
+    assert ARENA_CHUNK_BYTES == ArenaConfig().chunk_bytes  # default_arena's chunks
+    swap = estimate(CFG, activation_policy="swap", **KW)
+    assert 0 < swap.peak["pinned_host"] < ARENA_CHUNK_BYTES
+    note = [n for n in swap.notes if n.startswith("pinned arena")]
+    assert len(note) == 1 and "1 chunk(s) = 256.00 MiB" in note[0]
+    cpu = estimate(CFG, stage=1, offload="cpu", **KW)
+    assert any(n.startswith("pinned arena") for n in cpu.notes)
+    assert not any(n.startswith("pinned arena") for n in base.notes)
+
+
+def test_policy_without_blocks_says_so() -> None:
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = {"input": torch.empty(4, 16, device="meta")}
+    rec = estimate(mlp, inputs=x, activation_policy="recompute")
+    assert any("no repeated blocks" in n for n in rec.notes)
+    assert rec.peak == estimate(mlp, inputs=x).peak
+
+
+def test_bucket_bytes_reaches_the_estimate() -> None:
+    """stage 1 packs gradients into buckets of ``bucket_bytes`` (it was ignored)."""
+    kw = {"stage": 1, "world_size": 2, "batch_size": 1, "seq_len": 8}
+    small = estimate(CFG, bucket_bytes=2**16, **kw).breakdown["device"]["temporaries"]
+    large = estimate(CFG, bucket_bytes=2**20, **kw).breakdown["device"]["temporaries"]
+    assert large - small == 2**20 - 2**16
+
+
+def test_recompute_estimate_from_a_config_without_cache() -> None:
+    """memopt.config.estimate traces as memopt run trains (use_cache off, no .item() error);
+    AdamW gets no rank/proj (as memopt.config.build), which the estimator would refuse."""
+    from memopt import Config
+    from memopt.config.estimate import estimate as config_estimate
+    from memopt.config.estimate import estimate_kwargs
+
+    cfg = Config.from_dict({
+        "optimizer": {"name": "adamw", "rank": 64, "proj": "svd"},
+        "model": {"preset": "llama-tiny"},
+        "activations": {"policy": "recompute"},
+        "train": {"batch_size": 2, "seq_len": 64},
+    })  # fmt: skip
+    assert estimate_kwargs(cfg)["optimizer_kwargs"] == {}
+    rec = config_estimate(cfg).breakdown["device"]["activations"]
+    keep = config_estimate(Config.from_dict({**cfg.to_dict(), "activations": {}}))
+    assert rec < 0.5 * keep.breakdown["device"]["activations"]

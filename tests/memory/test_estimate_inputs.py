@@ -1,0 +1,84 @@
+"""``estimate`` input validation: every bad field is a ValueError naming it and the allowed
+values (never silently ignored), and the value lists equal the optimizers' own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import memopt.optim as mo
+from memopt.memory import estimate, optstate
+from memopt.memory.estimate import EstimateConfig
+from memopt.optim import _groups, projection
+from tests.memory.conftest import tiny_config
+
+CFG = tiny_config()
+KW = {"batch_size": 1, "seq_len": 8}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs", "match"),
+    [
+        ("adamw", {"state_dtype": "int3"}, r"state_dtype must be None .*'int4', got 'int3'"),
+        ("galore", {"rnak": 8}, r"unknown option\(s\) \['rnak'\]; supported: .*'rank'"),
+        ("adamw", {"rank": 8}, r"unknown option\(s\) \['rank'\].*adamw keeps full state"),
+        ("galore", {"rank": 0}, "rank must be a positive integer, got 0"),
+        ("galore", {"rank": True}, "rank must be a positive integer, got True"),
+        ("frugal", {"density": 1.5}, r"density must be a number in \[0, 1\], got 1.5"),
+        ("galore", {"proj_type": "sideways"}, "proj_type must be one of .*'std'"),
+        ("apollo", {"proj": "fft"}, "proj must be one of .*'random'"),
+        ("galore", {"proj": "block"}, "proj must be one of"),  # FRUGAL's mode only
+        ("natural_galore", {"rank": 8, "natural_history": 0}, "natural_history must be a pos"),
+    ],
+)
+def test_bad_optimizer_kwargs_are_value_errors(optimizer, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=f"optimizer_kwargs of '{optimizer}': {match}"):
+        EstimateConfig(optimizer=optimizer, optimizer_kwargs=kwargs)
+    with pytest.raises(ValueError, match=match):  # the rules' own entry point too
+        optstate.optimizer_state([], optimizer, kwargs)
+
+
+def test_good_optimizer_kwargs_are_accepted() -> None:
+    for state_dtype in optstate.STATE_DTYPES:
+        EstimateConfig(optimizer_kwargs={"state_dtype": state_dtype})
+    EstimateConfig(optimizer="frugal", optimizer_kwargs={"density": 0.5, "proj": "block"})
+    EstimateConfig(optimizer="natural_galore", optimizer_kwargs={"rank": 4, "natural_history": 2})
+    kw: dict[str, Any] = {"rank": 4, "proj": "rsvd", "proj_type": "left", "state_dtype": "int8"}
+    EstimateConfig(optimizer="galore", optimizer_kwargs=kw)
+
+
+def test_estimator_value_lists_are_the_optimizers() -> None:
+    """Layer 2 restates the optimizers' lists (it may not import memopt.optim): pinned here."""
+    assert optstate.STATE_DTYPES == _groups.STATE_DTYPES
+    assert optstate.PROJ_TYPES == projection.PROJ_TYPES
+    assert set(optstate.PROJ_NAMES) == set(mo.PROJECTORS.names())
+    classes = {
+        "adamw": mo.AdamW, "galore": mo.GaLoreAdamW, "natural_galore": mo.NaturalGaLoreAdamW,
+        "apollo": mo.ApolloAdamW, "apollo_mini": mo.ApolloMini, "frugal": mo.FrugalAdamW,
+    }  # fmt: skip
+    assert set(classes) == set(optstate.RULES) == set(optstate.KWARGS)
+    for name, cls in classes.items():
+        accepted = set(cls.base_defaults) | set(cls.low_rank_defaults)
+        if name != "adamw":
+            accepted |= {"rank", "density"}  # MemoptOptimizer.add_param_group
+        assert set(optstate.KWARGS[name]) <= accepted, name
+
+
+def test_device_kind_must_be_known() -> None:
+    with pytest.raises(ValueError, match=r"device_kind must be one of \('cpu', 'cuda'\).*'tpu'"):
+        estimate(CFG, device_kind="tpu", **KW)
+
+
+def test_param_dtype_by_name() -> None:
+    by_dtype = estimate(CFG, param_dtype=torch.bfloat16, **KW)
+    for name in ("bfloat16", "bf16"):
+        est = estimate(CFG, param_dtype=name, **KW)
+        assert est.peak == by_dtype.peak and est.config["param_dtype"] == "bfloat16"
+    cfg = EstimateConfig(param_dtype="bf16", master_dtype="fp32")
+    assert (cfg.param_dtype, cfg.master_dtype) == (torch.bfloat16, torch.float32)
+    for field, bad in (("param_dtype", "int3"), ("param_dtype", torch.int64),
+                       ("master_dtype", "double precision")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{field} must be a floating torch.dtype or one of"):
+            EstimateConfig(**{field: bad})
