@@ -135,7 +135,7 @@ def test_rejects_non_orthonormal_projector():
 
 
 @pytest.mark.parametrize(
-    "size", [{"density": 1.0}, {"rank": 8}, {"rank": 32}, {"density": 1.0, "proj_type": "left"}]
+    "size", [{"density": 1.0}, {"rank": 8}, {"rank": 32}, {"density": 1.0, "proj_type": "right"}]
 )
 @pytest.mark.parametrize("proj", ["svd", "orthogonal", "columns", "coordinate"])
 def test_whole_space_subspace_has_no_residual_step(size, proj):

@@ -103,7 +103,12 @@ def test_linear_map() -> None:
 
 def test_state_codes_cached_per_device() -> None:
     assert state_code("int8", True) is state_code("int8", True, torch.device("cpu"))
-    assert torch.equal(state_code("int8", False), dynamic_map(False, 8))
+    # 8-bit second moment: the dynamic code with 10^-8 for its all-zero pattern, no zero
+    u8 = state_code("int8", False)
+    assert torch.equal(u8, dynamic_map(False, 8, zero=False))
+    assert torch.equal(u8[1:], dynamic_map(False, 8)[1:])
+    assert float(u8[0]) == torch.tensor(1e-8).item()
+    assert bool((u8 > 0).all())
     assert torch.equal(state_code("int4", True), dynamic_map(True, 4))
     # 4-bit second moment: linear without zero (torchao / Li et al. 2023).
     assert torch.equal(state_code("int4", False), linear_map(False, 4, zero=False))

@@ -1,7 +1,7 @@
 """int8 block quantization on the CPU through the native library (``quant``'s fast path).
 
 For 8 bits, 256-element blocks, contiguous CPU tensors and one of the int8 state codes
-(``dynamic_map(signed, 8)``, by value), ``quantize_blockwise`` and ``dequantize_blockwise``
+(``state_code("int8", signed)``, by value), ``quantize_blockwise`` and ``dequantize_blockwise``
 call the C++ block routines of ``memopt.offload.cpu_lowbit`` (the ones the native int8 AdamW
 uses) when the library is loaded and ``MEMOPT_KERNELS`` is ``auto``;
 ``MEMOPT_KERNELS=torch`` (or ``triton``) keeps the torch code of ``quant``. The native
@@ -50,9 +50,9 @@ def _signedness(code: Tensor) -> bool | None:
     if entry is not None and entry[0]() is code and entry[1] == code._version:
         return entry[2]
     if not _REFERENCE_CODES:  # private copies: the shared state codes could be edited
-        from memopt.optim.lowbit.quant import dynamic_map  # lazy: quant imports this module
+        from memopt.optim.lowbit.quant import state_code  # lazy: quant imports this module
 
-        _REFERENCE_CODES.update({s: dynamic_map(s, 8) for s in (True, False)})
+        _REFERENCE_CODES.update({s: state_code("int8", s).clone() for s in (True, False)})
     found = next((s for s, ref in _REFERENCE_CODES.items() if torch.equal(code, ref)), None)
 
     def forget(_ref: weakref.ref[Tensor]) -> None:
