@@ -149,6 +149,12 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     manager, the_plan = _activations(model, config, sample_batch)
     opt: torch.optim.Optimizer = build.build_optimizer(model, config.optimizer)
     hooks = None
+    if config.optimizer.in_backward and world > 1:
+        raise ValueError(
+            "optimizer.in_backward: each rank would update its parameters from its local "
+            "gradient during backward, before DDP's all-reduce, and the ranks would drift "
+            "apart; use it on one process (or turn it off for multi-rank runs)"
+        )
     if config.optimizer.in_backward:
         from memopt.optim import step_in_backward
 

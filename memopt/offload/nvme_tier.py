@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from memopt.offload.io_backend import IOBackend, IOOp
 from memopt.offload.native_aio import make_backend
 from memopt.offload.nvme_file import (
     NVMeConfig,
+    SwapFile,
     grow_swap_file,
     open_swap_file,
     release_swap_file,
@@ -87,6 +89,9 @@ class NVMeTier(StorageTier):
         self.config = config
         self.arena = arena or default_arena()
         self.file = open_swap_file(config)
+        # A tier dropped without close() (or alive at interpreter exit) still removes its
+        # preallocated file: scratch space must not outlive the process.
+        self._finalizer = weakref.finalize(self, _discard, self.file, config.keep_file)
         self.backend = backend or make_backend(
             config.queue_depth, config.block_size, direct=self.file.direct
         )
@@ -283,6 +288,7 @@ class NVMeTier(StorageTier):
 
     def close(self) -> None:
         if self.file.fd < 0:
+            self._finalizer.detach()
             return
         try:
             self.flush()
@@ -293,3 +299,17 @@ class NVMeTier(StorageTier):
             if not self.config.keep_file:
                 self.file.path.unlink(missing_ok=True)
             release_swap_file(self.file)
+            self._finalizer.detach()
+
+
+def _discard(swap: SwapFile, keep: bool) -> None:
+    """The finalizer of a tier never closed: close its file and remove it (unless kept)."""
+    if swap.fd >= 0:
+        try:
+            os.close(swap.fd)
+        except OSError:
+            pass
+        swap.fd = -1
+    if not keep:
+        swap.path.unlink(missing_ok=True)
+    release_swap_file(swap)

@@ -58,6 +58,8 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     #: Whether ``load_state_dict`` checks the saved state's shapes against the parameters
     #: (a wrapper that swaps in shards or placeholders turns it off; see WrapperOptimizer).
     check_loaded_shapes: bool = True
+    #: Set while a ``step_in_backward`` handle drives this optimizer (memopt.shard refuses it).
+    _memopt_in_backward: bool = False
     #: Which group key names the projector kind.
     proj_key: ClassVar[str] = "proj"
     #: Selection modes that this optimizer handles itself instead of a registered projector.

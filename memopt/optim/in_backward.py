@@ -76,6 +76,7 @@ class StepInBackward:
         self._callback_queued = False
         self._stepped: set[int] = set()  # parameters updated in this backward
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        optimizer._memopt_in_backward = True  # memopt.shard refuses it (see there)
 
     # -- hooks ---------------------------------------------------------------------
     def _is_last_micro_batch(self) -> bool:
@@ -129,6 +130,7 @@ class StepInBackward:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.optimizer._memopt_in_backward = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"micro_step": self.micro_step, "steps": self.steps, "prev_norm": self.prev_norm}

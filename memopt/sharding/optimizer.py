@@ -298,6 +298,13 @@ class ShardedOptimizer(WrapperOptimizer):
             h.remove()
         self._hooks = []
 
+    def close(self) -> None:
+        """Free the inner optimizer's tiers (an offloaded optimizer's NVMe file, its pinned
+        buffers); the optimizer is not usable afterwards."""
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
+
     def __repr__(self) -> str:
         c = self.config
         return (

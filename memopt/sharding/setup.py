@@ -37,6 +37,13 @@ def apply_sharding(
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group`` (stage 3: shard the
     model with FSDP2 and return an ``FSDPOptimizer``); see memopt.shard."""
+    if getattr(optimizer, "_memopt_in_backward", False):
+        raise ValueError(
+            "memopt.shard: this optimizer runs inside the backward (memopt.optim."
+            "step_in_backward), where each parameter is updated from the local gradient before "
+            "any reduction across ranks, and the sharded optimizer's tiers and shards are never "
+            "used; remove() the step_in_backward handle first, or train without sharding"
+        )
     if fsdp is not None and config.stage != 3:
         raise ValueError(
             f"memopt.shard: fsdp= options apply to stage 3 only, got stage {config.stage}"

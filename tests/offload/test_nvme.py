@@ -311,3 +311,43 @@ def test_read_during_write_sees_the_committed_content(
     tier.read_async(h, out).wait()
     assert torch.all(out == 2.0)
     tier.close()
+
+
+def test_tier_dropped_without_close_removes_its_file(tmp_path: Path, arena: PinnedArena) -> None:
+    """The swap file is preallocated scratch space: a tier garbage-collected without close()
+    (the docs' examples never call it) removes it, and frees its name for the next tier."""
+    import gc
+
+    t = NVMeTier(_config(tmp_path), arena=arena)
+    h = t.allocate(4096)
+    wait_all([t.write_async(h, torch.arange(1024, dtype=torch.float32))])
+    path = t.file.path
+    assert path.exists()
+    del t, h
+    gc.collect()
+    assert not path.exists()
+    again = NVMeTier(_config(tmp_path), arena=arena)  # the same name is free again
+    assert again.file.path == path
+    again.close()
+    assert not path.exists()
+    kept = NVMeTier(_config(tmp_path, keep_file=True), arena=arena)
+    kept_path = kept.file.path
+    del kept
+    gc.collect()
+    assert kept_path.exists()  # keep_file=True: left for the user
+
+
+def test_sharded_optimizer_close_removes_the_state_file(tmp_path: Path) -> None:
+    import memopt
+    from memopt.offload import OffloadConfig
+
+    model = torch.nn.Linear(64, 64)
+    model, opt = memopt.shard(
+        model, torch.optim.AdamW(model.parameters()), stage=2,
+        offload=OffloadConfig("nvme", nvme_path=str(tmp_path)),
+    )  # fmt: skip
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    assert any(p.suffix == ".swap" for p in tmp_path.iterdir())
+    opt.close()
+    assert not any(p.suffix == ".swap" for p in tmp_path.iterdir())

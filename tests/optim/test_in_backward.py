@@ -179,3 +179,17 @@ def test_module_used_twice_under_reentrant_checkpoint_is_an_error() -> None:
         x = x + checkpoint(block, x, use_reentrant=True)
     with pytest.raises(RuntimeError, match="reentrant"):
         head(x).square().mean().backward()
+
+
+def test_sharding_an_optimizer_stepped_in_backward_is_refused() -> None:
+    """Each update would use the local gradient before any reduction, and an offload tier
+    would never be used: memopt.shard refuses it (until the handle is removed)."""
+    import memopt
+
+    model = torch.nn.Linear(8, 8)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    handle = step_in_backward(model, opt)
+    with pytest.raises(ValueError, match="step_in_backward"):
+        memopt.shard(model, opt, stage=1, offload="cpu")
+    handle.remove()
+    memopt.shard(model, opt, stage=1)  # fine once the hooks are gone
