@@ -43,8 +43,13 @@ class NumaTier(PinnedCPUTier):
     name = "numa"
 
     def __init__(self, placement: Placement | int, config: ArenaConfig | None = None) -> None:
-        if isinstance(placement, int):
+        if isinstance(placement, int) and not isinstance(placement, bool):
             placement = Placement("bind", (placement,))
+        elif not isinstance(placement, Placement):
+            raise TypeError(
+                f"NumaTier: placement must be a NUMA node id (int) or a Placement, got "
+                f"{placement!r} ({type(placement).__name__})"
+            )
         self.placement = placement
         cfg = config or ArenaConfig(pin="off", chunk_bytes=64 << 20)
         arena = PinnedArena(cfg, prepare=lambda ptr, n: apply_placement(ptr, n, placement))

@@ -144,7 +144,16 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     eps=group["eps"], weight_decay=group["weight_decay"],
                 )  # fmt: skip
                 items.append(StepItem(p, p.grad, p, hyper))
-        self.store.step(items)
+        try:
+            self.store.step(items)
+        except OSError as e:  # ENOSPC / EIO mid-pipeline: some parameters were updated
+            e.add_note(
+                "OffloadedAdamW.step did not complete: some parameters may hold this step's "
+                "values while their state on the tier does not, and the step counters have "
+                "advanced. Do not retry the step: reload model and optimizer from the last "
+                "checkpoint once the tier has room"
+            )
+            raise
         return loss
 
     def state_dict(self) -> dict[str, Any]:

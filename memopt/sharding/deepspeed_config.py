@@ -107,6 +107,12 @@ _OFFLOAD_KEYS = {
     "offload_param": ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu",
                       "pin_memory"),
 }  # fmt: skip
+#: Offload tuning knobs with no counterpart in memopt (its pipeline sizes itself): warned.
+_OFFLOAD_TUNING = {
+    "offload_optimizer": ("buffer_count", "pipeline_read", "pipeline_write", "fast_init",
+                          "pipeline", "super_offload", "cpuadam_cores_perc"),
+    "offload_param": ("buffer_count", "buffer_size", "max_in_cpu", "pin_memory"),
+}  # fmt: skip
 _READ_TOP = ("zero_optimization", "bf16", "fp16")
 
 _warned: set[str] = set()
@@ -329,7 +335,18 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
                 f"memopt.shard: zero_optimization.{key}.device must be none, cpu or nvme, "
                 f"got {device!r}"
             )
-        pin_memory = bool(sub.get("pin_memory", True if pin is None else pin))
+        for knob in sorted(k for k in sub if k in _OFFLOAD_TUNING[key]):
+            _warn(
+                f"{key}.{knob}",
+                f"zero_optimization.{key}.{knob} has no effect in memopt (its offload pipeline "
+                "and buffers are sized from the tensors; docs/shard.md)",
+            )
+        pin_memory = sub.get("pin_memory", True if pin is None else pin)
+        if not isinstance(pin_memory, bool):
+            raise ValueError(
+                f"memopt.shard: zero_optimization.{key}.pin_memory must be true or false, got "
+                f"{pin_memory!r}"
+            )
         path = sub.get("nvme_path")
         out.append(Offload(device, pin_memory, None if path is None else str(path),  # type: ignore[arg-type]
                            float(sub.get("ratio", 1.0))))  # fmt: skip

@@ -50,6 +50,9 @@ def test_missing_node_lists_the_real_ones() -> None:
         NumaTier(63)
     with pytest.raises(ValueError, match="do not exist"):
         PlacementPolicy(local_node=0, far_nodes=(63,))
+    for bad in ("0", 0.0, None, True):  # at construction, not at the first allocate
+        with pytest.raises(TypeError, match="NUMA node id"):
+            NumaTier(bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

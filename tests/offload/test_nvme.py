@@ -351,3 +351,36 @@ def test_sharded_optimizer_close_removes_the_state_file(tmp_path: Path) -> None:
     assert any(p.suffix == ".swap" for p in tmp_path.iterdir())
     opt.close()
     assert not any(p.suffix == ".swap" for p in tmp_path.iterdir())
+
+
+def test_failed_offloaded_step_says_not_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC in the middle of an offloaded step: the error says the step did not complete
+    and the run must be reloaded from a checkpoint (some parameters were already written)."""
+    from memopt.offload import OffloadConfig, OffloadedAdamW
+
+    monkeypatch.setenv("MEMOPT_AIO", "threads")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    nvme = NVMeConfig(directory=tmp_path, block_size=4096)
+    opt = OffloadedAdamW(model.parameters(), lr=1e-2,
+                         offload=OffloadConfig("nvme", nvme=nvme, bucket_bytes=8192))  # fmt: skip
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    real, calls = io_backend._pwrite, [0]
+
+    def enospc(fd: int, buf: memoryview, off: int) -> int:
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(io_backend, "_pwrite", enospc)
+    model(torch.randn(4, 64)).square().mean().backward()
+    with pytest.raises(OSError) as info:
+        opt.step()
+    assert info.value.errno == errno.ENOSPC
+    assert any("Do not retry" in n for n in getattr(info.value, "__notes__", []))
+    monkeypatch.setattr(io_backend, "_pwrite", real)
+    opt.close()

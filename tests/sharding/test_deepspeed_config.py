@@ -187,3 +187,14 @@ def test_memopt_shard_takes_a_deepspeed_config() -> None:
     opt = T.make_optimizer("adamw", model)
     with pytest.raises(ValueError, match="contradict"):
         memopt.shard(model, opt, stage=1, deepspeed_config={"stage": 2})
+
+
+def test_offload_tuning_knobs_warn_and_pin_memory_is_checked() -> None:
+    """Offload sub-keys with no memopt counterpart warn (as top-level knobs do) instead of
+    vanishing; pin_memory must be a boolean (the string "false" used to mean True)."""
+    block = {"stage": 2, "offload_optimizer": {"device": "cpu", "buffer_count": 4}}
+    with pytest.warns(DeepSpeedConfigWarning, match="buffer_count has no effect"):
+        read_deepspeed(block)
+    bad = {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": "false"}}
+    with pytest.raises(ValueError, match="pin_memory must be true or false"):
+        read_deepspeed(bad)
