@@ -147,13 +147,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
         try:
             self.store.step(items)
         except OSError as e:  # ENOSPC / EIO mid-pipeline: some parameters were updated
-            e.add_note(
-                "OffloadedAdamW.step did not complete: some parameters may hold this step's "
-                "values while their state on the tier does not, and the step counters have "
-                "advanced. Do not retry the step: reload model and optimizer from the last "
-                "checkpoint once the tier has room"
-            )
-            raise
+            raise OSError(
+                e.errno,
+                f"{e}; OffloadedAdamW.step did not complete: some parameters may hold this "
+                "step's values while their state on the tier does not, and the step counters "
+                "have advanced. Do not retry the step: reload model and optimizer from the "
+                "last checkpoint once the tier has room",
+            ) from e
         return loss
 
     def state_dict(self) -> dict[str, Any]:
