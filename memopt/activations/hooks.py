@@ -33,6 +33,7 @@ __all__ = [
     "ForwardWrap",
     "Kept",
     "check_version",
+    "persistent_buffers",
     "WeightKeys",
     "counting_hooks",
     "is_plain_tensor",
@@ -100,6 +101,16 @@ def param_storages(root: nn.Module) -> WeightKeys:
     """Storage identities of all parameters and buffers of ``root`` (views share them); an
     opaque set for ``is_weight``, ``counting_hooks`` and ``SwapEngine.packer``."""
     return {weight_key(t) for t in (*root.parameters(), *root.buffers()) if is_plain_tensor(t)}
+
+
+def persistent_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The buffers in ``module``'s state_dict (running statistics; not caches such as rotary
+    tables or masks): what a forward that must leave no trace restores."""
+    out = []
+    for sub in module.modules():
+        skip = sub._non_persistent_buffers_set
+        out += [b for n, b in sub._buffers.items() if b is not None and n not in skip]
+    return out
 
 
 def is_plain_tensor(t: torch.Tensor) -> bool:

@@ -50,6 +50,7 @@ from memopt.activations._probe import (
     op_step,
 )
 from memopt.activations.blocks import BlockSpec, find_blocks
+from memopt.activations.hooks import persistent_buffers
 from memopt.activations.tokensplit import split_parts
 from memopt.offload.arena import ArenaConfig, PinnedArena
 
@@ -276,6 +277,10 @@ def profile(
     clock = Clock(device)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
+    # the profiling steps leave no trace: gradients, running statistics, RNG streams
+    buffers = [(b, b.clone()) for b in persistent_buffers(model)]
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         for _ in range(warmup):
             for p in params:
@@ -293,6 +298,12 @@ def profile(
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     block_profiles, nonblock, head = _combine(records, found, set(parts))
     if ops:
         block_profiles = _with_ops(block_profiles, op_rec, op_times)

@@ -52,6 +52,7 @@ from memopt.activations.hooks import (
     is_plain_tensor,
     is_weight,
     param_storages,
+    persistent_buffers,
     wrap_forward,
 )
 from memopt.activations.install import INSTALLERS, InstallContext
@@ -199,21 +200,13 @@ class _ReplayKeepsBuffers:
             self.replay = True
             return self.original(*args, **kwargs)
         with _disable_current_modes():  # (the copies are not the block's ops: no SAC cache)
-            saved = [(b, b.clone()) for b in _persistent_buffers(self.module)]
+            saved = [(b, b.clone()) for b in persistent_buffers(self.module)]
         try:
             return self.original(*args, **kwargs)
         finally:
             with _disable_current_modes(), torch.no_grad():
                 for b, value in saved:
                     b.copy_(value)
-
-
-def _persistent_buffers(module: nn.Module) -> list[torch.Tensor]:
-    out = []
-    for sub in module.modules():
-        skip = sub._non_persistent_buffers_set
-        out += [b for n, b in sub._buffers.items() if b is not None and n not in skip]
-    return out
 
 
 _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")

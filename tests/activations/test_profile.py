@@ -96,3 +96,22 @@ def test_profile_tiny_llama() -> None:
     assert prof.blocks[0].input_bytes == 128 * 64 * 4
     assert 0 < prof.head_saved_bytes <= prof.nonblock_saved_bytes
     assert prof.measured_peak_bytes == prof.unmanaged_peak_bytes
+
+
+def test_profile_leaves_no_trace() -> None:
+    """profile runs real training steps: it must give back the gradients, the running
+    statistics of BatchNorm-like buffers and the RNG streams as it found them."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(
+        nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.1)) for _ in range(2)
+    )
+    model = nn.Sequential(*blocks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    torch.manual_seed(123)
+    rng = torch.random.get_rng_state()
+    profile(model, x, blocks=[f"{i}" for i in range(2)], repeats=1, ops=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
