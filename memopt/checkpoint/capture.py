@@ -1,12 +1,19 @@
-"""What a snapshot holds, captured by reference (no copy) at ``save`` time.
+"""What a snapshot holds, captured at ``save`` time: mostly by reference, small state by copy.
 
-``capture(...)`` returns the tensors this rank writes (``Entry``: the live tensor, its global
+``capture(...)`` returns the tensors this rank writes (``Entry``: the tensor, its global
 shape and row offset) and this rank's JSON skeleton (non-tensor state with tensors replaced
 by names): model parameters and buffers, optimizer state (``optimizer.state_dict()``, tensors
 classified by ``layout.state_kind``), the LR scheduler's ``state_dict()``, user extras and the
-RNG states (torch CPU, every CUDA device, numpy, python ``random``). The tensors are the live
-ones: the background copy must finish before the next optimizer step changes them (the
-checkpointer's fence).
+RNG states (torch CPU, every CUDA device, numpy, python ``random``).
+
+Parameters and optimizer state are the live tensors: the background copy must finish before
+the next optimizer step changes them (the checkpointer's fence). Everything the next forward
+or the loop may change in place *before* that step is copied here, on the training thread
+(on CUDA the copy is queued on the current stream, before the next forward's kernels):
+model buffers (BatchNorm's running statistics and batch count change in every training
+forward), and the small tensors (``SMALL_COPY`` bytes or less each) of the scheduler, the
+extras and the optimizer's ``param_groups`` (a tensor ``lr``). Buffers and those tensors are
+small next to the parameters, so ``save`` stays a few milliseconds.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from torch import Tensor, nn
 from memopt.checkpoint import layout as L
 from memopt.checkpoint.codec import encode
 
+# Tensors of the scheduler, extras and param_groups at most this big are copied in ``save``
+SMALL_COPY = 1 << 20
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -36,20 +46,42 @@ def _entry(name: str, t: Tensor, global_shape: Any, offset: int) -> Entry:
     return Entry(name, t.detach(), tuple(int(s) for s in shape), offset)
 
 
+def _storage(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (a DTensor's shard); None without one (empty, meta, a
+    wrapper subclass)."""
+    local = getattr(t, "_local_tensor", t)
+    try:
+        ptr = int(local.untyped_storage().data_ptr()) if local.numel() else 0
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return ptr or None
+
+
+def _copy_small(t: Tensor) -> Tensor:
+    return t.detach().clone() if t.numel() * t.element_size() <= SMALL_COPY else t
+
+
 def capture_model(model: nn.Module, rank: int) -> tuple[list[Entry], dict[str, Any]]:
+    """Parameters by reference; buffers copied now (forward changes some in place: BatchNorm).
+
+    A buffer is a ``state_dict`` entry on a buffer's storage (entries that state_dict hooks
+    made, e.g. clones of offloaded parameters, are nobody's live state: not copied)."""
     entries, names = [], []
+    buffers = {_storage(b) for b in model.buffers()} - {None}
     for name, t in model.state_dict().items():
         if not isinstance(t, Tensor):
             raise TypeError(f"checkpoint: model state {name!r} is a {type(t).__name__}")
         names.append(name)
+        live = _storage(t) in buffers
         if L.is_dtensor(t):
             local = L.dtensor_rows(t)
             if local is not None:
-                entries.append(_entry(f"model.{name}", local[0], t.shape, local[1]))
+                rows = local[0].detach().clone() if live else local[0]
+                entries.append(_entry(f"model.{name}", rows, t.shape, local[1]))
                 continue
             t = t.to_local()  # type: ignore[attr-defined]
         if rank == 0:
-            entries.append(_entry(f"model.{name}", t, t.shape, 0))
+            entries.append(_entry(f"model.{name}", t.detach().clone() if live else t, t.shape, 0))
     return entries, {"names": names}
 
 
@@ -62,13 +94,14 @@ def capture_optimizer(
     replicated = sharding is None and world > 1  # a plain optimizer under DDP: rank 0 writes
     entries: list[Entry] = []
     state: dict[str, Any] = {}
+    nested: dict[str, Tensor] = {}  # tensors inside non-tensor values: this rank's own copy
     for idx, st in sd["state"].items():
         p = params[int(idx)]
         s, e = p.rows
         out: dict[str, Any] = {}
         for key, v in st.items():
             if not isinstance(v, Tensor):
-                out[key] = encode(v, {}, f"optimizer.state.{idx}.{key}")
+                out[key] = encode(v, nested, f"optim.{idx}.{key}@{rank}")
                 continue
             kind = L.state_kind(key, v, e - s)
             name = f"optim.{idx}.{key}"
@@ -84,7 +117,17 @@ def capture_optimizer(
             if not v.is_contiguous():  # e.g. a transposed basis: matmul bits depend on layout
                 out[key]["stride"] = list(v.stride())
         state[str(idx)] = out
-    groups = encode(sd["param_groups"], {}, "optimizer.param_groups")
+    # param_groups and other top-level keys: every rank writes its own (small) tensors, a
+    # tensor lr or betas, copied now: a scheduler changes the lr in place
+    small: dict[str, Tensor] = {}
+    groups = encode(sd["param_groups"], small, "optim.param_groups")
+    other = {
+        k: encode(v, small, f"optim.other.{k}")
+        for k, v in sd.items()
+        if k not in ("state", "param_groups")
+    }
+    entries += [_entry(n, t, t.shape, 0) for n, t in nested.items()]
+    entries += [_entry(n, _copy_small(t), t.shape, 0) for n, t in small.items()]
     skel = {
         "state": state,
         "param_groups": groups,
@@ -100,20 +143,18 @@ def capture_optimizer(
             }
             for p in params
         ],
-        "other": {
-            k: encode(v, {}, f"optimizer.{k}")
-            for k, v in sd.items()
-            if k not in ("state", "param_groups")
-        },
+        "other": other,
     }
     return entries, skel
 
 
 def capture_plain(obj: Any, prefix: str) -> tuple[list[Entry], Any]:
-    """A scheduler state_dict or user extras: tensors (if any) plus JSON."""
+    """A scheduler state_dict or user extras: tensors (if any) plus JSON. Small tensors are
+    copied now (the loop may change them in place before the next step), bigger ones (an EMA
+    model's weights) are taken by reference, like parameters."""
     tensors: dict[str, Tensor] = {}
     skel = encode(obj, tensors, prefix)
-    return [_entry(n, t, t.shape, 0) for n, t in tensors.items()], skel
+    return [_entry(n, _copy_small(t), t.shape, 0) for n, t in tensors.items()], skel
 
 
 def capture_rng() -> tuple[list[Entry], dict[str, Any]]:

@@ -1,7 +1,9 @@
 """``AsyncCheckpointer``: lazy multi-level snapshots (device -> host -> disk), crash-consistent.
 
 ``save(step, ...)`` captures *references* to the model's and optimizer's tensors (parameters
-and optimizer state do not change during forward and backward) and returns; the copier thread
+and optimizer state do not change during forward and backward; buffers, which a forward may
+change, and small scheduler/extra/param_group tensors are copied in ``save``: ``capture``)
+and returns; the copier thread
 copies them to host staging (``pipeline``) while the next forward/backward run, and the
 writer thread writes and publishes them. A step pre-hook on the optimizer (``fence``) blocks
 only if that copy is still running when the next ``optimizer.step()`` is about to change the
@@ -100,6 +102,7 @@ class AsyncCheckpointer:
         self._seq = 0
         self._hooks: dict[int, Any] = {}
         self._error: BaseException | None = None
+        self._warned_later = False  # the directory holds steps later than a save: warned once
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
             self.arena, self._write, self._publish, self._slots.release,
@@ -139,11 +142,15 @@ class AsyncCheckpointer:
         scheduler: Any = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Snapshot the given objects at ``step``; returns once references are captured."""
+        """Snapshot the given objects at ``step``; returns once references are captured
+        (and buffers and small tensors copied)."""
         if self._closed:
             raise RuntimeError("AsyncCheckpointer.save after close()")
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"AsyncCheckpointer.save: step must be an int >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(
+                f"AsyncCheckpointer.save: step must be an int >= 0, got {step!r} "
+                f"({type(step).__name__})"
+            )
         self._raise_pending()
         t0 = time.perf_counter()
         self._slots.acquire()
@@ -280,6 +287,9 @@ class AsyncCheckpointer:
     def _raise_pending(self) -> None:
         for job in [j for j in self._jobs if j.done.is_set()]:
             self._jobs.remove(job)
+            if job.later_steps and not self._warned_later:  # (rank 0's commit found them)
+                self._warned_later = True
+                warnings.warn(P.later_steps_message(self.directory, job), stacklevel=3)
             if job.error is not None and self._error is None and not job.reported:
                 self._error = job.error
         if self._error is not None:

@@ -4,7 +4,9 @@
 failed, the temporary directory is removed and the reason returned; otherwise rank 0 writes
 ``manifest.json`` (format, step, world size, checksum algorithm, every file's checksum,
 versions, user metadata), fsyncs it, renames the directory to ``step_<step>/`` (``publish``)
-and rotates old snapshots. Returns "" on success, else the message every rank raises.
+and rotates old snapshots (steps up to this one; later steps are left alone and recorded in
+``job.later_steps`` for the checkpointer's warning). Returns "" on success, else the message
+every rank raises.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def commit(
         P.write_json(os.path.join(tmp, P.MANIFEST), manifest(job.step, files, config, meta),
                      config.fsync)  # fmt: skip
         P.publish(directory, tmp, job.step, config.fsync)
-        P.rotate(directory, config.keep)
+        _, job.later_steps = P.rotate(directory, config.keep, job.step)
     except OSError as e:
         P.shutil.rmtree(tmp, ignore_errors=True)
         return f"checkpoint step {job.step}: publishing {tmp} failed: {e}"

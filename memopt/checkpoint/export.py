@@ -24,7 +24,11 @@ def export_hf(
     dtype: torch.dtype | None = None,
 ) -> str:
     """Write ``snapshot``'s (a snapshot directory, a checkpoint directory -> its newest step,
-    or a step number with ``directory=``) model weights to ``out_path``; returns the path."""
+    or a step number with ``directory=``) model weights to ``out_path``; returns the path.
+
+    ``out_path``: a file ending in ``.safetensors`` (its directory must exist), or a
+    directory (any other path, or one ending in a separator; created if missing) that gets
+    ``model.safetensors``, what ``from_pretrained(directory)`` reads."""
     from safetensors.torch import save_file
 
     path = _resolve(snapshot, directory)
@@ -36,10 +40,33 @@ def export_hf(
     for name in names:
         t = snap.full(f"model.{name}")
         out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-    target = os.fspath(out_path)
-    if os.path.isdir(target):
-        target = os.path.join(target, "model.safetensors")
+    target = _target(os.fspath(out_path))
     save_file(out, target, metadata={"format": "pt", "memopt_step": str(snap.step)})
+    return target
+
+
+def _target(target: str) -> str:
+    """The file to write: ``<dir>/model.safetensors`` for a directory (created when missing:
+    an existing one, a path ending in a separator, or one without a ``.safetensors`` suffix),
+    else the ``.safetensors`` file itself, whose directory must exist."""
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if os.path.isdir(target) or target.endswith(seps) or not target.endswith(".safetensors"):
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise FileExistsError(
+                f"export_hf: {target} is an existing file, not a directory; pass a directory "
+                "(model.safetensors is written in it) or a path ending in .safetensors"
+            )
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"export_hf: cannot create the output directory {target}: {e}") from e
+        return os.path.join(target, "model.safetensors")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"export_hf: the directory of {target} ({parent}) does not exist; create it, or "
+            "pass a directory as out_path (it is created, with model.safetensors inside)"
+        )
     return target
 
 

@@ -80,6 +80,7 @@ class Job:
     copied_upto: int = 0  # bytes of the data section already in staging (a prefix)
     progress: threading.Condition = field(default_factory=threading.Condition)
     file_crc: int | None = None  # crc of header + data section, when the copier computed it
+    later_steps: list[int] = field(default_factory=list)  # published steps > step (rank 0)
 
     def copied_checksum(self) -> int | None:
         """The file's checksum computed by the copier (after the copy), else None."""

@@ -113,14 +113,33 @@ def publish(root: str, tmp: str, step: int, fsync: bool) -> str:
     return target
 
 
-def rotate(root: str, keep: int) -> list[int]:
-    """Remove all but the newest ``keep`` published snapshots; returns the removed steps."""
+def rotate(root: str, keep: int, step: int) -> tuple[list[int], list[int]]:
+    """After publishing ``step``: remove all but the newest ``keep`` snapshots of steps up to
+    ``step`` (so never ``step`` itself). Returns ``(removed, later)``: snapshots of later
+    steps (an earlier run in a reused directory, or the branch a rollback left) are not this
+    run's to delete and are left alone; the caller warns about them."""
     steps = published_steps(root)
-    gone = steps[:-keep] if len(steps) > keep else []
+    mine = [s for s in steps if s <= step]
+    gone = mine[:-keep] if len(mine) > keep else []
     for s in gone:
         _discard(root, step_dir(root, s))
         log.info("checkpoint: rotated out step %d", s)
-    return gone
+    return gone, [s for s in steps if s > step]
+
+
+def later_steps_message(root: str, job: Any) -> str:
+    """The warning for a save whose directory holds snapshots of later steps."""
+    later = job.later_steps
+    shown = ", ".join(str(s) for s in later[:8]) + (", ..." if len(later) > 8 else "")
+    return (
+        f"AsyncCheckpointer: {root} holds snapshots of steps later than step {job.step} "
+        f"just saved: [{shown}] (an earlier run in this directory, or the steps after the "
+        "one a resume rolled back to). They are kept (not this run's to delete) and keep= "
+        f"counts only steps up to {job.step}, but latest() returns {later[-1]} and "
+        "load() without a step loads it (or falls back from it) instead of this run's "
+        "newest snapshot. Move or delete those step_* directories if they are not wanted, "
+        "or save into another directory"
+    )
 
 
 def clean_stale(root: str) -> None:

@@ -26,10 +26,8 @@ class Snapshot:
     def __init__(self, path: str, verify: bool = True) -> None:
         self.path = path
         self.manifest = self._json(os.path.join(path, MANIFEST), None)
-        self.world = int(self.manifest["world_size"])
-        self.step = int(self.manifest["step"])
-        algo = self.manifest["checksum"] if verify else None
-        files = self.manifest["files"]
+        self.world, self.step, checksum, files = self._fields(self.manifest)
+        algo = checksum if verify else None
         self.skeletons: list[dict[str, Any]] = []
         self.tensors: list[dict[str, Tensor]] = []
         for r in range(self.world):
@@ -40,12 +38,32 @@ class Snapshot:
                         f"snapshot {path} is missing rank {r}'s file {name} (saved by "
                         f"{self.world} ranks); restore the file or load an older step"
                     )
+            if verify and not all(isinstance(files.get(n), int) for n in (data_name, json_name)):
+                raise CorruptSnapshotError(
+                    f"checkpoint file {os.path.join(path, MANIFEST)} lists no checksum of rank "
+                    f"{r}'s files {data_name}, {json_name}: not a manifest a commit wrote"
+                )
             expect = files.get(json_name) if verify else None
             self.skeletons.append(self._json(os.path.join(path, json_name), (algo, expect)))
             self.tensors.append(
                 read_file(os.path.join(path, data_name), algo, files.get(data_name))
             )
         self._index()
+
+    def _fields(self, m: Any) -> tuple[int, int, str, dict[str, int]]:
+        """world size, step, checksum algorithm and file checksums of a manifest, or
+        ``CorruptSnapshotError`` (valid JSON, but not what a commit writes: hand-edited?)."""
+        try:
+            world, step, files = int(m["world_size"]), int(m["step"]), m["files"]
+            checksum = m["checksum"]
+            if world < 1 or not isinstance(files, dict) or not isinstance(checksum, str):
+                raise TypeError("wrong value types")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptSnapshotError(
+                f"checkpoint file {os.path.join(self.path, MANIFEST)} is not a valid manifest "
+                f"({type(e).__name__}: {e}; it needs world_size, step, checksum and files)"
+            ) from e
+        return world, step, checksum, files
 
     @staticmethod
     def _json(path: str, check: tuple[str | None, int | None] | None) -> dict[str, Any]:
@@ -71,6 +89,10 @@ class Snapshot:
         self.blocks: dict[str, list[tuple[int, int, Tensor]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for r, skel in enumerate(self.skeletons):
+            if not isinstance(skel, dict) or not isinstance(skel.get("tensors"), dict):
+                raise CorruptSnapshotError(
+                    f"snapshot {self.path}: rank {r}'s JSON file has no tensor table"
+                )
             for name, info in skel["tensors"].items():
                 t = self.tensors[r].get(name)
                 if t is None:

@@ -95,8 +95,12 @@ def restore_optimizer(
             st = _param_state(snap, p)
             if st is not None:
                 state[p.index] = st
-    sd: dict[str, Any] = {"state": state, "param_groups": decode(ref["param_groups"], _no)}
-    sd.update({k: decode(v, _no) for k, v in ref.get("other", {}).items()})
+    own = _owned(snap, 0)  # param_groups and other keys: rank 0's (every rank saves them)
+    groups = decode(ref["param_groups"], own)
+    if isinstance(groups, list) and len(groups) == len(opt.param_groups):
+        groups = [_to_devices(g, now) for g, now in zip(groups, opt.param_groups, strict=True)]
+    sd: dict[str, Any] = {"state": state, "param_groups": groups}
+    sd.update({k: decode(v, own) for k, v in ref.get("other", {}).items()})
     if sharding is not None:
         sd["sharding"] = sharding
     opt.load_state_dict(sd)
@@ -104,6 +108,23 @@ def restore_optimizer(
 
 def _no(name: str) -> Tensor:
     raise AssertionError(f"unexpected tensor reference {name}")
+
+
+def _owned(snap: Snapshot, rank: int) -> Any:
+    """Fetch a tensor saved by ``rank`` as a tensor of its own (no alias of the read data)."""
+    return lambda name: snap.rank_tensor(rank, name).clone()
+
+
+def _to_devices(saved: Any, now: Any) -> Any:
+    """``saved`` with each tensor moved to the device of its counterpart in ``now`` (a tensor
+    ``lr`` on the parameters' device stays there), recursively through dicts and tuples."""
+    if isinstance(saved, Tensor) and isinstance(now, Tensor):
+        return saved.to(now.device)
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return {k: _to_devices(v, now.get(k)) for k, v in saved.items()}
+    if isinstance(saved, tuple | list) and isinstance(now, tuple | list) and len(saved) == len(now):
+        return type(saved)(_to_devices(a, b) for a, b in zip(saved, now, strict=True))
+    return saved
 
 
 def _param_state(snap: Snapshot, p: L.ParamLayout) -> dict[str, Any] | None:
@@ -122,8 +143,8 @@ def _param_state(snap: Snapshot, p: L.ParamLayout) -> dict[str, Any] | None:
     for key, v in ref.items():
         if isinstance(v, dict) and "kind" in v:
             out[key] = _state_tensor(snap, p, key, v, r)
-        else:
-            out[key] = decode(v, _no)
+        else:  # non-tensor state; tensors inside it were saved by rank r itself
+            out[key] = decode(v, _owned(snap, r))
     return out
 
 

@@ -1,0 +1,128 @@
+"""The snapshot directory: rotation beside later steps (a reused directory, a rollback),
+hand-damaged manifests, export into a new directory, and steps that are not ints."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from memopt.checkpoint import AsyncCheckpointer, CorruptSnapshotError, export_hf
+
+
+def _saves(ckpt: AsyncCheckpointer, model: nn.Module, steps: tuple[int, ...]) -> list[str]:
+    """Save and wait for each step; the warnings raised meanwhile."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in steps:
+            ckpt.save(s, model=model, extra={"s": s})
+            ckpt.wait()
+    return [str(w.message) for w in caught]
+
+
+def test_rotation_never_removes_the_new_snapshot_nor_later_steps(tmp_path) -> None:
+    """keep=1 in a directory that holds step 500 of an earlier run: each new save stays
+    published (it used to be rotated out at once), 500 is left alone, one warning says so."""
+    model = nn.Linear(4, 4)
+    with AsyncCheckpointer(tmp_path, keep=1, save_rng=False) as ckpt:
+        assert _saves(ckpt, model, (500,)) == []
+    with AsyncCheckpointer(tmp_path, keep=1, save_rng=False) as ckpt:
+        caught = _saves(ckpt, model, (10, 20))
+        assert ckpt.steps() == [20, 500]
+        assert ckpt.load(20, model=model)["s"] == 20
+    assert len(caught) == 1  # once per checkpointer
+    assert "later than step 10" in caught[0] and "[500]" in caught[0]
+    assert "latest() returns 500" in caught[0] and "Move or delete" in caught[0]
+
+
+def test_rollback_after_a_corrupt_newest_keeps_the_new_run(tmp_path) -> None:
+    """The newest snapshot (200) is corrupt, load() falls back to 100, training goes on and
+    saves 110, 120, 130 with keep=2: the new run's two newest stay, 200 is not deleted (it
+    might be another run's), and the user is told that latest() still returns it."""
+    model = nn.Linear(4, 4)
+    with AsyncCheckpointer(tmp_path, keep=2, save_rng=False) as ckpt:
+        _saves(ckpt, model, (100, 200))
+        path = tmp_path / "step_0000000200" / "rank_00000.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.warns(UserWarning, match="checksum"):
+            assert ckpt.load(model=model)["s"] == 100
+        caught = _saves(ckpt, model, (110, 120, 130))
+        assert ckpt.steps() == [120, 130, 200] and ckpt.latest() == 200
+        assert ckpt.load(130, model=model)["s"] == 130
+    assert len(caught) == 1 and "[200]" in caught[0] and "later than step 110" in caught[0]
+
+
+def test_manifest_without_files_is_a_corrupt_snapshot(tmp_path) -> None:
+    model = nn.Linear(4, 4)
+    with AsyncCheckpointer(tmp_path, keep=3, save_rng=False) as ckpt:
+        _saves(ckpt, model, (1, 2, 3))
+    bad = {
+        2: lambda m: {k: v for k, v in m.items() if k != "files"},  # valid JSON, no "files"
+        3: lambda m: [m],  # valid JSON, not an object
+    }
+    for step, damage in bad.items():
+        path = tmp_path / f"step_{step:010d}" / "manifest.json"
+        path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ckpt.load(model=model)["s"] == 1
+        assert len(caught) == 2 and all("not a valid manifest" in str(w.message) for w in caught)
+        with pytest.raises(CorruptSnapshotError, match="step_0000000002/manifest.json is not a "
+                                                       "valid manifest.*files"):  # fmt: skip
+            ckpt.load(2, model=model)
+
+
+def test_manifest_without_a_files_checksum_is_corrupt(tmp_path) -> None:
+    model = nn.Linear(4, 4)
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        _saves(ckpt, model, (1,))
+    path = tmp_path / "step_0000000001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = {}
+    path.write_text(json.dumps(manifest))
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        with pytest.raises(CorruptSnapshotError, match="lists no checksum of rank 0"):
+            ckpt.load(1, model=model)
+    with AsyncCheckpointer(tmp_path, save_rng=False, verify=False) as ckpt:
+        assert ckpt.load(1, model=model)["s"] == 1  # nothing to verify against: loads
+
+
+def test_export_hf_into_a_directory_that_does_not_exist(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with AsyncCheckpointer(tmp_path / "ck", save_rng=False) as ckpt:
+        ckpt.save(1, model=model)
+    want = model.state_dict()
+    for out, expect in (
+        (f"{tmp_path}/hf_out{os.sep}", tmp_path / "hf_out" / "model.safetensors"),
+        (tmp_path / "a" / "b", tmp_path / "a" / "b" / "model.safetensors"),
+        (tmp_path / "w.safetensors", tmp_path / "w.safetensors"),
+    ):
+        path = export_hf(tmp_path / "ck", out)
+        assert path == os.fspath(expect)
+        got = load_file(path)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it"):
+        export_hf(tmp_path / "ck", tmp_path / "missing" / "w.safetensors")
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(FileExistsError, match="is an existing file, not a directory"):
+        export_hf(tmp_path / "ck", tmp_path / "plain")
+
+
+def test_step_must_be_an_int_not_a_bool(tmp_path) -> None:
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        with pytest.raises(ValueError, match=r"step must be an int >= 0, got True \(bool\)"):
+            ckpt.save(True, extra={"x": 1})
+        with pytest.raises(ValueError, match=r"got 2.0 \(float\)"):
+            ckpt.save(2.0, extra={"x": 1})  # type: ignore[arg-type]
+        ckpt.save(1, extra={"x": 1})  # the refused saves took no staging slot
+        ckpt.wait()
+        assert ckpt.steps() == [1]
