@@ -77,7 +77,8 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        allowed = set(self.base_defaults) | set(self.low_rank_defaults) | {"rank", "density"}
+        low_rank = {"rank", "density"} if self.low_rank_defaults else set()  # (AdamW: none)
+        allowed = set(self.base_defaults) | set(self.low_rank_defaults) | low_rank
         check_known_keys(param_group, allowed, owner)
         if self.is_low_rank(param_group):
             for key, value in self.low_rank_defaults.items():

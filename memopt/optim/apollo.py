@@ -123,6 +123,12 @@ class ApolloMini(ApolloAdamW):
     """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (group keys may override)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("density") is not None:
+            raise ValueError(
+                "ApolloMini: a group with density= would run as plain APOLLO (channel scale, "
+                "scale 1); APOLLO-Mini is rank=1 with a tensor-wise scale. Pass rank=1, or use "
+                "ApolloAdamW for another rank"
+            )
         if param_group.get("rank") is not None:
             param_group.setdefault("scale_type", "tensor")
             param_group.setdefault("scale", 128.0)

@@ -8,7 +8,8 @@ The policy, stated once:
   ``nn.Linear`` except the output head (see below); HF's ``"all-linear"`` includes it.
 - The output head (a Linear named ``lm_head``/``output``/``classifier``/``score``, or
   one whose weight is tied to an embedding), embeddings and norms never become low-rank
-  targets unless named explicitly in ``target``.
+  targets, even when ``target`` matches them (as in the GaLore and APOLLO references); to
+  project one anyway, build that group by hand (``{"params": [...], "rank": ...}``).
 - Everything else goes to a full-state group. With ``weight_decay`` given, 2-D+
   non-targets decay and 1-D parameters (biases, norm scales) do not.
 - ``state_free`` (FRUGAL): a tuple from ("embeddings", "norms", "head", "biases") whose
@@ -109,10 +110,12 @@ def param_groups(
             else:
                 buckets["no_decay" if weight_decay is not None else "decay"].append((full, p))
     if not buckets["low"]:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and n not in heads][:8]  # fmt: skip
         raise ValueError(
-            f"target {target!r} matched no weight; Linear modules include {names}. "
-            "Pass a regex over module names, a list, or 'all-linear'"
+            f"target {target!r} matched no weight; Linear modules that can be targets include "
+            f"{names} (embeddings, norms and the output head never are). Pass a regex over "
+            "module names, a list, or 'all-linear'"
         )
     return _assemble(buckets, weight_decay, low_rank_options)
 

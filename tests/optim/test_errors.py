@@ -89,3 +89,15 @@ def test_non_finite_gradient_at_refresh_names_the_parameter(proj):
 def test_frugal_rank_with_density_only_modes():
     with pytest.raises(ValueError, match="needs density"):
         FrugalAdamW([{"params": [_p(4, 4)], "rank": 2, "proj": "coordinate"}])
+
+
+def test_low_rank_keys_on_adamw_and_density_on_mini_are_refused() -> None:
+    """AdamW takes no rank/density (it used to accept them, then fail on update_proj_gap);
+    APOLLO-Mini with density= would silently run as plain APOLLO."""
+    import memopt.optim as mo
+
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    with pytest.raises(ValueError, match=r"unknown param-group option\(s\) \['rank'\]"):
+        mo.AdamW([{"params": [p], "rank": 8}])
+    with pytest.raises(ValueError, match="APOLLO-Mini is rank=1"):
+        mo.ApolloMini([{"params": [p], "density": 0.25}])
