@@ -128,12 +128,21 @@ def split_call(
     for piece, swapped in ((head, True), (tail, False)):
         if piece is None:
             continue
-        if swapped:
-            with torch.autograd.graph.saved_tensors_hooks(*swap):
-                out = fn(piece, *args, **kwargs)
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(*keep):
-                out = checkpoint(fn, piece, *args, use_reentrant=False, **kwargs)
+        try:
+            if swapped:
+                with torch.autograd.graph.saved_tensors_hooks(*swap):
+                    out = fn(piece, *args, **kwargs)
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(*keep):
+                    out = checkpoint(fn, piece, *args, use_reentrant=False, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # e.g. seq_dim pointing at the features: a shape error inside
+            raise ValueError(
+                f"{where}: the module failed on a piece of its input split along "
+                f"seq_dim={seq_dim} (input {tuple(x.shape)}, piece {tuple(piece.shape)}): {e}. "
+                "Is seq_dim the token dimension? Set ActivationPolicy.seq_dim"
+            ) from e
         if not isinstance(out, torch.Tensor) or out.dim() <= dim or (
             out.shape[dim] != piece.shape[dim]
         ):

@@ -138,6 +138,10 @@ def test_bad_seq_dim_raises() -> None:
     with apply(model, {"0": split(0.5, seq_dim=3)}, options=OPTS):
         with pytest.raises(ValueError, match="seq_dim=3 is out of range"):
             model(x.requires_grad_(True))
+    # the feature dimension: the module itself fails on the piece; the error says why
+    with apply(model, {"0": split(0.5, seq_dim=2)}, options=OPTS):
+        with pytest.raises(ValueError, match="split along seq_dim=2.*Is seq_dim the token"):
+            model(x)
 
 
 class _Pool(nn.Module):
