@@ -76,7 +76,17 @@ def apply_sharding(
     if own_state and config.offload is not None:  # every stage, before hooks or FSDP2 units
         check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
-        _check_offload(optimizer, config, own_state)
+        try:
+            _check_offload(optimizer, config, own_state)
+        except NotImplementedError as e:
+            if config.stage != 3:
+                raise
+            raise NotImplementedError(
+                f"{e}. At stage 3 any optimizer's state can be offloaded per FSDP2 unit, but "
+                "without a process group stage 3 runs the plain one-rank path, which has only "
+                "the optimizers above; initialize torch.distributed (a one-rank group is "
+                "enough: torchrun --nproc_per_node 1) to use FSDP2's"
+            ) from e
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)

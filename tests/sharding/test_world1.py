@@ -79,3 +79,12 @@ def test_add_param_group_after_sharding_is_an_error() -> None:
     with pytest.raises(NotImplementedError, match="before memopt.shard"):
         sharded.add_param_group({"params": rest})
     assert len(sharded.param_groups) == 1
+
+
+def test_stage3_offload_without_a_process_group_explains_the_limit() -> None:
+    """Stage 3 without a process group is the plain one-rank path: offload= takes what stages
+    1 and 2 take, and the error says how to get FSDP2's per-unit state store instead."""
+    model = T.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(NotImplementedError, match="one-rank group is enough"):
+        memopt.shard(model, opt, 3, offload="cpu")
