@@ -23,7 +23,9 @@ from memopt.config import Config
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (or a name under ./recipes/)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    # default=[]: without a default, argparse (before 3.13) marks a "*" positional required and
+    # "memopt run" with no arguments said "recipe, overrides" were required
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides")
     p.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, default=1,
                    help="processes (ranks) on this node")
     p.add_argument("--nnodes", default="1", help="nodes (torchrun syntax, e.g. 2 or 1:4)")

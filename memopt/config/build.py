@@ -6,7 +6,10 @@
   itself receives ``lr``, ``betas``, ``eps`` (when set), ``weight_decay`` and ``state_dtype``.
 - ``lr_lambda``: linear warm-up to 1, then cosine to ``min_lr_ratio`` over the run (or 1).
 - ``shard_config``: the ``ShardingConfig`` as ``memopt.sharding.ShardConfig``; stage 0 with an
-  offload tier runs as stage 1 (on one rank it is the plain update with the state offloaded).
+  offload tier or a ``master_dtype`` runs as stage 1 (on one rank it is the plain update with
+  the state offloaded, or applied to master copies in that dtype and copied back to the
+  parameters: a bf16 model keeps fp32 master weights, as DeepSpeed's bf16 does without ZeRO;
+  on several ranks ZeRO-1 replaces DDP with the same update).
 - ``activation_policies``: ``policy`` (every block) or ``policies`` (named blocks) as
   ``ActivationPolicy`` objects; the planner path lives in ``setup`` (it needs a batch).
 """
@@ -37,6 +40,31 @@ _CLASSES: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+def default_rank(name: str) -> int:
+    """``optimizer.rank``'s default (null) for ``name``: 1 for APOLLO-Mini (its rank-1 state is
+    the method), 128 for GaLore, Natural GaLore and APOLLO. Shared by ``memopt.setup`` and the
+    Hugging Face integration, so the same Config builds the same groups on every path."""
+    return 1 if name == "apollo_mini" else 128
+
+
+def low_rank_options(oc: OptimizerConfig) -> dict[str, Any]:
+    """The low-rank group keywords of ``memopt.optim.param_groups`` for ``oc`` (not AdamW):
+    ``update_proj_gap``, ``density`` (FRUGAL) or ``rank`` (null: ``default_rank``), and
+    ``scale`` / ``proj`` / ``matmul_dtype`` when set."""
+    low: dict[str, Any] = {"update_proj_gap": oc.update_proj_gap}
+    if oc.name == "frugal":
+        low["density"] = oc.density
+    else:
+        low["rank"] = oc.rank if oc.rank is not None else default_rank(oc.name)
+    if oc.scale is not None:
+        low["scale"] = oc.scale
+    if oc.proj is not None:
+        low["proj"] = oc.proj
+    if oc.matmul_dtype != "auto":
+        low["matmul_dtype"] = oc.matmul_dtype
+    return low
+
+
 def optimizer_groups(model: nn.Module, oc: OptimizerConfig) -> list[dict[str, Any]]:
     """The param groups ``oc`` asks for (see the module docstring)."""
     if oc.name == "adamw":
@@ -45,18 +73,8 @@ def optimizer_groups(model: nn.Module, oc: OptimizerConfig) -> list[dict[str, An
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": oc.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-    low: dict[str, Any] = {"update_proj_gap": oc.update_proj_gap}
-    if oc.name == "frugal":
-        low["density"] = oc.density
-    else:
-        low["rank"] = oc.rank if oc.rank is not None else (1 if oc.name == "apollo_mini" else 128)
-    if oc.scale is not None:
-        low["scale"] = oc.scale
-    if oc.proj is not None:
-        low["proj"] = oc.proj
-    if oc.matmul_dtype != "auto":
-        low["matmul_dtype"] = oc.matmul_dtype
-    return mo.param_groups(model, target=oc.target, weight_decay=oc.weight_decay, **low)
+    return mo.param_groups(model, target=oc.target, weight_decay=oc.weight_decay,
+                           **low_rank_options(oc))
 
 
 def build_optimizer(model: nn.Module, oc: OptimizerConfig) -> torch.optim.Optimizer:
@@ -92,8 +110,11 @@ def offload_config(sc: ShardingConfig) -> OffloadConfig | None:
 
 
 def shard_config(sc: ShardingConfig) -> ShardConfig | None:
-    """``memopt.sharding.ShardConfig`` for ``sc`` (None: no sharding and no offload)."""
-    if sc.stage == 0 and sc.offload == "none":
+    """``memopt.sharding.ShardConfig`` for ``sc`` (None: no sharding, offload or master dtype).
+
+    Stage 0 with an offload tier or ``master_dtype`` runs as stage 1: master weights live in
+    the sharded optimizer, and on one rank stage 1 is the plain update (no collectives)."""
+    if sc.stage == 0 and sc.offload == "none" and sc.master_dtype == "auto":
         return None
     stage = sc.stage or 1
     layout = "dim0" if stage == 3 else ("whole_tensor" if sc.layout == "auto" else sc.layout)

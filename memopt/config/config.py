@@ -59,9 +59,10 @@ class Config:
                 raise TypeError(f"Config.{name} must be a {cls.__name__}, "
                                 f"got {type(getattr(self, name)).__name__}")
         opt, sh = self.optimizer, self.sharding
-        if opt.in_backward and (sh.stage or sh.offload != "none"):
-            raise ValueError("optimizer.in_backward runs without sharding/offload; set "
-                             "sharding.stage: 0 and sharding.offload: none, or in_backward: false")
+        if opt.in_backward and (sh.stage or sh.offload != "none" or sh.master_dtype != "auto"):
+            raise ValueError("optimizer.in_backward runs without sharding/offload/master "
+                             "weights; set sharding.stage: 0, sharding.offload: none and "
+                             "sharding.master_dtype: auto, or in_backward: false")
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

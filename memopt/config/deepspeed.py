@@ -7,7 +7,9 @@
   data parallelism (``sharding.stage: 0``).
 - ``optimizer``: ``type`` Adam/AdamW (any case) -> ``optimizer.name: adamw`` with ``lr``,
   ``betas``, ``eps``, ``weight_decay`` from ``params``; any other type raises ``ValueError``
-  (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section).
+  (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section). ``adam_w_mode:
+  false`` (DeepSpeed's L2-regularised Adam) with a non-zero ``weight_decay`` raises (memopt's
+  decay is decoupled); other ``params`` (``torch_adam``, ``amsgrad``, ...) are warned about.
 - ``scheduler`` (``warmup_num_steps`` -> ``optimizer.warmup_steps``; memopt's warm-up is
   linear from about 0):
   ``WarmupLR`` (constant after warm-up) -> ``schedule: constant``, ``warmup_max_lr`` ->
@@ -20,7 +22,9 @@
   What has no counterpart is warned about, not dropped silently: a non-zero
   ``warmup_min_lr``/``warmup_min_ratio`` (memopt warms up from about 0), a ``warmup_type``
   other than ``linear``, other params.
-- ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights. ``fp16.enabled``
+- ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights
+  (``sharding.master_dtype: fp32``; without a ZeRO stage that runs as stage 1, which on one
+  rank is the plain update on the fp32 copies, as DeepSpeed's bf16 optimizer). ``fp16.enabled``
   raises here: this config builds the training run, and memopt has no loss scaler, so an
   fp16 model would train without one (use bf16). ``memopt.shard(deepspeed_config=...)``
   accepts it because there the model, its dtype and the loss are the caller's: it only reads
@@ -31,7 +35,9 @@
   ``batch_size * grad_accum * ranks``): a warning says so.
 
 Values of ``"auto"`` (the HF integration's placeholder) keep ``base``'s value. Other top-level
-keys (``aio``, ``wall_clock_breakdown``, ...) are reported in a single warning.
+keys (``aio``, ``wall_clock_breakdown``, ...) are reported in a single warning. A block of the
+wrong shape (``"bf16": true`` instead of ``{"enabled": true}``, a list for ``optimizer``,
+``"params": null``, a string ``gradient_clipping``) is a ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
@@ -59,6 +65,30 @@ def _load(cfg: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise TypeError(f"Config.from_deepspeed: pass a dict or a JSON path, got {type(cfg)}")
     return dict(cfg)
+
+
+def _block(ds: Mapping[str, Any], key: str, where: str = "") -> dict[str, Any] | None:
+    """``ds[key]`` as a dict (None when absent, or null at the top level); anything else but a
+    mapping is a ValueError naming the key."""
+    value = ds.get(key)
+    if value is None and (key not in ds or not where):
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"Config.from_deepspeed: DeepSpeed key '{where}{key}' must be a JSON "
+                         f"object (mapping), got {value!r}")
+    return dict(value)
+
+
+def _enabled(ds: Mapping[str, Any], key: str) -> bool:
+    """Whether the ``bf16`` / ``fp16`` block is enabled (``"auto"``: left to ``base``)."""
+    block = _block(ds, key)
+    if block is None:
+        return False
+    flag = block.get("enabled", False)
+    if flag not in (True, False, "auto"):
+        raise ValueError(f"Config.from_deepspeed: DeepSpeed key '{key}.enabled' must be true, "
+                         f"false or \"auto\", got {flag!r}")
+    return flag is True
 
 
 def _set(out: dict[str, Any], section: str, key: str, value: Any) -> None:
@@ -97,7 +127,7 @@ def _sharding(ds: dict[str, Any], out: dict[str, Any]) -> None:
 
 
 def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
-    block = ds.get("optimizer")
+    block = _block(ds, "optimizer")
     if block is None:
         return
     kind = str(block.get("type", "")).lower()
@@ -105,9 +135,17 @@ def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
         raise ValueError(f"DeepSpeed optimizer type {block.get('type')!r}: memopt maps Adam/AdamW "
                          "only; set optimizer.name (galore, apollo_mini, frugal, ...) in memopt")
     _set(out, "optimizer", "name", "adamw")
-    params = block.get("params", {})
+    params = _block(block, "params", "optimizer.") or {}
     for key in ("lr", "betas", "eps", "weight_decay"):
-        _set(out, "optimizer", key, params.get(key))
+        _set(out, "optimizer", key, params.pop(key, None))
+    wd = out.get("optimizer", {}).get("weight_decay", 0)
+    if params.pop("adam_w_mode", True) is False and wd not in (0, 0.0):
+        raise ValueError(f"DeepSpeed optimizer.params.adam_w_mode: false is Adam with L2 "
+                         f"regularisation (weight_decay {wd} added to the gradient); memopt's "
+                         "AdamW decays decoupled: drop adam_w_mode or set weight_decay to 0")
+    if params:
+        _warn(f"optimizer {block.get('type')}: ignored params {sorted(params)} (memopt's AdamW "
+              "takes lr, betas, eps and weight_decay)")
 
 
 def _warn(message: str) -> None:
@@ -115,7 +153,7 @@ def _warn(message: str) -> None:
 
 
 def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
-    sched = ds.get("scheduler")
+    sched = _block(ds, "scheduler")
     if sched is None:
         return
     name = sched.get("type")
@@ -123,7 +161,7 @@ def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
     if kind not in _SCHEDULERS:
         raise ValueError(f"DeepSpeed scheduler {name!r}: memopt maps "
                          "WarmupLR, WarmupDecayLR and WarmupCosineLR")
-    params = dict(sched.get("params", {}))
+    params = _block(sched, "params", "scheduler.") or {}
     _set(out, "optimizer", "warmup_steps", params.pop("warmup_num_steps", None))
     if kind == "warmuplr":
         _set(out, "optimizer", "schedule", "constant")
@@ -153,9 +191,9 @@ def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
 
 def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
     _scheduler(ds, out)
-    if isinstance(ds.get("fp16"), Mapping) and ds["fp16"].get("enabled") is True:
+    if _enabled(ds, "fp16"):
         raise ValueError("DeepSpeed fp16: memopt has no loss scaler; use bf16 (bf16.enabled)")
-    if isinstance(ds.get("bf16"), Mapping) and ds["bf16"].get("enabled") is True:
+    if _enabled(ds, "bf16"):
         _set(out, "model", "dtype", "bf16")
         _set(out, "sharding", "master_dtype", "fp32")
     _set(out, "train", "batch_size", ds.get("train_micro_batch_size_per_gpu"))
@@ -165,6 +203,9 @@ def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
               "batch is train.batch_size (per rank) * train.grad_accum * ranks")
     clip = ds.get("gradient_clipping")
     if clip is not None and clip != "auto":
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+            raise ValueError(f"Config.from_deepspeed: DeepSpeed key 'gradient_clipping' must be "
+                             f"a number >= 0 (0: off) or \"auto\", got {clip!r}")
         _set(out, "optimizer", "max_grad_norm", clip if clip > 0 else "null")
 
 
@@ -175,6 +216,8 @@ def config_from_deepspeed(cfg: Mapping[str, Any] | str | os.PathLike[str], base:
     if ignored:
         warnings.warn(f"Config.from_deepspeed: ignored DeepSpeed keys {ignored}", stacklevel=3)
     out: dict[str, Any] = {}
+    _enabled(ds, "bf16")  # a malformed bf16/fp16 block is named before read_deepspeed sees it
+    _enabled(ds, "fp16")
     _sharding(ds, out)
     _optimizer(ds, out)
     _rest(ds, out)

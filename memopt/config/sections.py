@@ -46,7 +46,8 @@ class OptimizerConfig:
         "~3x faster GEMMs where the hardware has bf16 dot products, at bf16 rounding of the "
         "projected gradient and the update); not for AdamW or index projectors")
     in_backward: bool = opt(False, "update each parameter inside backward (optimizer-in-"
-                            "backward); not with sharding stages 1-3")
+                            "backward); one process only: not with sharding, offload or "
+                            "several DDP ranks (each rank would step on its local gradient)")
     max_grad_norm: float | None = opt(1.0, "global gradient-norm clip (null: off)")
     schedule: Literal["cosine", "constant"] = opt("cosine", "LR schedule after warm-up")
     warmup_steps: int = opt(0, "linear warm-up steps from 0 to lr")
@@ -73,7 +74,9 @@ class ShardingConfig:
         "auto", "stages 1/2: whole tensors per rank or row shards ('auto': whole_tensor; "
         "stage 3 is always dim0)")
     master_dtype: Literal["auto", "fp32", "bf16"] = opt(
-        "auto", "dtype of the master weights the optimizer updates ('auto': the parameters')")
+        "auto", "dtype of the master weights the optimizer updates ('auto': the parameters'; "
+        "at stage 0 a master dtype runs as stage 1, which on one rank is the plain update on "
+        "master copies)")
     bucket_bytes: int = opt(25 << 20, "gradient reduce / gather bucket size", size=True)
     offload: Literal["none", "cpu", "nvme"] = opt(
         "none", "optimizer state tier (stage 0 is run as stage 1 on one rank; at stage 3 each "

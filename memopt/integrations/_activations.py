@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from memopt._utils import get_logger
-from memopt.activations import ActivationManager, apply, plan
+from memopt.activations import ActivationManager, ActivationOptions, apply, plan
 
 log = get_logger("memopt.integrations")
 
@@ -38,18 +38,36 @@ def first_batch(loader: Any, batch_size: int, device: torch.device) -> Any:
 
 
 def apply_budget(
-    model: nn.Module, sample_batch: Any, budget: int | str, **plan_options: Any
+    model: nn.Module,
+    sample_batch: Any,
+    budget: int | str,
+    *,
+    options: ActivationOptions | None = None,
+    **plan_options: Any,
 ) -> ActivationManager:
     """Plan under ``budget`` (bytes, ``"6GiB"`` or ``"50%"`` of the unmanaged peak) and apply.
 
     ``plan_options`` go to ``memopt.activations.plan`` (``actions``, ``tier``, ``loss_fn``,
-    ``blocks``, ``overrides``). Returns the ``ActivationManager`` (``.remove()`` undoes it).
+    ``blocks``, ``overrides``); ``options`` (``ActivationOptions``: ``nvme=NVMeConfig(...)``,
+    which ``tier="nvme"`` needs, ``min_swap_bytes``, ...) go to ``memopt.activations.apply``.
+    Returns the ``ActivationManager`` (``.remove()`` undoes it).
     """
+    if options is not None and not isinstance(options, ActivationOptions):
+        raise TypeError(
+            f"activation options=: pass a memopt.activations.ActivationOptions, got "
+            f"{type(options).__name__}"
+        )
+    if plan_options.get("tier") == "nvme" and (options is None or options.nvme is None):
+        raise ValueError(
+            "activation budget with tier='nvme': pass options=ActivationOptions(nvme="
+            "NVMeConfig(directory=...)) (MemoptCallback: activation_options={'options': ...}; "
+            "Config: activations.nvme_path) so swapped activations have a file to go to"
+        )
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         chosen = plan(model, sample_batch, budget, **plan_options)
     log.info("memopt: activation plan under %s:\n%s", budget, chosen.table())
-    return apply(model, chosen)
+    return apply(model, chosen, options=options)
 
 
 __all__ = ["apply_budget", "first_batch"]

@@ -2,11 +2,12 @@
 
 Snapshots: ``on_save`` (whenever the Trainer saves, by ``save_strategy``/``save_steps``) and/or
 every ``every_n_steps`` optimizer steps (``on_step_end``; then ``save_strategy="no"`` skips
-HF's own synchronous checkpoint entirely). Each snapshot holds the unwrapped model, the real
-optimizer (under accelerate's ``AcceleratedOptimizer``), the LR scheduler, the RNG states and
-the ``TrainerState`` as JSON (``extra["trainer_state"]``), which ``resume`` turns back into a
-Trainer resume. ``save`` only captures references; the copy to host runs while the next
-forward/backward do, and is fenced before the next optimizer step by two hooks:
+HF's own synchronous checkpoint entirely), and with ``save_at_end`` at the last step. Each
+snapshot holds the unwrapped model, the real optimizer (under accelerate's
+``AcceleratedOptimizer``), the LR scheduler, the RNG states and the ``TrainerState`` as JSON
+(``extra["trainer_state"]``), which ``resume`` turns back into a Trainer resume. ``save`` only
+captures references; the copy to host runs while the next forward/backward do, and is fenced
+before the next optimizer step by two hooks:
 
 - the checkpointer's own step pre-hook, registered on the optimizer it was given (the inner
   one, whose ``step`` the wrapper calls, so it fires on every real step);
@@ -60,11 +61,14 @@ class MemoptCallback(TrainerCallback):
     """Async memopt snapshots in ``checkpoint_dir`` (``keep`` newest) plus memory logs.
 
     ``on_hf_save``: snapshot when the Trainer saves. ``every_n_steps``: snapshot every n
-    optimizer steps regardless. ``checkpoint_options``: ``memopt.checkpoint.CheckpointConfig``
-    fields (``fsync=False`` for tests, ``max_inflight``, ...). ``activation_budget`` and
-    ``activation_options`` (``memopt.activations.plan`` keywords): see the module docstring.
-    The checkpointer is created in
-    ``on_train_begin`` (after the Trainer set up the process group), or pass ``checkpointer=``.
+    optimizer steps regardless. ``save_at_end``: snapshot the last step (``max_steps``) too,
+    even when the Trainer does not save (``save_strategy="no"``). ``checkpoint_options``:
+    ``memopt.checkpoint.CheckpointConfig`` fields (``fsync=False`` for tests,
+    ``max_inflight``, ...). ``activation_budget`` and ``activation_options``
+    (``memopt.activations.plan`` keywords, and ``options``: the ``ActivationOptions`` given to
+    ``apply``, e.g. ``nvme=`` for ``tier="nvme"``): see the module docstring. The
+    checkpointer is created in ``on_train_begin`` (after the Trainer set up the process
+    group), or pass ``checkpointer=``.
     """
 
     def __init__(
@@ -74,13 +78,14 @@ class MemoptCallback(TrainerCallback):
         *,
         every_n_steps: int | None = None,
         on_hf_save: bool = True,
+        save_at_end: bool = False,
         log_memory: bool = True,
         checkpointer: AsyncCheckpointer | None = None,
         activation_budget: int | str | None = None,
         activation_options: dict[str, Any] | None = None,
         **checkpoint_options: Any,
     ) -> None:
-        snaps = every_n_steps or on_hf_save
+        snaps = every_n_steps or on_hf_save or save_at_end
         if checkpoint_dir is None and checkpointer is None and snaps:
             raise ValueError(
                 "MemoptCallback: pass checkpoint_dir=... (or checkpointer=...) to take snapshots, "
@@ -94,6 +99,7 @@ class MemoptCallback(TrainerCallback):
         self.keep = keep
         self.every_n_steps = every_n_steps
         self.on_hf_save = on_hf_save
+        self.save_at_end = save_at_end
         self.log_memory = log_memory
         self.checkpoint_options = checkpoint_options
         self.checkpointer = checkpointer
@@ -105,6 +111,13 @@ class MemoptCallback(TrainerCallback):
         self.resumed_step: int | None = None  # set by ``resume``
 
     # -- checkpointer ---------------------------------------------------------------------
+    @property
+    def directory(self) -> str | None:
+        """The snapshot directory: ``checkpoint_dir``, or the given ``checkpointer``'s."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        return None if self.checkpointer is None else str(self.checkpointer.directory)
+
     def ensure_checkpointer(self) -> AsyncCheckpointer | None:
         if self.checkpointer is None and self.checkpoint_dir is not None:
             self.checkpointer = AsyncCheckpointer(
@@ -145,7 +158,7 @@ class MemoptCallback(TrainerCallback):
         if self.resumed_step is not None:
             log.warning(
                 "memopt: resumed from snapshot step %d in %s (trainer global_step %d)",
-                self.resumed_step, self.checkpoint_dir, state.global_step,
+                self.resumed_step, self.directory, state.global_step,
             )  # fmt: skip
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -154,7 +167,8 @@ class MemoptCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         n = self.every_n_steps
-        if n is not None and state.global_step % n == 0:
+        last = self.save_at_end and bool(state.max_steps) and state.global_step >= state.max_steps
+        if last or (n is not None and state.global_step % n == 0):
             self.snapshot(state, kw.get("model"), kw.get("optimizer"), kw.get("lr_scheduler"))
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

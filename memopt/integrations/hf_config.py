@@ -3,11 +3,20 @@
 
 ``training_arguments(config)`` gives the ``transformers.TrainingArguments`` keywords the Config
 owns (learning rate, weight decay, betas, eps, clipping, warm-up, schedule, steps, batch size,
-accumulation), so the Trainer runs the same schedule as ``memopt run``; HF's own arguments
-(output directory, logging, ...) are added by the caller. ``trainer_options(config)`` gives the
-``MemoptTrainer`` keywords (``memopt_optimizer``, ``memopt_options``, ``memopt_shard``) and the
+accumulation, ``train.seed`` -> ``seed``, ``train.log_every`` -> ``logging_steps``), so the
+Trainer runs the same schedule as ``memopt run``; HF's own arguments (output directory, ...)
+are added by the caller. With sharding (stage >= 1, an offload tier or fp32 master weights)
+it also sets ``save_strategy="no"``: HF's ``optimizer.pt`` would hold rank 0's shard only, so
+memopt's snapshots (every ``checkpoint.every_n_steps`` and at the last step) are the
+checkpoints. ``trainer_options(config)`` gives the ``MemoptTrainer`` keywords
+(``memopt_optimizer``, ``memopt_options``, ``memopt_shard``, ``memopt_resume``) and the
 ``MemoptCallback`` for the checkpoint and activation sections; ``MemoptTrainer.from_config``
 does both. In a Trainer HF builds the scheduler and clips, from these arguments.
+
+The low-rank keywords (and ``optimizer.rank``'s null default: 128, or 1 for APOLLO-Mini) come
+from ``memopt.config.build.low_rank_options``, the function ``memopt.setup`` uses.
+``checkpoint.resume`` (default true) makes ``MemoptTrainer.train()`` resume from the newest
+snapshot in ``checkpoint.directory`` when there is one, as ``memopt run`` does.
 
 Config keys the Trainer path cannot honour raise a ``ValueError`` naming them, rather than
 being dropped: ``optimizer.in_backward``, ``activations.policy`` / ``policies`` (the callback
@@ -22,7 +31,7 @@ import dataclasses
 from typing import Any
 
 from memopt.config import Config
-from memopt.config.build import shard_config
+from memopt.config.build import low_rank_options, shard_config
 
 __all__ = ["trainer_options", "training_arguments"]
 
@@ -44,7 +53,13 @@ def training_arguments(config: Config) -> dict[str, Any]:
         "max_steps": t.steps,
         "per_device_train_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
+        "seed": t.seed,
+        "logging_steps": t.log_every,
     }
+    if _shard_options(config) is not None:
+        # HF's optimizer.pt would hold rank 0's shard only (MemoptTrainer refuses it): the
+        # checkpoints are memopt's snapshots (MemoptCallback, every_n_steps and the last step)
+        kw["save_strategy"] = "no"
     if o.schedule == "cosine":
         kw["lr_scheduler_kwargs"] = {"min_lr_rate": o.min_lr_ratio}
     if o.eps is not None:
@@ -54,18 +69,20 @@ def training_arguments(config: Config) -> dict[str, Any]:
 
 def trainer_options(config: Config) -> dict[str, Any]:
     """``MemoptTrainer`` keywords for ``config``: ``memopt_optimizer``, ``memopt_options``,
-    ``memopt_shard`` (None below stage 1 without offload) and ``callbacks`` (a
-    ``MemoptCallback`` when a snapshot directory or an activation budget is set)."""
+    ``memopt_shard`` (None at stage 0 without offload or master weights), ``memopt_resume``
+    (``checkpoint.resume`` with a directory) and ``callbacks`` (a ``MemoptCallback`` when a
+    snapshot directory or an activation budget is set)."""
     _refuse(config)
     from memopt.integrations.hf_callback import MemoptCallback
 
+    ck, ac = config.checkpoint, config.activations
     out: dict[str, Any] = {
         "memopt_optimizer": config.optimizer.name,
         "memopt_options": _optimizer_options(config),
         "memopt_shard": _shard_options(config),
+        "memopt_resume": bool(ck.directory) and ck.resume,
         "callbacks": [],
     }
-    ck, ac = config.checkpoint, config.activations
     if ck.directory or ac.budget:
         out["callbacks"].append(
             MemoptCallback(
@@ -73,12 +90,26 @@ def trainer_options(config: Config) -> dict[str, Any]:
                 keep=ck.keep,
                 every_n_steps=ck.every_n_steps or None,
                 on_hf_save=bool(ck.directory),
+                save_at_end=bool(ck.directory),
                 fsync=ck.fsync,
                 activation_budget=ac.budget,
-                activation_options={"actions": ac.actions, "tier": ac.tier} if ac.budget else None,
+                activation_options=_activation_options(config) if ac.budget else None,
             )
         )
     return out
+
+
+def _activation_options(config: Config) -> dict[str, Any]:
+    """``MemoptCallback.activation_options``: the planner's keywords, and ``options`` (the
+    ``ActivationOptions`` of ``apply``) carrying ``activations.nvme_path``."""
+    ac = config.activations
+    opts: dict[str, Any] = {"actions": ac.actions, "tier": ac.tier}
+    if ac.nvme_path:
+        from memopt.activations import ActivationOptions
+        from memopt.offload.nvme_file import NVMeConfig
+
+        opts["options"] = ActivationOptions(nvme=NVMeConfig(directory=ac.nvme_path))
+    return opts
 
 
 def _optimizer_options(config: Config) -> dict[str, Any]:
@@ -86,16 +117,7 @@ def _optimizer_options(config: Config) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if o.name != "adamw":
         opts["target"] = o.target
-        opts["update_proj_gap"] = o.update_proj_gap
-        if o.name == "frugal":
-            opts["density"] = o.density
-        elif o.rank is not None:
-            opts["rank"] = o.rank
-        for key in ("scale", "proj"):
-            if getattr(o, key) is not None:
-                opts[key] = getattr(o, key)
-        if o.matmul_dtype != "auto":
-            opts["matmul_dtype"] = o.matmul_dtype
+        opts.update(low_rank_options(o))
     if o.state_dtype != "auto":
         opts["optimizer_kwargs"] = {"state_dtype": o.state_dtype}
     return opts

@@ -13,6 +13,9 @@ them explicitly:
   ``eps = args.adam_epsilon`` and ``weight_decay = args.weight_decay`` (0 for the no-decay
   group), unless the caller set that key in ``group_overrides``.
 
+Without ``rank`` (FRUGAL: ``density``) the low-rank group takes ``memopt.Config``'s defaults
+(``memopt.config.build.default_rank``: 128, APOLLO-Mini 1; density 0.25).
+
 The LR scheduler stays HF's (``create_scheduler`` wraps whatever optimizer this returns), so
 warmup and decay apply to every group. ``args`` is duck-typed: any object with those fields.
 """
@@ -70,6 +73,22 @@ def _full_state_groups(model: nn.Module) -> list[dict[str, Any]]:
     return groups
 
 
+def _with_defaults(name: str, low_rank: dict[str, Any]) -> dict[str, Any]:
+    """``rank`` (or FRUGAL's ``density``) when not given: the ``memopt.Config`` defaults
+    (``memopt.config.build.default_rank``: 128, APOLLO-Mini 1; density 0.25), so
+    ``MemoptTrainer()`` with its default ``"galore"`` and no options builds an optimizer."""
+    from memopt.config.build import default_rank
+    from memopt.config.sections import OptimizerConfig
+
+    out = dict(low_rank)
+    if name == "frugal":
+        if out.get("density") is None and out.get("rank") is None:
+            out["density"] = OptimizerConfig().density
+    elif out.get("rank") is None:
+        out["rank"] = default_rank(name)
+    return out
+
+
 def hf_param_groups(
     model: nn.Module,
     args: Any,
@@ -93,6 +112,7 @@ def hf_param_groups(
             )
         groups = _full_state_groups(model)
     else:
+        low_rank = _with_defaults(name, low_rank)
         groups = mo.param_groups(
             model, target, exclude=exclude, weight_decay=1.0, **low_rank
         )  # 1.0 marks the decayed groups; the real value is set below

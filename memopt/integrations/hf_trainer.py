@@ -130,20 +130,23 @@ def resume(
     """Prepare ``trainer`` to resume from a memopt snapshot; returns the directory to pass as
     ``trainer.train(resume_from_checkpoint=...)``, or None when there is no snapshot yet.
 
-    ``checkpoint_dir`` defaults to the ``MemoptCallback``'s; ``step`` to the newest published
+    ``checkpoint_dir`` defaults to the ``MemoptCallback``'s (its ``checkpoint_dir``, or the
+    directory of the ``checkpointer=`` it was given); ``step`` to the newest published
     snapshot. Call it on every rank, before ``train``.
     """
     cb = find_callback(trainer)
     directory = checkpoint_dir
     if directory is None and cb is not None:
-        directory = cb.checkpoint_dir
+        directory = cb.directory
     if directory is None:
         raise ValueError(
             "memopt resume: pass checkpoint_dir=... or add a MemoptCallback(checkpoint_dir=...) "
-            "to the Trainer"
+            "(or MemoptCallback(checkpointer=...)) to the Trainer"
         )
-    directory = os.fspath(directory)
-    ckpt = cb.ensure_checkpointer() if cb is not None and cb.checkpoint_dir == directory else None
+    directory = os.path.abspath(os.fspath(directory))
+    ckpt = None
+    if cb is not None and cb.directory is not None and os.path.abspath(cb.directory) == directory:
+        ckpt = cb.ensure_checkpointer()  # the callback's own: its keep / fsync options
     ckpt = ckpt or AsyncCheckpointer(directory)
     if step is None:
         step = ckpt.latest()
@@ -178,8 +181,12 @@ class MemoptTrainer(Trainer):
     ``memopt_optimizer``: ``"galore"``, ``"apollo"``, ``"apollo_mini"``, ``"frugal"``,
     ``"natural_galore"`` or ``"adamw"``; ``memopt_options``: its keywords (``rank=128``,
     ``target="attn|mlp"``, ``update_proj_gap=200``, ``optimizer_kwargs={...}``, ...).
+    With no options, ``"galore"`` (the default) and the other rank-taking optimizers use
+    ``optimizer.rank``'s Config default (128; APOLLO-Mini 1), FRUGAL ``density=0.25``.
     ``train(resume_from_checkpoint="memopt")`` resumes from the ``MemoptCallback``'s newest
-    snapshot (``resume``); any other value behaves as in ``Trainer``.
+    snapshot (``resume``); any other value behaves as in ``Trainer``. ``memopt_resume=True``
+    (``checkpoint.resume`` in ``from_config``) makes ``"memopt"`` the default of ``train()``
+    (``resume_from_checkpoint=False`` then starts from step 0).
 
     ``memopt_shard={"stage": 2, ...}`` (keywords of ``memopt.shard``): memopt partitions the
     optimizer state and gradients over the ranks instead of DDP. The model then goes through
@@ -195,8 +202,10 @@ class MemoptTrainer(Trainer):
         memopt_optimizer: str = "galore",
         memopt_options: dict[str, Any] | None = None,
         memopt_shard: dict[str, Any] | None = None,
+        memopt_resume: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.memopt_resume = memopt_resume
         self.memopt_optimizer = memopt_optimizer
         self.memopt_options = dict(memopt_options or {})
         self.memopt_shard = None if memopt_shard is None else dict(memopt_shard)
@@ -224,7 +233,9 @@ class MemoptTrainer(Trainer):
         snapshots and activation budget from the Config; ``args`` (``TrainingArguments``)
         default to the Config's hyper-parameters, schedule and steps
         (``training_arguments(config)``) with ``output_dir``; other ``kwargs`` (``model``,
-        ``train_dataset``, ``callbacks``, ...) go to the Trainer."""
+        ``train_dataset``, ``callbacks``, ...) go to the Trainer. With ``checkpoint.resume``
+        (the default) and ``checkpoint.directory``, ``train()`` resumes from the newest
+        snapshot there, if any."""
         from transformers import TrainingArguments
 
         from memopt.integrations.hf_config import trainer_options, training_arguments
@@ -256,6 +267,8 @@ class MemoptTrainer(Trainer):
     def train(  # type: ignore[override]
         self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
     ) -> Any:
+        if resume_from_checkpoint is None and self.memopt_resume:
+            resume_from_checkpoint = "memopt"
         if resume_from_checkpoint == "memopt":
             resume_from_checkpoint = resume(self)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
