@@ -336,11 +336,8 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
                 f"got {device!r}"
             )
         for knob in sorted(k for k in sub if k in _OFFLOAD_TUNING[key]):
-            _warn(
-                f"{key}.{knob}",
-                f"zero_optimization.{key}.{knob} has no effect in memopt (its offload pipeline "
-                "and buffers are sized from the tensors; docs/shard.md)",
-            )
+            _warn(f"{key}.{knob}", f"zero_optimization.{key}.{knob} has no effect in memopt "
+                  "(its offload pipeline and buffers are sized from the tensors)")  # fmt: skip
         pin_memory = sub.get("pin_memory", True if pin is None else pin)
         if not isinstance(pin_memory, bool):
             raise ValueError(

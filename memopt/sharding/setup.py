@@ -37,13 +37,7 @@ def apply_sharding(
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group`` (stage 3: shard the
     model with FSDP2 and return an ``FSDPOptimizer``); see memopt.shard."""
-    if getattr(optimizer, "_memopt_in_backward", False):
-        raise ValueError(
-            "memopt.shard: this optimizer runs inside the backward (memopt.optim."
-            "step_in_backward), where each parameter is updated from the local gradient before "
-            "any reduction across ranks, and the sharded optimizer's tiers and shards are never "
-            "used; remove() the step_in_backward handle first, or train without sharding"
-        )
+    _check_not_in_backward(optimizer)
     if fsdp is not None and config.stage != 3:
         raise ValueError(
             f"memopt.shard: fsdp= options apply to stage 3 only, got stage {config.stage}"
@@ -76,17 +70,7 @@ def apply_sharding(
     if own_state and config.offload is not None:  # every stage, before hooks or FSDP2 units
         check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
-        try:
-            _check_offload(optimizer, config, own_state)
-        except NotImplementedError as e:
-            if config.stage != 3:
-                raise
-            raise NotImplementedError(
-                f"{e}. At stage 3 any optimizer's state can be offloaded per FSDP2 unit, but "
-                "without a process group stage 3 runs the plain one-rank path, which has only "
-                "the optimizers above; initialize torch.distributed (a one-rank group is "
-                "enough: torchrun --nproc_per_node 1) to use FSDP2's"
-            ) from e
+        _check_offload(optimizer, config, own_state)
     error: Exception | None = None
     try:
         _check_local(model, optimizer, comm)
@@ -125,8 +109,28 @@ def apply_sharding(
     return model, sharded
 
 
+def _check_not_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    if getattr(optimizer, "_memopt_in_backward", False):
+        raise ValueError(
+            "memopt.shard: this optimizer runs inside the backward (memopt.optim."
+            "step_in_backward), where each parameter is updated from the local gradient before "
+            "any reduction across ranks, and the sharded optimizer's tiers and shards are never "
+            "used; remove() the step_in_backward handle first, or train without sharding"
+        )
+
+
 def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, own_state: bool) -> None:
-    check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
+    try:
+        check_offloadable(optimizer)  # the same answer on every rank: no agreement needed
+    except NotImplementedError as e:
+        if config.stage != 3:
+            raise
+        raise NotImplementedError(
+            f"{e}. At stage 3 any optimizer's state can be offloaded per FSDP2 unit, but "
+            "without a process group stage 3 runs the plain one-rank path, which has only "
+            "the optimizers above; initialize torch.distributed (a one-rank group is "
+            "enough: torchrun --nproc_per_node 1) to use FSDP2's"
+        ) from e
     if not own_state and config.master_dtype not in (None, torch.float32):
         raise ValueError(
             f"memopt.shard: with offload= the master weights are fp32 on the tier; "
