@@ -87,6 +87,11 @@ def build_optimizer(model: nn.Module, oc: OptimizerConfig) -> torch.optim.Optimi
     return _CLASSES[oc.name](optimizer_groups(model, oc), **kwargs)
 
 
+def default_eps(name: str) -> float:
+    """The eps the optimizer ``name`` uses when ``optimizer.eps`` is null (its own default)."""
+    return float(_CLASSES[name].base_defaults["eps"])  # type: ignore[attr-defined]
+
+
 def lr_lambda(oc: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of ``lr`` at a step: warm-up, then cosine to ``min_lr_ratio`` (or constant)."""
     warm, floor = oc.warmup_steps, oc.min_lr_ratio

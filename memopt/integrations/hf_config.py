@@ -3,12 +3,14 @@
 
 ``training_arguments(config)`` gives the ``transformers.TrainingArguments`` keywords the Config
 owns (learning rate, weight decay, betas, eps, clipping, warm-up, schedule, steps, batch size,
-accumulation, ``train.seed`` -> ``seed``, ``train.log_every`` -> ``logging_steps``), so the
-Trainer runs the same schedule as ``memopt run``; HF's own arguments (output directory, ...)
-are added by the caller. With sharding (stage >= 1, an offload tier or fp32 master weights)
-it also sets ``save_strategy="no"``: HF's ``optimizer.pt`` would hold rank 0's shard only, so
-memopt's snapshots (every ``checkpoint.every_n_steps`` and at the last step) are the
-checkpoints. ``trainer_options(config)`` gives the ``MemoptTrainer`` keywords
+accumulation, ``train.seed`` -> ``seed``, ``train.log_every`` -> ``logging_steps``; a null
+``optimizer.eps`` becomes the optimizer's own default, as ``memopt.setup`` leaves it), and
+``MemoptTrainer.from_config`` replaces HF's scheduler by ``memopt run``'s (its warm-up starts
+at lr / (w + 1), HF's at 0), so both run the same schedule step for step; HF's own arguments
+(output directory, ...) are added by the caller. With sharding (stage >= 1, an offload tier
+or fp32 master weights) it also sets ``save_strategy="no"``: HF's ``optimizer.pt`` would hold
+rank 0's shard only, so memopt's snapshots (every ``checkpoint.every_n_steps`` and at the
+last step) are the checkpoints. ``trainer_options(config)`` gives the ``MemoptTrainer`` keywords
 (``memopt_optimizer``, ``memopt_options``, ``memopt_shard``, ``memopt_resume``) and the
 ``MemoptCallback`` for the checkpoint and activation sections; ``MemoptTrainer.from_config``
 does both. In a Trainer HF builds the scheduler and clips, from these arguments.
@@ -31,7 +33,7 @@ import dataclasses
 from typing import Any
 
 from memopt.config import Config
-from memopt.config.build import low_rank_options, shard_config
+from memopt.config.build import default_eps, low_rank_options, shard_config
 
 __all__ = ["trainer_options", "training_arguments"]
 
@@ -62,8 +64,8 @@ def training_arguments(config: Config) -> dict[str, Any]:
         kw["save_strategy"] = "no"
     if o.schedule == "cosine":
         kw["lr_scheduler_kwargs"] = {"min_lr_rate": o.min_lr_ratio}
-    if o.eps is not None:
-        kw["adam_epsilon"] = o.eps
+    # null: the optimizer's own default, as memopt.setup leaves it (not HF's 1e-8)
+    kw["adam_epsilon"] = o.eps if o.eps is not None else default_eps(o.name)
     return kw
 
 

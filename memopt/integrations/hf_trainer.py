@@ -238,15 +238,30 @@ class MemoptTrainer(Trainer):
         snapshot there, if any."""
         from transformers import TrainingArguments
 
+        from memopt.config.build import lr_lambda
         from memopt.integrations.hf_config import trainer_options, training_arguments
 
         options = trainer_options(config)
         callbacks = list(kwargs.pop("callbacks", None) or []) + options.pop("callbacks")
-        if args is None:
+        derived = args is None
+        if derived:
             args = TrainingArguments(
                 output_dir=output_dir or "memopt-trainer", **training_arguments(config)
             )
-        return cls(args=args, callbacks=callbacks, **options, **kwargs)
+        trainer = cls(args=args, callbacks=callbacks, **options, **kwargs)
+        if derived:  # memopt run's schedule (its warm-up starts at lr / (w + 1), HF's at 0)
+            trainer._memopt_lr_lambda = lr_lambda(config.optimizer, config.train.steps)
+        return trainer
+
+    _memopt_lr_lambda: Any = None
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self._memopt_lr_lambda is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        opt = self.optimizer if optimizer is None else optimizer
+        assert opt is not None  # (HF creates the optimizer first)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self._memopt_lr_lambda)
+        return self.lr_scheduler
 
     def _sync_replicated_trainable_parameters(self, model: Any) -> None:
         if self.memopt_shard is None:

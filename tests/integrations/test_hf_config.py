@@ -183,3 +183,31 @@ def test_resume_finds_the_snapshots_of_a_given_checkpointer(tmp_path) -> None:
     assert seen.steps == [3, 4] and cb.resumed_step == 2
     assert cb.checkpointer is not None and cb.checkpointer.steps() == [2, 4]
     cb.close()
+
+
+class _LR(TrainerCallback):
+    def __init__(self) -> None:
+        self.lr: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.lr.append(kw["optimizer"].param_groups[0]["lr"])
+
+
+def test_from_config_runs_memopt_runs_eps_and_schedule(tmp_path) -> None:
+    """One Config, two paths: the Trainer gets the optimizer's own eps when optimizer.eps is
+    null (GaLore 1e-6, not HF's 1e-8) and memopt run's warm-up and cosine, step for step."""
+    import memopt
+    from memopt.config.build import lr_lambda
+
+    cfg = _cfg(tmp_path, optimizer={"name": "galore", "rank": 8, "lr": 1e-3, "warmup_steps": 3},
+               train={"steps": 8})  # fmt: skip
+    lam = lr_lambda(cfg.optimizer, cfg.train.steps)
+    expect = [1e-3 * lam(i) for i in range(cfg.train.steps)]
+    rec = _LR()
+    t = _quiet(MemoptTrainer.from_config(cfg, output_dir=str(tmp_path), model=tiny_llama(0),
+                                         train_dataset=Tokens(), callbacks=[rec]))  # fmt: skip
+    t.train()
+    assert unwrap_optimizer(t.optimizer).param_groups[0]["eps"] == 1e-6
+    assert rec.lr == pytest.approx(expect, rel=1e-12)
+    s = memopt.setup(tiny_llama(0), cfg)
+    assert s.optimizer.param_groups[0]["eps"] == 1e-6
