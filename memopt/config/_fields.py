@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -232,6 +233,6 @@ def positive(section: Any, prefix: str, *names: str, zero_ok: bool = False) -> N
         v = getattr(section, name)
         if v is None:
             continue
-        if v < 0 or (v == 0 and not zero_ok):
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
             bound = ">= 0" if zero_ok else "> 0"
-            raise ValueError(f"config key '{prefix}.{name}' must be {bound}, got {v!r}")
+            raise ValueError(f"config key '{prefix}.{name}' must be finite and {bound}, got {v!r}")

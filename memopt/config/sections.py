@@ -57,6 +57,14 @@ class OptimizerConfig:
         check_fields(self, "optimizer")
         positive(self, "optimizer", "lr", "rank", "update_proj_gap", "scale")
         positive(self, "optimizer", "weight_decay", "warmup_steps", "min_lr_ratio", zero_ok=True)
+        positive(self, "optimizer", "eps", zero_ok=True)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(
+                f"config key 'optimizer.betas' must each lie in [0, 1), got {self.betas}")
+        if self.min_lr_ratio > 1.0:
+            raise ValueError(
+                f"config key 'optimizer.min_lr_ratio' is a fraction of lr in [0, 1], got "
+                f"{self.min_lr_ratio}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(
                 f"config key 'optimizer.density' must lie in (0, 1], got {self.density}")

@@ -70,6 +70,11 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("train=3", "section and a key"),
         ("optimizer.lr", "key=value"),
         ("sharding.offload=nvme", "sharding.nvme_path"),
+        ("optimizer.lr=.nan", "'optimizer.lr' must be finite"),
+        ("optimizer.lr=.inf", "'optimizer.lr' must be finite"),
+        ("optimizer.betas=[0.9,1.5]", "'optimizer.betas' must each lie in [0, 1)"),
+        ("optimizer.eps=-1", "'optimizer.eps'"),
+        ("optimizer.min_lr_ratio=2", "'optimizer.min_lr_ratio' is a fraction"),
     ],
 )
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
