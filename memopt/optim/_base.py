@@ -20,9 +20,10 @@ and ``state_dict`` behave as users expect. What it adds:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -70,6 +71,34 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         self._projectors: dict[tuple[Any, ...], Projector] = {}
         self._prefetched: dict[int, tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults)
+
+    # -- copy / pickle ---------------------------------------------------------------
+    #: Per-process caches, rebuilt on demand (not copied or pickled).
+    _CACHES: ClassVar[frozenset[str]] = frozenset(
+        {"_projectors", "_prefetched", "_meta_table", "_meta_sig", "_active_cache"}
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch keeps defaults, state and param_groups; memopt's own settings (the seed,
+        APOLLO's options, flags) travel too, so ``copy.deepcopy`` and pickle give an
+        optimizer that steps like the original. Hooks and caches do not (as in torch)."""
+        state = super().__getstate__()
+        for k, v in self.__dict__.items():
+            if k in state or k in self._CACHES or k.startswith("_optimizer_"):
+                continue
+            if callable(v) or k == "_memopt_row_projectors":  # a wrapper's method overrides
+                continue
+            state[k] = v
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_projectors", {})
+        self.__dict__.setdefault("_prefetched", {})
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        """Subclasses with caches of their own set them here (also after unpickling)."""
 
     # -- groups --------------------------------------------------------------------
     def is_low_rank(self, group: dict[str, Any]) -> bool:
@@ -130,6 +159,10 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
+        with autocast_off():
+            return self._step(loss)
+
+    def _step(self, loss: Any) -> Any:
         self._prefetch_refreshes()
         meta = self._meta()
         try:
@@ -174,7 +207,8 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         group, m = meta
         assert p.grad is not None
         check_grad(p.grad, m.label)
-        self.step_param(p, group, self._init_state(p, group, m), m.label)
+        with autocast_off():
+            self.step_param(p, group, self._init_state(p, group, m), m.label)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], m: ParamMeta) -> dict[str, Any]:
         state = self.state[p]
@@ -361,6 +395,19 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
                         "from a model whose shapes differ, or its parameters were passed in "
                         "another order; nothing was loaded"
                     )
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """No autocast inside an optimizer step: under a training loop's ``torch.autocast`` the
+    projection GEMMs ran in fp16/bf16 and created fp16 moments for fp32 parameters (GaLore
+    moved 9x, FRUGAL 145x too far in 4 fp16 steps). torch's own optimizers are elementwise,
+    which autocast leaves alone."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def matrix_shape(p: Tensor) -> tuple[int, int]:

@@ -94,8 +94,11 @@ class FrugalAdamW(MemoptOptimizer):
             inactive_lr_scale=inactive_lr_scale,
             state_free=False,
         )
-        self._active_cache: dict[tuple[int, int, int], set[int]] = {}
+        self._init_caches()
         super().__init__(params, defaults, seed=seed)
+
+    def _init_caches(self) -> None:
+        self._active_cache: dict[tuple[int, int, int], set[int]] = {}
 
     def projector(self, group: dict[str, Any]) -> Projector:
         if group[self.proj_key] == "block":
