@@ -28,6 +28,7 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim import kernels
+from memopt.optim.projection import writable_matrix
 
 if TYPE_CHECKING:
     from memopt.optim._base import ParamMeta
@@ -123,5 +124,5 @@ def _finish(items: list[_Item], group: dict[str, Any]) -> None:
 
 
 def _write(it: _Item, factor: Tensor, alpha: float | Tensor, keep: float) -> None:
-    w = it.p if it.p.dim() == 2 else it.p.view(it.p.shape[0], -1)
-    kernels.scaled_update_(w, it.g, factor, alpha, keep)
+    with writable_matrix(it.p) as w:
+        kernels.scaled_update_(w, it.g, factor, alpha, keep)

@@ -156,7 +156,8 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         return proj
 
     # -- the step ------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.compiler.disable  # a compiled training step runs the update eagerly (a graph
+    @torch.no_grad()  # break): Dynamo could not trace the bookkeeping and native calls
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
         with autocast_off():

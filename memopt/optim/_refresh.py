@@ -80,17 +80,18 @@ class RefreshMixin:
     def _prefetch_refreshes(self) -> None:
         """Compute this step's due refreshes in batches of same-shape matrices.
 
-        The results wait in ``self._prefetched`` for ``refresh_if_due``. A batch whose
-        gradients are not all finite is skipped, so the per-parameter path raises with
-        the offending parameter's name.
+        The results wait in ``self._prefetched`` for ``refresh_if_due``. First, every due
+        refresh's gradient is checked for non-finite values, so such a step raises before
+        any parameter changes.
         """
         meta = self._meta()
         for group in self.param_groups:
             if not self.is_low_rank(group):
                 continue
             proj = self.projector(group)
-            if not getattr(proj, "batchable", False):
+            if proj is None:  # (FRUGAL's block mode)
                 continue
+            batch = getattr(proj, "batchable", False)
             buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
             for p in group["params"]:
                 if p.grad is None or p.dim() < 2:
@@ -98,8 +99,11 @@ class RefreshMixin:
                 state = self._init_state(p, group, meta[id(p)][1])
                 if self._refresh_due(state, group):
                     g = self.grad_matrix(p, group)
-                    key = (tuple(g.shape), g.dtype, g.device)
-                    buckets.setdefault(key, []).append((p, g, state))
+                    # before any parameter of the step changes (the docs: nothing is written)
+                    self._check_finite(proj, g, state["step"], meta[id(p)][1].label)
+                    if batch:
+                        key = (tuple(g.shape), g.dtype, g.device)
+                        buckets.setdefault(key, []).append((p, g, state))
             for items in buckets.values():
                 for chunk in _chunks(items, MAX_BATCH_BYTES):
                     if len(chunk) > 1:

@@ -35,7 +35,7 @@ from torch import Tensor
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim._base import MemoptOptimizer
-from memopt.optim.projection import Projector, mix_seed
+from memopt.optim.projection import Projector, mix_seed, writable_matrix
 
 FRUGAL_BASE: dict[str, Any] = {
     "lr": 1e-3,
@@ -224,17 +224,17 @@ class FrugalAdamW(MemoptOptimizer):
         proj = self.projector(group)
         low = proj.project(state, g)
         lr_p = group["lr"] * group["proj_params_lr_scale"]
-        w = p if p.dim() == 2 else p.view(p.shape[0], -1)
         rule = group["inactive_update_rule"]
-        if rule != "none" and not _whole_space(state):
-            # (a subspace that is the whole space leaves a residual of round-off, which
-            # sign_sgd would turn into a full step of +-lr on every entry)
-            residual = g.clone()
-            proj.apply_update(state, low, residual, alpha=-1.0)
-            out = residual.sign_() if rule == "sign_sgd" else residual  # our own copy
-            w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
         direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="torch", lr=lr_p)
-        proj.apply_update(state, direction, w, alpha=-step_size)
+        with writable_matrix(p) as w:
+            if rule != "none" and not _whole_space(state):
+                # (a subspace that is the whole space leaves a residual of round-off, which
+                # sign_sgd would turn into a full step of +-lr on every entry)
+                residual = g.clone()
+                proj.apply_update(state, low, residual, alpha=-1.0)
+                out = residual.sign_() if rule == "sign_sgd" else residual  # our own copy
+                w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
+            proj.apply_update(state, direction, w, alpha=-step_size)
 
 
 def _whole_space(state: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from torch import Tensor
 from memopt.optim import _functional as F
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._galore_fused import fused_step, group_route
+from memopt.optim.projection import writable_matrix
 
 ADAMW_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
@@ -125,9 +126,5 @@ def write_update(
 ) -> None:
     """W <- (1 - lr wd) (W - step_size * project_back(low)), fused where the layout allows."""
     keep = 1.0 - group["lr"] * group["weight_decay"]
-    if p.dim() == 2 or p.is_contiguous():
-        w = p if p.dim() == 2 else p.view(p.shape[0], -1)
+    with writable_matrix(p) as w:  # (a copy written back when no 2-D view exists)
         proj.apply_update(state, low, w, alpha=-step_size * keep, beta=keep)
-    else:  # a non-contiguous >2-D parameter: no 2-D view of it exists
-        upd = proj.project_back(state, low).reshape(p.shape)
-        p.mul_(keep).add_(upd.to(p.dtype), alpha=-step_size * keep)

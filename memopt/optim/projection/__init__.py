@@ -11,6 +11,7 @@ from memopt.optim.projection.base import (
     as_matrix,
     mix_seed,
     resolve_side,
+    writable_matrix,
 )
 from memopt.optim.projection.dense import (
     DenseProjector,
@@ -48,6 +49,7 @@ def make_projector(name: str, **kwargs: Any) -> Projector:
 
 __all__ = [
     "PROJECTORS",
+    "writable_matrix",
     "PROJ_TYPES",
     "ColumnProjector",
     "CoordinateProjector",

@@ -20,7 +20,9 @@ shape in ``project_back`` and crashes on square projections):
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -69,6 +71,20 @@ def resolve_side(shape: tuple[int, int], proj_type: str) -> Side:
 def as_matrix(t: Tensor) -> Tensor:
     """View a tensor of 2 or more dims as a matrix (dim 0 x the rest), e.g. a conv kernel."""
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+@contextlib.contextmanager
+def writable_matrix(p: Tensor) -> Iterator[Tensor]:
+    """``p`` as an m x n matrix to update in place: a view when one exists, else (a
+    channels_last conv weight, say) a contiguous copy written back into ``p`` on exit."""
+    if p.dim() == 2:
+        yield p
+    elif p.is_contiguous():
+        yield p.view(p.shape[0], -1)
+    else:
+        w = p.reshape(p.shape[0], -1).clone()  # (reshape alone may return a view)
+        yield w
+        p.copy_(w.view(p.shape))
 
 
 class Projector(ABC):

@@ -1,0 +1,135 @@
+"""What training loops do around an optimizer: copy it (deepcopy, pickle), call its step
+inside ``torch.autocast`` or a ``torch.compile``d function, hand it channels_last conv
+weights. A copy used to lose memopt's own settings (the seed, APOLLO's options) and crash on
+its first step; under autocast the projection GEMMs ran in low precision and made fp16
+moments for fp32 weights (GaLore 9x, FRUGAL 145x too far); Dynamo failed inside the step;
+APOLLO and FRUGAL crashed on a weight with no 2-D view."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import memopt.optim as mo
+from tests.optim.test_param_dtypes import BUILDERS
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+
+
+def _grads(model: nn.Module, seed: int) -> None:
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(seed))
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+
+
+def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_copies_step_like_the_original(name: str) -> None:
+    warnings.simplefilter("ignore")
+    model = _model()
+    opt = BUILDERS[name](model, lr=1e-3)
+    for s in range(4):  # past a refresh (gap 3)
+        _grads(model, s)
+        opt.step()
+    buf = io.BytesIO()
+    pickle.dump(opt, buf)
+    copies = [copy.deepcopy(opt), pickle.loads(buf.getvalue())]
+    _grads(model, 9)
+    for other in copies:
+        for p, q in zip(_params(opt), _params(other), strict=True):
+            q.grad = None if p.grad is None else p.grad.clone()
+    opt.step()
+    for other in copies:
+        other.step()
+        for p, q in zip(_params(opt), _params(other), strict=True):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["galore svd", "apollo", "frugal svd", "natural galore"])
+@pytest.mark.parametrize("state_dtype", [None, "float32"])
+def test_step_inside_autocast_equals_outside(name: str, state_dtype: str | None) -> None:
+    warnings.simplefilter("ignore")
+    kw = {"lr": 1e-3} if state_dtype is None else {"lr": 1e-3, "state_dtype": state_dtype}
+    out = []
+    for inside in (False, True):
+        model = _model()
+        opt = BUILDERS[name](model, **kw)
+        for s in range(4):
+            _grads(model, s)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+        moments = [v for st in opt.state.values() for k, v in st.items() if k == "exp_avg"]
+        assert moments and all(m.dtype == torch.float32 for m in moments)
+        out.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)
+
+
+CONV = {"galore": mo.GaLoreAdamW, "apollo": mo.ApolloAdamW, "apollo-mini": mo.ApolloMini,
+        "frugal": mo.FrugalAdamW}  # fmt: skip
+LOW: dict[str, dict[str, object]] = {
+    "galore": {"rank": 2}, "apollo": {"rank": 2}, "apollo-mini": {"rank": 1},
+    "frugal": {"density": 0.25},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CONV))
+def test_channels_last_conv_weight_steps_like_a_contiguous_one(name: str) -> None:
+    """A channels_last conv weight has no 2-D view: APOLLO and FRUGAL crashed on .view; the
+    update now goes through a matrix copy written back, equal (same gradients) to the
+    contiguous case."""
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 8, 3, 3)
+    grads = [torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    out = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        w = nn.Parameter(w0.clone().to(memory_format=fmt))
+        opt = CONV[name]([{"params": [w], **LOW[name], "update_proj_gap": 3}], lr=1e-3)
+        for g in grads:
+            w.grad = g.clone().to(memory_format=fmt)
+            opt.step()
+        assert w.is_contiguous(memory_format=fmt)
+        out.append(w.detach().contiguous())
+    assert torch.equal(out[0], out[1])
+
+
+def test_compiled_training_step_runs_the_update_eagerly() -> None:
+    """torch.compile of a step function that calls opt.step(): Dynamo failed inside memopt's
+    bookkeeping; the step is now a graph break and runs eagerly, bit for bit."""
+    torch.manual_seed(0)
+    lin, ref = nn.Linear(32, 32), nn.Linear(32, 32)
+    ref.load_state_dict(lin.state_dict())
+
+    def make(m: nn.Linear) -> torch.optim.Optimizer:
+        return mo.GaLoreAdamW([{"params": [m.weight], "rank": 4}, {"params": [m.bias]}], lr=1e-3)
+
+    opt, ref_opt = make(lin), make(ref)
+
+    @torch.compile
+    def train_step(x: torch.Tensor) -> torch.Tensor:
+        loss = lin(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    for s in range(3):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(s))
+        train_step(x)
+        ref(x).square().mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert torch.equal(lin.weight, ref.weight)
