@@ -340,11 +340,22 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The load pre-hooks run first, as torch runs them, and what they return is what
+        # loads (memopt reads the dict before torch's load does, so it runs them itself).
+        pre = self._optimizer_load_state_dict_pre_hooks
+        for hook in pre.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         if self.check_loaded_shapes:
             self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
-        super().load_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for pid, p in zip(saved["params"], group["params"], strict=True):
                 if pid not in saved_state:

@@ -34,8 +34,10 @@ What the reference per-layer modes get wrong, and what happens here instead:
 Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
 already gone. The optimizer's step pre-hooks run when the first parameter of a step is
 about to be updated (an ``AsyncCheckpointer`` fences its copy to host there; without it a
-snapshot taken between backwards could mix values from two steps). A parameter whose hook
-fires twice in one backward (a module used twice under reentrant checkpointing) is an error.
+snapshot taken between backwards could mix values from two steps) and its post-hooks at the
+end of that backward; LR schedulers see the step as taken. A parameter whose hook fires
+twice in one backward (a module used twice under reentrant checkpointing) is an error. Not
+with an fp16 ``GradScaler``: the hooks would update with still-scaled gradients (use bf16).
 """
 
 from __future__ import annotations
@@ -117,6 +119,9 @@ class StepInBackward:
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        if self._stepped:  # a step happened: what optimizer.step() would run last
+            run_step_post_hooks(self.optimizer)
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]  # (LR schedulers check)
         self._stepped.clear()
         if self._is_last_micro_batch():
             norm = math.sqrt(float(self._sq_norm)) if self._sq_norm is not None else 0.0
@@ -147,6 +152,16 @@ def run_step_pre_hooks(optimizer: torch.optim.Optimizer) -> None:
     hooks = (
         *_torch_optimizer._global_optimizer_pre_hooks.values(),
         *optimizer._optimizer_step_pre_hooks.values(),
+    )
+    for hook in hooks:
+        hook(optimizer, (), {})
+
+
+def run_step_post_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """The step post-hooks ``optimizer.step()`` would run after the update."""
+    hooks = (
+        *_torch_optimizer._global_optimizer_post_hooks.values(),
+        *optimizer._optimizer_step_post_hooks.values(),
     )
     for hook in hooks:
         hook(optimizer, (), {})

@@ -149,6 +149,8 @@ def test_step_pre_hooks_run_once_per_step_before_any_update() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
     opt = AdamW(model.parameters(), lr=1e-2)
     seen: list[list[torch.Tensor]] = []
+    posts: list[int] = []
+    opt.register_step_post_hook(lambda *_: posts.append(len(seen)))
     opt.register_step_pre_hook(
         lambda *_: seen.append([p.detach().clone() for p in model.parameters()])
     )
@@ -164,6 +166,7 @@ def test_step_pre_hooks_run_once_per_step_before_any_update() -> None:
             assert not all(
                 torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)
             )
+    assert posts == [1, 2]  # once per step, after its pre-hook
     handle.remove()
 
 

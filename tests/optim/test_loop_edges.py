@@ -133,3 +133,28 @@ def test_compiled_training_step_runs_the_update_eagerly() -> None:
         ref_opt.step()
         ref_opt.zero_grad()
     assert torch.equal(lin.weight, ref.weight)
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore svd"])
+def test_load_state_dict_pre_hook_result_is_what_loads(name: str) -> None:
+    """A load pre-hook that returns a new dict (torch's documented contract): memopt read the
+    original before the hooks ran and loaded its tensors."""
+    warnings.simplefilter("ignore")
+    model = _model()
+    opt = BUILDERS[name](model, lr=1e-3)
+    for s in range(2):
+        _grads(model, s)
+        opt.step()
+    saved = opt.state_dict()
+
+    def zero_moments(_opt: torch.optim.Optimizer, sd: dict) -> dict:
+        sd = copy.deepcopy(sd)
+        for st in sd["state"].values():
+            st["exp_avg"] = torch.zeros_like(st["exp_avg"])
+        return sd
+
+    fresh = BUILDERS[name](_model(), lr=1e-3)
+    fresh.register_load_state_dict_pre_hook(zero_moments)
+    fresh.load_state_dict(saved)
+    assert all(bool((st["exp_avg"] == 0).all()) for st in fresh.state.values())
+    assert len(fresh._optimizer_load_state_dict_pre_hooks) == 1  # still registered
