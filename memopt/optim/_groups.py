@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector, lowp
 
 #: Keys torch.optim itself puts in groups, or that memopt's helpers add.
@@ -30,6 +32,12 @@ def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) ->
 def check_common(group: Mapping[str, Any], owner: str) -> None:
     """Checks shared by all memopt optimizers (learning rate, betas, eps, decay)."""
     lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(
+            f"{owner}: lr is a tensor ({lr!r}); memopt's optimizers take a Python float "
+            "(tensor learning rates are torch's capturable / compiled-step feature; pass "
+            "float(lr))"
+        )
     if not isinstance(lr, (int, float)) or lr < 0 or not math.isfinite(lr):
         raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
     betas = group.get("betas")

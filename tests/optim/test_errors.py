@@ -101,3 +101,11 @@ def test_low_rank_keys_on_adamw_and_density_on_mini_are_refused() -> None:
         mo.AdamW([{"params": [p], "rank": 8}])
     with pytest.raises(ValueError, match="APOLLO-Mini is rank=1"):
         mo.ApolloMini([{"params": [p], "density": 0.25}])
+
+
+def test_tensor_lr_is_refused_with_the_reason() -> None:
+    import memopt.optim as mo
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(TypeError, match="lr is a tensor.*float"):
+        mo.AdamW([p], lr=torch.tensor(1e-3))  # type: ignore[arg-type]
