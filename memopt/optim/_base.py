@@ -337,6 +337,7 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
             k: {n: v for n, v in st.items() if not n.startswith(CACHE_PREFIX)}
             for k, st in sd["state"].items()
         }
+        sd["memopt_optimizer"] = type(self).__name__  # checked on load
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -347,6 +348,13 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        saved_by = state_dict.get("memopt_optimizer")
+        if saved_by is not None and saved_by != type(self).__name__:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: this state dict was saved by "
+                f"{saved_by}; its state and group options do not carry over to "
+                f"{type(self).__name__}. Load it into a {saved_by}; nothing was loaded"
+            )
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         if self.check_loaded_shapes:

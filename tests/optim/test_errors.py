@@ -109,3 +109,23 @@ def test_tensor_lr_is_refused_with_the_reason() -> None:
     p = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.raises(TypeError, match="lr is a tensor.*float"):
         mo.AdamW([p], lr=torch.tensor(1e-3))  # type: ignore[arg-type]
+
+
+def test_state_dict_of_another_optimizer_class_is_refused() -> None:
+    """A GaLore state dict loaded into APOLLO or FRUGAL was accepted and failed at the next
+    step with a KeyError on a group option; now the load names both classes."""
+    import memopt.optim as mo
+
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    src = mo.GaLoreAdamW([{"params": [p], "rank": 8}])
+    p.grad = torch.randn_like(p)
+    src.step()
+    sd = src.state_dict()
+    assert sd["memopt_optimizer"] == "GaLoreAdamW"
+    q = torch.nn.Parameter(torch.randn(64, 32))
+    dst = mo.ApolloAdamW([{"params": [q], "rank": 8}])
+    with pytest.raises(ValueError, match="saved by GaLoreAdamW.*nothing was loaded"):
+        dst.load_state_dict(sd)
+    assert not dst.state
+    legacy = {k: v for k, v in sd.items() if k != "memopt_optimizer"}  # older checkpoints
+    mo.GaLoreAdamW([{"params": [q], "rank": 8}]).load_state_dict(legacy)
