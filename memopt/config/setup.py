@@ -136,6 +136,14 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.setup: model must be an nn.Module, got {type(model)}")
     distributed = dist.is_available() and dist.is_initialized()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and not distributed and process_group is None:
+        raise RuntimeError(
+            f"memopt.setup: this process was launched as one of {launched} ranks (WORLD_SIZE), "
+            "but torch.distributed is not initialized, so every rank would train alone and "
+            "write the same checkpoint files; call torch.distributed.init_process_group() "
+            "before memopt.setup (memopt run does it for you)"
+        )
     world = dist.get_world_size(process_group) if distributed else 1
     rank = dist.get_rank(process_group) if distributed else 0
     if config.checkpoint.redundancy != "none" and world < 2:

@@ -139,3 +139,12 @@ def test_setup_errors() -> None:
         memopt.setup(build_model(cfg), cfg)
     with pytest.raises(TypeError, match="memopt.Config"):
         memopt.setup(build_model(cfg), {"optimizer": {}})  # type: ignore[arg-type]
+
+
+def test_launched_as_many_ranks_without_a_process_group_is_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Under torchrun (WORLD_SIZE > 1) with no process group, every rank trained alone and
+    wrote the same checkpoint files; memopt.setup now says to initialize the group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        memopt.setup(model, memopt.Config.from_dict({"optimizer": {"name": "adamw"}}))
