@@ -109,6 +109,9 @@ class ShardingConfig:
         if self.hybrid_update and self.stage == 3:
             raise ValueError("sharding.hybrid_update applies to stages 0-2 (ZeRO-Offload's "
                              "pipeline); set it to false at stage 3")
+        if self.hybrid_update and self.offload == "none":
+            raise ValueError("sharding.hybrid_update splits the offloaded optimizer step "
+                             "between CPU and device: it needs sharding.offload cpu or nvme")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("optimizer.betas=[0.9,1.5]", "'optimizer.betas' must each lie in [0, 1)"),
         ("optimizer.eps=-1", "'optimizer.eps'"),
         ("optimizer.min_lr_ratio=2", "'optimizer.min_lr_ratio' is a fraction"),
+        ("sharding.hybrid_update=true", "needs sharding.offload"),
     ],
 )
 def test_bad_values_name_the_key(override: str, needle: str) -> None:
