@@ -15,13 +15,13 @@ and ``state_dict`` behave as users expect. What it adds:
 - tensor-only state: ``state_dict()`` holds tensors and plain numbers, loads with
   ``torch.load(weights_only=True)``, and ``load_state_dict`` keeps each state tensor's
   saved dtype (torch would cast fp32 moments of bf16 parameters to bf16, and integer
-  tensors to floats), so a resumed run continues bit for bit.
+  tensors to floats), so a resumed run continues bit for bit (``_persist``: also the
+  shape and class checks on load, deepcopy and pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
@@ -36,7 +36,8 @@ from memopt.optim import _moments as moments
 from memopt.optim import kernels
 from memopt.optim._full_adam import adamw_many
 from memopt.optim._groups import check_common, check_known_keys, check_low_rank
-from memopt.optim._refresh import CACHE_PREFIX, RefreshMixin
+from memopt.optim._persist import PersistMixin
+from memopt.optim._refresh import RefreshMixin
 from memopt.optim.projection import Projector, as_matrix, make_projector
 
 
@@ -49,7 +50,7 @@ class ParamMeta(NamedTuple):
     n_low_rank: int
 
 
-class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
+class MemoptOptimizer(RefreshMixin, PersistMixin):
     """Base class: group validation, projector management, refresh schedule, resume."""
 
     #: Options every group of this optimizer accepts (and their defaults).
@@ -71,34 +72,6 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         self._projectors: dict[tuple[Any, ...], Projector] = {}
         self._prefetched: dict[int, tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults)
-
-    # -- copy / pickle ---------------------------------------------------------------
-    #: Per-process caches, rebuilt on demand (not copied or pickled).
-    _CACHES: ClassVar[frozenset[str]] = frozenset(
-        {"_projectors", "_prefetched", "_meta_table", "_meta_sig", "_active_cache"}
-    )
-
-    def __getstate__(self) -> dict[str, Any]:
-        """torch keeps defaults, state and param_groups; memopt's own settings (the seed,
-        APOLLO's options, flags) travel too, so ``copy.deepcopy`` and pickle give an
-        optimizer that steps like the original. Hooks and caches do not (as in torch)."""
-        state = super().__getstate__()
-        for k, v in self.__dict__.items():
-            if k in state or k in self._CACHES or k.startswith("_optimizer_"):
-                continue
-            if callable(v) or k == "_memopt_row_projectors":  # a wrapper's method overrides
-                continue
-            state[k] = v
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_projectors", {})
-        self.__dict__.setdefault("_prefetched", {})
-        self._init_caches()
-
-    def _init_caches(self) -> None:
-        """Subclasses with caches of their own set them here (also after unpickling)."""
 
     # -- groups --------------------------------------------------------------------
     def is_low_rank(self, group: dict[str, Any]) -> bool:
@@ -330,93 +303,6 @@ class MemoptOptimizer(RefreshMixin, torch.optim.Optimizer):
         """
         return None
 
-    # -- state_dict ----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["state"] = {
-            k: {n: v for n, v in st.items() if not n.startswith(CACHE_PREFIX)}
-            for k, st in sd["state"].items()
-        }
-        sd["memopt_optimizer"] = type(self).__name__  # checked on load
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The load pre-hooks run first, as torch runs them, and what they return is what
-        # loads (memopt reads the dict before torch's load does, so it runs them itself).
-        pre = self._optimizer_load_state_dict_pre_hooks
-        for hook in pre.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        saved_by = state_dict.get("memopt_optimizer")
-        if saved_by is not None and saved_by != type(self).__name__:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: this state dict was saved by "
-                f"{saved_by}; its state and group options do not carry over to "
-                f"{type(self).__name__}. Load it into a {saved_by}; nothing was loaded"
-            )
-        saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
-        if self.check_loaded_shapes:
-            self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
-        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                if pid not in saved_state:
-                    continue
-                st = self.state[p]
-                for k, v in saved_state[pid].items():
-                    if isinstance(v, Tensor):
-                        st[k] = v.to(device=p.device)  # keeps the saved dtype
-                proj = self.projector(group) if self.is_low_rank(group) else None
-                if proj is not None and p.dim() >= 2:
-                    proj.rebuild(st, p)
-
-    def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
-        """Shape of Adam's moments for ``p`` in ``group`` (None: this parameter keeps none)."""
-        if self.plain_adam_mode(p, group) is not None or p.dim() < 2 or not self.is_low_rank(group):
-            return tuple(p.shape)
-        return tuple(self.projector(group).low_shape(matrix_shape(p)))
-
-    def _check_loaded_shapes(
-        self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
-    ) -> None:
-        """Refuse a state dict whose tensors cannot belong to these parameters (the model
-        changed shape, or the groups are in another order): torch would load it and the
-        next step would read moments of the wrong size."""
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"])
-            for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            return  # torch's load_state_dict raises its own error for this
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            names = group.get("param_names")
-            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                st = saved_state.get(pid)
-                if not st:
-                    continue
-                why = None
-                shape = self.expected_moment_shape(p, merged)
-                if shape is not None:
-                    why = moments.mismatch(st, shape)
-                if why is None and self.is_low_rank(merged) and p.dim() >= 2:
-                    proj = self.projector(merged)
-                    why = None if proj is None else proj.check_state(st, matrix_shape(p))
-                if why is not None:
-                    label = names[i] if names else f"group {gi} param {i}"
-                    raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the saved state of {label} "
-                        f"(shape {tuple(p.shape)} here) does not fit: {why}. The checkpoint is "
-                        "from a model whose shapes differ, or its parameters were passed in "
-                        "another order; nothing was loaded"
-                    )
-
-
 @contextlib.contextmanager
 def autocast_off() -> Iterator[None]:
     """No autocast inside an optimizer step: under a training loop's ``torch.autocast`` the
@@ -428,11 +314,6 @@ def autocast_off() -> Iterator[None]:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         yield
-
-
-def matrix_shape(p: Tensor) -> tuple[int, int]:
-    """(m, n) of a parameter of 2 or more dims seen as a matrix (``as_matrix``)."""
-    return int(p.shape[0]), int(math.prod(p.shape[1:]))
 
 
 def check_grad(grad: Tensor, label: str) -> None:
