@@ -217,6 +217,10 @@ def _bad_value(optimizer: str, kw: Mapping[str, Any]) -> str | None:
             "state_dtype must be None (the parameter's dtype), 'float32', 'int8' or 'int4', "
             f"got {kw['state_dtype']!r}"
         )
+    if kw.get("rank") is not None and kw.get("density") is not None:
+        return "give rank or density, not both (the optimizers refuse both)"
+    if optimizer == "apollo_mini" and kw.get("density") is not None:
+        return "apollo_mini is rank 1: density does not apply (ApolloMini refuses it)"
     if "rank" in kw and not _positive_int(kw["rank"]):
         return f"rank must be a positive integer, got {kw['rank']!r}"
     density = kw.get("density")
