@@ -31,7 +31,7 @@ KW = {"batch_size": 1, "seq_len": 8}
         ("apollo", {"proj": "fft"}, "proj must be one of .*'random'"),
         ("galore", {"proj": "block"}, "proj must be one of"),  # FRUGAL's mode only
         ("natural_galore", {"rank": 8, "natural_history": 0}, "natural_history must be a pos"),
-        ("galore", {"rank": 8, "density": 0.25}, "rank or density, not both"),
+        ("galore", {"rank": 8, "density": 0.25}, "give rank or density, not both"),
         ("apollo_mini", {"density": 0.25}, "apollo_mini is rank 1"),
     ],
 )
