@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from memopt.checkpoint.loading import open_published
 from memopt.checkpoint.publish import published_steps, step_dir
 from memopt.checkpoint.reader import Snapshot
 
@@ -31,8 +32,8 @@ def export_hf(
     ``model.safetensors``, what ``from_pretrained(directory)`` reads."""
     from safetensors.torch import save_file
 
-    path = _resolve(snapshot, directory)
-    snap = Snapshot(path)
+    snap = _open(snapshot, directory)
+    path = snap.path
     names = snap.skeletons[0].get("model", {}).get("names")
     if not names:
         raise ValueError(f"export_hf: snapshot {path} holds no model weights")
@@ -70,17 +71,18 @@ def _target(target: str) -> str:
     return target
 
 
-def _resolve(
+def _open(
     snapshot: str | os.PathLike[str] | int, directory: str | os.PathLike[str] | None
-) -> str:
+) -> Snapshot:
+    """The snapshot to export; a checkpoint directory gives its newest intact one (a
+    damaged newest snapshot warns and falls back, as ``AsyncCheckpointer.load`` does)."""
     if isinstance(snapshot, int):
         if directory is None:
             raise ValueError("export_hf: a step number needs directory=<checkpoint directory>")
-        return step_dir(os.fspath(directory), snapshot)
+        return Snapshot(step_dir(os.fspath(directory), snapshot))
     path = os.fspath(snapshot)
-    if not os.path.isfile(os.path.join(path, "manifest.json")):
-        steps = published_steps(path)
-        if not steps:
-            raise FileNotFoundError(f"export_hf: {path} is neither a snapshot nor holds one")
-        path = step_dir(path, steps[-1])
-    return path
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return Snapshot(path)
+    if not published_steps(path):
+        raise FileNotFoundError(f"export_hf: {path} is neither a snapshot nor holds one")
+    return open_published(path, None, verify=True)

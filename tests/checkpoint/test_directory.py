@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from memopt.checkpoint import AsyncCheckpointer, CorruptSnapshotError, export_hf
+from memopt.checkpoint.publish import step_dir
 
 
 def _saves(ckpt: AsyncCheckpointer, model: nn.Module, steps: tuple[int, ...]) -> list[str]:
@@ -126,3 +128,26 @@ def test_step_must_be_an_int_not_a_bool(tmp_path) -> None:
         ckpt.save(1, extra={"x": 1})  # the refused saves took no staging slot
         ckpt.wait()
         assert ckpt.steps() == [1]
+
+
+def test_export_hf_falls_back_from_a_damaged_newest_snapshot(tmp_path) -> None:
+    """export_hf of a checkpoint directory takes the newest intact snapshot, as load() does
+    (it raised on a damaged newest one)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with AsyncCheckpointer(tmp_path / "ck", save_rng=False, keep=3) as ckpt:
+        ckpt.save(1, model=model)
+        ckpt.wait()
+        old = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ckpt.save(2, model=model)
+    newest = Path(step_dir(str(tmp_path / "ck"), 2))
+    data = next(p for p in newest.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="falling back"):
+        path = export_hf(tmp_path / "ck", tmp_path / "hf")
+    got = load_file(path)
+    assert all(torch.equal(got[k], old[k]) for k in old)
