@@ -75,6 +75,7 @@ class ShardedOptimizer(WrapperOptimizer):
         me, master = self.comm.rank, self.config.master_dtype
         self.locals: dict[int, Tensor] = {}
         self.in_place: set[int] = set()
+        self._master_of: dict[int, Tensor] = {}  # index -> the parameter rows a master copies
         position = {p.index: p for p in self.plans}
         index = 0
         for group in self.inner.param_groups:
@@ -91,11 +92,31 @@ class ShardedOptimizer(WrapperOptimizer):
                     view = p.param
                 if master is not None and master != p.param.dtype:
                     local = view.detach().to(master, copy=True)
+                    self._master_of[p.index] = view
                 else:
                     local = view
                     self.in_place.add(p.index)
                 self.locals[p.index] = params[i] = local
         self._install_row_projectors()
+        self._note_param_versions()
+
+    # -- master weights and parameters changed from outside ----------------------------
+    def _note_param_versions(self) -> None:
+        """Remember the parameters' version counters once they hold the masters' values."""
+        plans = {p.index: p for p in self.plans}
+        self._versions = {i: plans[i].param._version for i in self._master_of}
+
+    def _refresh_masters(self) -> None:
+        """A parameter written since the last step (``model.load_state_dict``, a checkpoint
+        restore, a manual edit) makes its master copy stale: without this the next step
+        wrote "old master + update" over the restored weights. The master is rebuilt from the
+        parameter (upcast: the low-precision values, as a resume from them implies)."""
+        plans = {p.index: p for p in self.plans}
+        with torch.no_grad():
+            for i, rows in self._master_of.items():
+                if plans[i].param._version != self._versions[i]:
+                    self.locals[i].copy_(rows)
+        self._note_param_versions()
 
     def _install_row_projectors(self) -> None:
         """Row-sharded low-rank parameters: row-aware projector and SVD owners by cost."""
@@ -142,11 +163,15 @@ class ShardedOptimizer(WrapperOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
         self.finish_grad_sync()
+        if self._master_of:
+            self._refresh_masters()
         self.inner.step()
         if not (self._plain and len(self.in_place) == len(self.locals)):
             # (world size 1 with every local the parameter itself: nothing to gather; packing
             # the buckets would only copy every parameter once more)
             gather_params(self.comm, self.buckets, self.locals, self.in_place, self.names)
+        if self._master_of:
+            self._note_param_versions()
         self._release()
         return loss
 

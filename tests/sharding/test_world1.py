@@ -88,3 +88,22 @@ def test_stage3_offload_without_a_process_group_explains_the_limit() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(NotImplementedError, match="one-rank group is enough"):
         memopt.shard(model, opt, 3, offload="cpu")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loaded_parameters_replace_stale_fp32_masters(stage: int) -> None:
+    """A bf16 model with fp32 masters: parameters written from outside between steps
+    (model.load_state_dict, a checkpoint restore) used to be overwritten by the next step
+    from the old masters; the masters are now rebuilt from them."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, sharded = memopt.shard(model, opt, stage, master_dtype=torch.float32)
+    for _ in range(2):  # some steps first: masters and parameters in use
+        model(torch.randn(4, 8).bfloat16()).float().sum().backward()
+        sharded.step()
+        sharded.zero_grad()
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    model(torch.randn(4, 8).bfloat16()).float().sum().backward()
+    sharded.step()
+    assert 0 < float(model.weight.abs().max()) <= 1.1e-3  # one step from zero, not from before
