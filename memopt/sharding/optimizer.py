@@ -91,6 +91,14 @@ class ShardedOptimizer(WrapperOptimizer):
                 else:
                     view = p.param
                 if master is not None and master != p.param.dtype:
+                    if torch.finfo(master).bits < torch.finfo(p.param.dtype).bits:
+                        raise ValueError(
+                            f"memopt.shard: master_dtype={master} is narrower than the "
+                            f"parameter {self.names.get(id(p.param), p.index)!r} "
+                            f"({p.param.dtype}): every update would round the weights to "
+                            f"{master}; master weights are for low-precision parameters "
+                            "(use master_dtype=None here)"
+                        )
                     local = view.detach().to(master, copy=True)
                     self._master_of[p.index] = view
                 else:

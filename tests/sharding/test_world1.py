@@ -107,3 +107,10 @@ def test_loaded_parameters_replace_stale_fp32_masters(stage: int) -> None:
     model(torch.randn(4, 8).bfloat16()).float().sum().backward()
     sharded.step()
     assert 0 < float(model.weight.abs().max()) <= 1.1e-3  # one step from zero, not from before
+
+
+def test_master_dtype_narrower_than_the_parameters_is_refused() -> None:
+    model = torch.nn.Linear(8, 8)  # fp32
+    with pytest.raises(ValueError, match="narrower than the parameter"):
+        memopt.shard(model, torch.optim.AdamW(model.parameters()), 2,
+                     master_dtype=torch.bfloat16)  # fmt: skip
