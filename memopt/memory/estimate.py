@@ -187,7 +187,10 @@ def assemble(
     cfg: EstimateConfig, module: nn.Module, infos: list[ParamInfo], trace: ActivationTrace
 ) -> MemoryEstimate:
     """Combine the rules, the sharding share and the trace into a ``MemoryEstimate``."""
-    state = optstate.optimizer_state(infos, cfg.optimizer, cfg.optimizer_kwargs)
+    basis = _state_dtype_basis(cfg)  # what the optimizer's tensors are (masters, pipeline)
+    state_infos = infos if basis == cfg.param_dtype else param_infos(
+        module, cfg.target if cfg.optimizer != "adamw" else None, basis)  # fmt: skip
+    state = optstate.optimizer_state(state_infos, cfg.optimizer, cfg.optimizer_kwargs)
     share = shard_share(
         infos, state, cfg.stage, cfg.world_size, cfg.resolved_layout, find_units(module, cfg),
         cfg.bucket_bytes, frozen_bytes(module, cfg.param_dtype),
@@ -199,6 +202,9 @@ def assemble(
         "buffers": buffer_bytes(module, cfg.param_dtype),
     }
     held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
+    if cfg.stage == 3 and held["master_weights"]:  # the shards are the masters themselves
+        base["parameters"] += held["master_weights"] - share.params
+        held["master_weights"] = 0
     grads, step_base = share.grads, base
     arena = {"forward/backward": 0, "optimizer step": 0}
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
@@ -208,7 +214,10 @@ def assemble(
         base.update(held)
     else:
         where = "pinned_host" if cfg.offload == "cpu" else "disk"
-        held["master_weights"] = share.numel * 4  # the tier keeps fp32 master weights
+        if _adamw_pipeline(cfg):
+            held["master_weights"] = share.numel * 4  # the tier keeps fp32 master weights
+        else:  # the optimizer's own state goes to the tier; a master stays with the shards
+            base["master_weights"] = held.pop("master_weights")
         tiers[where].update(held)
         if cfg.offload == "nvme":
             staging = min(3 * NVME_STAGING_BYTES, 3 * sum(held.values()))
@@ -250,6 +259,24 @@ def _add_arena(
         tiers["pageable_host"]["temporaries"] += arena[phase]
     else:
         tiers["pinned_host"]["temporaries"] += max(arena.values())
+
+
+def _adamw_pipeline(cfg: EstimateConfig) -> bool:
+    """Whether offload= runs the fp32 AdamW pipeline (fp32 masters and moments on the tier)
+    rather than keeping the optimizer's own state there (low-rank optimizers, 8/4-bit)."""
+    return cfg.optimizer == "adamw" and cfg.optimizer_kwargs.get("state_dtype") not in (
+        "int8", "int4")  # fmt: skip
+
+
+def _state_dtype_basis(cfg: EstimateConfig) -> torch.dtype:
+    """The dtype of the tensors the optimizer steps: fp32 in the offload AdamW pipeline, the
+    master dtype when masters are kept, else the parameters'."""
+    if cfg.offload is not None and cfg.stage != 3 and _adamw_pipeline(cfg):
+        return torch.float32
+    master = cfg.master_dtype
+    if master is not None and master.itemsize > cfg.param_dtype.itemsize:
+        return master
+    return cfg.param_dtype
 
 
 def _master(cfg: EstimateConfig, share: ShardShare) -> int:

@@ -275,3 +275,32 @@ def test_recompute_estimate_from_a_config_without_cache() -> None:
     rec = config_estimate(cfg).breakdown["device"]["activations"]
     keep = config_estimate(Config.from_dict({**cfg.to_dict(), "activations": {}}))
     assert rec < 0.5 * keep.breakdown["device"]["activations"]
+
+
+def test_mixed_precision_state_is_sized_as_the_optimizer_keeps_it() -> None:
+    """bf16 parameters: with fp32 masters the optimizer steps fp32 tensors (fp32 moments);
+    the offload AdamW pipeline keeps fp32 moments and masters on the tier, while int8 or
+    low-rank state offloads without a tier master; at stage 3 the fp32 shards are the masters
+    (no second copy). The estimate used bf16 moments and added masters where none exist."""
+    bf16 = dict(param_dtype=torch.bfloat16, batch_size=1, seq_len=16)
+
+    def dev(e: MemoryEstimate, key: str) -> int:
+        return e.breakdown["device"][key]
+
+    plain = estimate(CFG, optimizer="adamw", stage=2, **bf16)
+    master = estimate(CFG, optimizer="adamw", stage=2, master_dtype=torch.float32, **bf16)
+    assert dev(master, "optimizer_state") == 2 * dev(plain, "optimizer_state")
+    assert dev(master, "master_weights") == 2 * dev(plain, "parameters")
+
+    pipe = estimate(CFG, optimizer="adamw", stage=1, offload="cpu", **bf16)
+    assert pipe.breakdown["pinned_host"]["optimizer_state"] == dev(master, "optimizer_state")
+    assert pipe.breakdown["pinned_host"]["master_weights"] == dev(master, "master_weights")
+    own = estimate(CFG, optimizer="adamw", stage=1, offload="cpu",
+                   optimizer_kwargs={"state_dtype": "int8"}, **bf16)  # fmt: skip
+    assert own.breakdown["pinned_host"]["master_weights"] == 0
+
+    s3 = estimate(CFG, optimizer="adamw", stage=3, world_size=2, **bf16)
+    s3m = estimate(CFG, optimizer="adamw", stage=3, world_size=2,
+                   master_dtype=torch.float32, **bf16)  # fmt: skip
+    assert dev(s3m, "master_weights") == 0
+    assert dev(s3m, "parameters") == 2 * dev(s3, "parameters")
