@@ -59,10 +59,15 @@ def restore_all(
     # on exit the restored shards are written back to the tier.
     resident = getattr(optimizer, "resident_params", None)
     with resident() if callable(resident) else contextlib.nullcontext():
+        # the optimizer's part is read and checked first: a snapshot it cannot take (8-bit
+        # state across other row cuts, other shapes) must fail before the model is replaced
+        sd = None
+        if optimizer is not None:
+            sd = R.optimizer_state_dict(snap, optimizer, model, rank, world)
         if model is not None:
             R.restore_model(snap, model)
-        if optimizer is not None:
-            R.restore_optimizer(snap, optimizer, model, rank, world)
+        if optimizer is not None and sd is not None:
+            optimizer.load_state_dict(sd)
     if scheduler is not None:
         R.restore_scheduler(snap, scheduler, rank)
     if rng:

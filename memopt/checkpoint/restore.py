@@ -72,9 +72,11 @@ def restore_model(snap: Snapshot, model: nn.Module) -> None:
         t.copy_(snap.full(key))
 
 
-def restore_optimizer(
+def optimizer_state_dict(
     snap: Snapshot, opt: torch.optim.Optimizer, model: nn.Module | None, rank: int, world: int
-) -> None:
+) -> dict[str, Any]:
+    """``opt``'s state dict from ``snap``, read and checked (nothing is loaded yet): a
+    snapshot the optimizer cannot take fails here, before the model is touched."""
     params, sharding = L.optimizer_layout(opt, model, rank, world)
     ref = _part(snap, 0, "optimizer")
     saved = ref["params"]
@@ -103,7 +105,7 @@ def restore_optimizer(
     sd.update({k: decode(v, own) for k, v in ref.get("other", {}).items()})
     if sharding is not None:
         sd["sharding"] = sharding
-    opt.load_state_dict(sd)
+    return sd
 
 
 def _no(name: str) -> Tensor:

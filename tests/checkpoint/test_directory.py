@@ -151,3 +151,22 @@ def test_export_hf_falls_back_from_a_damaged_newest_snapshot(tmp_path) -> None:
         path = export_hf(tmp_path / "ck", tmp_path / "hf")
     got = load_file(path)
     assert all(torch.equal(got[k], old[k]) for k in old)
+
+
+def test_a_snapshot_the_optimizer_refuses_leaves_the_model_untouched(tmp_path) -> None:
+    """The optimizer's part is read and checked before the model is restored: a load that
+    fails on the optimizer (here: it manages other parameters) used to replace the model's
+    weights first and then raise, leaving snapshot weights with a fresh optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    with AsyncCheckpointer(tmp_path, save_rng=False) as ckpt:
+        ckpt.save(1, model=model, optimizer=opt)
+        other = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        partial = torch.optim.AdamW(other[0].parameters())  # not the saved optimizer's params
+        with pytest.raises(Exception, match="optimizer parameters differ"):
+            ckpt.load(model=other, optimizer=partial)
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
