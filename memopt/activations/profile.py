@@ -270,6 +270,14 @@ def profile(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    stage = getattr(model, "_memopt_sharded_stage", 0)
+    if stage >= 2:
+        raise ValueError(
+            f"memopt.activations.profile/plan: the model is sharded (memopt.shard stage {stage}): "
+            "its profiling steps would run the sharded gradient reduction, and stage 3's "
+            "parameters have no local storage to measure. Plan on the model before "
+            "memopt.shard and apply the plan after it (plans name blocks, which sharding keeps)"
+        )
     found = find_blocks(model, blocks)
     parts = {n: sp for n, block in found if (sp := split_parts(block, n)) is not None}
     loss_fn = loss_fn or default_loss

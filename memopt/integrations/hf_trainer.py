@@ -222,6 +222,13 @@ class MemoptTrainer(Trainer):
                     "shard only; pass save_only_model=True or save_strategy='no' and take "
                     "optimizer snapshots with MemoptCallback"
                 )
+            if self.memopt_shard.get("stage", 2) == 3 and self.args.gradient_accumulation_steps > 1:
+                raise NotImplementedError(
+                    "MemoptTrainer(memopt_shard stage 3) with gradient_accumulation_steps > 1: "
+                    "HF's loop then takes its own path for FSDP-managed models, which memopt's "
+                    "stage 3 is not; use stage 2 here, or memopt run / memopt.setup for stage "
+                    "3 with accumulation"
+                )
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
 

@@ -75,6 +75,7 @@ class FSDPOptimizer(ShardedOptimizer):
         # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
         self.wrap(optimizer)
         self.config, self.comm, self.model = config, comm, model
+        model.__dict__["_memopt_sharded_stage"] = config.stage  # activations.profile refuses 2-3
         groups = optimizer.param_groups
         self.plans = make_plans(
             [list(g) for g in params],

@@ -69,6 +69,8 @@ class ShardedOptimizer(WrapperOptimizer):
         forced = comm.group is not None and world1_collectives()  # comm.world1_collectives
         self._plain = comm.world == 1 and not forced
         self._hooks = [] if config.stage == 1 or self._plain else self._register_hooks()
+        if self._hooks:  # gradients reduced in backward: activations.profile refuses it
+            model.__dict__["_memopt_sharded_stage"] = config.stage
 
     # -- construction ----------------------------------------------------------------
     def _build_locals(self) -> None:

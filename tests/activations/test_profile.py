@@ -115,3 +115,13 @@ def test_profile_leaves_no_trace() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_profile_refuses_a_model_sharded_with_gradient_hooks() -> None:
+    """memopt.shard at stage 2 on several ranks (gradient hooks) or stage 3 (FSDP2) marks the
+    model; profiling steps there ran the sharded reduction ('gradient arrived twice') or
+    crashed on FSDP2's storage-less parameters. Planning before sharding is the way."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model.__dict__["_memopt_sharded_stage"] = 3  # what the multi-rank sharded optimizers set
+    with pytest.raises(ValueError, match="Plan on the model before memopt.shard"):
+        profile(model, torch.randn(2, 8), blocks=["0", "1"], repeats=1, ops=False)
