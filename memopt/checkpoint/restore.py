@@ -175,8 +175,9 @@ def _state_values(snap: Snapshot, p: L.ParamLayout, key: str, v: dict[str, Any],
         raise NotImplementedError(
             f"snapshot {snap.path}: optimizer state {key!r} of parameter {p.name} is "
             f"block-quantized over rows {v['rows']}; this rank holds rows {list(p.rows)}. "
-            "Quantized (8/4-bit) state reshards only between layouts that hold the same rows "
-            "(use layout='whole_tensor', or load at the saved world size)"
+            "Quantized (8/4-bit) state reshards only between layouts that hold the same rows: "
+            "load at the saved world size (or, at stages 1/2, train with "
+            "layout='whole_tensor', whose whole tensors reshard freely)"
         )
     return snap.rank_tensor(r, name).clone()
 
