@@ -92,6 +92,8 @@ class RefreshMixin:
             if proj is None:  # (FRUGAL's block mode)
                 continue
             batch = getattr(proj, "batchable", False)
+            if not (batch or proj.uses_gradient):  # seeded: nothing to check or batch
+                continue
             buckets: dict[tuple[Any, ...], list[tuple[Tensor, Tensor, dict[str, Any]]]] = {}
             for p in group["params"]:
                 if p.grad is None or p.dim() < 2:
