@@ -72,6 +72,13 @@ class Config:
         data = _deep_copy(dict(data or {}))
         if not isinstance(data, dict):
             raise ValueError(f"a memopt config is a mapping of sections, got {data!r}")
+        if isinstance(overrides, str):
+            raise TypeError(f"overrides is a list of 'key=value' strings, got the string "
+                            f"{overrides!r}; pass [{overrides!r}]")
+        for name, value in data.items():
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"config section {name!r} must be a mapping of keys, got "
+                                 f"{value!r} (an empty section is {{}} or nothing)")
         for item in overrides:
             apply_override(data, item)
         unknown = sorted(set(data) - set(SECTIONS))

@@ -220,3 +220,13 @@ def test_reference_names_every_key() -> None:
     for section, values in Config().to_dict().items():
         for key in values:
             assert f"`{section}.{key}`" in text
+
+
+def test_a_section_that_is_not_a_mapping_and_string_overrides_are_refused() -> None:
+    """`optimizer: []` was taken as all defaults, and a string of overrides was split into
+    characters ("override 'o' is not key=value")."""
+    with pytest.raises(ValueError, match="section 'optimizer' must be a mapping"):
+        Config.from_dict({"optimizer": []})
+    with pytest.raises(TypeError, match=r"pass \['optimizer.lr=1e-3'\]"):
+        Config.from_dict({}, "optimizer.lr=1e-3")  # type: ignore[arg-type]
+    assert Config.from_dict({"optimizer": None}) == Config.from_dict({})
