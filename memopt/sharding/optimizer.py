@@ -77,7 +77,8 @@ class ShardedOptimizer(WrapperOptimizer):
         me, master = self.comm.rank, self.config.master_dtype
         self.locals: dict[int, Tensor] = {}
         self.in_place: set[int] = set()
-        self._master_of: dict[int, Tensor] = {}  # index -> the parameter rows a master copies
+        # index -> (the parameter, the rows of it its master copies)
+        self._master_of: dict[int, tuple[Tensor, Tensor]] = {}
         position = {p.index: p for p in self.plans}
         index = 0
         for group in self.inner.param_groups:
@@ -102,7 +103,7 @@ class ShardedOptimizer(WrapperOptimizer):
                             "(use master_dtype=None here)"
                         )
                     local = view.detach().to(master, copy=True)
-                    self._master_of[p.index] = view
+                    self._master_of[p.index] = (p.param, view)
                 else:
                     local = view
                     self.in_place.add(p.index)
@@ -113,20 +114,18 @@ class ShardedOptimizer(WrapperOptimizer):
     # -- master weights and parameters changed from outside ----------------------------
     def _note_param_versions(self) -> None:
         """Remember the parameters' version counters once they hold the masters' values."""
-        plans = {p.index: p for p in self.plans}
-        self._versions = {i: plans[i].param._version for i in self._master_of}
+        self._versions = {i: param._version for i, (param, _) in self._master_of.items()}
 
     def _refresh_masters(self) -> None:
         """A parameter written since the last step (``model.load_state_dict``, a checkpoint
         restore, a manual edit) makes its master copy stale: without this the next step
         wrote "old master + update" over the restored weights. The master is rebuilt from the
-        parameter (upcast: the low-precision values, as a resume from them implies)."""
-        plans = {p.index: p for p in self.plans}
+        parameter (upcast: the low-precision values, as a resume from them implies). The
+        versions are noted again after the step's gather (``step``)."""
         with torch.no_grad():
-            for i, rows in self._master_of.items():
-                if plans[i].param._version != self._versions[i]:
+            for i, (param, rows) in self._master_of.items():
+                if param._version != self._versions[i]:
                     self.locals[i].copy_(rows)
-        self._note_param_versions()
 
     def _install_row_projectors(self) -> None:
         """Row-sharded low-rank parameters: row-aware projector and SVD owners by cost."""
