@@ -100,7 +100,7 @@ class StepInBackward:
                 "{'use_reentrant': False}); this step's update of that parameter is incomplete"
             )
         if not self._stepped:  # the step begins: what optimizer.step() would run first
-            run_step_pre_hooks(self.optimizer)
+            run_step_hooks(self.optimizer, "pre")
         self._stepped.add(id(p))
         with torch.no_grad():
             sq = p.grad.detach().float().square().sum()
@@ -120,7 +120,7 @@ class StepInBackward:
     def _end_of_backward(self) -> None:
         self._callback_queued = False
         if self._stepped:  # a step happened: what optimizer.step() would run last
-            run_step_post_hooks(self.optimizer)
+            run_step_hooks(self.optimizer, "post")
             self.optimizer._opt_called = True  # type: ignore[attr-defined]  # (LR schedulers check)
         self._stepped.clear()
         if self._is_last_micro_batch():
@@ -146,23 +146,16 @@ class StepInBackward:
         self.prev_norm = None if state["prev_norm"] is None else float(state["prev_norm"])
 
 
-def run_step_pre_hooks(optimizer: torch.optim.Optimizer) -> None:
-    """The step pre-hooks ``optimizer.step()`` would run (global ones first, as torch does):
-    an ``AsyncCheckpointer`` fences its copy there, before any state changes."""
-    hooks = (
-        *_torch_optimizer._global_optimizer_pre_hooks.values(),
-        *optimizer._optimizer_step_pre_hooks.values(),
-    )
-    for hook in hooks:
-        hook(optimizer, (), {})
-
-
-def run_step_post_hooks(optimizer: torch.optim.Optimizer) -> None:
-    """The step post-hooks ``optimizer.step()`` would run after the update."""
-    hooks = (
-        *_torch_optimizer._global_optimizer_post_hooks.values(),
-        *optimizer._optimizer_step_post_hooks.values(),
-    )
+def run_step_hooks(optimizer: torch.optim.Optimizer, when: Literal["pre", "post"]) -> None:
+    """The step hooks ``optimizer.step()`` would run, in torch's order (pre: global ones
+    first; post: the optimizer's first). An ``AsyncCheckpointer`` fences its copy in a pre-hook,
+    before any state changes."""
+    if when == "pre":
+        hooks = (*_torch_optimizer._global_optimizer_pre_hooks.values(),
+                 *optimizer._optimizer_step_pre_hooks.values())  # fmt: skip
+    else:
+        hooks = (*optimizer._optimizer_step_post_hooks.values(),
+                 *_torch_optimizer._global_optimizer_post_hooks.values())  # fmt: skip
     for hook in hooks:
         hook(optimizer, (), {})
 
