@@ -51,8 +51,8 @@ inline void avx2_store_lowp(void* out, int64_t i, __m256 p, bool nt) {
 
 template <int GDT, int ODT>
 int64_t avx2_body(const Span& s, const Hyper& h) {
-    const __m256 b1 = _mm256_set1_ps(h.b1), omb1 = _mm256_set1_ps(1.0f - h.b1);
-    const __m256 b2 = _mm256_set1_ps(h.b2), omb2 = _mm256_set1_ps(1.0f - h.b2);
+    const __m256 b1 = _mm256_set1_ps(h.b1), omb1 = _mm256_set1_ps(h.a1);
+    const __m256 b2 = _mm256_set1_ps(h.b2), omb2 = _mm256_set1_ps(h.a2);
     const __m256 eps = _mm256_set1_ps(h.eps), c2 = _mm256_set1_ps(h.c2);
     const __m256 step = _mm256_set1_ps(h.step_size);
     const __m256 pre = _mm256_set1_ps(h.pre), post = _mm256_set1_ps(h.post);
@@ -129,8 +129,8 @@ inline void avx512_store_lowp(void* out, int64_t i, __m512 p, bool nt) {
 
 template <int GDT, int ODT>
 int64_t avx512_body(const Span& s, const Hyper& h) {
-    const __m512 b1 = _mm512_set1_ps(h.b1), omb1 = _mm512_set1_ps(1.0f - h.b1);
-    const __m512 b2 = _mm512_set1_ps(h.b2), omb2 = _mm512_set1_ps(1.0f - h.b2);
+    const __m512 b1 = _mm512_set1_ps(h.b1), omb1 = _mm512_set1_ps(h.a1);
+    const __m512 b2 = _mm512_set1_ps(h.b2), omb2 = _mm512_set1_ps(h.a2);
     const __m512 eps = _mm512_set1_ps(h.eps), c2 = _mm512_set1_ps(h.c2);
     const __m512 step = _mm512_set1_ps(h.step_size);
     const __m512 pre = _mm512_set1_ps(h.pre), post = _mm512_set1_ps(h.post);

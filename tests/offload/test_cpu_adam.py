@@ -103,6 +103,17 @@ def test_low_precision_grads(isa: str, low: torch.dtype) -> None:
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 16, ca.CHUNK + 3])  # scalar tail and every vector body
+def test_moment_weights_are_one_minus_beta_in_double(isa: str, n: int) -> None:
+    # After one step from zero moments with g = 1, m = 1 - b1 and v = 1 - b2 as torch rounds
+    # them (taken in double, then float32). 1.0f - float(0.999) is 1.3e-5 off in relative terms.
+    p, g = torch.zeros(n), torch.ones(n)
+    m, v = torch.zeros(n), torch.zeros(n)
+    ca.cpu_adamw_step_(p, g, m, v, step=1, **HP)
+    assert torch.equal(m, torch.full((n,), 1 - HP["beta1"]))
+    assert torch.equal(v, torch.full((n,), 1 - HP["beta2"]))
+
+
 def _special_values(low: torch.dtype) -> torch.Tensor:
     """Ties, near-ties, subnormals, overflow, signed zeros, inf and NaN for ``low``."""
     if low == torch.bfloat16:
