@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-HEAD_NAMES = ("lm_head", "output", "classifier", "score", "head")
+from memopt._utils.modules import head_modules, is_linear, is_norm
 
 
 @dataclass(frozen=True)
@@ -60,21 +60,6 @@ def as_meta_module(model: Any, dtype: torch.dtype | None = None) -> nn.Module:
     )
 
 
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in name
-
-
-def _heads(model: nn.Module) -> set[str]:
-    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            if name.rsplit(".", 1)[-1] in HEAD_NAMES or id(mod.weight) in embed:
-                out.add(name)
-    return out
-
-
 def param_infos(
     model: nn.Module, target: str | None = "attn|mlp", dtype: torch.dtype | None = None
 ) -> list[ParamInfo]:
@@ -84,7 +69,7 @@ def param_infos(
     parameters' dtype (the training dtype when the model is described in another one).
     """
     pattern = None if target in (None, "all-linear") else re.compile(target)
-    heads = _heads(model)
+    heads = head_modules(model)
     seen: set[int] = set()
     out: list[ParamInfo] = []
     for mod_name, mod in model.named_modules():
@@ -96,13 +81,13 @@ def param_infos(
                 p_name == "weight"
                 and p.dim() >= 2
                 and not isinstance(mod, nn.Embedding)
-                and not _is_norm(mod)
+                and not is_norm(mod)
                 and mod_name not in heads
             )
             if target is None:
                 low = False
             elif pattern is None:
-                low = candidate and isinstance(mod, nn.Linear)
+                low = candidate and is_linear(mod)
             else:
                 low = candidate and bool(pattern.search(mod_name))
             full = f"{mod_name}.{p_name}" if mod_name else p_name

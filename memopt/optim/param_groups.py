@@ -5,7 +5,8 @@ The policy, stated once:
 - Targets are the ``weight`` of modules whose qualified name matches ``target`` (a
   regular expression searched in the name, a list of names/regexes, or ``"all-linear"``)
   and not ``exclude``, and whose weight has 2 or more dims. ``"all-linear"`` takes every
-  ``nn.Linear`` except the output head (see below); HF's ``"all-linear"`` includes it.
+  ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's) except the output head (see below);
+  HF's ``"all-linear"`` includes it.
 - The output head (a Linear named ``lm_head``/``output``/``classifier``/``score``, or
   one whose weight is tied to an embedding), embeddings and norms never become low-rank
   targets, even when ``target`` matches them (as in the GaLore and APOLLO references); to
@@ -25,28 +26,9 @@ from typing import Any
 
 from torch import nn
 
-HEAD_NAMES = ("lm_head", "output", "classifier", "score", "head")
+from memopt._utils.modules import head_modules, is_linear, is_norm
+
 STATE_FREE_KINDS = ("embeddings", "norms", "head", "biases")
-
-
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or (
-        "norm" in name
-    )
-
-
-def _head_modules(model: nn.Module) -> set[str]:
-    """Names of Linear modules that act as the output head."""
-    embed_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads = set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in HEAD_NAMES or id(mod.weight) in embed_weights:
-            heads.add(name)
-    return heads
 
 
 def _matcher(target: str | Sequence[str]) -> re.Pattern[str] | None:
@@ -86,7 +68,7 @@ def param_groups(
         raise ValueError("param_groups needs rank=... (GaLore/APOLLO) or density=... (FRUGAL)")
     pattern = _matcher(target)
     excl = _matcher(exclude) if exclude is not None else None
-    heads = _head_modules(model)
+    heads = head_modules(model)
     buckets: dict[str, list[tuple[str, nn.Parameter]]] = {
         "low": [],
         "decay": [],
@@ -111,7 +93,7 @@ def param_groups(
                 buckets["no_decay" if weight_decay is not None else "decay"].append((full, p))
     if not buckets["low"]:
         names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and n not in heads][:8]  # fmt: skip
+                 if is_linear(m) and n not in heads][:8]  # fmt: skip
         raise ValueError(
             f"target {target!r} matched no weight; Linear modules that can be targets include "
             f"{names} (embeddings, norms and the output head never are). Pass a regex over "
@@ -123,7 +105,7 @@ def param_groups(
 def _kind(mod: nn.Module, mod_name: str, p_name: str, p: nn.Parameter, heads: set[str]) -> str:
     if isinstance(mod, nn.Embedding):
         return "embeddings"
-    if _is_norm(mod):
+    if is_norm(mod):
         return "norms"
     if mod_name in heads:
         return "head" if p_name == "weight" else "biases"
@@ -142,7 +124,7 @@ def _selected(
     if excl is not None and excl.search(name):
         return False
     if pattern is None:
-        return isinstance(mod, nn.Linear) and name not in heads
+        return is_linear(mod) and name not in heads
     return bool(pattern.search(name))
 
 

@@ -48,6 +48,24 @@ def test_all_linear_excludes_the_head(llama):
     assert "lm_head.weight" not in _names(low) and len(low["params"]) == 14
 
 
+def test_all_linear_takes_gpt2_conv1d_like_the_estimator():
+    # GPT-2's projections are transformers' Conv1D (a Linear stored (in, out)), not nn.Linear.
+    from memopt.memory.model import param_infos
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    gpt2 = transformers.GPT2LMHeadModel(cfg)
+    (low, *_rest) = param_groups(gpt2, target="all-linear", rank=4)
+    want = {f"transformer.h.{i}.{m}.weight" for i in range(2)
+            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+    assert _names(low) == want  # lm_head is tied to wte: never a target
+    estimated = {i.name for i in param_infos(gpt2, target="all-linear") if i.low_rank}
+    assert estimated == want
+    opt = GaLoreAdamW(param_groups(gpt2, target="all-linear", rank=4), lr=1e-3)
+    gpt2(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    opt.step()
+    assert len(opt.state) == len(list(gpt2.parameters()))  # the tied lm_head once
+
+
 def test_head_is_detected_when_tied():
     emb = torch.nn.Embedding(10, 8)
     out = torch.nn.Linear(8, 10, bias=False)
