@@ -44,6 +44,7 @@ from memopt.memory.model import (
     ParamInfo,
     as_meta_module,
     buffer_bytes,
+    check_positions,
     frozen_bytes,
     param_infos,
 )
@@ -161,6 +162,8 @@ def estimate(
             "(none, or all with requires_grad=False): there is nothing to train; pass the "
             "module you train, or unfreeze the parameters it trains"
         )
+    if inputs is None:
+        check_positions(module, cfg.seq_len)
     meta = meta_copy(module).to(cfg.param_dtype)
     trace = trace_step(
         meta,

@@ -112,3 +112,24 @@ def buffer_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         size = dtype.itemsize if dtype is not None and b.is_floating_point() else b.element_size()
         total += b.numel() * size
     return total
+
+
+def check_positions(model: nn.Module, seq_len: int) -> None:
+    """Refuse a ``seq_len`` past a learned position table (GPT-2's ``n_positions``): on meta
+    tensors the lookup cannot fail, so the estimate would price a run that crashes. Rotary
+    models (LLaMA) compute positions, and take any length."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or seq_len <= limit:
+        return
+    tables = [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and limit <= m.num_embeddings <= limit + 2  # OPT: +2
+        and any(k in name.rsplit(".", 1)[-1].lower() for k in ("pos", "wpe"))
+    ]  # fmt: skip
+    if tables:
+        raise ValueError(
+            f"memopt.memory.estimate: seq_len={seq_len} is longer than the model's "
+            f"{limit} learned positions ({tables[0]}); the forward would fail. Pass "
+            f"seq_len <= {limit}, or a config with more positions"
+        )

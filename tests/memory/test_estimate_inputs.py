@@ -84,3 +84,17 @@ def test_param_dtype_by_name() -> None:
                        ("master_dtype", "double precision")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{field} must be a floating torch.dtype or one of"):
             EstimateConfig(**{field: bad})
+
+
+def test_seq_len_past_learned_positions_is_refused_rotary_is_not() -> None:
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    estimate(gpt2, batch_size=1, seq_len=16)
+    with pytest.raises(ValueError, match=r"seq_len=17 is longer than the model's 16 learned "
+                       r"positions \(transformer.wpe\)"):  # fmt: skip
+        estimate(gpt2, batch_size=1, seq_len=17)
+    llama = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    assert estimate(llama, batch_size=1, seq_len=32).device_peak > 0
