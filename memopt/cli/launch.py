@@ -2,9 +2,10 @@
 
 The launcher first loads the recipe with the overrides (a typo fails here, before any process
 starts), then runs ``python -m torch.distributed.run`` with ``--nproc-per-node`` and either
-``--standalone`` (one node: torchrun picks a free port) or the multi-node arguments given
+``--standalone`` (one node: torchrun picks a free port) or the rendezvous arguments given
 (``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``, passed through as they
-are), and ``-m memopt.cli.train RECIPE.yaml key=value ...`` as the program of every rank.
+are; a port or address on one node is kept too), and
+``-m memopt.cli.train RECIPE.yaml key=value ...`` as the program of every rank.
 A recipe named without a path (``galore``) is looked up as ``recipes/galore.yaml`` under the
 current directory. ``--dry-run`` prints the command instead.
 """
@@ -45,13 +46,21 @@ def resolve_recipe(name: str) -> str:
 
 
 def torchrun_command(args: argparse.Namespace, recipe: str) -> list[str]:
-    """The full torchrun command line for ``args``."""
+    """The full torchrun command line for ``args``.
+
+    One node with no rendezvous argument runs ``--standalone``; a ``--master-port`` (or
+    ``--master-addr``) on one node is kept (a fixed port, e.g. two jobs side by side), with
+    ``--node-rank 0``.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
-    multi = args.nnodes != "1" or args.master_addr is not None
-    if multi:
+    multi = args.nnodes != "1"
+    if not multi and args.node_rank not in (None, 0):
+        raise SystemExit(f"memopt run: --node-rank {args.node_rank} needs --nnodes > 1")
+    if multi or args.master_addr is not None or args.master_port is not None:
         cmd += ["--nnodes", args.nnodes]
-        if args.node_rank is not None:
-            cmd += ["--node-rank", str(args.node_rank)]
+        node_rank = args.node_rank if multi else 0
+        if node_rank is not None:
+            cmd += ["--node-rank", str(node_rank)]
         if args.master_addr is not None:
             cmd += ["--master-addr", args.master_addr]
         if args.master_port is not None:

@@ -42,6 +42,14 @@ def test_torchrun_command_single_and_multi_node() -> None:
     assert "--standalone" not in cmd
     joined = " ".join(cmd)
     assert "--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29501" in joined
+    # one node with a fixed port: the port is kept (standalone would pick its own)
+    args = launch.parser().parse_intermixed_args(["r.yaml", "--master-port", "29533"])
+    cmd = launch.torchrun_command(args, "r.yaml")
+    assert "--standalone" not in cmd
+    assert "--nnodes 1 --node-rank 0 --master-port 29533" in " ".join(cmd)
+    args = launch.parser().parse_intermixed_args(["r.yaml", "--node-rank", "1"])
+    with pytest.raises(SystemExit, match="--node-rank 1 needs --nnodes > 1"):
+        launch.torchrun_command(args, "r.yaml")
 
 
 def test_bad_override_fails_before_launch(tmp_path: Path) -> None:
