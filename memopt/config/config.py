@@ -95,7 +95,7 @@ class Config:
         """Load a YAML file (see the module docstring)."""
         with open(path) as f:
             try:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader
             except yaml.YAMLError as e:
                 raise ValueError(f"{os.fspath(path)}: not valid YAML: {e}") from None
         if data is not None and not isinstance(data, Mapping):
@@ -126,6 +126,23 @@ class Config:
             with open(path, "w") as f:
                 f.write(text)
         return text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently: ``lr: 1e-3`` then ``lr: 3e-4`` further down would train at 3e-4)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); "
+                    "keep one", key_node.start_mark)  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _deep_copy(value: Any) -> Any:

@@ -40,6 +40,17 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     assert Config.from_yaml(tmp_path / "out.yaml").to_yaml() == cfg.to_yaml()
 
 
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    # plain YAML keeps the last value silently; the run would train at the other lr
+    path = tmp_path / "dup.yaml"
+    path.write_text("optimizer:\n  lr: 1.0e-3\n  rank: 4\n  lr: 3.0e-4\ntrain: {steps: 2}\n")
+    with pytest.raises(ValueError, match=r"dup.yaml: .*key 'lr' appears twice \(lines 2 and 4\)"):
+        Config.from_yaml(path)
+    path.write_text("train: {steps: 2}\noptimizer: {lr: 1.0e-3}\ntrain: {seed: 1}\n")
+    with pytest.raises(ValueError, match=r"key 'train' appears twice \(lines 1 and 3\)"):
+        Config.from_yaml(path)
+
+
 def test_overrides_are_typed(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(RECIPE)
