@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import memopt.optim as mo
+from tests.optim._roundtrip import reload
 from tests.optim.test_param_dtypes import BUILDERS
 
 
@@ -158,3 +159,39 @@ def test_load_state_dict_pre_hook_result_is_what_loads(name: str) -> None:
     fresh.load_state_dict(saved)
     assert all(bool((st["exp_avg"] == 0).all()) for st in fresh.state.values())
     assert len(fresh._optimizer_load_state_dict_pre_hooks) == 1  # still registered
+
+
+EMPTY_CASES = {
+    "galore": (mo.GaLoreAdamW, {"rank": 4}),
+    "galore full": (mo.GaLoreAdamW, {"rank": 4, "proj_type": "full"}),
+    "apollo": (mo.ApolloAdamW, {"rank": 4}),
+    "natural galore": (mo.NaturalGaLoreAdamW, {"rank": 4}),
+    "frugal svd": (mo.FrugalAdamW, {"density": 0.5}),
+    "frugal columns": (mo.FrugalAdamW, {"density": 0.5, "proj": "columns"}),
+    "frugal orthogonal": (mo.FrugalAdamW, {"density": 0.5, "proj": "orthogonal"}),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_CASES))
+def test_empty_parameters_in_low_rank_groups_step_and_reload(name: str) -> None:
+    # (0, 16) reloaded with a rank-1 shape (density clamped up from 0), and (0, 0, 3) failed
+    # to reshape at the first step; the non-empty matrix beside them must train as alone.
+    cls, opts = EMPTY_CASES[name]
+    shapes = [(16, 16), (0, 16), (16, 0), (0, 0, 3), (2, 0, 3)]
+
+    def run(with_empty: bool) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s)) for s in shapes[: None if with_empty else 1]]
+        opt = cls([{"params": ps, "update_proj_gap": 2, **opts}], lr=1e-2)
+        for k in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(k))
+            opt.step()
+        return opt, ps
+
+    opt, ps = run(True)
+    _, alone = run(False)
+    assert torch.equal(ps[0], alone[0])
+    _, opt2 = reload(ps, opt, lambda params: cls([{"params": params, "update_proj_gap": 2,
+                                                   **opts}], lr=1e-2))  # fmt: skip
+    assert len(opt2.state) == len(shapes)

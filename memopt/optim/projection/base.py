@@ -21,6 +21,7 @@ shape in ``project_back`` and crashes on square projections):
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -70,7 +71,7 @@ def resolve_side(shape: tuple[int, int], proj_type: str) -> Side:
 
 def as_matrix(t: Tensor) -> Tensor:
     """View a tensor of 2 or more dims as a matrix (dim 0 x the rest), e.g. a conv kernel."""
-    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+    return t if t.dim() == 2 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 @contextlib.contextmanager
@@ -80,9 +81,9 @@ def writable_matrix(p: Tensor) -> Iterator[Tensor]:
     if p.dim() == 2:
         yield p
     elif p.is_contiguous():
-        yield p.view(p.shape[0], -1)
+        yield p.view(p.shape[0], math.prod(p.shape[1:]))
     else:
-        w = p.reshape(p.shape[0], -1).clone()  # (reshape alone may return a view)
+        w = as_matrix(p).clone()  # (reshape alone may return a view)
         yield w
         p.copy_(w.view(p.shape))
 
@@ -129,9 +130,11 @@ class Projector(ABC):
         side = self.side(shape)
         limit = {"right": shape[1], "left": shape[0], "both": min(shape)}[side]
         if self.density is not None:
-            return max(1, min(limit, round(self.density * limit)))
+            return min(limit, max(1, round(self.density * limit)))  # 0 for an empty side
         assert self.rank is not None
         if self.rank >= limit:
+            if limit == 0:  # an empty matrix: nothing to save or warn about
+                return 0
             warn_once(
                 f"rank {self.rank} is at or above the projected side ({limit}) of a {shape[0]}x"
                 f"{shape[1]} matrix: clamped to {limit}, so this matrix gets no memory saving"
