@@ -34,6 +34,7 @@ from memopt._utils.wrapped_optim import closure_loss
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim import kernels
+from memopt.optim._checks import check_grad
 from memopt.optim._full_adam import adamw_many
 from memopt.optim._groups import check_common, check_known_keys, check_low_rank
 from memopt.optim._persist import PersistMixin
@@ -314,13 +315,3 @@ def autocast_off() -> Iterator[None]:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         yield
-
-
-def check_grad(grad: Tensor, label: str) -> None:
-    if grad.is_sparse:
-        raise TypeError(f"{label}: sparse gradients are not supported (use torch.optim.SparseAdam)")
-    if grad.is_complex():
-        raise TypeError(
-            f"{label}: complex gradients are not supported; view the parameter as real "
-            "(torch.view_as_real) before optimizing it"
-        )

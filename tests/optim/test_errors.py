@@ -73,6 +73,20 @@ def test_complex_gradient():
         opt.step()
 
 
+@pytest.mark.parametrize(
+    ("cls", "opts"),
+    [(GaLoreAdamW, {"rank": 2}), (ApolloAdamW, {"rank": 2}), (FrugalAdamW, {"density": 0.5})],
+)
+def test_parameter_left_on_meta_is_named(cls, opts):
+    # (a model built under torch.device("meta") and never materialised: torch.item() errors)
+    with torch.device("meta"):
+        lin = torch.nn.Linear(8, 8)
+    opt = cls([{"params": [lin.weight], "param_names": ["lin.weight"], **opts}])
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    with pytest.raises(RuntimeError, match=r"lin.weight is on the meta device.*to_empty"):
+        opt.step()
+
+
 @pytest.mark.parametrize("proj", ["svd", "rsvd", "subspace"])
 def test_non_finite_gradient_at_refresh_names_the_parameter(proj):
     p = _p(8, 4)
