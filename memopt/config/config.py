@@ -153,6 +153,11 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+#: Mappings whose keys are module names (``model.layers.0``): an override
+#: ``activations.policies.model.layers.0=recompute`` sets the key ``model.layers.0``.
+DOTTED_KEY_MAPPINGS = frozenset({("activations", "policies")})
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set ``a.b.c=value`` in nested ``data`` (the value parsed as YAML)."""
     key, sep, text = item.partition("=")
@@ -163,6 +168,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if len(parts) < 2:
         raise ValueError(f"override {item!r}: name a section and a key, e.g. train.steps=50; "
                          f"the sections are: {', '.join(SECTIONS)}")
+    if tuple(parts[:2]) in DOTTED_KEY_MAPPINGS and len(parts) > 3:
+        parts = [*parts[:2], ".".join(parts[2:])]  # a module name: dots belong to the key
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:

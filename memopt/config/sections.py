@@ -125,7 +125,8 @@ class ActivationsConfig:
     policy: str | None = opt(None, "one action for every block (keep/recompute/swap/split/"
                              "sample) instead of the planner")
     policies: dict[str, str] = opt({}, "per-block actions by block name "
-                                   "('model.layers.0': recompute); others keep")
+                                   "('model.layers.0': recompute); others keep. Override: "
+                                   "activations.policies.model.layers.0=recompute")
     tier: Literal["cpu", "nvme"] = opt("cpu", "where swapped activations go")
     nvme_path: str | None = opt(None, "directory for tier: nvme")
 

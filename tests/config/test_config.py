@@ -40,6 +40,12 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     assert Config.from_yaml(tmp_path / "out.yaml").to_yaml() == cfg.to_yaml()
 
 
+def test_policy_override_keeps_the_dots_of_a_block_name() -> None:
+    cfg = Config().replace(["activations.policies.model.layers.0=recompute",
+                            "activations.policies.model.layers.1=swap"])  # fmt: skip
+    assert cfg.activations.policies == {"model.layers.0": "recompute", "model.layers.1": "swap"}
+
+
 def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
     # plain YAML keeps the last value silently; the run would train at the other lr
     path = tmp_path / "dup.yaml"
