@@ -109,3 +109,18 @@ def test_optimizer_in_backward(tmp_path: Path) -> None:
     again = memopt.setup(_model(), cfg)  # the hooks' clipping state comes back with the step
     assert again.resumed_from == 1 and again.in_backward.prev_norm == pytest.approx(norm)
     again.close()
+
+
+def _in_backward_on_ranks(rank: int, world: int) -> str:
+    cfg = Config.from_dict({"model": {"device": "cpu"}, "optimizer": {"in_backward": True}})
+    try:
+        memopt.setup(_model(), cfg)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_optimizer_in_backward_is_refused_on_two_ranks() -> None:
+    # each rank would update from its local gradient before DDP's all-reduce: ranks drift
+    out = run_distributed(_in_backward_on_ranks, world_size=2, timeout_s=90)
+    assert all("optimizer.in_backward" in msg and "drift" in msg for msg in out), out

@@ -179,6 +179,17 @@ def test_sharded_trainer_refuses_hf_optimizer_checkpoints(tmp_path) -> None:
         )
 
 
+def test_sharded_trainer_refuses_stage3_with_accumulation(tmp_path) -> None:
+    with pytest.raises(NotImplementedError, match="stage 3.*gradient_accumulation_steps > 1"):
+        MemoptTrainer(
+            model=tiny_llama(),
+            args=_args(str(tmp_path), save_strategy="no", gradient_accumulation_steps=2),
+            train_dataset=Tokens(),
+            memopt_optimizer="adamw",
+            memopt_shard={"stage": 3},
+        )
+
+
 def test_trainer_from_memopt_config(tmp_path) -> None:
     from memopt import Config
     from memopt.integrations.hf import training_arguments, unwrap_optimizer
