@@ -68,8 +68,7 @@ class OptimizerConfig:
         if not 0.0 < self.density <= 1.0:
             raise ValueError(
                 f"config key 'optimizer.density' must lie in (0, 1], got {self.density}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError("config key 'optimizer.max_grad_norm' must be > 0 or null")
+        positive(self, "optimizer", "max_grad_norm")  # (null: no clipping)
 
 
 @dataclass(frozen=True)

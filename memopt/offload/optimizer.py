@@ -16,6 +16,8 @@ to the tier (no cast to the parameter's dtype: the moments stay fp32).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,6 +93,28 @@ class OffloadConfig:
         return NVMeTier(cfg, arena=arena)
 
 
+def check_adam_group(group: dict[str, Any], owner: str) -> None:
+    """lr, eps and weight_decay finite numbers >= 0 and betas two numbers in [0, 1) (torch
+    refuses nan too; memopt's optimizers check the same in memopt.optim._groups)."""
+    for key in ("lr", "eps", "weight_decay"):
+        value = group[key]
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{owner}: {key} is a tensor ({value!r}); pass a Python float")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{owner}: {key} must be a number >= 0, got {value!r}")
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"{owner}: {key} must be a finite number >= 0, got {value!r}")
+        group[key] = float(value)
+    betas = group["betas"]
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}") from None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
+    group["betas"] = (b1, b2)
+
+
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW (torch's update rule) with its state on a tier; see the module docstring."""
 
@@ -106,9 +130,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         tier: StorageTier | None = None,
         record_events: bool = False,
     ) -> None:
-        if not 0.0 <= lr or not 0.0 <= eps or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid AdamW hyperparameters lr={lr} betas={betas} eps={eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        check_adam_group(defaults, "OffloadedAdamW")
         super().__init__(params, defaults)
         self.offload = offload or OffloadConfig()
         self.tier = tier if tier is not None else self.offload.make_tier()
@@ -120,10 +143,34 @@ class OffloadedAdamW(torch.optim.Optimizer):
             hybrid=HybridUpdate() if self.offload.hybrid else None,
         )
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_adam_group(group, "OffloadedAdamW")
+            for p in group["params"]:
+                if p.is_complex() or p.dtype == torch.float64:
+                    raise TypeError(
+                        f"OffloadedAdamW keeps fp32 state and an fp32 master: a {p.dtype} "
+                        f"parameter of shape {tuple(p.shape)} would lose "
+                        + ("its imaginary part" if p.is_complex() else "precision")
+                        + "; use torch.optim.AdamW for it, or cast the model to fp32/bf16/fp16"
+                    )
+        except Exception:
+            self.param_groups.pop()
+            raise
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
         items = []
+        for group in self.param_groups:  # before any state changes (the step counters)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"OffloadedAdamW does not support sparse gradients (a parameter of "
+                        f"shape {tuple(p.shape)}); nothing was updated"
+                    )
         fresh = [p for g in self.param_groups for p in g["params"]
                  if p.grad is not None and p not in self.store]  # fmt: skip
         self.store.reserve([p.numel() for p in fresh])  # host tiers: one exact-size piece
@@ -132,8 +179,6 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("OffloadedAdamW does not support sparse gradients")
                 state = self.state[p]
                 if p not in self.store:
                     self.store.add(p, p.detach())  # upcast chunk by chunk

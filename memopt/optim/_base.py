@@ -138,8 +138,12 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
             return self._step(loss)
 
     def _step(self, loss: Any) -> Any:
-        self._prefetch_refreshes()
         meta = self._meta()
+        for group in self.param_groups:  # every gradient before any parameter changes
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_grad(p.grad, meta[id(p)][1].label)
+        self._prefetch_refreshes()
         try:
             for group in self.param_groups:
                 plain: dict[F.EpsMode, list[Tensor]] = defaultdict(list)
@@ -155,9 +159,6 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
                 if low_rank:
                     self.low_rank_many(low_rank, group)
                 for eps_mode, ps in plain.items():
-                    for p in ps:
-                        assert p.grad is not None
-                        check_grad(p.grad, meta[id(p)][1].label)
                     states = [self._init_state(p, group, meta[id(p)][1]) for p in ps]
                     adamw_many(ps, states, group, eps_mode)
         finally:

@@ -7,6 +7,7 @@ would otherwise train a full-state optimizer without a word.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,8 +30,50 @@ def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) ->
         )
 
 
-def check_common(group: Mapping[str, Any], owner: str) -> None:
-    """Checks shared by all memopt optimizers (learning rate, betas, eps, decay)."""
+#: Number-valued group keys: (lowest value, whether the lowest itself is allowed). Each must
+#: be a finite real number (``nan`` slips through ``x < 0``; torch refuses it too).
+REAL_KEYS: dict[str, tuple[float, bool]] = {
+    "lr": (0.0, True),
+    "eps": (0.0, True),
+    "weight_decay": (0.0, True),
+    "scale": (0.0, False),
+    "inactive_lr_scale": (0.0, True),
+    "proj_params_lr_scale": (0.0, True),
+    "nl_gamma": (1.0, True),
+    "damping": (0.0, False),
+}
+#: Integer-valued group keys (each >= 1).
+INT_KEYS = ("rank", "update_proj_gap", "natural_history")
+#: On/off group keys: a bool (the string "false" would be truthy and switch the feature on).
+BOOL_KEYS = ("correct_bias", "stagger", "state_free", "scale_front", "disable_nl")
+
+
+def check_real(group: dict[str, Any], key: str, owner: str) -> None:
+    """``group[key]`` is a finite real number within ``REAL_KEYS[key]``; a numpy scalar is
+    stored back as a Python float (state_dict() must load with weights_only=True)."""
+    value = group[key]
+    low, inclusive = REAL_KEYS[key]
+    bound = f">= {low:g}" if inclusive else f"> {low:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {key} must be a number {bound}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < low or (number == low and not inclusive):
+        raise ValueError(f"{owner}: {key} must be a finite number {bound}, got {value!r}")
+    if not isinstance(value, (int, float)):
+        group[key] = number
+
+
+def check_int(group: dict[str, Any], key: str, owner: str, hint: str = "") -> None:
+    """``group[key]`` is an integer >= 1 (numpy integers are stored back as int)."""
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{owner}: {key} must be a positive integer, got {value!r}{hint}")
+    group[key] = int(value)
+
+
+def check_common(group: dict[str, Any], owner: str) -> None:
+    """Checks shared by all memopt optimizers: every known number, integer and on/off key
+    present in the group (learning rate, betas, eps, decay, scales, ...), and state_dtype."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         raise TypeError(
@@ -38,18 +81,20 @@ def check_common(group: Mapping[str, Any], owner: str) -> None:
             "(tensor learning rates are torch's capturable / compiled-step feature; pass "
             "float(lr))"
         )
-    if not isinstance(lr, (int, float)) or lr < 0 or not math.isfinite(lr):
-        raise ValueError(f"{owner}: lr must be a finite number >= 0, got {lr!r}")
+    for key in REAL_KEYS:
+        if key in group:
+            check_real(group, key, owner)
+    for key in BOOL_KEYS:
+        if key in group and not isinstance(group[key], bool):
+            raise TypeError(f"{owner}: {key} must be True or False, got {group[key]!r}")
     betas = group.get("betas")
     if betas is not None:
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if (
+            len(betas) != 2
+            or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in betas)
+            or not all(0.0 <= b < 1.0 for b in betas)
+        ):
             raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
-    eps = group.get("eps", 0.0)
-    if eps < 0:
-        raise ValueError(f"{owner}: eps must be >= 0, got {eps!r}")
-    wd = group.get("weight_decay", 0.0)
-    if wd < 0:
-        raise ValueError(f"{owner}: weight_decay must be >= 0, got {wd!r}")
     if group.get("state_dtype") not in STATE_DTYPES:
         raise ValueError(
             f"{owner}: state_dtype must be None (the parameter's dtype), 'float32', 'int8' or "
@@ -59,21 +104,19 @@ def check_common(group: Mapping[str, Any], owner: str) -> None:
 
 
 def check_low_rank(
-    group: Mapping[str, Any], owner: str, proj_key: str, extra: tuple[str, ...] = ()
+    group: dict[str, Any], owner: str, proj_key: str, extra: tuple[str, ...] = ()
 ) -> None:
     """Checks for a group that projects its gradients (it has ``rank`` or ``density``)."""
     density = group.get("density")
-    if density is not None and not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
+    if density is not None and (
+        isinstance(density, bool) or not isinstance(density, numbers.Real)
+        or not 0.0 <= float(density) <= 1.0
+    ):
         raise ValueError(f"{owner}: density must be a number in [0, 1], got {density!r}")
-    rank = group.get("rank")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ValueError(
-            f"{owner}: rank must be a positive integer, got {rank!r}; use a plain group "
-            "(no 'rank' key) for full-state parameters"
-        )
-    gap = group.get("update_proj_gap")
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"{owner}: update_proj_gap must be a positive integer, got {gap!r}")
+    if group.get("rank") is not None:
+        check_int(group, "rank", owner,
+                  "; use a plain group (no 'rank' key) for full-state parameters")  # fmt: skip
+    check_int(group, "update_proj_gap", owner)
     if group.get("proj_type") not in PROJ_TYPES:
         raise ValueError(
             f"{owner}: unknown proj_type {group.get('proj_type')!r}; choose one of: "
@@ -102,9 +145,8 @@ def check_low_rank(
             f"and {proj_key}={group[proj_key]!r} has none; use a dense projector (svd, rsvd, "
             "subspace, gram, random, orthogonal) or drop matmul_dtype"
         )
-    scale = group.get("scale", 1.0)
-    if not isinstance(scale, (int, float)) or scale <= 0:
-        raise ValueError(f"{owner}: scale must be a number > 0, got {scale!r}")
+    if "natural_history" in group:
+        check_int(group, "natural_history", owner)
 
 
 def _has_gemms(proj_name: str) -> bool:

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
-from memopt.optim._checks import check_grad
 from memopt.optim.projection import Projector, mix_seed
 from memopt.optim.projection.base import checked_float
 
@@ -101,7 +100,6 @@ class RefreshMixin:
                     continue
                 state = self._init_state(p, group, meta[id(p)][1])
                 if self._refresh_due(state, group):
-                    check_grad(p.grad, meta[id(p)][1].label)
                     g = self.grad_matrix(p, group)
                     # before any parameter of the step changes (the docs: nothing is written)
                     self._check_finite(proj, g, state["step"], meta[id(p)][1].label)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from memopt.optim import _functional as F
 from memopt.optim._apollo_many import apollo_many
-from memopt.optim._base import MemoptOptimizer, check_grad
+from memopt.optim._base import MemoptOptimizer
 from memopt.optim.galore import ADAMW_DEFAULTS
 
 APOLLO_DEFAULTS: dict[str, Any] = {
@@ -99,17 +99,12 @@ class ApolloAdamW(MemoptOptimizer):
                     "APOLLO scales channels of one side; proj_type='full' (two-sided) has no "
                     "channel to scale: use std, reverse_std, left or right"
                 )
-            if group["nl_gamma"] < 1.0:
-                raise ValueError(f"nl_gamma must be >= 1, got {group['nl_gamma']!r}")
 
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         return None if self.projects(p, group) else "galore"
 
     def low_rank_many(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        # step(): the whole group at once (see _apollo_many)
-        meta = self._meta()
-        for p in params:
-            check_grad(p.grad, meta[id(p)][1].label)  # type: ignore[arg-type]
+        # step(): the whole group at once (see _apollo_many); _step checked the gradients
         apollo_many(self, params, group)
 
     def low_rank_step(

@@ -50,14 +50,6 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(params, lr=lr, **kwargs)
 
-    def check_group(self, group: dict[str, Any]) -> None:
-        if self.is_low_rank(group):
-            s, damping = group["natural_history"], group["damping"]
-            if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-                raise ValueError(f"natural_history must be a positive integer, got {s!r}")
-            if not damping > 0:
-                raise ValueError(f"damping must be > 0, got {damping!r}")
-
     def low_rank_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:

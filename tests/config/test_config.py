@@ -93,6 +93,8 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("optimizer.eps=-1", "'optimizer.eps'"),
         ("optimizer.min_lr_ratio=2", "'optimizer.min_lr_ratio' is a fraction"),
         ("sharding.hybrid_update=true", "needs sharding.offload"),
+        ("optimizer.max_grad_norm=.nan", "'optimizer.max_grad_norm' must be finite and > 0"),
+        ("optimizer.max_grad_norm=0", "'optimizer.max_grad_norm' must be finite and > 0"),
     ],
 )
 def test_bad_values_name_the_key(override: str, needle: str) -> None:

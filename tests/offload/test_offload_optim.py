@@ -210,3 +210,39 @@ def test_offload_config_validation(tmp_path: Path) -> None:
     assert isinstance(tier, NVMeTier) and tier.file.path.name == "memopt-rank3.swap"
     tier.close()
     assert isinstance(OffloadConfig().make_tier(), PinnedCPUTier)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
+     ({"weight_decay": -0.5}, "weight_decay must be a finite number >= 0"),
+     ({"eps": float("nan")}, "eps must be a finite"),
+     ({"betas": (0.9,)}, "betas must be two numbers"),
+     ({"betas": (0.9, 1.5)}, "betas must be two numbers")],
+)  # fmt: skip
+def test_offloaded_adamw_hyperparameters_are_checked(kwargs: dict, match: str) -> None:
+    p = torch.nn.Parameter(torch.randn(8))
+    with pytest.raises(ValueError, match=match):
+        OffloadedAdamW([p], **kwargs)
+    opt = OffloadedAdamW([p])
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(("dtype", "lost"), [(torch.complex64, "imaginary"),
+                                              (torch.float64, "precision")])  # fmt: skip
+def test_offloaded_adamw_refuses_what_fp32_state_would_lose(dtype: torch.dtype, lost: str) -> None:
+    with pytest.raises(TypeError, match=f"would lose (its )?{lost}"):
+        OffloadedAdamW([torch.nn.Parameter(torch.randn(4, 4, dtype=dtype))])
+
+
+def test_offloaded_adamw_sparse_gradient_changes_nothing() -> None:
+    w, e = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(10, 4))
+    opt = OffloadedAdamW([w, e], lr=0.1)
+    w.grad, e.grad = torch.randn(8), torch.randn(10, 4).to_sparse()
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients.*nothing was updated"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state
+    opt.close()

@@ -43,6 +43,13 @@ def test_unknown_proj_type():
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"state_dtype": "float16"}, "state_dtype"),
         ({"natural_history": 0}, "natural_history"),
+        # nan passes "x < 0" checks; torch refuses it, and one step made every weight nan
+        ({"eps": float("nan")}, "eps must be a finite number >= 0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number"),
+        ({"scale": float("nan")}, "scale must be a finite number > 0"),
+        ({"scale": float("inf")}, "scale must be a finite number > 0"),
+        ({"damping": float("nan")}, "damping must be a finite number > 0"),
+        ({"betas": (0.9, float("nan"))}, "betas"),
     ],
 )
 def test_bad_values(bad, match):
@@ -57,12 +64,59 @@ def test_failed_group_is_not_half_added():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize(
+    ("cls", "bad", "match"),
+    [
+        (FrugalAdamW, {"inactive_lr_scale": float("nan")}, "inactive_lr_scale must be a finite"),
+        (FrugalAdamW, {"inactive_lr_scale": -1.0}, "inactive_lr_scale must be a finite"),
+        (FrugalAdamW, {"proj_params_lr_scale": -1.0}, "proj_params_lr_scale must be a finite"),
+        (ApolloAdamW, {"nl_gamma": float("nan")}, "nl_gamma must be a finite number >= 1"),
+    ],
+)
+def test_bad_optimizer_specific_values(cls, bad, match):
+    with pytest.raises(ValueError, match=match):
+        cls([{"params": [_p(4, 4)], "rank": 2, **bad}])
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [({"correct_bias": "false"}, "correct_bias must be True or False"),
+     ({"stagger": "no"}, "stagger must be True or False"),
+     ({"density": True}, "density must be a number")],
+)  # fmt: skip
+def test_strings_and_bools_are_not_truthy_options(bad, match):
+    # "false" is a truthy string: it switched the feature on
+    with pytest.raises((TypeError, ValueError), match=match):
+        GaLoreAdamW([{"params": [_p(4, 4)], "update_proj_gap": 2, "rank": 2, **bad}])
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    opt = GaLoreAdamW([{"params": [_p(4, 4)], "rank": np.int64(2),
+                        "update_proj_gap": np.int64(3)}], lr=np.float32(1e-3))  # fmt: skip
+    group = opt.param_groups[0]
+    assert type(group["lr"]) is float and type(group["rank"]) is int
+    assert type(group["update_proj_gap"]) is int and group["lr"] == pytest.approx(1e-3)
+
+
 def test_sparse_gradient():
     p = _p(4, 4)
     opt = GaLoreAdamW([{"params": [p], "rank": 2}])
     p.grad = torch.randn(4, 4).to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, ApolloAdamW, FrugalAdamW, NaturalGaLoreAdamW])
+def test_sparse_gradient_refused_before_any_parameter_changes(cls):
+    # the low-rank group comes first: it was updated before the embedding's gradient raised
+    w, e = _p(8, 8), _p(10, 8)
+    opt = cls([{"params": [w], "rank": 2}, {"params": [e]}], lr=0.1)
+    w.grad, e.grad = torch.randn(8, 8), torch.randn(10, 8).to_sparse()
+    before = w.detach().clone()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state
 
 
 def test_complex_gradient():
