@@ -183,13 +183,33 @@ def step_in_backward(
         or (accumulation_steps < 1)
     ):
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+        or not math.isfinite(max_grad_norm) or not max_grad_norm > 0
+    ):
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}"
+        )
     if clip != "previous":
         raise ValueError(f"clip must be 'previous', got {clip!r}")
     params_iter = model.parameters() if isinstance(model, nn.Module) else model
     params = [p for p in params_iter if p.requires_grad]
     managed = optimizer._meta()
+    if not params:
+        raise ValueError(
+            "step_in_backward: no trainable parameters given, so no update would ever run (a "
+            "generator such as model.parameters() that the optimizer already consumed is "
+            "empty); pass the model, or list(model.parameters())"
+        )
+    hooked = {id(p) for p in params}
+    unhooked = [p for g in optimizer.param_groups for p in g["params"]
+                if p.requires_grad and id(p) not in hooked]  # fmt: skip
+    if unhooked:
+        raise ValueError(
+            f"step_in_backward: {len(unhooked)} trainable parameter(s) of the optimizer are not "
+            f"among those given (shapes {[tuple(p.shape) for p in unhooked[:4]]}); they would "
+            "never be updated, as backward() replaces optimizer.step(). Pass the whole model"
+        )
     missing = [tuple(p.shape) for p in params if id(p) not in managed]
     if missing:
         raise ValueError(

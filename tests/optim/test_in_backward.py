@@ -140,6 +140,15 @@ def test_bad_input():
         step_in_backward(model, AdamW(list(model.parameters())[:2]))
     with pytest.raises(ValueError, match="accumulation_steps"):
         step_in_backward(model, AdamW(model.parameters()), accumulation_steps=0)
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number"):
+        step_in_backward(model, AdamW(model.parameters()), max_grad_norm=float("nan"))
+    # a generator the optimizer consumed is empty: no hook, and the model never trained
+    params = model.parameters()
+    opt = AdamW(params)
+    with pytest.raises(ValueError, match="no trainable parameters given"):
+        step_in_backward(params, opt)
+    with pytest.raises(ValueError, match=r"2 trainable parameter\(s\) of the optimizer are not"):
+        step_in_backward(list(model.parameters())[2:], opt)
 
 
 def test_step_pre_hooks_run_once_per_step_before_any_update() -> None:
