@@ -19,44 +19,66 @@ from memopt.cli import _workload
 from memopt.cli._workload import DTYPES, OPTIMIZERS, Workload
 
 
-def _workload_args(p: argparse.ArgumentParser) -> None:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _workload_args(p: argparse.ArgumentParser, *, budget: bool) -> None:
+    n = _positive_int
     p.add_argument("--model", choices=("llama",), default="llama", help="built-in model family")
-    p.add_argument("--hidden", type=int, help="hidden size (default 256)")
-    p.add_argument("--layers", type=int, help="decoder layers (default 4)")
-    p.add_argument("--heads", type=int, help="attention heads (default 4)")
-    p.add_argument("--intermediate", type=int, help="MLP size (default ~8/3 hidden)")
-    p.add_argument("--vocab", type=int, help="vocabulary (default 8000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="default 4")
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="default 128")
+    p.add_argument("--hidden", type=n, help="hidden size (default 256)")
+    p.add_argument("--layers", type=n, help="decoder layers (default 4)")
+    p.add_argument("--heads", type=n, help="attention heads (default 4)")
+    p.add_argument("--intermediate", type=n, help="MLP size (default ~8/3 hidden)")
+    p.add_argument("--vocab", type=n, help="vocabulary (default 8000)")
+    p.add_argument("--batch-size", dest="batch_size", type=n, help="default 4")
+    p.add_argument("--seq-len", dest="seq_len", type=n, help="default 128")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--rank", type=int, help="low-rank optimizers' rank")
+    p.add_argument("--rank", type=n, help="low-rank optimizers' rank")
     p.add_argument("--density", type=float, help="FRUGAL's density")
     p.add_argument("--state-dtype", dest="state_dtype", choices=("float32", "int8", "int4"))
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=0)
-    p.add_argument("--world-size", dest="world_size", type=int, default=1)
+    p.add_argument("--world-size", dest="world_size", type=n, default=1)
     p.add_argument("--param-dtype", dest="param_dtype", choices=sorted(DTYPES))
     p.add_argument("--activations", dest="activation_policy", choices=("keep", "recompute", "swap"))
     p.add_argument("--offload", choices=("cpu", "nvme"), help="optimizer state tier")
     p.add_argument("--offload-params", dest="offload_params", choices=("cpu", "nvme"),
                    help="stage 3: where parameter shards live")
     p.add_argument("--nvme-path", dest="nvme_path", help="directory for the nvme swap files")
-    p.add_argument("--activation-budget", dest="activation_budget",
-                   help="run the activation planner under this budget ('50%%', '6MiB'); "
-                   "report adds its predictions beside the measured ledger")
+    if budget:  # (the estimator does not model a planner's budget: report only)
+        p.add_argument("--activation-budget", dest="activation_budget", type=_budget,
+                       help="run the activation planner under this budget ('50%%', '6MiB') "
+                       "and add its predictions beside the measured ledger")
     p.add_argument("--json", help="also write the figures as JSON to this path")
+
+
+def _budget(text: str) -> str:
+    from memopt.activations.planner import parse_budget
+
+    try:
+        parse_budget(text, 1 << 30)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     est = sub.add_parser("estimate", help="predict peak memory per tier before a run")
-    _workload_args(est)
+    _workload_args(est, budget=False)
     est.add_argument("--recipe", help="estimate a memopt.Config YAML (a recipe) instead of the "
                      "built-in workload; --world-size still applies")
     est.add_argument("overrides", nargs="*", help="with --recipe: section.key=value overrides")
     rep = sub.add_parser("report", help="measure a few steps and plot memory per tier")
-    _workload_args(rep)
-    rep.add_argument("--steps", type=int, default=5)
+    _workload_args(rep, budget=True)
+    rep.add_argument("--steps", type=_positive_int, default=5)
     rep.add_argument("--interval", type=float, default=0.005, help="sampling period (s)")
     rep.add_argument("--out", default="memopt-report", help="output directory")
     rep.add_argument(
@@ -129,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"estimate": _estimate, "report": _report}[args.command](args)
-    except ValueError as e:  # bad input (a rank for AdamW, an unknown dtype...): no traceback
+    except (ValueError, OSError) as e:  # bad input (a rank for AdamW, a missing recipe): no
+        # traceback
         print(f"memopt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,8 @@ class Workload:
     def llama_config(self) -> Any:
         from transformers import LlamaConfig
 
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden {self.hidden} is not a multiple of --heads {self.heads}")
         return LlamaConfig(
             hidden_size=self.hidden,
             intermediate_size=self.intermediate or (self.hidden * 8 // 3 + 63) // 64 * 64,

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from memopt.config import Config
+from memopt.config.workload import llama_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,8 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit("memopt run: --nproc-per-node must be >= 1")
     recipe = resolve_recipe(args.recipe)
     try:
-        Config.from_yaml(recipe, overrides=args.overrides)
+        config = Config.from_yaml(recipe, overrides=args.overrides)
+        llama_config(config)  # the model overrides too (a typo one level down)
     except ValueError as e:
         raise SystemExit(f"memopt run: {recipe}: {e}") from None
     cmd = torchrun_command(args, recipe)

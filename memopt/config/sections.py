@@ -69,6 +69,13 @@ class OptimizerConfig:
             raise ValueError(
                 f"config key 'optimizer.density' must lie in (0, 1], got {self.density}")
         positive(self, "optimizer", "max_grad_norm")  # (null: no clipping)
+        if self.proj is not None:
+            from memopt.optim import PROJECTORS
+
+            known = [*PROJECTORS.names(), "block"]  # (block: FRUGAL's own mode)
+            if self.proj not in known:
+                raise ValueError(f"config key 'optimizer.proj' must be one of {known}, got "
+                                 f"{self.proj!r}")
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,12 @@ def llama_config(config: Config) -> Any:
                          f"stdlib; byte-level text needs vocab_size {BYTE_VOCAB}")
     try:
         return LlamaConfig(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"model.overrides: {e}") from None
+    except Exception as e:  # huggingface_hub's StrictDataclass validation errors
+        if "Validation" not in type(e).__name__:
+            raise
+        raise ValueError(f"model.overrides: {' '.join(str(e).split())}") from None
 
 
 def build_model(config: Config) -> torch.nn.Module:
@@ -71,6 +75,8 @@ def load_weights(model: torch.nn.Module, directory: str) -> int:
     """Load the model weights of the newest snapshot in ``directory``; returns its step."""
     from memopt.checkpoint import AsyncCheckpointer
 
+    if not os.path.isdir(directory):  # (AsyncCheckpointer would create it)
+        raise ValueError(f"model.init_from={directory!r} is not a directory of snapshots")
     ck = AsyncCheckpointer(directory, restore_rng=False)
     try:
         step = ck.latest()

@@ -130,6 +130,9 @@ def check_low_rank(
             raise ValueError(
                 f"{owner}: unknown {proj_key} {group[proj_key]!r}; choose one of: {known}"
             ) from None
+    if not isinstance(group.get("proj_options", {}), Mapping):
+        raise ValueError(f"{owner}: proj_options must be a mapping (a dict), got "
+                         f"{group['proj_options']!r}")  # fmt: skip
     if group.get("moments", "keep") not in MOMENT_POLICIES:
         raise ValueError(
             f"{owner}: moments must be one of {MOMENT_POLICIES}, got {group.get('moments')!r}"

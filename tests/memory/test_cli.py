@@ -80,3 +80,23 @@ def test_unknown_optimizer_rejected() -> None:
 def test_console_script_registered() -> None:
     meta = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["memopt"] == "memopt.cli:main"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["estimate", "--hidden", "0"], "argument --hidden: must be >= 1"),
+     (["estimate", "--activation-budget", "1MiB"], "unrecognized arguments: --activation-budget"),
+     (["report", "--steps", "0"], "argument --steps: must be >= 1"),
+     (["report", "--activation-budget", "lots"], "budget='lots' is not a size")],
+)  # fmt: skip
+def test_bad_flags_are_argparse_errors(argv, needle, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_bad_sizes_and_missing_recipe_are_one_line_errors(tmp_path, capsys) -> None:
+    assert main(["estimate", "--hidden", "30", "--heads", "4"]) == 2
+    assert "--hidden 30 is not a multiple of --heads 4" in capsys.readouterr().err
+    assert main(["estimate", "--recipe", str(tmp_path / "missing.yaml")]) == 2
+    assert "No such file" in capsys.readouterr().err

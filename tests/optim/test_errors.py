@@ -197,3 +197,21 @@ def test_state_dict_of_another_optimizer_class_is_refused() -> None:
     assert not dst.state
     legacy = {k: v for k, v in sd.items() if k != "memopt_optimizer"}  # older checkpoints
     mo.GaLoreAdamW([{"params": [q], "rank": 8}]).load_state_dict(legacy)
+
+
+@pytest.mark.parametrize(
+    ("proj", "options", "match"),
+    [("rsvd", {"oversampel": 0}, r"proj_options \['oversampel'\] unknown for proj='rsvd'; it "
+                                 r"takes: oversample, power_iters"),
+     ("svd", {"oversample": 4}, r"unknown for proj='svd'; it takes: none"),
+     ("rsvd", {"oversample": -6}, r"proj_options\['oversample'\] of proj='rsvd' must be an "
+                                  r"integer >= 0"),  # it silently made rank 8 into rank 2
+     ("subspace", {"iters": 0}, r"proj_options\['iters'\] of proj='subspace' must be an integer"),
+     ("rsvd", [("oversample", 2)], "proj_options must be a mapping")],
+)  # fmt: skip
+def test_bad_proj_options(proj, options, match):
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([{"params": [_p(8, 8)], "rank": 2, "proj": proj, "proj_options": options}])
+    opt = GaLoreAdamW([{"params": [_p(8, 8)], "rank": 2, "proj": "rsvd",
+                        "proj_options": {"oversample": 0, "power_iters": 1}}])  # fmt: skip
+    assert opt.projector(opt.param_groups[0]).options["oversample"] == 0

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from memopt import Config
 from memopt.cli import launch
@@ -59,6 +60,13 @@ def test_bad_override_fails_before_launch(tmp_path: Path) -> None:
         cli_main(["run", str(recipe), "optimizer.lrr=1"])
     with pytest.raises(SystemExit, match="no recipe"):
         cli_main(["run", str(tmp_path / "missing.yaml")])
+    # one level down, and values only the model config checks: still before any process
+    with pytest.raises(SystemExit, match=r"LlamaConfig has no \['hidden_szie'\]"):
+        cli_main(["run", str(recipe), "model.overrides.hidden_szie=32"])
+    with pytest.raises(SystemExit, match="model.overrides: .*multiple of the number of attention"):
+        cli_main(["run", str(recipe), "model.overrides.num_attention_heads=5"])
+    with pytest.raises(SystemExit, match="'optimizer.proj' must be one of"):
+        cli_main(["run", str(recipe), "optimizer.proj=SVD"])
     assert cli_main(["run", str(recipe), "--dry-run"]) == 0
 
 
@@ -99,3 +107,12 @@ def test_memopt_run_end_to_end_and_resume(
     again = capsys.readouterr().out
     assert "RESUMED: resumed from snapshot step 3" in again
     assert "step 3/5" not in again and "step 4/5 loss" in again and "done: steps 3->5" in again
+
+
+def test_init_from_a_missing_directory_creates_nothing(tmp_path: Path) -> None:
+    from memopt.config.workload import load_weights
+
+    missing = tmp_path / "chekpoints"
+    with pytest.raises(ValueError, match="is not a directory of snapshots"):
+        load_weights(torch.nn.Linear(2, 2), str(missing))
+    assert not missing.exists()

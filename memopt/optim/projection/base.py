@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -34,6 +35,8 @@ from memopt._utils import warn_once
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
 Side = Literal["left", "right", "both"]
 PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
+#: Options the optimizer sets on its projectors itself (from matmul_dtype / the param dtype).
+INTERNAL_OPTIONS = frozenset({"basis_dtype", "matmul_dtype"})
 
 _MASK64 = (1 << 64) - 1
 
@@ -98,6 +101,8 @@ class Projector(ABC):
 
     name: ClassVar[str]
     orthonormal: ClassVar[bool] = True
+    #: The ``proj_options`` this projector takes: name -> lowest allowed integer value.
+    user_options: ClassVar[dict[str, int]] = {}
     #: Whether a refresh reads the gradient's values (then non-finite values are an error).
     uses_gradient: ClassVar[bool] = True
 
@@ -116,10 +121,28 @@ class Projector(ABC):
         if density is not None and not (0.0 < float(density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {density!r}")
         resolve_side((2, 1), proj_type)  # validates the name
+        self._check_options(options)
         self.rank = rank
         self.density = density
         self.proj_type = proj_type
         self.options = options
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """``proj_options`` a typo would otherwise drop silently (``oversampel``), or whose
+        value would change the rank (a negative ``oversample``)."""
+        takes = self.user_options
+        unknown = sorted(set(options) - set(takes) - INTERNAL_OPTIONS)
+        if unknown:
+            listed = ", ".join(sorted(takes)) or "none"
+            raise ValueError(f"proj_options {unknown} unknown for proj={self.name!r}; it takes: "
+                             f"{listed}")  # fmt: skip
+        for key, low in takes.items():
+            value = options.get(key, low)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(
+                    f"proj_options[{key!r}] of proj={self.name!r} must be an integer >= {low}, "
+                    f"got {value!r}"
+                )
 
     # -- shapes --------------------------------------------------------------------
     def side(self, shape: tuple[int, int]) -> Side:

@@ -201,6 +201,7 @@ class RandomizedSVDProjector(_FactorProjector):
     """Randomized SVD (seeded, so identical on every rank); options oversample, power_iters."""
 
     name = "rsvd"
+    user_options = {"oversample": 0, "power_iters": 0}
 
     def factors(
         self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
@@ -221,6 +222,7 @@ class SubspaceIterationProjector(_FactorProjector):
     """
 
     name = "subspace"
+    user_options = {"iters": 1}
 
     def factors(
         self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
