@@ -82,6 +82,9 @@ class AsyncCheckpointer:
                 f"(keep, {', '.join(options) or '...'}), not both"
             )
         self.config = config or CheckpointConfig(keep=keep, **options)
+        if not os.fspath(directory):  # "" would write step_* into (and rotate out of) the cwd
+            raise ValueError("AsyncCheckpointer: the checkpoint directory is empty; pass a path "
+                             "(e.g. 'checkpoints')")  # fmt: skip
         self.directory = os.path.abspath(os.fspath(directory))
         self.metadata = dict(metadata or {})
         self.checksum = resolve_checksum(self.config.checksum)
@@ -113,10 +116,16 @@ class AsyncCheckpointer:
 
     def _check_directory(self) -> None:
         where = self.directory
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise NotADirectoryError(
+                f"AsyncCheckpointer: the checkpoint directory {where} is an existing file; pass "
+                "a directory (it is created when missing)"
+            )
         try:
             os.makedirs(where, exist_ok=True)
         except OSError as e:
-            raise PermissionError(
+            kind = PermissionError if isinstance(e, PermissionError) else OSError
+            raise kind(
                 f"AsyncCheckpointer: cannot create the checkpoint directory {where}: {e}"
             ) from e
         if not os.access(where, os.W_OK | os.X_OK):
@@ -151,6 +160,9 @@ class AsyncCheckpointer:
                 f"AsyncCheckpointer.save: step must be an int >= 0, got {step!r} "
                 f"({type(step).__name__})"
             )
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"AsyncCheckpointer.save: extra must be a mapping (a dict of names "
+                            f"to values), got {type(extra).__name__}")  # fmt: skip
         self._raise_pending()
         t0 = time.perf_counter()
         self._slots.acquire()

@@ -22,7 +22,7 @@ def export_hf(
     out_path: str | os.PathLike[str],
     *,
     directory: str | os.PathLike[str] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> str:
     """Write ``snapshot``'s (a snapshot directory, a checkpoint directory -> its newest step,
     or a step number with ``directory=``) model weights to ``out_path``; returns the path.
@@ -32,6 +32,7 @@ def export_hf(
     ``model.safetensors``, what ``from_pretrained(directory)`` reads."""
     from safetensors.torch import save_file
 
+    dtype = _float_dtype(dtype)
     snap = _open(snapshot, directory)
     path = snap.path
     names = snap.skeletons[0].get("model", {}).get("names")
@@ -44,6 +45,23 @@ def export_hf(
     target = _target(os.fspath(out_path))
     save_file(out, target, metadata={"format": "pt", "memopt_step": str(snap.step)})
     return target
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating dtype (or its name): an integer or bool cast would write garbage weights."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"export_hf: dtype {dtype!r} unknown; use one of "
+                             f"{sorted(_DTYPE_NAMES)} or a floating torch.dtype")  # fmt: skip
+        return _DTYPE_NAMES[dtype]
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"export_hf: dtype must be a floating torch.dtype (torch.bfloat16, "
+                         f"...) or None, got {dtype!r}")  # fmt: skip
+    return dtype
 
 
 def _target(target: str) -> str:
@@ -79,6 +97,12 @@ def _open(
     if isinstance(snapshot, int):
         if directory is None:
             raise ValueError("export_hf: a step number needs directory=<checkpoint directory>")
+        steps = published_steps(os.fspath(directory))
+        if snapshot not in steps:
+            raise FileNotFoundError(
+                f"export_hf: {os.fspath(directory)} holds no published snapshot of step "
+                f"{snapshot} (published: {steps})"
+            )
         return Snapshot(step_dir(os.fspath(directory), snapshot))
     path = os.fspath(snapshot)
     if os.path.isfile(os.path.join(path, "manifest.json")):

@@ -28,6 +28,9 @@ log = get_logger("memopt.checkpoint")
 
 
 def open_published(directory: str, step: int | None, verify: bool) -> Snapshot:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise TypeError(f"AsyncCheckpointer.load: step must be an int or None (the newest), got "
+                        f"{step!r}")  # fmt: skip
     if step is not None:
         path = P.step_dir(directory, step)
         if not os.path.isfile(os.path.join(path, P.MANIFEST)):

@@ -25,6 +25,16 @@ class Snapshot:
 
     def __init__(self, path: str, verify: bool = True) -> None:
         self.path = path
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint snapshot {path} does not exist (or is not a "
+                                    "directory)")  # fmt: skip
+        if not os.path.exists(os.path.join(path, MANIFEST)) and any(
+            name.startswith("step_") for name in os.listdir(path)
+        ):
+            raise FileNotFoundError(
+                f"{path} is a checkpoint directory, not one snapshot: pass one of its step_* "
+                "directories, or use AsyncCheckpointer(directory).load(step)"
+            )
         self.manifest = self._json(os.path.join(path, MANIFEST), None)
         self.world, self.step, checksum, files = self._fields(self.manifest)
         algo = checksum if verify else None

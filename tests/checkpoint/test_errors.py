@@ -31,8 +31,12 @@ def _saved(tmp_path, steps=(1, 2)) -> tuple[nn.Module, torch.optim.Optimizer]:
 def test_not_writable_directory(tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(PermissionError, match="cannot create the checkpoint directory"):
-        AsyncCheckpointer(blocker / "ck")
+    with pytest.raises(OSError, match="cannot create the checkpoint directory"):
+        AsyncCheckpointer(blocker / "ck")  # (not a permission problem: ENOTDIR)
+    with pytest.raises(NotADirectoryError, match="is an existing file"):
+        AsyncCheckpointer(blocker)
+    with pytest.raises(ValueError, match="checkpoint directory is empty"):
+        AsyncCheckpointer("")
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -121,3 +125,27 @@ def test_unstorable_extra_and_bad_step(tmp_path) -> None:
         for kw in ({"model": model}, {"optimizer": opt}, {"scheduler": sched}):
             with pytest.raises(SnapshotMismatchError, match="holds no .* state"):
                 ckpt.load(**kw)
+
+
+def test_lookups_name_what_is_missing_not_corruption(tmp_path) -> None:
+    from memopt.checkpoint import Snapshot, export_hf
+
+    model, opt = _saved(tmp_path, steps=(1,))
+    with pytest.raises(FileNotFoundError, match=r"no published snapshot of step 9 \(published"):
+        export_hf(9, tmp_path / "out", directory=tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a checkpoint directory, not one snapshot"):
+        Snapshot(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Snapshot(str(tmp_path / "nope"))
+    with AsyncCheckpointer(tmp_path) as ck:
+        with pytest.raises(TypeError, match="step must be an int or None"):
+            ck.load("1")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="extra must be a mapping"):
+            ck.save(2, model=model, extra=[1, 2])  # type: ignore[arg-type]
+    # an integer or bool cast wrote all-zero / all-True weights
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        export_hf(tmp_path, tmp_path / "out", dtype=torch.int8)
+    written = export_hf(tmp_path, tmp_path / "out", dtype="bf16")
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.bfloat16 for t in load_file(written).values())
