@@ -11,8 +11,9 @@ equals the kernel's ``m / (sqrt(v) / sqrt(bc2) + eps')`` with step ``lr / bc1`` 
 ``eps' = eps / sqrt(bc2)``. galore-torch decays the weight after the update, so for that
 form the kernel runs without decay and the decay follows as one ``_foreach_mul_``.
 
-Devices without the fused kernel, and ``correct_bias=False``, use the reference arithmetic
-in ``_functional``.
+Devices without the fused kernel, ``correct_bias=False``, and tensors the kernel would
+misread (``_fusable``: a non-dense parameter, a gradient or moment in another layout) use the
+reference arithmetic in ``_functional``.
 """
 
 from __future__ import annotations
@@ -69,11 +70,47 @@ def _run(
     eps_mode: F.EpsMode,
     t: int,
 ) -> None:
-    if params[0].device.type in FUSED_DEVICES and group.get("correct_bias", True):
-        _fused(params, states, group, eps_mode, t)
-    else:
-        for p, st in zip(params, states, strict=True):
-            _reference(p, st, group, eps_mode, t)
+    fused = params[0].device.type in FUSED_DEVICES and group.get("correct_bias", True)
+    if fused:
+        ok = [_fusable(p, st) for p, st in zip(params, states, strict=True)]
+        if all(ok):
+            _fused(params, states, group, eps_mode, t)
+            return
+        fast = [i for i, good in enumerate(ok) if good]
+        if fast:
+            _fused([params[i] for i in fast], [states[i] for i in fast], group, eps_mode, t)
+        odd = [i for i, good in enumerate(ok) if not good]
+        params, states = [params[i] for i in odd], [states[i] for i in odd]
+    for p, st in zip(params, states, strict=True):
+        _reference(p, st, group, eps_mode, t)
+
+
+def _fusable(p: Tensor, st: dict[str, Any]) -> bool:
+    """Whether torch's fused kernel reads ``p``, its gradient and moments right: it walks
+    each tensor's storage linearly, as if every one had ``p``'s layout. A strided view
+    parameter (``base[:, ::2]``: it would also write the columns between), or a gradient or
+    moment laid out otherwise (a hand-set transposed or expanded gradient, state loaded
+    from a parameter of another layout) takes the elementwise path instead."""
+    assert p.grad is not None
+    stride = p.stride()
+    return (
+        _dense(p)
+        and p.grad.stride() == stride
+        and st["exp_avg"].stride() == stride
+        and st["exp_avg_sq"].stride() == stride
+    )
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span exactly once (any dim order): the
+    strides of its non-singleton dims, sorted, are running products of their sizes."""
+    expected = 1
+    dims = [(st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1]
+    for stride, size in sorted(dims):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _fused(
@@ -130,6 +167,7 @@ def _reference(
 ) -> None:
     assert p.grad is not None
     g = p.grad.to(st["exp_avg"].dtype)
+    w = p if p.dtype == g.dtype else p.float()  # low-precision weights: fp32 arithmetic
     b1, b2 = group["betas"]
     F.adam_moments_(st["exp_avg"], st["exp_avg_sq"], g, b1, b2)
     d, step_size = F.adam_direction(
@@ -145,7 +183,9 @@ def _reference(
     )
     wd = group["lr"] * group.get("weight_decay", 0.0)
     if eps_mode == "torch" and wd:
-        p.mul_(1.0 - wd)
-    p.add_(d.to(p.dtype), alpha=-step_size)
+        w.mul_(1.0 - wd)
+    w.add_(d.to(w.dtype), alpha=-step_size)
     if eps_mode == "galore" and wd:
-        p.mul_(1.0 - wd)
+        w.mul_(1.0 - wd)
+    if w is not p:
+        p.copy_(w)

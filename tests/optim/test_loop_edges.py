@@ -195,3 +195,38 @@ def test_empty_parameters_in_low_rank_groups_step_and_reload(name: str) -> None:
     _, opt2 = reload(ps, opt, lambda params: cls([{"params": params, "update_proj_gap": 2,
                                                    **opts}], lr=1e-2))  # fmt: skip
     assert len(opt2.state) == len(shapes)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+@pytest.mark.parametrize("state_dtype", [None, "int8"])
+def test_full_adam_reads_any_gradient_layout(layout: str, state_dtype: str | None) -> None:
+    # torch's fused kernel (memopt's full-state path) reads every tensor's storage as if laid
+    # out like the parameter: a hand-set transposed/strided/expanded gradient was misread
+    shape = {"transposed": lambda g: g.t().contiguous().t(),
+             "strided": lambda g: torch.cat([g, g], 1)[:, ::2],
+             "expanded": lambda g: g[:1].expand(64, 32)}[layout]  # fmt: skip
+    grads = [torch.randn(64, 32, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+
+    def run(odd: bool) -> torch.Tensor:
+        p = nn.Parameter(torch.ones(64, 32))
+        opt = mo.AdamW([p], lr=1e-2, state_dtype=state_dtype)
+        for g in grads:
+            p.grad = shape(g) if odd else shape(g).contiguous()
+            opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(run(True), run(False), rtol=0, atol=1e-6)
+
+
+def test_full_adam_on_a_strided_view_parameter_leaves_the_rest_of_its_base() -> None:
+    base = torch.zeros(16, 8)
+    p = nn.Parameter(base[:, ::2])  # shares base's storage; its gradient is contiguous
+    ref = nn.Parameter(torch.zeros(16, 4))
+    opts = [mo.AdamW([p], lr=1e-2), torch.optim.AdamW([ref], lr=1e-2, foreach=False)]
+    for k in range(3):
+        g = torch.randn(16, 4, generator=torch.Generator().manual_seed(k))
+        p.grad, ref.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-7)
+    assert torch.equal(base[:, 1::2], torch.zeros(16, 4))  # the fused kernel wrote these
