@@ -113,6 +113,12 @@ def check_low_rank(
         or not 0.0 <= float(density) <= 1.0
     ):
         raise ValueError(f"{owner}: density must be a number in [0, 1], got {density!r}")
+    if density == 0 and group.get(proj_key) != "block":
+        raise ValueError(
+            f"{owner}: density 0 keeps no state-full subspace, which {proj_key}="
+            f"{group.get(proj_key)!r} cannot project onto; for the state-free rule alone use "
+            f"{proj_key}='block' (density 0) or a state_free=True group"
+        )
     if group.get("rank") is not None:
         check_int(group, "rank", owner,
                   "; use a plain group (no 'rank' key) for full-state parameters")  # fmt: skip

@@ -15,8 +15,10 @@ Projectors: ``svd``, ``orthogonal`` (FRUGAL's "random"), ``columns`` (FRUGAL's
 "randperm"; column or row selection), ``coordinate`` (random entries) and ``block``:
 whole tensors in rotation. In block mode a ``density`` share of the group's tensors is
 active at a time and gets full Adam state; the rest get the state-free rule and hold no
-state at all, so memory follows the density. ``block_order`` is random, ascending,
-descending or mirror; the schedule is a function of the step count and the
+state at all, so memory follows the density. ``block_order`` is random (a seeded
+permutation per pass, so each tensor is active once per pass), ascending, descending or
+mirror (pairs from both ends: first and last together, then second and second-to-last,
+...); the schedule is a function of the step count and the
 optimizer seed, so it resumes exactly and is the same on every rank.
 
 Groups with ``state_free=True`` (embeddings, norms, the output head, if asked) get the
@@ -155,8 +157,9 @@ class FrugalAdamW(MemoptOptimizer):
             seq = list(range(n))
             if order == "descending":
                 seq.reverse()
-            elif order == "mirror":
-                seq = seq + seq[::-1]
+            elif order == "mirror":  # from both ends at once: 0, n-1, 1, n-2, ... (the
+                # reference's pairs: the first and last tensors are active together)
+                seq = [seq[j // 2] if j % 2 == 0 else seq[n - 1 - j // 2] for j in range(n)]
             start = cycle * k
         return {seq[(start + j) % len(seq)] for j in range(k)}
 
@@ -210,7 +213,12 @@ class FrugalAdamW(MemoptOptimizer):
             moments.drop(state)
             state["active_window"] = window
             state["moments_since"] = state["step"]
-        scaled = dict(group, lr=group["lr"] * group["proj_params_lr_scale"])
+        # decay by lr * wd as every other FRUGAL tensor (and the reference) does; the Adam
+        # step alone takes the scaled lr (decoupled decay inside it would scale too)
+        wd = group["lr"] * group["weight_decay"]
+        if wd:
+            p.mul_(1.0 - wd)
+        scaled = dict(group, lr=group["lr"] * group["proj_params_lr_scale"], weight_decay=0.0)
         self.full_adam(p, scaled, state, eps_mode="torch")
 
     def subspace_step(

@@ -87,6 +87,33 @@ def test_block_mode_memory_follows_density():
     assert active_sets == [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5), (6, 7), (6, 7)]
 
 
+def test_block_mirror_pairs_both_ends_as_the_reference():
+    ps = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(6)]
+    opt = FrugalAdamW([{"params": ps, "density": 1 / 3, "proj": "block", "update_proj_gap": 1,
+                        "block_order": "mirror"}])  # fmt: skip
+    seen = []
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        seen.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+    assert seen == [(0, 5), (1, 4), (2, 3), (0, 5)]  # (it walked 0,1 / 2,3 / 4,5 / 5,4)
+
+
+def test_block_mode_decays_active_and_inactive_tensors_alike():
+    # the reference decays every tensor by lr * wd; the active one was decayed by the scaled lr
+    p, q = torch.nn.Parameter(torch.full((2, 2), 2.0)), torch.nn.Parameter(torch.full((2, 2), 2.0))
+    opt = FrugalAdamW([{"params": [p, q], "density": 0.5, "proj": "block", "update_proj_gap": 1,
+                        "block_order": "ascending", "proj_params_lr_scale": 0.5}],
+                      lr=0.1, weight_decay=0.5)  # fmt: skip
+    p.grad, q.grad = torch.ones(2, 2), torch.ones(2, 2)
+    opt.step()
+    assert "exp_avg" in opt.state[p] and "exp_avg" not in opt.state[q]
+    # both: 2 * (1 - 0.1 * 0.5) - 0.1 * 0.5 (Adam's first step and sign(g) are both 1)
+    torch.testing.assert_close(p.detach(), torch.full((2, 2), 1.85))
+    torch.testing.assert_close(q.detach(), torch.full((2, 2), 1.85))
+
+
 def test_block_random_order_is_seeded():
     def run(seed):
         ps = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(6)]
@@ -157,3 +184,26 @@ def test_whole_space_subspace_has_no_residual_step(size, proj):
         out[rule] = p.detach()
     assert torch.equal(out["sign_sgd"], out["none"])
     assert torch.equal(out["sgd"], out["none"])
+
+
+def test_coordinate_mode_on_a_transposed_parameter_equals_the_contiguous_one():
+    # (apply_update flattened the parameter with .view(-1), which a transposed one refuses)
+    def run(transposed: bool) -> torch.Tensor:
+        w = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        p = torch.nn.Parameter(w.t().contiguous().t() if transposed else w.clone())
+        opt = FrugalAdamW([{"params": [p], "density": 0.25, "proj": "coordinate",
+                            "update_proj_gap": 2}], lr=1e-2)  # fmt: skip
+        for k in range(3):
+            g = torch.randn(16, 8, generator=torch.Generator().manual_seed(k + 1))
+            p.grad = g.t().contiguous().t() if transposed else g
+            opt.step()
+        return p.detach().contiguous()
+
+    torch.testing.assert_close(run(True), run(False), rtol=0, atol=1e-7)
+
+
+def test_density_zero_needs_block_mode():
+    with pytest.raises(ValueError, match="density 0 keeps no state-full subspace.*proj='block'"):
+        FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "density": 0.0}])
+    FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "density": 0.0,
+                  "proj": "block"}])  # fmt: skip

@@ -169,6 +169,7 @@ EMPTY_CASES = {
     "frugal svd": (mo.FrugalAdamW, {"density": 0.5}),
     "frugal columns": (mo.FrugalAdamW, {"density": 0.5, "proj": "columns"}),
     "frugal orthogonal": (mo.FrugalAdamW, {"density": 0.5, "proj": "orthogonal"}),
+    "frugal coordinate": (mo.FrugalAdamW, {"density": 0.5, "proj": "coordinate"}),
 }
 
 
@@ -230,3 +231,22 @@ def test_full_adam_on_a_strided_view_parameter_leaves_the_rest_of_its_base() -> 
             opt.step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-7)
     assert torch.equal(base[:, 1::2], torch.zeros(16, 4))  # the fused kernel wrote these
+
+
+@pytest.mark.parametrize("cls", [mo.ApolloAdamW, mo.ApolloMini])
+def test_apollo_takes_an_expanded_gradient_on_every_path(cls, monkeypatch) -> None:
+    # the native channel-norm pass refused a row stride of 0 that the torch path takes
+    def run(kernels: str, expanded: bool) -> torch.Tensor:
+        monkeypatch.setenv("MEMOPT_KERNELS", kernels)
+        p = nn.Parameter(torch.ones(64, 32))
+        group = {"params": [p], "rank": 1 if cls is mo.ApolloMini else 4, "update_proj_gap": 2}
+        opt = cls([group], lr=1e-2)
+        for k in range(2):
+            row = torch.randn(1, 32, generator=torch.Generator().manual_seed(k))
+            p.grad = row.expand(64, 32) if expanded else row.expand(64, 32).contiguous()
+            opt.step()
+        return p.detach()
+
+    want = run("torch", False)
+    for kernels in ("torch", "auto"):
+        torch.testing.assert_close(run(kernels, True), want, rtol=1e-6, atol=1e-7)

@@ -84,10 +84,12 @@ def check_optimizers(dev: str = "cpu") -> None:
     ]
     for cls, group in cases:
 
-        def run(cls=cls, group=group):
+        def run(cls=cls, group=group, tensor_lr=False):
             torch.manual_seed(0)
             p = torch.nn.Parameter(torch.randn(40, 24).to(dev))
             opt = cls([{"params": [p], "update_proj_gap": 2, **group}], lr=1e-2, weight_decay=0.1)
+            if tensor_lr:  # set after construction (APOLLO's Triton update crashed on it)
+                opt.param_groups[0]["lr"] = torch.tensor(1e-2, device=dev)
             for s in range(4):
                 p.grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(s)).to(dev)
                 opt.step()
@@ -99,6 +101,13 @@ def check_optimizers(dev: str = "cpu") -> None:
             rtol=1e-5,
             atol=1e-5,
             msg=f"{cls.__name__} {group}",
+        )
+        torch.testing.assert_close(
+            _with_backend("triton", lambda cls=cls, group=group: run(cls, group, True)),
+            _with_backend("torch", run),
+            rtol=1e-5,
+            atol=1e-5,
+            msg=f"{cls.__name__} {group} with a tensor lr",
         )
 
 

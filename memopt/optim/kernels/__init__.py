@@ -154,7 +154,7 @@ def channel_norms(g: Tensor, dim: int) -> Tensor:
         g.dim() == 2
         and g.device.type == "cpu"
         and g.dtype == torch.float32
-        and g.stride(1) == 1
+        and g.is_contiguous()  # (an expanded gradient has row stride 0)
         and native_cpu_on()
     ):
         return cpu_lowrank.channel_sumsq(g, dim).sqrt_()
@@ -162,7 +162,7 @@ def channel_norms(g: Tensor, dim: int) -> Tensor:
 
 
 def scaled_update_(
-    w: Tensor, g: Tensor, factor: Tensor, alpha: float | Tensor, keep: float
+    w: Tensor, g: Tensor, factor: Tensor, alpha: float | Tensor, keep: float | Tensor
 ) -> None:
     """w <- keep * w + alpha * g * factor (factor 0-d, a column (m, 1) or a row (1, n)).
 
@@ -194,6 +194,8 @@ def scaled_update_(
         alpha_t = alpha.float().contiguous()
     else:
         alpha_t = torch.full((), alpha, device=w.device, dtype=torch.float32)
+    if isinstance(keep, Tensor):  # (a tensor lr set on the group: the kernel takes a scalar)
+        keep = float(keep)
     grid = (rows, (cols + BLOCK - 1) // BLOCK)
     _tk().scaled_update[grid](
         w,

@@ -170,7 +170,7 @@ class CoordinateProjector(_SeededIndex):
     def rank_for(self, shape: tuple[int, int]) -> int:
         total = shape[0] * shape[1]
         if self.density is not None:
-            return max(1, min(total, round(self.density * total)))
+            return min(total, max(1, round(self.density * total)))  # 0 for an empty matrix
         assert self.rank is not None
         return min(total, self.rank * min(shape))  # rank r keeps as many entries as rank r
 
@@ -197,5 +197,11 @@ class CoordinateProjector(_SeededIndex):
     ) -> None:
         if beta != 1.0:
             out.mul_(beta)
-        flat = out.view(-1)
-        flat.index_add_(0, state["cache_idx"], low.to(out.dtype), alpha=alpha)
+        if out.is_contiguous():
+            out.view(-1).index_add_(0, state["cache_idx"], low.to(out.dtype), alpha=alpha)
+            return
+        # another layout (a transposed parameter or gradient): the same flat (row-major)
+        # entries, addressed as (row, column) pairs
+        n = out.shape[1]
+        idx = state["cache_idx"]
+        out.index_put_((idx // n, idx % n), low.to(out.dtype) * alpha, accumulate=True)
