@@ -51,6 +51,19 @@ class ParamMeta(NamedTuple):
     n_low_rank: int
 
 
+#: Keys torch.optim's Adam/AdamW put in groups, and the values under which memopt's update
+#: is theirs (foreach/fused only pick torch's implementation).
+TORCH_GROUP_KEYS: dict[str, tuple[Any, ...]] = {
+    "foreach": (None, False, True),
+    "fused": (None, False, True),
+    "capturable": (False,),
+    "differentiable": (False,),
+    "amsgrad": (False,),
+    "maximize": (False,),
+    "decoupled_weight_decay": (True, False),  # (False with weight decay: refused below)
+}
+
+
 class MemoptOptimizer(RefreshMixin, PersistMixin):
     """Base class: group validation, projector management, refresh schedule, resume."""
 
@@ -100,6 +113,29 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Optimizer-specific group checks (override)."""
+
+    def check_loaded_group(self, saved: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        """A group of a state dict about to load (from memopt, or from torch.optim.AdamW)
+        gets the checks ``add_param_group`` gives; torch's own keys load when they ask for
+        nothing memopt does not do (``maximize=True`` or ``amsgrad=True`` would be ignored)."""
+        owner = f"{type(self).__name__}.load_state_dict (group {index})"
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        for key, fine in TORCH_GROUP_KEYS.items():
+            if key in merged and merged.pop(key) not in fine:
+                raise ValueError(
+                    f"{owner}: {key}={saved[key]!r} asks for a feature of torch.optim that "
+                    f"memopt's optimizers do not implement; nothing was loaded"
+                )
+        if saved.get("decoupled_weight_decay") is False and merged.get("weight_decay"):
+            raise ValueError(f"{owner}: saved by torch.optim.Adam with L2 weight decay "
+                             f"(decoupled_weight_decay=False); memopt's optimizers decay "
+                             f"decoupled (AdamW); nothing was loaded")  # fmt: skip
+        low_rank = {"rank", "density"} if self.low_rank_defaults else set()
+        check_known_keys(merged, set(self.base_defaults) | set(self.low_rank_defaults) | low_rank,
+                         owner)  # fmt: skip
+        check_common(merged, owner)
+        if self.is_low_rank(merged):
+            check_low_rank(merged, owner, self.proj_key, self.extra_proj_names)
 
     def projector(self, group: dict[str, Any]) -> Projector:
         """The projector for a low-rank group, rebuilt if the group's options changed."""

@@ -34,6 +34,9 @@ class PersistMixin(torch.optim.Optimizer):
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> Any:
         raise NotImplementedError
 
+    def check_loaded_group(self, saved: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
     # -- copy / pickle ---------------------------------------------------------------
     #: Per-process caches, rebuilt on demand (not copied or pickled).
     _CACHES: ClassVar[frozenset[str]] = frozenset(
@@ -89,13 +92,20 @@ class PersistMixin(torch.optim.Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        if len(saved_groups) == len(self.param_groups):  # (else torch's own error)
+            for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+                self.check_loaded_group(saved, group, i)  # before anything changes
         if self.check_loaded_shapes:
-            self._check_loaded_shapes(saved_groups, saved_state)  # before anything changes
+            self._check_loaded_shapes(saved_groups, saved_state)
+        before = [dict(g) for g in self.param_groups]
         self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
         try:
             super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
+        for group, old in zip(self.param_groups, before, strict=True):
+            for key, value in old.items():  # memopt's options a torch checkpoint lacks
+                group.setdefault(key, value)  # (state_dtype, correct_bias...) stay as built
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             for pid, p in zip(saved["params"], group["params"], strict=True):
                 if pid not in saved_state:

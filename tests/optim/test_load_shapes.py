@@ -113,3 +113,42 @@ def test_moments_edited_to_another_shape_fail_before_the_step(name: str) -> None
     with pytest.raises(ValueError, match="does not fit its parameter"):
         opt.step()
     assert torch.equal(p.detach(), weights[0])
+
+
+def _torch_adamw_state(**flags: object) -> tuple[torch.nn.Parameter, dict]:
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    ref = torch.optim.AdamW([p], lr=0.1, **flags)  # type: ignore[arg-type]
+    p.grad = torch.randn(6, 4)
+    ref.step()
+    return p, ref.state_dict()
+
+
+def test_torch_adamw_checkpoint_loads_and_keeps_memopt_options() -> None:
+    from memopt.optim import AdamW
+
+    p, sd = _torch_adamw_state()
+    opt = AdamW([p], lr=0.1, state_dtype="int8")
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["state_dtype"] == "int8"  # torch's group lacks it: kept
+
+
+@pytest.mark.parametrize("flag", ["maximize", "amsgrad"])
+def test_torch_checkpoint_asking_for_an_unimplemented_feature_is_refused(flag: str) -> None:
+    # loaded silently before, and memopt kept minimizing / ignored max_exp_avg_sq
+    from memopt.optim import AdamW
+
+    p, sd = _torch_adamw_state(**{flag: True})
+    opt = AdamW([p], lr=0.1)
+    with pytest.raises(ValueError, match=f"{flag}=True asks for a feature.*nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert not opt.state and opt.param_groups[0].get(flag) is None
+
+
+def test_loaded_group_values_are_checked_like_new_ones() -> None:
+    from memopt.optim import AdamW
+
+    p = torch.nn.Parameter(torch.randn(3))
+    sd = AdamW([p], lr=0.1).state_dict()
+    sd["param_groups"][0]["eps"] = float("nan")
+    with pytest.raises(ValueError, match=r"load_state_dict \(group 0\): eps must be a finite"):
+        AdamW([p], lr=0.1).load_state_dict(sd)
