@@ -22,6 +22,7 @@ corrupting) the mismatched collective. A rank whose peers never reach a matching
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -212,6 +213,9 @@ def _dtype_code(dtype: torch.dtype) -> int:
 def _debug_timeout() -> float:
     raw = os.environ.get(DEBUG_TIMEOUT_ENV, "120")
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise ValueError(f"{DEBUG_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # (-5 made every rank report a mismatch)
+        raise ValueError(f"{DEBUG_TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value

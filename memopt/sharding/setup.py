@@ -168,6 +168,16 @@ def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm)
             f"memopt.shard: parameters {bad[:3]} are not dense contiguous tensors; make them "
             "contiguous (p.data = p.data.contiguous()) before sharding"
         )
+    ids = {id(p) for p in params}
+    sparse = [
+        n for n, m in model.named_modules()
+        if getattr(m, "sparse", False) is True and id(getattr(m, "weight", None)) in ids
+    ]  # fmt: skip
+    if sparse:
+        raise ValueError(
+            f"memopt.shard: {sparse[:3]} produce sparse gradients (sparse=True), which the "
+            "sharded reduction cannot bucket; build them with sparse=False"
+        )
     if comm.backend() == "nccl" and params[0].device.type == "cpu":
         raise ValueError(
             "memopt.shard: the process group uses NCCL but the parameters are on the CPU; "

@@ -39,3 +39,19 @@ def test_forced_backend_validates_its_value(monkeypatch):
         kernels.backend(torch.zeros(1))
     monkeypatch.setenv("MEMOPT_KERNELS", "auto")
     assert kernels.backend(torch.zeros(1)) == "torch"  # CPU tensors default to torch
+
+
+def test_kernel_switch_is_read_forgivingly_and_checked_everywhere(monkeypatch):
+    import torch
+
+    from memopt.optim import kernels
+
+    monkeypatch.setenv("MEMOPT_KERNELS", " Torch ")
+    assert kernels.backend(torch.zeros(1)) == "torch" and not kernels.native_cpu_on()
+    monkeypatch.setenv("MEMOPT_KERNELS", "bogus")  # the native switch (int8 AdamW) read it blind
+    with pytest.raises(ValueError, match="MEMOPT_KERNELS must be auto, torch or triton"):
+        kernels.native_cpu_on()
+    monkeypatch.setenv("MEMOPT_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="only under its interpreter"):
+        kernels.backend(torch.zeros(1))

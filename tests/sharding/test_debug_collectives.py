@@ -171,3 +171,13 @@ def test_debug_env_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DEBUG_ENV)
     assert not debug_enabled()
     assert not Comm(None, 0, 1).debug
+
+
+@pytest.mark.parametrize("raw", ["-5", "0", "nan", "abc"])
+def test_debug_timeout_must_be_positive_seconds(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # -5 made every rank report a false "ranks issued different collectives"
+    from memopt.sharding.comm import _debug_timeout
+
+    monkeypatch.setenv(DEBUG_TIMEOUT_ENV, raw)
+    with pytest.raises(ValueError, match="must be a number of seconds > 0"):
+        _debug_timeout()

@@ -55,6 +55,13 @@ def test_mixed_devices_and_foreign_params() -> None:
         memopt.shard(model, torch.optim.SGD([*model.parameters(), stray], lr=0.1))
 
 
+def test_sparse_embedding_is_named() -> None:
+    # it failed at the first reduction with "reshape is not implemented for sparse tensors"
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"\['0'\] produce sparse gradients.*sparse=False"):
+        memopt.shard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def test_wrong_types_and_double_wrap() -> None:
     model, opt = _fresh()
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from typing import Any, Literal
 
 import torch
@@ -32,17 +33,31 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_MODES = ("auto", "torch", "triton")
+
+
 def _env_mode() -> str:
+    """``MEMOPT_KERNELS``, checked (every path reads it: AdamW and the offloaded optimizer too,
+    not only the low-rank ones); surrounding spaces and case are forgiven."""
     # Called twice per parameter per step: see memopt._utils.env for why not os.environ.get.
-    return getenv_fast("MEMOPT_KERNELS", "auto")
+    mode = getenv_fast("MEMOPT_KERNELS", "auto")
+    if mode in _MODES:
+        return mode
+    if mode.strip().lower() in _MODES:
+        return mode.strip().lower()
+    raise ValueError(f"MEMOPT_KERNELS must be auto, torch or triton, got {mode!r}")
 
 
 def backend(t: Tensor) -> Literal["torch", "triton"]:
     mode = _env_mode()
-    if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"MEMOPT_KERNELS must be auto, torch or triton, got {mode!r}")
     if mode == "triton" and not _TRITON:
         raise RuntimeError("MEMOPT_KERNELS=triton but Triton is not installed (pip install triton)")
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"MEMOPT_KERNELS=triton on a {t.device.type} tensor: Triton compiles for GPUs; on "
+            "the CPU it runs only under its interpreter (TRITON_INTERPRET=1, set before "
+            "importing triton: a test/debug mode). Use MEMOPT_KERNELS=auto on the CPU"
+        )
     if mode == "triton" or (mode == "auto" and _TRITON and t.is_cuda):
         return "triton"
     return "torch"
