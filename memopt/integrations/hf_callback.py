@@ -103,6 +103,10 @@ class MemoptCallback(TrainerCallback):
         self.log_memory = log_memory
         self.checkpoint_options = checkpoint_options
         self.checkpointer = checkpointer
+        if activation_budget is not None:  # checked now, not at on_train_begin
+            from memopt.activations.planner import parse_budget
+
+            parse_budget(activation_budget, 1 << 30)
         self.activation_budget = activation_budget
         self.activation_options = dict(activation_options or {})
         self.activations: Any = None  # the ActivationManager once on_train_begin installed it

@@ -208,8 +208,12 @@ class MemoptTrainer(Trainer):
         self.memopt_resume = memopt_resume
         self.memopt_optimizer = memopt_optimizer
         self.memopt_options = dict(memopt_options or {})
+        if memopt_shard is not None and not isinstance(memopt_shard, dict):
+            raise TypeError(f"MemoptTrainer: memopt_shard must be a dict of memopt.shard "
+                            f"keywords, e.g. {{'stage': 2}}, got {memopt_shard!r}")  # fmt: skip
         self.memopt_shard = None if memopt_shard is None else dict(memopt_shard)
         super().__init__(*args, **kwargs)
+        self._check_memopt_arguments()
         if self.memopt_shard is not None:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError(
@@ -231,6 +235,32 @@ class MemoptTrainer(Trainer):
                 )
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
+
+    def _check_memopt_arguments(self) -> None:
+        """The optimizer name and options and the shard keywords, checked now rather than at
+        ``train()``: a test optimizer is built on the model (its state is made lazily)."""
+        from memopt.integrations.hf_optim import OPTIMIZERS
+
+        if self.memopt_optimizer not in OPTIMIZERS:
+            raise ValueError(f"MemoptTrainer: memopt_optimizer {self.memopt_optimizer!r} "
+                             f"unknown; choose one of {sorted(OPTIMIZERS)}")  # fmt: skip
+        if self.memopt_shard is not None:
+            import inspect
+
+            from memopt.api import shard
+
+            takes = set(inspect.signature(shard).parameters) - {"model", "optimizer"}
+            unknown = sorted(set(self.memopt_shard) - takes)
+            if unknown:
+                raise ValueError(f"MemoptTrainer: memopt_shard keys {unknown} unknown; "
+                                 f"memopt.shard takes {sorted(takes)}")  # fmt: skip
+        if self.model is not None and self.optimizer is None:
+            try:
+                create_optimizer(self.model, self.args, self.memopt_optimizer,
+                                 **self.memopt_options)  # fmt: skip
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"MemoptTrainer(memopt_optimizer={self.memopt_optimizer!r}, "
+                              f"memopt_options=...): {e}") from None  # fmt: skip
 
     @classmethod
     def from_config(

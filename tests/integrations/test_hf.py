@@ -190,6 +190,25 @@ def test_sharded_trainer_refuses_stage3_with_accumulation(tmp_path) -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [({"memopt_optimizer": "GaLore"}, ValueError, "memopt_optimizer 'GaLore' unknown"),
+     ({"memopt_options": {"rnak": 8}}, ValueError, r"unknown param-group option\(s\) \['rnak'\]"),
+     ({"memopt_shard": {"stgae": 2}}, ValueError, r"memopt_shard keys \['stgae'\] unknown"),
+     ({"memopt_shard": 2}, TypeError, "memopt_shard must be a dict")],
+)  # fmt: skip
+def test_trainer_arguments_are_checked_at_construction(tmp_path, kwargs, exc, match) -> None:
+    # (they failed only at train(), the last one deep inside memopt.shard)
+    with pytest.raises(exc, match=match):
+        MemoptTrainer(model=tiny_llama(), args=_args(str(tmp_path), save_strategy="no"),
+                      train_dataset=Tokens(), **kwargs)  # fmt: skip
+
+
+def test_callback_budget_is_checked_at_construction(tmp_path) -> None:
+    with pytest.raises(ValueError, match="budget='lots' is not a size"):
+        MemoptCallback(str(tmp_path), activation_budget="lots")
+
+
 def test_trainer_from_memopt_config(tmp_path) -> None:
     from memopt import Config
     from memopt.integrations.hf import training_arguments, unwrap_optimizer
