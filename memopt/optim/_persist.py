@@ -115,8 +115,8 @@ class PersistMixin(torch.optim.Optimizer):
                     if isinstance(v, Tensor):
                         st[k] = v.to(device=p.device)  # keeps the saved dtype
                 proj = self.projector(group) if self.is_low_rank(group) else None
-                if proj is not None and p.dim() >= 2:
-                    proj.rebuild(st, p)
+                if proj is not None:  # (the state says whether it was projected: a stage-3
+                    proj.rebuild(st, p)  # holder between steps is a 1-D placeholder)
 
     def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
         """Shape of Adam's moments for ``p`` in ``group`` (None: this parameter keeps none)."""

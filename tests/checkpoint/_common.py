@@ -49,7 +49,9 @@ def make_model(dropout: float = 0.1) -> nn.Module:
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     mats = [p for p in model.parameters() if p.dim() == 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    low: dict[str, Any] = {"params": mats, "rank": 4, "update_proj_gap": 3}
+    # gap 4 with saves at step 3: the first step after a resume is not a refresh (a seeded
+    # basis must come back from the load itself, not from the next refresh)
+    low: dict[str, Any] = {"params": mats, "rank": 4, "update_proj_gap": 4}
     if name == "adamw":
         return AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     if name == "torch_adamw":
