@@ -157,7 +157,12 @@ class Kept:
     __slots__ = ("tensor", "token", "version", "where")
 
     def __init__(self, tensor: torch.Tensor, token: Token | None, where: str = "") -> None:
-        self.tensor = tensor
+        # A non-leaf is held detached (same storage and version counter): an output its own
+        # node saves (tanh, softmax...) held with its grad_fn made a node -> Kept -> tensor ->
+        # node cycle through C++ that gc cannot see, so a graph dropped without backward
+        # (an exception, a skipped batch) leaked with every activation behind it. (As with
+        # swapped tensors, a managed block's saves carry no history: no create_graph.)
+        self.tensor = tensor.detach() if tensor.grad_fn is not None else tensor
         self.token = token
         self.version = tensor._version
         self.where = where

@@ -52,3 +52,38 @@ def test_ledger_counts_storage_once_and_frees_on_gc() -> None:
     ledger.reset_peak()
     assert ledger.peak() == 0
     assert ledger.block_peaks() == {"b0": 0}
+
+
+class _TanhGate(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.lin(x))  # tanh and sigmoid save their own outputs
+        return y * torch.sigmoid(y.mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("action", ["keep", "swap"])
+def test_graph_dropped_without_backward_is_freed(action: str) -> None:
+    # A kept output held with its grad_fn made a cycle through C++ that gc cannot see: each
+    # graph dropped without backward (an exception, a skipped batch) leaked, slots included.
+    import weakref
+
+    from memopt.activations import ActivationOptions, apply
+    from memopt.activations.policy import keep
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_TanhGate(), _TanhGate())
+    policy = keep() if action == "keep" else swap()
+    mgr = apply(model, {"0": policy, "1": policy}, options=ActivationOptions(min_swap_bytes=4096))
+    refs: list[weakref.ref] = []
+    hook = model[0].register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    for _ in range(3):
+        loss = model(torch.randn(16, 64)).sum()
+        del loss
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+    assert mgr.ledger.current("device") == 0 and mgr.ledger.current("host") == 0
+    hook.remove()
+    mgr.remove()
