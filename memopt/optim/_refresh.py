@@ -77,6 +77,26 @@ class RefreshMixin:
         gap = group["update_proj_gap"]
         return state["step"] % gap == state.get("proj_phase", 0) % gap
 
+    def nonfinite_refresh(self) -> str | None:
+        """The name of a parameter whose projection refresh is due at the coming step and
+        whose gradient has non-finite values (None: no such parameter). ``memopt.shard``
+        asks every rank before stepping, so all of them refuse the step together (otherwise
+        only the owner of that tensor raised, and the other ranks waited in the gather)."""
+        meta = self._meta()
+        for group in self.param_groups:
+            if not self.is_low_rank(group):
+                continue
+            proj = self.projector(group)
+            if proj is None or not getattr(proj, "refresh_reads_gradient", proj.uses_gradient):
+                continue
+            for p in group["params"]:
+                if p.grad is None or p.dim() < 2:
+                    continue
+                state = self._init_state(p, group, meta[id(p)][1])
+                if self._refresh_due(state, group) and not all_finite(p.grad):
+                    return meta[id(p)][1].label
+        return None
+
     def _prefetch_refreshes(self) -> None:
         """Compute this step's due refreshes in batches of same-shape matrices.
 

@@ -174,6 +174,7 @@ class ShardedOptimizer(WrapperOptimizer):
         self.finish_grad_sync()
         if self._master_of:
             self._refresh_masters()
+        self._agree_on_nonfinite_refresh()
         self.inner.step()
         if not (self._plain and len(self.in_place) == len(self.locals)):
             # (world size 1 with every local the parameter itself: nothing to gather; packing
@@ -183,6 +184,30 @@ class ShardedOptimizer(WrapperOptimizer):
             self._note_param_versions()
         self._release()
         return loss
+
+    def _agree_on_nonfinite_refresh(self) -> None:
+        """A projection refresh from a non-finite gradient raises FloatingPointError on the
+        rank owning that tensor, before any update; the other ranks must refuse the same
+        step (one flag all-reduce), or they wait for that rank's gather until the timeout."""
+        check = getattr(self.inner, "nonfinite_refresh", None)
+        is_low_rank = getattr(self.inner, "is_low_rank", None)
+        if check is None or is_low_rank is None or self.comm.world == 1:
+            return
+        if not any(is_low_rank(g) for g in self.inner.param_groups):  # (the same on every rank)
+            return
+        label = check()
+        flags = torch.zeros(self.comm.world, device=self.comm.device())
+        if label is not None:
+            flags[self.comm.rank] = 1.0
+        self.comm.all_reduce_sum(flags, what="the non-finite refresh check")
+        bad = [r for r in range(self.comm.world) if flags[r] > 0]
+        if bad:
+            where = f"{label} (on this rank)" if label is not None else f"a tensor of rank {bad[0]}"
+            raise FloatingPointError(
+                f"memopt.shard: the gradient of {where} has non-finite values at a projection "
+                "refresh; every rank skips this step, nothing was updated. Skip such steps "
+                "(torch.amp.GradScaler does) or clip/fix the loss, then zero_grad and go on"
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._drain()

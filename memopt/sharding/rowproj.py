@@ -107,6 +107,7 @@ class RowShardProjector:
         self.name = base.name
         self.orthonormal = base.orthonormal
         self.uses_gradient = False  # the finite check runs on the full gradient, below
+        self.refresh_reads_gradient = base.uses_gradient  # (what nonfinite_refresh asks)
         self.rank = base.rank
         self.density = base.density
         self.proj_type = base.proj_type

@@ -106,3 +106,35 @@ def test_process_group_errors_on_two_ranks() -> None:
     r0, r1 = run_distributed(_bad_groups, world_size=2, timeout_s=60)
     assert len(r0) == 1 and "rank(s) [1] failed" in r0[0]
     assert "not a member" in r1[0] and "already has state" in r1[1]
+
+
+def _nonfinite_refresh_on_ranks(rank: int, world: int, layout: str) -> dict:
+    model = T.make_model()
+    opt = T.make_optimizer("galore", model)  # refresh at steps 0, 4, ...
+    model, opt = memopt.shard(model, opt, stage=2, layout=layout)
+    raised = []
+    for step in range(5):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
+        hook = None
+        if step == 4:  # one weight (owned by one rank) gets a nan gradient at a refresh
+            hook = model[5].weight.register_hook(lambda g: g * float("nan"))
+        model(x).square().mean().backward()
+        try:
+            opt.step()
+        except FloatingPointError as e:
+            raised.append((step, str(e)))
+        opt.zero_grad()
+        if hook is not None:
+            hook.remove()
+    return {"raised": raised, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("layout", ["whole_tensor", "dim0"])
+def test_nonfinite_refresh_is_refused_by_every_rank(layout: str) -> None:
+    # only the owner raised, and the other rank waited in the gather until the gloo timeout
+    out = run_distributed(_nonfinite_refresh_on_ranks, world_size=2, timeout_s=120, args=(layout,))
+    for r in out:
+        assert [s for s, _ in r["raised"]] == [4], r["raised"]
+        assert "every rank skips this step" in r["raised"][0][1]
+    for a, b in zip(out[0]["params"], out[1]["params"], strict=True):
+        assert torch.equal(a, b)
