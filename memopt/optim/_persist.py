@@ -83,6 +83,15 @@ class PersistMixin(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        sharding = state_dict.get("sharding")
+        if isinstance(sharding, dict) and int(sharding.get("world_size", 1)) > 1:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: this state dict is one rank's shard "
+                f"(memopt.shard, {sharding}): it holds the state of that rank's parameters "
+                "only, and the others would restart from zero. Load it into the same sharded "
+                "optimizer, or reshard a memopt.checkpoint snapshot "
+                "(AsyncCheckpointer.load); nothing was loaded"
+            )
         saved_by = state_dict.get("memopt_optimizer")
         if saved_by is not None and saved_by != type(self).__name__:
             raise ValueError(

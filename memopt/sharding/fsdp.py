@@ -198,6 +198,14 @@ def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
             "another parallelism was applied); pass the plain model, memopt.shard(stage=3) "
             "calls fully_shard itself (choose the units with FSDPOptions(modules=...))"
         )
+    odd = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()
+           if p.dim() == 0 or p.numel() == 0]  # fmt: skip
+    if odd:  # FSDP2 refuses both, after part of the model was already converted
+        raise ValueError(
+            f"memopt.shard(stage=3): parameters {odd[:3]} are 0-d or empty, which FSDP2's "
+            "fully_shard cannot shard; reshape a scalar to (1,) and drop empty ones, or use "
+            "stage 1/2 (which take both)"
+        )
     if options.modules is not None:
         check_units(model, options.modules)
     if is_meta(model):

@@ -152,3 +152,16 @@ def test_loaded_group_values_are_checked_like_new_ones() -> None:
     sd["param_groups"][0]["eps"] = float("nan")
     with pytest.raises(ValueError, match=r"load_state_dict \(group 0\): eps must be a finite"):
         AdamW([p], lr=0.1).load_state_dict(sd)
+
+
+def test_one_ranks_shard_is_refused_by_a_plain_optimizer() -> None:
+    # it loaded silently: state for that rank's parameters only, the rest restarted at zero
+    from memopt.optim import AdamW
+
+    p = torch.nn.Parameter(torch.randn(3))
+    sd = AdamW([p]).state_dict()
+    sd["sharding"] = {"world_size": 2, "rank": 0, "layout": "whole_tensor", "stage": 2}
+    with pytest.raises(ValueError, match="one rank's shard.*AsyncCheckpointer.load"):
+        AdamW([p]).load_state_dict(sd)
+    sd["sharding"] = {"world_size": 1, "rank": 0, "layout": "whole_tensor", "stage": 2}
+    AdamW([p]).load_state_dict(sd)  # world size 1: the whole state

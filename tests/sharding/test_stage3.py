@@ -154,3 +154,15 @@ def test_bad_stage3_input() -> None:
         FSDPOptions(mp_policy="bf16")
     with pytest.raises(ValueError, match="not contain the model itself"):
         memopt.shard(model, opt, stage=3, fsdp=FSDPOptions(modules=[model]))
+
+
+@pytest.mark.parametrize("shape", [(), (0, 4)])
+def test_stage3_refuses_scalar_and_empty_parameters_up_front(shape: tuple[int, ...]) -> None:
+    # FSDP2 raised for a 0-d one after part of the model was converted, for an empty one at
+    # the first backward
+    model = T3.make_model()
+    model.register_parameter("odd", torch.nn.Parameter(torch.zeros(shape)))
+    opt = T.make_optimizer("adamw", model)
+    with pytest.raises(ValueError, match=r"parameters \['odd .*'\] are 0-d or empty"):
+        memopt.shard(model, opt, stage=3)
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
