@@ -61,6 +61,20 @@ def param_groups(
     Returns groups in the order: low-rank, full-state decayed, full-state not decayed,
     state-free (empty groups are left out). Raises ``ValueError`` if nothing matches.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"param_groups needs the model (an nn.Module: it selects by module name and type), "
+            f"got {type(model).__name__}; pass model, not model.parameters()"
+        )
+    if isinstance(state_free, str):
+        raise TypeError(f"state_free is a tuple of kinds, e.g. ({state_free!r},), got the "
+                        f"string {state_free!r}")  # fmt: skip
+    if target is None or (not isinstance(target, str) and not isinstance(target, Sequence)):
+        raise TypeError(f"target must be a regex, a list of names/regexes, or 'all-linear', "
+                        f"got {target!r}")  # fmt: skip
+    if exclude is not None and (exclude == "" or (not isinstance(exclude, str) and not exclude)):
+        raise ValueError("exclude is empty (an empty regex excludes every module); pass None "
+                         "to exclude nothing")  # fmt: skip
     bad = sorted(set(state_free) - set(STATE_FREE_KINDS))
     if bad:
         raise ValueError(f"state_free kinds {bad} unknown; choose from {STATE_FREE_KINDS}")
@@ -92,6 +106,9 @@ def param_groups(
             else:
                 buckets["no_decay" if weight_decay is not None else "decay"].append((full, p))
     if not buckets["low"]:
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("param_groups: every parameter of the model is frozen "
+                             "(requires_grad=False); there is nothing to train")  # fmt: skip
         names = [n for n, m in model.named_modules()
                  if is_linear(m) and n not in heads][:8]  # fmt: skip
         raise ValueError(

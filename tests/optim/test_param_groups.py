@@ -116,3 +116,17 @@ def test_rank_above_side_is_clamped_with_warning(llama):
     opt.zero_grad()
     q = llama.model.layers[0].self_attn.q_proj.weight
     assert opt.state[q]["exp_avg"].shape == (32, 32)
+
+
+def test_misuse_gets_errors_naming_the_argument(llama):
+    with pytest.raises(TypeError, match="pass model, not model.parameters()"):
+        param_groups(llama.parameters(), rank=4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exclude is empty"):
+        param_groups(llama, exclude="", rank=4)
+    with pytest.raises(TypeError, match=r"state_free is a tuple of kinds, e.g. \('norms',\)"):
+        param_groups(llama, state_free="norms", density=0.25)
+    with pytest.raises(TypeError, match="target must be a regex"):
+        param_groups(llama, target=None, rank=4)  # type: ignore[arg-type]
+    frozen = torch.nn.Sequential(torch.nn.Linear(4, 4)).requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter of the model is frozen"):
+        param_groups(frozen, target="all-linear", rank=2)
