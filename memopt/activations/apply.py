@@ -27,7 +27,7 @@ from torch import nn
 from memopt.activations.hooks import managed_block
 from memopt.activations.install import INSTALLERS, ActivationOptions, InstallContext, Installed
 from memopt.activations.ledger import SavedLedger
-from memopt.activations.policy import ActivationPolicy, Plan
+from memopt.activations.policy import ACTIONS, ActivationPolicy, Plan
 from memopt.activations.prefetch import PrefetchScheduler
 from memopt.activations.swap import SwapEngine
 from memopt.offload.arena import PinnedArena, default_arena
@@ -177,7 +177,15 @@ def apply(
     """Install ``plan``'s policy on each named block of ``model``; see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, (Plan, Mapping)):
+        raise TypeError(
+            f"apply: plan must be a Plan or a mapping of block name -> policy (e.g. "
+            f"{{'model.layers.0': recompute()}}), got {type(plan).__name__}"
+        )
     policies = plan.policies() if isinstance(plan, Plan) else dict(plan)
+    for name, policy in list(policies.items()):  # the string form plan() and configs take
+        if isinstance(policy, str) and policy in ACTIONS:
+            policies[name] = ActivationPolicy(policy)  # type: ignore[arg-type]
     blocks = _check_plan(model, policies)
     _load_installers({p.action for p in policies.values()})
     options = options or ActivationOptions()

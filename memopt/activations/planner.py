@@ -26,6 +26,7 @@ can see; a recompute's re-materialised activations are physical but out of its s
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,14 +66,18 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def parse_budget(budget: int | str, unmanaged_peak: int) -> int:
+def parse_budget(budget: int | float | str, unmanaged_peak: int) -> int:
     """Bytes of ``budget``: an int, ``"6GiB"``-style string, or ``"50%"`` of ``unmanaged_peak``."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise TypeError(f"budget={budget!r}: pass bytes (int), a size such as '6GiB', or '50%'")
-    if isinstance(budget, int):
+    if isinstance(budget, float):  # 1.5e9 bytes, as the config's sizes take
+        if not math.isfinite(budget):
+            raise ValueError(f"budget={budget!r} is not a size")
+        value = int(budget)
+    elif isinstance(budget, int):
         value = budget
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z%]*)\s*", budget)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z%]*)\s*", budget)
         unit = m.group(2).lower() if m else ""
         if m is None or (unit not in _UNITS and unit != "%"):
             raise ValueError(f"budget={budget!r} is not a size; use e.g. '6GiB', '512MB', '50%'")
@@ -84,6 +89,9 @@ def parse_budget(budget: int | str, unmanaged_peak: int) -> int:
 
 
 def _check_actions(actions: Sequence[str]) -> tuple[Action, ...]:
+    if isinstance(actions, str):
+        raise TypeError(f"actions is a tuple of action names, e.g. ({actions!r},), got the "
+                        f"string {actions!r}")  # fmt: skip
     bad = [a for a in actions if a not in ACTIONS]
     if bad or not actions:
         raise ValueError(f"actions={tuple(actions)}: choose a non-empty subset of {ACTIONS}")

@@ -52,6 +52,12 @@ class ActivationPolicy:
             raise ValueError(
                 f"ActivationPolicy.sample_ratio={self.sample_ratio}; it must lie in (0, 1]"
             )
+        if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int):
+            raise TypeError(f"ActivationPolicy.seq_dim={self.seq_dim!r}; it must be an int "
+                            "(the token dimension, 1 for (batch, seq, hidden))")  # fmt: skip
+        if isinstance(self.keep_ops, str):
+            raise TypeError(f"ActivationPolicy.keep_ops is a tuple of op names, e.g. "
+                            f"({self.keep_ops!r},), got a string")  # fmt: skip
         if self.keep_ops and self.action != "recompute":
             raise ValueError("ActivationPolicy.keep_ops only applies to action='recompute'")
 

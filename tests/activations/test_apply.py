@@ -43,7 +43,10 @@ def test_nested_blocks_are_an_error() -> None:
 def test_bad_policy_type_and_double_management() -> None:
     model = make_stack()
     with pytest.raises(TypeError, match="ActivationPolicy"):
-        apply(model, {"blocks.0": "swap"})  # type: ignore[dict-item]
+        apply(model, {"blocks.0": "swapp"})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="plan must be a Plan or a mapping"):
+        apply(model, "recompute")  # type: ignore[arg-type]
+    apply(model, {"blocks.0": "recompute"}).remove()  # the action name, as plan() takes it
     mgr = apply(model, {"blocks.0": swap()})
     with pytest.raises(ValueError, match="already managed"):
         apply(model, {"blocks.1": keep(), "blocks.0": recompute()})
@@ -154,3 +157,14 @@ def test_tiny_llama_mixed_plan() -> None:
     assert ledger.block_peaks("host")["model.layers.0"] > 0
     assert "recompute[keep aten.bmm]" in mgr.report()
     mgr.remove()
+
+
+def test_policy_and_planner_arguments_of_the_wrong_kind() -> None:
+    from memopt.activations.planner import _check_actions, parse_budget
+    from memopt.activations.policy import ActivationPolicy
+
+    with pytest.raises(TypeError, match="seq_dim='1'; it must be an int"):
+        ActivationPolicy("split", seq_dim="1")  # type: ignore[arg-type]  (failed in backward)
+    with pytest.raises(TypeError, match=r"actions is a tuple of action names"):
+        _check_actions("recompute")
+    assert parse_budget("1e9", 1) == parse_budget(1.0e9, 1) == 10**9  # as config sizes take

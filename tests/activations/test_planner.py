@@ -161,5 +161,6 @@ def test_parse_budget() -> None:
             parse_budget(bad, 100)
     with pytest.raises(ValueError, match="positive"):
         parse_budget(0, 100)
+    assert parse_budget(1.5e3, 100) == 1500  # a float byte count, as config sizes take
     with pytest.raises(TypeError):
-        parse_budget(1.5, 100)  # type: ignore[arg-type]
+        parse_budget([1], 100)  # type: ignore[arg-type]
