@@ -81,6 +81,10 @@ class ActivationOptions:
     count_recomputed_ops: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("min_swap_bytes", "prefetch_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"ActivationOptions.{name}={value!r}; it must be an int")
         if self.min_swap_bytes < 0:
             raise ValueError(
                 f"ActivationOptions.min_swap_bytes={self.min_swap_bytes}; it must be >= 0"

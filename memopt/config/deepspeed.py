@@ -42,12 +42,12 @@ wrong shape (``"bf16": true`` instead of ``{"enabled": true}``, a list for ``opt
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from memopt._utils.jsonfile import json_mapping
 from memopt.config.config import Config
 from memopt.sharding.deepspeed_config import read_deepspeed
 
@@ -59,12 +59,7 @@ _SCHEDULERS = ("warmuplr", "warmupdecaylr", "warmupcosinelr")
 
 
 def _load(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, (str, os.PathLike)):
-        with open(cfg) as f:
-            cfg = json.load(f)
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"Config.from_deepspeed: pass a dict or a JSON path, got {type(cfg)}")
-    return dict(cfg)
+    return json_mapping(cfg, "Config.from_deepspeed")
 
 
 def _block(ds: Mapping[str, Any], key: str, where: str = "") -> dict[str, Any] | None:

@@ -136,6 +136,12 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.setup: model must be an nn.Module, got {type(model)}")
     distributed = dist.is_available() and dist.is_initialized()
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"memopt.setup: process_group must be a torch.distributed ProcessGroup "
+                        f"(or None: the default group), got {process_group!r}")  # fmt: skip
+    if process_group is not None and not distributed:
+        raise ValueError("memopt.setup: a process_group was given but torch.distributed is not "
+                         "initialized; call init_process_group() first")  # fmt: skip
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and not distributed and process_group is None:
         raise RuntimeError(

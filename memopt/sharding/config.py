@@ -58,7 +58,8 @@ class ShardConfig:
     param_nvme: NVMeConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stage, bool) or self.stage not in STAGES:
+        stage = self.stage
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage not in STAGES:
             raise ValueError(f"memopt.shard: stage must be 1, 2 or 3, got {self.stage!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(

@@ -34,7 +34,6 @@ Each warning names the key and why, and is issued once per process (per key and 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 
+from memopt._utils.jsonfile import json_mapping
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, ShardConfig
@@ -203,15 +203,7 @@ def read_deepspeed(
 
 
 def _load(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, str | os.PathLike):
-        with open(cfg) as f:
-            cfg = json.load(f)
-    if not isinstance(cfg, Mapping):
-        raise TypeError(
-            f"memopt.shard: deepspeed_config must be a dict or a path to a JSON file, got "
-            f"{type(cfg).__name__}"
-        )
-    return dict(cfg)
+    return json_mapping(cfg, "memopt.shard: deepspeed_config")
 
 
 def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -148,3 +148,9 @@ def test_launched_as_many_ranks_without_a_process_group_is_refused(monkeypatch) 
     model = torch.nn.Linear(4, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         memopt.setup(model, memopt.Config.from_dict({"optimizer": {"name": "adamw"}}))
+
+
+def test_process_group_must_be_a_group_of_an_initialized_torch_distributed() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+        memopt.setup(model, Config(), process_group="gloo")

@@ -22,6 +22,7 @@ def _fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
     [
         ({"stage": 0}, ValueError, "stage must be 1, 2 or 3"),
         ({"stage": True}, ValueError, "stage must be 1, 2 or 3"),
+        ({"stage": 2.0}, ValueError, "stage must be 1, 2 or 3"),
         ({"stage": 3, "layout": "whole_tensor"}, ValueError, "stage 3 row-shards"),
         ({"layout": "flat"}, ValueError, "unknown layout 'flat'"),
         ({"bucket_bytes": 0}, ValueError, "bucket_bytes"),
@@ -138,3 +139,11 @@ def test_nonfinite_refresh_is_refused_by_every_rank(layout: str) -> None:
         assert "every rank skips this step" in r["raised"][0][1]
     for a, b in zip(out[0]["params"], out[1]["params"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_deepspeed_config_file_that_is_not_json_is_named(tmp_path) -> None:
+    bad = tmp_path / "ds.json"
+    bad.write_text("{'zero_optimization': }")
+    model, opt = _fresh()
+    with pytest.raises(ValueError, match=r"deepspeed_config: .*ds.json is not valid JSON"):
+        memopt.shard(model, opt, deepspeed_config=bad)
