@@ -12,7 +12,8 @@ See docs/checkpoint.md.
 
 from __future__ import annotations
 
-from memopt.checkpoint.checkpointer import FORMAT_VERSION, AsyncCheckpointer
+from memopt.checkpoint.checkpointer import AsyncCheckpointer
+from memopt.checkpoint.commit import FORMAT_VERSION
 from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import (
     CheckpointError,

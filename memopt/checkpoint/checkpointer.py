@@ -14,8 +14,10 @@ Publication (``_publish``, in the writer thread): every rank writes and fsyncs i
 ``.tmp-step_.../``; the ranks exchange their checksums (``all_gather_object`` on a gloo group
 of the checkpointer's own, so it never interleaves with training collectives); rank 0 writes
 the manifest, fsyncs, renames the directory to ``step_.../`` and rotates old snapshots; a
-broadcast tells every rank the outcome. Loading verifies checksums and falls back to the
-previous published snapshot when the newest is damaged.
+broadcast tells every rank the outcome (``commit.settle``). Loading verifies checksums and falls
+back to the previous published snapshot when the newest is damaged. A failed save is raised
+once, by ``wait()``/``close()`` or by the next ``save``, which then does not save its own step
+(``failures``); saves still unpublished when the interpreter exits are finished by ``exit_hook``.
 
 With ``redundancy=RedundancyConfig(...)`` each save's staged bytes are also mirrored in host
 memory and protected on peers by a background thread on a second gloo group (``peer_tier``);
@@ -36,20 +38,21 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt.checkpoint import capture as C
+from memopt.checkpoint import exit_hook
+from memopt.checkpoint import failures as F
 from memopt.checkpoint import publish as P
-from memopt.checkpoint.commit import FORMAT_VERSION, commit
+from memopt.checkpoint.commit import check_metadata, commit, settle
 from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
-from memopt.checkpoint.fileformat import checksum_fn, plan_file, resolve_checksum, write_file
+from memopt.checkpoint.fileformat import checksum_fn, resolve_checksum, write_file
 from memopt.checkpoint.loading import open_published, restore_all
 from memopt.checkpoint.peer_tier import build_tier
-from memopt.checkpoint.pipeline import Job, Pipeline
+from memopt.checkpoint.pipeline import Job, Pipeline, new_job
 from memopt.checkpoint.reader import Snapshot
 from memopt.checkpoint.redundancy_config import RedundancyConfig
-from memopt.checkpoint.stats import CheckpointStats, SaveRecord
+from memopt.checkpoint.stats import CheckpointStats
 from memopt.checkpoint.writer import Engines
 from memopt.offload.arena import ArenaConfig, PinnedArena
-from memopt.offload.hostmem import PAGE_SIZE
 
 
 class AsyncCheckpointer:
@@ -86,7 +89,7 @@ class AsyncCheckpointer:
             raise ValueError("AsyncCheckpointer: the checkpoint directory is empty; pass a path "
                              "(e.g. 'checkpoints')")  # fmt: skip
         self.directory = os.path.abspath(os.fspath(directory))
-        self.metadata = dict(metadata or {})
+        self.metadata = check_metadata(metadata or {})  # (JSON: it goes into each manifest)
         self.checksum = resolve_checksum(self.config.checksum)
         self._dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self._dist else 0
@@ -104,7 +107,6 @@ class AsyncCheckpointer:
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._seq = 0
         self._hooks: dict[int, Any] = {}
-        self._error: BaseException | None = None
         self._warned_later = False  # the directory holds steps later than a save: warned once
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
@@ -113,28 +115,12 @@ class AsyncCheckpointer:
             fuse_checksum=self.config.checksum_in_copy and self.checksum == "crc32c",
         )  # fmt: skip
         self._closed = False
+        exit_hook.track(self)  # unpublished saves are finished at exit (weakly referenced)
 
     def _check_directory(self) -> None:
-        where = self.directory
-        if os.path.exists(where) and not os.path.isdir(where):
-            raise NotADirectoryError(
-                f"AsyncCheckpointer: the checkpoint directory {where} is an existing file; pass "
-                "a directory (it is created when missing)"
-            )
-        try:
-            os.makedirs(where, exist_ok=True)
-        except OSError as e:
-            kind = PermissionError if isinstance(e, PermissionError) else OSError
-            raise kind(
-                f"AsyncCheckpointer: cannot create the checkpoint directory {where}: {e}"
-            ) from e
-        if not os.access(where, os.W_OK | os.X_OK):
-            raise PermissionError(
-                f"AsyncCheckpointer: the checkpoint directory {where} is not writable by this "
-                "process; pass a directory you can write to"
-            )
+        P.check_directory(self.directory)
         if self.rank == 0:
-            P.clean_stale(where)
+            P.clean_stale(self.directory)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -152,7 +138,8 @@ class AsyncCheckpointer:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Snapshot the given objects at ``step``; returns once references are captured
-        (and buffers and small tensors copied)."""
+        (and buffers and small tensors copied). Raises a failed earlier save instead of
+        saving (``failures``): step ``step`` is then not saved."""
         if self._closed:
             raise RuntimeError("AsyncCheckpointer.save after close()")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -160,11 +147,14 @@ class AsyncCheckpointer:
                 f"AsyncCheckpointer.save: step must be an int >= 0, got {step!r} "
                 f"({type(step).__name__})"
             )
-        if extra is not None and not isinstance(extra, Mapping):
-            raise TypeError(f"AsyncCheckpointer.save: extra must be a mapping (a dict of names "
-                            f"to values), got {type(extra).__name__}")  # fmt: skip
-        self._raise_pending()
         t0 = time.perf_counter()
+        pending = self._pending(in_save=True)
+        if pending is not None:
+            err = CheckpointError(F.not_saved(step, pending[0]))
+            if self._group is not None:  # the other ranks' writers pair this save: skip it
+                self._slots.acquire()
+                self._submit_failed(step, err, t0, F.SKIPPED)
+            raise err from pending[1]
         self._slots.acquire()
         try:
             entries, skel = self._capture(model, optimizer, scheduler, extra)
@@ -173,10 +163,7 @@ class AsyncCheckpointer:
             if self._group is None:
                 self._slots.release()
             else:  # the other ranks' writers wait for this rank: fail this save on all of them
-                failed = self._job(step, [], {}, t0)
-                failed.error, failed.reported = e, True
-                self._jobs.append(failed)
-                self._pipeline.submit(failed)
+                self._submit_failed(step, e, t0)
             raise
         if optimizer is not None and id(optimizer) not in self._hooks:
             self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(lambda *_: self.fence())
@@ -185,9 +172,20 @@ class AsyncCheckpointer:
         self._jobs.append(job)
         self._pipeline.submit(job)
 
+    def _submit_failed(self, step: int, err: BaseException, t0: float, skipped: str = "") -> None:
+        """A save that failed in ``save()`` (already raised there) still goes to the writer,
+        which takes part in the collective publication (it fails on every rank)."""
+        failed = self._job(step, [], {}, t0)
+        failed.error, failed.reported, failed.skipped = err, True, skipped
+        self._jobs.append(failed)
+        self._pipeline.submit(failed)
+
     def _capture(
         self, model: Any, optimizer: Any, scheduler: Any, extra: Any
     ) -> tuple[list[C.Entry], dict[str, Any]]:
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"AsyncCheckpointer.save: extra must be a mapping (a dict of names "
+                            f"to values), got {type(extra).__name__}")  # fmt: skip
         entries: list[C.Entry] = []
         skel: dict[str, Any] = {"rank": self.rank, "world_size": self.world}
         if model is not None:
@@ -209,25 +207,8 @@ class AsyncCheckpointer:
         return entries, skel
 
     def _job(self, step: int, entries: list[C.Entry], skel: dict[str, Any], t0: float) -> Job:
-        plan = plan_file(
-            [(e.name, e.tensor.dtype, e.tensor.shape) for e in entries],
-            self.config.alignment,
-            {"format": "pt", "memopt_format": str(FORMAT_VERSION)},
-        )
-        skel["tensors"] = {
-            e.name: {"global_shape": list(e.global_shape), "row_offset": e.row_offset}
-            for e in entries
-        }
-        align = min(self.config.alignment, PAGE_SIZE)
-        job = Job(step, self._seq, entries, skel, plan, SaveRecord(step), t0, align)
+        job = new_job(step, self._seq, entries, skel, t0, self.config.alignment)
         self._seq += 1
-        if any(e.tensor.device.type == "cuda" for e in entries):
-            devices = {e.tensor.device for e in entries if e.tensor.device.type == "cuda"}
-            for d in devices:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(d))
-                job.ready.append(ev)
-        job.record.nbytes = len(plan.header) + plan.data_bytes
         return job
 
     # -- fence ----------------------------------------------------------------------------
@@ -279,38 +260,36 @@ class AsyncCheckpointer:
     def _publish(self, job: Job) -> None:
         if self.peers is not None:  # every job, failed ones too: the protector is collective
             self.peers.submit(job)
-        mine: Any = repr(job.error) if job.error is not None else job.files
-        infos = [mine]
-        if self._group is not None:
-            infos = [None] * self.world
-            dist.all_gather_object(infos, mine, group=self._group)
-        outcome = ""
-        if self.rank == 0:
-            tmp, meta = self._tmp(job), (self.world, self.checksum, self.metadata)
-            outcome = commit(self.directory, tmp, job, infos, self.config, meta)
-        if self._group is not None:
-            box = [outcome]
-            dist.broadcast_object_list(box, group=self._group, group_src=0)
-            outcome = box[0]
+        meta = (self.world, self.checksum, self.metadata)
+        outcome, by_peer = settle(
+            job, self.rank, self.world, self._group,
+            lambda infos: commit(self.directory, self._tmp(job), job, infos, self.config, meta),
+            lambda step, seq: P.tmp_dir(self.directory, step, seq),
+        )  # fmt: skip
         if outcome and job.error is None:
+            job.by_peer = by_peer
             raise CheckpointError(outcome)
 
     # -- completion -------------------------------------------------------------------
-    def _raise_pending(self) -> None:
+    def _collect(self) -> tuple[list[Job], list[Job]]:
+        """Take the finished saves off the list: (failures not raised yet, saves that failed
+        only because other ranks skipped them)."""
+        failed: list[Job] = []
+        lost: list[Job] = []
         for job in [j for j in self._jobs if j.done.is_set()]:
             self._jobs.remove(job)
             if job.later_steps and not self._warned_later:  # (rank 0's commit found them)
                 self._warned_later = True
-                warnings.warn(P.later_steps_message(self.directory, job), stacklevel=3)
-            if job.error is not None and self._error is None and not job.reported:
-                self._error = job.error
-        if self._error is not None:
-            err, self._error = self._error, None
-            if isinstance(err, CheckpointError):
-                raise err
-            raise CheckpointError(f"a background checkpoint save failed: {err!r}") from err
-        if self.peers is not None:
-            self.peers.raise_pending()
+                warnings.warn(P.later_steps_message(self.directory, job), stacklevel=4)
+            if job.error is not None and not job.reported:
+                (lost if job.by_peer else failed).append(job)
+        return failed, lost
+
+    def _pending(self, in_save: bool) -> tuple[str, BaseException | None] | None:
+        """The failure to raise now, as (message, cause), or None (``failures``)."""
+        failed, lost = self._collect()
+        return F.pending(failed, lost, in_save, self.rank, self.peers)
+
 
     def wait(self) -> None:
         """Block until every save so far is published (and, with redundancy, protected or
@@ -319,7 +298,8 @@ class AsyncCheckpointer:
             job.done.wait()
         if self.peers is not None:
             self.peers.join()
-        self._raise_pending()
+        if (pending := self._pending(in_save=False)) is not None:
+            raise F.as_error(*pending)
 
     def latest(self) -> int | None:
         """The newest published step (complete on every rank), or None."""
@@ -389,6 +369,7 @@ class AsyncCheckpointer:
         if self._closed:
             return
         self._closed = True
+        exit_hook.untrack(self)
         try:
             for job in list(self._jobs):
                 job.done.wait()
@@ -401,7 +382,8 @@ class AsyncCheckpointer:
             self.arena.close()
             if self.peers is not None:
                 self.peers.close()
-        self._raise_pending()
+        if (pending := self._pending(in_save=False)) is not None:
+            raise F.as_error(*pending)
 
     def __enter__(self) -> AsyncCheckpointer:
         return self

@@ -7,20 +7,31 @@ versions, user metadata), fsyncs it, renames the directory to ``step_<step>/`` (
 and rotates old snapshots (steps up to this one; later steps are left alone and recorded in
 ``job.later_steps`` for the checkpointer's warning). Returns "" on success, else the message
 every rank raises.
+
+``settle`` is the collective around it (the writer thread of every rank, once per save, in
+save order): the ranks all-gather ``(step, sequence number, report)``, rank 0 commits (or
+refuses when the ranks' saves are out of step: a published directory never mixes two saves),
+and rank 0 broadcasts the outcome, whatever went wrong in its commit, so no rank waits
+forever. A rank whose ``save()`` raised an earlier failure instead of saving still takes part
+with a ``Skipped`` report, so the ranks keep pairing the same saves.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from memopt._utils import get_logger
 from memopt.checkpoint import publish as P
 from memopt.checkpoint.config import CheckpointConfig
+from memopt.checkpoint.errors import CheckpointError
 
 FORMAT_VERSION = 1
 log = get_logger("memopt.checkpoint")
@@ -36,6 +47,8 @@ def commit(
 ) -> str:
     """Publish ``tmp`` as the snapshot of ``job.step``; ``meta``: world, checksum, metadata."""
     bad = [f"rank {r}: {i}" for r, i in enumerate(infos) if isinstance(i, str)]
+    bad += [f"rank {r} did not save it ({i.reason})" for r, i in enumerate(infos)
+            if isinstance(i, Skipped)]  # fmt: skip
     if bad:
         P.shutil.rmtree(tmp, ignore_errors=True)
         return f"checkpoint step {job.step} was not published: " + "; ".join(bad)
@@ -47,9 +60,10 @@ def commit(
                      config.fsync)  # fmt: skip
         P.publish(directory, tmp, job.step, config.fsync)
         _, job.later_steps = P.rotate(directory, config.keep, job.step)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - any failure is the outcome every rank raises
         P.shutil.rmtree(tmp, ignore_errors=True)
-        return f"checkpoint step {job.step}: publishing {tmp} failed: {e}"
+        why = str(e) if isinstance(e, OSError) else repr(e)
+        return f"checkpoint step {job.step}: publishing {tmp} failed on rank 0: {why}"
     log.info("checkpoint: step %d published (%d ranks)", job.step, meta[0])
     return ""
 
@@ -73,3 +87,86 @@ def manifest(
         "metadata": metadata,
         "time": time.time(),
     }
+
+
+class Skipped(NamedTuple):
+    """A rank's report for a save its ``save()`` did not make (it raised an earlier failure)."""
+
+    reason: str
+
+
+def report(job: Any) -> Any:
+    """This rank's part of a save, for ``settle``: its files' checksums, or why it has none."""
+    if job.error is None:
+        return job.files
+    return Skipped(job.skipped) if job.skipped else repr(job.error)
+
+
+def settle(
+    job: Any, rank: int, world: int, group: Any, commit_fn: Callable[[list[Any]], str],
+    tmp_of: Callable[[int, int], str],
+) -> tuple[str, bool]:  # fmt: skip
+    """The collective publication of ``job`` (see the module docstring): returns the outcome
+    ("" when published) and whether the save failed only because ranks skipped it."""
+    mine = (job.step, job.seq, report(job))
+    rows: list[Any] = [mine]
+    try:
+        if group is not None:
+            rows = [None] * world
+            dist.all_gather_object(rows, mine, group=group)
+        outcome = _decide(rows, job, commit_fn, tmp_of) if rank == 0 else ""
+        if group is not None:
+            box = [outcome]
+            dist.broadcast_object_list(box, group=group, group_src=0)
+            outcome = box[0]
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint step {job.step}: rank {rank} lost contact with the other ranks while "
+            f"publishing it (did a rank die, or its process group end?): {e!r}"
+        ) from e
+    infos = [r[2] for r in rows]
+    only_skipped = len({r[:2] for r in rows}) == 1 and any(isinstance(i, Skipped) for i in infos)
+    only_skipped = only_skipped and not any(isinstance(i, str) for i in infos)
+    return outcome, bool(outcome) and only_skipped
+
+
+def _decide(
+    rows: list[Any], job: Any, commit_fn: Callable[[list[Any]], str],
+    tmp_of: Callable[[int, int], str],
+) -> str:  # fmt: skip
+    """Rank 0: commit ``job`` when every rank reported the same save, else refuse; never
+    raises (the other ranks wait for the broadcast of what it returns)."""
+    keys = [(r[0], r[1]) for r in rows]
+    try:
+        if len(set(keys)) > 1:
+            for step, seq in set(keys):
+                P.shutil.rmtree(tmp_of(step, seq), ignore_errors=True)
+            seen = ", ".join(f"rank {r}: step {s} (save #{q})" for r, (s, q) in enumerate(keys))
+            return (
+                f"checkpoint step {job.step} was not published: the ranks' saves are out of step "
+                f"({seen}); every rank must call save() for the same steps in the same order"
+            )
+        return commit_fn([r[2] for r in rows])
+    except Exception as e:  # noqa: BLE001 - turned into the outcome every rank raises
+        P.shutil.rmtree(tmp_of(job.step, job.seq), ignore_errors=True)
+        return f"checkpoint step {job.step} was not published: rank 0's commit failed: {e!r}"
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``AsyncCheckpointer(metadata=...)``, checked once: it goes into every manifest (JSON)."""
+    if not isinstance(metadata, Mapping):
+        raise ValueError(
+            f"AsyncCheckpointer: metadata must be a dict, got {type(metadata).__name__}"
+        )
+    out = dict(metadata)
+    for key, value in out.items():
+        try:
+            json.dumps({key: value}, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"AsyncCheckpointer: metadata[{key!r}] = {value!r} ({type(value).__name__}) "
+                f"cannot be stored: metadata goes into manifest.json and must be JSON "
+                f"(str keys; str, int, float, bool, None, lists and dicts of them; e.g. "
+                f"float(x) for a numpy number): {e}"
+            ) from e
+    return out

@@ -204,6 +204,10 @@ class PeerTier:
         """Block until every submitted save was protected or skipped."""
         self._q.join()
 
+    def busy(self) -> bool:
+        """Whether a submitted save is still being protected (or waits to be)."""
+        return self._q.unfinished_tasks > 0
+
     def raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None

@@ -49,12 +49,14 @@ import torch
 from memopt._utils import warn_once
 from memopt.checkpoint.capture import Entry
 from memopt.checkpoint.checksum import checksum_fn
+from memopt.checkpoint.commit import FORMAT_VERSION
 from memopt.checkpoint.copy_crc import available as fused_ok
 from memopt.checkpoint.copy_crc import copy_crc32c
-from memopt.checkpoint.fileformat import FilePlan
+from memopt.checkpoint.fileformat import FilePlan, plan_file
 from memopt.checkpoint.stats import SaveRecord
 from memopt.checkpoint.writer import CHUNK, tensor_bytes
 from memopt.offload.arena import ArenaBlock, PinnedArena
+from memopt.offload.hostmem import PAGE_SIZE
 
 STAGING_GRANULE = 1 << 20  # staging blocks are whole MiB
 
@@ -77,6 +79,8 @@ class Job:
     error: BaseException | None = None
     files: dict[str, int] = field(default_factory=dict)  # file name -> checksum
     reported: bool = False  # the error was already raised to the caller (from save)
+    skipped: str = ""  # why this rank's save() made no snapshot (it raised an earlier failure)
+    by_peer: bool = False  # failed only because other ranks skipped it (``skipped``)
     copied_upto: int = 0  # bytes of the data section already in staging (a prefix)
     progress: threading.Condition = field(default_factory=threading.Condition)
     file_crc: int | None = None  # crc of header + data section, when the copier computed it
@@ -96,6 +100,29 @@ class Job:
         """Block until the first ``upto`` bytes of the data section are staged."""
         with self.progress:
             self.progress.wait_for(lambda: self.copied_upto >= upto)
+
+
+def new_job(
+    step: int, seq: int, entries: list[Entry], skel: dict[str, Any], t0: float, alignment: int
+) -> Job:
+    """The job of one save: the file plan of ``entries``, the tensor table of ``skel``, and an
+    event on each CUDA device's current stream (the copy waits for the work before it)."""
+    plan = plan_file(
+        [(e.name, e.tensor.dtype, e.tensor.shape) for e in entries],
+        alignment,
+        {"format": "pt", "memopt_format": str(FORMAT_VERSION)},
+    )
+    skel["tensors"] = {
+        e.name: {"global_shape": list(e.global_shape), "row_offset": e.row_offset}
+        for e in entries
+    }
+    job = Job(step, seq, entries, skel, plan, SaveRecord(step), t0, min(alignment, PAGE_SIZE))
+    for d in {e.tensor.device for e in entries if e.tensor.device.type == "cuda"}:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(d))
+        job.ready.append(ev)
+    job.record.nbytes = len(plan.header) + plan.data_bytes
+    return job
 
 
 class Pipeline:

@@ -142,6 +142,25 @@ def later_steps_message(root: str, job: Any) -> str:
     )
 
 
+def check_directory(where: str) -> None:
+    """Create the checkpoint directory if missing; a clear error when it cannot hold one."""
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise NotADirectoryError(
+            f"AsyncCheckpointer: the checkpoint directory {where} is an existing file; pass "
+            "a directory (it is created when missing)"
+        )
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:
+        kind = PermissionError if isinstance(e, PermissionError) else OSError
+        raise kind(f"AsyncCheckpointer: cannot create the checkpoint directory {where}: {e}") from e
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"AsyncCheckpointer: the checkpoint directory {where} is not writable by this "
+            "process; pass a directory you can write to"
+        )
+
+
 def clean_stale(root: str) -> None:
     """Remove temporary and trash directories left by a crash."""
     for name in os.listdir(root):
