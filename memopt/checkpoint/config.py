@@ -70,10 +70,11 @@ class CheckpointConfig:
             )
         if self.pin not in ("auto", "off"):
             raise ValueError(f"CheckpointConfig.pin must be 'auto' or 'off', not {self.pin!r}")
-        if not isinstance(self.checksum_in_copy, bool):
-            raise ValueError(
-                f"CheckpointConfig.checksum_in_copy must be a bool, got {self.checksum_in_copy!r}"
-            )
+        for name in ("fsync", "direct_io", "save_rng", "restore_rng", "verify", "checksum_in_copy"):
+            if not isinstance(getattr(self, name), bool):  # ("no" would be truthy: on)
+                raise ValueError(
+                    f"CheckpointConfig.{name} must be a bool, got {getattr(self, name)!r}"
+                )
         n = self.background_nice
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 19:
             raise ValueError(

@@ -171,6 +171,8 @@ def test_config_is_validated(tmp_path) -> None:
         CheckpointConfig(background_nice=20)
     with pytest.raises(ValueError, match="checksum_in_copy must be a bool, got 'yes'"):
         CheckpointConfig(checksum_in_copy="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fsync must be a bool, got 'no'"):  # "no" was truthy
+        CheckpointConfig(fsync="no")  # type: ignore[arg-type]
 
 
 def test_background_nice_lowers_the_threads_and_copies_exactly(tmp_path, monkeypatch) -> None:
