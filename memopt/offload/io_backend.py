@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import ctypes
 import errno
 import os
+import threading
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = ["IOBackend", "ThreadPoolBackend"]
@@ -116,4 +117,7 @@ class ThreadPoolBackend:
         return futures
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        # From one of the pool's own threads (a finalizer run by a garbage collection there)
+        # waiting would join that thread itself: the workers then end once the queue is empty.
+        own = threading.current_thread() in getattr(self._pool, "_threads", ())
+        self._pool.shutdown(wait=not own)

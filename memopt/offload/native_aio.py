@@ -30,6 +30,7 @@ import ctypes
 import errno
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,15 @@ class _Engine:
         return _fail(err, req.label, req.op, nbytes, offset)
 
     def _reap_loop(self) -> None:
+        """Resolve futures until closed with nothing outstanding, then release the engine
+        (here, so a close from this very thread, e.g. a finalizer run by a garbage
+        collection on it, needs no join). If reaping fails the engine is leaked, never
+        released under a request still being enqueued."""
+        self._reap()
+        self._lib.memopt_aio_destroy(self._engine)
+        self._engine = None
+
+    def _reap(self) -> None:
         cap = self._POLL_BATCH
         tags = (ctypes.c_uint64 * cap)()
         status, offsets, lengths = ((ctypes.c_int64 * cap)() for _ in range(3))
@@ -151,15 +161,13 @@ class _Engine:
                     req.future.set_exception(err)
 
     def close(self) -> None:
-        """Finish every queued and in-flight piece, then release the engine."""
+        """Finish every queued and in-flight piece, then release the engine (the reaper
+        does, on its way out; called from the reaper itself, this does not wait)."""
         with self._lock:
-            if self._closing:
-                return
             self._closing = True
             self._lock.notify_all()
-        self._reaper.join()
-        self._lib.memopt_aio_destroy(self._engine)
-        self._engine = None
+        if threading.current_thread() is not self._reaper:
+            self._reaper.join()
 
 
 def default_workers() -> int:
@@ -209,6 +217,10 @@ class NativeAIOBackend:
         depths = [queue_depth // self.workers + (i < queue_depth % self.workers)
                   for i in range(self.workers)]  # fmt: skip
         self._engines: list[_Engine] = []
+        # A backend garbage-collected without close() stops its engines (their reaper
+        # threads hold the engines, not the backend, so the backend itself can be freed).
+        self._finalizer = weakref.finalize(self, _close_engines, self._engines)
+        self._finalizer.atexit = False  # at exit the daemon threads just end, as before
         try:
             for depth in depths:
                 self._engines.append(_Engine(lib, depth, block_size))
@@ -235,8 +247,13 @@ class NativeAIOBackend:
 
     def close(self) -> None:
         """Finish every queued and in-flight piece, then release the engines."""
-        for engine in self._engines:
-            engine.close()
+        self._finalizer.detach()
+        _close_engines(self._engines)
+
+
+def _close_engines(engines: list[_Engine]) -> None:
+    for engine in engines:
+        engine.close()
 
 
 def make_backend(

@@ -10,15 +10,20 @@ in the middle of a training step. With ``direct="required"`` (the default) that 
 warning and buffered I/O (the page cache then holds a copy of everything written); with
 ``direct="off"`` buffered I/O is used silently.
 
-Several tiers of one process may share a directory (optimizer state and stage-3 parameter
-shards under one ``nvme_path``): a path another open tier of this process holds is never
-truncated; the next free name (``memopt-rank<r>-1.swap``, ...) is taken instead, and
-``release_swap_file`` gives the name back when its tier closes.
+A swap file is claimed before anything touches it: opened without truncation and locked
+with ``flock(LOCK_EX | LOCK_NB)``; only the file this tier holds is probed, truncated and
+preallocated. Several tiers may share a directory (optimizer state and stage-3 parameter
+shards under one ``nvme_path``; two runs launched from one recipe; ranks of an ``mp.spawn``
+run): a name another open tier of this process or another process holds is never opened
+for writing; the next free name (``memopt-rank<r>-1.swap``, ...) is taken instead (logged),
+and ``close_swap_file`` removes only the file its tier holds (still locked) and gives the
+name back. A file left by a process that died is no longer locked and is reused.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -26,14 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from memopt._utils import warn_once
+from memopt._utils import get_logger, warn_once
 
-__all__ = ["NVMeConfig", "SwapFile", "grow_swap_file", "open_swap_file", "release_swap_file"]
+__all__ = [
+    "NVMeConfig", "SwapFile", "close_swap_file", "grow_swap_file", "open_swap_file",
+    "release_swap_file",
+]  # fmt: skip
 
 DirectMode = Literal["required", "prefer", "off"]
 _ALIGN = 4096
 _IN_USE: set[Path] = set()  # swap files open in this process (resolved paths)
 _IN_USE_LOCK = threading.Lock()
+_log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,8 @@ class NVMeConfig:
         see docs/offload.md).
     direct: O_DIRECT policy: "required" raises on a filesystem without it, "prefer" falls
         back to buffered I/O with a warning, "off" never uses it.
-    rank: names the file (default: the RANK environment variable, else 0).
+    rank: names the file (default: the RANK environment variable, else the
+        torch.distributed rank when a process group is initialized, else 0).
     keep_file: leave the file on close (default: removed; the tier is scratch space).
     """
 
@@ -75,8 +85,20 @@ class NVMeConfig:
             raise ValueError(f"NVMeConfig.direct must be required/prefer/off, not {self.direct!r}")
 
     def path(self) -> Path:
-        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", "0"))
+        rank = self.rank if self.rank is not None else _default_rank()
         return Path(self.directory) / f"memopt-rank{rank}.swap"
+
+
+def _default_rank() -> int:
+    """``$RANK``, else the initialized process group's rank (``mp.spawn`` sets no RANK)."""
+    env = os.environ.get("RANK", "").strip()
+    if env:
+        return int(env)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
 
 
 @dataclass
@@ -119,65 +141,157 @@ def _no_direct(config: NVMeConfig, path: Path, err: OSError) -> None:
     warn_once(msg.replace("or pass direct='prefer' to fall back", "falling back") + ".")
 
 
-def _claim_path(config: NVMeConfig) -> Path:
-    """The rank's file name, or the first ``-<n>`` variant no open tier of this process holds."""
-    first = config.path()
+def _lock(fd: int, path: Path) -> bool | None:
+    """Take ``flock(LOCK_EX | LOCK_NB)`` on ``fd``: True when this process now holds the file
+    at ``path``, False when another process holds it, None when the file at ``path`` is no
+    longer the one opened (its holder removed it between our open and our lock: try again)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:  # a filesystem without flock (some FUSE / NFS setups)
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        warn_once(
+            f"NVMe tier: cannot lock swap files in {path.parent} ({err.strerror}); two "
+            "processes must not use one NVMeConfig.directory with the same rank there"
+        )
+        return True
+    try:
+        return True if os.path.samestat(os.stat(path), os.fstat(fd)) else None
+    except FileNotFoundError:
+        return None
+
+
+def _open_locked(config: NVMeConfig, path: Path) -> tuple[int, bool, OSError | None] | None:
+    """(fd, O_DIRECT, EINVAL of an O_DIRECT open) of ``path`` opened (never truncated) and
+    locked, or None when another process holds it."""
+    base = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        direct, refused, fd = config.direct != "off" and hasattr(os, "O_DIRECT"), None, -1
+        if direct:
+            try:
+                fd = os.open(path, base | os.O_DIRECT, 0o600)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                direct, refused = False, err
+        if fd < 0:
+            fd = os.open(path, base, 0o600)
+        try:
+            held = _lock(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if held:
+            return fd, direct, refused
+        os.close(fd)
+        if held is False:
+            return None
+    raise OSError(errno.EBUSY, f"NVMe tier: {path} keeps being replaced; cannot claim it")
+
+
+def _claim(config: NVMeConfig) -> tuple[Path, int, bool, OSError | None]:
+    """The rank's file name, or the first ``-<n>`` variant that neither an open tier of this
+    process nor another process (``flock``) holds: opened and locked, not yet truncated."""
+    first, n, busy = config.path(), 0, []
+    while True:
+        path = first if n == 0 else first.with_name(f"{first.stem}-{n}{first.suffix}")
+        n += 1
+        with _IN_USE_LOCK:
+            if path.resolve() in _IN_USE:
+                continue
+            _IN_USE.add(path.resolve())
+        try:
+            opened = _open_locked(config, path)
+        except BaseException:
+            _forget(path)
+            raise
+        if opened is None:
+            _forget(path)
+            busy.append(path.name)
+            continue
+        if busy:
+            _log.warning(
+                "NVMe tier: %s held by another process (same NVMeConfig.directory and rank); "
+                "this tier uses %s",
+                ", ".join(busy), path,
+            )  # fmt: skip
+        elif path != first:
+            _log.info("NVMe tier: %s is held by another tier of this process; using %s",
+                      first, path)  # fmt: skip
+        return (path, *opened)
+
+
+def _forget(path: Path) -> None:
     with _IN_USE_LOCK:
-        path, n = first, 0
-        while path.resolve() in _IN_USE:
-            n += 1
-            path = first.with_name(f"{first.stem}-{n}{first.suffix}")
-        _IN_USE.add(path.resolve())
-    return path
+        _IN_USE.discard(path.resolve())
 
 
 def release_swap_file(swap: SwapFile) -> None:
     """Let a later tier of this process reuse ``swap``'s file name (call after closing it)."""
-    with _IN_USE_LOCK:
-        _IN_USE.discard(swap.path.resolve())
+    _forget(swap.path)
+
+
+def _unlink_if_ours(swap: SwapFile) -> None:
+    """Remove ``swap.path`` if it still names the file ``swap.fd`` holds (someone may have
+    removed it, and another process made a new one of that name)."""
+    try:
+        if os.path.samestat(os.stat(swap.path), os.fstat(swap.fd)):
+            swap.path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def close_swap_file(swap: SwapFile, keep: bool) -> None:
+    """Remove the file (unless ``keep``) while still holding its lock, close it and give its
+    name back; a second call does nothing."""
+    if swap.fd < 0:
+        return
+    try:
+        if not keep:
+            _unlink_if_ours(swap)
+    finally:
+        fd, swap.fd = swap.fd, -1
+        try:
+            os.close(fd)
+        finally:
+            release_swap_file(swap)
 
 
 def open_swap_file(config: NVMeConfig) -> SwapFile:
-    """Open, preallocate and probe the rank's swap file."""
+    """Claim (lock), preallocate and probe the rank's swap file."""
     directory = Path(config.directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = _claim_path(config)
+    path, fd, direct, refused = _claim(config)
+    swap = SwapFile(path=path, fd=fd, direct=direct, size=0)
     try:
-        return _open(config, directory, path)
+        _prepare(config, directory, swap, refused)
     except BaseException:
-        with _IN_USE_LOCK:
-            _IN_USE.discard(path.resolve())
+        close_swap_file(swap, keep=False)
         raise
+    return swap
 
 
-def _open(config: NVMeConfig, directory: Path, path: Path) -> SwapFile:
-    base = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-    direct = config.direct != "off" and hasattr(os, "O_DIRECT")
-    fd = -1
-    if direct:
+def _prepare(config: NVMeConfig, directory: Path, swap: SwapFile, refused: OSError | None) -> None:
+    """On the locked file: settle O_DIRECT (probe), then truncate and preallocate."""
+    if refused is not None:
+        _no_direct(config, swap.path, refused)
+    elif swap.direct:
         try:
-            fd = os.open(path, base | os.O_DIRECT, 0o600)
-            _probe_direct(fd)
+            _probe_direct(swap.fd)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-            if fd >= 0:
-                os.close(fd)
-            fd = -1
-            _no_direct(config, path, err)
-            direct = False
-    if fd < 0:
-        fd = os.open(path, base, 0o600)
-    try:
-        os.ftruncate(fd, 0)
-        _check_free_space(directory, config.capacity_bytes, "preallocating the swap file")
-        if config.capacity_bytes:
-            os.posix_fallocate(fd, 0, config.capacity_bytes)
-    except OSError:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    return SwapFile(path=path, fd=fd, direct=direct, size=config.capacity_bytes)
+            _no_direct(config, swap.path, err)
+            flags = fcntl.fcntl(swap.fd, fcntl.F_GETFL)
+            fcntl.fcntl(swap.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            swap.direct = False
+    os.ftruncate(swap.fd, 0)
+    _check_free_space(directory, config.capacity_bytes, "preallocating the swap file")
+    if config.capacity_bytes:
+        os.posix_fallocate(swap.fd, 0, config.capacity_bytes)
+    swap.size = config.capacity_bytes
 
 
 def grow_swap_file(swap: SwapFile, nbytes: int) -> None:

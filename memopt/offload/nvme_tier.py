@@ -24,7 +24,6 @@ when built, else threads; ``MEMOPT_AIO`` overrides) keeps ``queue_depth`` pieces
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -39,9 +38,9 @@ from memopt.offload.native_aio import make_backend
 from memopt.offload.nvme_file import (
     NVMeConfig,
     SwapFile,
+    close_swap_file,
     grow_swap_file,
     open_swap_file,
-    release_swap_file,
 )
 from memopt.offload.tier import (
     IOFuture,
@@ -89,12 +88,18 @@ class NVMeTier(StorageTier):
         self.config = config
         self.arena = arena or default_arena()
         self.file = open_swap_file(config)
-        # A tier dropped without close() (or alive at interpreter exit) still removes its
-        # preallocated file: scratch space must not outlive the process.
-        self._finalizer = weakref.finalize(self, _discard, self.file, config.keep_file)
-        self.backend = backend or make_backend(
-            config.queue_depth, config.block_size, direct=self.file.direct
-        )
+        try:
+            self.backend = backend or make_backend(
+                config.queue_depth, config.block_size, direct=self.file.direct
+            )
+        except BaseException:
+            close_swap_file(self.file, config.keep_file)
+            raise
+        # A tier dropped without close() (or alive at interpreter exit) still stops the I/O
+        # threads it made and removes its preallocated file: scratch space must not outlive
+        # the process.
+        owned = None if backend is not None else self.backend
+        self._finalizer = weakref.finalize(self, _discard, self.file, config.keep_file, owned)
         self._slots = FreeListAllocator(self.file.size, granule=ALIGN)
         self._table: dict[int, _Entry] = {}
         self._pending: dict[int, set[IOFuture]] = {}
@@ -137,6 +142,7 @@ class NVMeTier(StorageTier):
     def allocate(
         self, nbytes_or_shape: int | Sequence[int], dtype: torch.dtype | None = None
     ) -> TierHandle:
+        self._check_open()
         nbytes, shape = request_nbytes(nbytes_or_shape, dtype)
         slot = self._new_slot(nbytes)
         handle = new_handle(self.name, nbytes, shape, dtype)
@@ -145,7 +151,15 @@ class NVMeTier(StorageTier):
         return handle
 
     def _entry(self, handle: TierHandle) -> _Entry:
+        self._check_open()
         return live_entry(self._table, handle, "NVMe")
+
+    def _check_open(self) -> None:
+        if self.file.fd < 0:
+            raise RuntimeError(
+                f"this NVMe tier ({self.file.path}) was closed: its handles are gone; make a "
+                "new tier (or a new optimizer) to use the disk again"
+            )
 
     def free(self, handle: TierHandle) -> None:
         """Wait for the handle's I/O still in flight (ignoring its errors), then free."""
@@ -293,23 +307,22 @@ class NVMeTier(StorageTier):
         try:
             self.flush()
         finally:
-            self.backend.close()
-            os.close(self.file.fd)
-            self.file.fd = -1
-            if not self.config.keep_file:
-                self.file.path.unlink(missing_ok=True)
-            release_swap_file(self.file)
-            self._finalizer.detach()
+            try:
+                self.backend.close()
+            finally:
+                self._finalizer.detach()
+                close_swap_file(self.file, self.config.keep_file)
 
 
-def _discard(swap: SwapFile, keep: bool) -> None:
-    """The finalizer of a tier never closed: close its file and remove it (unless kept)."""
-    if swap.fd >= 0:
-        try:
-            os.close(swap.fd)
-        except OSError:
-            pass
-        swap.fd = -1
-    if not keep:
-        swap.path.unlink(missing_ok=True)
-    release_swap_file(swap)
+def _discard(swap: SwapFile, keep: bool, backend: IOBackend | None) -> None:
+    """The finalizer of a tier never closed: stop the backend it made (nothing of the tier's
+    is in flight: a request in flight holds the tier), then close and remove its file."""
+    try:
+        if backend is not None:
+            backend.close()
+    except Exception:  # noqa: BLE001 - a finalizer must not raise
+        pass
+    try:
+        close_swap_file(swap, keep)
+    except OSError:
+        pass

@@ -118,6 +118,8 @@ def check_adam_group(group: dict[str, Any], owner: str) -> None:
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW (torch's update rule) with its state on a tier; see the module docstring."""
 
+    _closed = False
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -162,6 +164,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_open()
         loss = closure_loss(closure)
         items = []
         for group in self.param_groups:  # before any state changes (the step counters)
@@ -203,6 +206,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch AdamW's layout, the tensors read back from the tier (plus fp32 ``master``)."""
+        self._check_open()
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         for index, st in sd["state"].items():
@@ -216,6 +220,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Hyperparameters into the groups, tensors onto the tier (kept fp32)."""
+        self._check_open()
         groups = state_dict["param_groups"]
         sizes = [len(g["params"]) for g in groups]
         if sizes != [len(g["params"]) for g in self.param_groups]:
@@ -237,14 +242,25 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def read_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(master, exp_avg, exp_avg_sq) of ``p`` read from the tier, shaped like ``p``."""
+        self._check_open()
         return tuple(t.view_as(p) for t in self.store.read(p))  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Free the state on the tier (and the tier, if this optimizer made it)."""
+        """Free the state on the tier (and the tier, if this optimizer made it). The state is
+        gone: stepping or reading it afterwards is a RuntimeError; a second close does
+        nothing."""
+        self._closed = True
         self.store.close()
         if self._owns_tier:
             self.tier.close()
         self.state.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this OffloadedAdamW was closed: close() freed its state on the tier (master "
+                "weights and moments); make a new optimizer, or load a checkpoint into one"
+            )
 
     def __repr__(self) -> str:
         return f"OffloadedAdamW(device={self.offload.device!r}, tier={type(self.tier).__name__})"

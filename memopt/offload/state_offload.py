@@ -40,6 +40,8 @@ __all__ = ["StateOffloadedOptimizer"]
 class StateOffloadedOptimizer(WrapperOptimizer):
     """``inner`` with its per-parameter state tensors kept on ``tier`` between updates."""
 
+    _closed = False
+
     def __init__(
         self,
         inner: torch.optim.Optimizer,
@@ -69,25 +71,38 @@ class StateOffloadedOptimizer(WrapperOptimizer):
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._check_open()
         loss = closure_loss(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.store.prefetch(params[: self.prefetch])
         for i, p in enumerate(params):
-            if self.prefetch and i + self.prefetch < len(params):
-                self.store.prefetch([params[i + self.prefetch]])
-            self.store.fetch([p])
+            try:
+                if i == 0:
+                    self.store.prefetch(params[: self.prefetch])
+                if self.prefetch and i + self.prefetch < len(params):
+                    self.store.prefetch([params[i + self.prefetch]])
+                self.store.fetch([p])
+            except OSError as e:
+                raise _read_failed(e, i, len(params)) from e
             self.inner.step_one(p)  # type: ignore[attr-defined]
-            self.store.send([p])
-        self.store.drain()
+            try:
+                self.store.send([p])
+            except OSError as e:
+                raise _write_failed(e) from e
+        try:
+            self.store.drain()
+        except OSError as e:
+            raise _write_failed(e) from e
         return loss
 
     # -- state_dict: the inner optimizer's layout ------------------------------------------
     def fetch_all(self) -> None:
         """Bring every offloaded tensor back (before reading the state)."""
+        self._check_open()
         self.store.fetch_all()
 
     def offload_all(self) -> None:
         """Write every large state tensor out to the tier."""
+        self._check_open()
         self.store.send_all()
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,7 +115,15 @@ class StateOffloadedOptimizer(WrapperOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fetch_all()
         self.inner.load_state_dict(state_dict)
-        self.offload_all()
+        try:
+            self.offload_all()
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{e.strerror or e}; StateOffloadedOptimizer.load_state_dict did not complete: "
+                "part of the loaded state did not reach the tier. Load the state dict again "
+                "once the tier has room",
+            ) from e
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -111,8 +134,49 @@ class StateOffloadedOptimizer(WrapperOptimizer):
 
     def close(self) -> None:
         """Bring the state back into memory and free its tier handles (and the tier, if this
-        optimizer created it)."""
+        optimizer created it). Stepping or reading the state afterwards is a RuntimeError;
+        a second close does nothing."""
+        if self._closed:
+            return
         self.store.close(close_tier=self._owns_tier)
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this StateOffloadedOptimizer was closed: its state is back in the inner "
+                "optimizer (.inner) and its tier handles are freed; make a new one to step"
+            )
 
     def __repr__(self) -> str:
         return f"StateOffloadedOptimizer({type(self.inner).__name__}, tier={self.tier.name})"
+
+
+def _read_failed(err: OSError, done: int, total: int) -> OSError:
+    """A failed read of parameter ``done``'s state: it changed nothing (the tier's copy and
+    the placeholder stay), but the ``done`` parameters before it were updated."""
+    if done == 0:
+        what = "no parameter was updated, and the step can be retried"
+    else:
+        what = (
+            f"{done} of {total} parameters were updated and the rest were not; retrying the "
+            f"step would update those {done} again (skip it, or reload from the last "
+            "checkpoint)"
+        )
+    return OSError(
+        err.errno,
+        f"{err.strerror or err}; StateOffloadedOptimizer.step did not complete: {what}. "
+        "Every parameter's state on the tier is intact (the failed read changed nothing), so "
+        "state_dict() and later steps read it again",
+    )
+
+
+def _write_failed(err: OSError) -> OSError:
+    """A failed write: the parameter holds this step's values, its state on the tier not."""
+    return OSError(
+        err.errno,
+        f"{err.strerror or err}; StateOffloadedOptimizer.step did not complete: some "
+        "parameters may hold this step's values while their state on the tier does not, and "
+        "the step counters have advanced. Do not retry the step: reload model and optimizer "
+        "from the last checkpoint once the tier has room",
+    )

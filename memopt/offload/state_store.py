@@ -8,11 +8,14 @@ stepped, ``send`` writes each of their state tensors of at least
 ``min_bytes`` (moments, bases, 8-bit codes; not step counters) to the tier and leaves an
 empty placeholder (at most ``max_writes`` writes in flight, each keeping its source alive);
 ``prefetch`` / ``fetch`` (started for the next parameters while these step) read them back
-into fresh tensors before their next step. Each (parameter, key) has one tier handle,
-reallocated only if the tensor's shape or dtype changes. Host tensors are read back into
-page-aligned memory, so the NVMe tier moves them in place (no bounce copy of their size, and
-no bounce memory held). ``fetch_all`` / ``send_all`` serve
-``state_dict`` and ``load_state_dict``, which see the inner optimizer's own layout.
+into fresh tensors before their next step; a tensor is put into ``inner.state[p]`` (and
+stops counting as away) only once its read succeeded, so a failed or interrupted read leaves
+the placeholder and the tier's copy as the truth, and a later fetch reads it again. Each
+(parameter, key) has one tier handle, reallocated only if the tensor's shape or dtype
+changes. Host tensors are read back into page-aligned memory, so the NVMe tier moves them in
+place (no bounce copy of their size, and no bounce memory held). ``fetch_all`` /
+``send_all`` serve ``state_dict`` and ``load_state_dict``, which see the inner optimizer's
+own layout.
 """
 
 from __future__ import annotations
@@ -66,29 +69,53 @@ class StateStore:
         self.min_bytes, self.max_writes = min_bytes, max_writes
         self._handles: dict[Key, TierHandle] = {}
         self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
-        self._reads: dict[int, list[IOFuture]] = {}
+        # reads started, not yet seen to succeed: id(p) -> key -> (buffer, future)
+        self._reads: dict[int, dict[str, tuple[Tensor, IOFuture]]] = {}
         self._writes: deque[tuple[Tensor, IOFuture]] = deque()
         self.bytes_read = self.bytes_written = 0  # moved to / from the tier since setup
 
     def prefetch(self, params: Iterable[Tensor]) -> None:
-        """Start reading the state of ``params`` (no wait)."""
+        """Start reading the state of ``params`` (no wait). Nothing changes in the optimizer's
+        state or in the bookkeeping until ``fetch`` has seen a read succeed: a read that fails
+        (or is interrupted) leaves the key on the tier, its placeholder in place."""
         for p in params:
             state = self.inner.state.get(p)
             if not state:
                 continue
-            for key in [k for k in state if (id(p), k) in self._away]:
-                shape, dtype, device = self._away.pop((id(p), key))
+            pending = self._reads.setdefault(id(p), {})
+            for key in [k for k in state if (id(p), k) in self._away and k not in pending]:
+                shape, dtype, device = self._away[(id(p), key)]
                 out = _aligned_empty(shape, dtype, device)
-                fut = self.tier.read_async(self._handles[(id(p), key)], out)
-                self.bytes_read += out.numel() * out.element_size()
-                self._reads.setdefault(id(p), []).append(fut)
-                state[key] = out
+                pending[key] = (out, self.tier.read_async(self._handles[(id(p), key)], out))
 
     def fetch(self, params: Iterable[Tensor]) -> None:
-        """The state of ``params`` resident (reads started if needed, then waited on)."""
+        """The state of ``params`` resident (reads started if needed, then waited on). A key
+        whose read failed stays on the tier (the next fetch reads it again); the first error
+        is raised after every read finished."""
         params = list(params)
         self.prefetch(params)
-        wait_all([f for p in params for f in self._reads.pop(id(p), [])])
+        first: BaseException | None = None
+        for p in params:
+            pending = self._reads.get(id(p), {})
+            for key, (out, fut) in list(pending.items()):
+                try:
+                    fut.wait()
+                except BaseException as err:  # noqa: BLE001 - raised below, after the rest
+                    if not fut.done():
+                        first = first or err  # interrupted while waiting: keep the read
+                        continue
+                    first = first or err
+                    del pending[key]
+                    continue
+                # every prefix of these three lines leaves a consistent store
+                self.inner.state[p][key] = out
+                self._away.pop((id(p), key), None)
+                del pending[key]
+                self.bytes_read += out.numel() * out.element_size()
+            if not pending:
+                self._reads.pop(id(p), None)
+        if first is not None:
+            raise first
 
     def send(self, params: Iterable[Tensor]) -> None:
         """Write the large state tensors of ``params`` to the tier; they shrink at once (the
@@ -97,6 +124,8 @@ class StateStore:
             state = self.inner.state.get(p, {})
             for key, t in list(state.items()):
                 if not isinstance(t, Tensor) or t.numel() * t.element_size() < self.min_bytes:
+                    continue
+                if (id(p), key) in self._away:  # still on the tier (its read failed)
                     continue
                 src = t.detach().contiguous()
                 fut = self.tier.write_async(self._handle((id(p), key), t), src)
@@ -134,13 +163,11 @@ class StateStore:
         self.drain()
 
     def resident_bytes(self) -> int:
-        """Bytes of state tensors held in memory now (not on the tier)."""
-        return sum(
-            t.numel() * t.element_size()
-            for st in self.inner.state.values()
-            for t in st.values()
-            if isinstance(t, Tensor)
-        )
+        """Bytes of state tensors held in memory now (not on the tier), the buffers of reads
+        in flight included."""
+        held = [t for st in self.inner.state.values() for t in st.values()]
+        held += [out for pending in self._reads.values() for out, _ in pending.values()]
+        return sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
 
     def close(self, close_tier: bool = True) -> None:
         """Bring the state back into memory, free its handles and (``close_tier``) the tier."""
