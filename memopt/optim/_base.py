@@ -120,6 +120,8 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
         nothing memopt does not do (``maximize=True`` or ``amsgrad=True`` would be ignored)."""
         owner = f"{type(self).__name__}.load_state_dict (group {index})"
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        if isinstance(merged.get("lr"), Tensor):  # a tensor lr set on a group loads as saved
+            merged["lr"] = float(merged["lr"])
         for key, fine in TORCH_GROUP_KEYS.items():
             if key in merged and merged.pop(key) not in fine:
                 raise ValueError(

@@ -42,8 +42,6 @@ REAL_KEYS: dict[str, tuple[float, bool]] = {
     "nl_gamma": (1.0, True),
     "damping": (0.0, False),
 }
-#: Integer-valued group keys (each >= 1).
-INT_KEYS = ("rank", "update_proj_gap", "natural_history")
 #: On/off group keys: a bool (the string "false" would be truthy and switch the feature on).
 BOOL_KEYS = ("correct_bias", "stagger", "state_free", "scale_front", "disable_nl")
 

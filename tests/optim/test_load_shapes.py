@@ -165,3 +165,17 @@ def test_one_ranks_shard_is_refused_by_a_plain_optimizer() -> None:
         AdamW([p]).load_state_dict(sd)
     sd["sharding"] = {"world_size": 1, "rank": 0, "layout": "whole_tensor", "stage": 2}
     AdamW([p]).load_state_dict(sd)  # world size 1: the whole state
+
+
+def test_tensor_lr_set_on_a_group_still_loads() -> None:
+    # a tensor lr assigned after construction is saved as such; the loaded-group checks take it
+    from memopt.optim import GaLoreAdamW
+
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLoreAdamW([{"params": [p], "rank": 2}], lr=1e-3)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    again = GaLoreAdamW([{"params": [p], "rank": 2}], lr=1e-3)
+    again.load_state_dict(opt.state_dict())
+    assert float(again.param_groups[0]["lr"]) == pytest.approx(1e-3)
