@@ -79,7 +79,9 @@ def keep() -> ActivationPolicy:
 
 
 def recompute(keep_ops: tuple[str, ...] = ()) -> ActivationPolicy:
-    return ActivationPolicy("recompute", keep_ops=tuple(keep_ops))
+    # (a string passes through: the policy's check names it instead of splitting it)
+    ops = keep_ops if isinstance(keep_ops, str) else tuple(keep_ops)
+    return ActivationPolicy("recompute", keep_ops=ops)
 
 
 def swap(tier: Tier = "cpu") -> ActivationPolicy:

@@ -121,6 +121,13 @@ class EstimateConfig:
             raise ValueError(
                 f"offload_params must be None, 'cpu' or 'nvme', got {self.offload_params!r}"
             )
+        if self.stage == 3 and self.layout == "whole_tensor":
+            raise ValueError("stage 3 row-shards every parameter: layout must be 'dim0' (or "
+                             "None), as memopt.shard refuses whole_tensor there")  # fmt: skip
+        master, param = self.master_dtype, self.param_dtype
+        if master is not None and master.itemsize < param.itemsize:
+            raise ValueError(f"master_dtype {master} is narrower than param_dtype {param}; "
+                             "memopt.shard refuses such masters")  # fmt: skip
         if self.offload_params is not None and self.stage != 3:
             raise ValueError(
                 f"offload_params={self.offload_params!r} needs stage=3 (parameters are sharded "

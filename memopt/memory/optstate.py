@@ -228,6 +228,9 @@ def _bad_value(optimizer: str, kw: Mapping[str, Any]) -> str | None:
         isinstance(density, (int, float)) and not isinstance(density, bool) and 0 <= density <= 1
     ):
         return f"density must be a number in [0, 1], got {density!r}"
+    if density == 0 and kw.get("proj", "svd") != "block":
+        return ("density 0 keeps no state-full subspace: only proj='block' takes it (as "
+                "FrugalAdamW refuses)")  # fmt: skip
     if kw.get("proj_type", "std") not in PROJ_TYPES:
         return f"proj_type must be one of {PROJ_TYPES}, got {kw['proj_type']!r}"
     names = (*PROJ_NAMES, "block") if optimizer == "frugal" else PROJ_NAMES

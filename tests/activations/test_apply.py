@@ -163,6 +163,8 @@ def test_policy_and_planner_arguments_of_the_wrong_kind() -> None:
     from memopt.activations.planner import _check_actions, parse_budget
     from memopt.activations.policy import ActivationPolicy
 
+    with pytest.raises(TypeError, match=r"keep_ops is a tuple of op names, e.g. \('aten.mm',\)"):
+        recompute(keep_ops="aten.mm")  # type: ignore[arg-type]  (it was split into letters)
     with pytest.raises(TypeError, match="seq_dim='1'; it must be an int"):
         ActivationPolicy("split", seq_dim="1")  # type: ignore[arg-type]  (failed in backward)
     with pytest.raises(TypeError, match=r"actions is a tuple of action names"):

@@ -98,3 +98,14 @@ def test_seq_len_past_learned_positions_is_refused_rotary_is_not() -> None:
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
     )  # fmt: skip
     assert estimate(llama, batch_size=1, seq_len=32).device_peak > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"optimizer": "frugal", "optimizer_kwargs": {"density": 0.0}}, "density 0 keeps no"),
+     ({"master_dtype": "bfloat16"}, "master_dtype torch.bfloat16 is narrower"),
+     ({"stage": 3, "layout": "whole_tensor"}, "stage 3 row-shards every parameter")],
+)  # fmt: skip
+def test_setups_memopt_refuses_are_not_priced(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        EstimateConfig(**kwargs)
