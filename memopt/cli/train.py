@@ -147,7 +147,12 @@ def train(config: Config) -> dict[str, Any]:
     s.close()
     summary = {"steps": t.steps, "start_step": s.start_step, "final_loss": loss, "wall_s": wall,
                "resumed_from": s.resumed_from}
-    _say(s, f"done: steps {s.start_step}->{t.steps}, final loss {loss:.4f}, wall {wall:.1f} s")
+    if s.start_step >= t.steps:  # (a finished run started again: no step, no loss)
+        _say(s, f"done: nothing to train, the run is already at step {s.start_step} of "
+                f"train.steps={t.steps}; raise train.steps to go on")
+    else:
+        _say(s, f"done: steps {s.start_step}->{t.steps}, final loss {loss:.4f}, "
+                f"wall {wall:.1f} s")
     return summary
 
 

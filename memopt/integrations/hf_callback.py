@@ -91,6 +91,28 @@ class MemoptCallback(TrainerCallback):
                 "MemoptCallback: pass checkpoint_dir=... (or checkpointer=...) to take snapshots, "
                 "or every_n_steps=None and on_hf_save=False to only log memory"
             )
+        if checkpoint_dir is not None and checkpointer is not None:
+            raise ValueError(
+                "MemoptCallback: pass checkpoint_dir=... or checkpointer=..., not both (the "
+                f"checkpointer writes to {checkpointer.directory})"
+            )
+        if checkpointer is not None and (checkpoint_options or keep != 3):
+            raise ValueError("MemoptCallback: checkpoint options (keep, ...) go to the "
+                             "checkpointer you pass, not here")  # fmt: skip
+        if checkpoint_options or keep != 3:  # a typo fails now, not at train()
+            import dataclasses
+
+            from memopt.checkpoint import CheckpointConfig
+
+            plain = {k: v for k, v in checkpoint_options.items()
+                     if k in {f.name for f in dataclasses.fields(CheckpointConfig)}}  # fmt: skip
+            takes = {"config", "metadata", "process_group", "redundancy", "redundancy_group"}
+            unknown = sorted(set(checkpoint_options) - set(plain) - takes)
+            if unknown:
+                raise ValueError(f"MemoptCallback: unknown checkpoint option(s) {unknown}; "
+                                 "AsyncCheckpointer takes CheckpointConfig's fields, config=, "
+                                 "metadata=, redundancy=")  # fmt: skip
+            CheckpointConfig(keep=keep, **plain)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"MemoptCallback: every_n_steps must be an int >= 1, got {every_n_steps!r}"

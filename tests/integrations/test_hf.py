@@ -207,6 +207,13 @@ def test_trainer_arguments_are_checked_at_construction(tmp_path, kwargs, exc, ma
 def test_callback_budget_is_checked_at_construction(tmp_path) -> None:
     with pytest.raises(ValueError, match="budget='lots' is not a size"):
         MemoptCallback(str(tmp_path), activation_budget="lots")
+    with pytest.raises(ValueError, match=r"unknown checkpoint option\(s\) \['fsyncc'\]"):
+        MemoptCallback(str(tmp_path), fsyncc=True)  # failed only at train()
+    from memopt.checkpoint import AsyncCheckpointer
+
+    with AsyncCheckpointer(tmp_path / "b") as ck:  # the messages named the other directory
+        with pytest.raises(ValueError, match="checkpoint_dir=... or checkpointer=..., not both"):
+            MemoptCallback(str(tmp_path / "a"), checkpointer=ck)
 
 
 def test_trainer_from_memopt_config(tmp_path) -> None:

@@ -107,6 +107,10 @@ def test_memopt_run_end_to_end_and_resume(
     again = capsys.readouterr().out
     assert "RESUMED: resumed from snapshot step 3" in again
     assert "step 3/5" not in again and "step 4/5 loss" in again and "done: steps 3->5" in again
+    # and once more at the same length: nothing to train (it printed "final loss nan")
+    assert train_main([str(recipe), "train.steps=5"]) == 0
+    done = capsys.readouterr().out
+    assert "done: nothing to train, the run is already at step 5" in done and "nan" not in done
 
 
 def test_init_from_a_missing_directory_creates_nothing(tmp_path: Path) -> None:
