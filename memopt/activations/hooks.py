@@ -160,8 +160,8 @@ class Kept:
         # A non-leaf is held detached (same storage and version counter): an output its own
         # node saves (tanh, softmax...) held with its grad_fn made a node -> Kept -> tensor ->
         # node cycle through C++ that gc cannot see, so a graph dropped without backward
-        # (an exception, a skipped batch) leaked with every activation behind it. (As with
-        # swapped tensors, a managed block's saves carry no history: no create_graph.)
+        # (an exception, a skipped batch) leaked with every activation behind it. (Autograd
+        # re-attaches the history on unpack: create_graph still works.)
         self.tensor = tensor.detach() if tensor.grad_fn is not None else tensor
         self.token = token
         self.version = tensor._version

@@ -50,7 +50,8 @@ class OptimizerConfig:
                             "several DDP ranks (each rank would step on its local gradient)")
     max_grad_norm: float | None = opt(1.0, "global gradient-norm clip (null: off)")
     schedule: Literal["cosine", "constant"] = opt("cosine", "LR schedule after warm-up")
-    warmup_steps: int = opt(0, "linear warm-up steps from 0 to lr")
+    warmup_steps: int = opt(0, "linear warm-up steps: step k (from 0) runs at lr * (k + 1) / "
+                            "(warmup_steps + 1)")
     min_lr_ratio: float = opt(0.1, "cosine floor as a fraction of lr")
 
     def __post_init__(self) -> None:
@@ -101,8 +102,8 @@ class ShardingConfig:
         "none", "stage 3: 'cpu' keeps parameter shards, gradients and optimizer state on the "
         "CPU; 'nvme' keeps parameter shards in a file under nvme_path, read ahead of use")
     hybrid_update: bool = opt(False, "offload: update each group on the CPU or the device, by "
-                              "measured rates (Deep Optimizer States); AdamW only: with a "
-                              "low-rank optimizer it is an error")
+                              "measured rates (Deep Optimizer States); fp32-state AdamW only: "
+                              "with a low-rank optimizer or int8 state it is an error")
 
     def __post_init__(self) -> None:
         check_fields(self, "sharding")
