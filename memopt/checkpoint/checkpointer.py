@@ -69,7 +69,7 @@ class AsyncCheckpointer:
     def __init__(
         self,
         directory: str | os.PathLike[str],
-        keep: int = 3,
+        keep: int | None = None,  # (None: 3, CheckpointConfig's default)
         *,
         config: CheckpointConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -79,12 +79,12 @@ class AsyncCheckpointer:
         adopt: AsyncCheckpointer | None = None,
         **options: Any,
     ) -> None:
-        if config is not None and (options or keep != 3):
+        if config is not None and (options or keep is not None):
             raise TypeError(
                 "AsyncCheckpointer: pass either config=CheckpointConfig(...) or keyword options "
                 f"(keep, {', '.join(options) or '...'}), not both"
             )
-        self.config = config or CheckpointConfig(keep=keep, **options)
+        self.config = config or CheckpointConfig(keep=3 if keep is None else keep, **options)
         if not os.fspath(directory):  # "" would write step_* into (and rotate out of) the cwd
             raise ValueError("AsyncCheckpointer: the checkpoint directory is empty; pass a path "
                              "(e.g. 'checkpoints')")  # fmt: skip

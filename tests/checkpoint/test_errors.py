@@ -149,3 +149,13 @@ def test_lookups_name_what_is_missing_not_corruption(tmp_path) -> None:
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.bfloat16 for t in load_file(written).values())
+
+
+def test_config_and_keep_together_are_refused(tmp_path) -> None:
+    # keep=3 (the default's value) given with config= was silently dropped
+    from memopt.checkpoint import CheckpointConfig
+
+    with pytest.raises(TypeError, match="either config=CheckpointConfig"):
+        AsyncCheckpointer(tmp_path, keep=3, config=CheckpointConfig(keep=2))
+    with AsyncCheckpointer(tmp_path, config=CheckpointConfig(keep=2)) as ck:
+        assert ck.config.keep == 2
