@@ -106,6 +106,7 @@ class SwapRecord:
             self.engine.pool.check(self.slot)
             if self.slot.tier == "nvme":
                 self._out_pending.wait_host()  # the file must hold the bytes before we read them
+                self.reap()  # the copy out is done: drop the device source before reading back
             buf, pending = self.engine.read(self.slot, self.device)
             self._fetched, self._fetch_pending = buf, pending
             self._dev_token = self.engine.ledger.hold(buf, place="device", block=self.block)

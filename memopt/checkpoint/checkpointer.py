@@ -30,6 +30,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,7 +107,7 @@ class AsyncCheckpointer:
         self._jobs: list[Job] = []
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._seq = 0
-        self._hooks: dict[int, Any] = {}
+        self._hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._warned_later = False  # the directory holds steps later than a save: warned once
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
@@ -165,8 +166,9 @@ class AsyncCheckpointer:
             else:  # the other ranks' writers wait for this rank: fail this save on all of them
                 self._submit_failed(step, e, t0)
             raise
-        if optimizer is not None and id(optimizer) not in self._hooks:
-            self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(lambda *_: self.fence())
+        if optimizer is not None and optimizer not in self._hooks:  # (by identity: an id
+            # reused by a new optimizer would have left it without a fence)
+            self._hooks[optimizer] = optimizer.register_step_pre_hook(lambda *_: self.fence())
         job.record.capture_s = job.record.stall_s = time.perf_counter() - t0
         self.stats.records.append(job.record)
         self._jobs.append(job)

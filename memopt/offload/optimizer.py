@@ -209,13 +209,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._check_open()
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
-        for index, st in sd["state"].items():
+        for index, st in list(sd["state"].items()):
             p = params[index]
             master, m, v = self.store.read(p)
-            st.update(
-                step=torch.tensor(float(self.state[p]["step"])),
-                exp_avg=m.view_as(p), exp_avg_sq=v.view_as(p), master=master.view_as(p),
-            )  # fmt: skip
+            # a new dict: torch's state_dict hands out the live per-parameter dicts, and
+            # writing into them kept a full fp32 copy of the offloaded state in memory
+            sd["state"][index] = {
+                **st, "step": torch.tensor(float(self.state[p]["step"])),
+                "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p), "master": master.view_as(p),
+            }  # fmt: skip
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

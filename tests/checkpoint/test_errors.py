@@ -159,3 +159,19 @@ def test_config_and_keep_together_are_refused(tmp_path) -> None:
         AsyncCheckpointer(tmp_path, keep=3, config=CheckpointConfig(keep=2))
     with AsyncCheckpointer(tmp_path, config=CheckpointConfig(keep=2)) as ck:
         assert ck.config.keep == 2
+
+
+def test_every_new_optimizer_gets_its_fence(tmp_path) -> None:
+    # hooks were keyed by id(optimizer): a new optimizer reusing a freed one's id got no
+    # fence, and its next step ran during the copy (snapshots held post-step values)
+    import gc
+
+    model = nn.Linear(32, 32)
+    with AsyncCheckpointer(tmp_path, keep=1, fsync=False) as ck:
+        for step in range(20):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            ck.save(step, model=model, optimizer=opt)
+            assert len(opt._optimizer_step_pre_hooks) == 1, step
+            ck.wait()
+            del opt
+            gc.collect()

@@ -246,3 +246,16 @@ def test_offloaded_adamw_sparse_gradient_changes_nothing() -> None:
         opt.step()
     assert torch.equal(w, before) and not opt.state
     opt.close()
+
+
+def test_state_dict_leaves_the_offloaded_state_on_the_tier() -> None:
+    # torch's state_dict hands out the live per-parameter dicts: writing the read-back tensors
+    # into them kept a full fp32 copy of master and moments in memory for the rest of the run
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = OffloadedAdamW([p], lr=1e-3)
+    p.grad = torch.randn(64, 64)
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) >= {"exp_avg", "exp_avg_sq", "master", "step"}
+    assert set(opt.state[p]) == {"step"}
+    opt.close()
