@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,6 +69,7 @@ class StateStore:
         self.inner, self.tier = inner, tier
         self.min_bytes, self.max_writes = min_bytes, max_writes
         self._handles: dict[Key, TierHandle] = {}
+        self._keys: dict[int, set[str]] = {}  # id(p) -> its keys with a handle
         self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
         # reads started, not yet seen to succeed: id(p) -> key -> (buffer, future)
         self._reads: dict[int, dict[str, tuple[Tensor, IOFuture]]] = {}
@@ -122,6 +124,7 @@ class StateStore:
         write keeps its source alive until it is done)."""
         for p in params:
             state = self.inner.state.get(p, {})
+            self._free_dropped(p, state)
             for key, t in list(state.items()):
                 if not isinstance(t, Tensor) or t.numel() * t.element_size() < self.min_bytes:
                     continue
@@ -136,6 +139,16 @@ class StateStore:
                 while len(self._writes) > self.max_writes:
                     self._writes.popleft()[1].wait()
 
+    def _free_dropped(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Free the tier room of state the optimizer dropped since its last send (FRUGAL's
+        block mode drops an inactive tensor's moments: their handles stayed allocated, and
+        after one rotation the tier held full AdamW state)."""
+        keys = self._keys.get(id(p))
+        for key in [k for k in keys or () if k not in state]:
+            self.tier.free(self._handles.pop((id(p), key)))
+            self._away.pop((id(p), key), None)
+            keys.discard(key)  # type: ignore[union-attr]
+
     def _handle(self, key: Key, t: Tensor) -> TierHandle:
         h = self._handles.get(key)
         if h is not None and (h.shape != tuple(t.shape) or h.dtype != t.dtype):
@@ -143,6 +156,7 @@ class StateStore:
             h = None
         if h is None:
             h = self._handles[key] = self.tier.allocate(tuple(t.shape), t.dtype)
+            self._keys.setdefault(key[0], set()).add(key[1])
         return h
 
     def drain(self) -> None:
@@ -175,5 +189,6 @@ class StateStore:
         for h in self._handles.values():
             self.tier.free(h)
         self._handles.clear()
+        self._keys.clear()
         if close_tier:
             self.tier.close()

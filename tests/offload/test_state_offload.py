@@ -121,3 +121,22 @@ def test_rejects_optimizer_without_step_one() -> None:
         StateOffloadedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), PinnedCPUTier())
     with pytest.raises(ValueError, match="prefetch"):
         StateOffloadedOptimizer(MAKERS["adamw"](m), PinnedCPUTier(), prefetch=-1)
+
+
+def test_frugal_block_rotation_frees_the_tier_room_of_inactive_tensors() -> None:
+    # dropped moments kept their tier handles: after one pass the tier held full AdamW state
+    import memopt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(8)])
+    groups = mo.param_groups(model, target="all-linear", density=0.25, proj="block",
+                             update_proj_gap=2)  # fmt: skip
+    model, opt = memopt.shard(model, mo.FrugalAdamW(groups, lr=1e-3), stage=2, offload="cpu")
+    handles = []
+    for _ in range(12):  # three passes over the 8 tensors, 2 active at a time
+        model(torch.randn(4, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        handles.append(opt.inner.tier.report().live_handles)
+    assert max(handles) == handles[0] == 4  # two active tensors' m and v, never more
+    opt.close()
