@@ -384,6 +384,9 @@ class AsyncCheckpointer:
             self.arena.close()
             if self.peers is not None:
                 self.peers.close()
+            if self._group is not None:  # its own gloo group: 5 fds and 3 threads each
+                dist.destroy_process_group(self._group)
+                self._group = None
         if (pending := self._pending(in_save=False)) is not None:
             raise F.as_error(*pending)
 

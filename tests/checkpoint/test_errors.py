@@ -175,3 +175,21 @@ def test_every_new_optimizer_gets_its_fence(tmp_path) -> None:
             ck.wait()
             del opt
             gc.collect()
+
+
+def _groups_after_cycles(rank: int, world: int, directory: str) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    before = len(dist.distributed_c10d._world.pg_map)
+    for step in range(3):
+        with AsyncCheckpointer(directory, keep=1, fsync=False) as ck:
+            ck.save(step, model=nn.Linear(4, 4))
+    return before, len(dist.distributed_c10d._world.pg_map)
+
+
+def test_closed_checkpointers_leave_no_process_group(tmp_path) -> None:
+    # each one's own gloo group stayed (5 fds and 3 threads per checkpointer)
+    from tests._harness.dist import run_distributed
+
+    out = run_distributed(_groups_after_cycles, world_size=2, timeout_s=120, args=(str(tmp_path),))
+    assert all(before == after for before, after in out), out
