@@ -63,6 +63,19 @@ def test_moments_reset_on_refresh():
     torch.testing.assert_close(st["exp_avg"], 0.1 * g_low)
 
 
+def _active_per_step(opt, ps, steps, each=None):
+    """Indices of the tensors holding moments after each of ``steps`` random-gradient steps."""
+    out = []
+    for _ in range(steps):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        out.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+        if each is not None:
+            each()
+    return out
+
+
 def test_block_mode_memory_follows_density():
     ps = [torch.nn.Parameter(torch.randn(32, 32)) for _ in range(8)]
     opt = FrugalAdamW(
@@ -77,13 +90,10 @@ def test_block_mode_memory_follows_density():
         ],
         lr=1e-2,
     )
-    active_sets = []
-    for _ in range(8):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
-        active_sets.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+    def two_of_eight():
         assert state_bytes(opt).total == 2 * (2 * 32 * 32 * 4)  # 2 of 8 tensors, m and v
+
+    active_sets = _active_per_step(opt, ps, 8, two_of_eight)
     assert active_sets == [(0, 1), (0, 1), (2, 3), (2, 3), (4, 5), (4, 5), (6, 7), (6, 7)]
 
 
@@ -91,12 +101,7 @@ def test_block_mirror_pairs_both_ends_as_the_reference():
     ps = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(6)]
     opt = FrugalAdamW([{"params": ps, "density": 1 / 3, "proj": "block", "update_proj_gap": 1,
                         "block_order": "mirror"}])  # fmt: skip
-    seen = []
-    for _ in range(4):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
-        seen.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
+    seen = _active_per_step(opt, ps, 4)
     assert seen == [(0, 5), (1, 4), (2, 3), (0, 5)]  # (it walked 0,1 / 2,3 / 4,5 / 5,4)
 
 
@@ -129,13 +134,7 @@ def test_block_random_order_is_seeded():
             ],
             seed=seed,
         )
-        out = []
-        for _ in range(4):
-            for p in ps:
-                p.grad = torch.randn_like(p)
-            opt.step()
-            out.append(tuple(i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]))
-        return out
+        return _active_per_step(opt, ps, 4)
 
     first = run(3)
     assert first == run(3)
