@@ -10,14 +10,15 @@ barrier first, none of 16 (0-0.2 s late). So on the normal path every rank meets
 barrier first; after an error the barrier is skipped (the peers may never arrive) and the
 group is only destroyed.
 
-The barrier alone is not enough (core dumps of the aborts that remained, 4 of 50 launches at
-stage 2): gloo's barrier work keeps references to the works still in its queue (memopt's last
-asynchronous broadcast or all-gather), and a gloo worker thread destroys it after the barrier
-returns. Freeing those works' tensors needs the GIL; once the main thread is in interpreter
-finalization the worker cannot take it, exits, and the unwind through a noexcept destructor
-calls ``std::terminate``. (The group's worker threads are not joined at
-``destroy_process_group`` while memopt objects still reference the group.) So the main thread
-then sleeps briefly, releasing the GIL while the worker finishes: 0 aborts in 25 launches.
+The barrier alone is not enough (core dumps of the aborts that remained, 4 of 50 launches of
+an ad-hoc 2-rank stage-2 probe): gloo's barrier work keeps references to the works still in
+its queue (memopt's last asynchronous broadcast or all-gather), and a gloo worker thread
+destroys it after the barrier returns. Freeing those works' tensors needs the GIL; once the
+main thread is in interpreter finalization the worker cannot take it, exits, and the unwind
+through a noexcept destructor calls ``std::terminate``. (The group's worker threads are not
+joined at ``destroy_process_group`` while memopt objects still reference the group.) So the
+main thread then sleeps briefly, releasing the GIL while the worker finishes: 0 aborts in 55
+launches.
 """
 
 from __future__ import annotations
