@@ -68,6 +68,17 @@ class StateOffloadedOptimizer(WrapperOptimizer):
         self.store = StateStore(inner, tier, min_bytes=min_bytes, max_writes=max_writes)
         self._owns_tier = False
 
+    # -- what memopt.shard asks before a step (the inner optimizer answers) ---------------
+    def is_low_rank(self, group: dict[str, Any]) -> bool:
+        check = getattr(self.inner, "is_low_rank", None)
+        return bool(check(group)) if check is not None else False
+
+    def nonfinite_refresh(self) -> str | None:
+        """The inner optimizer's ``nonfinite_refresh`` (gradients and step counters stay in
+        memory, so nothing is read from the tier)."""
+        check = getattr(self.inner, "nonfinite_refresh", None)
+        return None if check is None else check()
+
     # -- the step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

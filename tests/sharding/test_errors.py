@@ -109,10 +109,10 @@ def test_process_group_errors_on_two_ranks() -> None:
     assert "not a member" in r1[0] and "already has state" in r1[1]
 
 
-def _nonfinite_refresh_on_ranks(rank: int, world: int, layout: str) -> dict:
+def _nonfinite_refresh_on_ranks(rank: int, world: int, layout: str, offload: str | None) -> dict:
     model = T.make_model()
     opt = T.make_optimizer("galore", model)  # refresh at steps 0, 4, ...
-    model, opt = memopt.shard(model, opt, stage=2, layout=layout)
+    model, opt = memopt.shard(model, opt, stage=2, layout=layout, offload=offload)
     raised = []
     for step in range(5):
         x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
@@ -130,10 +130,12 @@ def _nonfinite_refresh_on_ranks(rank: int, world: int, layout: str) -> dict:
     return {"raised": raised, "params": [p.detach().clone() for p in model.parameters()]}
 
 
-@pytest.mark.parametrize("layout", ["whole_tensor", "dim0"])
-def test_nonfinite_refresh_is_refused_by_every_rank(layout: str) -> None:
+@pytest.mark.parametrize(("layout", "offload"),
+                         [("whole_tensor", None), ("dim0", None), ("whole_tensor", "cpu")])
+def test_nonfinite_refresh_is_refused_by_every_rank(layout: str, offload: str | None) -> None:
     # only the owner raised, and the other rank waited in the gather until the gloo timeout
-    out = run_distributed(_nonfinite_refresh_on_ranks, world_size=2, timeout_s=120, args=(layout,))
+    out = run_distributed(_nonfinite_refresh_on_ranks, world_size=2, timeout_s=120,
+                          args=(layout, offload))  # fmt: skip
     for r in out:
         assert [s for s, _ in r["raised"]] == [4], r["raised"]
         assert "every rank skips this step" in r["raised"][0][1]
