@@ -159,6 +159,17 @@ class Comm:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
+    def flagged_ranks(
+        self, flag: bool, *, device: torch.device | None = None, what: What = None
+    ) -> list[int]:
+        """The ranks that passed ``flag=True`` (blocking; one all-reduce of a flag per rank):
+        how ranks agree to fail together instead of some of them waiting in a collective."""
+        flags = torch.zeros(self.world, device=device or self.device())
+        if flag:
+            flags[self.rank] = 1.0
+        self.all_reduce_sum(flags, what=what)
+        return [r for r in range(self.world) if flags[r] > 0]
+
     # -- debug mode ------------------------------------------------------------------
     def _check(self, op: str, t: Tensor, out_numel: int, root: int, what: What) -> None:
         """Debug mode: raise on every rank if the ranks are not all issuing this collective."""

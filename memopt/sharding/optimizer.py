@@ -196,11 +196,7 @@ class ShardedOptimizer(WrapperOptimizer):
         if not any(is_low_rank(g) for g in self.inner.param_groups):  # (the same on every rank)
             return
         label = check()
-        flags = torch.zeros(self.comm.world, device=self.comm.device())
-        if label is not None:
-            flags[self.comm.rank] = 1.0
-        self.comm.all_reduce_sum(flags, what="the non-finite refresh check")
-        bad = [r for r in range(self.comm.world) if flags[r] > 0]
+        bad = self.comm.flagged_ranks(label is not None, what="the non-finite refresh check")
         if bad:
             where = f"{label} (on this rank)" if label is not None else f"a tensor of rank {bad[0]}"
             raise FloatingPointError(

@@ -191,11 +191,7 @@ def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer
         device = optimizer.param_groups[0]["params"][0].device if error is None else None
         if device is not None and device.type == "meta":
             device = None
-        flags = torch.zeros(comm.world, device=device or comm.device())
-        if error is not None:
-            flags[comm.rank] = 1.0
-        comm.all_reduce_sum(flags)
-        failed = [r for r in range(comm.world) if flags[r] > 0]
+        failed = comm.flagged_ranks(error is not None, device=device)
         if failed and error is None:
             raise ValueError(
                 f"memopt.shard: rank(s) {failed} failed their input checks (see their errors); "
