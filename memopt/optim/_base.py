@@ -93,9 +93,7 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        low_rank = {"rank", "density"} if self.low_rank_defaults else set()  # (AdamW: none)
-        allowed = set(self.base_defaults) | set(self.low_rank_defaults) | low_rank
-        check_known_keys(param_group, allowed, owner)
+        check_known_keys(param_group, self.group_keys(), owner)
         if self.is_low_rank(param_group):
             for key, value in self.low_rank_defaults.items():
                 param_group.setdefault(key, value)
@@ -110,6 +108,11 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
         except Exception:
             self.param_groups.pop()
             raise
+
+    def group_keys(self) -> set[str]:
+        """The param-group options this optimizer takes (AdamW: no rank or density)."""
+        low_rank = {"rank", "density"} if self.low_rank_defaults else set()
+        return set(self.base_defaults) | set(self.low_rank_defaults) | low_rank
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Optimizer-specific group checks (override)."""
@@ -132,9 +135,7 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
             raise ValueError(f"{owner}: saved by torch.optim.Adam with L2 weight decay "
                              f"(decoupled_weight_decay=False); memopt's optimizers decay "
                              f"decoupled (AdamW); nothing was loaded")  # fmt: skip
-        low_rank = {"rank", "density"} if self.low_rank_defaults else set()
-        check_known_keys(merged, set(self.base_defaults) | set(self.low_rank_defaults) | low_rank,
-                         owner)  # fmt: skip
+        check_known_keys(merged, self.group_keys(), owner)
         check_common(merged, owner)
         if self.is_low_rank(merged):
             check_low_rank(merged, owner, self.proj_key, self.extra_proj_names)
