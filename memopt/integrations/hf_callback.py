@@ -101,12 +101,14 @@ class MemoptCallback(TrainerCallback):
                              "checkpointer you pass, not here")  # fmt: skip
         if checkpoint_options or keep != 3:  # a typo fails now, not at train()
             import dataclasses
+            import inspect
 
             from memopt.checkpoint import CheckpointConfig
 
             plain = {k: v for k, v in checkpoint_options.items()
                      if k in {f.name for f in dataclasses.fields(CheckpointConfig)}}  # fmt: skip
-            takes = {"config", "metadata", "process_group", "redundancy", "redundancy_group"}
+            # AsyncCheckpointer's own keywords, from its signature (not a copy of the list)
+            takes = set(inspect.signature(AsyncCheckpointer).parameters) - {"directory", "options"}
             unknown = sorted(set(checkpoint_options) - set(plain) - takes)
             if unknown:
                 raise ValueError(f"MemoptCallback: unknown checkpoint option(s) {unknown}; "
