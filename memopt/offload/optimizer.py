@@ -16,8 +16,6 @@ to the tier (no cast to the parameter's dtype: the moments stay fp32).
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memopt._utils.checks import finite_number
 from memopt._utils.wrapped_optim import closure_loss
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
 from memopt.offload.hybrid_update import HybridUpdate
@@ -100,11 +99,7 @@ def check_adam_group(group: dict[str, Any], owner: str) -> None:
         value = group[key]
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{owner}: {key} is a tensor ({value!r}); pass a Python float")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{owner}: {key} must be a number >= 0, got {value!r}")
-        if not (math.isfinite(float(value)) and float(value) >= 0):
-            raise ValueError(f"{owner}: {key} must be a finite number >= 0, got {value!r}")
-        group[key] = float(value)
+        group[key] = finite_number(value, key, owner)
     betas = group["betas"]
     try:
         b1, b2 = (float(b) for b in betas)

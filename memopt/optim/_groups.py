@@ -6,13 +6,13 @@ would otherwise train a full-state optimizer without a word.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from memopt._utils.checks import finite_number
 from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector, lowp
 
 #: Keys torch.optim itself puts in groups, or that memopt's helpers add.
@@ -50,13 +50,7 @@ def check_real(group: dict[str, Any], key: str, owner: str) -> None:
     """``group[key]`` is a finite real number within ``REAL_KEYS[key]``; a numpy scalar is
     stored back as a Python float (state_dict() must load with weights_only=True)."""
     value = group[key]
-    low, inclusive = REAL_KEYS[key]
-    bound = f">= {low:g}" if inclusive else f"> {low:g}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {key} must be a number {bound}, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < low or (number == low and not inclusive):
-        raise ValueError(f"{owner}: {key} must be a finite number {bound}, got {value!r}")
+    number = finite_number(value, key, owner, *REAL_KEYS[key])
     if not isinstance(value, (int, float)):
         group[key] = number
 
