@@ -184,7 +184,7 @@ def read_deepspeed(
     unknown = sorted(k for k in block if k not in SUPPORTED_KEYS)
     if unknown:
         raise ValueError(
-            f"memopt.shard: unknown DeepSpeed zero_optimization key(s) {unknown}; supported: "
+            f"DeepSpeed config: unknown zero_optimization key(s) {unknown}; supported: "
             f"{', '.join(SUPPORTED_KEYS)}"
         )
     stage = _stage(block)
@@ -212,7 +212,7 @@ def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         return cfg, False
     block = cfg["zero_optimization"]
     if not isinstance(block, Mapping):
-        raise TypeError(f"memopt.shard: zero_optimization must be a dict, got {block!r}")
+        raise TypeError(f"DeepSpeed config: zero_optimization must be a dict, got {block!r}")
     half = any(isinstance(cfg.get(k), Mapping) and cfg[k].get("enabled") is True
                for k in ("bf16", "fp16"))  # fmt: skip
     rest = sorted(k for k in cfg if k not in _READ_TOP)
@@ -229,12 +229,16 @@ def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 def _stage(block: dict[str, Any]) -> int:
     stage = block.get("stage")
     if stage is None:
-        raise ValueError("memopt.shard: the zero_optimization block has no 'stage'; set 1, 2 or 3")
+        raise ValueError(
+            "DeepSpeed config: the zero_optimization block has no 'stage'; set 1, 2 or 3"
+        )
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"memopt.shard: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
+        raise ValueError(
+            f"DeepSpeed config: zero_optimization.stage must be 1, 2 or 3, got {stage!r}"
+        )
     if stage == 0:
         raise ValueError(
-            "memopt.shard: ZeRO stage 0 is plain data parallelism; use "
+            "DeepSpeed config: ZeRO stage 0 is plain data parallelism; use "
             "torch.nn.parallel.DistributedDataParallel, or stage 1, 2 or 3"
         )
     return int(stage)
@@ -253,7 +257,9 @@ def _check_matched(block: dict[str, Any], stage: int) -> list[str]:
         if value is None or value == "auto":
             continue
         if not isinstance(value, bool):
-            raise TypeError(f"memopt.shard: zero_optimization.{key} must be true/false: {value!r}")
+            raise TypeError(
+                f"DeepSpeed config: zero_optimization.{key} must be true/false: {value!r}"
+            )
         if value != want:
             _warn(key, f"zero_optimization.{key}={value!r} has no effect in memopt: {why}")
             hits.append(key)
@@ -281,7 +287,7 @@ def _count(block: dict[str, Any], key: str) -> int | None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
     if not ok or value <= 0:
         raise ValueError(
-            f"memopt.shard: zero_optimization.{key} must be a positive element count "
+            f"DeepSpeed config: zero_optimization.{key} must be a positive element count "
             f'(e.g. 5e8) or "auto", got {value!r}'
         )
     return int(value)
@@ -314,17 +320,19 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
     for key in ("offload_optimizer", "offload_param"):
         sub = block.get(key) or {}
         if not isinstance(sub, Mapping):
-            raise TypeError(f"memopt.shard: zero_optimization.{key} must be a dict, got {sub!r}")
+            raise TypeError(
+                f"DeepSpeed config: zero_optimization.{key} must be a dict, got {sub!r}"
+            )
         bad = sorted(k for k in sub if k not in _OFFLOAD_KEYS[key])
         if bad:
             raise ValueError(
-                f"memopt.shard: unknown key(s) {bad} in zero_optimization.{key}; supported: "
+                f"DeepSpeed config: unknown key(s) {bad} in zero_optimization.{key}; supported: "
                 f"{', '.join(_OFFLOAD_KEYS[key])}"
             )
         device = sub.get("device") or ("cpu" if legacy[key] else "none")
         if device not in ("none", "cpu", "nvme"):
             raise ValueError(
-                f"memopt.shard: zero_optimization.{key}.device must be none, cpu or nvme, "
+                f"DeepSpeed config: zero_optimization.{key}.device must be none, cpu or nvme, "
                 f"got {device!r}"
             )
         for knob in sorted(k for k in sub if k in _OFFLOAD_TUNING[key]):
@@ -333,24 +341,24 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
         pin_memory = sub.get("pin_memory", True if pin is None else pin)
         if not isinstance(pin_memory, bool):
             raise ValueError(
-                f"memopt.shard: zero_optimization.{key}.pin_memory must be true or false, got "
+                f"DeepSpeed config: zero_optimization.{key}.pin_memory must be true or false, got "
                 f"{pin_memory!r}"
             )
         path = sub.get("nvme_path")
         out.append(Offload(device, pin_memory, None if path is None else str(path),  # type: ignore[arg-type]
                            float(sub.get("ratio", 1.0))))  # fmt: skip
     if out[0].device == "nvme" and not out[0].nvme_path:
-        raise ValueError('memopt.shard: offload_optimizer.device "nvme" needs "nvme_path"')
+        raise ValueError('DeepSpeed config: offload_optimizer.device "nvme" needs "nvme_path"')
     if out[0].device != "none" and out[0].ratio != 1.0:
         raise NotImplementedError(
-            f"memopt.shard: offload_optimizer.ratio={out[0].ratio} (partial offload) is not "
+            f"DeepSpeed config: offload_optimizer.ratio={out[0].ratio} (partial offload) is not "
             "implemented; memopt offloads all of a rank's optimizer state (ratio 1.0)"
         )
     if out[1].device == "nvme" and not out[1].nvme_path:
-        raise ValueError('memopt.shard: offload_param.device "nvme" needs "nvme_path"')
+        raise ValueError('DeepSpeed config: offload_param.device "nvme" needs "nvme_path"')
     if block.get("zenflow"):
         raise NotImplementedError(
-            f"memopt.shard: zero_optimization.zenflow (ZenFlow offload) is not implemented: "
+            f"DeepSpeed config: zero_optimization.zenflow (ZenFlow offload) is not implemented: "
             f"{OFFLOAD_ISSUE}"
         )
     return out[0], out[1]
@@ -361,7 +369,7 @@ def _warn(key: str, message: str) -> None:
     if message in _warned:
         return
     _warned.add(message)
-    warnings.warn(f"memopt.shard: {message}", DeepSpeedConfigWarning, stacklevel=4)
+    warnings.warn(f"DeepSpeed config: {message}", DeepSpeedConfigWarning, stacklevel=4)
 
 
 def deepspeed_shard_config(

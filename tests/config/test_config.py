@@ -186,7 +186,7 @@ def test_from_deepspeed(tmp_path: Path) -> None:
         Config.from_deepspeed({"optimizer": {"type": "OneBitLamb"}})
     with pytest.raises(ValueError, match="loss scaler"):
         Config.from_deepspeed({"fp16": {"enabled": True}})
-    with pytest.raises(ValueError, match="unknown DeepSpeed"):
+    with pytest.raises(ValueError, match="DeepSpeed config: unknown zero_optimization key"):
         Config.from_deepspeed({"zero_optimization": {"stage": 2, "warp_speed": True}})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

@@ -72,7 +72,7 @@ def test_other_top_level_keys_warn_once() -> None:
 
 def test_unknown_key_lists_supported() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown DeepSpeed zero_optimization key\(s\) \['bogus'\]"
+        ValueError, match=r"DeepSpeed config: unknown zero_optimization key\(s\) \['bogus'\]"
     ):
         read_deepspeed({"stage": 2, "bogus": 1})
     with pytest.raises(ValueError, match="supported: .*reduce_bucket_size.*stage3_prefetch"):
