@@ -170,7 +170,7 @@ def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm)
         )
     ids = {id(p) for p in params}
     sparse = [
-        n for n, m in model.named_modules()
+        n or type(m).__name__ for n, m in model.named_modules()
         if getattr(m, "sparse", False) is True and id(getattr(m, "weight", None)) in ids
     ]  # fmt: skip
     if sparse:

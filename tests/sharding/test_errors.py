@@ -61,6 +61,9 @@ def test_sparse_embedding_is_named() -> None:
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"\['0'\] produce sparse gradients.*sparse=False"):
         memopt.shard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    root = nn.Embedding(10, 4, sparse=True)  # the root module has the name ''
+    with pytest.raises(ValueError, match=r"\['Embedding'\] produce sparse gradients"):
+        memopt.shard(root, torch.optim.SGD(root.parameters(), lr=0.1))
 
 
 def test_wrong_types_and_double_wrap() -> None:
