@@ -291,6 +291,9 @@ class ShardedOptimizer(WrapperOptimizer):
             return
         grads = self.reducer.finish() if not self._plain else self._plain_grads()
         frozen = {p.index for p in self.plans if not p.param.requires_grad}
+        for index, local in self.locals.items():
+            if index not in grads:  # no gradient on any rank: skipped, as in one process
+                local.grad = None
         for index, g in grads.items():
             local = self.locals[index]
             if index in frozen:  # (packed as zeros like an unused parameter: it must not move)

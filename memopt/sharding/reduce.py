@@ -12,7 +12,9 @@ Gradient reduction (``GradReducer``), per optimizer step:
    (``async_op=True``) and overlap the rest of backward;
 3. ``finish()`` packs what never arrived (a parameter unused this step contributes zeros),
    launches the rest, waits, divides by the world size and returns each rank's gradient
-   views, keyed by parameter index.
+   views, keyed by parameter index. A parameter that got no gradient on any rank (one
+   all-reduce of a flag per parameter says which) is left out, so the optimizer skips it as
+   it would in one process, instead of stepping its moments on a zero gradient.
 
 Parameter gathering (``gather_params``), after the step: a row bucket all-gathers every
 rank's updated rows (``all_gather_into_tensor``, rank-major, in the parameter dtype), a whole
@@ -53,6 +55,7 @@ class GradReducer:
         self.outs: dict[int, Tensor] = {}
         self.works: list[Any] = []
         self.packed: set[int] = set()
+        self.used: set[int] = set()  # parameters that had a gradient on this rank
         self.arrived = [0] * len(self.buckets)
         self.next_launch = 0
 
@@ -83,6 +86,7 @@ class GradReducer:
             else:
                 buf[p.offset : p.offset + p.seg_numel].copy_(g.reshape(-1))
             p.param.grad = None  # sent: the bucket holds it now
+            self.used.add(p.index)
         self.packed.add(p.index)
         self.arrived[b.index] += 1
 
@@ -132,12 +136,13 @@ class GradReducer:
         self._launch_ready()
         assert self.next_launch == len(self.buckets)
         self.wait_all()
+        unused = self._unused_everywhere()
         world, me = self.comm.world, self.comm.rank
         grads: dict[int, Tensor] = {}
         for b in self.buckets:
             out = self.outs[b.index]
             for p in b.plans:
-                if p.owner is not None and p.owner != me:
+                if (p.owner is not None and p.owner != me) or p.index in unused:
                     continue
                 s, e = p.row_range(me)
                 g = out[p.offset : p.offset + (e - s) * p.cols].div_(world)
@@ -145,6 +150,16 @@ class GradReducer:
         self.bufs.clear()
         self.outs.clear()
         return grads
+
+    def _unused_everywhere(self) -> set[int]:
+        """The parameters no rank had a gradient for (one all-reduce of a flag each)."""
+        plans = [p for b in self.buckets for p in b.plans]
+        flags = torch.zeros(len(plans), dtype=torch.float32, device=self.device)
+        for i, p in enumerate(plans):
+            if p.index in self.used:
+                flags[i] = 1.0
+        self.comm.all_reduce_sum(flags, what="the used-gradient flags")
+        return {p.index for p, f in zip(plans, flags.tolist(), strict=True) if f == 0.0}
 
 
 class _Keep:

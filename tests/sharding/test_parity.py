@@ -81,7 +81,30 @@ def _frozen_parameters_stay(rank: int, world: int) -> None:
         for plan in sharded.plans:
             if plan.param is first and plan.index in sharded.locals:
                 assert not sharded.state.get(sharded.locals[plan.index]), "state for frozen"
+        _unused_parameters_skip(model, sharded, rank, f"stage {stage}/{layout}")
         sharded.remove_hooks()
+
+
+def _unused_parameters_skip(model, sharded, rank: int, tag: str) -> None:
+    """A parameter no rank has a gradient for is skipped, as in one process (it was handed a
+    reduced zero gradient, and Adam's moments moved it 8e-4 a step); one that has a gradient
+    on some rank only is stepped on the average, the same on every rank."""
+    before = [p.detach().clone() for p in model.parameters()]
+    sharded.zero_grad()
+    sharded.step()  # no gradient anywhere
+    moved = [n for (n, p), b in zip(model.named_parameters(), before, strict=True)
+             if not torch.equal(p, b)]  # fmt: skip
+    assert not moved, f"{tag}: a step without gradients moved {moved}"
+    last = model[5].weight
+    if rank == 0:
+        last.square().sum().backward()
+    sharded.step()
+    moved = [n for (n, p), b in zip(model.named_parameters(), before, strict=True)
+             if not torch.equal(p, b)]  # fmt: skip
+    assert moved == ["5.weight"], f"{tag}: rank {rank} moved {moved}"
+    seen = [torch.zeros_like(last) for _ in range(2)]
+    torch.distributed.all_gather(seen, last.detach())
+    assert torch.equal(seen[0], seen[1]), f"{tag}: the ranks disagree"
 
 
 def _stage2_frees_and_bf16(rank: int, world: int) -> None:
