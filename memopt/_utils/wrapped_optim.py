@@ -32,6 +32,9 @@ class WrapperOptimizer(torch.optim.Optimizer):
 
     def wrap(self, inner: torch.optim.Optimizer) -> None:
         self.inner = inner
+        # Marks the inner optimizer as driven by this wrapper, so that APIs that would step it
+        # on their own (memopt.optim.step_in_backward) can refuse it by name.
+        inner.__dict__["_memopt_wrapped_by"] = type(self).__name__
         # The wrapper hands the inner optimizer shards, placeholders or tier-resident state,
         # so shapes checked at load time against its parameters would be the wrong ones; the
         # check before each step (against the tensors it then updates) stays.

@@ -177,6 +177,15 @@ def step_in_backward(
             f"step_in_backward needs a memopt optimizer (memopt.optim.*), got "
             f"{type(optimizer).__name__}; memopt.optim.AdamW replaces torch.optim.AdamW"
         )
+    wrapper = optimizer.__dict__.get("_memopt_wrapped_by")
+    if wrapper is not None:
+        raise ValueError(
+            f"step_in_backward: this optimizer is now driven by a {wrapper} (memopt.shard or "
+            "state offload), which reduces gradients across ranks and steps it on its shards; "
+            "updates inside the backward would skip that (ranks drift apart). The two do not "
+            "combine: call the wrapper's step() after backward(), or use step_in_backward "
+            "without memopt.shard"
+        )
     if (
         isinstance(accumulation_steps, bool)
         or not isinstance(accumulation_steps, int)

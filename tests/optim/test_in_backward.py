@@ -205,3 +205,16 @@ def test_sharding_an_optimizer_stepped_in_backward_is_refused() -> None:
         memopt.shard(model, opt, stage=1, offload="cpu")
     handle.remove()
     memopt.shard(model, opt, stage=1)  # fine once the hooks are gone
+
+
+@pytest.mark.parametrize("offload", [None, "cpu"])
+def test_stepping_a_sharded_optimizer_in_backward_is_refused(offload) -> None:
+    """The other order: step_in_backward given the optimizer memopt.shard now drives. It was
+    accepted, and with 2 ranks each rank stepped on its own gradient (the ranks drifted)."""
+    import memopt
+
+    model = torch.nn.Linear(8, 8)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    memopt.shard(model, opt, stage=1, offload=offload)
+    with pytest.raises(ValueError, match="driven by a ShardedOptimizer.*do not combine"):
+        step_in_backward(model, opt)
