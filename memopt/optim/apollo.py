@@ -31,6 +31,8 @@ from memopt.optim import _functional as F
 from memopt.optim._apollo_many import apollo_many
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.galore import ADAMW_DEFAULTS
+from memopt.optim.projection import PROJECTORS
+from memopt.optim.projection.dense import DenseProjector
 
 APOLLO_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
@@ -98,6 +100,14 @@ class ApolloAdamW(MemoptOptimizer):
                 raise NotImplementedError(
                     "APOLLO scales channels of one side; proj_type='full' (two-sided) has no "
                     "channel to scale: use std, reverse_std, left or right"
+                )
+            if not isinstance(self.projector(group), DenseProjector):
+                names = PROJECTORS.names()
+                bases = [n for n in names if issubclass(PROJECTORS.get(n), DenseProjector)]
+                raise NotImplementedError(
+                    f"{type(self).__name__}: proj={group['proj']!r} selects entries instead of "
+                    "projecting onto a basis, and APOLLO's channel scaling needs a basis; use "
+                    f"one of {bases} ('random' is APOLLO's)"
                 )
 
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:

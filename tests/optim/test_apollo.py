@@ -135,3 +135,14 @@ def test_rejects_two_sided_projection():
     p = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(NotImplementedError, match="full"):
         ApolloAdamW([{"params": [p], "rank": 2, "proj_type": "full"}])
+
+
+@pytest.mark.parametrize("proj", ["columns", "randperm", "coordinate"])
+def test_rejects_index_projectors_at_construction(proj):
+    """They select entries and have no basis side to scale: the first step raised
+    KeyError('proj_right'); now construction says which projectors work."""
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    key = {"density": 0.25} if proj == "coordinate" else {"rank": 2}
+    with pytest.raises(NotImplementedError, match=f"proj='{proj}'.*'orthogonal'.*'svd'"):
+        ApolloAdamW([{"params": [p], "proj": proj, **key}])
+    ApolloAdamW([{"params": [p], "proj": "orthogonal", "rank": 2}])  # a basis: fine
