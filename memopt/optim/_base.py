@@ -94,6 +94,14 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
         check_known_keys(param_group, self.group_keys(), owner)
+        named = [("param_names" in g) for g in self.param_groups]
+        if named and all(named) and "param_names" not in param_group:
+            raise ValueError(
+                f"{owner}.add_param_group: the existing groups carry param_names (as "
+                "memopt.optim.param_groups builds them) and torch wants every group named or "
+                "none; give the new group param_names=[...] too, one per parameter, e.g. "
+                "{'params': [p], 'param_names': ['layers.0.mlp.up_proj.weight']}"
+            )
         if self.is_low_rank(param_group):
             for key, value in self.low_rank_defaults.items():
                 param_group.setdefault(key, value)

@@ -130,3 +130,16 @@ def test_misuse_gets_errors_naming_the_argument(llama):
     frozen = torch.nn.Sequential(torch.nn.Linear(4, 4)).requires_grad_(False)
     with pytest.raises(ValueError, match="every parameter of the model is frozen"):
         param_groups(frozen, target="all-linear", rank=2)
+
+
+def test_a_layer_unfrozen_later_is_added_with_names(llama):
+    """Groups from param_groups carry names; an unnamed later group hit torch's bare "with/
+    without names" error. memopt says what to pass, and the named group is taken."""
+    frozen = llama.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    opt = GaLoreAdamW(param_groups(llama, target="attn|mlp", rank=4), lr=1e-3)
+    frozen.requires_grad_(True)
+    with pytest.raises(ValueError, match="add_param_group.*param_names=\\[...\\]"):
+        opt.add_param_group({"params": [frozen]})
+    opt.add_param_group({"params": [frozen], "param_names": ["model.layers.0.mlp.up_proj.weight"]})
+    assert opt.param_groups[-1]["params"] == [frozen]
