@@ -231,8 +231,7 @@ class NVMeTier(StorageTier):
             pieces += self._submit(
                 "write", bounce.ptr, bounce.reserved, shadow.offset + direct, label
             )
-        fut = IOFuture(pieces, label)
-        fut.keep_alive = src  # the source's memory must outlive the pieces reading it
+        fut = IOFuture(pieces, label, keep_alive=src)  # src must outlive the pieces reading it
 
         def commit(err: BaseException | None) -> None:
             if bounce is not None:
@@ -261,8 +260,7 @@ class NVMeTier(StorageTier):
         pieces = self._submit("read", ptr, direct, slot.offset, label) if direct else []
         if bounce is not None:
             pieces += self._submit("read", bounce.ptr, bounce.reserved, slot.offset + direct, label)
-        fut = IOFuture(pieces, label)
-        fut.keep_alive = dst
+        fut = IOFuture(pieces, label, keep_alive=dst)
 
         def finish(err: BaseException | None) -> None:
             with self._lock:

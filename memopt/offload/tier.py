@@ -80,7 +80,12 @@ class IOFuture:
     (or None); tiers use them to commit an offset-table entry or release a bounce buffer.
     """
 
-    def __init__(self, pieces: Sequence[cf.Future] = (), describe: str = "tier I/O") -> None:
+    def __init__(
+        self,
+        pieces: Sequence[cf.Future] = (),
+        describe: str = "tier I/O",
+        keep_alive: object = None,
+    ) -> None:
         self._pieces = list(pieces)
         self._describe = describe
         self._lock = threading.Lock()
@@ -88,7 +93,10 @@ class IOFuture:
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._callbacks: list[Callable[[BaseException | None], None]] = []
-        self.keep_alive: object = None  # buffers the pieces use, held until they are done
+        # Buffers the pieces use, held until they are done. Set here, before the callbacks
+        # below: set after them, a piece that finished first would find nothing to release
+        # and the assignment would then hold the buffer for the future's lifetime.
+        self.keep_alive: object = keep_alive
         if not self._pieces:
             self._done.set()
         for piece in self._pieces:

@@ -55,3 +55,14 @@ def test_request_nbytes() -> None:
     assert request_nbytes(5, torch.float64) == (40, (5,))
     with pytest.raises(ValueError, match=">= 0"):
         request_nbytes(-1, None)
+
+
+def test_io_future_whose_pieces_finished_first_lets_go_of_its_buffers() -> None:
+    """The NVMe tier attached the buffers after building the future; a piece that had
+    already finished (fast I/O) released nothing, and the buffer stayed held by the future."""
+    piece: cf.Future = cf.Future()
+    piece.set_result(None)
+    buf = torch.zeros(4)
+    fut = IOFuture([piece], "test I/O", keep_alive=buf)
+    fut.wait()
+    assert fut.keep_alive is None
