@@ -15,8 +15,13 @@ import torch
 from memopt._utils.checks import finite_number
 from memopt.optim.projection import PROJ_TYPES, PROJECTORS, DenseProjector, lowp
 
-#: Keys torch.optim itself puts in groups, or that memopt's helpers add.
-BOOKKEEPING_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
+#: Keys torch.optim itself puts in groups, or that memopt's helpers add; torch's LR schedulers
+#: write some into every group (OneCycleLR: max_lr, min_lr, base/max_momentum; CyclicLR:
+#: base/max_momentum; swa_utils.SWALR: swa_lr), and a state dict saved under them must load.
+BOOKKEEPING_KEYS = frozenset({
+    "params", "param_names", "name", "initial_lr",
+    "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr",
+})  # fmt: skip
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 STATE_DTYPES = (None, "float32", "int8", "int4")
 MATMUL_DTYPES = (None, *lowp.MATMUL_DTYPES)

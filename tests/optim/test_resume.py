@@ -116,3 +116,41 @@ def test_k_steps_save_load_equals_n_steps(case, precision):
     if precision != "fp32":
         moments = [st["exp_avg"] for st in opt2.state.values() if "exp_avg" in st]
         assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
+@pytest.mark.parametrize(
+    "make_sched",
+    [
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=10),
+        lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-3, 1e-2, step_size_up=2),
+        lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=1e-3),
+    ],
+    ids=["onecycle", "cyclic", "swalr"],
+)
+def test_state_dict_under_schedulers_that_add_group_keys_loads(make_sched):
+    """OneCycleLR / CyclicLR / SWALR write keys into every group; the optimizer refused its
+    own state dict afterwards (unknown param-group option(s) ['base_momentum', ...])."""
+    def build():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 6))
+        opt = GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 3}], lr=1e-3)
+        return w, opt, make_sched(opt)
+
+    w, opt, sched = build()
+    for _ in range(3):
+        w.grad = torch.ones_like(w)
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    w2, opt2, sched2 = build()
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    w2.data.copy_(w.data)
+    for o, p, s in ((opt, w, sched), (opt2, w2, sched2)):
+        p.grad = torch.ones_like(p)
+        o.step()
+        s.step()
+    assert torch.equal(w, w2)
