@@ -20,6 +20,7 @@ schedulers and ``state_dict`` work; ``state_dict`` is this rank's shard.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -161,9 +162,15 @@ class ShardedOptimizer(WrapperOptimizer):
         return handles
 
     def _hook(self, plan: ParamPlan) -> Callable[[Tensor], None]:
+        # Weakly: the parameter owns its hooks on the C++ side, which the cycle collector
+        # cannot see, so a strong reference here kept the optimizer, its state and the model
+        # alive forever once dropped (13 MiB per trial of a hyperparameter search).
+        ref = weakref.ref(self)
+
         def hook(_: Tensor) -> None:
-            if self._sync:
-                self.reducer.on_grad(plan, self.names.get(id(plan.param), f"param {plan.index}"))
+            me = ref()
+            if me is not None and me._sync:
+                me.reducer.on_grad(plan, me.names.get(id(plan.param), f"param {plan.index}"))
 
         return hook
 
@@ -357,8 +364,9 @@ class ShardedOptimizer(WrapperOptimizer):
         self._hooks = []
 
     def close(self) -> None:
-        """Free the inner optimizer's tiers (an offloaded optimizer's NVMe file, its pinned
-        buffers); the optimizer is not usable afterwards."""
+        """Remove the gradient hooks and free the inner optimizer's tiers (an offloaded
+        optimizer's NVMe file, its pinned buffers); the optimizer is not usable afterwards."""
+        self.remove_hooks()
         close = getattr(self.inner, "close", None)
         if callable(close):
             close()
