@@ -84,6 +84,7 @@ class Record:
     head_keys: set[tuple[str, int]] = field(default_factory=set)
     linear_calls: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     in_bytes: dict[str, int] = field(default_factory=dict)
+    in_ndim: dict[str, int] = field(default_factory=dict)  # rank of the first tensor argument
     all_in_bytes: dict[str, int] = field(default_factory=dict)
     out_bytes: dict[str, int] = field(default_factory=dict)
     # per block: distinct input storages of the modules a split would run piece by piece
@@ -138,6 +139,7 @@ class Recorder:
             self.current = name
             x = first_tensor(args, kwargs)
             self.rec.in_bytes[name] = _nbytes(x)
+            self.rec.in_ndim[name] = x.dim() if x is not None else 0
             self.rec.all_in_bytes[name] = self._inputs_bytes(args, kwargs)
             if x is not None:
                 self.rec.in_keys[name] = storage_key(x)

@@ -8,11 +8,13 @@ compute that can hide its copies (``Window``), each policy becomes an ``Option``
     keep       S                  0                    0                    0
     recompute  A (checkpoint in)  S - I (re-run saves) 0                    f
     selective  A + K              S - I - Ks           0                    f (1 - fK)
-    swap       0                  S (fetched back)     S                    copy(S) not hidden
+    swap       s (small saves)    S - s (fetched back) S - s                copy(S - s) not hidden
     split(a)   (1-a) P            S - I                a (S - I)            (1-a) f + copy(a(S-I))
     sample(r)  S - L + sum_l s_l  0                    0                    0
 
 (``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.
+``s``: the saved storages below ``min_swap_bytes`` (norm statistics, attention logsumexp),
+which a swap leaves on the device.
 ``P``: the distinct inputs of the modules a split runs piece by piece, of which it keeps the
 recomputed tokens' share: 5 x [B, L, H] for a LLaMA layer. Blocks split refuses get no split
 option.)
@@ -129,13 +131,16 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
             return _selective(policy, b)
         return Option(policy, _kept_args(b), rest, 0, b.forward_s, seen_transient=0)
     if policy.action == "swap":
-        return Option(policy, 0, b.saved_bytes, b.saved_bytes,
-                      _copy_cost(b.saved_bytes, prof, win))
+        small = min(b.small_saved_bytes, b.saved_bytes)
+        moved = b.saved_bytes - small
+        return Option(policy, small, moved, moved, _copy_cost(moved, prof, win))
     if policy.action == "split":
         if b.split_input_bytes is None:
             raise ValueError(
                 f"block {b.name}: token split cannot run on it (not token-local, and not a "
-                "transformer layer with self_attn and mlp children); use swap or recompute"
+                "transformer layer with self_attn and mlp children; or its input has no token "
+                "dimension at seq_dim 1, such as a 2-D [N, features] input); use swap or "
+                "recompute"
             )
         a = policy.swap_fraction
         moved = int(a * rest)

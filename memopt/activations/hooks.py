@@ -34,6 +34,7 @@ __all__ = [
     "Kept",
     "check_version",
     "persistent_buffers",
+    "refuse_func_transforms",
     "WeightKeys",
     "counting_hooks",
     "is_plain_tensor",
@@ -135,6 +136,31 @@ def is_weight(t: torch.Tensor, params: WeightKeys) -> bool:
         return False
     var = getattr(fn.next_functions[0][0], "variable", None)
     return isinstance(var, torch.Tensor) and weight_key(var) in params
+
+
+def refuse_func_transforms(block: str, policy: str, *, any_transform: bool) -> None:
+    """Raise a clear ``NotImplementedError`` when a managed block's forward runs under a
+    ``torch.func`` transform it cannot serve (one C call when there is none).
+
+    ``torch.func.grad``/``vjp``/``jacrev``/``hessian`` (functorch's *grad* transform) do not
+    support saved-tensor hooks, which every policy but ``sample`` is built on; ``vmap`` and
+    ``jvp`` hand the block wrapped tensors without a storage, which a checkpoint's ledger
+    holds cannot read (``any_transform``: refuse those too). Without this the error was
+    "Cannot access storage of TensorWrapper", naming neither memopt nor the transform."""
+    get_stack = getattr(torch._C._functorch, "get_interpreter_stack", None)  # (private API)
+    stack = get_stack() if get_stack is not None else None
+    if not stack:
+        return
+    kinds = sorted({str(i.key()).rsplit(".", 1)[-1].lower() for i in stack})
+    if not any_transform and "grad" not in kinds:
+        return
+    raise NotImplementedError(
+        f"memopt.activations: block {block!r} ({policy}) ran inside a torch.func transform "
+        f"({', '.join(kinds)}; grad covers torch.func.grad/vjp/jacrev/hessian), which its "
+        "saved-tensor hooks and byte accounting cannot serve (functorch's wrapped tensors have "
+        "no storage). remove() the manager (or leave its `with` block) "
+        "around torch.func code, or differentiate with torch.autograd.grad / .backward()"
+    )
 
 
 def check_version(t: torch.Tensor, saved: int, what: str) -> None:

@@ -123,11 +123,12 @@ def hooked_block(
     the hooks, and watches the output's gradient to prefetch earlier runs; without grad the
     original forward runs untouched.
     """
-    from memopt.activations.hooks import wrap_forward
+    from memopt.activations.hooks import refuse_func_transforms, wrap_forward
 
     def body(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        refuse_func_transforms(ctx.block_name, "saved-tensor hooks", any_transform=False)
         run = ctx.scheduler.begin(ctx.block_name)
         pack, unpack = make_hooks(run)
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

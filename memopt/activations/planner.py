@@ -184,11 +184,13 @@ def plan(
     actions: Sequence[str] = DEFAULT_ACTIONS, profile: Profile | None = None,
     loss_fn: LossFn | None = None, blocks: BlockSpec = None,
     overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
-    sample_ratio: float = 0.3,
+    sample_ratio: float = 0.3, min_swap_bytes: int = 4096,
 ) -> BudgetPlan:
     """Profile ``model`` on ``sample_batch`` (unless ``profile`` is given) and plan under
-    ``budget``: per block keep / recompute / swap / split (/ sample, opt-in)."""
-    prof = profile if profile is not None else _profile(model, sample_batch, loss_fn, blocks)
+    ``budget``: per block keep / recompute / swap / split (/ sample, opt-in).
+    ``min_swap_bytes``: the ``ActivationOptions`` value the plan will be applied with."""
+    prof = profile if profile is not None else _profile(
+        model, sample_batch, loss_fn, blocks, min_swap_bytes)
     modules = dict(model.named_modules())
     missing = [b.name for b in prof.blocks if b.name not in modules]
     if missing:
@@ -198,8 +200,9 @@ def plan(
                              sample_ratio=sample_ratio)
 
 
-def _profile(model: nn.Module, batch: Any, loss_fn: LossFn | None, blocks: BlockSpec) -> Profile:
-    return profile(model, batch, loss_fn, blocks=blocks)
+def _profile(model: nn.Module, batch: Any, loss_fn: LossFn | None, blocks: BlockSpec,
+             min_swap_bytes: int) -> Profile:
+    return profile(model, batch, loss_fn, blocks=blocks, min_swap_bytes=min_swap_bytes)
 
 
 def compare(plan: Plan, ledger: SavedLedger, *, place: str = "device",

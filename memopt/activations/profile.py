@@ -28,6 +28,8 @@ instrumented ones, and returns a ``Profile``:
   with events; on CPU a memcpy into memory of a ``PinnedArena`` (the swap target).
 
 Gradients the model held before profiling are restored afterwards; parameters are unchanged.
+A model with blocks still managed by ``apply`` is refused (their hooks would hide their saves
+from the profile): ``remove()`` the manager first.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from memopt.activations._probe import (
     op_step,
 )
 from memopt.activations.blocks import BlockSpec, find_blocks
-from memopt.activations.hooks import persistent_buffers
+from memopt.activations.hooks import managed_block, persistent_buffers
 from memopt.activations.tokensplit import split_parts
 from memopt.offload.arena import ArenaConfig, PinnedArena
 
@@ -81,8 +83,11 @@ class BlockProfile:
     kept_saved_bytes: int = 0  # the part of saved_bytes those outputs make up
     kept_fraction: float = 0.0  # their share of the forward time: what selective AC skips
     # distinct inputs of the modules a split runs piece by piece (a split(a) keeps 1 - a of
-    # them on the device); None: split refuses this block
+    # them on the device); None: split refuses this block, or its input has no token dimension
+    # at seq_dim 1 (a 2-D [N, features] input: dim 1 is the features)
     split_input_bytes: int | None = None
+    # the saved storages below min_swap_bytes: a swap leaves them on the device
+    small_saved_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,11 +196,12 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 32 << 20,
         arena.close()
 
 
-def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]],
-             splittable: set[str]) -> tuple[tuple[BlockProfile, ...], int, int]:
+def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]], splittable: set[str],
+             min_swap_bytes: int) -> tuple[tuple[BlockProfile, ...], int, int]:
     rec = records[-1]  # bytes are the same every step; times: the minimum over the steps
     per_block = {name: 0 for name, _ in blocks}
     linear = {name: 0 for name, _ in blocks}
+    small = {name: 0 for name, _ in blocks}
     nonblock = head = 0
     for key, size in rec.sizes.items():
         owners = rec.owners[key] - {NONBLOCK}
@@ -205,6 +211,7 @@ def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]],
         for owner in owners:  # a storage several blocks save counts in each (as the ledger)
             per_block[owner] += size
             linear[owner] += size if key in rec.linear_inputs else 0
+            small[owner] += size if size < max(min_swap_bytes, 1) else 0  # (swap's test)
     out = []
     for name, _ in blocks:
         fwd = min((r.secs["fwd"].get(name, float("inf")) for r in records), default=0.0)
@@ -213,12 +220,14 @@ def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]],
         bwd = 2.0 * fwd if bwd == float("inf") else bwd  # input needs no grad: estimate
         in_key = rec.in_keys.get(name)
         in_saved = in_key is not None and name in rec.owners.get(in_key, ())
-        split_in = (sum(rec.split_inputs.get(name, {}).values())
-                    if name in splittable else None)  # fmt: skip
+        # split's seq_dim (1) must be a token dimension: neither the batch nor the features
+        tokens = name in splittable and rec.in_ndim.get(name, 0) >= 3
+        split_in = sum(rec.split_inputs.get(name, {}).values()) if tokens else None
         out.append(BlockProfile(name, per_block[name], rec.in_bytes.get(name, 0),
                                 rec.out_bytes.get(name, 0), linear[name], fwd, bwd, in_saved,
                                 tuple(rec.linear_calls.get(name, ())),
-                                rec.all_in_bytes.get(name, 0), split_input_bytes=split_in))
+                                rec.all_in_bytes.get(name, 0), split_input_bytes=split_in,
+                                small_saved_bytes=small[name]))
     return _share_times(out), nonblock, head
 
 
@@ -251,6 +260,20 @@ def _with_ops(blocks: tuple[BlockProfile, ...], rec: Record, ops: OpRecord) -> t
     return _share_times(out)
 
 
+def _refuse_managed(model: nn.Module) -> None:
+    """The managers' saved-tensor hooks are innermost and win over the profiler's: a profile of
+    managed blocks would see almost none of their saves and under-state the peak."""
+    managed = [name for name, m in model.named_modules() if managed_block(m) is not None]
+    if managed:
+        shown = ", ".join(repr(n) for n in managed[:4]) + (", ..." if len(managed) > 4 else "")
+        raise ValueError(
+            f"memopt.activations.profile/plan: {len(managed)} module(s) of the model are managed "
+            f"by memopt.activations.apply ({shown}); their hooks would hide their saved "
+            "activations from the profile. Call remove() on that manager (or leave its `with` "
+            "block) before profiling or planning, then apply the new plan"
+        )
+
+
 def profile(
     model: nn.Module,
     sample_batch: Any,
@@ -260,16 +283,20 @@ def profile(
     warmup: int = 1,
     repeats: int = 2,
     ops: bool = True,
+    min_swap_bytes: int = 4096,
 ) -> Profile:
     """Measure one training step of ``model`` on ``sample_batch`` block by block (see module doc).
 
     ``loss_fn(model, batch) -> loss`` defaults to ``default_loss``. ``blocks`` overrides the
     block discovery of ``find_blocks``. Runs ``warmup + repeats`` forward+backward passes, and
     with ``ops`` one more under a dispatch mode that times each block's heavy ops (matmuls,
-    attention): the figures of a selective recompute.
+    attention): the figures of a selective recompute. ``min_swap_bytes`` is the
+    ``ActivationOptions`` value the plan will be applied with (the saves below it, which a
+    swap leaves on the device, are ``BlockProfile.small_saved_bytes``).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    _refuse_managed(model)
     stage = getattr(model, "_memopt_sharded_stage", 0)
     if stage >= 2:
         raise ValueError(
@@ -312,7 +339,7 @@ def profile(
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    block_profiles, nonblock, head = _combine(records, found, set(parts))
+    block_profiles, nonblock, head = _combine(records, found, set(parts), min_swap_bytes)
     if ops:
         block_profiles = _with_ops(block_profiles, op_rec, op_times)
     biggest = max((b.saved_bytes for b in block_profiles), default=0)

@@ -18,8 +18,12 @@ small CPU ops feel (tiny LLaMA on CPU: selective slower than full recompute) and
 ops amortize.
 
 A KV cache passed to the block (``past_key_values=``, HF's default ``use_cache=True`` in a
-training forward) is dropped with a one-time warning, as HF's own checkpointing does: the replay
-would append to it a second time.
+training forward; by keyword or positionally, as GPT-2 passes it, or any ``transformers``
+``Cache``) is dropped with a one-time warning, as HF's own checkpointing does: the replay would
+append to it a second time. ``use_cache`` is set to False.
+
+The replay starts from the block's persistent buffers as the forward saw them and leaves them
+as the forward left them (``_ReplayKeepsBuffers``).
 
 Accounting: the block's tensor inputs (held by the checkpoint) and the cached outputs of kept
 ops are counted in the ledger under ``"device"`` from the forward until the block's backward
@@ -31,6 +35,8 @@ cached ops never reach it, which is how a test can see that kept ops were not re
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +59,7 @@ from memopt.activations.hooks import (
     is_weight,
     param_storages,
     persistent_buffers,
+    refuse_func_transforms,
     wrap_forward,
 )
 from memopt.activations.install import INSTALLERS, InstallContext
@@ -125,6 +132,7 @@ class _Block:
         self.packets, self.overloads = resolve_ops(policy.keep_ops)
         self.selective = bool(policy.keep_ops)
         self.stats = RecomputeStats()
+        self.names: tuple[str, ...] | None = None  # the forward's positional parameters
 
     def keeps(self, op: Any) -> bool:
         return op in self.overloads or getattr(op, "overloadpacket", None) in self.packets
@@ -156,8 +164,11 @@ class _Block:
     def __call__(self, original: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]):
         if not torch.is_grad_enabled():
             return original(*args, **kw)
+        refuse_func_transforms(self.name, "recompute", any_transform=True)
         self.stats.calls += 1
-        kw = _drop_kv_cache(kw, self.name)
+        if self.names is None:
+            self.names = _positional_names(original)
+        args, kw = _drop_kv_cache(args, kw, self.names, self.name)
         ledger, params = self.ctx.ledger, param_storages(self.ctx.root)
         tokens: list[Token] = []
 
@@ -183,24 +194,37 @@ class _Block:
 
 class _ReplayKeepsBuffers:
     """The block's forward for ``checkpoint``: the first call is the forward; later calls are
-    the backward's replay, which must not update the block's state again (a BatchNorm in
-    train mode would count the batch twice in its running statistics, as it does under plain
-    ``torch.utils.checkpoint``). The block's persistent buffers (its state_dict's: running
-    statistics; not caches such as rotary tables or masks) are copied before a replay and
-    put back after it. (BatchNorm's kernel updates its running mean and variance without
-    bumping their version counters, so changes cannot be detected; the copy is of every
-    persistent buffer, which are small next to the activations.)"""
+    the backward's replay, which must see the block's state as the forward saw it and must
+    not update it again. Concerned: the block's persistent buffers (its state_dict's: running
+    statistics, spectral_norm's ``u``/``v``; not caches such as rotary tables or masks).
+
+    - Not again: they are copied before a replay and put back after it (a BatchNorm in train
+      mode would count the batch twice, as under plain ``torch.utils.checkpoint``). BatchNorm's
+      kernel updates its running mean and variance without bumping their version counters, so
+      this copy is of every persistent buffer, which are small next to the activations.
+    - As the forward saw it: the forward copies them first and keeps the copies of those whose
+      version it bumped (spectral_norm's power iteration writes ``u`` and ``v`` with ``out=``
+      and then reads them); the replay starts from those. Without this it would run a second
+      power iteration and recompute different activations. (A buffer changed without a version
+      bump, BatchNorm's statistics, is not read by the train-mode forward that changes it.)"""
 
     def __init__(self, original: Callable[..., Any], module: nn.Module) -> None:
         self.original, self.module = original, module
         self.replay = False
+        self.before: list[tuple[torch.Tensor, torch.Tensor]] = []  # changed: pre-forward value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.replay:  # the forward
             self.replay = True
-            return self.original(*args, **kwargs)
-        with _disable_current_modes():  # (the copies are not the block's ops: no SAC cache)
+            with _disable_current_modes(), torch.no_grad():  # (not the block's ops: no SAC)
+                before = [(b, b._version, b.clone()) for b in persistent_buffers(self.module)]
+            out = self.original(*args, **kwargs)
+            self.before = [(b, value) for b, version, value in before if b._version != version]
+            return out
+        with _disable_current_modes(), torch.no_grad():
             saved = [(b, b.clone()) for b in persistent_buffers(self.module)]
+            for b, value in self.before:
+                b.copy_(value)
         try:
             return self.original(*args, **kwargs)
         finally:
@@ -212,21 +236,53 @@ class _ReplayKeepsBuffers:
 _CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
 
 
-def _drop_kv_cache(kw: dict[str, Any], name: str) -> dict[str, Any]:
+def _is_hf_cache(value: Any) -> bool:
+    """A ``transformers`` ``Cache`` (checked by class name: transformers stays optional)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(value).__mro__)
+
+
+def _is_cache(name: str, value: Any) -> bool:
+    return value is not None and (name in _CACHE_KWARGS or _is_hf_cache(value))
+
+
+def _positional_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of ``fn``'s positional parameters in order (empty if it has no signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in itertools.takewhile(lambda p: p.kind in kinds, params))
+
+
+def _drop_kv_cache(
+    args: tuple[Any, ...], kw: dict[str, Any], names: tuple[str, ...], block: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A KV cache passed to a recomputed block would be appended to twice (forward and replay):
-    drop it, as HF's own gradient checkpointing does (a training step does not need it)."""
-    dropped = [k for k in _CACHE_KWARGS if kw.get(k) is not None]
-    if not dropped and not kw.get("use_cache"):
-        return kw
-    if dropped:
+    drop it, as HF's own gradient checkpointing does (a training step does not need it). It
+    may come as a keyword or positionally (GPT-2 passes ``block(hidden, past_key_values,
+    mask, ...)``): ``names`` are the forward's positional parameter names."""
+    pos = [names[i] if i < len(names) else f"argument {i}" for i in range(len(args))]
+    at = [i for i, a in enumerate(args) if _is_cache(pos[i], a)]
+    keys = [k for k, v in kw.items() if _is_cache(k, v)]
+    use_cache = pos.index("use_cache") if "use_cache" in pos else None
+    if not at and not keys and not kw.get("use_cache") and not (
+            use_cache is not None and args[use_cache]):
+        return args, kw
+    if at or keys:
         warn_once(
-            f"recomputed block {name!r}: {', '.join(dropped)} set to None (a KV cache would be "
-            "updated again by the backward's replay); pass use_cache=False to silence this"
+            f"recomputed block {block!r}: {', '.join([pos[i] for i in at] + keys)} set to None "
+            "(a KV cache would be updated again by the backward's replay); pass "
+            "use_cache=False to silence this"
         )
-    kw = {**kw, **{k: None for k in dropped}}
+    new_args = [None if i in at else a for i, a in enumerate(args)]
+    if use_cache is not None:
+        new_args[use_cache] = False
+    kw = {**kw, **{k: None for k in keys}}
     if "use_cache" in kw:
         kw["use_cache"] = False
-    return kw
+    return tuple(new_args), kw
 
 
 def _release(tokens: list[Token]) -> None:

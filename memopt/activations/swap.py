@@ -11,8 +11,10 @@ The block's forward runs under ``torch.autograd.graph.saved_tensors_hooks(pack, 
 3. otherwise the tensor's **whole storage** is swapped once per block call: a second save of the
    same storage (a duplicate save, or another view of it) reuses the first ``SwapRecord``
    (identity checked with a storage weak reference, so an address reused after a free is a new
-   storage, and the same in-place version: bytes modified in between are copied again). The
-   packed form keeps dtype/size/stride/offset and rebuilds the exact view.
+   storage, and the same in-place version: bytes modified in between are copied again; a
+   record already released, because every save of it died during the forward, is not reused).
+   The packed form keeps dtype/size/stride/offset and the lazy conjugate/negative bits, and
+   rebuilds the exact view.
 
 A ``SwapRecord`` copies the storage's bytes into a generation-checked ``Slot`` (``transfer``):
 on CUDA on a side stream, the device buffer being held (and counted under ``"device"``) until
@@ -130,12 +132,23 @@ class SwapRecord:
         return buf
 
     def restore(
-        self, dtype: torch.dtype, size: torch.Size, stride: tuple[int, ...], offset: int
+        self, dtype: torch.dtype, size: torch.Size, stride: tuple[int, ...], offset: int,
+        conj: bool = False, neg: bool = False,
     ) -> torch.Tensor:
-        """A tensor view of the fetched bytes with the saved dtype/size/stride/offset."""
+        """A tensor view of the fetched bytes with the saved dtype/size/stride/offset, and the
+        saved lazy conjugate / negative bits (a ``x.conj()`` view is x's bytes plus a flag:
+        without it the backward would read x instead of conj(x))."""
         buf = self.materialize()
         out = torch.empty(0, dtype=dtype, device=buf.device)
-        return out.set_(buf.untyped_storage(), offset, size, stride)
+        out = out.set_(buf.untyped_storage(), offset, size, stride)
+        if neg:
+            out = torch._neg_view(out)
+        return torch._conj(out) if conj else out
+
+    @property
+    def released(self) -> bool:
+        """True once the last packed form let go: the slot is freed and may not be reused."""
+        return self._released
 
     def retain(self) -> None:
         with self._lock:
@@ -161,13 +174,14 @@ class SwapRecord:
 class SwappedTensor:
     """The packed form of one saved tensor: a ``SwapRecord`` plus how to rebuild the view."""
 
-    __slots__ = ("record", "dtype", "size", "stride", "offset", "version", "_ref")
+    __slots__ = ("record", "dtype", "size", "stride", "offset", "conj", "neg", "version", "_ref")
 
     def __init__(self, record: SwapRecord, t: torch.Tensor) -> None:
         record.retain()
         self.record = record
         self.dtype, self.size, self.stride = t.dtype, t.size(), t.stride()
         self.offset = int(t.storage_offset())
+        self.conj, self.neg = t.is_conj(), t.is_neg()
         self.version = t._version
         self._ref = weakref.ref(t)
 
@@ -175,7 +189,9 @@ class SwappedTensor:
         orig = self._ref()
         if orig is not None:
             check_version(orig, self.version, f"and swapped by memopt, block {self.record.block!r}")
-        return self.record.restore(self.dtype, self.size, self.stride, self.offset)
+        return self.record.restore(
+            self.dtype, self.size, self.stride, self.offset, self.conj, self.neg
+        )
 
     def __del__(self) -> None:
         self.record.release()
@@ -284,7 +300,10 @@ class SwapEngine:
                 return Kept(t, self.ledger.hold(t, place="device", block=block), where)
             self.reap()
             hit = seen.get(storage.data_ptr())
-            if hit is not None and not hit[0].expired() and hit[1].version == t._version:
+            # a record whose packed forms all died already (a temporary's node freed during the
+            # forward: ``x.pow(2).sum().item()``) has freed its slot: swap the storage afresh
+            if (hit is not None and not hit[0].expired() and not hit[1].released
+                    and hit[1].version == t._version):
                 self.stats["deduped"] += 1
                 return SwappedTensor(hit[1], t)
             record = self.store(t, tier, block)

@@ -48,7 +48,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memopt.activations.hooks import ForwardWrap, counting_hooks, param_storages, wrap_forward
+from memopt.activations.hooks import (
+    ForwardWrap,
+    counting_hooks,
+    param_storages,
+    refuse_func_transforms,
+    wrap_forward,
+)
 from memopt.activations.install import INSTALLERS, HookPair, InstallContext
 from memopt.activations.policy import ActivationPolicy
 
@@ -175,6 +181,7 @@ class _Splitter:
 
     def open(self) -> tuple[_Call, Any]:
         ctx = self.ctx
+        refuse_func_transforms(ctx.block_name, "split", any_transform=True)
         run = ctx.scheduler.begin(ctx.block_name)
         swap = ctx.swap.packer(ctx.block_name, self.policy.tier, self.params, run)
         return _Call(swap, counting_hooks(ctx.ledger, ctx.block_name, self.params)), run

@@ -170,3 +170,25 @@ def test_policy_and_planner_arguments_of_the_wrong_kind() -> None:
     with pytest.raises(TypeError, match=r"actions is a tuple of action names"):
         _check_actions("recompute")
     assert parse_budget("1e9", 1) == parse_budget(1.0e9, 1) == 10**9  # as config sizes take
+
+
+def test_torch_func_transforms_get_a_clear_error() -> None:
+    """torch.func.grad (and vjp/jacrev/hessian) does not support saved-tensor hooks, and a
+    checkpoint's ledger holds cannot read vmap/jvp's wrapped tensors: a clear error naming
+    the block and the transform, not "Cannot access storage of TensorWrapper". What works
+    (keep/swap under vmap with grad, or under jvp) keeps working."""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    model = make_stack(depth=2)
+    x = torch.randn(4, 64)
+    params = dict(model.named_parameters())
+    for policy in (keep(), swap(), recompute()):
+        with apply(model, {"blocks.0": policy}, options=OPTS):
+            with pytest.raises(NotImplementedError, match=r"'blocks\.0'.*torch\.func.*\(grad;"):
+                grad(lambda p: functional_call(model, p, (x,)).sum())(params)
+    with apply(model, {"blocks.0": recompute()}):
+        with pytest.raises(NotImplementedError, match=r"'blocks\.0' \(recompute\).*\(jvp;"):
+            jvp(model, (x,), (torch.ones_like(x),))
+    ref = grads(model, lambda m: vmap(lambda r: m(r[None]).sum())(x).sum())
+    with apply(model, {"blocks.0": swap()}, options=OPTS):
+        assert same(grads(model, lambda m: vmap(lambda r: m(r[None]).sum())(x).sum()), ref)

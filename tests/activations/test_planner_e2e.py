@@ -82,6 +82,23 @@ def test_too_small_budget_names_the_minimum(llama) -> None:  # type: ignore[no-u
         act.plan(model, batch, "50%", profile=prof, overrides={"model.layers.99": "recompute"})
 
 
+def test_swap_plan_at_its_minimum_meets_the_budget(llama) -> None:  # type: ignore[no-untyped-def]
+    """A swap leaves the saves under min_swap_bytes on the device (norm statistics): priced as
+    0 device bytes, a swap-only plan at the planner's own minimum measured over it."""
+    model, batch, prof = llama
+    assert all(0 < b.small_saved_bytes < b.saved_bytes for b in prof.blocks)
+    with pytest.raises(ValueError, match="minimum reachable budget") as err:
+        act.plan(model, batch, 1, actions=("keep", "swap"), profile=prof)
+    minimum = int(str(err.value).split("minimum reachable budget ")[1].split(" bytes")[0])
+    plan = act.plan(model, batch, minimum, actions=("keep", "swap"), profile=prof)
+    swapped = [d for d in plan.decisions if d.policy.action == "swap"]
+    assert swapped and all(d.held_bytes == prof.block(d.name).small_saved_bytes for d in swapped)
+    with act.apply(model, plan) as manager:
+        measured = act.measure_step(model, batch, manager.ledger)
+        model.zero_grad(set_to_none=True)
+    assert measured.peak_bytes <= plan.budget_bytes
+
+
 @pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
 def test_split_is_priced_as_held(llama, alpha) -> None:  # type: ignore[no-untyped-def]
     """split(a) keeps 1 - a of the inputs of every module it runs piece by piece (5 x [B, L, H]

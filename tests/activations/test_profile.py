@@ -125,3 +125,40 @@ def test_profile_refuses_a_model_sharded_with_gradient_hooks() -> None:
     model.__dict__["_memopt_sharded_stage"] = 3  # what the multi-rank sharded optimizers set
     with pytest.raises(ValueError, match="Plan on the model before memopt.shard"):
         profile(model, torch.randn(2, 8), blocks=["0", "1"], repeats=1, ops=False)
+
+
+def test_split_only_offered_with_a_token_dimension() -> None:
+    """A token-local block fed 2-D [N, features]: split's seq_dim 1 is the features, so the
+    profile marks it unsplittable (the planner offered split(0.75) and the applied plan
+    failed on its first forward); fed [B, L, features] it stays splittable."""
+    from memopt.activations import apply, plan
+
+    torch.manual_seed(0)
+    model = Stack(32, 96)
+    for layer in model.layers:
+        layer._memopt_token_local = True  # (an MLP: applied row by row)
+    flat = profile(model, torch.randn(64, 32), repeats=1, ops=False)
+    assert all(b.split_input_bytes is None for b in flat.blocks)
+    seq = profile(model, torch.randn(2, 32, 32), repeats=1, ops=False)
+    assert all(b.split_input_bytes for b in seq.blocks)
+    x = torch.randn(64, 32)
+    chosen = plan(model, x, "60%", actions=("keep", "split", "recompute"), profile=flat)
+    assert {d.policy.action for d in chosen.decisions} == {"keep", "recompute"}
+    with apply(model, chosen):
+        model(x).sum().backward()
+
+
+def test_profile_refuses_a_managed_model() -> None:
+    """The managers' hooks are innermost: profiling managed blocks saw almost none of their
+    saves (a 3x under-stated peak, and plans that blew their budget)."""
+    from memopt.activations import apply, plan
+    from memopt.activations.policy import swap
+
+    model = Stack()
+    x = torch.randn(8, 32)
+    with apply(model, {"layers.1": swap()}):
+        with pytest.raises(ValueError, match=r"managed .*'layers.1'.*remove\(\)"):
+            profile(model, x, repeats=1, ops=False)
+        with pytest.raises(ValueError, match=r"remove\(\)"):
+            plan(model, x, "50%")
+    assert profile(model, x, repeats=1, ops=False).blocks[1].saved_bytes > 0

@@ -164,3 +164,51 @@ def test_replay_does_not_update_batchnorm_statistics_again(keep_ops) -> None:  #
     assert torch.equal(bn.running_var, bn_ref.running_var)
     for a, b in zip(ref.parameters(), model.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
+
+
+def test_kv_cache_passed_positionally_is_dropped() -> None:
+    """GPT-2 (transformers 5) calls ``block(hidden, past_key_values, mask, ...)``: the cache is
+    the second positional argument. Kept, the replay appended K/V again and eager attention
+    failed with a shape mismatch in the backward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from memopt._utils.logging import _reset_warn_once
+
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref = grads(model, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss)
+    _reset_warn_once()
+    with apply(model, {"transformer.h.0": recompute(), "transformer.h.1": recompute()}):
+        with pytest.warns(UserWarning, match="past_key_values set to None"):
+            g = grads(model, lambda m: m(input_ids=ids, labels=ids, use_cache=True).loss)
+    _close(g, ref)
+
+
+@pytest.mark.parametrize("keep_ops", [(), ("aten.addmm",)])
+def test_replay_sees_buffers_as_the_forward_did(keep_ops) -> None:  # type: ignore[no-untyped-def]
+    """spectral_norm's forward advances its power-iteration buffers u, v and then reads them.
+    The replay must start from the values the forward started from (it ran a second power
+    iteration from the advanced ones: weight gradients 2% off), and leave the advanced ones."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        block = nn.Sequential(spectral_norm(nn.Linear(32, 32)), nn.Tanh())
+        return nn.Sequential(block, nn.Linear(32, 1))
+
+    xs = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ref, model = make(), make()
+    for x in xs:
+        ref(x).pow(2).mean().backward()
+    with apply(model, {"0": recompute(keep_ops=keep_ops)}):
+        for x in xs:
+            model(x).pow(2).mean().backward()
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    for a, b in zip(ref.buffers(), model.buffers(), strict=True):
+        assert torch.equal(a, b)
