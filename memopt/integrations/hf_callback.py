@@ -1,22 +1,36 @@
 """``MemoptCallback``: memopt's async snapshots and per-tier memory logs inside HF ``Trainer``.
 
-Snapshots: ``on_save`` (whenever the Trainer saves, by ``save_strategy``/``save_steps``) and/or
-every ``every_n_steps`` optimizer steps (``on_step_end``; then ``save_strategy="no"`` skips
-HF's own synchronous checkpoint entirely), and with ``save_at_end`` at the last step. Each
-snapshot holds the unwrapped model, the real optimizer (under accelerate's
-``AcceleratedOptimizer``), the LR scheduler, the RNG states and the ``TrainerState`` as JSON
-(``extra["trainer_state"]``), which ``resume`` turns back into a Trainer resume. ``save`` only
-captures references; the copy to host runs while the next forward/backward do, and is fenced
-before the next optimizer step by two hooks:
+Snapshots: when the Trainer saves (``on_save``, by ``save_strategy``/``save_steps``) and/or
+every ``every_n_steps`` optimizer steps (then ``save_strategy="no"`` skips HF's own
+synchronous checkpoint entirely), and with ``save_at_end`` at the last step. Each snapshot
+holds the unwrapped model, the real optimizer (under accelerate's ``AcceleratedOptimizer``),
+the LR scheduler, the RNG states and the ``TrainerState`` as JSON (``extra["trainer_state"]``),
+which ``resume`` turns back into a Trainer resume.
+
+When: HF logs, evaluates (``best_metric``, early-stopping counters) and saves a step *after*
+``on_step_end``, so a snapshot due at step n (``every_n_steps``, ``save_at_end``) is only
+marked there and taken once that TrainerState is complete, at the first of: ``on_save`` of
+that step (HF's own checkpoint moment), the next ``on_step_begin`` / ``on_epoch_begin``, or,
+when training stops, the end-of-training log (before ``load_best_model_at_end`` reloads
+weights). Parameters and optimizer state do not change in between (no optimizer step).
+
+``save`` only captures references; the copy to host runs while the next forward/backward do,
+and is fenced before the next optimizer step by two hooks:
 
 - the checkpointer's own step pre-hook, registered on the optimizer it was given (the inner
   one, whose ``step`` the wrapper calls, so it fires on every real step);
 - ``on_pre_optimizer_step`` calls ``fence()`` too, which also covers gradient clipping and any
   callback that runs between HF's clip and ``optimizer.step()``.
 
-``on_train_end`` waits until the last snapshot is published (raising a background failure).
+A snapshot taken when training stops is fenced at once (the Trainer may reload the best
+weights in place). ``on_train_end`` waits until the last snapshot is published (raising a
+background failure). ``on_train_begin`` forgets the previous ``train()``'s steps: HF counts
+from 0 again, and its snapshots are overwritten.
+
 ``on_log`` logs host RSS, CUDA allocated (when CUDA is in use) and the checkpointer's and
-offload tiers' arena bytes, and records them in ``memory_history``.
+offload tiers' arena bytes, records them in ``memory_history`` and adds them to that log's
+``state.log_history`` entry (``MemoptTrainer.log`` puts them in the logs themselves, before
+any callback or ``report_to`` integration sees them).
 
 ``activation_budget`` (bytes, ``"6GiB"``, ``"50%"``): in ``on_train_begin`` the activation
 planner profiles the model on the first training samples and installs its per-block plan
@@ -62,7 +76,8 @@ class MemoptCallback(TrainerCallback):
 
     ``on_hf_save``: snapshot when the Trainer saves. ``every_n_steps``: snapshot every n
     optimizer steps regardless. ``save_at_end``: snapshot the last step (``max_steps``) too,
-    even when the Trainer does not save (``save_strategy="no"``). ``checkpoint_options``:
+    even when the Trainer does not save (``save_strategy="no"``). Those two wait until HF
+    has logged, evaluated and saved the step (module docstring). ``checkpoint_options``:
     ``memopt.checkpoint.CheckpointConfig`` fields (``fsync=False`` for tests,
     ``max_inflight``, ...). ``activation_budget`` and ``activation_options``
     (``memopt.activations.plan`` keywords, and ``options``: the ``ActivationOptions`` given to
@@ -135,8 +150,11 @@ class MemoptCallback(TrainerCallback):
         self.activation_options = dict(activation_options or {})
         self.activations: Any = None  # the ActivationManager once on_train_begin installed it
         self.memory_history: list[dict[str, float]] = []
-        self.saved_steps: list[int] = []
-        self.resumed_step: int | None = None  # set by ``resume``
+        self.saved_steps: list[int] = []  # this train()'s snapshots (and the resumed step)
+        self.resumed_step: int | None = None  # set by ``resume`` for the next train()
+        self._resuming = False  # ``resume`` ran and its train() has not begun yet
+        self._due: int | None = None  # a step whose snapshot waits for its full TrainerState
+        self._epoch_over = False  # between on_epoch_end and the next on_epoch_begin
 
     # -- checkpointer ---------------------------------------------------------------------
     @property
@@ -153,28 +171,60 @@ class MemoptCallback(TrainerCallback):
             )
         return self.checkpointer
 
-    def snapshot(self, state: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
-        """Take one snapshot at ``state.global_step`` (skipped if that step is already saved)."""
+    def mark_resumed(self, step: int) -> None:
+        """``resume`` calls this: the next ``train()`` starts from snapshot ``step``, which is
+        on disk already (not taken again)."""
+        self.resumed_step, self._resuming = step, True
+
+    def snapshot(
+        self, state: Any, model: Any, optimizer: Any, scheduler: Any, *, final: bool = False,
+        drop_last_log: bool = False,
+    ) -> None:  # fmt: skip
+        """Take one snapshot at ``state.global_step`` (skipped if that step is already saved).
+
+        ``final``: training stops after this (fence now). ``drop_last_log``: leave the newest
+        ``log_history`` entry out of the saved TrainerState (the end-of-training summary)."""
         ckpt = self.ensure_checkpointer()
         step = int(state.global_step)
         if ckpt is None or step in self.saved_steps:
             return
+        saved = dataclasses.asdict(state)
+        if drop_last_log and saved["log_history"]:
+            saved["log_history"] = saved["log_history"][:-1]
         ckpt.save(
             step,
             model=unwrap_model(model),
             optimizer=None if optimizer is None else unwrap_optimizer(optimizer),
             scheduler=scheduler,
-            extra={"trainer_state": json.dumps(dataclasses.asdict(state), sort_keys=True)},
+            extra={"trainer_state": json.dumps(saved, sort_keys=True)},
         )
         self.saved_steps.append(step)
-        if state.max_steps and step >= state.max_steps:
+        if final or (state.max_steps and step >= state.max_steps):
             # no next optimizer step will fence it, and the Trainer may change the weights in
             # place at the end (load_best_model_at_end): finish the host copy now
             ckpt.fence()
         log.info("memopt: snapshot of step %d started in %s", step, ckpt.directory)
 
+    def _take_due(self, state: Any, kw: dict[str, Any], **how: bool) -> None:
+        """Take the snapshot marked at ``on_step_end``, now that its step is complete."""
+        if self._due is None:
+            return
+        if self._due != state.global_step:  # (a step cannot pass without on_step_begin)
+            raise RuntimeError(
+                f"MemoptCallback: the snapshot of step {self._due} was not taken before step "
+                f"{state.global_step}; please report this"
+            )
+        self._due = None
+        self.snapshot(state, kw.get("model"), kw.get("optimizer"), kw.get("lr_scheduler"), **how)
+
     # -- events ---------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # HF counts from step 0 (or the resumed step) again on every train(): the previous
+        # run's steps are overwritten, not "already saved"
+        if not self._resuming:
+            self.resumed_step = None
+        self.saved_steps = [] if self.resumed_step is None else [self.resumed_step]
+        self._resuming, self._due, self._epoch_over = False, None, False
         self.ensure_checkpointer()
         if self.activation_budget is not None and self.activations is None:
             model = unwrap_model(kw["model"])
@@ -189,6 +239,13 @@ class MemoptCallback(TrainerCallback):
                 self.resumed_step, self.directory, state.global_step,
             )  # fmt: skip
 
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._take_due(state, kw)  # (before the epoch's data order draws from the RNG)
+        self._epoch_over = False
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._take_due(state, kw)
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.checkpointer is not None:
             self.checkpointer.fence()
@@ -197,23 +254,54 @@ class MemoptCallback(TrainerCallback):
         n = self.every_n_steps
         last = self.save_at_end and bool(state.max_steps) and state.global_step >= state.max_steps
         if last or (n is not None and state.global_step % n == 0):
-            self.snapshot(state, kw.get("model"), kw.get("optimizer"), kw.get("lr_scheduler"))
+            self._due = int(state.global_step)  # taken once HF's log/eval/save of it are done
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._epoch_over = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.on_hf_save:
-            self.snapshot(state, kw.get("model"), kw.get("optimizer"), kw.get("lr_scheduler"))
+        stop = bool(control.should_training_stop)
+        if self._due == state.global_step:
+            self._take_due(state, kw, final=stop)
+        elif self.on_hf_save:
+            self.snapshot(state, kw.get("model"), kw.get("optimizer"), kw.get("lr_scheduler"),
+                          final=stop)  # fmt: skip
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-        if not self.log_memory:
-            return
-        arenas = [] if self.checkpointer is None else [self.checkpointer.arena]
-        mem = memory_by_tier(arenas)
+        logs = logs if isinstance(logs, dict) else {}
+        stopping = bool(control.should_training_stop) or state.global_step >= state.max_steps
+        if (self._due is not None and self._epoch_over and stopping
+                and not control.should_evaluate and not control.should_save):  # fmt: skip
+            # the last step's log/eval/save are done; the end-of-training summary is being
+            # logged, and load_best_model_at_end may reload weights right after it
+            summary = "train_loss" in logs and "total_flos" in logs
+            self._take_due(state, kw, final=True, drop_last_log=summary)
+        if self.log_memory:
+            self._log_memory(state, logs)
+
+    def memory_figures(self) -> dict[str, float]:
+        """The ``mem/*`` figures now (``_memory.memory_by_tier``), with this callback's arena."""
+        return memory_by_tier([] if self.checkpointer is None else [self.checkpointer.arena])
+
+    def _log_memory(self, state: Any, logs: dict[str, Any]) -> None:
+        mem = {k: v for k, v in logs.items() if k.startswith("mem/")}  # MemoptTrainer.log's
+        if not mem:
+            mem = self.memory_figures()
+            # Trainer.log appended this log's entry to log_history before on_log: add the
+            # figures there (not to ``logs``: that dict is what evaluate()/train() return)
+            entry = state.log_history[-1] if state.log_history else {}
+            if entry.get("step") == state.global_step and all(
+                entry.get(k) == v for k, v in logs.items()
+            ):
+                entry.update(mem)
         self.memory_history.append({"step": float(state.global_step), **mem})
-        if isinstance(logs, dict):
-            logs.update(mem)
         log.info("memopt: step %d memory: %s", state.global_step, format_memory(mem))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._due is not None:  # (no end-of-training log reached us: take it late, say so)
+            log.warning("memopt: snapshot of step %d taken at on_train_end, after the "
+                        "Trainer's end-of-training actions", self._due)  # fmt: skip
+            self._take_due(state, kw, final=True)
         if self.checkpointer is not None:
             self.checkpointer.wait()
             log.info(

@@ -37,6 +37,12 @@ from transformers import Trainer
 from memopt._utils import get_logger
 from memopt.checkpoint import AsyncCheckpointer
 from memopt.checkpoint.publish import rank_files, step_dir
+from memopt.integrations._hf_checks import (
+    check_arguments,
+    check_hf_resume,
+    full_state_dict,
+    warn_ignored_optim,
+)
 from memopt.integrations.accelerate import shard_under
 from memopt.integrations.hf_callback import (
     MemoptCallback,
@@ -169,8 +175,7 @@ def resume(
     trainer.accelerator.wait_for_everyone()
     _install_loaders(trainer, ckpt, step)
     if cb is not None:
-        cb.resumed_step = step
-        cb.saved_steps.append(step)  # already on disk: do not snapshot it again
+        cb.mark_resumed(step)  # already on disk: its train() does not snapshot it again
     log.warning("memopt: will resume from snapshot step %d in %s", step, ckpt.directory)
     return staging
 
@@ -192,8 +197,15 @@ class MemoptTrainer(Trainer):
     optimizer state and gradients over the ranks instead of DDP. The model then goes through
     the Trainer's "already distributed" path (``prepare_model(evaluation_mode=True)``: autocast,
     no DDP wrapper); micro-batch accumulation reaches the sharded optimizer's ``no_sync`` and
-    gradient clipping its global ``clip_grad_norm_`` (``accelerate.shard_under``). Save with
-    ``MemoptCallback`` snapshots: HF's ``optimizer.pt`` would hold rank 0's shard only.
+    gradient clipping its global ``clip_grad_norm_`` (``accelerate.shard_under``). Save the
+    optimizer with ``MemoptCallback`` snapshots: HF's ``optimizer.pt`` would hold rank 0's
+    shard only, so HF saves the model only, and ``train(resume_from_checkpoint=True)`` from
+    such a checkpoint is refused (``_hf_checks.check_hf_resume``). At stage 3 ``save_model``
+    and HF's model checkpoints gather the DTensor shards to full weights (rank 0 writes).
+
+    ``log`` adds the callback's ``mem/*`` figures before HF logs (``log_history`` and
+    ``report_to`` see them). HF's ``optim``, ``optim_args`` and ``optim_target_modules`` have
+    no effect here: a warning names the memopt optimizer used instead.
     """
 
     def __init__(
@@ -213,54 +225,11 @@ class MemoptTrainer(Trainer):
                             f"keywords, e.g. {{'stage': 2}}, got {memopt_shard!r}")  # fmt: skip
         self.memopt_shard = None if memopt_shard is None else dict(memopt_shard)
         super().__init__(*args, **kwargs)
-        self._check_memopt_arguments()
+        check_arguments(self)
+        warn_ignored_optim(self)
         if self.memopt_shard is not None:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError(
-                    "MemoptTrainer(memopt_shard=...): memopt shards the optimizer itself; drop "
-                    "the Trainer's deepspeed/fsdp arguments"
-                )
-            if self.args.save_strategy != "no" and not self.args.save_only_model:
-                raise ValueError(
-                    "MemoptTrainer(memopt_shard=...): HF's optimizer.pt would hold rank 0's "
-                    "shard only; pass save_only_model=True or save_strategy='no' and take "
-                    "optimizer snapshots with MemoptCallback"
-                )
-            if self.memopt_shard.get("stage", 2) == 3 and self.args.gradient_accumulation_steps > 1:
-                raise NotImplementedError(
-                    "MemoptTrainer(memopt_shard stage 3) with gradient_accumulation_steps > 1: "
-                    "HF's loop then takes its own path for FSDP-managed models, which memopt's "
-                    "stage 3 is not; use stage 2 here, or memopt run / memopt.setup for stage "
-                    "3 with accumulation"
-                )
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
-
-    def _check_memopt_arguments(self) -> None:
-        """The optimizer name and options and the shard keywords, checked now rather than at
-        ``train()``: a test optimizer is built on the model (its state is made lazily)."""
-        from memopt.integrations.hf_optim import OPTIMIZERS
-
-        if self.memopt_optimizer not in OPTIMIZERS:
-            raise ValueError(f"MemoptTrainer: memopt_optimizer {self.memopt_optimizer!r} "
-                             f"unknown; choose one of {sorted(OPTIMIZERS)}")  # fmt: skip
-        if self.memopt_shard is not None:
-            import inspect
-
-            from memopt.api import shard
-
-            takes = set(inspect.signature(shard).parameters) - {"model", "optimizer"}
-            unknown = sorted(set(self.memopt_shard) - takes)
-            if unknown:
-                raise ValueError(f"MemoptTrainer: memopt_shard keys {unknown} unknown; "
-                                 f"memopt.shard takes {sorted(takes)}")  # fmt: skip
-        if self.model is not None and self.optimizer is None:
-            try:
-                create_optimizer(self.model, self.args, self.memopt_optimizer,
-                                 **self.memopt_options)  # fmt: skip
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"MemoptTrainer(memopt_optimizer={self.memopt_optimizer!r}, "
-                              f"memopt_options=...): {e}") from None  # fmt: skip
 
     @classmethod
     def from_config(
@@ -316,6 +285,28 @@ class MemoptTrainer(Trainer):
             self.optimizer = opt
         return self.optimizer
 
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        # stage 3: DTensor shards, which save_pretrained cannot write. Every rank is here
+        # (save_model calls _save on each), so the gather, a collective, can run
+        if state_dict is None and (full := full_state_dict(unwrap_model(self.model))) is not None:
+            if not self.args.should_save:
+                return  # (rank 0 writes the gathered weights)
+            state_dict = full
+        super()._save(output_dir, state_dict=state_dict)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """HF's ``log`` with the ``MemoptCallback``'s ``mem/*`` figures added first, so
+        ``log_history`` and every callback (``report_to`` integrations too) see them; the
+        caller's dict (what ``evaluate()`` returns) gets HF's keys only, as before."""
+        cb = find_callback(self)
+        if cb is None or not cb.log_memory:
+            super().log(logs, start_time)
+            return
+        mem = cb.memory_figures()
+        merged = {**logs, **mem}
+        super().log(merged, start_time)
+        logs.update({k: v for k, v in merged.items() if k not in mem})  # (HF adds "epoch")
+
     def train(  # type: ignore[override]
         self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
     ) -> Any:
@@ -323,6 +314,8 @@ class MemoptTrainer(Trainer):
             resume_from_checkpoint = "memopt"
         if resume_from_checkpoint == "memopt":
             resume_from_checkpoint = resume(self)
+        elif resume_from_checkpoint:
+            check_hf_resume(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 

@@ -246,3 +246,105 @@ def test_trainer_from_memopt_config(tmp_path) -> None:
     cb.close()
     with pytest.raises(ValueError, match="optimizer.in_backward"):
         MemoptTrainer.from_config(cfg.replace(["optimizer.in_backward=true"]), model=tiny_llama(0))
+
+
+def test_stage3_save_model_gathers_the_dtensor_shards(tmp_path) -> None:
+    """memopt's stage 3 holds FSDP2 DTensor shards: HF's save_pretrained crashed in
+    safetensors ("invalid python storage"). A 1-rank FSDP2 mesh gives the same parameters."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    model = tiny_llama(0)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    t = MemoptTrainer(model=model, args=_args(str(tmp_path), save_strategy="no"),
+                      train_dataset=Tokens(), memopt_optimizer="adamw")  # fmt: skip
+    t.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert sorted(saved) == sorted(full)
+    for n, p in full.items():
+        assert torch.equal(saved[n], p), n
+
+
+def test_stage3_refuses_load_best_model_at_end(tmp_path) -> None:
+    args = _args(str(tmp_path), save_strategy="steps", save_only_model=True, eval_strategy="steps",
+                 load_best_model_at_end=True)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="stage 3.*load_best_model_at_end.*stage 2"):
+        MemoptTrainer(model=tiny_llama(), args=args, train_dataset=Tokens(),
+                      eval_dataset=Tokens(4), memopt_optimizer="adamw",
+                      memopt_shard={"stage": 3})  # fmt: skip
+
+
+def test_hf_resume_without_optimizer_state_is_refused(tmp_path) -> None:
+    """memopt_shard requires save_only_model=True; HF's resume from such a checkpoint-N
+    restarted the optimizer and the LR warm-up without a word."""
+
+    def trainer(seed: int) -> MemoptTrainer:
+        args = _args(str(tmp_path), max_steps=3, save_strategy="steps", save_steps=3,
+                     save_only_model=True)  # fmt: skip
+        return MemoptTrainer(model=tiny_llama(seed), args=args, train_dataset=Tokens(),
+                             memopt_optimizer="adamw", memopt_shard={"stage": 2})  # fmt: skip
+
+    trainer(0).train()
+    b = trainer(1)
+    for target in (True, str(tmp_path / "checkpoint-3")):
+        with pytest.raises(ValueError, match="no optimizer state.*from_checkpoint='memopt'"):
+            b.train(resume_from_checkpoint=target)
+    assert b.state.global_step == 0
+
+
+def test_memory_figures_reach_log_history_and_every_callback(tmp_path) -> None:
+    """mem/* were added in MemoptCallback.on_log: after Trainer.log had copied the logs into
+    log_history and after the report_to integrations (registered before user callbacks) saw
+    them; and they leaked into the dicts that train() and evaluate() return."""
+    from transformers import TrainerCallback
+
+    class Spy(TrainerCallback):  # stands where report_to integrations stand: before ours
+        seen: list[bool] = []
+
+        def on_log(self, args: object, state: object, control: object, logs: dict[str, float],
+                   **kw: object) -> None:  # fmt: skip
+            self.seen.append("mem/host_rss_mib" in logs)
+
+    def run(cls: type[Trainer], **kw: object) -> tuple[Trainer, dict[str, float], MemoptCallback]:
+        cb = MemoptCallback(on_hf_save=False)
+        t = cls(model=tiny_llama(0), args=_args(str(tmp_path), max_steps=2, save_strategy="no"),
+                train_dataset=Tokens(), eval_dataset=Tokens(4), callbacks=[cb], **kw)  # fmt: skip
+        t.callback_handler.callbacks.insert(1, Spy())
+        out = t.train()
+        assert not [k for k in out.metrics if k.startswith("mem/")]
+        return t, t.evaluate(), cb
+
+    t, ev, cb = run(MemoptTrainer, memopt_optimizer="adamw")
+    assert Spy.seen and all(Spy.seen)
+    assert all(h["mem/host_rss_mib"] > 0 for h in t.state.log_history)
+    assert "epoch" in ev and not [k for k in ev if k.startswith("mem/")]
+    assert len(cb.memory_history) == len(t.state.log_history)
+    # a plain Trainer: log_history gets them (its entry is updated in on_log)
+    Spy.seen = []
+    t, ev, _ = run(Trainer, optimizers=(create_optimizer(tiny_llama(0), _args(str(tmp_path)),
+                                                         "adamw"), None))  # fmt: skip
+    assert all("mem/host_rss_mib" in h for h in t.state.log_history)
+    assert not [k for k in ev if k.startswith("mem/")]
+
+
+def test_ignored_hf_optimizer_arguments_warn(tmp_path) -> None:
+    args = _args(str(tmp_path), save_strategy="no", optim="galore_adamw",
+                 optim_target_modules=["q_proj"], optim_args="rank=8, gap=50")  # fmt: skip
+    said = (r"ignores the TrainingArguments optim='galore_adamw', optim_args='rank=8, gap=50', "
+            r"optim_target_modules=\['q_proj'\]: .*memopt_optimizer='galore' with "
+            r"\{'target': 'attn\|mlp', 'rank': 128\}")  # fmt: skip
+    with pytest.warns(UserWarning, match=said):
+        MemoptTrainer(model=tiny_llama(), args=args, train_dataset=Tokens())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default optim (plain AdamW): nothing to say
+        MemoptTrainer(model=tiny_llama(), args=_args(str(tmp_path), save_strategy="no"),
+                      train_dataset=Tokens(), memopt_optimizer="adamw")  # fmt: skip
