@@ -63,6 +63,8 @@ def apply_budget(
             "NVMeConfig(directory=...)) (MemoptCallback: activation_options={'options': ...}; "
             "Config: activations.nvme_path) so swapped activations have a file to go to"
         )
+    if options is not None:  # the plan prices swap with the threshold it is applied with
+        plan_options.setdefault("min_swap_bytes", options.min_swap_bytes)
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         chosen = plan(model, sample_batch, budget, **plan_options)

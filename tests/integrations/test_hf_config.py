@@ -211,3 +211,23 @@ def test_from_config_runs_memopt_runs_eps_and_schedule(tmp_path) -> None:
     assert rec.lr == pytest.approx(expect, rel=1e-12)
     s = memopt.setup(tiny_llama(0), cfg)
     assert s.optimizer.param_groups[0]["eps"] == 1e-6
+
+
+def test_apply_budget_plans_with_the_swap_threshold_it_applies() -> None:
+    """The planner prices saves under min_swap_bytes as staying on the device; apply_budget
+    planned with the default (4096) while applying the caller's threshold."""
+    import torch
+
+    from memopt.activations import ActivationOptions
+    from memopt.integrations import apply_budget
+
+    model = tiny_llama(0)
+    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
+    mgr = apply_budget(model, batch, "90%", options=ActivationOptions(min_swap_bytes=0),
+                       actions=["keep", "swap"])  # fmt: skip
+    assert "swap" in {p.action for p in mgr.policies.values()}
+    mgr.remove()
+    # every save held on the device: swapping frees nothing, so 90% is out of reach
+    with pytest.raises(ValueError, match="minimum reachable budget"):
+        apply_budget(model, batch, "90%", options=ActivationOptions(min_swap_bytes=1 << 30),
+                     actions=["keep", "swap"])  # fmt: skip
