@@ -1,6 +1,6 @@
 """What a snapshot holds, captured at ``save`` time: mostly by reference, small state by copy.
 
-``capture(...)`` returns the tensors this rank writes (``Entry``: the tensor, its global
+``capture_all(...)`` returns the tensors this rank writes (``Entry``: the tensor, its global
 shape and row offset) and this rank's JSON skeleton (non-tensor state with tensors replaced
 by names): model parameters and buffers, optimizer state (``optimizer.state_dict()``, tensors
 classified by ``layout.state_kind``), the LR scheduler's ``state_dict()``, user extras and the
@@ -19,6 +19,7 @@ small next to the parameters, so ``save`` stays a few milliseconds.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,34 @@ def capture_optimizer(
         ],
         "other": other,
     }
+    return entries, skel
+
+
+def capture_all(
+    model: Any, optimizer: Any, scheduler: Any, extra: Any, rank: int, world: int, rng: bool
+) -> tuple[list[Entry], dict[str, Any]]:
+    """Everything one ``save()`` snapshots: the entries to copy and this rank's skeleton."""
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"AsyncCheckpointer.save: extra must be a mapping (a dict of names "
+                        f"to values), got {type(extra).__name__}")  # fmt: skip
+    entries: list[Entry] = []
+    skel: dict[str, Any] = {"rank": rank, "world_size": world}
+    if model is not None:
+        e, skel["model"] = capture_model(model, rank)
+        entries += e
+    if optimizer is not None:
+        e, skel["optimizer"] = capture_optimizer(optimizer, model, rank, world)
+        entries += e
+    for key, obj in (
+        ("scheduler", None if scheduler is None else scheduler.state_dict()),
+        ("extra", dict(extra or {})),
+    ):
+        e, skel[key] = capture_plain(obj, key)
+        entries += e
+    skel["rng"] = None
+    if rng:
+        e, skel["rng"] = capture_rng()
+        entries += e
     return entries, skel
 
 

@@ -11,10 +11,12 @@ values: that wait, plus the capture, is the save's *stall* (``stats``). Code tha
 parameters in place outside ``optimizer.step()`` must call ``fence()`` first.
 
 Publication (``_publish``, in the writer thread): every rank writes and fsyncs its files into
-``.tmp-step_.../``; the ranks exchange their checksums (``all_gather_object`` on a gloo group
-of the checkpointer's own, so it never interleaves with training collectives); rank 0 writes
-the manifest, fsyncs, renames the directory to ``step_.../`` and rotates old snapshots; a
-broadcast tells every rank the outcome (``commit.settle``). Loading verifies checksums and falls
+``.tmp-step_.../``, holding its lock file (``tmpdirs``: cleanup never removes a live save's
+directory); the ranks exchange their checksums and sizes (``all_gather_object`` on a gloo group
+of the checkpointer's own, so it never interleaves with training collectives); rank 0 checks
+that every rank's files are there, writes the manifest, fsyncs, renames the directory to
+``step_.../`` and rotates old snapshots; a broadcast tells every rank the outcome
+(``commit.settle``). Loading verifies checksums and falls
 back to the previous published snapshot when the newest is damaged. A failed save is raised
 once, by ``wait()``/``close()`` or by the next ``save``, which then does not save its own step
 (``failures``); saves still unpublished when the interpreter exits are finished by ``exit_hook``.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -42,6 +45,7 @@ from memopt.checkpoint import capture as C
 from memopt.checkpoint import exit_hook
 from memopt.checkpoint import failures as F
 from memopt.checkpoint import publish as P
+from memopt.checkpoint import tmpdirs as T
 from memopt.checkpoint.commit import check_metadata, commit, settle
 from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
@@ -108,6 +112,7 @@ class AsyncCheckpointer:
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._seq = 0
         self._hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._cleaned = False  # rank 0: crash leftovers removed (by the first save's writer)
         self._warned_later = False  # the directory holds steps later than a save: warned once
         self._engines = Engines()  # the writer thread's I/O engines, kept across saves
         self._pipeline = Pipeline(
@@ -119,14 +124,13 @@ class AsyncCheckpointer:
         exit_hook.track(self)  # unpublished saves are finished at exit (weakly referenced)
 
     def _check_directory(self) -> None:
-        P.check_directory(self.directory)
-        if self.rank == 0:
-            P.clean_stale(self.directory)
-        self._barrier()
-
-    def _barrier(self) -> None:
+        P.check_directory(self.directory)  # (crash leftovers: removed by the first save)
+        # this run's mark in its temporary directories' names, the same on every rank: a
+        # crashed run's leftovers (or another run's save in flight) never share one
+        box = [uuid.uuid4().hex[:8]]
         if self._group is not None:
-            dist.barrier(group=self._group)
+            dist.broadcast_object_list(box, group=self._group, group_src=0)
+        self._run = box[0]
 
     # -- save ---------------------------------------------------------------------------
     def save(
@@ -158,7 +162,9 @@ class AsyncCheckpointer:
             raise err from pending[1]
         self._slots.acquire()
         try:
-            entries, skel = self._capture(model, optimizer, scheduler, extra)
+            entries, skel = C.capture_all(
+                model, optimizer, scheduler, extra, self.rank, self.world, self.config.save_rng
+            )
             job = self._job(step, entries, skel, t0)
         except BaseException as e:
             if self._group is None:
@@ -182,32 +188,6 @@ class AsyncCheckpointer:
         self._jobs.append(failed)
         self._pipeline.submit(failed)
 
-    def _capture(
-        self, model: Any, optimizer: Any, scheduler: Any, extra: Any
-    ) -> tuple[list[C.Entry], dict[str, Any]]:
-        if extra is not None and not isinstance(extra, Mapping):
-            raise TypeError(f"AsyncCheckpointer.save: extra must be a mapping (a dict of names "
-                            f"to values), got {type(extra).__name__}")  # fmt: skip
-        entries: list[C.Entry] = []
-        skel: dict[str, Any] = {"rank": self.rank, "world_size": self.world}
-        if model is not None:
-            e, skel["model"] = C.capture_model(model, self.rank)
-            entries += e
-        if optimizer is not None:
-            e, skel["optimizer"] = C.capture_optimizer(optimizer, model, self.rank, self.world)
-            entries += e
-        for key, obj in (
-            ("scheduler", None if scheduler is None else scheduler.state_dict()),
-            ("extra", dict(extra or {})),
-        ):
-            e, skel[key] = C.capture_plain(obj, key)
-            entries += e
-        skel["rng"] = None
-        if self.config.save_rng:
-            e, skel["rng"] = C.capture_rng()
-            entries += e
-        return entries, skel
-
     def _job(self, step: int, entries: list[C.Entry], skel: dict[str, Any], t0: float) -> Job:
         job = new_job(step, self._seq, entries, skel, t0, self.config.alignment)
         self._seq += 1
@@ -224,7 +204,7 @@ class AsyncCheckpointer:
 
     # -- background stage 2 -------------------------------------------------------------
     def _tmp(self, job: Job) -> str:
-        return P.tmp_dir(self.directory, job.step, job.seq)
+        return P.tmp_dir(self.directory, job.step, job.seq, self._run)
 
     def _write(self, job: Job) -> None:
         tmp = self._tmp(job)
@@ -232,7 +212,10 @@ class AsyncCheckpointer:
         if self.peers is not None:  # a host copy for peers, overlapping the disk write
             self.peers.begin(job, self.rank, self.world)
         try:
-            os.makedirs(tmp, exist_ok=True)
+            if self.rank == 0 and not self._cleaned:  # (a checkpointer that only reads
+                self._cleaned = True  # never cleans: ``tmpdirs``)
+                T.clean_stale(self.directory)
+            job.claim = T.claim(tmp)  # held until the save is settled (``_publish``)
             assert job.staging is not None
             data_crc = write_file(
                 os.path.join(tmp, data_name),
@@ -246,6 +229,7 @@ class AsyncCheckpointer:
                 job.copied_checksum,
             )
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
+            job.sizes = T.written(job.claim, (data_name, json_name), job.step, self.rank)
         except OSError as e:
             raise CheckpointError(
                 f"checkpoint step {job.step}: writing rank {self.rank}'s files in {tmp} failed: "
@@ -263,11 +247,15 @@ class AsyncCheckpointer:
         if self.peers is not None:  # every job, failed ones too: the protector is collective
             self.peers.submit(job)
         meta = (self.world, self.checksum, self.metadata)
-        outcome, by_peer = settle(
-            job, self.rank, self.world, self._group,
-            lambda infos: commit(self.directory, self._tmp(job), job, infos, self.config, meta),
-            lambda step, seq: P.tmp_dir(self.directory, step, seq),
-        )  # fmt: skip
+        try:
+            outcome, by_peer = settle(
+                job, self.rank, self.world, self._group,
+                lambda infos: commit(self.directory, self._tmp(job), job, infos, self.config,
+                                     meta),
+                lambda step, seq: P.tmp_dir(self.directory, step, seq, self._run),
+            )  # fmt: skip
+        finally:  # published or removed on every rank by now (or this rank lost contact)
+            T.release(job.claim)
         if outcome and job.error is None:
             job.by_peer = by_peer
             raise CheckpointError(outcome)

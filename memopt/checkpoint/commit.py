@@ -1,7 +1,9 @@
 """Rank 0's commit of a save: the manifest, the atomic rename, rotation.
 
-``commit`` runs after every rank reported its files' checksums (or its error): when any rank
-failed, the temporary directory is removed and the reason returned; otherwise rank 0 writes
+``commit`` runs after every rank reported its files' checksums and sizes (or its error): when
+any rank failed, or a file a rank reported is not in the temporary directory with its size
+(the directory was removed and re-created under the save), the temporary directory is
+removed and the reason returned; otherwise rank 0 writes
 ``manifest.json`` (format, step, world size, checksum algorithm, every file's checksum,
 versions, user metadata), fsyncs it, renames the directory to ``step_<step>/`` (``publish``)
 and rotates old snapshots (steps up to this one; later steps are left alone and recorded in
@@ -55,7 +57,12 @@ def commit(
     try:
         files: dict[str, int] = {}
         for info in infos:
-            files.update(info)
+            files.update(info.files)
+        if missing := _missing(tmp, infos):  # (never publish what a rank's report promises
+            P.shutil.rmtree(tmp, ignore_errors=True)  # but the directory lacks)
+            return (f"checkpoint step {job.step} was not published: {tmp} lacks what the ranks "
+                    f"wrote: {'; '.join(missing)} (removed by another process?); published "
+                    "snapshots are untouched")  # fmt: skip
         P.write_json(os.path.join(tmp, P.MANIFEST), manifest(job.step, files, config, meta),
                      config.fsync)  # fmt: skip
         P.publish(directory, tmp, job.step, config.fsync)
@@ -66,6 +73,21 @@ def commit(
         return f"checkpoint step {job.step}: publishing {tmp} failed on rank 0: {why}"
     log.info("checkpoint: step %d published (%d ranks)", job.step, meta[0])
     return ""
+
+
+def _missing(tmp: str, infos: list[Written]) -> list[str]:
+    """Rank 0, before the rename: each rank's files as reported (present, same size)."""
+    out = []
+    for r, info in enumerate(infos):
+        for name, size in info.sizes.items():
+            try:
+                got = os.stat(os.path.join(tmp, name)).st_size
+            except FileNotFoundError:
+                out.append(f"rank {r}'s {name} is missing")
+                continue
+            if got != size:
+                out.append(f"rank {r}'s {name} holds {got} bytes, {size} were written")
+    return out
 
 
 def manifest(
@@ -89,6 +111,13 @@ def manifest(
     }
 
 
+class Written(NamedTuple):
+    """A rank's report of a save it wrote: its files' checksums and sizes."""
+
+    files: dict[str, int]
+    sizes: dict[str, int]
+
+
 class Skipped(NamedTuple):
     """A rank's report for a save its ``save()`` did not make (it raised an earlier failure)."""
 
@@ -98,7 +127,7 @@ class Skipped(NamedTuple):
 def report(job: Any) -> Any:
     """This rank's part of a save, for ``settle``: its files' checksums, or why it has none."""
     if job.error is None:
-        return job.files
+        return Written(job.files, job.sizes)
     return Skipped(job.skipped) if job.skipped else repr(job.error)
 
 

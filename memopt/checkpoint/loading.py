@@ -34,18 +34,60 @@ def open_published(directory: str, step: int | None, verify: bool) -> Snapshot:
     if step is not None:
         path = P.step_dir(directory, step)
         if not os.path.isfile(os.path.join(path, P.MANIFEST)):
+            foreign = P.foreign_names(directory)
             raise FileNotFoundError(
                 f"AsyncCheckpointer.load: no published snapshot of step {step} in "
                 f"{directory} (published: {P.published_steps(directory)})"
+                + (f"; {P.foreign_message(directory, foreign)}" if foreign else "")
             )
         return Snapshot(path, verify)
+    for _ in range(P.RELISTS):
+        snap = _newest(directory, verify)
+        if snap is not _VANISHED:
+            if snap is None:
+                break
+            return snap
+    else:
+        raise FileNotFoundError(
+            f"AsyncCheckpointer.load: the snapshots in {directory} kept vanishing while being "
+            f"read ({P.RELISTS} listings): is a run with a small keep= saving there right now? "
+            "Load a given step, or copy a snapshot elsewhere first"
+        )
+    foreign = P.foreign_names(directory)
+    raise FileNotFoundError(f"AsyncCheckpointer.load: no loadable snapshot in {directory}"
+                            + (f"; {P.foreign_message(directory, foreign)}" if foreign else ""))
+
+
+_VANISHED: Any = object()
+
+
+def _newest(directory: str, verify: bool) -> Snapshot | None:
+    """The newest intact published snapshot (warning for each damaged one), None when there
+    is none, or ``_VANISHED`` when the one being read was rotated out or replaced meanwhile:
+    rotation removes a snapshot only after a newer one is published, so the caller lists
+    again instead of falling back to an older one (or to none)."""
     for s in reversed(P.published_steps(directory)):
+        path = P.step_dir(directory, s)
+        before = _identity(path)
         try:
-            return Snapshot(P.step_dir(directory, s), verify)
-        except CorruptSnapshotError as e:
-            warnings.warn(f"{e}; falling back to an older snapshot", stacklevel=3)
+            return Snapshot(path, verify)
+        except (CorruptSnapshotError, FileNotFoundError) as e:
+            if before is None or _identity(path) != before:
+                log.info("checkpoint: step %d vanished while read (%s); listing again", s, e)
+                return _VANISHED
+            if isinstance(e, FileNotFoundError):
+                raise
+            warnings.warn(f"{e}; falling back to an older snapshot", stacklevel=4)
             log.warning("checkpoint: %s", e)
-    raise FileNotFoundError(f"AsyncCheckpointer.load: no loadable snapshot in {directory}")
+    return None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def restore_all(

@@ -78,6 +78,8 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     files: dict[str, int] = field(default_factory=dict)  # file name -> checksum
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes written
+    claim: Any = None  # this rank's lock on the temporary directory (``tmpdirs.Claim``)
     reported: bool = False  # the error was already raised to the caller (from save)
     skipped: str = ""  # why this rank's save() made no snapshot (it raised an earlier failure)
     by_peer: bool = False  # failed only because other ranks skipped it (``skipped``)

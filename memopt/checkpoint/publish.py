@@ -4,9 +4,17 @@
 ``.tmp-step_...`` directory after every rank's files and the manifest were written and
 fsynced (files, then the directory), so a reader never sees a partial one. Rotation and
 replacement first rename a snapshot to ``.trash-...`` (atomic), then delete it: a crash in the
-middle leaves a trash directory (removed at the next start), never a half-deleted snapshot
-that looks published. The deletion itself runs in a background thread, after the new
+middle leaves a trash directory (removed by the next run's first save), never a half-deleted
+snapshot that looks published. The deletion itself runs in a background thread, after the new
 snapshot is published (``_discard``).
+
+Only names in memopt's exact format (``step_`` and the step zero-padded to 10 digits) are
+snapshots: every path is rebuilt from the step number, so a hand-named ``step_5`` would be
+listed but never found. Such names are foreign: ignored by ``latest()``, ``load()`` and
+rotation, with a warning naming them. A listing that races with a rotation (a listed step
+renamed to trash before its manifest was checked, the newer one published after the
+``listdir``) is taken again (``RELISTS``), so a reader never sees an empty directory while
+a snapshot exists at every moment.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
+import warnings
 from typing import Any
 
 from memopt._utils import get_logger
@@ -27,12 +37,20 @@ _STEP = re.compile(r"^step_(\d+)$")
 log = get_logger("memopt.checkpoint")
 
 
+RELISTS = 20  # listings taken while listed snapshots vanish (rotation) before giving up
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:010d}"
+
+
 def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:010d}")
+    return os.path.join(root, step_name(step))
 
 
-def tmp_dir(root: str, step: int, seq: int) -> str:
-    return os.path.join(root, f".tmp-step_{step:010d}-{seq}")
+def tmp_dir(root: str, step: int, seq: int, run: str) -> str:
+    """The temporary directory of save number ``seq`` (of step ``step``) of the run ``run``."""
+    return os.path.join(root, f".tmp-step_{step:010d}-{seq}-{run}")
 
 
 def rank_files(rank: int) -> tuple[str, str]:
@@ -40,17 +58,57 @@ def rank_files(rank: int) -> tuple[str, str]:
 
 
 def published_steps(root: str) -> list[int]:
-    """Steps with a published snapshot, ascending."""
+    """Steps with a published snapshot, ascending (listed again while one vanishes under the
+    listing; foreign names are warned about: see the module docstring)."""
+    for attempt in range(RELISTS):
+        steps, foreign, vanished = _scan(root)
+        if not vanished:
+            break
+        time.sleep(0.001 * attempt)  # (a same-step replacement: renamed out, then in)
+    if foreign and (key := (root, tuple(foreign))) not in _foreign_seen:  # (rotation lists
+        _foreign_seen.add(key)  # at every save: once per directory and set of names)
+        warnings.warn(foreign_message(root, foreign), stacklevel=3)
+        log.warning("checkpoint: %s", foreign_message(root, foreign))
+    return steps
+
+
+_foreign_seen: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def foreign_names(root: str) -> list[str]:
+    """``step_<digits>`` snapshot directories whose name is not memopt's format."""
+    return _scan(root)[1]
+
+
+def foreign_message(root: str, names: list[str]) -> str:
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return (
+        f"checkpoint directory {root}: ignoring {shown}: a snapshot directory must be named "
+        "step_ plus its step zero-padded to 10 digits (e.g. step_0000000005); latest(), "
+        "load() and keep= rotation skip these. Rename one to step_<10 digits> to use it, or "
+        "open it directly with Snapshot(path) / export_hf(path, ...)"
+    )
+
+
+def _scan(root: str) -> tuple[list[int], list[str], bool]:
+    """(published steps, foreign snapshot names, whether a listed step vanished meanwhile)."""
     try:
         names = os.listdir(root)
     except FileNotFoundError:
-        return []
-    steps = []
+        return [], [], False
+    steps, foreign, vanished = [], [], False
     for name in names:
         m = _STEP.match(name)
-        if m and os.path.isfile(os.path.join(root, name, MANIFEST)):
+        if not m:
+            continue
+        path = os.path.join(root, name)
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            vanished = vanished or not os.path.lexists(path)
+        elif name == step_name(int(m.group(1))):
             steps.append(int(m.group(1)))
-    return sorted(steps)
+        else:
+            foreign.append(name)
+    return sorted(steps), sorted(foreign), vanished
 
 
 def write_json(path: str, obj: Any, fsync: bool) -> bytes:
@@ -77,19 +135,24 @@ def _remove(trash: str) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def delete_later(trash: str) -> None:
+    """Delete ``trash`` (a directory nobody reads any more) in a background thread."""
+    t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm")
+    t.start()
+    with _list_lock:
+        _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]
+
+
 def _discard(root: str, path: str) -> None:
     """Rename ``path`` to a trash name (atomic), then delete it in a background thread.
 
     Deleting a GB-sized file costs a few hundred ms where the file system discards (TRIMs)
     the freed blocks; the snapshot that replaced it is durable already, so that time is
     kept off the save's path. The threads are not daemons: the interpreter lets them finish;
-    a crash leaves the trash directory, removed by ``clean_stale`` at the next start."""
+    a crash leaves the trash directory, removed by ``tmpdirs.clean_stale`` at the next save."""
     trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
     os.rename(path, trash)
-    t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm")
-    t.start()
-    with _list_lock:
-        _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]
+    delete_later(trash)
 
 
 def wait_deletions() -> None:
@@ -159,10 +222,3 @@ def check_directory(where: str) -> None:
             f"AsyncCheckpointer: the checkpoint directory {where} is not writable by this "
             "process; pass a directory you can write to"
         )
-
-
-def clean_stale(root: str) -> None:
-    """Remove temporary and trash directories left by a crash."""
-    for name in os.listdir(root):
-        if name.startswith((".tmp-step_", ".trash-")):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -1,5 +1,6 @@
 """The snapshot directory: rotation beside later steps (a reused directory, a rollback),
-hand-damaged manifests, export into a new directory, and steps that are not ints."""
+hand-damaged manifests, hand-named snapshot directories, readers racing with rotation,
+export into a new directory, and steps that are not ints."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from memopt.checkpoint import AsyncCheckpointer, CorruptSnapshotError, export_hf
+from memopt.checkpoint import (
+    AsyncCheckpointer,
+    CorruptSnapshotError,
+    Snapshot,
+    export_hf,
+    loading,
+)
 from memopt.checkpoint.publish import step_dir
 
 
@@ -170,3 +178,84 @@ def test_a_snapshot_the_optimizer_refuses_leaves_the_model_untouched(tmp_path) -
         with pytest.raises(Exception, match="optimizer parameters differ"):
             ckpt.load(model=other, optimizer=partial)
         assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_a_hand_named_snapshot_is_foreign_and_ignored(tmp_path) -> None:
+    """``step_5`` (not zero-padded) used to count as published while every path is rebuilt
+    as ``step_0000000005``: load() aborted, load(5) contradicted itself and rotation failed
+    every later save. It is now ignored, with a warning naming it, and left alone."""
+    model = nn.Linear(4, 4)
+    with AsyncCheckpointer(tmp_path, keep=2, save_rng=False) as ckpt:
+        _saves(ckpt, model, (3, 5))
+    os.rename(tmp_path / "step_0000000005", tmp_path / "step_5")
+    with AsyncCheckpointer(tmp_path, keep=2, save_rng=False) as ckpt:
+        with pytest.warns(UserWarning, match=r"ignoring step_5: .*zero-padded to 10 digits"):
+            assert ckpt.latest() == 3
+        assert ckpt.load(model=model)["s"] == 3
+        with pytest.raises(FileNotFoundError, match=r"no published snapshot of step 5 .*"
+                                                    r"\(published: \[3\]\).*ignoring step_5"):
+            ckpt.load(5, model=model)
+        assert _saves(ckpt, model, (10, 11, 12)) == []  # each save published and rotated
+        assert ckpt.steps() == [11, 12]
+    assert Snapshot(str(tmp_path / "step_5")).step == 5  # left alone, still readable
+
+
+def _race(monkeypatch, root: Path, where: str) -> None:
+    """Steps 1 and 2 saved, step 2 moved aside (``_prepare``); from now on, the first listing
+    of ``root`` (``where`` = "listing") or the first read of a snapshot ("reading") runs a
+    keep=1 rotation: step 2 published, step 1 renamed to trash. A snapshot exists at every
+    moment."""
+    aside = root.parent / "aside"
+    fired: list[bool] = []
+
+    def rotate() -> None:
+        if not fired:
+            fired.append(True)
+            os.rename(aside, root / "step_0000000002")
+            os.rename(root / "step_0000000001", root / ".trash-race")
+
+    if where == "listing":
+        real_listdir = os.listdir
+
+        def listdir(path: Any = ".") -> list[str]:
+            names = real_listdir(path)
+            if os.fspath(path) == str(root):
+                rotate()
+            return names
+
+        monkeypatch.setattr(os, "listdir", listdir)
+    else:
+        real_snapshot = loading.Snapshot
+
+        def snapshot(path: str, verify: bool = True) -> Snapshot:
+            rotate()
+            return real_snapshot(path, verify)
+
+        monkeypatch.setattr(loading, "Snapshot", snapshot)
+
+
+@pytest.mark.parametrize(
+    ("where", "reader"),
+    [("listing", "latest"), ("listing", "load"), ("listing", "export_hf"),
+     ("reading", "load"), ("reading", "export_hf")],
+)  # fmt: skip
+def test_a_reader_racing_with_rotation_finds_the_newer_snapshot(
+    tmp_path, monkeypatch, where: str, reader: str
+) -> None:
+    """It saw no snapshot at all (listing: "is neither a snapshot nor holds one", "no
+    loadable snapshot") or aborted on the vanished one (reading)."""
+    root = tmp_path / "ck"
+    with AsyncCheckpointer(root, keep=3, save_rng=False) as ckpt:
+        _saves(ckpt, nn.Linear(4, 3), (1, 2))
+    os.rename(root / "step_0000000002", tmp_path / "aside")
+    with AsyncCheckpointer(root, save_rng=False) as ckpt:  # (opened before the race)
+        _race(monkeypatch, root, where)
+        if reader == "latest":
+            assert ckpt.latest() == 2
+        elif reader == "load":
+            assert ckpt.load(model=nn.Linear(4, 3))["s"] == 2
+    if reader == "export_hf":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to an older snapshot either
+            assert load_file(export_hf(root, tmp_path / "hf")).keys() == {"weight", "bias"}
+    assert not (tmp_path / "aside").exists()  # the race ran
