@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,7 @@ class PinnedArena:
         self._next_chunk = 0
         self._requested = 0
         self._lock = threading.Lock()
+        self._released: list[ArenaBlock] = []  # given back by release(), not yet freed
         if self.config.initial_bytes:
             self._add_chunk(round_up(self.config.initial_bytes, PAGE_SIZE))
 
@@ -147,6 +148,7 @@ class PinnedArena:
         if align > PAGE_SIZE:
             raise ValueError(f"alignment {align} > page size {PAGE_SIZE} is not supported")
         with self._lock:
+            self._drain()
             for idx, chunk in self._chunks.items():
                 off = chunk.alloc.allocate(nbytes, align)
                 if off is not None:
@@ -165,8 +167,30 @@ class PinnedArena:
 
     def free(self, block: ArenaBlock) -> None:
         with self._lock:
+            self._drain()
             self._chunks[block.chunk].alloc.free(block.offset)
             self._requested -= block.nbytes
+
+    def release(self, blocks: Iterable[ArenaBlock]) -> None:
+        """Free ``blocks`` from a finalizer: never waits for the lock. A garbage collection
+        may run a finalizer in the middle of another arena call on the same thread, lock
+        held and the allocator half-updated; so the blocks are freed now when the lock is
+        free, else by the next arena call (``report()`` included)."""
+        self._released.extend(blocks)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """Free the blocks ``release`` queued (lock held)."""
+        while self._released:
+            block = self._released.pop()
+            chunk = self._chunks.get(block.chunk)
+            if chunk is not None:  # a closed arena has forgotten its chunks
+                chunk.alloc.free(block.offset)
+                self._requested -= block.nbytes
 
     def bytes_view(self, block: ArenaBlock) -> torch.Tensor:
         """The block's bytes as a ``uint8`` tensor (a view, no copy)."""
@@ -198,6 +222,7 @@ class PinnedArena:
         """Unpin and drop chunks with no blocks; returns the bytes given back."""
         freed = 0
         with self._lock:
+            self._drain()
             for idx in [i for i, c in self._chunks.items() if not c.alloc.stats().allocated_blocks]:
                 chunk = self._chunks.pop(idx)
                 chunk.buffer.release()
@@ -206,6 +231,7 @@ class PinnedArena:
 
     def report(self) -> TierReport:
         with self._lock:
+            self._drain()
             stats = [c.alloc.stats() for c in self._chunks.values()]
             pinned = sum(
                 c.buffer.nbytes for c in self._chunks.values() if c.buffer.pinned != "none"
@@ -234,6 +260,7 @@ class PinnedArena:
             for chunk in self._chunks.values():
                 chunk.buffer.release()
             self._chunks.clear()
+            self._released.clear()
             self._requested = 0
 
 

@@ -24,6 +24,8 @@ import os
 import threading
 from typing import Literal, Protocol, runtime_checkable
 
+from memopt.offload.tier import check_process
+
 __all__ = ["IOBackend", "ThreadPoolBackend"]
 
 IOOp = Literal["read", "write"]
@@ -105,10 +107,12 @@ class ThreadPoolBackend:
         self.queue_depth = queue_depth
         self.block_size = block_size
         self._pool = cf.ThreadPoolExecutor(queue_depth, thread_name_prefix="memopt-io")
+        self._pid = os.getpid()  # the pool's threads exist only in this process
 
     def submit(
         self, op: IOOp, fd: int, ptr: int, nbytes: int, offset: int, label: str
     ) -> list[cf.Future]:
+        check_process(self._pid, "ThreadPoolBackend")  # forked: no thread would run it
         fn = _write_piece if op == "write" else _read_piece
         futures = []
         for start in range(0, nbytes, self.block_size):
@@ -117,6 +121,8 @@ class ThreadPoolBackend:
         return futures
 
     def close(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: the threads are the parent's
+            return
         # From one of the pool's own threads (a finalizer run by a garbage collection there)
         # waiting would join that thread itself: the workers then end once the queue is empty.
         own = threading.current_thread() in getattr(self._pool, "_threads", ())

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from memopt._utils.native import load_library
 from memopt.offload.io_backend import IOBackend, IOOp, ThreadPoolBackend, _fail
+from memopt.offload.sigdefer import deferred_sigint
+from memopt.offload.tier import check_process
 
 __all__ = ["NativeAIOBackend", "native_available", "make_backend", "default_workers"]
 
@@ -76,6 +78,7 @@ class _Request:
     op: IOOp
     label: str
     future: cf.Future
+    enqueued: bool = False  # handed to the engine (set under the lock with the tag)
 
 
 class _Engine:
@@ -94,27 +97,39 @@ class _Engine:
         self._outstanding: dict[int, _Request] = {}
         self._next_tag = 1
         self._closing = False
+        self._pid = os.getpid()  # the reaper and the C worker exist only in this process
         self._reaper = threading.Thread(target=self._reap_loop, name="memopt-aio", daemon=True)
         self._reaper.start()
 
     def submit(
         self, op: IOOp, fd: int, ptr: int, nbytes: int, offset: int, label: str
     ) -> cf.Future:
+        check_process(self._pid, "NativeAIOBackend")
         fut: cf.Future[None] = cf.Future()
         fut.set_running_or_notify_cancel()
-        with self._lock:
+        args = (
+            ctypes.byref(ctypes.c_int(int(op == "write"))), ctypes.byref(ctypes.c_int(fd)),
+            ctypes.byref(ctypes.c_uint64(ptr)), ctypes.byref(ctypes.c_int64(nbytes)),
+            ctypes.byref(ctypes.c_int64(offset)),
+        )  # fmt: skip
+        # Registering the tag and enqueueing it happen together: under the lock (so close()
+        # never sees one without the other) and with Ctrl-C held back (a KeyboardInterrupt
+        # between them left a tag the engine never saw, and close() waited for it forever).
+        with deferred_sigint(), self._lock:
             if self._closing:
                 raise RuntimeError("NativeAIOBackend is closed")
             tag = self._next_tag
             self._next_tag += 1
-            self._outstanding[tag] = _Request(op, label, fut)
+            req = self._outstanding[tag] = _Request(op, label, fut)
+            try:
+                self._lib.memopt_aio_enqueue(
+                    self._engine, 1, *args, ctypes.byref(ctypes.c_uint64(tag)), self.block_size
+                )
+            except BaseException:  # the call failed before the engine took it
+                del self._outstanding[tag]
+                raise
+            req.enqueued = True
             self._lock.notify_all()
-        self._lib.memopt_aio_enqueue(
-            self._engine, 1, ctypes.byref(ctypes.c_int(int(op == "write"))),
-            ctypes.byref(ctypes.c_int(fd)), ctypes.byref(ctypes.c_uint64(ptr)),
-            ctypes.byref(ctypes.c_int64(nbytes)), ctypes.byref(ctypes.c_int64(offset)),
-            ctypes.byref(ctypes.c_uint64(tag)), self.block_size,
-        )  # fmt: skip
         return fut
 
     @staticmethod
@@ -146,26 +161,42 @@ class _Engine:
             with self._lock:
                 while not self._outstanding and not self._closing:
                     self._lock.wait()
+                if self._closing:
+                    self._fail_unsent()
                 if not self._outstanding and self._closing:
                     return
             n = self._lib.memopt_aio_poll(
                 self._engine, cap, 100_000_000, tags, status, offsets, lengths
             )
             with self._lock:
-                done = [(self._outstanding.pop(int(tags[i])), i) for i in range(n)]
+                done = [(self._outstanding.pop(int(tags[i]), None), i) for i in range(n)]
             for req, i in done:
+                if req is None:  # a tag failed by _fail_unsent: nobody waits for it
+                    continue
                 err = self._outcome(req, int(status[i]), int(offsets[i]), int(lengths[i]))
                 if err is None:
                     req.future.set_result(None)
                 else:
                     req.future.set_exception(err)
 
+    def _fail_unsent(self) -> None:
+        """Closing (lock held): a request the engine never took will never complete; fail it
+        rather than wait for it (submit registers and enqueues together, so none should
+        exist; this keeps close() bounded if one ever does)."""
+        for tag in [t for t, r in self._outstanding.items() if not r.enqueued]:
+            req = self._outstanding.pop(tag)
+            req.future.set_exception(RuntimeError(f"{req.label}: never submitted (closed)"))
+
     def close(self) -> None:
         """Finish every queued and in-flight piece, then release the engine (the reaper
-        does, on its way out; called from the reaper itself, this does not wait)."""
+        does, on its way out; called from the reaper itself, this does not wait). In a
+        process forked from the one that made the engine this only marks it closed: its
+        threads, and the requests they serve, exist only in the parent."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
+        if os.getpid() != self._pid:
+            return
         if threading.current_thread() is not self._reaper:
             self._reaper.join()
 

@@ -18,15 +18,20 @@ device) goes through a bounce block of its size from the pinned arena.
 
 Concurrency: ``submit`` returns at once; the backend (``make_backend``: native Linux AIO
 when built, else threads; ``MEMOPT_AIO`` overrides) keeps ``queue_depth`` pieces of
-``block_size`` in flight; several writes and reads may be outstanding together.
+``block_size`` in flight; several writes and reads may be outstanding together. A request is
+slotted, submitted and tracked with Ctrl-C held back (``sigdefer``), so an interrupt never
+leaves I/O in flight that nothing waits for. The tier belongs to the process that made it:
+in a forked child any use is a RuntimeError and close/finalizer leave the parent's file.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import errno
+import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +47,14 @@ from memopt.offload.nvme_file import (
     grow_swap_file,
     open_swap_file,
 )
+from memopt.offload.sigdefer import deferred_sigint
 from memopt.offload.tier import (
     IOFuture,
     StorageTier,
     TierHandle,
     TierReport,
     check_io_tensor,
+    check_process,
     live_entry,
     new_handle,
     request_nbytes,
@@ -98,8 +105,14 @@ class NVMeTier(StorageTier):
         # A tier dropped without close() (or alive at interpreter exit) still stops the I/O
         # threads it made and removes its preallocated file: scratch space must not outlive
         # the process.
+        # A process forked from this one inherits the tier (and the finalizer) but not its
+        # I/O threads: the finalizer and close() there leave the parent's file alone, and
+        # any use is a RuntimeError (check_process).
+        self._pid = os.getpid()
         owned = None if backend is not None else self.backend
-        self._finalizer = weakref.finalize(self, _discard, self.file, config.keep_file, owned)
+        self._finalizer = weakref.finalize(
+            self, _discard, self.file, config.keep_file, owned, self._pid
+        )
         self._slots = FreeListAllocator(self.file.size, granule=ALIGN)
         self._table: dict[int, _Entry] = {}
         self._pending: dict[int, set[IOFuture]] = {}
@@ -155,6 +168,7 @@ class NVMeTier(StorageTier):
         return live_entry(self._table, handle, "NVMe")
 
     def _check_open(self) -> None:
+        check_process(self._pid, f"NVMe tier ({self.file.path})")
         if self.file.fd < 0:
             raise RuntimeError(
                 f"this NVMe tier ({self.file.path}) was closed: its handles are gone; make a "
@@ -210,41 +224,70 @@ class NVMeTier(StorageTier):
         fut.add_done_callback(untrack)
         return fut
 
+    def _start(
+        self, op: IOOp, buf: torch.Tensor, offset: int, label: str, undo: Callable[[], None]
+    ) -> tuple[IOFuture, ArenaBlock | None, int]:
+        """Plan, stage and submit one request: (its future, its bounce block, in-place bytes).
+        On an error nothing stays behind: the pieces already submitted are waited for, the
+        bounce block is given back and ``undo`` runs (releases the slot)."""
+        pieces: list[cf.Future] = []
+        bounce = None
+        try:
+            ptr, direct, bounce = self._plan(buf)
+            if op == "write" and bounce is not None:
+                staged = self.arena.bytes_view(bounce)
+                staged[: buf.numel() - direct].copy_(buf[direct:])
+                staged[buf.numel() - direct :].zero_()
+            if direct:
+                pieces += self._submit(op, ptr, direct, offset, label)
+            if bounce is not None:
+                pieces += self._submit(op, bounce.ptr, bounce.reserved, offset + direct, label)
+            # buf must outlive the pieces that read or fill it
+            return IOFuture(pieces, label, keep_alive=buf), bounce, direct
+        except BaseException:
+            cf.wait(pieces)
+            if bounce is not None:
+                self._unbounce(bounce)
+            undo()
+            raise
+
     def write_async(self, handle: TierHandle, tensor: torch.Tensor) -> IOFuture:
         check_io_tensor(handle, tensor, "NVMeTier.write_async")
         entry = self._entry(handle)
         if handle.nbytes == 0:
             return IOFuture.completed()
         src = tensor.reshape(-1).view(torch.uint8)
-        shadow = self._new_slot(handle.nbytes)
-        with self._lock:
-            entry.next_seq += 1
-            seq = entry.next_seq
-        ptr, direct, bounce = self._plan(src)
-        if bounce is not None:
-            staged = self.arena.bytes_view(bounce)
-            staged[: src.numel() - direct].copy_(src[direct:])
-            staged[src.numel() - direct :].zero_()
         label = f"NVMe tier write of handle {handle.key} to {self.file.path}"
-        pieces = self._submit("write", ptr, direct, shadow.offset, label) if direct else []
-        if bounce is not None:
-            pieces += self._submit(
-                "write", bounce.ptr, bounce.reserved, shadow.offset + direct, label
-            )
-        fut = IOFuture(pieces, label, keep_alive=src)  # src must outlive the pieces reading it
-
-        def commit(err: BaseException | None) -> None:
-            if bounce is not None:
-                self._unbounce(bounce)
+        # From the shadow slot to the tracked future in one go: a Ctrl-C in between left I/O
+        # in flight that nothing waited for, and its slot and bounce block never came back.
+        with deferred_sigint():
+            shadow = self._new_slot(handle.nbytes)
             with self._lock:
-                if err is not None or seq < entry.committed_seq or handle.key not in self._table:
-                    self._release_slot(shadow)  # previous content stays the committed one
-                    return
-                old, entry.slot, entry.committed_seq = entry.slot, shadow, seq
-                self._release_slot(old)
+                entry.next_seq += 1
+                seq = entry.next_seq
+            fut, bounce, _ = self._start(
+                "write", src, shadow.offset, label, lambda: self._release_slot(shadow)
+            )
 
-        fut.add_done_callback(commit)
-        return self._track(handle.key, fut)
+            def commit(err: BaseException | None) -> None:
+                if bounce is not None:
+                    self._unbounce(bounce)
+                with self._lock:
+                    stale = seq < entry.committed_seq or handle.key not in self._table
+                    if err is not None or stale:
+                        self._release_slot(shadow)  # previous content stays the committed one
+                        return
+                    old, entry.slot, entry.committed_seq = entry.slot, shadow, seq
+                    self._release_slot(old)
+
+            fut.add_done_callback(commit)
+            return self._track(handle.key, fut)
+
+    def _unpin(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.readers -= 1
+            if slot.retired and slot.readers == 0:
+                self._slots.free(slot.offset)
 
     def read_async(self, handle: TierHandle, out: torch.Tensor) -> IOFuture:
         check_io_tensor(handle, out, "NVMeTier.read_async")
@@ -252,30 +295,27 @@ class NVMeTier(StorageTier):
         if handle.nbytes == 0:
             return IOFuture.completed()
         dst = out.reshape(-1).view(torch.uint8)
-        with self._lock:
-            slot = entry.slot
-            slot.readers += 1
-        ptr, direct, bounce = self._plan(dst)
         label = f"NVMe tier read of handle {handle.key} from {self.file.path}"
-        pieces = self._submit("read", ptr, direct, slot.offset, label) if direct else []
-        if bounce is not None:
-            pieces += self._submit("read", bounce.ptr, bounce.reserved, slot.offset + direct, label)
-        fut = IOFuture(pieces, label, keep_alive=dst)
-
-        def finish(err: BaseException | None) -> None:
+        with deferred_sigint():  # pin, submit and track together (see write_async)
             with self._lock:
-                slot.readers -= 1
-                if slot.retired and slot.readers == 0:
-                    self._slots.free(slot.offset)
-            if bounce is not None:
-                try:
-                    if err is None:
-                        dst[direct:].copy_(self.arena.bytes_view(bounce)[: dst.numel() - direct])
-                finally:
-                    self._unbounce(bounce)
+                slot = entry.slot
+                slot.readers += 1
+            fut, bounce, direct = self._start(
+                "read", dst, slot.offset, label, lambda: self._unpin(slot)
+            )
 
-        fut.add_done_callback(finish)
-        return self._track(handle.key, fut)
+            def finish(err: BaseException | None) -> None:
+                self._unpin(slot)
+                if bounce is not None:
+                    try:
+                        if err is None:
+                            staged = self.arena.bytes_view(bounce)
+                            dst[direct:].copy_(staged[: dst.numel() - direct])
+                    finally:
+                        self._unbounce(bounce)
+
+            fut.add_done_callback(finish)
+            return self._track(handle.key, fut)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -292,15 +332,25 @@ class NVMeTier(StorageTier):
                 live_handles=len(self._table),
             )
 
+    def check_usable(self) -> None:
+        self._check_open()
+
     def flush(self) -> None:
         """Wait for every operation in flight; raise the first error."""
+        check_process(self._pid, f"NVMe tier ({self.file.path})")
         with self._lock:
             futures = [f for s in self._pending.values() for f in s]
         wait_all(futures)
 
     def close(self) -> None:
-        if self.file.fd < 0:
+        """Wait for the I/O in flight, stop the backend this tier made, close and remove the
+        file (unless ``keep_file``). In a process forked from the tier's, only this process's
+        copy of the descriptor is closed: the file and the I/O threads are the parent's."""
+        if self.file.fd < 0 or os.getpid() != self._pid:
             self._finalizer.detach()
+            if self.file.fd >= 0:
+                fd, self.file.fd = self.file.fd, -1
+                os.close(fd)  # the parent's descriptor (and its flock) stay
             return
         try:
             self.flush()
@@ -312,9 +362,12 @@ class NVMeTier(StorageTier):
                 close_swap_file(self.file, self.config.keep_file)
 
 
-def _discard(swap: SwapFile, keep: bool, backend: IOBackend | None) -> None:
+def _discard(swap: SwapFile, keep: bool, backend: IOBackend | None, pid: int) -> None:
     """The finalizer of a tier never closed: stop the backend it made (nothing of the tier's
-    is in flight: a request in flight holds the tier), then close and remove its file."""
+    is in flight: a request in flight holds the tier), then close and remove its file. In a
+    forked child (at its exit, say) it does nothing: the file is the parent's."""
+    if os.getpid() != pid:
+        return
     try:
         if backend is not None:
             backend.close()

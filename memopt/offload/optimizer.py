@@ -11,6 +11,11 @@ its first step with a gradient: the master is the parameter upcast to fp32, the 
 ``state_dict()`` reads every tensor back from the tier and returns torch AdamW's layout
 (``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master`` (fp32); ``load_state_dict`` writes them
 to the tier (no cast to the parameter's dtype: the moments stay fp32).
+
+Lifetime: ``close()`` frees everything; dropped without it, finalizers free the same (the
+tier's blocks, the staging ring). Copies and pickles are refused (use ``state_dict``). A new
+parameter's state is made all or nothing, before any step counter moves, so a Ctrl-C in a
+first step leaves nothing half made.
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self.offload = offload or OffloadConfig()
         self.tier = tier if tier is not None else self.offload.make_tier()
         self._owns_tier = tier is None
+        self._pid = os.getpid()
         self.store = OffloadedAdamState(
             self.tier,
             bucket_bytes=self.offload.bucket_bytes,
@@ -169,18 +175,21 @@ class OffloadedAdamW(torch.optim.Optimizer):
                         f"OffloadedAdamW does not support sparse gradients (a parameter of "
                         f"shape {tuple(p.shape)}); nothing was updated"
                     )
+        # New state first, all of it, before any counter moves: a parameter is fresh until
+        # both its state on the tier and its counter exist (an interrupted first step left
+        # one without the other, and every later step raised KeyError: 'step')
         fresh = [p for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and p not in self.store]  # fmt: skip
+                 if p.grad is not None and not self._has_state(p)]  # fmt: skip
         self.store.reserve([p.numel() for p in fresh])  # host tiers: one exact-size piece
+        for p in fresh:
+            self.store.add(p, p.detach())  # upcast chunk by chunk; all or nothing
+            self.state[p] = {"step": 0}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if p not in self.store:
-                    self.store.add(p, p.detach())  # upcast chunk by chunk
-                    state["step"] = 0
                 state["step"] += 1
                 hyper = AdamHyper(
                     step=int(state["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
@@ -198,6 +207,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 "last checkpoint once the tier has room",
             ) from e
         return loss
+
+    def _has_state(self, p: Tensor) -> bool:
+        return p in self.store and "step" in self.state.get(p, ())
 
     def state_dict(self) -> dict[str, Any]:
         """torch AdamW's layout, the tensors read back from the tier (plus fp32 ``master``)."""
@@ -245,12 +257,20 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def close(self) -> None:
         """Free the state on the tier (and the tier, if this optimizer made it). The state is
         gone: stepping or reading it afterwards is a RuntimeError; a second close does
-        nothing."""
+        nothing. Dropping the optimizer without close() frees the same (finalizers), except
+        the state's room on a tier passed as ``tier=``, which that tier keeps until it is
+        closed or dropped. In a process forked from the optimizer's, close() leaves the
+        parent's state and files alone."""
+        if self._closed:
+            return
         self._closed = True
-        self.store.close()
-        if self._owns_tier:
-            self.tier.close()
-        self.state.clear()
+        try:
+            if os.getpid() == self._pid:
+                self.store.close()
+        finally:
+            if self._owns_tier:
+                self.tier.close()
+            self.state.clear()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -258,6 +278,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 "this OffloadedAdamW was closed: close() freed its state on the tier (master "
                 "weights and moments); make a new optimizer, or load a checkpoint into one"
             )
+        self.tier.check_usable()  # an NVMe tier inherited by fork: before anything changes
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "OffloadedAdamW cannot be copied or pickled: its master weights and moments live "
+            "on a storage tier (pinned host memory or an NVMe file), not in the object, so "
+            "a copy would have no state. Save opt.state_dict() (torch.save or memopt's "
+            "AsyncCheckpointer) and load_state_dict() it into a new OffloadedAdamW"
+        )
 
     def __repr__(self) -> str:
         return f"OffloadedAdamW(device={self.offload.device!r}, tier={type(self.tier).__name__})"

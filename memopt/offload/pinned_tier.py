@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,10 @@ class PinnedCPUTier(StorageTier):
         self._blocks: dict[int, ArenaBlock] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # A tier dropped without close() gives its blocks back to the arena (shared by the
+        # whole process): every trial of a loop that dropped an optimizer kept its state.
+        finalizer = weakref.finalize(self, _release_blocks, self.arena, self._blocks)
+        finalizer.atexit = False  # at exit the memory goes with the process
 
     def allocate(
         self, nbytes_or_shape: int | Sequence[int], dtype: torch.dtype | None = None
@@ -116,10 +121,20 @@ class PinnedCPUTier(StorageTier):
         )
 
     def close(self) -> None:
+        """Free every block (the tier stays usable: later allocations start afresh)."""
         with self._lock:
-            blocks, self._blocks = list(self._blocks.values()), {}
+            blocks = list(self._blocks.values())
+            self._blocks.clear()  # the same dict: the finalizer holds it
         for block in blocks:
             self.arena.free(block)
+
+
+def _release_blocks(arena: PinnedArena, blocks: dict[int, ArenaBlock]) -> None:
+    """The finalizer of a tier never closed (holds the arena and the block table, not the
+    tier): hand its blocks back without waiting for the arena's lock."""
+    held = list(blocks.values())
+    blocks.clear()
+    arena.release(held)
 
 
 def _wait_event(event: torch.cuda.Event, piece: cf.Future) -> None:

@@ -32,61 +32,28 @@ time spent waiting for I/O and updating. Gradients may be fp32, bf16 or fp16, on
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from memopt.offload.allocator import round_up
 from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
-from memopt.offload.cpu_adam import EpsMode
 from memopt.offload.host_update import cpu_batch, direct_lowp
 from memopt.offload.hybrid import ByteCosts
 from memopt.offload.hybrid_update import HybridUpdate
-from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+from memopt.offload.pipeline_items import AdamHyper, PipelineStats, StepItem
+from memopt.offload.sigdefer import deferred_sigint
+from memopt.offload.tier import IOFuture, StorageTier, TierHandle, settle, wait_all
 
 __all__ = ["AdamHyper", "OffloadedAdamState", "PipelineStats", "StepItem"]
 
 _PAD = 1024  # fp32 elements per 4096-byte page
 RING = 3
-
-
-@dataclass(frozen=True)
-class AdamHyper:
-    """One tensor's AdamW hyperparameters for this step (``step`` is 1-based)."""
-
-    step: int
-    lr: float
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    eps_mode: EpsMode = "torch"
-
-
-@dataclass
-class StepItem:
-    """One tensor to update: its state key, gradient, the model tensor that receives the
-    updated values (any dtype/device, same number of elements) and its hyperparameters."""
-
-    key: Hashable
-    grad: Tensor
-    param: Tensor
-    hyper: AdamHyper
-
-
-@dataclass
-class PipelineStats:
-    """Seconds spent waiting for reads/writes and updating, and bytes moved, since reset."""
-
-    io_wait_s: float = 0.0
-    update_s: float = 0.0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    steps: int = 0
-    groups: list[int] = field(default_factory=list)  # tensors per group, last step
 
 
 @dataclass
@@ -136,8 +103,12 @@ class OffloadedAdamState:
         self.hybrid = hybrid  # None: every group on the CPU (see hybrid_update.py)
         self.stats = PipelineStats()
         self._entries: dict[Hashable, _Entry] = {}
-        self._ring: list[ArenaBlock] = []
+        self._ring: list[ArenaBlock] = []  # mutated in place: the finalizer holds it
         self._ring_elems = 0
+        # Dropped without close(): the staging ring goes back to the (process-wide) arena.
+        # The state's handles are the tier's to free (its close() or its own finalizer).
+        finalizer = weakref.finalize(self, _release_ring, self.arena, self._ring)
+        finalizer.atexit = False
 
     # --- state ----------------------------------------------------------------------------
     def __contains__(self, key: Hashable) -> bool:
@@ -153,7 +124,9 @@ class OffloadedAdamState:
         """Put a tensor's state on the tier (moments default to zeros); replaces an old one.
 
         ``master`` may be in any floating dtype (a bf16 parameter): each chunk is converted
-        to fp32 as it is copied, so no full-size fp32 temporary is made.
+        to fp32 as it is copied, so no full-size fp32 temporary is made. All or nothing: the
+        key is registered only once every chunk is written; an error or a Ctrl-C before that
+        frees what was allocated and leaves the key absent (an old state is removed first).
         """
         n = master.numel()
         for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -163,13 +136,24 @@ class OffloadedAdamState:
             self.remove(key)
         # in place (host tier, no staging): one chunk per tensor; streamed: bucket-sized chunks
         step = max(n, 1) if self.in_place else self.chunk_elems
-        chunks = []
-        for start in range(0, max(n, 1), step):
-            c = min(step, n - start)
-            padded = round_up(max(3 * c, 1), _PAD)
-            chunks.append(_Chunk(self.tier.allocate((padded,), torch.float32), start, c, padded))
-        self._entries[key] = _Entry(n, chunks)
+        chunks: list[_Chunk] = []
         srcs = [t if t is None else t.detach().reshape(-1) for t in (master, exp_avg, exp_avg_sq)]
+        try:
+            with deferred_sigint():  # no handle between allocate() and the list
+                for start in range(0, max(n, 1), step):
+                    c = min(step, n - start)
+                    padded = round_up(max(3 * c, 1), _PAD)
+                    handle = self.tier.allocate((padded,), torch.float32)
+                    chunks.append(_Chunk(handle, start, c, padded))
+            self._write(chunks, srcs)
+        except BaseException:
+            for ch in chunks:
+                with contextlib.suppress(Exception):  # raising the first error, below
+                    self.tier.free(ch.handle)
+            raise
+        self._entries[key] = _Entry(n, chunks)
+
+    def _write(self, chunks: list[_Chunk], srcs: list[Tensor | None]) -> None:
         if self.in_place:  # write straight into the tier's memory
             for ch in chunks:
                 _fill(self.tier.view(ch.handle), srcs, ch)  # type: ignore[attr-defined]
@@ -179,9 +163,23 @@ class OffloadedAdamState:
             for ch in chunks:
                 buf = self.arena.tensor(block, torch.float32)[: ch.padded]
                 _fill(buf, srcs, ch)
-                self.tier.write_async(ch.handle, buf).wait()
+                self._transfer("write", ch.handle, buf)
         finally:
             self.arena.free(block)
+
+    def _transfer(self, op: str, handle: TierHandle, buf: Tensor) -> None:
+        """One read or write, waited for. Whatever interrupts it (a Ctrl-C), it returns or
+        raises only once the transfer is over: the caller then frees ``buf``'s block."""
+        futs: list[IOFuture] = []
+        try:
+            with deferred_sigint():  # the future is in futs before a Ctrl-C can raise
+                io = self.tier.read_async if op == "read" else self.tier.write_async
+                futs.append(io(handle, buf))
+            futs[0].wait()
+        except BaseException:
+            for fut in futs:
+                settle(fut)
+            raise
 
     def reserve(self, numels: Sequence[int]) -> None:
         """Make room for the state of tensors of ``numels`` elements that ``add`` will place
@@ -201,7 +199,7 @@ class OffloadedAdamState:
         try:
             for ch in e.chunks:
                 buf = self.arena.tensor(block, torch.float32)[: ch.padded]
-                self.tier.read_async(ch.handle, buf).wait()
+                self._transfer("read", ch.handle, buf)
                 for i in range(3):
                     out[i][ch.start : ch.start + ch.numel] = buf[i * ch.numel : (i + 1) * ch.numel]
             return out  # type: ignore[return-value]
@@ -225,9 +223,12 @@ class OffloadedAdamState:
     def close(self) -> None:
         for key in list(self._entries):
             self.remove(key)
-        for block in self._ring:
-            self.arena.free(block)
-        self._ring, self._ring_elems = [], 0
+        self._free_ring()
+
+    def _free_ring(self) -> None:
+        self._ring_elems = 0
+        while self._ring:
+            self.arena.free(self._ring.pop())
 
     # --- the step -------------------------------------------------------------------------
     def groups(self, items: Sequence[StepItem]) -> list[list[_Unit]]:
@@ -278,28 +279,27 @@ class OffloadedAdamState:
         writes: list[list[IOFuture]] = [[] for _ in groups]
         try:
             if groups:
-                reads[0] = self._io("read", 0, groups[0])
+                self._io("read", 0, groups[0], reads[0])
             for i, group in enumerate(groups):
                 self._wait(reads[i])
                 self._log("read_done", i)
                 if i + 1 < len(groups):
                     if i >= 2:
                         self._wait(writes[i - 2])  # its buffer is the one read(i+1) fills
-                    reads[i + 1] = self._io("read", i + 1, groups[i + 1])
+                    self._io("read", i + 1, groups[i + 1], reads[i + 1])
                 self._update(i, group, self._views(i, group))
-                writes[i] = self._io("write", i, group)
+                self._io("write", i, group, writes[i])
         finally:
             t0 = time.perf_counter()
             wait_all([f for fs in reads + writes for f in fs])
             self.stats.io_wait_s += time.perf_counter() - t0
 
     def _ensure_ring(self, elems: int) -> None:
-        if elems <= self._ring_elems:
+        if elems <= self._ring_elems and len(self._ring) == RING:
             return
-        for block in self._ring:
-            self.arena.free(block)
-        self._ring = []
-        self._ring = [self.arena.alloc(elems * 4, 4096) for _ in range(RING)]
+        self._free_ring()
+        while len(self._ring) < RING:
+            self._ring.append(self.arena.alloc(elems * 4, 4096))
         self._ring_elems = elems
 
     def _views(self, i: int, group: list[_Unit]) -> list[Tensor]:
@@ -310,18 +310,20 @@ class OffloadedAdamState:
             off += u.chunk.padded
         return out
 
-    def _io(self, op: str, i: int, group: list[_Unit]) -> list[IOFuture]:
-        futs = []
-        for u, view in zip(group, self._views(i, group), strict=True):
-            handle = u.chunk.handle
-            if op == "read":
-                futs.append(self.tier.read_async(handle, view))
-                self.stats.bytes_read += handle.nbytes
-            else:
-                futs.append(self.tier.write_async(handle, view))
-                self.stats.bytes_written += handle.nbytes
+    def _io(self, op: str, i: int, group: list[_Unit], futs: list[IOFuture]) -> None:
+        """Issue group i's reads or writes, each future into ``futs`` as soon as it exists
+        (the step's ``finally`` waits for them even when a Ctrl-C stops the loop here: the
+        ring buffer must not be reused under a transfer still in flight)."""
+        with deferred_sigint():
+            for u, view in zip(group, self._views(i, group), strict=True):
+                handle = u.chunk.handle
+                if op == "read":
+                    futs.append(self.tier.read_async(handle, view))
+                    self.stats.bytes_read += handle.nbytes
+                else:
+                    futs.append(self.tier.write_async(handle, view))
+                    self.stats.bytes_written += handle.nbytes
         self._log(f"{op}_issue", i)
-        return futs
 
     def _wait(self, futs: list[IOFuture]) -> None:
         t0 = time.perf_counter()
@@ -354,6 +356,13 @@ class OffloadedAdamState:
                 cpu_batch(hyper, lowp_dtype is not None, triples, self.hybrid)
         self.stats.update_s += time.perf_counter() - t0
         self._log("update_end", i)
+
+
+def _release_ring(arena: PinnedArena, ring: list[ArenaBlock]) -> None:
+    """The finalizer of a state never closed (holds the arena and the ring, not the state)."""
+    held = list(ring)
+    ring.clear()
+    arena.release(held)
 
 
 def _fill(buf: Tensor, srcs: list[Tensor | None], ch: _Chunk) -> None:

@@ -159,6 +159,14 @@ class StateOffloadedOptimizer(WrapperOptimizer):
                 "optimizer (.inner) and its tier handles are freed; make a new one to step"
             )
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "StateOffloadedOptimizer cannot be copied or pickled: its large state tensors "
+            "live on a storage tier (pinned host memory or an NVMe file), not in the object, "
+            "so a copy would have no state. Save opt.state_dict() (torch.save or memopt's "
+            "AsyncCheckpointer) and load_state_dict() it into a new optimizer"
+        )
+
     def __repr__(self) -> str:
         return f"StateOffloadedOptimizer({type(self.inner).__name__}, tier={self.tier.name})"
 

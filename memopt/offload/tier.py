@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import contextlib
 import itertools
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,6 +163,14 @@ def wait_all(futures: Sequence[IOFuture]) -> None:
         raise first
 
 
+def settle(fut: IOFuture) -> None:
+    """Wait until ``fut`` is done, ignoring its error and any Ctrl-C meanwhile: for a caller
+    already raising (a Ctrl-C) that is about to free the buffer the transfer uses."""
+    while not fut.done():
+        with contextlib.suppress(BaseException):  # the caller raises the first error
+            fut.wait()
+
+
 class StorageTier(abc.ABC):
     """Allocate / write_async / read_async / free over one kind of storage."""
 
@@ -191,6 +201,10 @@ class StorageTier(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything the tier holds; the default does nothing."""
 
+    def check_usable(self) -> None:  # noqa: B027 - optional hook
+        """Raise a RuntimeError saying why, if this tier cannot be used now (closed, or
+        inherited by a forked process); the default accepts."""
+
     def __enter__(self):
         return self
 
@@ -220,3 +234,17 @@ def live_entry(table: dict[int, T], handle: TierHandle, tier: str) -> T:
             f"handle {handle.key} ({handle.tier!r}) is not live on this {tier} tier "
             "(freed, or allocated on another tier)"
         ) from None
+
+
+def check_process(owner_pid: int, what: str) -> None:
+    """A RuntimeError when called in a process other than ``owner_pid`` (a child made by
+    ``os.fork``, a DataLoader worker): the object's I/O threads exist only in the process
+    that made it, so a request made here would never finish."""
+    pid = os.getpid()
+    if pid != owner_pid:
+        raise RuntimeError(
+            f"this {what} was made in process {owner_pid} and inherited by fork into process "
+            f"{pid}: its I/O threads exist only in the parent, so it cannot be used here (its "
+            "requests would never finish). Make a new one in this process (memopt objects "
+            "made after the fork work), or start the child with the 'spawn' method"
+        )
