@@ -40,8 +40,10 @@ def _workload_args(p: argparse.ArgumentParser, *, budget: bool) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=n, help="default 4")
     p.add_argument("--seq-len", dest="seq_len", type=n, help="default 128")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--rank", type=n, help="low-rank optimizers' rank")
-    p.add_argument("--density", type=float, help="FRUGAL's density")
+    p.add_argument("--rank", type=n, help="low-rank optimizers' rank (default: 128; "
+                   "apollo_mini 1; frugal takes --density 0.25)")
+    p.add_argument("--density", type=float, help="the projected fraction of each low-rank "
+                   "matrix, instead of --rank (FRUGAL's default 0.25)")
     p.add_argument("--state-dtype", dest="state_dtype", choices=("float32", "int8", "int4"))
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=0)
     p.add_argument("--world-size", dest="world_size", type=n, default=1)

@@ -8,7 +8,8 @@ meta device, and the estimator's fields come from the Config's sections:
   ``offload_params`` (stage 0 with an offload tier runs as stage 1, as ``memopt.setup`` does);
 - ``model.dtype``, ``model.device`` (``auto``: CUDA when available);
 - ``train.batch_size`` / ``seq_len``, traced without a KV cache (``use_cache=False``, as
-  ``memopt run`` trains);
+  ``memopt run`` trains), and ``train.grad_accum`` (the later micro-batches run with every
+  gradient live);
 - ``activations.policy`` when it is ``keep``, ``recompute`` or ``swap`` for every block.
   A planner budget (``activations.budget``) is not modelled: the estimate then assumes
   ``keep`` and says so in its notes (``memopt.activations.plan`` predicts its own peak).
@@ -59,6 +60,7 @@ def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
         "offload_params": None if sc.offload_params == "none" else sc.offload_params,
         "batch_size": config.train.batch_size,
         "seq_len": config.train.seq_len,
+        "grad_accum": config.train.grad_accum,
         "activation_policy": ac.policy if ac.policy in ("keep", "recompute", "swap") else "keep",
         "bucket_bytes": sc.bucket_bytes,
         "device_kind": device,

@@ -3,151 +3,76 @@
 The model is only described (meta device); the figures per rank are:
 
 - parameters: their bytes in ``param_dtype``, frozen ones included (they get no gradient
-  and no optimizer state; a model with nothing to train is an error); stage 3 keeps 1/W of
-  them plus the gathered units as temporaries: the root unit (parameters outside the
-  repeated blocks) and the largest block twice (the one in use and the prefetched next);
-- gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps 1/W plus the
-  in-flight buckets, stage 3 1/W; stages 1/2 with ``whole_tensor`` keep them all (memopt
-  packs every gradient into its bucket and holds the buckets until the step);
-- optimizer state: the per-optimizer rules of ``optstate`` for this rank's share (owners
-  balanced greedily, heaviest first, as ``memopt.sharding.plan`` does; ``dim0`` row-shards
-  full-state matrices), plus an fp32 master copy of the shard when ``master_dtype`` differs
-  from the parameters'. With ``offload`` they move to the pinned host tier ("cpu") or to disk
-  ("nvme", with three staging buffers in pinned host memory); at stage 3 ``offload`` and
-  ``offload_params`` place them as ``stage3_offload`` describes;
+  and no optimizer state; a model with nothing to train is an error); stage 3 keeps FSDP2's
+  row shard of every parameter plus the gathered units as temporaries: the root unit
+  (parameters outside the repeated blocks) and the largest block twice (the one in use and
+  the prefetched next);
+- gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps this rank's
+  rows and owned tensors plus the in-flight buckets, stage 3 FSDP2's shards; stages 1/2
+  with ``whole_tensor`` keep them all (memopt packs every gradient into its bucket and holds
+  the buckets until the step); ``sharding`` mirrors ``memopt.sharding``'s placement;
+- optimizer state: the per-optimizer rules of ``optstate`` for this rank's share, plus an
+  fp32 master copy of the shard when ``master_dtype`` differs from the parameters', plus
+  the 8-/4-bit code tables. With ``offload`` they move to the pinned host tier ("cpu") or
+  to disk ("nvme", with three staging buffers in pinned host memory); at stage 3
+  ``offload`` and ``offload_params`` place them as ``stage3_offload`` describes;
 - activations and the backward's temporaries: the meta trace of ``trace`` (``keep``,
   ``recompute``; ``swap`` keeps two blocks on the device and the rest on pinned host);
 - the peak is the larger of two moments: forward/backward (activations + temporaries +
-  gradients as they appear) and the optimizer step (all gradients + the step's working
-  tensors: fp32 moments of the largest parameter for 8-/4-bit state, the full-size gradient
-  and update of the largest low-rank matrix, one foreach chunk for AdamW); at stage 3 with
-  offload each moment has its own resident shards, state and bounce arena
-  (``stage3_offload``), the arena counted with its moment on a CPU run;
+  gradients as they appear; with ``grad_accum`` > 1 every gradient is already live while
+  the later micro-batches run, unsharded under ``no_sync``) and the optimizer step (all
+  gradients + the step's working tensors of ``step``); at stage 3 with offload each moment
+  has its own resident shards, state and bounce arena (``stage3_offload``), the arena
+  counted with its moment on a CPU run;
 - the pinned tier is the bytes requested; where they sit in memopt's shared pinned arena
   (swapped activations, offload at stages 0-2) a note gives the whole chunks it maps.
 
-``EstimateConfig`` validates every field on construction (``optimizer_kwargs`` by
-``optstate.check_kwargs``; dtypes may be given by name), so a typo is an error, never ignored.
+``EstimateConfig`` (``estimate_config``) validates every field on construction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from memopt.memory import optstate
+from memopt.memory.estimate_config import (
+    ARENA_CHUNK_BYTES,
+    DEFAULT_BUCKET_BYTES,
+    DTYPE_NAMES,
+    NVME_STAGING_BYTES,
+    EstimateConfig,
+    Policy,
+)
 from memopt.memory.model import (
     ParamInfo,
     as_meta_module,
     buffer_bytes,
     check_positions,
+    check_target,
     frozen_bytes,
     param_infos,
 )
 from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate, fmt_bytes
 from memopt.memory.sharding import ShardShare, shard_share
 from memopt.memory.stage3_offload import UnitSizes, place_stage3
-from memopt.memory.trace import ActivationTrace, causal_lm_inputs, meta_copy, trace_step
+from memopt.memory.step import step_temporaries, table_bytes
+from memopt.memory.trace import (
+    ActivationTrace,
+    causal_lm_inputs,
+    check_causal_lm,
+    managed_blocks,
+    meta_copy,
+    meta_inputs,
+    trace_step,
+)
 
-Policy = Literal["keep", "recompute", "swap"]
-DEFAULT_BUCKET_BYTES = 25 * 2**20
-NVME_STAGING_BYTES = 64 * 2**20
-DEVICE_KINDS = ("cpu", "cuda")
-#: Chunk size of memopt's shared pinned arena (memopt.offload.default_arena, ArenaConfig's
-#: default; layer 2 may not import its sibling: tests/memory pin the two equal).
-ARENA_CHUNK_BYTES = 256 * 2**20
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class EstimateConfig:
-    """What ``estimate`` needs besides the model; validated on construction."""
-
-    optimizer: str = "adamw"
-    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    target: str | None = "attn|mlp"
-    stage: int = 0
-    world_size: int = 1
-    layout: Literal["whole_tensor", "dim0"] | None = None
-    param_dtype: torch.dtype = torch.float32  # or its name: "bfloat16", "bf16", ...
-    master_dtype: torch.dtype | None = None
-    offload: Literal["cpu", "nvme"] | None = None
-    offload_params: Literal["cpu", "nvme"] | None = None
-    batch_size: int = 1
-    seq_len: int = 512
-    activation_policy: Policy = "keep"
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    device_kind: Literal["cpu", "cuda"] = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in optstate.RULES:
-            raise ValueError(
-                f"optimizer={self.optimizer!r} unknown; choose one of {sorted(optstate.RULES)}"
-            )
-        optstate.check_kwargs(self.optimizer, self.optimizer_kwargs)
-        for name in ("param_dtype", "master_dtype"):
-            value = getattr(self, name)
-            if value is not None or name == "param_dtype":
-                object.__setattr__(self, name, _dtype(name, value))
-        if self.device_kind not in DEVICE_KINDS:
-            raise ValueError(
-                f"device_kind must be one of {DEVICE_KINDS} ('cpu': no accelerator, the "
-                f"device column is host RAM), got {self.device_kind!r}"
-            )
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
-        for name in ("world_size", "batch_size", "seq_len", "bucket_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.layout not in (None, "whole_tensor", "dim0"):
-            raise ValueError(f"layout must be 'whole_tensor' or 'dim0', got {self.layout!r}")
-        if self.offload not in (None, "cpu", "nvme"):
-            raise ValueError(f"offload must be None, 'cpu' or 'nvme', got {self.offload!r}")
-        if self.activation_policy not in ("keep", "recompute", "swap"):
-            raise ValueError(
-                f"activation_policy must be 'keep', 'recompute' or 'swap', got "
-                f"{self.activation_policy!r}"
-            )
-        if self.offload_params not in (None, "cpu", "nvme"):
-            raise ValueError(
-                f"offload_params must be None, 'cpu' or 'nvme', got {self.offload_params!r}"
-            )
-        if self.stage == 3 and self.layout == "whole_tensor":
-            raise ValueError("stage 3 row-shards every parameter: layout must be 'dim0' (or "
-                             "None), as memopt.shard refuses whole_tensor there")  # fmt: skip
-        master, param = self.master_dtype, self.param_dtype
-        if master is not None and master.itemsize < param.itemsize:
-            raise ValueError(f"master_dtype {master} is narrower than param_dtype {param}; "
-                             "memopt.shard refuses such masters")  # fmt: skip
-        if self.offload_params is not None and self.stage != 3:
-            raise ValueError(
-                f"offload_params={self.offload_params!r} needs stage=3 (parameters are sharded "
-                f"there), got stage {self.stage}"
-            )
-
-    @property
-    def resolved_layout(self) -> str:
-        return self.layout or ("dim0" if self.stage == 3 else "whole_tensor")
-
-
-def _dtype(field_name: str, value: Any) -> torch.dtype:
-    """A floating ``torch.dtype``, or its name (``"bfloat16"``, ``"bf16"`` ...) made one."""
-    dtype = DTYPE_NAMES.get(value) if isinstance(value, str) else value
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"{field_name} must be a floating torch.dtype or one of {sorted(DTYPE_NAMES)}, "
-            f"got {value!r}"
-        )
-    return dtype
+__all__ = [
+    "ARENA_CHUNK_BYTES", "DEFAULT_BUCKET_BYTES", "DTYPE_NAMES", "EstimateConfig", "Policy",
+    "assemble", "estimate", "find_units", "unit_sizes",
+]  # fmt: skip
 
 
 def estimate(
@@ -156,41 +81,41 @@ def estimate(
     """Predict peak bytes per tier (see the module docstring) for ``model``.
 
     ``model``: an ``nn.Module`` (on any device, meta included: it is only described) or a
-    ``transformers`` config (built on meta). ``kwargs`` are the fields of ``EstimateConfig``.
-    ``inputs``: meta tensors for the forward (default: causal-LM ``input_ids`` and ``labels``
-    of ``batch_size`` x ``seq_len``).
+    ``transformers`` config (built on meta as a causal LM). ``kwargs`` are the fields of
+    ``EstimateConfig``. ``inputs``: the forward's keyword tensors (moved to meta; default:
+    causal-LM ``input_ids`` and ``labels`` of ``batch_size`` x ``seq_len``).
     """
     cfg = EstimateConfig(**kwargs)
     module = as_meta_module(model, cfg.param_dtype)
-    infos = param_infos(module, cfg.target if cfg.optimizer != "adamw" else None, cfg.param_dtype)
+    target = cfg.target if cfg.optimizer != "adamw" else None
+    infos = param_infos(module, target, cfg.param_dtype)
     if not infos:
         raise ValueError(
             f"memopt.memory.estimate: {type(module).__name__} has no trainable parameters "
             "(none, or all with requires_grad=False): there is nothing to train; pass the "
             "module you train, or unfreeze the parameters it trains"
         )
+    check_target(module, target, infos)
     if inputs is None:
+        check_causal_lm(module)
         check_positions(module, cfg.seq_len)
     meta = meta_copy(module).to(cfg.param_dtype)
+    batch = causal_lm_inputs(cfg.batch_size, cfg.seq_len) if inputs is None else None
     trace = trace_step(
         meta,
-        inputs or causal_lm_inputs(cfg.batch_size, cfg.seq_len),
+        batch or meta_inputs(inputs),  # type: ignore[arg-type]
         recompute=cfg.activation_policy == "recompute",
+        accumulate=cfg.grad_accum > 1,
     )
-    return assemble(cfg, module, infos, trace)
-
-
-def _step_temporaries(cfg: EstimateConfig, infos: list[ParamInfo]) -> int:
-    if not infos:
-        return 0
-    biggest = max(p.numel for p in infos)
-    temp = 4 * biggest  # one fp32 working tensor of the largest parameter (foreach chunk)
-    if cfg.optimizer_kwargs.get("state_dtype") in ("int8", "int4"):
-        temp += 2 * 4 * biggest  # dequantized fp32 moments of one parameter
-    low = [p.numel for p in infos if p.low_rank]
-    if low and cfg.optimizer != "adamw":
-        temp += 4 * max(low)  # full-size update of the largest projected matrix
-    return temp
+    est = assemble(cfg, module, infos, trace)
+    managed = managed_blocks(module)
+    if managed:
+        est.notes.append(
+            f"the model carries memopt.activations policies ({len(managed)} block(s), e.g. "
+            f"{managed[0]!r}); the trace ran the modules' own forward: the figures are for "
+            f"activation_policy={cfg.activation_policy!r}, not for those policies"
+        )
+    return est
 
 
 def assemble(
@@ -200,11 +125,14 @@ def assemble(
     basis = _state_dtype_basis(cfg)  # what the optimizer's tensors are (masters, pipeline)
     state_infos = infos if basis == cfg.param_dtype else param_infos(
         module, cfg.target if cfg.optimizer != "adamw" else None, basis)  # fmt: skip
-    state = optstate.optimizer_state(state_infos, cfg.optimizer, cfg.optimizer_kwargs)
+    master = cfg.master_dtype
     share = shard_share(
-        infos, state, cfg.stage, cfg.world_size, cfg.resolved_layout, find_units(module, cfg),
-        cfg.bucket_bytes, frozen_bytes(module, cfg.param_dtype),
+        infos, cfg.optimizer, cfg.optimizer_kwargs, cfg.stage, cfg.world_size,
+        cfg.resolved_layout, find_units(module, cfg), cfg.bucket_bytes,
+        frozen_bytes(module, cfg.param_dtype), state_infos,
+        master.itemsize if master is not None and master != cfg.param_dtype else 0,
     )  # fmt: skip
+    kw = optstate.resolve(cfg.optimizer, cfg.optimizer_kwargs)
     tiers = {t: dict.fromkeys(CATEGORIES, 0) for t in TIERS}
     dev = tiers["device"]
     base = {
@@ -232,13 +160,19 @@ def assemble(
         if cfg.offload == "nvme":
             staging = min(3 * NVME_STAGING_BYTES, 3 * sum(held.values()))
             tiers["pinned_host"]["temporaries"] = staging
+    tables = table_bytes(kw)  # the 8-/4-bit code tables: per process, with the computation
+    base = dict(base, optimizer_state=base.get("optimizer_state", 0) + tables)
+    step_base = dict(step_base, optimizer_state=step_base.get("optimizer_state", 0) + tables)
     acts, host_acts = _activations(cfg, trace)
     tiers["pinned_host"]["activations"] = host_acts
-    grad_frac = grads / max(1, sum(p.nbytes for p in infos))
-    fwd = dict(base, activations=acts, gradients=int(trace.peak_gradients * grad_frac))
+    fwd = dict(base, activations=acts, gradients=_backward_gradients(cfg, infos, trace, grads))
     fwd["temporaries"] = trace.peak_temporaries + share.gathered
     step = dict(step_base, gradients=grads)
-    step["temporaries"] = _step_temporaries(cfg, infos) + share.buckets
+    owned = share.numel / max(1, sum(p.numel for p in infos))
+    inner = step_temporaries(cfg.optimizer, kw, state_infos, cfg.device_kind, min(1.0, owned))
+    # stages 1/2 gather the updated parameters after the inner step; at stage 3 the gathered
+    # whole matrices live through it
+    step["temporaries"] = max(inner, share.buckets) + share.step_gathered
     phase = _peak_phase(cfg, fwd, step, arena)
     dev.update(fwd if phase == "forward/backward" else step)
     _add_arena(cfg, tiers, arena, phase)
@@ -247,6 +181,18 @@ def assemble(
         breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
         config=_config_dict(cfg, trace), notes=notes,
     )  # fmt: skip
+
+
+def _backward_gradients(
+    cfg: EstimateConfig, infos: list[ParamInfo], trace: ActivationTrace, grads: int
+) -> int:
+    """Gradients live at the forward/backward peak: as one backward makes them (this rank's
+    share of them), or, accumulating, all of them in full (``no_sync`` keeps them unsharded
+    until the last micro-batch)."""
+    total = sum(p.nbytes for p in infos)
+    if cfg.grad_accum > 1:
+        return total + trace.peak_gradients
+    return int(trace.peak_gradients * grads / max(1, total))
 
 
 def _peak_phase(
@@ -361,6 +307,12 @@ def _notes(cfg: EstimateConfig, trace: ActivationTrace) -> list[str]:
         )
     if cfg.activation_policy == "swap":
         notes.append("swap: two blocks' activations stay on the device (current + prefetch)")
+    if cfg.grad_accum > 1:
+        notes.append(
+            f"grad_accum={cfg.grad_accum}: micro-batches after the first run with every "
+            "gradient live (whole on every rank: the sharded optimizers' no_sync accumulates "
+            "unsharded gradients until the last micro-batch)"
+        )
     return notes
 
 

@@ -49,8 +49,17 @@ def as_meta_module(model: Any, dtype: torch.dtype | None = None) -> nn.Module:
     if hasattr(model, "to_dict") and hasattr(model, "model_type"):
         from transformers import AutoModelForCausalLM  # optional dependency: lazy
 
-        with torch.device("meta"):
-            module = AutoModelForCausalLM.from_config(model)
+        try:
+            with torch.device("meta"):
+                module = AutoModelForCausalLM.from_config(model)
+        except ValueError as e:  # not a causal-LM architecture (T5, BERT-style encoders...)
+            raise ValueError(
+                f"memopt.memory: a {type(model).__name__} is built as a causal LM "
+                f"(AutoModelForCausalLM), which transformers refuses for it "
+                f"({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+                "For other models build the module (under torch.device('meta') if large) "
+                "and pass it with inputs={...} for its forward"
+            ) from None
         if dtype is not None:
             module = module.to(dtype)
         return module
@@ -133,3 +142,18 @@ def check_positions(model: nn.Module, seq_len: int) -> None:
             f"{limit} learned positions ({tables[0]}); the forward would fail. Pass "
             f"seq_len <= {limit}, or a config with more positions"
         )
+
+
+def check_target(model: nn.Module, target: str | None, infos: list[ParamInfo]) -> None:
+    """A low-rank optimizer's ``target`` that selects no weight is an error, as
+    ``param_groups`` makes it (the model would otherwise be priced as all full-state)."""
+    if target is None or any(p.low_rank for p in infos):
+        return
+    heads = head_modules(model)
+    names = [n for n, m in model.named_modules() if is_linear(m) and n not in heads][:8]
+    raise ValueError(
+        f"memopt.memory.estimate: target {target!r} matched no weight of "
+        f"{type(model).__name__}; Linear modules that can be targets include {names} "
+        "(embeddings, norms and the output head never are). Pass a regex over module "
+        "names or 'all-linear' (param_groups refuses such a target too)"
+    )

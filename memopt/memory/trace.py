@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,15 +69,57 @@ class ActivationTrace:
     block_input: int = 0
 
 
+#: memopt.activations.hooks.BLOCK_ATTR (layer 3: restated; tests/memory pin the two equal)
+ACTIVATION_BLOCK_ATTR = "_memopt_activation_block"
+
+
+def managed_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules ``memopt.activations`` manages (an installed forward wrapper)."""
+    return [n for n, m in model.named_modules() if getattr(m, ACTIVATION_BLOCK_ATTR, None)]
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied)."""
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied).
+
+    ``memopt.activations``' forward wrappers are left out of the copy: each is a closure over
+    the original module's forward, so the copy would run the real weights (the trace runs
+    the module's own forward; ``trace_step(recompute=True)`` models recompute)."""
     memo: dict[int, Any] = {}
     for t in [*model.parameters(), *model.buffers()]:
         m = torch.empty_like(t, device="meta")
         memo[id(t)] = (
             nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
         )
-    return copy.deepcopy(model, memo)
+    out = copy.deepcopy(model, memo)
+    for mod in out.modules():
+        if getattr(mod, ACTIVATION_BLOCK_ATTR, None) is not None:
+            mod.__dict__.pop("forward", None)  # the class's forward again
+            delattr(mod, ACTIVATION_BLOCK_ATTR)
+    return out
+
+
+def meta_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with every tensor on the meta device (shape and dtype kept, no data)."""
+    if not isinstance(inputs, dict):
+        raise TypeError(f"memopt.memory.estimate: inputs must be a dict of the forward's "
+                        f"keyword arguments, got {type(inputs).__name__}")  # fmt: skip
+    return {k: v.to("meta") if isinstance(v, Tensor) else v for k, v in inputs.items()}
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Without ``inputs=`` the trace calls ``model(input_ids=..., labels=...)``: refuse a
+    module whose forward takes neither by name (nor ``**kwargs``), saying what to pass."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: let the forward decide
+        return
+    if "input_ids" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    raise ValueError(
+        f"memopt.memory.estimate: {type(model).__name__}.forward takes no input_ids, so the "
+        "default causal-LM batch (input_ids and labels) does not fit it; pass inputs={...} "
+        "with the forward's keyword tensors (any device: they are moved to meta)"
+    )
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -210,13 +253,21 @@ def trace_step(
     inputs: dict[str, Tensor],
     recompute: bool = False,
     attention: bool = True,
+    accumulate: bool = False,
 ) -> ActivationTrace:
     """Run forward + backward of the meta ``model`` on meta ``inputs`` and measure (see above).
 
-    ``attention=False`` leaves SDPA on its meta (math) path.
+    ``attention=False`` leaves SDPA on its meta (math) path. ``accumulate``: a later
+    micro-batch of gradient accumulation: every parameter already has its gradient (not
+    counted here: the caller holds them), which the backward adds into.
     """
     params = list(model.parameters())
+    if accumulate:
+        for p in params:
+            if p.requires_grad:
+                p.grad = torch.empty_like(p)
     skip = {p.untyped_storage()._cdata for p in params}
+    skip |= {p.grad.untyped_storage()._cdata for p in params if p.grad is not None}
     skip |= {b.untyped_storage()._cdata for b in model.buffers()}
     blocks = find_blocks(model)
     saved: dict[int, int] = {}

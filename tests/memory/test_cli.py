@@ -100,3 +100,17 @@ def test_bad_sizes_and_missing_recipe_are_one_line_errors(tmp_path, capsys) -> N
     assert "--hidden 30 is not a multiple of --heads 4" in capsys.readouterr().err
     assert main(["estimate", "--recipe", str(tmp_path / "missing.yaml")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_recipe_estimate_counts_grad_accum() -> None:
+    """train.grad_accum reached nothing: 8 micro-batches gave byte-identical figures."""
+    from memopt import Config
+    from memopt.config.estimate import estimate, estimate_kwargs
+
+    one = Config.from_dict({"model": {"preset": "llama-tiny"}, "train": {"batch_size": 1}})
+    many = Config.from_dict({"model": {"preset": "llama-tiny"},
+                             "train": {"batch_size": 1, "grad_accum": 8}})  # fmt: skip
+    assert estimate_kwargs(many)["grad_accum"] == 8
+    a, b = estimate(one), estimate(many)
+    assert b.breakdown["device"]["gradients"] > a.breakdown["device"]["gradients"]
+    assert any("grad_accum=8" in n for n in b.notes)

@@ -109,3 +109,54 @@ def test_seq_len_past_learned_positions_is_refused_rotary_is_not() -> None:
 def test_setups_memopt_refuses_are_not_priced(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         EstimateConfig(**kwargs)
+
+
+def test_target_matching_nothing_or_a_bad_regex_is_refused() -> None:
+    """A target that selects no weight priced the model as all full-state (param_groups
+    refuses it); a bad regex raised a bare re.error that did not name target."""
+    with pytest.raises(ValueError, match=r"target 'nomatch' matched no weight of .*q_proj"):
+        estimate(CFG, optimizer="galore", target="nomatch", **KW)
+    with pytest.raises(ValueError, match=r"target='\[' is not a valid regex"):
+        EstimateConfig(optimizer="galore", target="[")
+    estimate(CFG, optimizer="adamw", target="nomatch", **KW)  # adamw projects nothing
+    assert estimate(CFG, optimizer="galore", target="all-linear", **KW).device_peak > 0
+
+
+def test_inputs_are_moved_to_meta_and_a_missing_one_is_named() -> None:
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    on_meta = estimate(mlp, inputs={"input": torch.empty(4, 16, device="meta")})
+    real = estimate(mlp, inputs={"input": torch.randn(4, 16)})  # was a device error
+    assert real.peak == on_meta.peak
+    with pytest.raises(ValueError, match=r"Sequential.forward takes no input_ids.*inputs="):
+        estimate(mlp, batch_size=1, seq_len=8)
+
+
+def test_a_config_that_is_no_causal_lm_says_what_to_pass() -> None:
+    transformers = pytest.importorskip("transformers")
+    t5 = transformers.T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, vocab_size=64)
+    with pytest.raises(ValueError, match=r"T5Config is built as a causal LM .*inputs="):
+        estimate(t5, **KW)
+
+
+@pytest.mark.parametrize("action", ["recompute", "keep"])
+def test_a_model_with_activation_policies_is_estimated(action: str) -> None:
+    """memopt.activations' forward wrappers close over the real module: the meta copy ran
+    the real weights ("Tensor on device meta is not on the expected device cpu")."""
+    from transformers import LlamaForCausalLM
+
+    from memopt.activations import ActivationPolicy, apply, find_blocks
+    from memopt.activations.hooks import BLOCK_ATTR
+    from memopt.memory.trace import ACTIVATION_BLOCK_ATTR
+
+    assert ACTIVATION_BLOCK_ATTR == BLOCK_ATTR
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CFG)
+    before = estimate(model, activation_policy="recompute", **KW)
+    plan = {name: ActivationPolicy(action=action) for name, _ in find_blocks(model)}
+    manager = apply(model, plan)  # type: ignore[arg-type]
+    try:
+        est = estimate(model, activation_policy="recompute", **KW)
+    finally:
+        manager.remove()
+    assert est.peak == before.peak
+    assert any("memopt.activations policies" in n for n in est.notes)
