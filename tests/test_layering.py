@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "memopt.api": 4,
     "memopt.integrations": 5,
     "memopt.cli": 5,
+    "memopt.__main__": 6,  # ``python -m memopt``: the CLI
 }
 # Same-layer edges the design intends (one direction only, so no cycles): the entry point
 # consumes the typed config, and the CLI drives the integrations. Everything else in one layer

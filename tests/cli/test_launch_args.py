@@ -21,3 +21,12 @@ def test_overrides_optional_and_intermixed() -> None:
     args = launch.parser().parse_intermixed_args(["r.yaml", "a.b=1", "--dry-run", "c.d=2"])
     assert (args.recipe, args.overrides, args.dry_run) == ("r.yaml", ["a.b=1", "c.d=2"], True)
     assert launch.parser().parse_intermixed_args(["r.yaml"]).overrides == []
+
+
+def test_python_dash_m_memopt_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "memopt", "--help"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert "usage: memopt" in out and "estimate" in out and "run" in out
