@@ -56,6 +56,7 @@ def adamw_many(
             work = {"exp_avg": m, "exp_avg_sq": v}
             _run([p], [work], group, eps_mode, t)
             moments.store(st, m, v, group)
+            del m, v, work  # (else alive while the next parameter dequantizes: a 2nd copy)
             continue
         m, _ = moments.load(st, p, group)
         buckets[(p.device, p.dtype, m.dtype, t)].append(i)

@@ -143,3 +143,30 @@ def test_tiny_second_moments_do_not_round_to_zero(kernels: str, monkeypatch) -> 
     # same sign, never a blow-up (m / eps moved these entries by ~0.1 per step)
     assert out["int8"].abs().max() <= 5.1e-3
     assert bool((out["int8"] < 0).all())
+
+
+def test_int4_working_moments_die_before_the_next_tensor_dequantizes(monkeypatch) -> None:
+    """Quantized moments go one tensor at a time so that one tensor's fp32 working copies
+    exist at once; the previous tensor's stayed alive while the next one dequantized (the
+    step's peak was two tensors' worth)."""
+    import weakref
+
+    from memopt.optim import _full_adam
+
+    live: list[weakref.ref] = []
+    real_load = _full_adam.moments.load
+
+    def load(st, p, group):
+        assert all(r() is None for r in live), "the previous tensor's fp32 moments are alive"
+        m, v = real_load(st, p, group)
+        live[:] = [weakref.ref(m), weakref.ref(v)]
+        return m, v
+
+    monkeypatch.setattr(_full_adam.moments, "load", load)
+    ps = [torch.nn.Parameter(torch.randn(256, 512)) for _ in range(3)]
+    opt = AdamW(ps, lr=1e-3, state_dtype="int4")
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        live.clear()
