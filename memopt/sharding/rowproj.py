@@ -129,24 +129,28 @@ class RowShardProjector:
         padded[: grad.shape[0]].copy_(grad.reshape(-1, n))
         what = f"the {self.name!r} basis of a {m}x{n} row-sharded matrix"
         parts = self.comm.gather(padded, info.svd_owner, what=what)
-        r = self.base.rank_for((m, n))
-        dtype = self.options.get("basis_dtype") or grad.dtype
-        basis = torch.empty(r, n, dtype=dtype, device=grad.device)
-        bad = torch.zeros(1, device=grad.device)
+        # [non-finite flag, the basis' rows]: a factorization gives at most min(m, n) vectors,
+        # fewer than the rank asked for when the kept side is the larger one (rank 40 of a
+        # 32x48 matrix: 32), so the other ranks learn the row count from the owner
+        head = torch.zeros(2, device=grad.device)
         if parts is not None:
             full = torch.cat(parts)[:m]
             if self.base.uses_gradient and not bool(torch.isfinite(full).all()):
-                bad.fill_(1.0)
+                head[0] = 1.0
             else:
                 self.base.update(state, full, seed)
-                basis.copy_(state["proj_P"])
-        self.comm.broadcast(bad, info.svd_owner, what=what).wait()
-        if bool(bad.item()):
+                head[1] = state["proj_P"].shape[0]
+        self.comm.broadcast(head, info.svd_owner, what=what).wait()
+        if bool(head[0].item()):
             raise FloatingPointError(
                 f"memopt.shard: a {m}x{n} gradient has non-finite values; a {self.name!r} "
                 "projector cannot be computed from it. Skip such steps (GradScaler does) or "
                 "clip/fix the loss."
             )
+        dtype = self.options.get("basis_dtype") or grad.dtype
+        basis = torch.empty(int(head[1].item()), n, dtype=dtype, device=grad.device)
+        if parts is not None:
+            basis.copy_(state["proj_P"])
         self.comm.broadcast(basis, info.svd_owner, what=what).wait()
         state["proj_P"] = basis
         state["proj_right"] = True

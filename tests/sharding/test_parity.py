@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch import nn
 
 from tests._harness.dist import run_distributed
 
@@ -60,7 +61,38 @@ def _matrix(rank: int, world: int) -> dict[str, object]:
     _stage2_frees_and_bf16(rank, world)
     _frozen_parameters_stay(rank, world)
     _dropped_optimizer_is_collected()
+    _rank_above_the_smaller_side(rank, world)
     return results
+
+
+def _rank_above_the_smaller_side(rank: int, world: int) -> None:
+    """Rank 40 of a right-projected 32x48 matrix: the SVD gives 32 vectors. Row-sharded
+    (dim0), the other rank allocated a 40-row basis for the owner's broadcast and failed
+    ("size of tensor a (40) must match ... (32)")."""
+    import memopt
+    from memopt.optim import GaLoreAdamW
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Linear(48, 32, bias=False)
+        group = {"params": [model.weight], "rank": 40, "proj_type": "right", "update_proj_gap": 2}
+        return model, GaLoreAdamW([group], lr=1e-2)
+
+    ref, ref_opt = build()
+    model, opt = build()
+    model, opt = memopt.shard(model, opt, stage=2, layout="dim0")
+    # 32 samples a rank: a full-rank gradient (with fewer, the basis vectors past its rank
+    # span float noise, which Adam amplifies differently in each summation order)
+    x = torch.randn(3, 32 * world, 48, generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        nn.functional.mse_loss(ref(x[step]), torch.zeros(32 * world, 32)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        mine = x[step][rank * 32 : (rank + 1) * 32]
+        nn.functional.mse_loss(model(mine), torch.zeros(32, 32)).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(model.weight, ref.weight, atol=1e-5, rtol=0)
 
 
 def _dropped_optimizer_is_collected() -> None:
