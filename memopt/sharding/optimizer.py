@@ -371,6 +371,14 @@ class ShardedOptimizer(WrapperOptimizer):
         if callable(close):
             close()
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it holds this rank's shards, "
+            "gradient hooks on the model's parameters and a process group, which a copy "
+            "would not have. Save sharded_opt.state_dict() (or use memopt's AsyncCheckpointer) "
+            "and load it into a new memopt.shard(...) optimizer"
+        )
+
     def __repr__(self) -> str:
         c = self.config
         return (

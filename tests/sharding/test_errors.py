@@ -75,6 +75,19 @@ def test_wrong_types_and_double_wrap() -> None:
         memopt.shard(model, sharded)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_copies_are_refused_with_the_way_out(how: str) -> None:
+    """A copy lacked the shards and hooks and failed with AttributeError on first use."""
+    import copy
+    import pickle
+
+    model, opt = _fresh()
+    _, sharded = memopt.shard(model, opt)
+    do = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
+    with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+        do(sharded)
+
+
 def test_group_without_init() -> None:
     model, opt = _fresh()
     with pytest.raises(ValueError, match="not initialized"):
