@@ -144,6 +144,14 @@ class Timeline:
             self.sample()
 
     def __enter__(self) -> Timeline:
+        """Start sampling; a Timeline used again starts afresh (its earlier samples, marks
+        and peaks are dropped: read them before)."""
+        if self._thread is not None:
+            raise RuntimeError("Timeline is already recording; it cannot be entered twice")
+        self._stop.clear()
+        with self._lock:
+            self.samples, self.marks = [], []
+            self.host_peak = self.device_peak = 0
         gc.collect()
         self.base_host = proc_kib("VmRSS") * 1024
         self.base_pinned, self.base_disk = self._tier_bytes()
@@ -175,6 +183,7 @@ class Timeline:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         self.mark("end")
 
     # -- results -----------------------------------------------------------------------
