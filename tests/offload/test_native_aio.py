@@ -19,21 +19,7 @@ from memopt.offload.native_aio import NativeAIOBackend, make_backend, native_ava
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.tier import IOFuture, wait_all
-
-
-def _require_native() -> None:
-    if not native_available():
-        if os.environ.get("MEMOPT_REQUIRE_NATIVE") == "1":
-            pytest.fail("MEMOPT_REQUIRE_NATIVE=1 but the native AIO library did not load")
-        pytest.skip("native AIO library not built")
-
-
-@pytest.fixture(params=["native", "threads"])
-def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
-        _require_native()
-    monkeypatch.setenv("MEMOPT_AIO", request.param)
-    return request.param
+from tests.offload.conftest import require_native
 
 
 @pytest.fixture
@@ -170,7 +156,7 @@ def test_absent_library_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_native_status_reported() -> None:
-    _require_native()
+    require_native()
     from memopt._utils.native import native_status
 
     assert native_status().get("_aio_lib") == "loaded"
@@ -189,7 +175,7 @@ def test_buffered_file_gets_threads(tmp_path: Path, arena: PinnedArena, monkeypa
 def test_engine_cuts_requests_and_round_trips(tmp_path: Path, arena: PinnedArena, workers) -> None:
     """A request of 10.5 blocks is cut by the engines (one future per engine part, not one per
     block) and round-trips, at a queue depth below the piece count."""
-    _require_native()
+    require_native()
     path = tmp_path / "cut.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
     backend = NativeAIOBackend(queue_depth=3, block_size=8192, workers=workers)
@@ -216,7 +202,7 @@ def test_engine_cuts_requests_and_round_trips(tmp_path: Path, arena: PinnedArena
 def test_failed_piece_is_named_in_the_error(tmp_path: Path, arena: PinnedArena) -> None:
     """A 4-block read whose last block lies past the end of the file fails with EIO naming that
     block's offset and length, and the engine keeps serving later requests."""
-    _require_native()
+    require_native()
     path = tmp_path / "short.bin"
     path.write_bytes(b"y" * 3 * 4096)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -234,7 +220,7 @@ def test_failed_piece_is_named_in_the_error(tmp_path: Path, arena: PinnedArena) 
 
 
 def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    _require_native()
+    require_native()
     monkeypatch.delenv("MEMOPT_AIO_WORKERS", raising=False)
     assert native_aio.default_workers() == 1
     monkeypatch.setenv("MEMOPT_AIO_WORKERS", "3")

@@ -18,12 +18,13 @@ import torch
 
 from memopt.offload import OffloadedAdamW, pipeline
 from memopt.offload.arena import ArenaConfig, PinnedArena
-from memopt.offload.native_aio import NativeAIOBackend, _Request, native_available
+from memopt.offload.native_aio import NativeAIOBackend, _Request
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.pinned_tier import PinnedCPUTier
 from memopt.offload.sigdefer import deferred_sigint
 from memopt.offload.tier import StorageTier
+from tests.offload.conftest import require_native
 
 
 def _ctrl_c() -> None:
@@ -37,19 +38,6 @@ def _finishes(fn: Callable[[], Any], timeout: float = 10.0) -> bool:
     t.start()
     t.join(timeout)
     return not t.is_alive()
-
-
-def _native() -> None:
-    if not native_available():
-        pytest.skip("native AIO library not built")
-
-
-@pytest.fixture(params=["native", "threads"])
-def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
-        _native()
-    monkeypatch.setenv("MEMOPT_AIO", request.param)
-    return request.param
 
 
 def _nvme(tmp_path: Path) -> NVMeConfig:
@@ -93,7 +81,7 @@ def test_ctrl_c_while_enqueueing_never_strands_a_request(
 ) -> None:
     """A Ctrl-C between registering a request and enqueueing it left a tag the engine never
     saw: close() then waited for it forever."""
-    _native()
+    require_native()
     backend = NativeAIOBackend(queue_depth=2, block_size=4096)
     engine = backend._engines[0]
     engine._lib = _Lib(engine._lib, interrupt)  # type: ignore[assignment]
@@ -110,7 +98,7 @@ def test_ctrl_c_while_enqueueing_never_strands_a_request(
 
 def test_close_fails_a_request_never_handed_to_the_engine() -> None:
     """Whatever left one behind, close() does not wait for a request the engine never saw."""
-    _native()
+    require_native()
     backend = NativeAIOBackend(queue_depth=2, block_size=4096)
     engine = backend._engines[0]
     fut: cf.Future[None] = cf.Future()
