@@ -184,7 +184,7 @@ def test_kv_cache_passed_positionally_is_dropped() -> None:
     ref = grads(model, lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss)
     _reset_warn_once()
     with apply(model, {"transformer.h.0": recompute(), "transformer.h.1": recompute()}):
-        with pytest.warns(UserWarning, match="past_key_values set to None"):
+        with pytest.warns(UserWarning, match=r"\w+ set to None \(a KV cache"):  # (its name varies)
             g = grads(model, lambda m: m(input_ids=ids, labels=ids, use_cache=True).loss)
     _close(g, ref)
 
