@@ -20,6 +20,8 @@ that every rank's files are there, writes the manifest, fsyncs, renames the dire
 back to the previous published snapshot when the newest is damaged. A failed save is raised
 once, by ``wait()``/``close()`` or by the next ``save``, which then does not save its own step
 (``failures``); saves still unpublished when the interpreter exits are finished by ``exit_hook``.
+A Ctrl-C in ``save`` hands the save to the pipeline whole or not at all (``_hand_over``); a
+forked child cannot use the checkpointer, and its exit leaves it alone (``forked``).
 
 With ``redundancy=RedundancyConfig(...)`` each save's staged bytes are also mirrored in host
 memory and protected on peers by a background thread on a second gloo group (``peer_tier``);
@@ -29,7 +31,6 @@ memory and protected on peers by a background thread on a second gloo group (``p
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 import warnings
@@ -42,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt.checkpoint import capture as C
-from memopt.checkpoint import exit_hook
+from memopt.checkpoint import exit_hook, forked
 from memopt.checkpoint import failures as F
 from memopt.checkpoint import publish as P
 from memopt.checkpoint import tmpdirs as T
@@ -52,12 +53,13 @@ from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
 from memopt.checkpoint.fileformat import checksum_fn, resolve_checksum, write_file
 from memopt.checkpoint.loading import open_published, restore_all
 from memopt.checkpoint.peer_tier import build_tier
-from memopt.checkpoint.pipeline import Job, Pipeline, new_job
+from memopt.checkpoint.pipeline import Job, Pipeline, Slots, new_job
 from memopt.checkpoint.reader import Snapshot
 from memopt.checkpoint.redundancy_config import RedundancyConfig
 from memopt.checkpoint.stats import CheckpointStats
 from memopt.checkpoint.writer import Engines
 from memopt.offload.arena import ArenaConfig, PinnedArena
+from memopt.offload.sigdefer import deferred_sigint
 
 
 class AsyncCheckpointer:
@@ -108,8 +110,8 @@ class AsyncCheckpointer:
         pin: Any = "auto" if self.config.pin == "auto" and torch.cuda.is_available() else "off"
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin=pin))
         self.stats = CheckpointStats()
-        self._jobs: list[Job] = []
-        self._slots = threading.Semaphore(self.config.max_inflight)
+        self._jobs: list[Job] = []  # handed to the pipeline, until collected once done
+        self._slots = Slots(self.config.max_inflight)
         self._seq = 0
         self._hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._cleaned = False  # rank 0: crash leftovers removed (by the first save's writer)
@@ -121,6 +123,7 @@ class AsyncCheckpointer:
             fuse_checksum=self.config.checksum_in_copy and self.checksum == "crc32c",
         )  # fmt: skip
         self._closed = False
+        self._pid = os.getpid()  # its threads and group exist only in this process (``forked``)
         exit_hook.track(self)  # unpublished saves are finished at exit (weakly referenced)
 
     def _check_directory(self) -> None:
@@ -145,6 +148,7 @@ class AsyncCheckpointer:
         """Snapshot the given objects at ``step``; returns once references are captured
         (and buffers and small tensors copied). Raises a failed earlier save instead of
         saving (``failures``): step ``step`` is then not saved."""
+        forked.refuse(self._pid, "AsyncCheckpointer.save", self.directory)
         if self._closed:
             raise RuntimeError("AsyncCheckpointer.save after close()")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -157,45 +161,55 @@ class AsyncCheckpointer:
         if pending is not None:
             err = CheckpointError(F.not_saved(step, pending[0]))
             if self._group is not None:  # the other ranks' writers pair this save: skip it
-                self._slots.acquire()
                 self._submit_failed(step, err, t0, F.SKIPPED)
             raise err from pending[1]
-        self._slots.acquire()
+        seq = self._seq  # (advanced by the hand-over alone)
         try:
+            self._slots.wait(self._jobs)
             entries, skel = C.capture_all(
                 model, optimizer, scheduler, extra, self.rank, self.world, self.config.save_rng
             )
-            job = self._job(step, entries, skel, t0)
-        except BaseException as e:
-            if self._group is None:
-                self._slots.release()
-            else:  # the other ranks' writers wait for this rank: fail this save on all of them
+            self._fence_on(optimizer)
+            job = new_job(step, self._seq, entries, skel, t0, self.config.alignment)
+            job.record.capture_s = job.record.stall_s = time.perf_counter() - t0
+            self._hand_over(job, record=True)
+        except BaseException as e:  # not handed over: the other ranks wait for it, fail it
+            if self._group is not None and self._seq == seq:
                 self._submit_failed(step, e, t0)
             raise
-        if optimizer is not None and optimizer not in self._hooks:  # (by identity: an id
-            # reused by a new optimizer would have left it without a fence)
-            self._hooks[optimizer] = optimizer.register_step_pre_hook(lambda *_: self.fence())
-        job.record.capture_s = job.record.stall_s = time.perf_counter() - t0
-        self.stats.records.append(job.record)
-        self._jobs.append(job)
-        self._pipeline.submit(job)
+
+    def _fence_on(self, optimizer: Any) -> None:
+        """The fence pre-hook on ``optimizer``, once (by identity: a reused id would leave a
+        new optimizer without one), tracked as it is registered (``close()`` removes it)."""
+        if optimizer is not None and optimizer not in self._hooks:
+            with deferred_sigint():
+                self._hooks[optimizer] = optimizer.register_step_pre_hook(lambda *_: self.fence())
+
+    def _hand_over(self, job: Job, record: bool = False) -> None:
+        """Give ``job`` to the pipeline whole, a Ctrl-C held back (one between the append and
+        the submit left fence(), wait() and close() waiting forever for a job no thread had)."""
+        with deferred_sigint():
+            if record:
+                self.stats.records.append(job.record)
+            self._seq += 1
+            self._jobs.append(job)
+            self._pipeline.submit(job)
 
     def _submit_failed(self, step: int, err: BaseException, t0: float, skipped: str = "") -> None:
         """A save that failed in ``save()`` (already raised there) still goes to the writer,
-        which takes part in the collective publication (it fails on every rank)."""
-        failed = self._job(step, [], {}, t0)
-        failed.error, failed.reported, failed.skipped = err, True, skipped
-        self._jobs.append(failed)
-        self._pipeline.submit(failed)
-
-    def _job(self, step: int, entries: list[C.Entry], skel: dict[str, Any], t0: float) -> Job:
-        job = new_job(step, self._seq, entries, skel, t0, self.config.alignment)
-        self._seq += 1
-        return job
+        which takes part in the collective publication (it fails on every rank). It stages
+        nothing: no slot."""
+        with deferred_sigint():
+            failed = new_job(step, self._seq, [], {}, t0, self.config.alignment)
+            failed.error, failed.reported, failed.skipped = err, True, skipped
+            self._hand_over(failed)
 
     # -- fence ----------------------------------------------------------------------------
     def fence(self) -> None:
-        """Block until every save's copy to host has finished (values may change after)."""
+        """Block until every save's copy to host has finished (values may change after). In a
+        forked child, nothing: its tensors are its own copies, which no save reads."""
+        if os.getpid() != self._pid:
+            return
         for job in self._jobs:
             if not job.copied.is_set():
                 t = time.perf_counter()
@@ -280,10 +294,10 @@ class AsyncCheckpointer:
         failed, lost = self._collect()
         return F.pending(failed, lost, in_save, self.rank, self.peers)
 
-
     def wait(self) -> None:
         """Block until every save so far is published (and, with redundancy, protected or
         skipped by peers); raise a background failure."""
+        forked.refuse(self._pid, "AsyncCheckpointer.wait", self.directory)
         for job in list(self._jobs):
             job.done.wait()
         if self.peers is not None:
@@ -314,6 +328,7 @@ class AsyncCheckpointer:
         ``from_peers=True`` (collective): the snapshot held in peers' memory (``recover``);
         where peers cannot rebuild it, the published one on disk, with a warning.
         """
+        forked.refuse(self._pid, "AsyncCheckpointer.load", self.directory)
         self.wait()
         if from_peers:
             try:
@@ -339,25 +354,25 @@ class AsyncCheckpointer:
         """Collective: load the latest snapshot protected in peers' memory (rebuilding it on
         ranks that lost theirs), without reading the directory; returns its ``extra``.
         Raises ``PeerRecoveryError`` on every rank when peers cannot rebuild it."""
+        forked.refuse(self._pid, "AsyncCheckpointer.recover", self.directory)
         self.wait()
         return self._restore(self._from_peers(step), model, optimizer, scheduler)
 
     def _from_peers(self, step: int | None) -> Snapshot:
         if self.peers is None:
-            raise ValueError(
-                "AsyncCheckpointer: loading from peers needs redundancy=RedundancyConfig(...)"
-            )
+            raise ValueError("AsyncCheckpointer: loading from peers needs "
+                             "redundancy=RedundancyConfig(...)")  # fmt: skip
         return self.peers.recover(step, self.rank, self.world)
 
     def _restore(self, snap: Snapshot, model: Any, optimizer: Any, scheduler: Any) -> Any:
-        return restore_all(
-            snap, model, optimizer, scheduler, self.rank, self.world, self.config.restore_rng
-        )
+        return restore_all(snap, model, optimizer, scheduler, self.rank, self.world,
+                           self.config.restore_rng)  # fmt: skip
 
     def close(self) -> None:
         """Finish pending saves, stop the threads, release staging memory."""
         if self._closed:
             return
+        forked.refuse(self._pid, "AsyncCheckpointer.close", self.directory)
         self._closed = True
         exit_hook.untrack(self)
         try:

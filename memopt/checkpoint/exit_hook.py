@@ -13,11 +13,17 @@ closed (its writer is inside the collective). On one process only the disk can h
 no bound. The hook runs among ``threading``'s exit callbacks, before non-daemon threads are
 joined and before ``concurrent.futures`` refuses new work (the writer's thread-pool engine
 needs it), where that private hook exists; else from ``atexit``.
+
+A forked child (a DataLoader worker: ``multiprocessing`` children run ``threading``'s exit
+callbacks too) finishes nothing: the saves, threads and process group are the parent's
+(``forked``). The child forgets every tracked checkpointer at the fork, and the hook skips
+any made in another process (a fork that bypassed ``os.register_at_fork``).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import time
@@ -54,9 +60,19 @@ def untrack(ckpt: Any) -> None:
         _live.discard(ckpt)
 
 
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's checkpointers are not this process's to finish. New
+    set and lock: another thread of the parent may have held the lock at the fork."""
+    global _live, _lock
+    _live, _lock = weakref.WeakSet(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _at_exit() -> None:
     with _lock:
-        live = list(_live)
+        live = [c for c in _live if c._pid == os.getpid()]  # (made in this process)
     for ckpt in live:
         try:
             finish(ckpt, None if ckpt.world <= 1 else EXIT_WAIT_S)

@@ -4,6 +4,11 @@ Every ``model.*`` tensor is assembled from all ranks' row blocks (any world size
 included) and written with ``safetensors.torch.save_file`` under its ``state_dict`` name, so
 ``transformers``' ``from_pretrained`` (with the file named ``model.safetensors`` next to a
 config) or ``model.load_state_dict(safetensors.torch.load_file(path))`` loads it.
+
+Only weights are written, no ``config.json``: save the model's config into the same directory
+(``model.config.save_pretrained(out_dir)``). Without it a model class's ``from_pretrained``
+(transformers 5: ``LlamaForCausalLM.from_pretrained(out_dir)``) builds the class's default
+config, not the trained model: 7B-sized for Llama, an out-of-memory at 24 GB was seen.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ def export_hf(
 
     ``out_path``: a file ending in ``.safetensors`` (its directory must exist), or a
     directory (any other path, or one ending in a separator; created if missing) that gets
-    ``model.safetensors``, what ``from_pretrained(directory)`` reads."""
+    ``model.safetensors``, what ``from_pretrained(directory)`` reads, together with the
+    ``config.json`` that ``model.config.save_pretrained(directory)`` writes (not written here:
+    without it ``from_pretrained`` does not build the trained architecture)."""
     from safetensors.torch import save_file
 
     dtype = _float_dtype(dtype)

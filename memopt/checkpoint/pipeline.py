@@ -293,6 +293,26 @@ class Pipeline:
             t.join()
 
 
+class Slots:
+    """``max_inflight``: at most ``n`` saves staged at once, counted from the saves themselves
+    (handed to the pipeline and not done) rather than taken from a semaphore, so a ``save``
+    interrupted before its hand-over (a Ctrl-C, an error in the capture) holds no slot."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._cond = threading.Condition()
+
+    def wait(self, jobs: list[Job]) -> None:
+        """Block until fewer than ``n`` of ``jobs`` are unfinished (``jobs``: the caller's)."""
+        with self._cond:
+            self._cond.wait_for(lambda: sum(not j.done.is_set() for j in jobs) < self.n)
+
+    def release(self) -> None:
+        """A job is done (the writer, after ``job.done.set()``)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
 def lower_priority(nice: int) -> None:
     """Raise the calling thread's niceness to ``nice`` (Linux schedules threads one by one)."""
     try:
