@@ -10,7 +10,6 @@ the points where ``save()`` hands its work over leaves nothing half done (the ne
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from memopt.checkpoint import AsyncCheckpointer, Snapshot, exit_hook
+from tests._harness.fork import in_child
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -88,32 +88,6 @@ def test_forked_child_exit_leaves_the_parents_save_alone(tmp_path, monkeypatch) 
         assert ck.latest() == 1
 
 
-def _in_child(tmp_path: Path, body: Callable[[], str]) -> str:
-    """Run ``body`` in an ``os.fork`` child (which leaves by os._exit, never through pytest);
-    return what it returned or the error it raised, as text, or "child hung"."""
-    out = tmp_path.parent / f"{tmp_path.name}-child.txt"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        text = "no result"
-        try:
-            text = body()
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            text = f"{type(e).__name__}: {e}"
-        finally:
-            try:
-                out.write_text(text)
-            finally:
-                os._exit(0)
-    deadline = time.monotonic() + 10
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "child hung"
-        time.sleep(0.02)
-    return out.read_text()
-
-
 @pytest.mark.timeout(60)
 def test_forked_child_refuses_the_inherited_checkpointer(tmp_path, monkeypatch) -> None:
     model = nn.Linear(16, 16)
@@ -139,7 +113,7 @@ def test_forked_child_refuses_the_inherited_checkpointer(tmp_path, monkeypatch) 
             said.append(f"read step {snap.step}")
             return "\n".join(said)
 
-        said = _in_child(tmp_path, child).split("\n")
+        said = in_child(tmp_path, child, timeout_s=10).split("\n")
         gate.set()
         assert len(said) == 5, said
         for text, what in zip(said, ("save", "wait", "load", "close"), strict=False):

@@ -54,19 +54,19 @@ def test_interval_must_be_positive() -> None:
 
 def test_a_timeline_used_again_starts_afresh() -> None:
     """The second `with` block kept the first one's stop flag (it sampled nothing) and its
-    peaks (peak() reported the first block's allocation)."""
-    tl = Timeline(interval=0.001)
+    samples and peaks (peak() reported the first block's allocation)."""
+    arena = PinnedArena(ArenaConfig(pin="off"))
+    tl = Timeline(interval=0.001, arena=arena)
     with tl:
-        big = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
-        tl.mark("big")
-        time.sleep(0.05)
-        del big
-    first = tl.peak()["host"]
-    assert first >= 8 * 2**20
+        block = arena.alloc(3 << 20)
+        tl.mark("allocated")
+        arena.free(block)
+    assert tl.peak()["pinned"] >= 3 << 20
     with tl:
         time.sleep(0.05)
     assert len(tl.samples) > 5, "the second block did not sample"
-    assert tl.peak()["host"] < first / 2, "the first block's peak leaked into the second"
+    assert tl.peak()["pinned"] == 0, "the first block's peak leaked into the second"
     assert [label for _, label in tl.marks] == ["end"]
     with tl, pytest.raises(RuntimeError, match="already recording"):
         tl.__enter__()
+    arena.close()

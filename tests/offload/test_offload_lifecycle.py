@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 import pickle
-import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.pinned_tier import PinnedCPUTier
 from memopt.offload.state_offload import StateOffloadedOptimizer
 from memopt.optim import AdamW as MemoptAdamW
+from tests._harness.fork import in_child
 
 
 def _nvme(tmp_path: Path) -> NVMeConfig:
@@ -140,32 +138,6 @@ def test_copies_are_refused_with_the_way_out(make: Callable, how: Callable) -> N
 # --- os.fork -----------------------------------------------------------------------------
 
 
-def _in_child(tmp_path: Path, body: Callable[[], str]) -> str:
-    """Run ``body`` in a forked child (which always leaves by os._exit, never through
-    pytest); return what it returned, or the error it raised, as text."""
-    out = tmp_path.parent / f"{tmp_path.name}-child.txt"  # not in tmp_path: the swap dir
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        text = "no result"
-        try:
-            text = body()
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            text = f"{type(e).__name__}: {e}"
-        finally:
-            try:
-                out.write_text(text)
-            finally:
-                os._exit(0)
-    deadline = time.monotonic() + 20
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return "child hung"
-        time.sleep(0.02)
-    return out.read_text()
-
-
 def test_forked_child_neither_uses_nor_removes_the_parents_tier(tmp_path: Path) -> None:
     tier = NVMeTier(_nvme(tmp_path))
     h = tier.allocate((1024,), torch.float32)
@@ -183,7 +155,7 @@ def test_forked_child_neither_uses_nor_removes_the_parents_tier(tmp_path: Path) 
         tier.close()  # quietly: the child's copy only
         return said
 
-    said = _in_child(tmp_path, child)
+    said = in_child(tmp_path, child)
     assert swap.exists()  # the child did not remove the parent's file
     assert "inherited by fork" in said and "make a new one" in said.lower(), said
     tier.read_async(h, buf).wait()  # and the parent goes on
@@ -208,7 +180,7 @@ def test_forked_child_refuses_an_inherited_offloaded_optimizer(tmp_path: Path) -
         opt.close()
         return said
 
-    said = _in_child(tmp_path, child)
+    said = in_child(tmp_path, child)
     assert "inherited by fork" in said, said
     assert list(tmp_path.iterdir())  # the parent's swap file is still there
     opt.step()
