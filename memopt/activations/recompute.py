@@ -53,6 +53,7 @@ from torch.utils.checkpoint import (
 )
 
 from memopt._utils import warn_once
+from memopt._utils.kvcache import is_kv_cache
 from memopt.activations.hooks import (
     ForwardWrap,
     is_plain_tensor,
@@ -233,19 +234,6 @@ class _ReplayKeepsBuffers:
                     b.copy_(value)
 
 
-_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
-
-
-def _is_hf_cache(value: Any) -> bool:
-    """A ``transformers`` ``Cache`` (checked by class name: transformers stays optional)."""
-    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
-               for c in type(value).__mro__)
-
-
-def _is_cache(name: str, value: Any) -> bool:
-    return value is not None and (name in _CACHE_KWARGS or _is_hf_cache(value))
-
-
 def _positional_names(fn: Callable[..., Any]) -> tuple[str, ...]:
     """The names of ``fn``'s positional parameters in order (empty if it has no signature)."""
     try:
@@ -264,8 +252,8 @@ def _drop_kv_cache(
     may come as a keyword or positionally (GPT-2 passes ``block(hidden, past_key_values,
     mask, ...)``): ``names`` are the forward's positional parameter names."""
     pos = [names[i] if i < len(names) else f"argument {i}" for i in range(len(args))]
-    at = [i for i, a in enumerate(args) if _is_cache(pos[i], a)]
-    keys = [k for k, v in kw.items() if _is_cache(k, v)]
+    at = [i for i, a in enumerate(args) if is_kv_cache(pos[i], a)]
+    keys = [k for k, v in kw.items() if is_kv_cache(k, v)]
     use_cache = pos.index("use_cache") if "use_cache" in pos else None
     if not at and not keys and not kw.get("use_cache") and not (
             use_cache is not None and args[use_cache]):

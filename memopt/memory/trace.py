@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memopt._utils.kvcache import is_kv_cache
 from memopt.memory.hf_masks import meta_mask_values
 
 
@@ -204,12 +205,9 @@ def fused_attention() -> Iterator[None]:
         F.scaled_dot_product_attention = orig
 
 
-_CACHE_KWARGS = ("past_key_values", "layer_past", "past_key_value")
-
-
 def _no_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     """A checkpointed block's keywords without a KV cache (as memopt's recompute passes them)."""
-    kwargs = {**kwargs, **{k: None for k in _CACHE_KWARGS if kwargs.get(k) is not None}}
+    kwargs = {k: None if is_kv_cache(k, v) else v for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return kwargs
