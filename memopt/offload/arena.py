@@ -25,7 +25,9 @@ used after its block is freed: the bytes may be handed to someone else.
 from __future__ import annotations
 
 import math
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -127,6 +129,8 @@ class PinnedArena:
         self._requested = 0
         self._lock = threading.Lock()
         self._released: list[ArenaBlock] = []  # given back by release(), not yet freed
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         if self.config.initial_bytes:
             self._add_chunk(round_up(self.config.initial_bytes, PAGE_SIZE))
 
@@ -266,6 +270,35 @@ class PinnedArena:
 
 _DEFAULT: PinnedArena | None = None
 _DEFAULT_LOCK = threading.Lock()
+
+# Fork safety: a child gets a copy of every lock in the state it had at the fork. Had another
+# thread been inside an arena call then, the child's copy would stay locked forever (and the
+# allocator half-updated). So the fork waits for those calls: every arena lock is taken just
+# before it and released on both sides after.
+_LIVE: weakref.WeakSet[PinnedArena] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_HELD: list[PinnedArena] = []
+
+
+def _before_fork() -> None:
+    _DEFAULT_LOCK.acquire()
+    _LIVE_LOCK.acquire()
+    _HELD[:] = list(_LIVE)
+    for arena in _HELD:
+        arena._lock.acquire()
+
+
+def _after_fork() -> None:
+    for arena in _HELD:
+        arena._lock.release()
+    _HELD.clear()
+    _LIVE_LOCK.release()
+    _DEFAULT_LOCK.release()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork
+)
 
 
 def default_arena() -> PinnedArena:

@@ -188,3 +188,33 @@ def test_forked_child_refuses_an_inherited_offloaded_optimizer(tmp_path: Path) -
     assert all(s["step"] == 2 for s in opt.state.values())
     opt.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_fork_while_another_thread_is_inside_an_arena_call(tmp_path: Path) -> None:
+    """DataLoader workers fork while the training thread may be allocating: the child's
+    arena must not inherit a held lock (it hung on its first allocation)."""
+    import threading
+    import time
+
+    arena = PinnedArena(ArenaConfig(initial_bytes=1 << 16, chunk_bytes=1 << 16, pin="off"))
+    inside = threading.Event()
+
+    def busy() -> None:
+        with arena._lock:  # stands for an alloc/free that is mid-way at the fork
+            inside.set()
+            time.sleep(0.3)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    inside.wait()
+
+    def child() -> str:
+        block = arena.alloc(4096)
+        arena.free(block)
+        return "allocated"
+
+    said = in_child(tmp_path, child, timeout_s=5.0)
+    t.join()
+    assert said == "allocated", said
+    arena.free(arena.alloc(4096))  # the parent's lock was handed back too
+    arena.close()
