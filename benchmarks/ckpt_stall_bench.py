@@ -3,8 +3,10 @@
 One process, one run, one model (~100M parameters: a stack of square ``nn.Linear`` layers) with
 torch AdamW state, trained on the CPU. Methods: ``none`` (no checkpoint: the baseline),
 ``memopt`` (``AsyncCheckpointer.save``), ``torch.save`` (synchronous, of ``{"model":
-state_dict, "optim": state_dict}``) and ``dcp`` (``torch.distributed.checkpoint.async_save`` on
-a 1-rank gloo group, thread executor, default stager). The machine is shared and noisy, so the
+state_dict, "optim": state_dict}``) and two ``dcp`` (``torch.distributed.checkpoint.async_save``
+on a 1-rank gloo group, thread executor): with the default stager, which copies the state in
+the call, and with DCP's async staging (the copy in a background thread, waited for before the
+next ``optimizer.step``, as memopt's fence does). The machine is shared and noisy, so the
 methods are interleaved: each round runs K steps of every method in turn, the method saving
 once, right after the ``optimizer.step()`` of its interval's first step; after each interval
 the method is drained (untimed) so its background work does not spill into the next one.
@@ -38,7 +40,7 @@ copier thread copies alone) and ``--ab-two-pass`` one with ``checksum_in_copy=Fa
 then a crc32c pass in the writer; the default is one pass, ``memopt/checkpoint/copy_crc.py``).
 torch.save and
 DCP get bytes / durable.
-Ratios printed: memopt stall / DCP stall (target <= 0.1), memopt stall / torch.save stall
+Ratios printed: memopt stall / each DCP's stall (target <= 0.1), memopt stall / torch.save stall
 (target <= 0.02), memopt writer throughput / adjacent fio (target >= 0.8); the same for
 blocking time and the save throughput.
 """
@@ -177,31 +179,62 @@ class TorchSave(Method):
 
 
 class DCPAsync(Method):
-    name = "DCP async_save"
+    """DCP ``async_save`` on its thread executor. ``staged=False``: the default stager, which
+    copies the state inside the call. ``staged=True``: DCP's own non-blocking staging
+    (``DefaultStager(StagingOptions(use_async_staging=True))``, no pinned or shared memory: a
+    CPU-only build cannot pin), the copy in a background thread; as DCP asks, the next
+    ``optimizer.step`` waits for ``staging_completion`` (a step pre-hook: the analogue of
+    memopt's fence), and that wait counts as blocking."""
 
-    def __init__(self, d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, d: Path, model: nn.Module, opt: torch.optim.Optimizer, staged: bool = False
+    ) -> None:
         super().__init__()
-        self.d, self.model, self.opt = d, model, opt
+        self.d, self.model, self.opt, self.staged = d, model, opt, staged
+        self.name = "DCP async_save, async staging" if staged else "DCP async_save"
         self.done: list[float] = []
+        self.stager = None
+        self.staging = None  # the staging future the next optimizer.step waits for
+        if staged:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self.stager = DefaultStager(StagingOptions(False, False, True, False))
+            opt.register_step_pre_hook(self._fence)
+
+    def _fence(self, *_: object) -> None:
+        if self.staging is not None:
+            t0 = time.perf_counter()
+            self.staging.result()
+            self.staging = None
+            self.blocking[-1] += time.perf_counter() - t0
 
     def save(self, step: int) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        self.path = self.d / f"dcp_{step}"
+        self.path = self.d / f"dcp_{step}{'_staged' if self.staged else ''}"
         t0 = time.perf_counter()
         msd, osd = get_state_dict(self.model, self.opt)
-        self.fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.path))
+        kw = {"async_stager": self.stager} if self.staged else {}
+        fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.path), **kw)
+        if self.staged:  # an AsyncSaveResponse: staging, then upload
+            self.staging, fut = fut.staging_completion, fut.upload_completion
+        self.fut = fut
         self.fut.add_done_callback(lambda _: self.done.append(time.perf_counter() - t0))
         self.blocking.append(time.perf_counter() - t0)
 
     def drain(self) -> None:
+        self._fence()  # an idle save: nothing stepped since
         self.fut.result()
         while len(self.done) < len(self.blocking):  # the callback may run just after result()
             time.sleep(0.001)
         self.durable.append(self.done[-1])
         self.nbytes.append(dir_bytes(self.path))
         shutil.rmtree(self.path)
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
 
 
 def run_rounds(
@@ -349,12 +382,15 @@ def main() -> None:
         mems.append(Memopt(root / "memopt_team", model, opt, fio, False, team=True))
     if args.ab_two_pass:
         mems.append(Memopt(root / "memopt_two_pass", model, opt, fio, False, two_pass=True))
-    methods = [Method(), *mems, TorchSave(root, model, opt), DCPAsync(root, model, opt)]
+    dcps = [DCPAsync(root, model, opt), DCPAsync(root, model, opt, staged=True)]
+    methods = [Method(), *mems, TorchSave(root, model, opt), *dcps]
     run_rounds(methods, model, opt, x, args.rounds, args.every)
     idle = idle_durable(methods[1:], 10**6, args.idle_saves)
     print(f"# load average after the run: {os.getloadavg()}")
     for m in mems:
         m.ckpt.close()
+    for dm in dcps:
+        dm.close()
     base_steps = [t for iv in methods[0].intervals[1:] for t in iv]
     base = statistics.median(base_steps)
     q = statistics.quantiles(base_steps, n=4)
@@ -407,20 +443,27 @@ def throughput_report(m: Memopt) -> dict[str, float]:
 
 
 def report(results: dict[str, dict], mem: str, base: float, args: argparse.Namespace) -> None:
-    m, t, d = results[mem], results["torch.save (sync)"], results["DCP async_save"]
+    t = results["torch.save (sync)"]
+    dcps = [(n, r) for n, r in results.items() if n.startswith("DCP")]
 
-    def ratio(key: str, peer: dict, target: str) -> str:
+    def ratio(row: dict, key: str, peer: dict, target: str) -> str:
         if peer[key] <= 0:
             return f"n/a (peer {key} <= 0: within noise)"
-        return f"{m[key] / peer[key]:.3f} ({target})"
+        if row[key] <= 0:  # a stall below the baseline's median: noise, not a ratio
+            return f"n/a (memopt {key} {row[key]:.3f} <= 0: within noise; {target})"
+        return f"{row[key] / peer[key]:.3f} ({target})"
 
     for key in ("stall_s", "blocking_s"):
-        print(f"memopt {key} / DCP async_save:  {ratio(key, d, 'target <= 0.1')}")
-        print(f"memopt {key} / torch.save:      {ratio(key, t, 'target <= 0.02')}")
+        for name, d in dcps:
+            print(f"memopt {key} / {name}:  {ratio(results[mem], key, d, 'target <= 0.1')}")
+        print(f"memopt {key} / torch.save:  {ratio(results[mem], key, t, 'target <= 0.02')}")
     for name, row in results.items():  # the A/B variants against the same peers
-        if name != mem and name.startswith("memopt,") and d["stall_s"] > 0 and t["stall_s"] > 0:
-            print(f"{name}: stall_s / DCP {row['stall_s'] / d['stall_s']:.3f}, / torch.save "
-                  f"{row['stall_s'] / t['stall_s']:.3f}")
+        if name != mem and name.startswith("memopt,"):
+            peers = ", ".join(
+                f"/ {pn} {ratio(row, 'stall_s', pr, 'stall')}"
+                for pn, pr in [*dcps, ("torch.save", t)]
+            )
+            print(f"{name}: stall_s {peers}")
     for name, row in results.items():
         if "training_writer/fio_max" not in row:
             continue
