@@ -15,8 +15,10 @@ Methods, all in one process on the same model and batch:
 
 Memory columns: ``ledger MiB`` is the peak of saved-activation bytes still on the device, as
 memopt's ``SavedLedger`` counts them (``measure_step``: the managers' own holds plus every save
-outside managed blocks; the unmanaged run is counted the same way); it is not available for
-the torch peers (their saved-tensor hooks are innermost); ``host MiB`` is the ledger's peak
+outside managed blocks; the unmanaged run is counted the same way, in one extra untimed step
+per round: the ledger's hook on every save added 2-30% to a CPU step, the more the smaller the
+model, so ``none`` is timed bare, like the torch peers); it is not available for the torch
+peers (their saved-tensor hooks are innermost); ``host MiB`` is the ledger's peak
 of swapped-out bytes (arena memory). ``RSS MiB`` (CPU) is the process's
 peak resident set over one step minus its resident set before the step (``VmHWM`` reset through
 ``/proc/self/clear_refs``; glibc is made to return large blocks, ``MALLOC_MMAP_THRESHOLD_``);
@@ -120,17 +122,28 @@ def torch_checkpointed(model: torch.nn.Module) -> Iterator[None]:
             del layer.forward
 
 
+# A method maker returns (context, ledger to time with, ledger for an untimed probe step).
+Maker = Callable[[], tuple[AbstractContextManager[Any], act.SavedLedger | None,
+                           act.SavedLedger | None]]
+
+
 def run_method(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int,
-               make: Callable[[], tuple[AbstractContextManager[Any], act.SavedLedger | None]],
-               warmup: int = 1) -> list[tuple[float, int | None, int, int]]:
-    """``warmup`` steps, then ``steps`` measured ones, under the method ``make`` builds."""
+               make: Maker, warmup: int = 1) -> list[tuple[float, int | None, int, int]]:
+    """``warmup`` steps, then ``steps`` measured ones, under the method ``make`` builds.
+
+    With a probe ledger (the unmanaged run) the timed steps run bare and one more, untimed step
+    counts the saves: the ledger's hook on every save would slow the timed steps.
+    """
     rows = []
-    ctx, ledger = make()
+    ctx, ledger, probe = make()
     with ctx:
         for i in range(steps + warmup):
             r = one_step(model, batch, nullcontext(), ledger)
             if i >= warmup:
                 rows.append(r)
+        if probe is not None:
+            peak = one_step(model, batch, nullcontext(), probe)[1]
+            rows = [(secs, peak, grow, host) for secs, _, grow, host in rows]
     return rows
 
 
@@ -146,21 +159,22 @@ def summarize(rows: list[tuple[float, int | None, int, int]]) -> dict[str, float
 
 
 def methods(model: torch.nn.Module, batch: dict[str, torch.Tensor], prof: act.Profile,
-            device: str) -> dict[str, Callable[[], Any]]:
+            device: str) -> dict[str, Maker]:
     names = [b.name for b in prof.blocks]
 
-    def managed(policies: Any) -> Callable[[], Any]:
+    def managed(policies: Any) -> Maker:
         def make() -> Any:
             manager = act.apply(model, policies)
-            return manager, manager.ledger
+            return manager, manager.ledger, None
         return make
 
-    out: dict[str, Callable[[], Any]] = {
-        "none": lambda: (nullcontext(), act.SavedLedger()),
+    out: dict[str, Maker] = {
+        # timed bare, as the torch peers are; its ledger peak comes from an untimed probe step
+        "none": lambda: (nullcontext(), None, act.SavedLedger()),
         "memopt recompute": managed({n: recompute() for n in names}),
         "torch save_on_cpu": lambda: (
-            torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda"), None),
-        "torch checkpoint": lambda: (torch_checkpointed(model), None),
+            torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda"), None, None),
+        "torch checkpoint": lambda: (torch_checkpointed(model), None, None),
         "memopt swap": managed({n: swap() for n in names}),
     }
     full = act.plan_from_profile(prof, "100%", overrides={n: "recompute" for n in names})

@@ -7,8 +7,10 @@ Contenders, all on the same parameter and gradient tensors (each keeps its own m
 - ``torch fused``: ``torch.optim.AdamW(fused=True)`` (torch's vectorised CPU kernel), and
   ``torch fused+bf16 copy_``: the same followed by ``out.copy_(p)``, the unfused copy-back;
 - ``DeepSpeedCPUAdam``: DeepSpeed's AVX kernel (``pip install deepspeed ninja``; the first
-  construction JIT-builds the op, about 90 s, cached afterwards), skipped if not importable,
-  and ``DeepSpeedCPUAdam+bf16 copy_`` (its CPU Adam has no fused low-precision copy);
+  construction JIT-builds the op, about 90 s, cached afterwards), and
+  ``DeepSpeedCPUAdam+bf16 copy_`` (its CPU Adam has no fused low-precision copy). When it
+  cannot be imported or built the script stops with exit status 1, unless ``--no-deepspeed``
+  leaves it out (the output then says so);
 
 and the memory-bandwidth yardsticks, measured in the same run on arrays of the same size:
 ``copy`` (b <- a: 8 B/element counted), ``triad`` (a <- b + s c: 12 B), ``add_`` (a += b:
@@ -43,6 +45,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _peers import peer_missing, skipped  # benchmarks/ is on sys.path when run as a script
 
 from memopt.offload import cpu_adam
 
@@ -116,14 +119,17 @@ def with_bf16_copy(step: Callable[[], object], param: torch.nn.Parameter) -> Cal
     return run
 
 
-def deepspeed_step(param: torch.nn.Parameter) -> Callable[[], object] | None:
+def deepspeed_step(param: torch.nn.Parameter) -> Callable[[], object]:
+    """DeepSpeedCPUAdam's step on ``param``; stops the run when DeepSpeed cannot provide it."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        t0 = time.perf_counter()
+        opt = DeepSpeedCPUAdam([param], adamw_mode=True, fp32_optimizer_states=True, **HP)
     except Exception as exc:  # not installed, or its op failed to build
-        print(f"[bench] DeepSpeedCPUAdam unavailable: {exc}", file=sys.stderr)
-        return None
-    t0 = time.perf_counter()
-    opt = DeepSpeedCPUAdam([param], adamw_mode=True, fp32_optimizer_states=True, **HP)
+        peer_missing("cpu_adam_bench", "DeepSpeedCPUAdam", f"{type(exc).__name__}: {exc}",
+                     "pip install deepspeed ninja (or bash scripts/setup.sh dev,bench)",
+                     "--no-deepspeed")
     print(f"[bench] DeepSpeedCPUAdam ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return opt.step
 
@@ -197,7 +203,7 @@ def run_size(
     keep: list = []
     if placement:
         fns.update(placement_steps(p, param, keep))
-    ds = deepspeed_step(param) if use_ds else None
+    ds = deepspeed_step(param) if use_ds else None  # stops the run when DeepSpeed is missing
     if ds is not None:
         fns["DeepSpeedCPUAdam"] = ds
         fns["DeepSpeedCPUAdam+bf16 copy_"] = with_bf16_copy(ds, param)
@@ -247,6 +253,8 @@ def main() -> None:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.no_deepspeed:  # before any output: a missing peer stops the run here
+        deepspeed_step(torch.nn.Parameter(torch.zeros(8)))
     print(
         f"# cpu_adam_bench: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, native={cpu_adam.native_available()} "
@@ -254,6 +262,8 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.1f}, reps {args.reps}"
     )
     print("# rows with a bf16 copy are compared with the peers' bf16 rows (same output)")
+    if args.no_deepspeed:
+        print(skipped("DeepSpeedCPUAdam", "--no-deepspeed"))
     print(
         "| params | step | median ms | min-max ms | GB/s | of bw | speed vs torch "
         "| paired vs torch [IQR] | paired vs DeepSpeed [IQR] |"

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/nvme_bench.py [--dir /tmp/nvme_bench] [--size-mib 512]
         [--block-size-kib 1024] [--queue-depth 32] [--repeats 3] [--sweep]
-        [--backends native,native+huge,threads] [--warmup 1]
+        [--backends native,native+huge,threads] [--warmup 1] [--no-fio] [--no-deepspeed]
 
 Each tool moves the same bytes (``--size-mib``) with O_DIRECT, the same block size and the same
 queue depth, into and out of a file in ``--dir``:
@@ -21,9 +21,12 @@ round, so the disk's drift hits all alike), after ``--warmup`` untimed rounds; t
 GB/s (1e9 bytes/s) is reported with ratios memopt/fio and memopt/DeepSpeed, and the median
 number of block-layer requests each tool's write and read of ``--size-mib`` cost, from the
 deltas of ``/sys/dev/block/<dev>/stat`` around its turn (a 1 MiB request the queue limits
-split counts twice; other processes' I/O on the disk adds to it). A missing peer
-is reported as missing, not skipped silently. ``--sweep`` also times memopt at queue depths
-4-32 and block sizes 1-4 MiB.
+split counts twice; other processes' I/O on the disk adds to it). A missing peer stops the
+run with exit status 1 and says how to install it (fio: ``apt-get install fio``; DeepSpeed's
+async_io op: ``pip install deepspeed`` and ``apt-get install libaio-dev``, which
+``scripts/setup.sh`` with the ``bench`` extra installs as root); ``--no-fio`` /
+``--no-deepspeed`` leave a peer out explicitly, and the output says it was skipped.
+``--sweep`` also times memopt at queue depths 4-32 and block sizes 1-4 MiB.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _peers import peer_missing, skipped  # benchmarks/ is on sys.path when run as a script
 
 from memopt.offload import ArenaConfig, NVMeConfig, NVMeTier, PinnedArena
 from memopt.offload.io_backend import IOBackend
@@ -166,15 +170,28 @@ def fio_run(d: Path, size: int, bs: int, qd: int, rw: str) -> float:
     return job["bw_bytes"] / 1e9
 
 
-def deepspeed_handle(bs: int, qd: int) -> tuple[object | None, str]:
+_DS_INSTALL = ("pip install deepspeed, and apt-get install libaio-dev for its async_io op "
+               "(bash scripts/setup.sh dev,bench does both, the second as root)")
+
+
+def deepspeed_handle(bs: int, qd: int) -> tuple[object, str]:
+    """DeepSpeed's aio handle and its label; stops the run when DeepSpeed cannot provide it."""
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
     except ImportError as err:
-        return None, f"deepspeed is not importable ({err}): peer missing"
+        peer_missing("nvme_bench", "DeepSpeed aio_handle", f"deepspeed is not importable ({err})",
+                     _DS_INSTALL, "--no-deepspeed")
     builder = AsyncIOBuilder()
     if not builder.is_compatible():
-        return None, "DeepSpeed async_io op is not compatible here (libaio-dev missing?)"
-    aio = builder.load(verbose=False)
+        peer_missing("nvme_bench", "DeepSpeed aio_handle",
+                     "its async_io op is not compatible here (libaio-dev missing?)", _DS_INSTALL,
+                     "--no-deepspeed")
+    try:
+        aio = builder.load(verbose=False)
+    except Exception as err:  # the JIT build failed
+        peer_missing("nvme_bench", "DeepSpeed aio_handle",
+                     f"building its async_io op failed ({type(err).__name__}: {err})",
+                     _DS_INSTALL, "--no-deepspeed")
     return aio.aio_handle(bs, qd, False, True, 1), "deepspeed " + _ds_version()
 
 
@@ -224,6 +241,32 @@ def _timed(label: str, fn: Callable[[], tuple[list[float], list[float]]]):
     return out
 
 
+def peer_tools(a: argparse.Namespace, d: Path, size: int, bs: int, qd: int) -> Peers:
+    """fio and DeepSpeed as timed peers; a missing one stops the run unless ``--no-<peer>``."""
+    peers: Peers = {}
+    if a.no_fio:
+        print(skipped("fio", "--no-fio"))
+    elif shutil.which("fio"):
+        peers["fio libaio"] = lambda: (
+            fio_run(d, size, bs, qd, "write"), fio_run(d, size, bs, qd, "read")
+        )  # fmt: skip
+    else:
+        peer_missing("nvme_bench", "fio", "fio is not on PATH",
+                     "apt-get install -y fio (or bash scripts/setup.sh dev,bench as root)",
+                     "--no-fio")
+    if a.no_deepspeed:
+        print(skipped("DeepSpeed aio_handle", "--no-deepspeed"))
+    else:
+        ds, ds_note = deepspeed_handle(bs, qd)
+
+        def ds_turn() -> tuple[float, float]:
+            w, r = deepspeed_run(ds, d, size, 1, unlink=False)
+            return w[0], r[0]
+
+        peers[ds_note + " aio_handle"] = ds_turn
+    return peers
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/memopt_nvme_bench")
@@ -238,9 +281,11 @@ def main() -> None:
         default="native,native+huge,threads",
         help="memopt I/O engines to time (native:W = the native engine with W workers)",
     )
+    p.add_argument("--no-fio", action="store_true", help="run without the fio peer")
+    p.add_argument("--no-deepspeed", action="store_true",
+                   help="run without the DeepSpeed aio_handle peer")
     a = p.parse_args()
     d = Path(a.dir)
-    d.mkdir(parents=True, exist_ok=True)
     size, bs, qd = a.size_mib << 20, a.block_size_kib << 10, a.queue_depth
     print(f"# date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
@@ -249,21 +294,9 @@ def main() -> None:
     print(f"# file size {a.size_mib} MiB, block {a.block_size_kib} KiB, queue depth {qd}, "
           f"O_DIRECT, dir {d}, median of {a.repeats}")  # fmt: skip
     results: dict[str, tuple[list[float], list[float]]] = {}
-    ds, ds_note = deepspeed_handle(bs, qd)
     kinds = a.backends.split(",")
-    peers: Peers = {}
-    if shutil.which("fio"):
-        peers["fio libaio"] = lambda: (
-            fio_run(d, size, bs, qd, "write"), fio_run(d, size, bs, qd, "read")
-        )  # fmt: skip
-    else:
-        print("# fio: not installed (apt-get install -y fio): peer missing")
-    if ds is not None:
-        peers[ds_note + " aio_handle"] = lambda: tuple(  # type: ignore[assignment]
-            x[0] for x in deepspeed_run(ds, d, size, 1, unlink=False)
-        )
-    else:
-        print(f"# DeepSpeed: {ds_note}")
+    peers = peer_tools(a, d, size, bs, qd)  # before the directory: a missing peer stops here
+    d.mkdir(parents=True, exist_ok=True)
     reqs: dict[str, tuple[list[int], list[int]]] = {}
     runs = _timed(
         "all tools",

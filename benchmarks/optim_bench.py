@@ -211,7 +211,8 @@ def _memopt_adamw(ps: list, state_dtype: str | None) -> torch.optim.Optimizer:
 def _bnb8(ps: list, r: int, gap: int) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(ps, lr=1e-3)
+    # weight_decay given explicitly: bitsandbytes' default is 0.01, memopt's pair runs 0.0
+    return bnb.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.0)
 
 
 @dataclass
@@ -226,7 +227,9 @@ class Spec:
 
 SPECS = [
     Spec("torch AdamW (fused)", "torch",
-         lambda ps, r, g: torch.optim.AdamW(ps, lr=1e-3, fused=True), f_adamw, refreshes=False),
+         # weight_decay=0.0 as memopt's AdamW below (torch's default is 0.01)
+         lambda ps, r, g: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, fused=True), f_adamw,
+         refreshes=False),
     Spec("memopt AdamW", "memopt", lambda ps, r, g: _memopt_adamw(ps, None), f_memopt_adamw,
          refreshes=False),
     Spec("bnb AdamW8bit", "bnb", _bnb8, f_bnb8, refreshes=False, flat_limited=True),

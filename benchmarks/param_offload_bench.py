@@ -23,9 +23,14 @@ partitions every parameter. Configurations:
 Per configuration and repeat a fresh ``torchrun --nproc-per-node 2`` runs ``--warmup`` then
 ``--steps`` timed steps and reports per rank the median step time, the peak RSS (VmHWM), the
 RSS between steps (VmRSS after the last step) and, for memopt's NVMe configurations, the
-bytes read and written per step; those bytes over fio's sequential bandwidth (``fio
-libaio direct=1 bs=1M iodepth=8``, measured in the same run on the same directory) give the
-step's I/O time if the disk ran at fio speed with nothing overlapped.
+bytes read and written per step. Those bytes of both ranks (one disk) over fio's sequential
+bandwidth (``fio libaio direct=1 bs=1M iodepth=8``, measured in the same run on the same
+directory) give the step's I/O time if the disk ran at fio speed with nothing overlapped: the
+script prints it as a range (all bytes at the faster of fio's write and read rates, to all at
+the slower), next to the measured extra step time over ``memopt3``. A run that fails is
+printed with its error (a configuration with no completed run is left out of the tables), and
+after the tables the script exits with status 1 (``--configs`` leaves a configuration out
+explicitly).
 
 Usage::
 
@@ -46,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _peers import exit_if_failed
 from _procstat import rss_kib  # benchmarks/ is on sys.path when run as a script
 
 CONFIGS = ("memopt3", "memopt3-nvme", "memopt3-nvme-state", "deepspeed3-offload")
@@ -236,7 +242,24 @@ def tables(res: dict[str, dict[str, float]], fio: tuple[float, float] | None) ->
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
     if fio is not None:
         lines += ["", f"fio on --dir: write {fio[0]:.2f} GB/s, read {fio[1]:.2f} GB/s"]
+        lines += io_bound(res, fio)
     return "\n".join(lines)
+
+
+def io_bound(res: dict[str, dict[str, float]], fio: tuple[float, float]) -> list[str]:
+    """Per NVMe configuration: the disk time its per-step bytes take at fio's rates."""
+    lines, ram = [], res.get("memopt3")
+    for name, s in res.items():
+        if not s["io_mib"]:
+            continue
+        nbytes = 2 * s["io_mib"] * MIB  # both ranks' bytes go to the one disk
+        fast, slow = nbytes / (max(fio) * 1e9), nbytes / (min(fio) * 1e9)
+        extra = ("" if ram is None else "; measured extra step time over memopt3 "
+                 f"{(s['step_ms'] - ram['step_ms']) / 1e3:.2f} s")
+        lines.append(f"{name}: I/O bound {fast:.3f}-{slow:.3f} s of disk time per step "
+                     f"(2 ranks x {s['io_mib']:.0f} MiB at fio's faster to its slower rate)"
+                     f"{extra}")
+    return lines
 
 
 def fio_bw(directory: str, quick: bool) -> tuple[float, float] | None:
@@ -247,7 +270,8 @@ def fio_bw(directory: str, quick: bool) -> tuple[float, float] | None:
         d = Path(directory)
         return fio_run(d, size, MIB, 8, "write"), fio_run(d, size, MIB, 8, "read")
     except (OSError, subprocess.CalledProcessError) as err:
-        print(f"fio not measured: {err}")
+        print(f"fio not measured ({err}): the I/O bound is not computed "
+              "(apt-get install -y fio)")
         return None
     finally:
         (Path(directory) / "fio.dat").unlink(missing_ok=True)
@@ -281,6 +305,7 @@ def main() -> None:
     print(header(args), flush=True)
     print(f"directory: {args.dir}", flush=True)
     runs: dict[str, list[list[dict[str, Any]]]] = {c: [] for c in configs}
+    failed: list[str] = []
     for rep in range(args.repeats):
         order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
         print(f"repeat {rep + 1}/{args.repeats}: {' '.join(order)}", flush=True)
@@ -288,6 +313,8 @@ def main() -> None:
             try:
                 runs[c].append(run_one(c, args))
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                if c not in failed:
+                    failed.append(c)
                 print(f"  {c} FAILED: {str(exc)[-1500:]}", flush=True)
     fio = fio_bw(args.dir, args.quick)
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -300,6 +327,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(args.dir, ignore_errors=True)
+    exit_if_failed("param_offload_bench", failed)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ of the optimizer state tensors this rank holds (counted the same way for every s
 unique storages in the torch optimizer's ``state``, DTensors by their local shard).
 Configurations run in a rotated order in each repeat so load from other processes hits them
 alike; the tables take, per configuration, the median over repeats of the slower rank's
-median step time and the larger rank's memory.
+median step time and the larger rank's memory. A configuration that fails (DeepSpeed not
+installed, a crash, a timeout) is printed with its error and not run again (the tables hold
+its completed runs, if any), and after the tables the script exits with status 1;
+``--configs`` leaves a configuration out explicitly.
 
 Usage::
 
@@ -46,6 +49,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _peers import exit_if_failed
 from _procstat import rss_kib  # benchmarks/ is on sys.path when run as a script
 
 CONFIGS = ("memopt1", "deepspeed1", "memopt2", "deepspeed2", "memopt3", "deepspeed3", "fsdp2")
@@ -331,6 +335,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": res, "runs": runs, "failed": failed}, f, indent=1)
+    exit_if_failed("shard_bench", list(failed))  # leave a configuration out with --configs
 
 
 if __name__ == "__main__":

@@ -55,15 +55,25 @@ fi
 log "installing memopt in editable mode: pip install -e \"$target\""
 "$PY" -m pip install "${PIP_QUIET[@]}" -e "$target"
 
-# The disk benchmarks (ckpt_stall_bench, nvme_bench) compare against fio, a system package.
-if [[ ",$EXTRAS," == *",bench,"* ]] && ! command -v fio >/dev/null 2>&1; then
+# The disk benchmarks compare against system packages: fio (ckpt_stall_bench, nvme_bench,
+# offload_bench) and libaio-dev, which DeepSpeed's async_io op needs to build (nvme_bench's
+# DeepSpeed peer).
+# Installed only as root with apt-get; otherwise the missing ones are named.
+apt_install() {  # apt_install PACKAGE WHAT-NEEDS-IT
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing fio (apt-get) for the disk benchmarks"
-        apt-get install -y -qq fio >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq fio >/dev/null 2>&1; } \
-            || log "warning: apt-get could not install fio; the disk benchmarks will say so"
+        log "installing $1 (apt-get) for $2"
+        apt-get install -y -qq "$1" >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$1" >/dev/null 2>&1; } \
+            || log "warning: apt-get could not install $1; $2 will stop and say so"
     else
-        log "note: fio is not installed (the disk benchmarks need it): install it with your package manager"
+        log "note: $1 is not installed ($2 needs it): install it with your package manager"
+    fi
+}
+if [[ ",$EXTRAS," == *",bench,"* ]]; then
+    command -v fio >/dev/null 2>&1 || apt_install fio "the disk benchmarks"
+    # libaio-dev ships libaio.h, which DeepSpeed's async_io build compiles against
+    if [[ ! -e /usr/include/libaio.h ]]; then
+        apt_install libaio-dev "nvme_bench's DeepSpeed peer (its async_io op)"
     fi
 fi
 
