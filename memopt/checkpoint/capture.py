@@ -4,7 +4,9 @@
 shape and row offset) and this rank's JSON skeleton (non-tensor state with tensors replaced
 by names): model parameters and buffers, optimizer state (``optimizer.state_dict()``, tensors
 classified by ``layout.state_kind``), the LR scheduler's ``state_dict()``, user extras and the
-RNG states (torch CPU, every CUDA device, numpy, python ``random``).
+RNG states (torch CPU, every CUDA device, numpy, python ``random``). DTensors (an FSDP2
+model's, and a torch optimizer's state on them) are taken as this rank's ``Shard(0)`` rows:
+only plain tensors reach the copy.
 
 Parameters and optimizer state are the live tensors: the background copy must finish before
 the next optimizer step changes them (the checkpointer's fence). Everything the next forward
@@ -43,6 +45,12 @@ class Entry:
 
 
 def _entry(name: str, t: Tensor, global_shape: Any, offset: int) -> Entry:
+    if L.is_dtensor(t):  # only model and optimizer DTensors are cut into their row shards
+        raise TypeError(
+            f"AsyncCheckpointer.save: {name!r} is a DTensor; model parameters and optimizer "
+            "state are saved as their row shards, but a DTensor in extra= or a scheduler's "
+            "state has no layout here: pass its .to_local() shard or its .full_tensor()"
+        )
     shape = t.shape if global_shape is None else global_shape
     return Entry(name, t.detach(), tuple(int(s) for s in shape), offset)
 
@@ -92,18 +100,20 @@ def capture_optimizer(
     sd = dict(opt.state_dict())
     sd.pop("sharding", None)
     params, sharding = L.optimizer_layout(opt, model, rank, world)
-    replicated = sharding is None and world > 1  # a plain optimizer under DDP: rank 0 writes
+    plain = sharding is None and world > 1  # a plain optimizer under DDP: rank 0 writes...
     entries: list[Entry] = []
     state: dict[str, Any] = {}
     nested: dict[str, Tensor] = {}  # tensors inside non-tensor values: this rank's own copy
     for idx, st in sd["state"].items():
         p = params[int(idx)]
         s, e = p.rows
+        replicated = plain and not p.row_sharded  # ...unless FSDP2 shards the parameter
         out: dict[str, Any] = {}
         for key, v in st.items():
             if not isinstance(v, Tensor):
                 out[key] = encode(v, nested, f"optim.{idx}.{key}@{rank}")
                 continue
+            v = L.local_state(v, p, key)
             kind = L.state_kind(key, v, e - s)
             name = f"optim.{idx}.{key}"
             writer = 0 if (p.row_sharded or replicated) else p.writer

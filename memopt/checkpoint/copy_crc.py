@@ -17,7 +17,7 @@ import torch
 
 from memopt.offload import native_aio
 
-__all__ = ["available", "copy_crc32c"]
+__all__ = ["available", "copy_crc32c", "has_own_memory"]
 
 _bound = False
 
@@ -42,9 +42,29 @@ def available() -> bool:
     return lib is not None and bool(lib.memopt_copy_crc32c_hw())
 
 
+def has_own_memory(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes are where ``t.data_ptr()`` says, inside its own storage: a plain
+    tensor (or Parameter). A tensor subclass may be a wrapper with no storage at all (a DTensor:
+    ``data_ptr()`` is 0 while ``numel()`` counts the global tensor), so native code reading
+    ``numel() * element_size()`` bytes from that address would read memory it does not own."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return True
+    try:
+        storage = t.untyped_storage()
+        start, ptr = int(storage.data_ptr()), int(t.data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return ptr != 0 and start <= ptr and ptr + nbytes <= start + int(storage.nbytes())
+
+
 def copy_crc32c(dst: torch.Tensor, src: torch.Tensor, previous: int = 0) -> int:
     """Copy ``src`` (contiguous, CPU) into ``dst`` (uint8, CPU, exactly ``src``'s bytes) and
-    return the CRC-32C of ``src``'s bytes continued from ``previous``."""
+    return the CRC-32C of ``src``'s bytes continued from ``previous``. Both must be plain
+    tensors over their own memory (``has_own_memory``): anything else is refused here, before
+    an address reaches native code."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("copy_crc32c: the native AIO library is not built (setup.py)")
@@ -56,4 +76,11 @@ def copy_crc32c(dst: torch.Tensor, src: torch.Tensor, previous: int = 0) -> int:
             f"copy_crc32c: dst must be a contiguous uint8 view of {nbytes} bytes, got "
             f"{dst.dtype} with {dst.numel()} elements"
         )
+    for what, t in (("src", src), ("dst", dst)):
+        if not has_own_memory(t):
+            raise TypeError(
+                f"copy_crc32c: {what} is a {type(t).__name__} whose data pointer is not "
+                "inside memory of its own (a tensor subclass such as a DTensor, or no "
+                "storage): copy it with torch (dst.copy_(src)) or pass its local tensor"
+            )
     return int(lib.memopt_copy_crc32c(dst.data_ptr(), src.data_ptr(), nbytes, previous))

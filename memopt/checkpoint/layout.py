@@ -7,7 +7,10 @@ Every stored tensor is a *row block* of a global tensor: ``global_shape`` and ``
   its mesh rank; every other tensor is replicated and rank 0 writes it;
 - optimizer state: a sharding optimizer describes itself with ``checkpoint_layout()`` (duck
   typed: ``memopt.shard``'s optimizers have it); a plain optimizer holds every parameter whole
-  (replicated over ranks when a process group exists: rank 0 writes).
+  (replicated over ranks when a process group exists: rank 0 writes), except a DTensor
+  parameter (a torch optimizer on a model the user sharded with ``fully_shard``): the rows of
+  its ``Shard(0)`` local shard, whose DTensor state is saved as those rows (``local_state``)
+  and wrapped back into DTensors like the parameter on load (``like_param``).
 
 Per-parameter optimizer state is classified by ``state_kind`` against the parameter's held
 rows: ``rows`` (dim 0 follows the parameter's rows: moments, projected moments of a
@@ -88,15 +91,62 @@ def optimizer_layout(
         return out, dict(info["sharding"])
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     out = []
-    index = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            shape = tuple(int(s) for s in p.shape)
-            rows = shape[0] if shape else 1
-            name = names.get(id(p), f"param.{index}")
-            out.append(ParamLayout(index, name, shape, (0, rows), True, False, 0))
-            index += 1
+    for index, p in enumerate(plain_params(opt)):
+        shape = tuple(int(s) for s in p.shape)
+        name = names.get(id(p), f"param.{index}")
+        span, sharded = (0, shape[0] if shape else 1), False
+        if is_dtensor(p):  # FSDP2 without memopt.shard: this rank holds its shard's rows
+            try:
+                local = dtensor_rows(p)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{e} (optimizer parameter {name})") from None
+            if local is not None:
+                span, sharded = (local[1], local[1] + int(local[0].shape[0])), True
+        out.append(ParamLayout(index, name, shape, span, True, sharded, 0))
     return out, None
+
+
+def plain_params(opt: torch.optim.Optimizer) -> list[Tensor]:
+    """A plain optimizer's parameters, by position over all groups (its state_dict's keys)."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def local_state(v: Tensor, p: ParamLayout, key: str) -> Tensor:
+    """Optimizer state ``v`` as a plain tensor: a DTensor (a torch optimizer's state on FSDP2
+    parameters) gives its local rows, which must be the parameter's own, or its local whole
+    when replicated. The native copy must never see a DTensor (it has no storage of its own)."""
+    if not is_dtensor(v):
+        return v
+    try:
+        local = dtensor_rows(v)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{e} (optimizer state {key!r} of {p.name})") from None
+    if local is None:
+        return v.to_local()  # type: ignore[attr-defined]
+    rows, off = local
+    if (off, off + int(rows.shape[0])) != p.rows:
+        raise NotImplementedError(
+            f"checkpoint: optimizer state {key!r} of parameter {p.name} is a DTensor holding "
+            f"rows [{off}, {off + int(rows.shape[0])}) on this rank, but the parameter holds "
+            f"rows {list(p.rows)}: state sharded unlike its parameter cannot be saved; use "
+            "memopt.shard(model, opt, stage=3) or torch.distributed.checkpoint (DCP)"
+        )
+    return rows
+
+
+def like_param(v: Any, p: Tensor) -> Any:
+    """Loaded state ``v`` for a plain optimizer's DTensor parameter ``p``: a tensor shaped like
+    ``p``'s local shard becomes a DTensor like ``p`` (torch's optimizers keep their moments as
+    DTensors on DTensor parameters); anything else (a 0-d ``step``) stays as it is."""
+    local = p.to_local()  # type: ignore[attr-defined]
+    if not isinstance(v, Tensor) or v.dim() == 0 or v.shape != local.shape:
+        return v
+    from torch.distributed.tensor import DTensor  # p is a DTensor: the module is there
+
+    return DTensor.from_local(
+        v.to(local.device), p.device_mesh, p.placements,  # type: ignore[attr-defined]
+        run_check=False, shape=p.shape, stride=p.stride(),
+    )  # fmt: skip
 
 
 def state_kind(key: str, t: Tensor, held_rows: int) -> str:

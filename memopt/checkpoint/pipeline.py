@@ -27,7 +27,9 @@ and 0.18 CPU s on one thread, 0.11 s and 0.23 CPU s on two), CPU that a training
 same cores loses. ``copy_team = True`` restores the team (the benchmark's A/B).
 ``fuse_checksum`` (``CheckpointConfig.checksum_in_copy``, on by default): CPU tensors are
 copied and their CRC-32C computed in one pass (``copy_crc``: the source read from memory
-once), and the writer makes no checksum pass.
+once), and the writer makes no checksum pass. Native code and numpy only ever read plain
+tensors over memory of their own (``copy_crc.has_own_memory``); a tensor subclass goes
+through torch's ``copy_``.
 ``nice`` (``CheckpointConfig.background_nice``) lowers both threads' CPU priority.
 Jobs go through both stages in save order. A failure is kept on the job and raised from
 ``wait()``; it never touches published snapshots.
@@ -51,7 +53,7 @@ from memopt.checkpoint.capture import Entry
 from memopt.checkpoint.checksum import checksum_fn
 from memopt.checkpoint.commit import FORMAT_VERSION
 from memopt.checkpoint.copy_crc import available as fused_ok
-from memopt.checkpoint.copy_crc import copy_crc32c
+from memopt.checkpoint.copy_crc import copy_crc32c, has_own_memory
 from memopt.checkpoint.fileformat import FilePlan, plan_file
 from memopt.checkpoint.stats import SaveRecord
 from memopt.checkpoint.writer import CHUNK, tensor_bytes
@@ -243,9 +245,9 @@ class Pipeline:
             off = job.plan.offsets[e.name]
             nbytes = dst.numel() * dst.element_size()
             value = crc(tensor_bytes(flat[pos:off]), value)  # the padding before it
-            if src.is_contiguous():
+            if src.is_contiguous() and has_own_memory(src):
                 value = copy_crc32c(flat[off : off + nbytes], src, value)
-            else:  # e.g. a transposed basis: torch lays it out, then the slot is checksummed
+            else:  # a transposed basis, a tensor subclass: torch copies, then the checksum
                 dst.copy_(src)
                 value = crc(tensor_bytes(flat[off : off + nbytes]), value)
             pos = off + nbytes
@@ -324,8 +326,10 @@ def lower_priority(nice: int) -> None:
 
 def _copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """Copy a contiguous CPU tensor on this thread alone (numpy's copy: no OpenMP team, the
-    GIL released); False when the layout needs torch's copy."""
+    GIL released); False when the layout (or a tensor subclass) needs torch's copy."""
     if not (src.is_contiguous() and dst.is_contiguous() and src.dtype == dst.dtype):
+        return False
+    if not (has_own_memory(src) and has_own_memory(dst)):
         return False
     if src.numel() == 0:
         return True

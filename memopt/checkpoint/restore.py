@@ -7,7 +7,8 @@
   parameters this rank holds and which rows; ``rows`` state is cut to those rows, ``global``
   state is taken whole, ``local`` (block-quantized) state loads only into the same rows as it
   was saved from. The rebuilt ``state_dict`` goes through the optimizer's own
-  ``load_state_dict`` (with this optimizer's ``sharding`` tag where it has one).
+  ``load_state_dict`` (with this optimizer's ``sharding`` tag where it has one). A plain
+  optimizer on FSDP2 DTensor parameters gets its parameter-shaped state back as DTensors.
 - scheduler, extras: this rank's saved JSON (rank 0's when the rank did not exist).
 - RNG: this rank's saved states (skipped with a log line when the rank did not exist).
 """
@@ -92,9 +93,12 @@ def optimizer_state_dict(
             f"{len(params)} here): {diff[:8]}"
         )
     state: dict[int, dict[str, Any]] = {}
+    live = L.plain_params(opt) if sharding is None else []
     for p in params:
         if p.held:
             st = _param_state(snap, p)
+            if st is not None and live and L.is_dtensor(live[p.index]):
+                st = {k: L.like_param(v, live[p.index]) for k, v in st.items()}  # FSDP2
             if st is not None:
                 state[p.index] = st
     own = _owned(snap, 0)  # param_groups and other keys: rank 0's (every rank saves them)

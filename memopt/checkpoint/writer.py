@@ -44,6 +44,7 @@ from concurrent.futures import Future
 import torch
 
 from memopt.checkpoint.checksum import checksum_fn, parallel_checksum
+from memopt.checkpoint.copy_crc import has_own_memory
 from memopt.offload.io_backend import IOBackend, ThreadPoolBackend
 from memopt.offload.native_aio import make_backend
 
@@ -146,6 +147,12 @@ def write_data_file(
     ``engines``: I/O engines to use and keep (else made for this call and closed after it).
     ``known_checksum()``: the file's checksum if someone already computed it (the copier, in
     the same pass as the copy: ``copy_crc``), else None and it is computed here."""
+    plain = data.dtype == torch.uint8 and data.device.type == "cpu" and data.is_contiguous()
+    if not (plain and has_own_memory(data)):  # its address goes to native code (the engine)
+        raise ValueError(
+            f"write_data_file({path}): data must be a plain contiguous uint8 CPU tensor over "
+            f"its own memory, got a {type(data).__name__} of {data.dtype} on {data.device}"
+        )
     n = data.numel()
     view = tensor_bytes(data)
     aligned = not (data.data_ptr() % _PAGE or len(header) % _PAGE or n % _PAGE)
