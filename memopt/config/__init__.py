@@ -5,9 +5,12 @@
 ``DataConfig``, ``TrainConfig``); it loads from YAML with dotted overrides
 (``Config.from_yaml(path, overrides=[...])``), from a DeepSpeed JSON config
 (``Config.from_deepspeed``), and dumps back to YAML. ``memopt.setup`` (``memopt.config.setup``)
-applies it to a model. Reference: docs/config.md (generated from these dataclasses).
+applies it to a model; ``cast_model`` is its ``model.dtype`` cast (parameters and persistent
+buffers; non-persistent ones such as RoPE ``inv_freq`` keep their dtype), for ``memopt.shard``
+users too. Reference: docs/config.md (generated from these dataclasses).
 """
 
+from memopt.config.cast import cast_model
 from memopt.config.config import SECTIONS, Config, apply_override
 from memopt.config.sections import (
     PRESETS,
@@ -32,4 +35,5 @@ __all__ = [
     "ShardingConfig",
     "TrainConfig",
     "apply_override",
+    "cast_model",
 ]

@@ -4,33 +4,45 @@
   same mapping ``memopt.shard(deepspeed_config=...)`` uses: stage, bucket size in bytes,
   ``offload_optimizer`` cpu/nvme and ``offload_param`` cpu/nvme, with their ``nvme_path``
   (one directory for both); unknown keys raise, keys without effect warn). Stage 0 is plain
-  data parallelism (``sharding.stage: 0``).
+  data parallelism (``sharding.stage: 0``); its block is validated the same way, and an
+  offload block there raises (DeepSpeed offloads only inside ZeRO). No block: ``base``'s.
 - ``optimizer``: ``type`` Adam/AdamW (any case) -> ``optimizer.name: adamw`` with ``lr``,
   ``betas``, ``eps``, ``weight_decay`` from ``params``; any other type raises ``ValueError``
-  (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section). ``adam_w_mode:
-  false`` (DeepSpeed's L2-regularised Adam) with a non-zero ``weight_decay`` raises (memopt's
-  decay is decoupled); other ``params`` (``torch_adam``, ``amsgrad``, ...) are warned about.
-- ``scheduler`` (``warmup_num_steps`` -> ``optimizer.warmup_steps``; memopt's warm-up is
-  linear from about 0):
+  (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section). ``type: Adam`` with
+  ``adam_w_mode: false`` (DeepSpeed's L2-regularised Adam) and a non-zero ``weight_decay``
+  raises (memopt's decay is decoupled; ``type: AdamW`` is decoupled in DeepSpeed whatever
+  ``adam_w_mode`` says). ``torch_adam: true`` without ``weight_decay`` is torch's AdamW with
+  its default 0.01 in DeepSpeed: ``weight_decay: 0.01`` (warned). Other ``params``
+  (``torch_adam``, ``amsgrad``, ...) are warned about. memopt decays matrices only, DeepSpeed
+  every parameter it was given.
+- ``scheduler``: a key the block leaves out takes DeepSpeed 0.19's default
+  (``deepspeed/runtime/lr_schedules.py``): ``warmup_num_steps`` 1000, ``warmup_type`` log,
+  ``cos_min_ratio`` 1e-4, WarmupDecayLR's ``warmup_max_lr`` 1e-3 (WarmupLR's: the
+  optimizer's lr). ``warmup_num_steps`` -> ``optimizer.warmup_steps``; memopt's warm-up is
+  linear from about 0, so a log warm-up (the default of all three) is warned about.
   ``WarmupLR`` (constant after warm-up) -> ``schedule: constant``, ``warmup_max_lr`` ->
   ``optimizer.lr``;
   ``WarmupDecayLR`` (linear decay to 0 at ``total_num_steps``) -> ``schedule: cosine`` with
   ``min_lr_ratio: 0`` (a cosine, not a linear, decay: warned), ``total_num_steps`` ->
-  ``train.steps`` (memopt's decay spans the run), ``warmup_max_lr`` -> ``optimizer.lr``;
+  ``train.steps`` (memopt's decay spans the run), ``warmup_max_lr`` -> ``optimizer.lr``
+  (absent: 1e-3, warned when the optimizer's lr differs);
   ``WarmupCosineLR`` -> ``schedule: cosine``, ``cos_min_ratio`` -> ``min_lr_ratio``,
   ``total_num_steps`` -> ``train.steps``.
   What has no counterpart is warned about, not dropped silently: a non-zero
   ``warmup_min_lr``/``warmup_min_ratio`` (memopt warms up from about 0), a ``warmup_type``
-  other than ``linear``, other params.
+  other than ``linear``, other params. An ``optimizer`` block without a ``scheduler``:
+  DeepSpeed keeps the optimizer's lr, so ``schedule: constant``, ``warmup_steps: 0`` (warned
+  when ``base`` differs); with neither block ``base``'s schedule stays.
 - ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights
   (``sharding.master_dtype: fp32``; without a ZeRO stage that runs as stage 1, which on one
   rank is the plain update on the fp32 copies, as DeepSpeed's bf16 optimizer). ``fp16.enabled``
   raises here: this config builds the training run, and memopt has no loss scaler, so an
   fp16 model would train without one (use bf16). ``memopt.shard(deepspeed_config=...)``
-  accepts it because there the model, its dtype and the loss are the caller's: it only reads
-  fp32 master weights from it.
+  accepts it because there the model, its dtype and the loss are the caller's: it reads
+  fp32 master weights from it and warns that the loss scaling is not applied.
 - ``train_micro_batch_size_per_gpu`` -> ``train.batch_size``; ``gradient_accumulation_steps`` ->
-  ``train.grad_accum``; ``gradient_clipping`` -> ``optimizer.max_grad_norm`` (0: off).
+  ``train.grad_accum``; ``gradient_clipping`` -> ``optimizer.max_grad_norm`` (0: off; absent:
+  DeepSpeed's default 1.0, warned when ``base`` differs).
   ``train_batch_size`` (the global batch) is not carried over (memopt's global batch is
   ``batch_size * grad_accum * ranks``): a warning says so.
 
@@ -50,12 +62,16 @@ from typing import Any
 from memopt._utils.jsonfile import json_mapping
 from memopt.config.config import Config
 from memopt.sharding.deepspeed_config import read_deepspeed
+from memopt.sharding.deepspeed_keys import DEFAULT_CLIP
 
 _READ = ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16",
          "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
          "train_batch_size")  # fmt: skip
 _ADAM = ("adam", "adamw")
+_TORCH_ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight_decay
 _SCHEDULERS = ("warmuplr", "warmupdecaylr", "warmupcosinelr")
+#: DeepSpeed 0.19's defaults for scheduler params a config leaves out (runtime/lr_schedules.py)
+_DS_WARMUP_STEPS, _DS_WARMUP_TYPE, _DS_COS_MIN_RATIO, _DS_DECAY_MAX_LR = 1000, "log", 1e-4, 1e-3
 
 
 def _load(cfg: Any) -> dict[str, Any]:
@@ -92,16 +108,14 @@ def _set(out: dict[str, Any], section: str, key: str, value: Any) -> None:
 
 
 def _sharding(ds: dict[str, Any], out: dict[str, Any]) -> None:
-    zero = ds.get("zero_optimization")
-    if zero is None:
-        return
-    if isinstance(zero, Mapping) and zero.get("stage") == 0:
-        _set(out, "sharding", "stage", 0)
+    if ds.get("zero_optimization") is None:
         return
     sub: dict[str, Any] = {k: ds[k] for k in ("zero_optimization", "bf16", "fp16") if k in ds}
-    z = read_deepspeed(sub)
+    z = read_deepspeed(sub, allow_stage0=True)  # stage 0 is validated too (unknown keys raise)
     sh = out.setdefault("sharding", {})
     sh["stage"] = z.stage
+    if z.stage == 0:
+        return
     if z.bucket_bytes is not None:
         sh["bucket_bytes"] = z.bucket_bytes
     if z.offload_param.device != "none":
@@ -131,13 +145,21 @@ def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
                          "only; set optimizer.name (galore, apollo_mini, frugal, ...) in memopt")
     _set(out, "optimizer", "name", "adamw")
     params = _block(block, "params", "optimizer.") or {}
+    decay_given = "weight_decay" in params
     for key in ("lr", "betas", "eps", "weight_decay"):
         _set(out, "optimizer", key, params.pop(key, None))
     wd = out.get("optimizer", {}).get("weight_decay", 0)
-    if params.pop("adam_w_mode", True) is False and wd not in (0, 0.0):
+    # DeepSpeed: type AdamW is decoupled whatever adam_w_mode says; Adam follows adam_w_mode
+    adam_w = params.pop("adam_w_mode", True) is not False or kind == "adamw"
+    if not adam_w and wd not in (0, 0.0):
         raise ValueError(f"DeepSpeed optimizer.params.adam_w_mode: false is Adam with L2 "
                          f"regularisation (weight_decay {wd} added to the gradient); memopt's "
                          "AdamW decays decoupled: drop adam_w_mode or set weight_decay to 0")
+    if params.get("torch_adam") is True and adam_w and not decay_given:
+        _set(out, "optimizer", "weight_decay", _TORCH_ADAMW_DECAY)
+        _warn(f"optimizer {block.get('type')}: torch_adam without weight_decay is "
+              f"torch.optim.AdamW's default weight_decay {_TORCH_ADAMW_DECAY} in DeepSpeed: "
+              f"optimizer.weight_decay: {_TORCH_ADAMW_DECAY} (memopt decays matrices only)")
     if params:
         _warn(f"optimizer {block.get('type')}: ignored params {sorted(params)} (memopt's AdamW "
               "takes lr, betas, eps and weight_decay)")
@@ -147,9 +169,10 @@ def _warn(message: str) -> None:
     warnings.warn(f"Config.from_deepspeed: {message}", stacklevel=4)
 
 
-def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
+def _scheduler(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
     sched = _block(ds, "scheduler")
     if sched is None:
+        _no_scheduler(ds, out, base)
         return
     name = sched.get("type")
     kind = str(name or "").lower()
@@ -157,35 +180,74 @@ def _scheduler(ds: dict[str, Any], out: dict[str, Any]) -> None:
         raise ValueError(f"DeepSpeed scheduler {name!r}: memopt maps "
                          "WarmupLR, WarmupDecayLR and WarmupCosineLR")
     params = _block(sched, "params", "scheduler.") or {}
-    _set(out, "optimizer", "warmup_steps", params.pop("warmup_num_steps", None))
-    if kind == "warmuplr":
+    _set(out, "optimizer", "warmup_steps", params.pop("warmup_num_steps", _DS_WARMUP_STEPS))
+    if kind == "warmuplr":  # constant after warm-up; no warmup_max_lr: the optimizer's lr
         _set(out, "optimizer", "schedule", "constant")
+        _set(out, "optimizer", "lr", params.pop("warmup_max_lr", None))
     else:
         _set(out, "optimizer", "schedule", "cosine")
-        _set(out, "train", "steps", params.pop("total_num_steps", None))
+        _total_steps(name, params, out, base)
     if kind == "warmupdecaylr":
         _set(out, "optimizer", "min_lr_ratio", 0.0)
         _warn(f"scheduler {name}: its linear decay to 0 becomes memopt's cosine decay to 0 "
               "(optimizer.schedule: cosine, min_lr_ratio: 0) over train.steps")
+        _decay_peak(name, params, out, base)
     if kind == "warmupcosinelr":
-        _set(out, "optimizer", "min_lr_ratio", params.pop("cos_min_ratio", None))
-    else:
-        _set(out, "optimizer", "lr", params.pop("warmup_max_lr", None))
+        _set(out, "optimizer", "min_lr_ratio", params.pop("cos_min_ratio", _DS_COS_MIN_RATIO))
     low = params.pop("warmup_min_lr" if kind != "warmupcosinelr" else "warmup_min_ratio", None)
     if low not in (None, "auto", 0, 0.0):
         _warn(f"scheduler {name}: warm-up start {low} not carried over (memopt's warm-up "
               "rises linearly from about 0 to optimizer.lr)")
-    wtype = params.pop("warmup_type", None)
-    if wtype is None and kind != "warmupcosinelr":
-        wtype = "log"  # DeepSpeed's default for WarmupLR / WarmupDecayLR
-    if wtype not in (None, "linear") and out.get("optimizer", {}).get("warmup_steps", 1) != 0:
-        _warn(f"scheduler {name}: warmup_type {wtype!r} becomes memopt's linear warm-up")
+    wtype = params.pop("warmup_type", _DS_WARMUP_TYPE)
+    if wtype != "linear" and _value(out, base, "optimizer", "warmup_steps") != 0:
+        _warn(f"scheduler {name}: warmup_type {wtype!r}"
+              f"{' (DeepSpeed default)' if wtype == _DS_WARMUP_TYPE else ''} becomes memopt's "
+              "linear warm-up (memopt has no log warm-up); the lr after warm-up is the same")
     if params:
         _warn(f"scheduler {name}: ignored params {sorted(params)}")
 
 
-def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
-    _scheduler(ds, out)
+def _value(out: dict[str, Any], base: Config, section: str, key: str) -> Any:
+    """The value ``section.key`` will have: the DeepSpeed config's, else ``base``'s."""
+    return out.get(section, {}).get(key, getattr(getattr(base, section), key))
+
+
+def _total_steps(name: Any, params: dict[str, Any], out: dict[str, Any], base: Config) -> None:
+    total = params.pop("total_num_steps", None)
+    if total is None:  # a required argument in DeepSpeed: its run would not have started
+        _warn(f"scheduler {name}: no total_num_steps (DeepSpeed requires it); the decay spans "
+              f"train.steps {base.train.steps} from base")
+    _set(out, "train", "steps", total)
+
+
+def _decay_peak(name: Any, params: dict[str, Any], out: dict[str, Any], base: Config) -> None:
+    """WarmupDecayLR peaks at ``warmup_max_lr``, DeepSpeed's default 1e-3 when absent (it does
+    not read the optimizer's lr then)."""
+    peak = params.pop("warmup_max_lr", None)
+    if peak is None:
+        peak, lr = _DS_DECAY_MAX_LR, _value(out, base, "optimizer", "lr")
+        if lr != peak:
+            _warn(f"scheduler {name}: no warmup_max_lr, so DeepSpeed peaks at its default "
+                  f"{peak}, not at the optimizer's lr {lr}: optimizer.lr: {peak}")
+    _set(out, "optimizer", "lr", peak)
+
+
+def _no_scheduler(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
+    """An ``optimizer`` block without a ``scheduler``: DeepSpeed keeps the optimizer's lr for
+    the whole run. (Without either, the schedule came from the caller's code: base's stays.)"""
+    if _block(ds, "optimizer") is None:
+        return
+    had = (base.optimizer.schedule, base.optimizer.warmup_steps)
+    out.setdefault("optimizer", {}).update(schedule="constant", warmup_steps=0)
+    if had != ("constant", 0):
+        _warn(f"an optimizer block without a scheduler trains at a constant lr in DeepSpeed: "
+              f"optimizer.schedule: constant, warmup_steps: 0 (base had {had[0]}, {had[1]}); "
+              "under the Hugging Face Trainer its own scheduler runs instead: set "
+              "optimizer.schedule / warmup_steps after loading (cfg.replace([...]))")
+
+
+def _rest(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
+    _scheduler(ds, out, base)
     if _enabled(ds, "fp16"):
         raise ValueError("DeepSpeed fp16: memopt has no loss scaler; use bf16 (bf16.enabled)")
     if _enabled(ds, "bf16"):
@@ -196,7 +258,19 @@ def _rest(ds: dict[str, Any], out: dict[str, Any]) -> None:
     if ds.get("train_batch_size") not in (None, "auto"):
         _warn(f"train_batch_size {ds['train_batch_size']} not carried over: memopt's global "
               "batch is train.batch_size (per rank) * train.grad_accum * ranks")
-    clip = ds.get("gradient_clipping")
+    _clip(ds, out, base)
+
+
+def _clip(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
+    """``gradient_clipping`` -> ``max_grad_norm``; absent: DeepSpeed's default clip, 1.0."""
+    if "gradient_clipping" not in ds:
+        if base.optimizer.max_grad_norm != DEFAULT_CLIP:
+            _warn(f"no gradient_clipping: DeepSpeed clips at its default {DEFAULT_CLIP}, so "
+                  f"optimizer.max_grad_norm: {DEFAULT_CLIP} (base had "
+                  f"{base.optimizer.max_grad_norm})")
+        _set(out, "optimizer", "max_grad_norm", DEFAULT_CLIP)
+        return
+    clip = ds["gradient_clipping"]
     if clip is not None and clip != "auto":
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
             raise ValueError(f"Config.from_deepspeed: DeepSpeed key 'gradient_clipping' must be "
@@ -215,7 +289,7 @@ def config_from_deepspeed(cfg: Mapping[str, Any] | str | os.PathLike[str], base:
     _enabled(ds, "fp16")
     _sharding(ds, out)
     _optimizer(ds, out)
-    _rest(ds, out)
+    _rest(ds, out, base)
     data = base.to_dict()
     for section, values in out.items():
         for key, value in values.items():

@@ -214,7 +214,8 @@ class ModelConfig:
         "layers)")
     overrides: dict[str, Any] = opt({}, "LlamaConfig keyword arguments over the preset "
                                     "(hidden_size, num_hidden_layers, ...)")
-    dtype: Literal["fp32", "bf16"] = opt("fp32", "parameter dtype")
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "dtype of the parameters and persistent buffers; "
+                                         "non-persistent ones (RoPE inv_freq) keep theirs")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto': cuda when available")
     init_from: str | None = opt(None, "a memopt snapshot directory whose newest model weights "
                                 "initialise the model (fine-tuning); null: random init")

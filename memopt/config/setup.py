@@ -1,6 +1,8 @@
 """``memopt.setup(model, config)``: apply a whole ``Config`` to a model, in a fixed order.
 
-1. Move the model to its device and dtype (``model.device``, ``model.dtype``).
+1. Move the model to its device and cast it to ``model.dtype`` (``memopt.config.cast``:
+   parameters and persistent buffers; non-persistent buffers such as RoPE ``inv_freq`` stay
+   fp32, as under DeepSpeed's bf16 and Hugging Face's ``from_pretrained``).
 2. Activations (before sharding, while the blocks are plain modules): ``policy``/``policies``
    install directly; ``budget`` profiles one step on ``sample_batch`` and runs the planner.
 3. Optimizer from ``optimizer`` (param groups, low-rank targets); optimizer-in-backward
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt.config import build
+from memopt.config.cast import cast_model
 from memopt.config.config import Config
 
 
@@ -159,7 +162,7 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
         raise ValueError("checkpoint.redundancy is a tier of the checkpointer: set "
                          "checkpoint.directory too")
     device = resolve_device(config.model.device)
-    model.to(device=device, dtype=build.DTYPES[config.model.dtype])
+    cast_model(model.to(device=device), build.DTYPES[config.model.dtype])
     manager, the_plan = _activations(model, config, sample_batch)
     opt: torch.optim.Optimizer = build.build_optimizer(model, config.optimizer)
     hooks = None

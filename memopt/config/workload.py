@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from memopt.config._fields import did_you_mean
+from memopt.config.cast import cast_model
 from memopt.config.config import Config
 from memopt.config.sections import PRESETS
 
@@ -64,8 +65,8 @@ def build_model(config: Config) -> torch.nn.Module:
 
     torch.manual_seed(config.train.seed)
     model: torch.nn.Module = LlamaForCausalLM(llama_config(config))
-    if config.model.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    if config.model.dtype == "bf16":  # parameters; RoPE inv_freq stays fp32 (memopt.config.cast)
+        cast_model(model, torch.bfloat16)
     if config.model.init_from:
         load_weights(model, config.model.init_from)
     return model

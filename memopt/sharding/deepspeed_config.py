@@ -3,11 +3,17 @@
 ``from_deepspeed(cfg)`` takes the block itself, or a whole DeepSpeed config holding it (a dict
 or a path to a JSON file), and returns a ``ShardConfig``; ``read_deepspeed`` returns the full
 translation (``DeepSpeedZero``: stage, bucket bytes, master dtype, the offload settings, and the
-keys that were ignored). ``memopt.shard(model, opt, deepspeed_config=cfg)`` uses it.
+keys that were ignored). ``memopt.shard(model, opt, deepspeed_config=cfg)`` uses it. A whole
+config without a ``zero_optimization`` block (DeepSpeed then runs stage 0) is an error that
+says so. ``memopt.shard`` also warns, once, about what DeepSpeed's engine would have done in
+training and memopt leaves to the caller: clipping at 1.0 when the config has no
+``gradient_clipping`` (or only the block was given), and fp16 loss scaling (memopt has none).
+The key tables are in ``memopt.sharding.deepspeed_keys``.
 
 Every key DeepSpeed 0.19 accepts in the block is known here, in one of four kinds:
 
-- *mapped*: ``stage`` (1, 2, 3; 0 is an error: plain data parallelism is DDP),
+- *mapped*: ``stage`` (1, 2, 3; 0 is an error, plain data parallelism is DDP, except for
+  ``read_deepspeed(allow_stage0=True)``, which validates the block and refuses offloading),
   ``reduce_bucket_size`` / ``allgather_bucket_size`` -> ``bucket_bytes`` (DeepSpeed counts
   *elements*; memopt counts bytes: elements x the gradient element size, 2 when the whole
   config enables ``bf16`` or ``fp16``, else the model's parameter dtype). memopt reduces and
@@ -46,74 +52,18 @@ from memopt._utils.jsonfile import json_mapping
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.optimizer import OffloadConfig
 from memopt.sharding.config import DEFAULT_BUCKET_BYTES, ShardConfig
-
-OFFLOAD_ISSUE = "issue 5 (offload tiers: pinned CPU, CXL, NVMe)"
-_BIG = 10**9  # DeepSpeed's "1e9" defaults
-
-#: key -> (the value memopt's behavior corresponds to, what memopt does instead)
-_MATCHED: dict[str, tuple[Any, str]] = {
-    "contiguous_gradients": (True, "memopt always packs gradients into contiguous buckets"),
-    "reduce_scatter": (True, "memopt always reduces with reduce-scatter / reduce to the owner"),
-    "allgather_partitions": (True, "memopt gathers updated parameters with all-gather/broadcast"),
-    "ignore_unused_parameters": (True, "a parameter without a gradient contributes zeros"),
-    "compute_grad_norm": (True, "sharded_opt.clip_grad_norm_ computes the global norm on call"),
-}
-#: key -> (DeepSpeed's default, why the key has no effect in memopt)
-_IGNORED: dict[str, tuple[Any, str]] = {
-    "use_multi_rank_bucket_allreduce": (True, "memopt never all-reduces buckets"),
-    "round_robin_gradients": (False, "an ordering for CPU-offloaded gradients; memopt has none"),
-    "load_from_fp32_weights": (True, "checkpoints are memopt.checkpoint's, not DeepSpeed's"),
-    "elastic_checkpoint": (False, "checkpoints are memopt.checkpoint's, not DeepSpeed's"),
-    "sub_group_size": (_BIG, "memopt steps each parameter's shard separately"),
-    "legacy_stage1": (False, "memopt has one stage-1 implementation"),
-    "parameter_alignment": (False, "memopt pads per parameter, not per flat partition"),
-    "zero_hpz_partition_size": (1, "no hierarchical (ZeRO++ hpZ) partitioning"),
-    "zero_quantized_weights": (False, "collectives run in the parameter dtype"),
-    "zero_quantized_nontrainable_weights": (False, "collectives run in the parameter dtype"),
-    "zero_quantized_gradients": (False, "collectives run in the gradient dtype"),
-    "memory_efficient_linear": (True, "memopt does not replace nn.Linear"),
-    "pipeline_loading_checkpoint": (False, "no pipeline-parallel loading"),
-    "override_module_apply": (True, "memopt does not patch Module.apply"),
-    "log_trace_cache_warnings": (False, "no DeepSpeed trace cache"),
-    "enable_sanity_checks": (False, "use MEMOPT_DEBUG_COLLECTIVES=1 for collective checks"),
-    "save_muon_momentum_buffer_in_memory": (False, "no DeepSpeed Muon"),
-    "leaf_module": (None, "FSDP2 groups are chosen by memopt.sharding.FSDPOptions"),
-    "mics_shard_size": (-1, "no MiCS sub-group sharding"),
-    "mics_hierarchical_params_gather": (False, "no MiCS sub-group sharding"),
-}
-#: stage-3 knobs: read only under stage 3 (DeepSpeed itself ignores them below it)
-_STAGE3: dict[str, tuple[Any, str]] = {
-    "stage3_prefetch_bucket_size": (5 * 10**7, "FSDP2 prefetches one group ahead, no budget"),
-    "stage3_param_persistence_threshold": (10**5, "FSDP2 reshards every wrapped group"),
-    "stage3_model_persistence_threshold": (None, "FSDP2 reshards every wrapped group"),
-    "stage3_max_live_parameters": (_BIG, "FSDP2 holds at most the current and next group"),
-    "stage3_max_reuse_distance": (_BIG, "FSDP2 reshards after each group's forward"),
-    "stage3_module_granularity_threshold": (0, "FSDP2 groups are memopt's wrapping policy"),
-    "stage3_use_all_reduce_for_fetch_params": (False, "FSDP2 all-gathers parameters"),
-    "stage3_allgather_sequential": (False, "FSDP2 issues one all-gather per group"),
-    "stage3_gather_16bit_weights_on_model_save": (False, "saving is memopt.checkpoint's"),
-    "stage3_gather_fp16_weights_on_model_save": (False, "saving is memopt.checkpoint's"),
-}
-_MAPPED = (
-    "stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
-    "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
-    "cpu_offload_use_pin_memory", "zenflow",
-)  # fmt: skip
-SUPPORTED_KEYS: tuple[str, ...] = tuple(sorted({*_MAPPED, *_MATCHED, *_IGNORED, *_STAGE3}))
-_OFFLOAD_KEYS = {
-    "offload_optimizer": ("device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read",
-                          "pipeline_write", "fast_init", "ratio", "super_offload",
-                          "cpuadam_cores_perc", "pipeline"),
-    "offload_param": ("device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu",
-                      "pin_memory"),
-}  # fmt: skip
-#: Offload tuning knobs with no counterpart in memopt (its pipeline sizes itself): warned.
-_OFFLOAD_TUNING = {
-    "offload_optimizer": ("buffer_count", "pipeline_read", "pipeline_write", "fast_init",
-                          "pipeline", "super_offload", "cpuadam_cores_perc"),
-    "offload_param": ("buffer_count", "buffer_size", "max_in_cpu", "pin_memory"),
-}  # fmt: skip
-_READ_TOP = ("zero_optimization", "bf16", "fp16")
+from memopt.sharding.deepspeed_keys import (
+    DEFAULT_CLIP,
+    IGNORED,
+    MATCHED,
+    OFFLOAD_ISSUE,
+    OFFLOAD_KEYS,
+    OFFLOAD_TUNING,
+    READ_TOP,
+    STAGE3,
+    SUPPORTED_KEYS,
+    TOP_LEVEL,
+)
 
 _warned: set[str] = set()
 
@@ -177,9 +127,14 @@ def from_deepspeed(
 
 
 def read_deepspeed(
-    cfg: Mapping[str, Any] | str | os.PathLike[str], *, param_dtype: torch.dtype = torch.float32
+    cfg: Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    allow_stage0: bool = False,
 ) -> DeepSpeedZero:
-    """Translate a DeepSpeed config (see the module docstring); raise or warn on the rest."""
+    """Translate a DeepSpeed config (see the module docstring); raise or warn on the rest.
+    ``allow_stage0``: stage 0 (plain data parallelism) is validated like the other stages and
+    returned, with no offload (``Config.from_deepspeed``); otherwise it is an error."""
     block, half = _split(_load(cfg))
     unknown = sorted(k for k in block if k not in SUPPORTED_KEYS)
     if unknown:
@@ -187,11 +142,19 @@ def read_deepspeed(
             f"DeepSpeed config: unknown zero_optimization key(s) {unknown}; supported: "
             f"{', '.join(SUPPORTED_KEYS)}"
         )
-    stage = _stage(block)
+    stage = _stage(block, allow_stage0)
     ignored = _check_matched(block, stage) + _check_ignored(block, stage)
     elem = 2 if half else torch.empty((), dtype=param_dtype).element_size()
     bucket = _bucket_bytes(block, elem)
     off_opt, off_param = _offloads(block)
+    offloaded = [k for k, o in (("offload_optimizer", off_opt), ("offload_param", off_param))
+                 if o.device != "none"]  # fmt: skip
+    if stage == 0 and offloaded:
+        raise ValueError(
+            f"DeepSpeed config: zero_optimization.{offloaded[0]} at stage 0: DeepSpeed offloads "
+            "only inside its ZeRO optimizers (stages 1-3), so this run had no offload it could "
+            "honour; set stage 1 or 2 (optimizer state) or 3 (parameters), or drop the block"
+        )
     return DeepSpeedZero(
         stage=stage,
         bucket_bytes=bucket,
@@ -209,13 +172,21 @@ def _load(cfg: Any) -> dict[str, Any]:
 def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The zero block, and whether the whole config enables bf16/fp16."""
     if "zero_optimization" not in cfg:
+        top = sorted(k for k in cfg if k in TOP_LEVEL)
+        if top and "stage" not in cfg:
+            raise ValueError(
+                f"DeepSpeed config: this is a whole DeepSpeed config (top-level keys {top}) "
+                "without a zero_optimization block, which DeepSpeed runs without ZeRO (stage 0, "
+                "plain data parallelism: torch's DistributedDataParallel); add "
+                '"zero_optimization": {"stage": 1, 2 or 3} to shard with memopt'
+            )
         return cfg, False
     block = cfg["zero_optimization"]
     if not isinstance(block, Mapping):
         raise TypeError(f"DeepSpeed config: zero_optimization must be a dict, got {block!r}")
     half = any(isinstance(cfg.get(k), Mapping) and cfg[k].get("enabled") is True
                for k in ("bf16", "fp16"))  # fmt: skip
-    rest = sorted(k for k in cfg if k not in _READ_TOP)
+    rest = sorted(k for k in cfg if k not in READ_TOP)
     if rest:
         _warn(
             "<top level>",
@@ -226,7 +197,7 @@ def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return dict(block), half
 
 
-def _stage(block: dict[str, Any]) -> int:
+def _stage(block: dict[str, Any], allow_stage0: bool = False) -> int:
     stage = block.get("stage")
     if stage is None:
         raise ValueError(
@@ -236,7 +207,7 @@ def _stage(block: dict[str, Any]) -> int:
         raise ValueError(
             f"DeepSpeed config: zero_optimization.stage must be 1, 2 or 3, got {stage!r}"
         )
-    if stage == 0:
+    if stage == 0 and not allow_stage0:
         raise ValueError(
             "DeepSpeed config: ZeRO stage 0 is plain data parallelism; use "
             "torch.nn.parallel.DistributedDataParallel, or stage 1, 2 or 3"
@@ -246,7 +217,7 @@ def _stage(block: dict[str, Any]) -> int:
 
 def _check_matched(block: dict[str, Any], stage: int) -> list[str]:
     hits = []
-    matched = dict(_MATCHED)
+    matched = dict(MATCHED)
     matched["overlap_comm"] = (
         (False, "memopt stage 1 reduces every gradient at step(); stage 2 overlaps backward")
         if stage == 1
@@ -268,7 +239,7 @@ def _check_matched(block: dict[str, Any], stage: int) -> list[str]:
 
 def _check_ignored(block: dict[str, Any], stage: int) -> list[str]:
     hits = []
-    table = {**_IGNORED, **(_STAGE3 if stage == 3 else {})}
+    table = {**IGNORED, **(STAGE3 if stage == 3 else {})}
     for key, (default, why) in table.items():
         if key not in block:
             continue
@@ -323,11 +294,11 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
             raise TypeError(
                 f"DeepSpeed config: zero_optimization.{key} must be a dict, got {sub!r}"
             )
-        bad = sorted(k for k in sub if k not in _OFFLOAD_KEYS[key])
+        bad = sorted(k for k in sub if k not in OFFLOAD_KEYS[key])
         if bad:
             raise ValueError(
                 f"DeepSpeed config: unknown key(s) {bad} in zero_optimization.{key}; supported: "
-                f"{', '.join(_OFFLOAD_KEYS[key])}"
+                f"{', '.join(OFFLOAD_KEYS[key])}"
             )
         device = sub.get("device") or ("cpu" if legacy[key] else "none")
         if device not in ("none", "cpu", "nvme"):
@@ -335,7 +306,7 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
                 f"DeepSpeed config: zero_optimization.{key}.device must be none, cpu or nvme, "
                 f"got {device!r}"
             )
-        for knob in sorted(k for k in sub if k in _OFFLOAD_TUNING[key]):
+        for knob in sorted(k for k in sub if k in OFFLOAD_TUNING[key]):
             _warn(f"{key}.{knob}", f"zero_optimization.{key}.{knob} has no effect in memopt "
                   "(its offload pipeline and buffers are sized from the tensors)")  # fmt: skip
         pin_memory = sub.get("pin_memory", True if pin is None else pin)
@@ -387,7 +358,9 @@ def deepspeed_shard_config(
     """
     first = next((p for g in optimizer.param_groups for p in g["params"]), None)
     dtype = first.dtype if isinstance(first, torch.Tensor) else torch.float32
-    config = read_deepspeed(cfg, param_dtype=dtype).shard_config(layout)
+    raw = _load(cfg)
+    config = read_deepspeed(raw, param_dtype=dtype).shard_config(layout)
+    _training_notes(raw)
     given = {"stage": stage, "bucket_bytes": bucket_bytes, "master_dtype": master_dtype}
     defaults = {"stage": 2, "bucket_bytes": DEFAULT_BUCKET_BYTES, "master_dtype": None}
     clash = {k: v for k, v in given.items() if v != defaults[k] and getattr(config, k) != v}
@@ -398,3 +371,28 @@ def deepspeed_shard_config(
             f"{theirs}); set them in one place only"
         )
     return config
+
+
+def _training_notes(cfg: dict[str, Any]) -> None:
+    """What DeepSpeed's engine does in training that ``memopt.shard`` leaves to the caller,
+    said once: its default clip, and fp16 loss scaling (memopt has no loss scaler)."""
+    whole = "zero_optimization" in cfg
+    clip = f"sharded_opt.clip_grad_norm_({DEFAULT_CLIP}) before each step()"
+    if not whole:
+        _warn("gradient_clipping", (
+            f"memopt.shard never clips gradients, and DeepSpeed clips at {DEFAULT_CLIP} unless "
+            "the whole config sets gradient_clipping (only the zero_optimization block was "
+            f"given): where it has no gradient_clipping, call {clip} to match"))  # fmt: skip
+    elif "gradient_clipping" not in cfg:
+        _warn("gradient_clipping", (
+            f"this config has no gradient_clipping, so DeepSpeed clips the gradient norm at "
+            f"{DEFAULT_CLIP} (its default); memopt.shard never clips: call {clip} to match, "
+            'or set "gradient_clipping": 0 if the run should not clip'))  # fmt: skip
+    fp16 = cfg.get("fp16")
+    if whole and isinstance(fp16, Mapping) and fp16.get("enabled") is True:
+        keys = "".join(f"; {k}" for k in sorted(fp16) if k != "enabled")
+        _warn("fp16", (
+            "fp16 is enabled, but memopt has no loss scaler: DeepSpeed's loss scaling (dynamic "
+            f"from 2**16 by default{keys}) is not applied, and torch.amp.GradScaler does not "
+            "work with the stage 1/2 sharded optimizer, so fp16 gradients can underflow or "
+            "overflow unnoticed; train in bf16 (bf16.enabled) instead"))  # fmt: skip

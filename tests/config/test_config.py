@@ -216,9 +216,11 @@ def test_from_deepspeed_schedulers_map_or_warn() -> None:
     o = cfg.optimizer
     assert (o.schedule, o.min_lr_ratio, o.lr, cfg.train.steps) == ("cosine", 0.0, 1e-3, 40)
     assert len(msgs) == 1 and "linear decay" in msgs[0]
-    # WarmupCosineLR: cos_min_ratio and total_num_steps map; nothing to warn about
+    # WarmupCosineLR: cos_min_ratio and total_num_steps map; with a linear warm-up (its
+    # default is log, like the others: tests/config/test_deepspeed_defaults.py) no warning
     cfg, msgs = _from_ds({"scheduler": {"type": "WarmupCosineLR", "params": {
-        "warmup_num_steps": 2, "total_num_steps": 30, "cos_min_ratio": 0.05}}})  # fmt: skip
+        "warmup_num_steps": 2, "total_num_steps": 30, "cos_min_ratio": 0.05,
+        "warmup_type": "linear"}}})  # fmt: skip
     assert (cfg.optimizer.min_lr_ratio, cfg.train.steps) == (0.05, 30) and not msgs
     # train_batch_size is not carried over: said
     _, msgs = _from_ds({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4})
