@@ -31,7 +31,9 @@ def _positive_int(text: str) -> int:
 
 def _workload_args(p: argparse.ArgumentParser, *, budget: bool) -> None:
     n = _positive_int
-    p.add_argument("--model", choices=("llama",), default="llama", help="built-in model family")
+    # (no argparse defaults where a recipe has its own key: --recipe refuses what was given;
+    # Workload supplies the defaults)
+    p.add_argument("--model", choices=("llama",), help="built-in model family (default llama)")
     p.add_argument("--hidden", type=n, help="hidden size (default 256)")
     p.add_argument("--layers", type=n, help="decoder layers (default 4)")
     p.add_argument("--heads", type=n, help="attention heads (default 4)")
@@ -39,13 +41,13 @@ def _workload_args(p: argparse.ArgumentParser, *, budget: bool) -> None:
     p.add_argument("--vocab", type=n, help="vocabulary (default 8000)")
     p.add_argument("--batch-size", dest="batch_size", type=n, help="default 4")
     p.add_argument("--seq-len", dest="seq_len", type=n, help="default 128")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
     p.add_argument("--rank", type=n, help="low-rank optimizers' rank (default: 128; "
                    "apollo_mini 1; frugal takes --density 0.25)")
     p.add_argument("--density", type=float, help="the projected fraction of each low-rank "
                    "matrix, instead of --rank (FRUGAL's default 0.25)")
     p.add_argument("--state-dtype", dest="state_dtype", choices=("float32", "int8", "int4"))
-    p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=0)
+    p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 0)")
     p.add_argument("--world-size", dest="world_size", type=n, default=1)
     p.add_argument("--param-dtype", dest="param_dtype", choices=sorted(DTYPES))
     p.add_argument("--activations", dest="activation_policy", choices=("keep", "recompute", "swap"))
@@ -76,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimate", help="predict peak memory per tier before a run")
     _workload_args(est, budget=False)
     est.add_argument("--recipe", help="estimate a memopt.Config YAML (a recipe) instead of the "
-                     "built-in workload; --world-size still applies")
+                     "built-in workload; --world-size and --json still apply, the workload "
+                     "flags do not (pass overrides: sharding.stage=3, not --stage 3)")
     est.add_argument("overrides", nargs="*", help="with --recipe: section.key=value overrides")
     rep = sub.add_parser("report", help="measure a few steps and plot memory per tier")
     _workload_args(rep, budget=True)
@@ -94,8 +97,45 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: ``memopt estimate`` workload flags (argparse dest) and the recipe key each one sets.
+RECIPE_KEYS = {
+    "model": ("--model", "model.preset"), "hidden": ("--hidden", "model.overrides.hidden_size"),
+    "layers": ("--layers", "model.overrides.num_hidden_layers"),
+    "heads": ("--heads", "model.overrides.num_attention_heads"),
+    "intermediate": ("--intermediate", "model.overrides.intermediate_size"),
+    "vocab": ("--vocab", "model.overrides.vocab_size"),
+    "batch_size": ("--batch-size", "train.batch_size"), "seq_len": ("--seq-len", "train.seq_len"),
+    "optimizer": ("--optimizer", "optimizer.name"), "rank": ("--rank", "optimizer.rank"),
+    "density": ("--density", "optimizer.density"),
+    "state_dtype": ("--state-dtype", "optimizer.state_dtype"),
+    "stage": ("--stage", "sharding.stage"), "param_dtype": ("--param-dtype", "model.dtype"),
+    "activation_policy": ("--activations", "activations.policy"),
+    "offload": ("--offload", "sharding.offload"),
+    "offload_params": ("--offload-params", "sharding.offload_params"),
+    "nvme_path": ("--nvme-path", "sharding.nvme_path"),
+}  # fmt: skip
+#: Flag values the recipe key spells otherwise (a recipe's model is a preset size).
+_RECIPE_VALUES = {"model": {"llama": "PRESET"},
+                  "param_dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32|bf16"}}
+
+
+def refuse_workload_flags(args: argparse.Namespace) -> None:
+    """With ``--recipe`` the recipe sets the workload: a workload flag would be ignored, so it
+    is refused, naming the override that does apply (``--stage 3`` -> ``sharding.stage=3``)."""
+    given = [(dest, getattr(args, dest)) for dest in RECIPE_KEYS
+             if getattr(args, dest, None) is not None]
+    if not given:
+        return
+    flags = " ".join(f"{RECIPE_KEYS[d][0]} {v}" for d, v in given)
+    keys = " ".join(f"{RECIPE_KEYS[d][1]}={_RECIPE_VALUES.get(d, {}).get(v, v)}"
+                    for d, v in given)
+    raise SystemExit(f"memopt estimate: {flags}: the recipe sets the workload, so these flags "
+                     f"would be ignored; pass overrides after the recipe instead: {keys}")
+
+
 def _estimate(args: argparse.Namespace) -> int:
     if args.recipe is not None:
+        refuse_workload_flags(args)
         from memopt.config import Config
         from memopt.config.estimate import estimate
 

@@ -6,6 +6,11 @@ starts), then runs ``python -m torch.distributed.run`` with ``--nproc-per-node``
 (``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``, passed through as they
 are; a port or address on one node is kept too), and
 ``-m memopt.cli.train RECIPE.yaml key=value ...`` as the program of every rank.
+Before that it runs the checks that need only the world size and the filesystem
+(``memopt.config.preflight``, which the ranks run too): redundancy or optimizer-in-backward on
+the wrong number of ranks, a checkpoint or NVMe directory it cannot create, each a one-line
+error instead of a traceback per rank. A DeepSpeed JSON given as the recipe gets a hint to
+convert it (``Config.from_deepspeed(...).to_yaml(...)``).
 A recipe named without a path (``galore``) is looked up as ``recipes/galore.yaml`` under the
 current directory. ``--dry-run`` prints the command instead.
 """
@@ -19,8 +24,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import yaml
+
 from memopt.config import Config
+from memopt.config.preflight import check_paths, check_world
 from memopt.config.workload import llama_config
+
+#: Top-level keys of a DeepSpeed config that are no memopt section (a hint, not a parser).
+_DEEPSPEED_KEYS = {"zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size",
+                   "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,16 +89,56 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def world_size(args: argparse.Namespace) -> int | None:
+    """Ranks of the launch: ``--nproc-per-node`` times ``--nnodes`` (None for an elastic
+    range such as ``1:4``, whose size only the rendezvous settles)."""
+    nnodes = args.nnodes.strip()
+    return args.nproc * int(nnodes) if nnodes.isdigit() else None
+
+
+def _deepspeed_hint(recipe: str) -> str:
+    """A hint when ``recipe`` looks like a DeepSpeed JSON config rather than a memopt one."""
+    try:
+        with open(recipe) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        data = None
+    keys = set(data) if isinstance(data, dict) else set()
+    if not (recipe.endswith(".json") or keys & _DEEPSPEED_KEYS):
+        return ""
+    return ("; this looks like a DeepSpeed config: convert it to a memopt recipe first, e.g. "
+            "python -c \"from memopt import Config; "
+            f"Config.from_deepspeed({recipe!r}).to_yaml('recipe.yaml')\" "
+            "and review its model, data and train sections (DeepSpeed has none)")
+
+
+def load_checked(args: argparse.Namespace, recipe: str) -> Config:
+    """The recipe with its overrides, checked as far as the launcher can before any rank
+    starts: the values, the model overrides, the world size (``memopt.config.preflight``) and,
+    unless ``--dry-run``, the directories the run writes. ``SystemExit`` with one line else."""
+    try:
+        config = Config.from_yaml(recipe, overrides=args.overrides)
+    except (ValueError, OSError) as e:  # (from_yaml names the file in its YAML errors)
+        where = "" if str(e).startswith(f"{recipe}:") else f"{recipe}: "
+        raise SystemExit(f"memopt run: {where}{e}{_deepspeed_hint(recipe)}") from None
+    try:
+        llama_config(config)  # the model overrides too (a typo one level down)
+        world = world_size(args)
+        if world is not None:
+            check_world(config, world)
+        if not args.dry_run:  # (it creates them: the ranks would, a moment later)
+            check_paths(config)
+    except ValueError as e:
+        raise SystemExit(f"memopt run: {recipe}: {e}") from None
+    return config
+
+
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_intermixed_args(list(argv))
     if args.nproc < 1:
         raise SystemExit("memopt run: --nproc-per-node must be >= 1")
     recipe = resolve_recipe(args.recipe)
-    try:
-        config = Config.from_yaml(recipe, overrides=args.overrides)
-        llama_config(config)  # the model overrides too (a typo one level down)
-    except ValueError as e:
-        raise SystemExit(f"memopt run: {recipe}: {e}") from None
+    load_checked(args, recipe)
     cmd = torchrun_command(args, recipe)
     print("memopt run: " + shlex.join(cmd), flush=True)
     if args.dry_run:

@@ -2,7 +2,8 @@
 
 ``memopt run`` starts this module under torchrun on every rank. Per rank:
 
-1. join the process group torchrun describes (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1;
+1. join the process group torchrun describes (gloo on CPU, NCCL on CUDA), a one-rank group
+   too (ZeRO-3 parameter offload is FSDP2's and needs one);
 2. load the recipe (``Config.from_yaml`` with the overrides), build the random-init model and
    this rank's batch stream (``memopt.config.workload``);
 3. ``memopt.setup`` (activations, optimizer, sharding/offload, scheduler, checkpointer,
@@ -11,9 +12,10 @@
    ``accumulation_context``: the sharded optimizer's or DDP's ``no_sync``), clip,
    ``optimizer.step()``, ``scheduler.step()``; every ``train.log_every`` steps rank 0 prints
    one log line: loss (this step's, mean over ranks), tokens/s (all ranks, over the steps
-   since the last line), LR, and memory per tier (``memopt.cli._meter``); a tqdm progress
-   bar runs on stderr; every ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous:
-   the copy overlaps the next step) and the end of the run takes a last one.
+   since the last line), the LR this step ran at, and memory per tier
+   (``memopt.cli._meter``); a tqdm progress bar runs on stderr; every
+   ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous: the copy overlaps the next
+   step) and the end of the run takes a last one.
 """
 
 from __future__ import annotations
@@ -33,11 +35,21 @@ from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.api import Setup, setup
 from memopt.cli._meter import Meter
 from memopt.config import Config
+from memopt.config.preflight import check_paths, check_world
 from memopt.config.workload import batches, build_model
+
+#: What torchrun sets for ``init_process_group``'s ``env://`` rendezvous.
+_TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Join the process group torchrun describes: also a one-rank group (``memopt run``'s
+    default), since ZeRO-3 parameter offload runs FSDP2, which needs one even on one device.
+    On one rank nothing else changes: no DDP wrapper, the plain (collective-free) sharding path,
+    checkpoints without a gloo group. ``WORLD_SIZE > 1`` without the rest still tries (and
+    torch names what is missing)."""
+    launched = all(os.environ.get(k) for k in _TORCHRUN_ENV)
+    if (launched or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -107,6 +119,8 @@ def _say(s: Setup, text: str) -> None:
 def train(config: Config) -> dict[str, Any]:
     """Run the recipe ``config`` on this rank; returns a summary (rank 0's view)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    check_world(config, dist.get_world_size() if dist.is_initialized() else 1)
+    check_paths(config)  # (the launcher ran both already: here for a rank started by hand)
     model = build_model(config)
     sample = next(batches(config, rank))
     s = setup(model, config, sample_batch={"input_ids": sample, "labels": sample})
@@ -125,6 +139,7 @@ def train(config: Config) -> dict[str, Any]:
     bar = tqdm(range(s.start_step, t.steps), initial=s.start_step, total=t.steps,
                disable=s.rank != 0, file=sys.stderr, desc="train", dynamic_ncols=True)
     for i in bar:
+        lr = s.optimizer.param_groups[0]["lr"]  # the step's own (scheduler.step() moves it on)
         t0 = time.perf_counter()
         loss = _mean_over_ranks(_train_step(s, data), s)
         window_t += time.perf_counter() - t0
@@ -132,7 +147,6 @@ def train(config: Config) -> dict[str, Any]:
         step = i + 1
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % t.log_every == 0 or step == t.steps:
-            lr = s.optimizer.param_groups[0]["lr"]
             _say(s, f"step {step}/{t.steps} loss {loss:.4f} lr {lr:.2e} "
                     f"tok/s {tokens * window_steps / window_t:,.0f} | {meter.line(s)}")
             window_t, window_steps = 0.0, 0
