@@ -126,10 +126,10 @@ def _fused(
     mixed = states[0]["exp_avg"].dtype != params[0].dtype
     weights = [p.float() for p in params] if mixed else list(params)
     grads = [_as(p.grad, w.dtype) for p, w in zip(params, weights, strict=True)]
+    kernel_lr, kernel_wd, decay_after = lr, wd, False
     if eps_mode == "galore":
-        eps, kernel_wd = eps / math.sqrt(1.0 - b2**t), 0.0
-    else:
-        kernel_wd = wd
+        eps = eps / math.sqrt(1.0 - b2**t)
+        kernel_lr, kernel_wd, decay_after = _galore_decay(lr, wd, weights[0])
     # The kernel only reads the step counts: one device tensor (a fill, no host-to-device
     # copy that would synchronise a GPU) serves every parameter of the bucket.
     steps = [torch.full((), float(t), device=params[0].device)] * len(params)
@@ -140,7 +140,7 @@ def _fused(
         [st["exp_avg_sq"] for st in states],
         [],
         steps,
-        lr=lr,
+        lr=kernel_lr,
         beta1=b1,
         beta2=b2,
         weight_decay=kernel_wd,
@@ -151,11 +151,28 @@ def _fused(
     # torch's fused kernel leaves the version counters alone (torch.optim.AdamW(fused=True)
     # too): bump them, so a step between forward and backward is caught like any in-place op
     mark_written(*weights, *(st["exp_avg"] for st in states), *(st["exp_avg_sq"] for st in states))
-    if eps_mode == "galore" and wd:
+    if decay_after:
         torch._foreach_mul_(weights, 1.0 - lr * wd)
     if mixed:
         for p, w in zip(params, weights, strict=True):
             p.copy_(w)
+
+
+def _galore_decay(lr: float, wd: float, w: Tensor) -> tuple[float, float, bool]:
+    """(kernel lr, kernel weight decay, decay after the kernel) for galore's form
+    ``W <- (1 - lr wd) (W - s d)``. fp32 weights: the kernel without decay, then one multiply
+    (galore-torch's arithmetic). bf16 / fp16 weights: that multiply would round back to W
+    whenever lr wd is below half an ulp, so the decay goes into the kernel's one rounding
+    instead: with lr' = lr (1 - lr wd) and wd' = wd / (1 - lr wd) the kernel's
+    ``W (1 - lr' wd') - lr' d'`` is ``(1 - lr wd) W - (1 - lr wd) s d``, the same form."""
+    if not wd:
+        return lr, 0.0, False
+    if not F.is_half(w):
+        return lr, 0.0, True
+    keep = 1.0 - float(lr) * wd
+    if keep <= 0.0:  # (lr wd >= 1: the multiply is exact there, W goes to 0 or flips sign)
+        return lr, 0.0, True
+    return lr * keep, wd / keep, False
 
 
 def _as(g: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -168,7 +185,10 @@ def _reference(
 ) -> None:
     assert p.grad is not None
     g = p.grad.to(st["exp_avg"].dtype)
-    w = p if p.dtype == g.dtype else p.float()  # low-precision weights: fp32 arithmetic
+    wd = group["lr"] * group.get("weight_decay", 0.0)
+    # low-precision weights: fp32 arithmetic, rounded once (a decay below half an ulp
+    # multiplied on its own would round back to W)
+    w = p if p.dtype == g.dtype and not (wd and F.is_half(p)) else p.float()
     b1, b2 = group["betas"]
     F.adam_moments_(st["exp_avg"], st["exp_avg_sq"], g, b1, b2)
     d, step_size = F.adam_direction(
@@ -182,7 +202,6 @@ def _reference(
         eps_mode=eps_mode,
         correct_bias=group.get("correct_bias", True),
     )
-    wd = group["lr"] * group.get("weight_decay", 0.0)
     if eps_mode == "torch" and wd:
         w.mul_(1.0 - wd)
     w.add_(d.to(w.dtype), alpha=-step_size)

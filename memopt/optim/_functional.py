@@ -14,13 +14,36 @@ with the references depends on it:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 EpsMode = Literal["galore", "torch"]
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def is_half(t: Tensor) -> bool:
+    """bf16 / fp16: where a decay ``(1 - lr wd) W`` applied as its own multiply rounds back to
+    W whenever ``lr wd`` is below half an ulp (2^-9 relative in bf16), so it must share one
+    rounding with the update."""
+    return t.dtype in HALF_DTYPES
+
+
+@contextlib.contextmanager
+def fp32_work(w: Tensor, fold: bool = True) -> Iterator[Tensor]:
+    """``w`` to update in place in several steps (decay, then one or two updates), rounded
+    once: for a bf16 / fp16 ``w`` (and ``fold``) an fp32 copy written back on exit, else ``w``
+    itself (fp32 arithmetic unchanged). The transient cost is one fp32 copy of ``w``."""
+    if not (fold and is_half(w)):
+        yield w
+        return
+    work = w.float()
+    yield work
+    w.copy_(work)
 
 
 def adam_moments_(

@@ -115,3 +115,16 @@ def store(state: dict[str, Any], m: Tensor, v: Tensor, group: dict[str, Any]) ->
     state["exp_avg_q"], state["exp_avg_absmax"] = qm["q"], qm["absmax"]
     state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = qv["q"], qv["absmax"]
     state["moment_shape"] = list(m.shape)
+
+
+def adopt_plain(state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Quantize plain moments that a load brought into a group storing them quantized (a
+    torch.optim.AdamW state dict into ``state_dtype="int8"``): ``load`` reads only the codes,
+    so the step would restart the moments from zero, and the plain ones stayed alive."""
+    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+    if not (isinstance(m, Tensor) and isinstance(v, Tensor)):
+        return
+    if lowbit_kind(group, m.numel()) is None:
+        return
+    del state["exp_avg"], state["exp_avg_sq"]
+    store(state, m.float(), v.to(torch.float32, copy=True), group)  # (store clamps v)

@@ -2,6 +2,11 @@
 (tensor-only state, saved dtypes kept, shapes and the optimizer class checked before anything
 loads) and ``copy.deepcopy`` / pickle (memopt's own settings travel, caches do not).
 
+``load_state_dict`` takes memopt's own state dicts and torch.optim.Adam/AdamW's; another
+implementation's (galore-torch, apollo-torch, bitsandbytes) is refused before anything
+loads: its projector objects or low-rank moments cannot continue in memopt's subspace, and
+torch's load would take them without a word (the next step then failed, KeyError 'index').
+
 ``PersistMixin`` sits between ``MemoptOptimizer``'s bookkeeping and ``torch.optim.Optimizer``;
 it expects ``projector()``, ``is_low_rank()``, ``plain_adam_mode()`` and
 ``check_loaded_shapes`` from the optimizer it is mixed into.
@@ -10,6 +15,7 @@ it expects ``projector()``, ``is_low_rank()``, ``plain_adam_mode()`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +24,16 @@ from torch import Tensor
 from memopt.optim import _moments as moments
 from memopt.optim._refresh import CACHE_PREFIX
 from memopt.optim.projection import Projector
+
+#: What torch.optim.Adam / AdamW keep per parameter (amsgrad's ``max_exp_avg_sq`` is refused
+#: with its group). memopt's first step of a parameter writes ``index`` next to ``step``, so
+#: a state without ``index`` came from elsewhere.
+TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+START_FRESH = (
+    "memopt's state dicts are tensor-only and hold the basis or seed memopt computed, so "
+    "another implementation's moments cannot continue here. Load the model weights and "
+    "start the memopt optimizer fresh from them; nothing was loaded"
+)
 
 
 class PersistMixin(torch.optim.Optimizer):
@@ -104,6 +120,7 @@ class PersistMixin(torch.optim.Optimizer):
         if len(saved_groups) == len(self.param_groups):  # (else torch's own error)
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
                 self.check_loaded_group(saved, group, i)  # before anything changes
+        self._check_foreign_state(saved_groups, saved_state)
         if self.check_loaded_shapes:
             self._check_loaded_shapes(saved_groups, saved_state)
         before = [dict(g) for g in self.param_groups]
@@ -123,6 +140,7 @@ class PersistMixin(torch.optim.Optimizer):
                 for k, v in saved_state[pid].items():
                     if isinstance(v, Tensor):
                         st[k] = v.to(device=p.device)  # keeps the saved dtype
+                moments.adopt_plain(st, group)  # torch's fp32 moments in an int8 group
                 proj = self.projector(group) if self.is_low_rank(group) else None
                 if proj is not None:  # (the state says whether it was projected: a stage-3
                     proj.rebuild(st, p)  # holder between steps is a 1-D placeholder)
@@ -133,39 +151,120 @@ class PersistMixin(torch.optim.Optimizer):
             return tuple(p.shape)
         return tuple(self.projector(group).low_shape(matrix_shape(p)))
 
+    def keeps_projector_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p``'s state in ``group`` holds projector state beside its moments."""
+        return (
+            self.is_low_rank(group)
+            and p.dim() >= 2
+            and self.plain_adam_mode(p, group) is None
+            and self.projector(group) is not None
+        )
+
+    def _saved_states(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
+    ) -> Iterator[tuple[str, Tensor, dict[str, Any], dict[str, Any]]]:
+        """(label, parameter, group with the saved options, saved state) of every parameter
+        with saved state; nothing when the layout differs (torch's load raises for that)."""
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"])
+            for s, g in zip(saved_groups, self.param_groups, strict=True)
+        ):
+            return
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            names = group.get("param_names")
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
+                st = saved_state.get(pid)
+                if st:
+                    yield (names[i] if names else f"group {gi} param {i}"), p, merged, st
+
+    def _check_foreign_state(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
+    ) -> None:
+        """Refuse state that neither memopt nor torch.optim.Adam/AdamW wrote (galore-torch,
+        apollo-torch, bitsandbytes...): torch's load takes any object, and the next step
+        read keys that are not there. Pickled objects first: they name the source best."""
+        saved = list(self._saved_states(saved_groups, saved_state))
+        whys = [(label, held_objects(st)) for label, _, _, st in saved]
+        whys += [(label, foreign_keys(st, self.keeps_projector_state(p, group)))
+                 for label, p, group, st in saved]  # fmt: skip
+        for label, why in whys:
+            if why is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved state of {label} {why}. "
+                    + START_FRESH
+                )
+
     def _check_loaded_shapes(
         self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
     ) -> None:
         """Refuse a state dict whose tensors cannot belong to these parameters (the model
         changed shape, or the groups are in another order): torch would load it and the
         next step would read moments of the wrong size."""
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"])
-            for s, g in zip(saved_groups, self.param_groups, strict=True)
-        ):
-            return  # torch's load_state_dict raises its own error for this
-        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            names = group.get("param_names")
-            for i, (pid, p) in enumerate(zip(saved["params"], group["params"], strict=True)):
-                st = saved_state.get(pid)
-                if not st:
-                    continue
-                why = None
-                shape = self.expected_moment_shape(p, merged)
-                if shape is not None:
-                    why = moments.mismatch(st, shape)
-                if why is None and self.is_low_rank(merged) and p.dim() >= 2:
-                    proj = self.projector(merged)
-                    why = None if proj is None else proj.check_state(st, matrix_shape(p))
-                if why is not None:
-                    label = names[i] if names else f"group {gi} param {i}"
-                    raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the saved state of {label} "
-                        f"(shape {tuple(p.shape)} here) does not fit: {why}. The checkpoint is "
-                        "from a model whose shapes differ, or its parameters were passed in "
-                        "another order; nothing was loaded"
-                    )
+        for label, p, merged, st in self._saved_states(saved_groups, saved_state):
+            why = None
+            shape = self.expected_moment_shape(p, merged)
+            if shape is not None:
+                why = moments.mismatch(st, shape)
+            if why is None and self.is_low_rank(merged) and p.dim() >= 2:
+                proj = self.projector(merged)
+                why = None if proj is None else proj.check_state(st, matrix_shape(p))
+            if why is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved state of {label} "
+                    f"(shape {tuple(p.shape)} here) does not fit: {why}. The checkpoint is "
+                    "from a model whose shapes differ, or its parameters were passed in "
+                    "another order; nothing was loaded"
+                )
+
+
+def held_objects(state: dict[str, Any]) -> str | None:
+    """Why a saved per-parameter ``state`` holding Python objects (not tensors, numbers or
+    strings) is not memopt's (what follows "the saved state of X"), or None."""
+    objects = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not _plain(v)]
+    if not objects:
+        return None
+    return (
+        f"holds Python objects, not tensors ({', '.join(objects)}): this looks like a "
+        "galore-torch or apollo-torch optimizer state dict, which pickles its projector into "
+        "the per-parameter state"
+    )
+
+
+def foreign_keys(state: dict[str, Any], projected: bool) -> str | None:
+    """Why a saved per-parameter ``state`` was written neither by memopt nor by
+    torch.optim.Adam/AdamW, or cannot continue here, or None. ``projected``: the parameter
+    takes a low-rank path here, so its moments need memopt's projector state."""
+    if "index" in state:
+        return None  # memopt's own
+    extra = sorted(set(state) - TORCH_ADAM_KEYS)
+    if extra:
+        return (
+            f"holds {extra}, which neither memopt nor torch.optim.Adam/AdamW writes: this "
+            "looks like another implementation's state dict (galore-torch, apollo-torch, "
+            "bitsandbytes' 8-bit optimizers)"
+        )
+    if not projected:
+        return None  # torch.optim.AdamW's: loads
+    m = state.get("exp_avg")
+    shape = f" of shape {tuple(m.shape)}" if isinstance(m, Tensor) else ""
+    return (
+        f"holds Adam moments{shape} without memopt's "
+        "projector state ('index', 'proj_count', the basis or seed) for a low-rank "
+        "parameter: this looks like a galore-torch or apollo-torch state dict with the "
+        "projector left out, or a torch.optim one"
+    )
+
+
+def _plain(value: Any) -> bool:
+    """A tensor, a number, a string, None, or a list/tuple/dict of those."""
+    if value is None or isinstance(value, (Tensor, bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    return False
 
 
 def matrix_shape(p: Tensor) -> tuple[int, int]:

@@ -170,6 +170,9 @@ class FrugalAdamW(MemoptOptimizer):
             return tuple(p.shape)  # whole tensors, while active
         return super().expected_moment_shape(p, group)
 
+    def keeps_projector_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return not group["state_free"] and super().keeps_projector_state(p, group)
+
     def plain_adam_mode(self, p: Tensor, group: dict[str, Any]) -> F.EpsMode | None:
         if group["state_free"]:
             return None
@@ -194,12 +197,14 @@ class FrugalAdamW(MemoptOptimizer):
         rule = group["inactive_update_rule"]
         lr_in = lr * group["inactive_lr_scale"]
         wd = group["lr"] * group["weight_decay"]
-        if wd:
-            p.mul_(1.0 - wd)
-        if rule == "sign_sgd":
-            p.add_(torch.sign(g).to(p.dtype), alpha=-lr_in)
-        elif rule == "sgd":
-            p.add_(g.to(p.dtype), alpha=-lr_in)
+        # bf16 / fp16: decay and step summed in fp32, rounded once (see _functional.fp32_work)
+        with F.fp32_work(p, fold=bool(wd) and rule != "none") as w:
+            if wd:
+                w.mul_(1.0 - wd)
+            if rule == "sign_sgd":
+                w.add_(torch.sign(g).to(w.dtype), alpha=-lr_in)
+            elif rule == "sgd":
+                w.add_(g.to(w.dtype), alpha=-lr_in)
 
     def block_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         window = state["step"] // group["update_proj_gap"]
@@ -216,17 +221,21 @@ class FrugalAdamW(MemoptOptimizer):
         # decay by lr * wd as every other FRUGAL tensor (and the reference) does; the Adam
         # step alone takes the scaled lr (decoupled decay inside it would scale too)
         wd = group["lr"] * group["weight_decay"]
-        if wd:
-            p.mul_(1.0 - wd)
-        scaled = dict(group, lr=group["lr"] * group["proj_params_lr_scale"], weight_decay=0.0)
+        lr_p = group["lr"] * group["proj_params_lr_scale"]
+        if wd and lr_p and F.is_half(p):
+            # bf16 / fp16: the decay inside the Adam step's one rounding (multiplied on its
+            # own it would round back to W), as a weight decay of wd / lr_p at lr_p
+            scaled = dict(group, lr=lr_p, weight_decay=wd / lr_p)
+        else:
+            if wd:
+                p.mul_(1.0 - wd)
+            scaled = dict(group, lr=lr_p, weight_decay=0.0)
         self.full_adam(p, scaled, state, eps_mode="torch")
 
     def subspace_step(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Any], label: str
     ) -> None:
         wd = group["lr"] * group["weight_decay"]
-        if wd:
-            p.mul_(1.0 - wd)
         g = self.grad_matrix(p, group)
         self.refresh_if_due(p, state, g, group, label)
         proj = self.projector(group)
@@ -234,15 +243,20 @@ class FrugalAdamW(MemoptOptimizer):
         lr_p = group["lr"] * group["proj_params_lr_scale"]
         rule = group["inactive_update_rule"]
         direction, step_size, _, _ = self.adam_on(low, group, state, eps_mode="torch", lr=lr_p)
-        with writable_matrix(p) as w:
-            if rule != "none" and not _whole_space(state):
-                # (a subspace that is the whole space leaves a residual of round-off, which
-                # sign_sgd would turn into a full step of +-lr on every entry)
+        # (a subspace that is the whole space leaves a residual of round-off, which sign_sgd
+        # would turn into a full step of +-lr on every entry)
+        rest = rule != "none" and not _whole_space(state)
+        # bf16 / fp16 with more than one term: decay and both parts summed in fp32 and W
+        # rounded once (a decay below half an ulp multiplied on its own rounds back to W)
+        with writable_matrix(p) as w, F.fp32_work(w, fold=bool(wd) or rest) as work:
+            if wd:
+                work.mul_(1.0 - wd)
+            if rest:
                 residual = g.clone()
                 proj.apply_update(state, low, residual, alpha=-1.0)
                 out = residual.sign_() if rule == "sign_sgd" else residual  # our own copy
-                w.add_(out.to(w.dtype), alpha=-lr_p * group["inactive_lr_scale"])
-            proj.apply_update(state, direction, w, alpha=-step_size)
+                work.add_(out.to(work.dtype), alpha=-lr_p * group["inactive_lr_scale"])
+            proj.apply_update(state, direction, work, alpha=-step_size)
 
 
 def _whole_space(state: dict[str, Any]) -> bool:

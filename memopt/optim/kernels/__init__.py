@@ -184,6 +184,9 @@ def scaled_update_(
     ``alpha`` may be a 0-d device tensor (read on the device: no host sync).
     """
     if backend(w) == "torch" or w.stride(1) != 1 or g.stride(1) != 1:
+        if keep != 1.0 and F.is_half(w):
+            _decay_and_update_fp32(w, g, factor, alpha, keep)
+            return
         if keep != 1.0:
             w.mul_(keep)
         if w.dtype == torch.float16:
@@ -225,3 +228,16 @@ def scaled_update_(
         BLOCK=BLOCK,
     )
     mark_written(w)
+
+
+def _decay_and_update_fp32(
+    w: Tensor, g: Tensor, factor: Tensor, alpha: float | Tensor, keep: float | Tensor
+) -> None:
+    """``scaled_update_`` for a bf16 / fp16 ``w`` with decay: ``keep * w + alpha * g * factor``
+    summed in fp32 and rounded once, as the Triton kernel does. Applied as its own multiply,
+    a decay below half an ulp of ``w`` would round back to ``w`` every step."""
+    f = factor.float()
+    if isinstance(alpha, Tensor):
+        f, alpha = f * alpha.float(), 1.0
+    with F.fp32_work(w) as work:
+        work.mul_(keep).addcmul_(g, f, value=alpha)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from memopt._utils import warn_once
+from memopt.optim._functional import is_half
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
 Side = Literal["left", "right", "both"]
@@ -193,9 +194,16 @@ class Projector(ABC):
         """``out = beta * out + alpha * project_back(low)`` in place on the 2-D ``out``.
 
         Dense projectors override this with one fused ``addmm_`` so the full-size update
-        is never materialized.
+        is never materialized. Whatever the path, ``out`` is rounded once: for a bf16 / fp16
+        ``out`` a decay (``beta``) applied as its own multiply would round back to ``out``.
         """
         upd = self.project_back(state, low)
+        if beta != 1.0 and is_half(out):
+            # the fresh full-size update is the fp32 work buffer: beta out + alpha upd
+            work = upd.float() if upd.dtype != torch.float32 else upd
+            work.mul_(alpha).add_(out, alpha=beta)
+            out.copy_(work)
+            return
         if beta != 1.0:
             out.mul_(beta)
         out.add_(upd.to(out.dtype), alpha=alpha)

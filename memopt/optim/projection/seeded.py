@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt.optim._functional import fp32_work, is_half
 from memopt.optim.projection.base import Projector
 from memopt.optim.projection.dense import DenseProjector
 
@@ -119,6 +120,18 @@ class _SeededIndex(Projector):
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
         raise NotImplementedError
 
+    def _decay_in_fp32(
+        self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float
+    ) -> bool:
+        """For a bf16 / fp16 ``out`` with a decay (``beta``): the whole write on an fp32 copy,
+        rounded once (the decay multiplied on its own would round back to ``out``). Returns
+        whether it ran."""
+        if beta == 1.0 or not is_half(out):
+            return False
+        with fp32_work(out) as work:
+            self.apply_update(state, low, work, alpha=alpha, beta=beta)
+        return True
+
 
 class ColumnProjector(_SeededIndex):
     """Random selection of r columns (right side) or rows (left side); ``both`` takes a block."""
@@ -148,6 +161,8 @@ class ColumnProjector(_SeededIndex):
     def apply_update(
         self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
     ) -> None:
+        if self._decay_in_fp32(state, low, out, alpha=alpha, beta=beta):
+            return
         if beta != 1.0:
             out.mul_(beta)
         rows, cols = state["cache_rows"], state["cache_cols"]
@@ -195,6 +210,8 @@ class CoordinateProjector(_SeededIndex):
     def apply_update(
         self, state: dict[str, Any], low: Tensor, out: Tensor, *, alpha: float, beta: float = 1.0
     ) -> None:
+        if self._decay_in_fp32(state, low, out, alpha=alpha, beta=beta):
+            return
         if beta != 1.0:
             out.mul_(beta)
         if out.is_contiguous():
