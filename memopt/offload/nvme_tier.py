@@ -310,7 +310,11 @@ class NVMeTier(StorageTier):
                     try:
                         if err is None:
                             staged = self.arena.bytes_view(bounce)
-                            dst[direct:].copy_(staged[: dst.numel() - direct])
+                            # dst may be an inference tensor (a read started under
+                            # torch.inference_mode()); this runs on an I/O thread, where
+                            # that mode is off and an in-place copy into it would fail
+                            with torch.inference_mode():
+                                dst[direct:].copy_(staged[: dst.numel() - direct])
                     finally:
                         self._unbounce(bounce)
 

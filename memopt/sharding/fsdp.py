@@ -37,6 +37,7 @@ from torch import nn
 
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
+from memopt.sharding.fsdp2_internals import handle_unused_grads
 from memopt.sharding.fsdp_optim import FSDPOptimizer
 from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
 from memopt.sharding.param_swap import make_param_swapper
@@ -223,7 +224,9 @@ def shard_stage3(
 
     ``fully_shard`` replaces every parameter object; the optimizer's are found again by name.
     A meta-device model is materialized shard by shard right after (``meta_init``); with
-    ``offload_params="nvme"`` the shards then go to NVMe (``param_swap``).
+    ``offload_params="nvme"`` the shards then go to NVMe (``param_swap``). On several ranks a
+    parameter with a gradient on some ranks only is reduced as zeros elsewhere
+    (``fsdp2_internals.UnusedGrads``).
     """
     order = param_names(model, optimizer)
     meta = is_meta(model)
@@ -231,10 +234,14 @@ def shard_stage3(
     apply_fully_shard(model, comm, options, config.master_dtype, config.offload_params)
     if meta:
         materialize(model, device, comm.rank, comm.world, options.init_fn)
+    handle_unused_grads(model, comm)
     swapper = None
     if config.offload_params == "nvme":
         assert config.param_nvme is not None  # ShardConfig checked it
         swapper = make_param_swapper(model, config.param_nvme, comm.rank)
     new = dict(model.named_parameters())
     params = [[new[n] for n in group] for group in order]
-    return model, FSDPOptimizer(model, optimizer, config, comm, params, swapper)
+    sharded = FSDPOptimizer(model, optimizer, config, comm, params, swapper)
+    if swapper is not None:  # from here on, to_local() of an evicted shard raises
+        swapper.guard_evicted()
+    return model, sharded

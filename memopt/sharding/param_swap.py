@@ -47,6 +47,7 @@ from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.state_store import trim_arena
 from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
 from memopt.sharding.fsdp2_internals import check_fsdp2_internals, fsdp_groups
+from memopt.sharding.param_swap_hooks import set_guards
 
 __all__ = ["ParamSwapper", "SwapStats", "make_param_swapper"]
 
@@ -118,6 +119,8 @@ class ParamSwapper:
         self._trace: list[int] = []
         self._recording, self._cursor = True, 0
         self._hooks: list[Any] = []
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._guarding = False  # see guard_evicted
         for u in self.units:
             self._register(u, _storages(u.group))
         wait_all([f for u in self.units for f in u.writes])  # before any hook is installed
@@ -150,6 +153,8 @@ class ParamSwapper:
     def _start_read(self, u: _Unit, ahead: bool) -> None:
         if u.resident:
             return
+        if self._guarding:
+            set_guards(u.group, self._names, False)
         for piece in u.pieces:
             piece.tensor.untyped_storage().resize_(piece.nbytes)
             u.reads.append(self.tier.read_async(piece.handle, _bytes(piece.tensor)))
@@ -167,6 +172,17 @@ class ParamSwapper:
         for piece in u.pieces:
             piece.tensor.untyped_storage().resize_(0)
         u.resident = False
+        if self._guarding:
+            set_guards(u.group, self._names, True)
+
+    def guard_evicted(self) -> None:
+        """From now on an evicted unit's sharded parameters raise a clear error from
+        ``to_local()`` instead of exposing storage with no bytes (``param_swap_hooks``).
+        ``memopt.shard`` turns it on once the optimizer has taken its views."""
+        self._guarding = True
+        for u in self.units:
+            if not u.resident:
+                set_guards(u.group, self._names, True)
 
     @staticmethod
     def _wait_reads(u: _Unit) -> None:
@@ -310,7 +326,8 @@ class ParamSwapper:
 
     def close(self) -> None:
         """Bring every shard back into memory and free the tier (the swapper is done)."""
-        self._pin_all()
+        self._pin_all()  # (takes every guard away)
+        self._guarding = False
         self.drain()
         for h in self._hooks:
             h.remove()

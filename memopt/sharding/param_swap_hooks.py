@@ -14,6 +14,13 @@ parameters) keep that correct one unit at a time:
 - ``load_state_dict``: the pre-hook loads the unit; FSDP2 copies the values into the shards
   in place; the post-hook writes them to the tier and evicts. ``assign=True`` (which replaces
   the parameter objects) is refused with a clear error.
+
+Between uses an evicted shard's storage holds no bytes, and code that writes through
+``DTensor.to_local()`` outside ``resident()`` (torch DCP's ``set_model_state_dict(...,
+broadcast_from_rank0=True)`` does) wrote through a freed pointer: a segfault. ``set_guards``
+puts an ``EvictedShard`` on each evicted sharded parameter as its ``to_local`` (an instance
+attribute, removed when the unit is loaded), which raises an error naming the parameter and
+``resident_params()``; pickling such a parameter raises it too.
 """
 
 from __future__ import annotations
@@ -25,7 +32,40 @@ from torch import nn
 if TYPE_CHECKING:
     from memopt.sharding.param_swap import ParamSwapper
 
-__all__ = ["install_state_dict_hooks"]
+__all__ = ["EvictedShard", "install_state_dict_hooks", "set_guards"]
+
+
+class EvictedShard:
+    """``to_local`` of a sharded parameter whose bytes are on NVMe: raises (see above)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def error(self) -> RuntimeError:
+        return RuntimeError(
+            f"memopt.shard(offload_params='nvme'): parameter {self.name!r} was accessed "
+            "(to_local(), or pickled) while its shard is on NVMe: between uses its storage "
+            "holds no bytes, so reading or writing it would touch freed memory. Do it inside "
+            "`with opt.resident_params():` (every shard loaded, written back on leaving), e.g. "
+            "around torch.distributed.checkpoint's set_model_state_dict(..., "
+            "broadcast_from_rank0=True); model.state_dict() and load_state_dict() need no wrap"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self.error()
+
+    def __reduce__(self) -> Any:
+        raise self.error()
+
+
+def set_guards(group: Any, names: dict[int, str], on: bool) -> None:
+    """Put (``on``) or take away the ``EvictedShard`` of each sharded parameter of ``group``."""
+    for fp in group.fsdp_params:
+        d = fp.sharded_param.__dict__
+        if on:
+            d["to_local"] = EvictedShard(names.get(id(fp.sharded_param), "?"))
+        else:
+            d.pop("to_local", None)
 
 
 def _unit_module(group: Any) -> nn.Module:

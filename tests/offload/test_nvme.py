@@ -384,3 +384,27 @@ def test_failed_offloaded_step_says_not_to_retry(
     assert "Do not retry" in str(info.value)
     monkeypatch.setattr(io_backend, "_pwrite", real)
     opt.close()
+
+
+def test_read_into_an_inference_tensor(tier: NVMeTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read started under torch.inference_mode() (a stage-3 unit loaded during an
+    inference-mode forward): the bounce copy runs on an I/O thread, outside that mode, and
+    failed with 'Inplace update to inference tensor outside InferenceMode'."""
+    src = torch.arange(333, dtype=torch.float32)
+    h = tier.allocate(src.shape, src.dtype)
+    tier.write_async(h, src).wait()
+    gate = threading.Event()  # hold the read until read_async returned: the copy is threaded
+    real = io_backend._preadv
+
+    def held(fd: int, bufs: list, off: int) -> int:
+        gate.wait(10)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(io_backend, "_preadv", held)
+    with torch.inference_mode():
+        out = torch.zeros(334)[1:]  # unaligned: all of it goes through a bounce block
+        fut = tier.read_async(h, out)
+    gate.set()
+    fut.wait()
+    assert torch.equal(out, src)
+    tier.free(h)
