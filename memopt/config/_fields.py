@@ -5,8 +5,9 @@ string goes into ``dataclasses.field(metadata=...)``, where the reference genera
 (``memopt.config.reference``) reads it. ``coerce(value, annotation, key)`` turns what YAML or a
 ``key=value`` override gives into the field's type:
 
-- ``int``/``float``: numbers, numeric strings (``"3e-4"``: YAML 1.1 reads it as a string) and,
-  for fields marked ``size=True``, byte sizes such as ``"64MiB"``;
+- ``int``/``float``: numbers, numeric strings (``"3e-4"``, ``"10"``: decimal) and, for fields
+  marked ``size=True``, byte sizes such as ``"64MiB"``; text with ``_`` (``"2024_11_24"``),
+  hex or ``1:30`` forms is refused (YAML 1.1 would read those as other numbers);
 - ``bool``: ``true/false/yes/no/1/0``;
 - ``Literal[...]``: one of the listed values (numbers compared after coercion);
 - ``X | None``: ``None``/``null``/``none`` or an ``X``;
@@ -33,6 +34,13 @@ _UNITS = {
 }  # fmt: skip
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
+#: YAML 1.2 (core schema) numbers: decimal integers (``010`` is ten, not octal eight) and
+#: floats with or without a dot (``1e-5``); memopt.config._yaml reads plain scalars with these.
+YAML12_INT = re.compile(r"^[-+]?[0-9]+$")
+YAML12_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 
 
 def opt(default: Any, doc: str, *, size: bool = False) -> Any:
@@ -50,6 +58,30 @@ def parse_size(text: str) -> int:
     if m is None or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{text!r} is not a byte size (use e.g. 67108864, '64MiB', '2GB')")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def yaml12_number(text: str) -> int | float | None:
+    """``text`` as a YAML 1.2 number (``"1e-5"`` -> 1e-05, ``"010"`` -> 10), else None."""
+    t = text.strip()
+    if YAML12_INT.match(t):
+        return int(t)
+    if YAML12_FLOAT.match(t):
+        return float(t.replace(".", "", 1) if t.lower().lstrip("+-").startswith((".inf", ".nan"))
+                     else t)
+    return None
+
+
+def numbers_in(value: Any) -> Any:
+    """``value`` with every string that is a YAML 1.2 number made that number, in nested
+    mappings and lists too (``model.overrides``: a mapping of ``Any``, never coerced by type)."""
+    if isinstance(value, str):
+        number = yaml12_number(value)
+        return value if number is None else number
+    if isinstance(value, Mapping):
+        return {k: numbers_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [numbers_in(v) for v in value]
+    return value
 
 
 def _fail(key: str, value: Any, wanted: str) -> ValueError:
@@ -100,17 +132,22 @@ def _scalar(value: Any, ann: type, key: str, size: bool) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and "_" not in value:  # (int("2024_11_24") is 20241124)
             try:
                 if size:
                     return parse_size(value)
                 return int(float(value)) if _intlike(value) else int(value)
             except ValueError:
                 pass
-        raise _fail(key, value, "a byte size such as 67108864 or '64MiB'" if size else "an integer")
+        if size:
+            raise _fail(key, value, "a byte size such as 67108864 or '64MiB'")
+        raise _fail(key, value, "an integer (decimal digits, no '_')" if isinstance(value, str)
+                    else "an integer")
     if ann is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and "_" in value:  # (float("1_0.5") is 10.5)
+            raise _fail(key, value, "a number (no '_')")
         try:
             return float(value)
         except (TypeError, ValueError):

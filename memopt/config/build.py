@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -114,14 +114,23 @@ def offload_config(sc: ShardingConfig) -> OffloadConfig | None:
     return OffloadConfig(device=sc.offload, nvme_path=sc.nvme_path, hybrid=sc.hybrid_update)
 
 
-def shard_config(sc: ShardingConfig) -> ShardConfig | None:
-    """``memopt.sharding.ShardConfig`` for ``sc`` (None: no sharding, offload or master dtype).
+def effective_stage(sc: ShardingConfig) -> Literal[0, 1, 2, 3]:
+    """The ZeRO stage ``sc`` runs as (0: no sharding, DDP on several ranks). Stage 0 with an
+    offload tier or a ``master_dtype`` runs as stage 1: master weights and offloaded state live
+    in the sharded optimizer, and on one rank stage 1 is the plain update (no collectives).
+    ``shard_config``, ``Setup.describe()`` and the estimator (``memopt.config.estimate``) all
+    follow this one rule."""
+    if sc.stage == 0 and (sc.offload != "none" or sc.master_dtype != "auto"):
+        return 1
+    return sc.stage
 
-    Stage 0 with an offload tier or ``master_dtype`` runs as stage 1: master weights live in
-    the sharded optimizer, and on one rank stage 1 is the plain update (no collectives)."""
-    if sc.stage == 0 and sc.offload == "none" and sc.master_dtype == "auto":
+
+def shard_config(sc: ShardingConfig) -> ShardConfig | None:
+    """``memopt.sharding.ShardConfig`` for ``sc`` at its ``effective_stage`` (None: stage 0,
+    no offload and no master dtype)."""
+    stage = effective_stage(sc)
+    if stage == 0:
         return None
-    stage = sc.stage or 1
     layout = "dim0" if stage == 3 else ("whole_tensor" if sc.layout == "auto" else sc.layout)
     master = None if sc.master_dtype == "auto" else DTYPES[sc.master_dtype]
     return ShardConfig(

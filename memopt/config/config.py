@@ -6,13 +6,17 @@ A YAML file has one mapping per section (``optimizer``, ``sharding``, ``activati
 override on the parsed mapping before the sections are built, so an override is validated
 exactly like the file (``model.overrides.hidden_size=256`` reaches into a mapping field). The
 value text is read as YAML (``[0.9, 0.95]``, ``null``, ``true``) and then coerced to the field's
-type. ``to_yaml()`` writes a file ``from_yaml`` reads back to an equal ``Config``.
+type. Files and overrides read numbers as YAML 1.2 (``010`` is 10, ``1e-5`` a float), and a
+string key keeps its text as written (``checkpoint.directory=0123`` is ``"0123"``): see
+``memopt.config._yaml``. ``to_yaml()`` writes a file ``from_yaml`` reads back to an equal
+``Config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 from memopt.config._fields import did_you_mean, plain, section_from_dict
+from memopt.config._yaml import load_document, load_value
 from memopt.config.sections import (
     ActivationsConfig,
     CheckpointConfig,
@@ -95,7 +100,7 @@ class Config:
         """Load a YAML file (see the module docstring)."""
         with open(path) as f:
             try:
-                data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader
+                data = load_document(f, is_text_key)  # YAML 1.2 numbers, strings as written
             except yaml.YAMLError as e:
                 raise ValueError(f"{os.fspath(path)}: not valid YAML: {e}") from None
         if data is not None and not isinstance(data, Mapping):
@@ -128,23 +133,6 @@ class Config:
         return text
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the
-    last one silently: ``lr: 1e-3`` then ``lr: 3e-4`` further down would train at 3e-4)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); "
-                    "keep one", key_node.start_mark)  # fmt: skip
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -171,7 +159,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if tuple(parts[:2]) in DOTTED_KEY_MAPPINGS and len(parts) > 3:
         parts = [*parts[:2], ".".join(parts[2:])]  # a module name: dots belong to the key
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_value(text, is_text_key(*parts)) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     node = data
@@ -183,6 +171,15 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ValueError(f"override {item!r}: {part!r} is not a section or mapping")
         node = child
     node[parts[-1]] = value
+
+
+def is_text_key(*path: Any) -> bool:
+    """Whether ``section.key`` is a string field (``str`` or ``str | None``), whose YAML value
+    is kept as written (memopt.config._yaml)."""
+    if len(path) != 2 or path[0] not in SECTIONS:
+        return False
+    hints = typing.get_type_hints(SECTIONS[path[0]])
+    return hints.get(str(path[1])) in (str, str | None)
 
 
 def field_docs() -> dict[str, list[dataclasses.Field[Any]]]:

@@ -1,14 +1,18 @@
 """``Setup.describe()``: a few plain lines saying what ``memopt.setup`` built and where it lives.
 
-Parameters and their bytes, the optimizer and its low-rank groups with the state bytes,
-the sharding stage and offload tier, the activation policy per block (or the plan's budget and
-prediction), the LR schedule, the checkpoint directory, and the resume point when there is one.
+Parameters and their bytes; the optimizer's settings (the Config's: a resume re-applies them
+over the snapshot's, see ``memopt.config.resume``), its low-rank groups and the state bytes; the
+sharding stage as it runs (``build.effective_stage``) with the master dtype and offload tier;
+the activation policy per block (or the plan's budget and prediction); the LR schedule; the
+checkpoint directory; the resume point when there is one (or, with resume off, the snapshots
+already in the directory).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from memopt.config.build import default_rank, effective_stage
 from memopt.memory import fmt_bytes
 
 
@@ -18,16 +22,23 @@ def _params(model: Any) -> str:
     return f"{n / 1e6:.2f}M parameters ({fmt_bytes(nbytes)})"
 
 
+def _live(s: Any, key: str, default: Any) -> Any:
+    """``key`` of the first param group holding it: what runs (a resume keeps the snapshot's
+    rank, density and state dtype, which its saved state is built on: memopt.config.resume)."""
+    return next((g[key] for g in s.optimizer.param_groups if g.get(key) is not None), default)
+
+
 def _optimizer(s: Any) -> str:
-    oc = s.config.optimizer
+    oc = s.config.optimizer  # (lr, betas, wd: the Config's, re-applied on resume)
     text = f"{oc.name} lr {oc.lr:g} betas {tuple(oc.betas)} wd {oc.weight_decay:g}"
     if oc.name == "frugal":
-        text += f", density {oc.density:g} on '{oc.target}'"
+        text += f", density {_live(s, 'density', oc.density):g} on '{oc.target}'"
     elif oc.name != "adamw":
-        rank = oc.rank if oc.rank is not None else (1 if oc.name == "apollo_mini" else 128)
+        rank = _live(s, "rank", oc.rank if oc.rank is not None else default_rank(oc.name))
         text += f", rank {rank} on '{oc.target}', projection every {oc.update_proj_gap} steps"
-    if oc.state_dtype != "auto":
-        text += f", {oc.state_dtype} moments"
+    state_dtype = _live(s, "state_dtype", None)
+    if state_dtype is not None:
+        text += f", {state_dtype} moments"
     if oc.in_backward:
         text += ", updates inside backward"
     return text
@@ -35,12 +46,16 @@ def _optimizer(s: Any) -> str:
 
 def _sharding(s: Any) -> str:
     sc = s.config.sharding
-    if sc.stage == 0 and sc.offload == "none":
+    stage = effective_stage(sc)  # what memopt.setup built (build.shard_config)
+    if stage == 0:
         return f"none (DDP over {s.world_size} ranks)" if s.world_size > 1 else "none (1 rank)"
-    stage = sc.stage or 1
     text = f"ZeRO-{stage} over {s.world_size} rank(s)"
     if sc.stage == 0:
-        text += " (stage 0 with an offload tier runs as stage 1)"
+        why = [w for w, on in (("an offload tier", sc.offload != "none"),
+                               ("a master dtype", sc.master_dtype != "auto")) if on]
+        text += f" (stage 0 with {' and '.join(why)} runs as stage 1)"
+    if sc.master_dtype != "auto":
+        text += f", {sc.master_dtype} master weights"
     if sc.offload != "none":
         text += f", optimizer state on {sc.offload}"
         if sc.offload == "nvme":

@@ -5,7 +5,8 @@ meta device, and the estimator's fields come from the Config's sections:
 - ``optimizer.name`` / ``target`` / ``rank`` / ``density`` / ``proj`` / ``state_dtype``
   (``rank`` and ``proj`` only for the low-rank optimizers, as ``build`` passes them);
 - ``sharding.stage`` / ``layout`` / ``master_dtype`` / ``bucket_bytes`` / ``offload`` /
-  ``offload_params`` (stage 0 with an offload tier runs as stage 1, as ``memopt.setup`` does);
+  ``offload_params`` (stage 0 with an offload tier or a master dtype runs as stage 1, as
+  ``memopt.setup`` does: ``build.effective_stage``);
 - ``model.dtype``, ``model.device`` (``auto``: CUDA when available);
 - ``train.batch_size`` / ``seq_len``, traced without a KV cache (``use_cache=False``, as
   ``memopt run`` trains), and ``train.grad_accum`` (the later micro-batches run with every
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from memopt.config.build import effective_stage
 from memopt.config.config import Config
 from memopt.config.setup import resolve_device
 from memopt.config.workload import llama_config
@@ -44,7 +46,7 @@ def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
         opt_kw["proj"] = o.proj
     if o.state_dtype != "auto":
         opt_kw["state_dtype"] = o.state_dtype
-    stage = sc.stage or (1 if sc.offload != "none" else 0)
+    stage = effective_stage(sc)  # (stage 0 with offload or master_dtype runs as stage 1)
     choice = config.model.device  # an explicit "cuda" is estimated even on a CPU-only host
     device = resolve_device("auto").type if choice == "auto" else choice
     return {

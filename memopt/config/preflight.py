@@ -4,8 +4,9 @@ writes.
 ``memopt.setup`` learns the world size only once the ranks are up, so a recipe that cannot run
 on that many ranks (or cannot write where it is told to) used to fail in every rank at once,
 each with its traceback under torchrun's report. Whoever knows the world size earlier (``memopt
-run``: ``--nproc-per-node`` times ``--nnodes``) calls these before starting a process, and the
-ranks call the same functions (``memopt.cli.train``), so each rule lives here once.
+run``: ``--nproc-per-node`` times ``--nnodes``) calls these before starting a process, and
+``memopt.setup`` calls the same functions on every rank before it builds anything, so each rule
+lives here once.
 
 - ``check_world(config, world)``: in-memory checkpoint redundancy needs 2+ ranks, a checkpoint
   directory, and a group its copies / erasure stripe fit (``RedundancyConfig.group_size_error``,
@@ -13,14 +14,18 @@ ranks call the same functions (``memopt.cli.train``), so each rule lives here on
 - ``check_paths(config)``: creates the checkpoint directory (``AsyncCheckpointer``'s own check)
   and the NVMe swap directories (``sharding.nvme_path``, ``activations.nvme_path``) the config
   will use; a ``ValueError`` naming the key when one cannot be created or written.
+- ``redundancy_config(checkpoint, world)``: those keys as the checkpointer's
+  ``RedundancyConfig`` (``memopt.setup`` builds its checkpointer with it).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from memopt.config.config import Config
+from memopt.config.sections import CheckpointConfig
 
 
 def check_world(config: Config, world: int) -> None:
@@ -40,9 +45,6 @@ def check_world(config: Config, world: int) -> None:
             "runs)"
         )
     if ck.redundancy != "none":
-        # (imported here: memopt.config.setup may call this module, and it loads torch)
-        from memopt.config.setup import redundancy_config
-
         keys = "copies" if ck.redundancy == "replicate" else "erasure_k/erasure_m"
         try:
             problem = redundancy_config(ck, world).group_size_error(world)
@@ -52,6 +54,23 @@ def check_world(config: Config, world: int) -> None:
             raise ValueError(f"checkpoint.{keys} on {world} ranks: {e}") from None
         if problem:
             raise ValueError(f"checkpoint.{keys}: {problem}")
+
+
+def redundancy_config(ck: CheckpointConfig, world: int) -> Any:
+    """``checkpoint.redundancy/copies/erasure_k/erasure_m`` as a ``RedundancyConfig`` (or None)."""
+    if ck.redundancy == "none":
+        return None
+    # (imported here: memopt.checkpoint loads torch, which the launcher's checks need not)
+    from memopt.checkpoint.redundancy_config import RedundancyConfig
+
+    if ck.redundancy == "replicate":
+        return RedundancyConfig(mode="replicate", copies=ck.copies)
+    k = ck.erasure_k or world - ck.erasure_m
+    config = RedundancyConfig(mode="erasure", k=k, m=ck.erasure_m)
+    problem = config.group_size_error(world)
+    if problem:
+        raise ValueError(f"checkpoint.erasure_k/erasure_m: {problem}")
+    return config
 
 
 def check_paths(config: Config) -> None:

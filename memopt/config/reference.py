@@ -27,6 +27,10 @@ A memopt config is a YAML file with up to seven sections. Load it with
 `memopt.Config.from_deepspeed(path)`. Missing keys take the defaults below; an unknown key is an
 error that lists the valid ones; a bad value is a `ValueError` naming the key.
 Sizes (`bucket_bytes`, `max_bytes`) accept `67108864`, `"64MiB"` or `"2GB"`.
+Numbers are read as YAML 1.2 reads them, in files and overrides alike: `010` is 10 and `1e-5` a
+float (PyYAML's YAML 1.1 would give octal 8 and a string); an integer key refuses `0x1f`,
+`1_000` and `1:30`. A string key (`checkpoint.directory`, `model.init_from`, `*.nvme_path`, ...)
+keeps its value as written: `directory: 2024_11_24` is `"2024_11_24"`, `0123` is `"0123"`.
 """
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from memopt.config._fields import check_fields, opt, positive
+from memopt.config._fields import check_fields, numbers_in, opt, positive
 
 OptimizerName = Literal["adamw", "galore", "natural_galore", "apollo", "apollo_mini", "frugal"]
 LOW_RANK = ("galore", "natural_galore", "apollo", "apollo_mini")
@@ -171,7 +171,14 @@ class CheckpointConfig:
     directory: str | None = opt(None, "snapshot directory (null: no snapshots)")
     every_n_steps: int = opt(0, "snapshot every N optimizer steps (0: only at the end)")
     keep: int = opt(3, "published snapshots kept")
-    resume: bool = opt(True, "resume from the newest snapshot in directory when there is one")
+    resume: bool = opt(True, "resume from the newest snapshot in directory when there is one "
+                       "(the newest step, whichever run wrote it: after a resume: false run "
+                       "into a directory holding an earlier run's snapshots, the next resume may "
+                       "pick the earlier run's, so give a fresh run a fresh directory). The "
+                       "model, moments and step come from the snapshot; the optimizer's lr, "
+                       "betas, eps, weight_decay, scale, update_proj_gap, matmul_dtype and the "
+                       "schedule are the Config's (a change is reported); state_dtype, rank, "
+                       "density and proj stay the snapshot's")
     redundancy: Literal["none", "replicate", "erasure"] = opt(
         "none", "also keep each rank's latest snapshot in peers' host memory (REFT; needs 2+ "
         "ranks and directory): 'replicate' whole copies on the next ranks, 'erasure' k + m "
@@ -222,6 +229,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
+        # A mapping of Any, so no field type coerces it: "1e-5" written in Python (or read by a
+        # YAML 1.1 loader) is made the number it spells, as the typed keys do.
+        object.__setattr__(self, "overrides", numbers_in(self.overrides))
 
 
 @dataclass(frozen=True)
@@ -247,8 +257,11 @@ class TrainConfig:
     seq_len: int = opt(128, "tokens per sequence")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     log_every: int = opt(1, "print a log line every N steps")
-    seed: int = opt(0, "seed of the model init and the data order (each rank offsets it)")
+    seed: int = opt(0, "seed of the model init and the data order (each rank offsets it); "
+                    "0 <= seed < 2**63")
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
         positive(self, "train", "steps", "batch_size", "seq_len", "grad_accum", "log_every")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed takes 64 bits; ranks add 1000 * rank
+            raise ValueError(f"config key 'train.seed' must lie in [0, 2**63), got {self.seed}")

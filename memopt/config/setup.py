@@ -15,12 +15,19 @@
    protected on peers in the background), and, with ``checkpoint.resume``, a resume from the
    newest snapshot there: ``Setup.start_step`` and ``Setup.resume_message`` say where from.
 
+Before step 1, ``memopt.config.preflight`` checks the world size (redundancy needs 2+ ranks and
+a directory, optimizer-in-backward one rank) and creates the directories the run writes, with
+errors naming the key. A resume puts the Config's optimizer values (lr, betas, eps,
+weight_decay, ...) back over the snapshot's and says which changed (``memopt.config.resume``);
+with ``checkpoint.resume`` off, a directory already holding snapshots is reported.
+
 The returned ``Setup`` holds what a training loop needs; the loop stays the user's.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt.config import build
+from memopt.config import resume as resume_values
 from memopt.config.cast import cast_model
 from memopt.config.config import Config
+from memopt.config.preflight import check_paths, check_world, redundancy_config
+
+__all__ = ["Setup", "redundancy_config", "resolve_device", "setup"]
 
 
 @dataclass
@@ -68,13 +79,17 @@ class Setup:
             self.resume_message = ""
             return None
         step = ck.latest()
+        wanted = resume_values.config_values(self.optimizer, self.scheduler)
         extra = ck.load(step, model=self.raw_model, optimizer=self.optimizer,
                         scheduler=self.scheduler)
+        # The load restored the snapshot's lr/betas/eps/weight_decay too: the Config's win.
+        changes = resume_values.reapply(self.optimizer, self.scheduler, wanted)
         if self.in_backward is not None and "in_backward" in extra:
             self.in_backward.load_state_dict(extra["in_backward"])
         self.start_step, self.resumed_from = step, step
+        note = f"; {changes}" if changes else ""
         self.resume_message = (f"resumed from snapshot step {step} in {ck.directory}; "
-                               f"continuing at step {step + 1}")
+                               f"continuing at step {step + 1}{note}")
         return int(step)
 
     def save(self, step: int) -> None:
@@ -155,24 +170,14 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
         )
     world = dist.get_world_size(process_group) if distributed else 1
     rank = dist.get_rank(process_group) if distributed else 0
-    if config.checkpoint.redundancy != "none" and world < 2:
-        raise ValueError(f"checkpoint.redundancy: {config.checkpoint.redundancy} needs 2+ ranks "
-                         "(torchrun --nproc-per-node 2); set it to none on one process")
-    if config.checkpoint.redundancy != "none" and not config.checkpoint.directory:
-        raise ValueError("checkpoint.redundancy is a tier of the checkpointer: set "
-                         "checkpoint.directory too")
+    check_world(config, world)  # (memopt run's launcher and ranks check the same rules)
+    check_paths(config)  # the directories it writes, before anything is built
     device = resolve_device(config.model.device)
     cast_model(model.to(device=device), build.DTYPES[config.model.dtype])
     manager, the_plan = _activations(model, config, sample_batch)
     opt: torch.optim.Optimizer = build.build_optimizer(model, config.optimizer)
     hooks = None
-    if config.optimizer.in_backward and world > 1:
-        raise ValueError(
-            "optimizer.in_backward: each rank would update its parameters from its local "
-            "gradient during backward, before DDP's all-reduce, and the ranks would drift "
-            "apart; use it on one process (or turn it off for multi-rank runs)"
-        )
-    if config.optimizer.in_backward:
+    if config.optimizer.in_backward:  # (one rank only: check_world)
         from memopt.optim import step_in_backward
 
         hooks = step_in_backward(model, opt, accumulation_steps=config.train.grad_accum,  # type: ignore[arg-type]
@@ -193,6 +198,11 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     out.checkpointer, out.redundancy = _checkpointing(config, process_group, world)
     if config.checkpoint.resume if resume is None else resume:
         out.resume()
+    elif out.checkpointer is not None:  # an earlier run's snapshots: say so before step 1
+        why = "checkpoint.resume=false" if resume is None else "memopt.setup(resume=False)"
+        out.resume_message = resume_values.fresh_start_note(out.checkpointer, why)
+        if out.resume_message and rank == 0:
+            warnings.warn(f"memopt.setup: resume {out.resume_message}", stacklevel=2)
     return out
 
 
@@ -207,19 +217,3 @@ def _checkpointing(config: Config, process_group: Any, world: int) -> tuple[Any,
                                      process_group=process_group,
                                      redundancy=redundancy_config(ck, world))
     return checkpointer, checkpointer.peers
-
-
-def redundancy_config(ck: Any, world: int) -> Any:
-    """``checkpoint.redundancy/copies/erasure_k/erasure_m`` as a ``RedundancyConfig`` (or None)."""
-    if ck.redundancy == "none":
-        return None
-    from memopt.checkpoint.redundancy_config import RedundancyConfig
-
-    if ck.redundancy == "replicate":
-        return RedundancyConfig(mode="replicate", copies=ck.copies)
-    k = ck.erasure_k or world - ck.erasure_m
-    config = RedundancyConfig(mode="erasure", k=k, m=ck.erasure_m)
-    problem = config.group_size_error(world)
-    if problem:
-        raise ValueError(f"checkpoint.erasure_k/erasure_m: {problem}")
-    return config
