@@ -64,6 +64,19 @@ def _noop() -> None:
     pass
 
 
+def _fork_noop(timeout_s: float) -> tuple[bool, int | None]:
+    """Fork a child that does nothing and exits; (it hung, its exit code). A hung child is
+    killed."""
+    child = _FORK.Process(target=_noop)
+    child.start()
+    child.join(timeout_s)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+        child.join()
+    return alive, child.exitcode
+
+
 @pytest.mark.timeout(60)
 def test_forked_child_exit_leaves_the_parents_save_alone(tmp_path, monkeypatch) -> None:
     # the old exit hook ran in every fork child (multiprocessing children run threading's exit
@@ -73,14 +86,8 @@ def test_forked_child_exit_leaves_the_parents_save_alone(tmp_path, monkeypatch) 
     with _slow_writes(monkeypatch) as gate, _checkpointer(tmp_path) as ck:
         ck.save(1, model=model)
         t = time.monotonic()
-        child = _FORK.Process(target=_noop)
-        child.start()
-        child.join(8)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
-            child.join()
-        assert not alive and child.exitcode == 0, "the forked child hung at its exit"
+        alive, exitcode = _fork_noop(8)
+        assert not alive and exitcode == 0, "the forked child hung at its exit"
         assert time.monotonic() - t < 5
         assert not ck._closed and ck in exit_hook._live
         gate.set()
@@ -133,15 +140,10 @@ def _fork_during_training(rank: int, world: int, directory: str) -> tuple[Any, .
     with AsyncCheckpointer(directory, keep=2, fsync=False) as ck:
         ck.save(1, model=model)
         ck.wait()
-        child = _FORK.Process(target=_noop)
-        child.start()
-        child.join(10)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
+        alive, exitcode = _fork_noop(10)
         ck.save(2, model=model)
         ck.wait()
-        return alive, child.exitcode, ck.steps()
+        return alive, exitcode, ck.steps()
 
 
 @pytest.mark.timeout(60)
