@@ -393,6 +393,7 @@ def _training_notes(cfg: dict[str, Any]) -> None:
         keys = "".join(f"; {k}" for k in sorted(fp16) if k != "enabled")
         _warn("fp16", (
             "fp16 is enabled, but memopt has no loss scaler: DeepSpeed's loss scaling (dynamic "
-            f"from 2**16 by default{keys}) is not applied, and torch.amp.GradScaler does not "
-            "work with the stage 1/2 sharded optimizer, so fp16 gradients can underflow or "
-            "overflow unnoticed; train in bf16 (bf16.enabled) instead"))  # fmt: skip
+            f"from 2**16 by default{keys}) is not applied, and the sharded optimizer refuses "
+            "torch.amp.GradScaler (its per-rank skip would desync the ranks), so fp16 "
+            "gradients can underflow or overflow unnoticed; train in bf16 (bf16.enabled) "
+            "instead"))  # fmt: skip

@@ -190,15 +190,8 @@ def _cast(module: nn.Module, master: torch.dtype | None) -> None:
 
 
 def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
-    """Stage-3 input checks (local; run before any collective, see ``setup``)."""
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError(
-            "memopt.shard: the model's parameters are already DTensors (fully_shard or "
-            "another parallelism was applied); pass the plain model, memopt.shard(stage=3) "
-            "calls fully_shard itself (choose the units with FSDPOptions(modules=...))"
-        )
+    """Stage-3 input checks (local; run before any collective, see ``setup``; a model that
+    is already sharded is refused there, for every stage)."""
     odd = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()
            if p.dim() == 0 or p.numel() == 0]  # fmt: skip
     if odd:  # FSDP2 refuses both, after part of the model was already converted

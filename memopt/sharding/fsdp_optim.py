@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import closure_loss
 from memopt.offload.state_store import StateStore
-from memopt.sharding import rowproj
+from memopt.sharding import guards, rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp2_internals import unit_index
@@ -125,6 +125,7 @@ class FSDPOptimizer(ShardedOptimizer):
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        guards.refuse_grad_scaler(self, self.config, self.comm.world)  # (every rank: FSDP2)
         loss = closure_loss(closure)
         if self._units:
             self._step_units()
@@ -239,6 +240,7 @@ class FSDPOptimizer(ShardedOptimizer):
             self.state_store.send_all()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        guards.check_sharded_state_dict(state_dict, self._meta())  # before any tier I/O
         if self.state_store is not None:
             self.state_store.fetch_all()
         try:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import rowproj
+from memopt.sharding import guards, rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -175,8 +175,16 @@ class ShardedOptimizer(WrapperOptimizer):
         return hook
 
     # -- torch.optim.Optimizer surface -------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler reads this: True hands its step to ``step()``, which refuses
+        it (``guards``); False (the plain path, parameters stepped in place) keeps GradScaler's
+        own unscale/skip, correct there."""
+        return not (self._plain and all(self.locals.get(p.index) is p.param for p in self.plans))
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        guards.refuse_grad_scaler(self, self.config, self.comm.world)
         loss = closure_loss(closure)
         self.finish_grad_sync()
         if self._master_of:
@@ -208,8 +216,9 @@ class ShardedOptimizer(WrapperOptimizer):
             where = f"{label} (on this rank)" if label is not None else f"a tensor of rank {bad[0]}"
             raise FloatingPointError(
                 f"memopt.shard: the gradient of {where} has non-finite values at a projection "
-                "refresh; every rank skips this step, nothing was updated. Skip such steps "
-                "(torch.amp.GradScaler does) or clip/fix the loss, then zero_grad and go on"
+                "refresh; every rank skips this step, nothing was updated. Catch this error, "
+                "zero_grad() and go on with the next batch, or remove the cause (a lower "
+                "learning rate, clip_grad_norm_, bf16 instead of fp16)"
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -245,12 +254,7 @@ class ShardedOptimizer(WrapperOptimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("sharding")
-        if saved != self._meta():
-            raise ValueError(
-                f"memopt.shard: this state_dict was saved with sharding {saved!r}, this optimizer "
-                f"is {self._meta()!r}; load it on the same world size, rank and layout"
-            )
+        guards.check_sharded_state_dict(state_dict, self._meta())
         self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "sharding"})
         for index, info in getattr(self, "_row_infos", {}).items():
             self.inner.state[self.locals[index]][rowproj.SHARD_KEY] = info
@@ -316,6 +320,11 @@ class ShardedOptimizer(WrapperOptimizer):
             for p in self.plans
             if p.param.grad is not None
         }
+
+    def resident_params(self, write_back: bool = True) -> Any:
+        """A no-op context here (stages 1/2 keep every parameter in memory), so code written
+        for stage 3 with ``offload_params="nvme"`` (see ``FSDPOptimizer``) runs unchanged."""
+        return nullcontext()
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:

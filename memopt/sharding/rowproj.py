@@ -144,8 +144,9 @@ class RowShardProjector:
         if bool(head[0].item()):
             raise FloatingPointError(
                 f"memopt.shard: a {m}x{n} gradient has non-finite values; a {self.name!r} "
-                "projector cannot be computed from it. Skip such steps (GradScaler does) or "
-                "clip/fix the loss."
+                "projector cannot be computed from it (every rank raises this). Catch it, "
+                "zero_grad() and go on with the next batch, or remove the cause (clip/fix the "
+                "loss, bf16 instead of fp16)."
             )
         dtype = self.options.get("basis_dtype") or grad.dtype
         basis = torch.empty(int(head[1].item()), n, dtype=dtype, device=grad.device)
@@ -199,7 +200,8 @@ def _check_finite(base: Any, grad: Tensor) -> None:
     if base.uses_gradient and not bool(torch.isfinite(grad).all()):
         raise FloatingPointError(
             f"a gradient has non-finite values; a {base.name!r} projector cannot be computed "
-            "from it. Skip such steps (GradScaler does) or clip/fix the loss."
+            "from it. Catch this error, zero_grad() and go on with the next batch, or remove "
+            "the cause (clip/fix the loss, bf16 instead of fp16)."
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.sharding import guards
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
@@ -73,6 +74,7 @@ def apply_sharding(
         _check_offload(optimizer, config, own_state)
     error: Exception | None = None
     try:
+        guards.check_not_distributed_tensors(model, config.stage)  # every stage, any world
         _check_local(model, optimizer, comm)
         if config.stage == 3:
             check_stage3(model, fsdp or FSDPOptions())
