@@ -14,8 +14,10 @@ The model is only described (meta device); the figures per rank are:
 - optimizer state: the per-optimizer rules of ``optstate`` for this rank's share, plus an
   fp32 master copy of the shard when ``master_dtype`` differs from the parameters', plus
   the 8-/4-bit code tables. With ``offload`` they move to the pinned host tier ("cpu") or
-  to disk ("nvme", with three staging buffers in pinned host memory); at stage 3
-  ``offload`` and ``offload_params`` place them as ``stage3_offload`` describes;
+  to disk ("nvme"): fp32 AdamW through its pipeline's three staging buffers in pinned host
+  memory, any other optimizer's own state tensor by tensor through bounce blocks of up to
+  three writes in flight (``offload_state``; tensors under 4 KiB stay in memory); at
+  stage 3 ``offload`` and ``offload_params`` place them as ``stage3_offload`` describes;
 - activations and the backward's temporaries: the meta trace of ``trace`` (``keep``,
   ``recompute``; ``swap`` keeps two blocks on the device and the rest on pinned host);
 - the peak is the larger of two moments: forward/backward (activations + temporaries +
@@ -54,6 +56,12 @@ from memopt.memory.model import (
     check_target,
     frozen_bytes,
     param_infos,
+)
+from memopt.memory.offload_state import (
+    NVME_CAPACITY_BYTES,
+    NVME_GROW_BYTES,
+    own_state_offload,
+    swap_file_bytes,
 )
 from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate, fmt_bytes
 from memopt.memory.sharding import ShardShare, shard_share
@@ -144,6 +152,7 @@ def assemble(
         base["parameters"] += held["master_weights"] - share.params
         held["master_weights"] = 0
     grads, step_base = share.grads, base
+    swap_need = 0  # swap-file bytes of the optimizer state's slots (stages 0-2, NVMe)
     arena = {"forward/backward": 0, "optimizer step": 0}
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
         placed = place_stage3(cfg, tiers, base, held, grads, unit_sizes(module))
@@ -151,15 +160,7 @@ def assemble(
     elif cfg.offload is None:
         base.update(held)
     else:
-        where = "pinned_host" if cfg.offload == "cpu" else "disk"
-        if _adamw_pipeline(cfg):
-            held["master_weights"] = share.numel * 4  # the tier keeps fp32 master weights
-        else:  # the optimizer's own state goes to the tier; a master stays with the shards
-            base["master_weights"] = held.pop("master_weights")
-        tiers[where].update(held)
-        if cfg.offload == "nvme":
-            staging = min(3 * NVME_STAGING_BYTES, 3 * sum(held.values()))
-            tiers["pinned_host"]["temporaries"] = staging
+        swap_need = _offload_state(cfg, tiers, base, held, share, infos, state_infos)
     tables = table_bytes(kw)  # the 8-/4-bit code tables: per process, with the computation
     base = dict(base, optimizer_state=base.get("optimizer_state", 0) + tables)
     step_base = dict(step_base, optimizer_state=step_base.get("optimizer_state", 0) + tables)
@@ -177,6 +178,7 @@ def assemble(
     dev.update(fwd if phase == "forward/backward" else step)
     _add_arena(cfg, tiers, arena, phase)
     notes = share.notes + _notes(cfg, trace) + _arena_note(cfg, tiers)
+    notes += _swap_file_note(cfg, tiers, swap_need)
     return MemoryEstimate(
         breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
         config=_config_dict(cfg, trace), notes=notes,
@@ -215,6 +217,62 @@ def _add_arena(
         tiers["pageable_host"]["temporaries"] += arena[phase]
     else:
         tiers["pinned_host"]["temporaries"] += max(arena.values())
+
+
+def _offload_state(
+    cfg: EstimateConfig,
+    tiers: dict[str, dict[str, int]],
+    base: dict[str, int],
+    held: dict[str, int],
+    share: ShardShare,
+    infos: list[ParamInfo],
+    state_infos: list[ParamInfo],
+) -> int:
+    """Stages 0-2 with ``offload``: the state on its tier, NVMe's pinned staging; returns the
+    swap-file bytes its slots need (0 on the CPU tier)."""
+    where = "pinned_host" if cfg.offload == "cpu" else "disk"
+    if _adamw_pipeline(cfg):  # OffloadedAdamW: fp32 masters and moments, 3 staging buffers
+        held["master_weights"] = share.numel * 4  # the tier keeps fp32 master weights
+        tiers[where].update(held)
+        data = sum(held.values())
+        if cfg.offload != "nvme":
+            return 0
+        tiers["pinned_host"]["temporaries"] = min(3 * NVME_STAGING_BYTES, 3 * data)
+        return data + min(2 * NVME_STAGING_BYTES, 2 * data)  # + two groups' writes in flight
+    # the optimizer's own state, tensor by tensor (StateOffloadedOptimizer); a master stays
+    # with the shards, and so do the state tensors too small to move
+    base["master_weights"] = held.pop("master_weights")
+    own = own_state_offload(
+        infos, state_infos, cfg.optimizer, cfg.optimizer_kwargs, cfg.stage, cfg.world_size,
+        cfg.resolved_layout, share.rank,
+    )  # fmt: skip
+    base["optimizer_state"] = own.in_memory
+    tiers[where]["optimizer_state"] = own.on_tier
+    if cfg.offload != "nvme":
+        return 0
+    tiers["pinned_host"]["temporaries"] = own.bounce
+    return own.file_need
+
+
+def _swap_file_note(cfg: EstimateConfig, tiers: dict[str, dict[str, int]], need: int) -> list[str]:
+    """What the disk column is, and what the optimizer-state swap file takes on the disk."""
+    if cfg.offload != "nvme":
+        return []
+    data = tiers["disk"]["optimizer_state"] + tiers["disk"]["master_weights"]
+    need = need or data
+    size = swap_file_bytes(need)
+    grown = size > NVME_CAPACITY_BYTES
+    where = f"at least {fmt_bytes(size)}" if grown else fmt_bytes(size)
+    params = ""
+    if cfg.offload_params == "nvme":
+        params = " (the parameter shards' own file is sized to them plus two units' writes)"
+    return [
+        f"nvme swap file of the optimizer state: the disk column counts the "
+        f"{fmt_bytes(data)} of state its tier holds (as the tier's report and Timeline's disk "
+        f"read); the file is preallocated to NVMeConfig.capacity_bytes "
+        f"({fmt_bytes(NVME_CAPACITY_BYTES)} by default) when it opens and grows by grow_bytes "
+        f"({fmt_bytes(NVME_GROW_BYTES)}) when full: {where} on disk with the defaults{params}"
+    ]
 
 
 def _adamw_pipeline(cfg: EstimateConfig) -> bool:
@@ -298,8 +356,19 @@ def _notes(cfg: EstimateConfig, trace: ActivationTrace) -> list[str]:
             f"activation_policy={cfg.activation_policy!r}: the model has no repeated blocks "
             "(an nn.ModuleList of one class), so the policy applies to nothing: figures as keep"
         )
-    if cfg.offload == "nvme" and cfg.stage != 3:
-        notes.append("nvme: the disk column is the swap file; pinned host holds 3 staging buffers")
+    if cfg.offload == "nvme" and cfg.stage != 3 and _adamw_pipeline(cfg):
+        notes.append(
+            "nvme (fp32 AdamW pipeline): pinned host holds its 3 staging buffers, each up to "
+            f"{fmt_bytes(NVME_STAGING_BYTES)} of state (OffloadConfig.bucket_bytes)"
+        )
+    elif cfg.offload == "nvme" and cfg.stage != 3:
+        notes.append(
+            f"nvme ({cfg.optimizer}'s own state, moved tensor by tensor): state tensors under "
+            "4 KiB stay in memory; pinned host is the bounce blocks of up to 3 writes in "
+            "flight in the first step (the optimizer's new tensors are not page-aligned; "
+            "those read back from the file are, and are written in place): a worst case, "
+            "reached when the disk is slower than the updates"
+        )
     if cfg.stage == 3 and (cfg.offload or cfg.offload_params):
         notes.append(
             "stage 3 offload: in memory only the units read ahead (forward/backward) or in "

@@ -50,6 +50,8 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
+from memopt._utils.wrapped_optim import WrapperOptimizer
+from memopt.offload.optimizer import OffloadedAdamW
 from memopt.optim._base import MemoptOptimizer
 
 ClipMode = Literal["previous"]
@@ -172,20 +174,7 @@ def step_in_backward(
 
     Every trainable parameter of ``model`` must belong to ``optimizer``.
     """
-    if not isinstance(optimizer, MemoptOptimizer):
-        raise TypeError(
-            f"step_in_backward needs a memopt optimizer (memopt.optim.*), got "
-            f"{type(optimizer).__name__}; memopt.optim.AdamW replaces torch.optim.AdamW"
-        )
-    wrapper = optimizer.__dict__.get("_memopt_wrapped_by")
-    if wrapper is not None:
-        raise ValueError(
-            f"step_in_backward: this optimizer is now driven by a {wrapper} (memopt.shard or "
-            "state offload), which reduces gradients across ranks and steps it on its shards; "
-            "updates inside the backward would skip that (ranks drift apart). The two do not "
-            "combine: call the wrapper's step() after backward(), or use step_in_backward "
-            "without memopt.shard"
-        )
+    _check_optimizer(optimizer)
     if (
         isinstance(accumulation_steps, bool)
         or not isinstance(accumulation_steps, int)
@@ -226,3 +215,49 @@ def step_in_backward(
             f"{missing[:4]}); freeze them (requires_grad=False) or add them to a param group"
         )
     return StepInBackward(params, optimizer, accumulation_steps, max_grad_norm, clip)
+
+
+# The reason shared by every "driven elsewhere" refusal below (docs/guide.md, Optimizer-in-
+# backward: it does not combine with sharding or offload).
+_NO_COMBINE = (
+    "(With several ranks each would step on its local gradient and the ranks drift apart; "
+    "with offload the tier copy of the state would be stale.) Optimizer-in-backward does "
+    "not combine with memopt.shard or optimizer-state offload: call the optimizer's step() "
+    "after backward() as usual, or use step_in_backward with the plain memopt optimizer and "
+    "without memopt.shard / offload"
+)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """Refuse what ``step_in_backward`` cannot drive, naming why: a memopt wrapper (what
+    ``memopt.shard`` or state offload returns; recognised by the ``WrapperOptimizer`` base in
+    ``memopt._utils``, so this layer never imports ``memopt.sharding``), an ``OffloadedAdamW``,
+    the inner optimizer of a wrapper, or an optimizer that is not memopt's."""
+    if isinstance(optimizer, WrapperOptimizer):
+        inner = type(getattr(optimizer, "inner", None)).__name__
+        raise ValueError(
+            f"step_in_backward: got a {type(optimizer).__name__} (inner optimizer: {inner}), the "
+            "optimizer memopt.shard or state offload returns; it reduces gradients across ranks "
+            "and/or keeps the state on a tier, and updates the parameters in its step(). "
+            f"Updates inside the backward would bypass it. {_NO_COMBINE}"
+        )
+    if isinstance(optimizer, OffloadedAdamW):
+        raise ValueError(
+            "step_in_backward: got an OffloadedAdamW, which keeps master weights and moments on "
+            "a tier and updates them in a pipeline in step(); it has no per-parameter update "
+            f"to run inside the backward. {_NO_COMBINE} (memopt.optim.AdamW is the in-memory "
+            "one)"
+        )
+    if not isinstance(optimizer, MemoptOptimizer):
+        raise TypeError(
+            f"step_in_backward needs a memopt optimizer (memopt.optim.*), got "
+            f"{type(optimizer).__name__}; memopt.optim.AdamW replaces torch.optim.AdamW"
+        )
+    wrapper = optimizer.__dict__.get("_memopt_wrapped_by")
+    if wrapper is not None:
+        raise ValueError(
+            f"step_in_backward: this optimizer is now driven by a {wrapper} (memopt.shard or "
+            "state offload), which reduces gradients across ranks and/or keeps the state on a "
+            "tier, and updates the parameters in its step(). Updates inside the backward would "
+            f"bypass it. The two do not combine. {_NO_COMBINE}"
+        )
