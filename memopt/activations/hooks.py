@@ -27,11 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt._utils import warn_once
 from memopt.activations.ledger import SavedLedger, Token
 
 __all__ = [
     "ForwardWrap",
     "Kept",
+    "check_hf_checkpointing",
     "check_version",
     "persistent_buffers",
     "refuse_func_transforms",
@@ -49,9 +51,19 @@ Body = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
 
 class ForwardWrap:
-    """An installed forward wrapper; ``remove()`` restores the module's own ``forward``."""
+    """An installed forward wrapper; ``remove()`` restores the module's own ``forward``.
 
-    def __init__(self, module: nn.Module, name: str, body: Body) -> None:
+    The forward the wrapper calls is looked up at call time (the class's, bound to the module,
+    unless the module had an instance ``forward`` of its own when it was wrapped): FSDP2's
+    ``fully_shard`` swaps the module's class for a subclass after ``apply`` ran, and a
+    forward bound at apply time kept calling the old class's one (Hugging Face checkpoints
+    only in the outermost class's ``forward``, so its gradient checkpointing was silently off).
+    ``policy`` (``"swap"``, ``"recompute"``...) names the block's policy for the one-time
+    warning when Hugging Face gradient checkpointing runs inside it (``None``: no check)."""
+
+    def __init__(
+        self, module: nn.Module, name: str, body: Body, policy: str | None = None
+    ) -> None:
         if getattr(module, BLOCK_ATTR, None) is not None:
             raise ValueError(
                 f"module {name!r} is already managed as block "
@@ -60,10 +72,22 @@ class ForwardWrap:
         self.module = module
         self._had_instance_forward = "forward" in module.__dict__
         self._saved: Any = module.__dict__.get("forward")
-        original = module.forward
+        saved: Any = self._saved
+        had_own = self._had_instance_forward
 
-        @functools.wraps(original)
+        def original(*args: Any, **kwargs: Any) -> Any:
+            if had_own:
+                return saved(*args, **kwargs)
+            cls = type(module)  # now, not at apply time (see the class docstring)
+            fwd: Any = cls.forward
+            return fwd.__get__(module, cls)(*args, **kwargs)
+
+        functools.update_wrapper(original, module.forward)
+
+        @functools.wraps(module.forward)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if policy is not None:
+                check_hf_checkpointing(module, policy)
             return body(original, args, kwargs)
 
         module.forward = torch.compiler.disable(forward, recursive=True)
@@ -81,8 +105,51 @@ class ForwardWrap:
         delattr(self.module, BLOCK_ATTR)
 
 
-def wrap_forward(module: nn.Module, name: str, body: Body) -> ForwardWrap:
-    return ForwardWrap(module, name, body)
+def wrap_forward(
+    module: nn.Module, name: str, body: Body, policy: str | None = None
+) -> ForwardWrap:
+    return ForwardWrap(module, name, body, policy)
+
+
+_HF_STACKING = {  # what was measured on a tiny LLaMA (docs/activations.md)
+    "recompute": (
+        "both checkpoint the layer; with use_reentrant=False torch nests the two checkpoints "
+        "(no extra forward, only overhead), with use_reentrant=True the backward recomputes "
+        "the layer twice"
+    ),
+    "swap": (
+        "HF's checkpoint keeps only the layer's inputs (the rest is recomputed), so memopt "
+        "swaps just those, not the activations a plan or budget counted"
+    ),
+    "split": (
+        "with use_reentrant=False the split's own hooks take the layer's saves (HF's "
+        "checkpoint then recomputes nothing there), with use_reentrant=True HF's checkpoint "
+        "wins and the split moves nothing"
+    ),
+    "sample": (
+        "HF's checkpoint keeps only the layer's inputs, so the sampled linear layers save no "
+        "memory (and with use_reentrant=False draw their sample twice per step)"
+    ),
+}
+
+
+def check_hf_checkpointing(module: nn.Module, policy: str) -> None:
+    """Warn once per (layer class, policy) when a managed block runs a training forward with
+    Hugging Face gradient checkpointing on (``gradient_checkpointing_enable()``): HF
+    checkpoints inside memopt's wrapper, so the two stack (``keep`` just counts what HF
+    saves: no warning)."""
+    if policy not in _HF_STACKING or getattr(module, "gradient_checkpointing", False) is not True:
+        return
+    if not module.training or not torch.is_grad_enabled():
+        return
+    warn_once(
+        f"memopt.activations: {type(module).__name__} blocks use policy {policy!r} while "
+        "Hugging Face gradient checkpointing is on for them; the two stack: "
+        f"{_HF_STACKING[policy]}. Use one of them: turn HF's off (model."
+        "gradient_checkpointing_disable(), or activation_checkpointing_disable() in "
+        "transformers >= 5) and let memopt's policies manage the layers, or give these blocks "
+        "keep() and let HF checkpoint them"
+    )
 
 
 def managed_block(module: nn.Module) -> str | None:

@@ -116,17 +116,21 @@ def hooked_block(
     module: nn.Module,
     ctx: InstallContext,
     make_hooks: Callable[[Run], HookPair],
+    policy: str | None = None,
 ) -> Installed:
     """Install a block whose forward runs under the saved-tensor hooks ``make_hooks(run)``.
 
     Each forward call with grad enabled opens a prefetch run, runs the original forward under
     the hooks, and watches the output's gradient to prefetch earlier runs; without grad the
-    original forward runs untouched.
+    original forward runs untouched (after polling finished swap copies, so the sources and
+    slots of a graph dropped without a backward do not wait for the next training forward).
+    ``policy`` names the block's policy for ``check_hf_checkpointing`` (None: keep).
     """
     from memopt.activations.hooks import refuse_func_transforms, wrap_forward
 
     def body(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not torch.is_grad_enabled():
+            ctx.swap.reap()
             return original(*args, **kwargs)
         refuse_func_transforms(ctx.block_name, "saved-tensor hooks", any_transform=False)
         run = ctx.scheduler.begin(ctx.block_name)
@@ -137,4 +141,4 @@ def hooked_block(
         ctx.scheduler.watch_backward(run, out)
         return out
 
-    return wrap_forward(module, ctx.block_name, body)
+    return wrap_forward(module, ctx.block_name, body, policy)

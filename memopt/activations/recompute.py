@@ -295,4 +295,5 @@ def install_recompute(
 ) -> RecomputeInstalled:
     """``recompute``: checkpoint the block (selectively when ``policy.keep_ops`` is set)."""
     block = _Block(policy, ctx, module)
-    return RecomputeInstalled(wrap_forward(module, ctx.block_name, block), block.stats)
+    wrap = wrap_forward(module, ctx.block_name, block, "recompute")
+    return RecomputeInstalled(wrap, block.stats)

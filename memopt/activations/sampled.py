@@ -243,10 +243,11 @@ def install_sampled(
         handle.layers[name] = lin
         handle.states[name] = state
     if ctx is not None:
-        params = param_storages(ctx.root)
-        try:
+        try:  # the weights as of each call (FSDP2 all-gathers new storages every forward)
             handle.counting = hooked_block(
-                block, ctx, lambda run: counting_hooks(ctx.ledger, ctx.block_name, params)
+                block, ctx,
+                lambda run: counting_hooks(ctx.ledger, ctx.block_name, param_storages(ctx.root)),
+                "sample",
             )
         except BaseException:
             handle.remove()

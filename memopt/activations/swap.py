@@ -24,13 +24,14 @@ the copy back (the ``PrefetchScheduler`` calls it when the next block's backward
 (autograd skips its own version check when hooks are installed, so it is done here: a tensor
 modified in place after it was saved raises, as it would without hooks), and returns the
 view. The slot is freed when autograd drops the last packed form that refers to it (right
-after the backward node that used it), or by ``close()``.
+after the backward node that used it), or by ``close()``; when a copy still uses it then (a
+graph dropped without a backward), ``SwapEngine.retire`` frees it, and the device source, when
+the copy ends (see there). ``SwapRecord`` and ``SwappedTensor`` live in ``swaprecord.py``.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,16 +42,16 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from memopt.activations.hooks import (
     Kept,
     WeightKeys,
-    check_version,
     counting_hooks,
     is_plain_tensor,
     is_weight,
     param_storages,
 )
 from memopt.activations.install import INSTALLERS, InstallContext, Installed, hooked_block
-from memopt.activations.ledger import SavedLedger, Token
+from memopt.activations.ledger import SavedLedger
 from memopt.activations.policy import ActivationPolicy
 from memopt.activations.prefetch import Run
+from memopt.activations.swaprecord import SwappedTensor, SwapRecord
 from memopt.activations.transfer import CopyBackend, Pending, Slot, SlotPool
 from memopt.offload.arena import PinnedArena
 from memopt.offload.nvme_file import NVMeConfig
@@ -58,143 +59,9 @@ from memopt.offload.nvme_tier import NVMeTier
 
 __all__ = ["SwapEngine", "SwapRecord", "SwappedTensor", "install_keep", "install_swap"]
 
-_PLACE = {"cpu": "host", "nvme": "nvme"}
-
-
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """A uint8 tensor over all of ``t``'s storage (shares it; no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
-
-
-class SwapRecord:
-    """One storage's bytes on a tier, and (after a fetch) back on the device."""
-
-    def __init__(self, engine: SwapEngine, src: torch.Tensor, slot: Slot, block: str) -> None:
-        self.engine, self.slot, self.block = engine, slot, block
-        self.device = src.device
-        self.version = -1  # the in-place version of the tensor whose bytes were copied
-        self._lock = threading.Lock()
-        self._refs = 0
-        self._released = False
-        self._fetched: torch.Tensor | None = None
-        self._fetch_pending: Pending | None = None
-        self._adopted = False
-        self._dev_token: Token | None = None
-        self._src: torch.Tensor | None = src
-        self._src_token: Token | None = engine.ledger.hold(src, place="device", block=block)
-        self._host_token = engine.ledger.hold_bytes(
-            slot.nbytes, key=("slot", slot.generation), place=_PLACE[slot.tier], block=block
-        )
-        self._out_pending = engine.write(slot, src)
-        self.reap()
-
-    def reap(self) -> bool:
-        """Drop the device source once its copy out finished; True when nothing is in flight."""
-        if self._src is None:
-            return True
-        if not self._out_pending.done():
-            return False
-        self._src = None
-        if self._src_token is not None:
-            self._src_token.release()
-            self._src_token = None
-        return True
-
-    def prefetch(self) -> None:
-        """Start the copy back to the device (idempotent; returns without waiting)."""
-        with self._lock:
-            if self._fetched is not None or self._released:
-                return
-            self.engine.pool.check(self.slot)
-            if self.slot.tier == "nvme":
-                self._out_pending.wait_host()  # the file must hold the bytes before we read them
-                self.reap()  # the copy out is done: drop the device source before reading back
-            buf, pending = self.engine.read(self.slot, self.device)
-            self._fetched, self._fetch_pending = buf, pending
-            self._dev_token = self.engine.ledger.hold(buf, place="device", block=self.block)
-
-    def materialize(self) -> torch.Tensor:
-        """The storage's bytes on the device (uint8), ready for use on the current stream."""
-        if self._released:
-            raise RuntimeError(
-                f"swapped activation of block {self.block!r} was released before its backward "
-                "used it (was the manager removed while the graph was alive?)"
-            )
-        self.prefetch()
-        self.engine.pool.check(self.slot)
-        with self._lock:
-            buf, pending = self._fetched, self._fetch_pending
-            assert buf is not None and pending is not None
-            if not self._adopted:
-                pending.wait_stream()
-                self.engine.backend.adopt(buf)
-                self._adopted = True
-        return buf
-
-    def restore(
-        self, dtype: torch.dtype, size: torch.Size, stride: tuple[int, ...], offset: int,
-        conj: bool = False, neg: bool = False,
-    ) -> torch.Tensor:
-        """A tensor view of the fetched bytes with the saved dtype/size/stride/offset, and the
-        saved lazy conjugate / negative bits (a ``x.conj()`` view is x's bytes plus a flag:
-        without it the backward would read x instead of conj(x))."""
-        buf = self.materialize()
-        out = torch.empty(0, dtype=dtype, device=buf.device)
-        out = out.set_(buf.untyped_storage(), offset, size, stride)
-        if neg:
-            out = torch._neg_view(out)
-        return torch._conj(out) if conj else out
-
-    @property
-    def released(self) -> bool:
-        """True once the last packed form let go: the slot is freed and may not be reused."""
-        return self._released
-
-    def retain(self) -> None:
-        with self._lock:
-            self._refs += 1
-
-    def release(self) -> None:
-        """Drop one reference; the last one frees the slot and the fetched buffer."""
-        with self._lock:
-            self._refs -= 1
-            if self._refs > 0 or self._released:
-                return
-            self._released = True
-            pendings = [p for p in (self._out_pending, self._fetch_pending) if p is not None]
-            self._fetched = None
-            tokens = (self._dev_token, self._host_token)
-            self._dev_token = None
-        for tok in tokens:
-            if tok is not None:
-                tok.release()
-        self.engine.retire(self, pendings)
-
-
-class SwappedTensor:
-    """The packed form of one saved tensor: a ``SwapRecord`` plus how to rebuild the view."""
-
-    __slots__ = ("record", "dtype", "size", "stride", "offset", "conj", "neg", "version", "_ref")
-
-    def __init__(self, record: SwapRecord, t: torch.Tensor) -> None:
-        record.retain()
-        self.record = record
-        self.dtype, self.size, self.stride = t.dtype, t.size(), t.stride()
-        self.offset = int(t.storage_offset())
-        self.conj, self.neg = t.is_conj(), t.is_neg()
-        self.version = t._version
-        self._ref = weakref.ref(t)
-
-    def unpack(self) -> torch.Tensor:
-        orig = self._ref()
-        if orig is not None:
-            check_version(orig, self.version, f"and swapped by memopt, block {self.record.block!r}")
-        return self.record.restore(
-            self.dtype, self.size, self.stride, self.offset, self.conj, self.neg
-        )
-
-    def __del__(self) -> None:
-        self.record.release()
 
 
 class SwapEngine:
@@ -213,7 +80,7 @@ class SwapEngine:
         self.pool = SlotPool(arena)
         self.backend = CopyBackend()
         self._inflight: list[SwapRecord] = []
-        self._deferred: list[tuple[list[Pending], Slot]] = []
+        self._deferred: list[tuple[list[Pending], SwapRecord]] = []
         self._lock = threading.Lock()
         self.stats = {"swapped_bytes": 0, "swapped": 0, "deduped": 0, "weights": 0, "small": 0}
 
@@ -260,12 +127,55 @@ class SwapEngine:
         return record
 
     def retire(self, record: SwapRecord, pendings: list[Pending]) -> None:
-        """Free a released record's slot once no copy still reads or writes it."""
-        if all(p.done() for p in pendings):
-            self.pool.free(record.slot)
+        """Free a released record's slot and device source once no copy still uses them.
+
+        Now when its copies are done; else as soon as the last one finishes when they are all
+        tier futures (NVMe: a done-callback, on the I/O thread); else (CUDA events cannot call
+        back) at the next poll: a later release, a pack, an unpack, or any managed forward,
+        with or without grad. So a graph dropped without a backward (an exception, a skipped
+        batch) gives back its sources, slots and ledger bytes without another training step."""
+        waiting = [p for p in pendings if not p.done()]
+        if not waiting:
+            self._forget(record)
+            self.reap()
             return
+        entry = (pendings, record)
         with self._lock:
-            self._deferred.append((pendings, record.slot))
+            self._deferred.append(entry)
+        record.reap()  # the copy out may be done while a copy back still runs
+        futures = [p.future for p in waiting if p.event is None]
+        if len(futures) == len(waiting):
+            self._settle_when_done(entry, futures)
+        self.reap()
+
+    def _forget(self, record: SwapRecord) -> None:
+        """A released record whose copies are all done: drop its source, free its slot."""
+        record.drop_source()
+        with self._lock:
+            if any(r is record for r in self._inflight):
+                self._inflight = [r for r in self._inflight if r is not record]
+        self.pool.free(record.slot)
+
+    def _settle_when_done(self, entry: tuple[list[Pending], SwapRecord], futures: list) -> None:
+        """Forget ``entry``'s record when the last of ``futures`` finishes (a future that
+        cannot call back, like a test's fake, leaves it to polling)."""
+        if not all(hasattr(f, "add_done_callback") for f in futures):
+            return
+        left, count = [len(futures)], threading.Lock()
+
+        def one_done(_err: BaseException | None) -> None:
+            with count:
+                left[0] -= 1
+                if left[0]:
+                    return
+            with self._lock:  # reap() or close() may have taken it already
+                mine = any(e is entry for e in self._deferred)
+                self._deferred = [e for e in self._deferred if e is not entry]
+            if mine:
+                self._forget(entry[1])
+
+        for fut in futures:
+            fut.add_done_callback(one_done)
 
     def reap(self) -> None:
         """Drop finished copies' device sources and free deferred slots (cheap polling).
@@ -277,10 +187,13 @@ class SwapEngine:
             while done < len(self._inflight) and self._inflight[done].reap():
                 done += 1
             del self._inflight[:done]
-            ready = [s for ps, s in self._deferred if all(p.done() for p in ps)]
-            self._deferred = [(ps, s) for ps, s in self._deferred if not all(p.done() for p in ps)]
-        for slot in ready:
-            self.pool.free(slot)
+            ready: list[tuple[list[Pending], SwapRecord]] = []
+            waiting: list[tuple[list[Pending], SwapRecord]] = []
+            for entry in self._deferred:  # the same tuples: a done-callback finds its own by id
+                (ready if all(p.done() for p in entry[0]) else waiting).append(entry)
+            self._deferred = waiting
+        for _pendings, record in ready:
+            self._forget(record)
 
     def packer(
         self, block: str, tier: str, params: WeightKeys, run: Run | None = None
@@ -328,9 +241,10 @@ class SwapEngine:
         for record in inflight:
             record._out_pending.wait_host()
             record.reap()
-        for pendings, _slot in deferred:
+        for pendings, record in deferred:
             for p in pendings:
                 p.wait_host()
+            record.drop_source()
         self.pool.close()
         if self.pool.nvme is not None:
             self.pool.nvme.close()
@@ -354,4 +268,5 @@ def install_swap(module: nn.Module, policy: ActivationPolicy, ctx: InstallContex
         module,
         ctx,
         lambda run: ctx.swap.packer(ctx.block_name, policy.tier, param_storages(ctx.root), run),
+        "swap",
     )

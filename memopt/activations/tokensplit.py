@@ -176,15 +176,17 @@ class _Splitter:
 
     def __init__(self, policy: ActivationPolicy, ctx: InstallContext) -> None:
         self.policy, self.ctx = policy, ctx
-        self.params = param_storages(ctx.root)
         self.current: _Call | None = None
 
     def open(self) -> tuple[_Call, Any]:
         ctx = self.ctx
         refuse_func_transforms(ctx.block_name, "split", any_transform=True)
         run = ctx.scheduler.begin(ctx.block_name)
-        swap = ctx.swap.packer(ctx.block_name, self.policy.tier, self.params, run)
-        return _Call(swap, counting_hooks(ctx.ledger, ctx.block_name, self.params)), run
+        # the weights as of this call: under FSDP2 the all-gathered parameters are new storages
+        # each forward (read at install time they were swapped to the tier as activations)
+        params = param_storages(ctx.root)
+        swap = ctx.swap.packer(ctx.block_name, self.policy.tier, params, run)
+        return _Call(swap, counting_hooks(ctx.ledger, ctx.block_name, params)), run
 
     def close(self, run: Any, out: Any) -> None:
         self.ctx.swap.reap()
@@ -205,6 +207,7 @@ class _Splitter:
 
         def body(original: Fwd, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not torch.is_grad_enabled():
+                self.ctx.swap.reap()  # a dropped graph's finished copies (see hooked_block)
                 return original(*args, **kwargs)
             call, run = self.open()
             out = self.split(original, call, args, kwargs, where, shared=False)
@@ -218,6 +221,7 @@ class _Splitter:
 
         def body(original: Fwd, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not torch.is_grad_enabled():
+                self.ctx.swap.reap()  # a dropped graph's finished copies (see hooked_block)
                 return original(*args, **kwargs)
             call, run = self.open()
             self.current = call
@@ -319,10 +323,10 @@ def install_split(module: nn.Module, policy: ActivationPolicy, ctx: InstallConte
     name = ctx.block_name
     splitter = _Splitter(policy, ctx)
     if is_token_local(module):
-        wrap = wrap_forward(module, name, splitter.whole_body(name))
+        wrap = wrap_forward(module, name, splitter.whole_body(name), "split")
         return SplitInstall([wrap], "token-local", [name])
     parts, attn = _layer_plan(module, name)
-    wraps = [wrap_forward(module, name, splitter.layer_body())]
+    wraps = [wrap_forward(module, name, splitter.layer_body(), "split")]
     try:
         wraps.append(wrap_forward(attn, f"{name}.self_attn", splitter.core_body()))
         for sub, child in parts:
