@@ -51,8 +51,9 @@ from memopt.checkpoint.commit import check_metadata, commit, settle
 from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
 from memopt.checkpoint.fileformat import checksum_fn, resolve_checksum, write_file
+from memopt.checkpoint.groups import own_group, release
 from memopt.checkpoint.loading import open_published, restore_all
-from memopt.checkpoint.peer_tier import build_tier
+from memopt.checkpoint.peer_tier import build_tier, check_tier
 from memopt.checkpoint.pipeline import Job, Pipeline, Slots, new_job
 from memopt.checkpoint.reader import Snapshot
 from memopt.checkpoint.redundancy_config import RedundancyConfig
@@ -65,12 +66,13 @@ from memopt.offload.sigdefer import deferred_sigint
 class AsyncCheckpointer:
     """Asynchronous, crash-consistent, reshardable snapshots in ``directory``.
 
-    Construct it on every rank (it makes a gloo group when a process group exists).
-    Options: ``CheckpointConfig`` fields as keywords, or ``config=``; ``metadata=`` a dict.
-    ``redundancy=RedundancyConfig(...)``: also keep each save in peers' host memory (REFT),
-    on ``redundancy_group`` (default: a new gloo group over the same ranks); ``adopt=`` an
-    older checkpointer of this process (e.g. before the process group was re-formed with a
-    replacement rank) whose in-memory snapshot this one takes over (the old one is closed).
+    Construct it on every rank of ``process_group`` (None: the default group; a subgroup's
+    ranks alone; it makes a gloo group of its own: ``groups``). Options: ``CheckpointConfig``
+    fields as keywords, or ``config=``; ``metadata=`` a dict. ``redundancy=RedundancyConfig``:
+    also keep each save in peers' host memory (REFT), on ``redundancy_group`` (default: a new
+    gloo group over the same ranks); ``adopt=`` an older checkpointer of this process (e.g.
+    before the process group was re-formed with a replacement rank) whose in-memory snapshot
+    this one takes over (the old one is closed).
     """
 
     def __init__(
@@ -98,15 +100,14 @@ class AsyncCheckpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.metadata = check_metadata(metadata or {})  # (JSON: it goes into each manifest)
         self.checksum = resolve_checksum(self.config.checksum)
-        self._dist = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank(process_group) if self._dist else 0
-        self.world = dist.get_world_size(process_group) if self._dist else 1
-        self._group = None
-        if self._dist and self.world > 1:  # our own gloo group: never mixed with training's
-            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-            self._group = dist.new_group(ranks=ranks, backend="gloo")
-        self._check_directory()
-        self.peers = build_tier(redundancy, redundancy_group, adopt, self._group, self.config)
+        check_tier(redundancy, redundancy_group, adopt, process_group)  # (before collectives)
+        self.rank, self.world, self._group = own_group(process_group)
+        try:
+            self._check_directory()
+            self.peers = build_tier(redundancy, redundancy_group, adopt, self._group, self.config)
+        except BaseException:
+            release(self._group)
+            raise
         pin: Any = "auto" if self.config.pin == "auto" and torch.cuda.is_available() else "off"
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin=pin))
         self.stats = CheckpointStats()
@@ -116,7 +117,7 @@ class AsyncCheckpointer:
         self._hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._cleaned = False  # rank 0: crash leftovers removed (by the first save's writer)
         self._warned_later = False  # the directory holds steps later than a save: warned once
-        self._engines = Engines()  # the writer thread's I/O engines, kept across saves
+        self._engines = Engines(at_exit=True)  # the writer's I/O engines, kept across saves
         self._pipeline = Pipeline(
             self.arena, self._write, self._publish, self._slots.release,
             nice=self.config.background_nice,
@@ -387,9 +388,8 @@ class AsyncCheckpointer:
             self.arena.close()
             if self.peers is not None:
                 self.peers.close()
-            if self._group is not None:  # its own gloo group: 5 fds and 3 threads each
-                dist.destroy_process_group(self._group)
-                self._group = None
+            release(self._group)  # its own gloo group: 5 fds and 3 threads (if not gone yet)
+            self._group = None
         if (pending := self._pending(in_save=False)) is not None:
             raise F.as_error(*pending)
 

@@ -7,7 +7,9 @@ from ``crc(A)``, ``crc(B)`` and ``len(B)``, which is ``crc(A)`` multiplied by x^
 modulo the polynomial, XOR ``crc(B)`` (zlib's ``crc32_combine``; the pre- and post-inversion of
 both CRCs cancel). Arithmetic is in the reflected bit order of both CRCs: bit 31 is x^0.
 Why: the writer's checksum pass over a GB-sized file is its only CPU-heavy work; on busy
-cores one thread can fall behind the disk, two rarely do.
+cores one thread can fall behind the disk, two rarely do. The pieces run on ``Workers``
+(``memopt._utils.workers``: threads started up front, not a ``concurrent.futures`` pool, which
+refuses work once the main thread has returned, while a save may still be finishing).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from memopt._utils.workers import Workers
 
 _crc32c: Any
 try:  # crc32c has wheels for every CPython we support; zlib is the fallback
@@ -81,15 +84,31 @@ def combine(name: str, crc_a: int, crc_b: int, len_b: int) -> int:
 
 
 def parallel_checksum(
-    name: str, view: memoryview, piece: int, previous: int = 0, workers: int = 2
+    name: str,
+    view: memoryview,
+    piece: int,
+    previous: int = 0,
+    workers: int = 2,
+    pool: Workers | None = None,
 ) -> int:
-    """The running checksum of ``view`` after ``previous``, ``workers`` pieces at a time."""
+    """The running checksum of ``view`` after ``previous``, ``workers`` pieces at a time, on
+    ``pool`` (else on threads made for this call; where none can be started, as while the
+    interpreter exits on Python 3.12, in one pass on the calling thread)."""
     fn = checksum_fn(name)
     starts = range(0, len(view), piece)
     if workers <= 1 or len(starts) <= 1:
         return fn(view, previous)
-    with ThreadPoolExecutor(workers, thread_name_prefix="memopt-ckpt-crc") as pool:
-        parts = list(pool.map(lambda lo: fn(view[lo : lo + piece], 0), starts))
+    own = None
+    if pool is None:
+        try:
+            pool = own = Workers(workers, "memopt-crc")
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return fn(view, previous)
+    try:
+        parts = pool.map(lambda lo: fn(view[lo : lo + piece], 0), starts)
+    finally:
+        if own is not None:
+            own.close()
     value = previous
     for lo, part in zip(starts, parts, strict=True):
         value = combine(name, value, part, min(piece, len(view) - lo))

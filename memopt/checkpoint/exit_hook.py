@@ -10,9 +10,23 @@ The wait is bounded on 2+ ranks (``EXIT_WAIT_S``): publication is collective, an
 never publishes (a hung peer, or one that left without saving) would hold the exit forever.
 Past the bound the save is left unpublished, with a warning, and the checkpointer is not
 closed (its writer is inside the collective). On one process only the disk can hold it up:
-no bound. The hook runs among ``threading``'s exit callbacks, before non-daemon threads are
-joined and before ``concurrent.futures`` refuses new work (the writer's thread-pool engine
-needs it), where that private hook exists; else from ``atexit``.
+no bound.
+
+When it runs. If the main thread is the only non-daemon thread left, among ``threading``'s
+exit callbacks (which run when the main thread returns, before any plain ``atexit``
+handler, so one registered later, e.g. one that destroys the process group, cannot come
+first). If other non-daemon threads are still alive (a training loop run in a thread, still
+saving), not then: closing the checkpointer under that thread made its next ``save`` raise
+"save after close()" and lost the saves it made after; the hook runs instead from plain
+``atexit``, which Python calls after it has joined every non-daemon thread. By then
+``concurrent.futures`` refuses new work (its own exit callback has run) and Python 3.12
+refuses to start threads, so nothing a save needs to finish uses either: the writer, the
+checksum and the redundancy tier run on threads started with the checkpointer
+(``memopt._utils.workers``, the copier/writer/protector threads), and a rotated snapshot
+that no thread can delete any more is deleted in line (``publish``); the background
+deletions of rotated snapshots are waited for (threads started in ``atexit`` are not joined
+by Python: a ``.trash-*`` directory was left). A *daemon* thread that still saves at exit is
+not waited for (Python does not wait for it either).
 
 A forked child (a DataLoader worker: ``multiprocessing`` children run ``threading``'s exit
 callbacks too) finishes nothing: the saves, threads and process group are the parent's
@@ -33,11 +47,13 @@ from typing import Any
 
 from memopt._utils import get_logger
 from memopt.checkpoint.errors import CheckpointError
+from memopt.checkpoint.publish import is_deleter, wait_deletions
 
 EXIT_WAIT_S = 120.0  # 2+ ranks: the longest the exit waits for a save to be published
 log = get_logger("memopt.checkpoint")
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _registered = False
+_ran = False  # the hook ran (once: early, or from atexit)
 _lock = threading.Lock()
 
 
@@ -47,11 +63,13 @@ def track(ckpt: Any) -> None:
     with _lock:
         _live.add(ckpt)
         if not _registered:
+            atexit.register(_at_exit)  # after the non-daemon threads were joined
             register = getattr(threading, "_register_atexit", None)
-            try:
-                (register or atexit.register)(_at_exit)
-            except RuntimeError:  # the interpreter is already shutting down
-                atexit.register(_at_exit)
+            if register is not None:
+                try:
+                    register(_at_exit_early)  # when the main thread returns
+                except RuntimeError:  # the main thread has returned already: atexit does it
+                    pass
             _registered = True
 
 
@@ -63,21 +81,44 @@ def untrack(ckpt: Any) -> None:
 def _forget_after_fork() -> None:
     """In a forked child: the parent's checkpointers are not this process's to finish. New
     set and lock: another thread of the parent may have held the lock at the fork."""
-    global _live, _lock
-    _live, _lock = weakref.WeakSet(), threading.Lock()
+    global _live, _lock, _ran
+    _live, _lock, _ran = weakref.WeakSet(), threading.Lock(), False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def _others_alive() -> bool:
+    """Whether a non-daemon thread other than this one and the main thread is alive (one
+    that Python will join before ``atexit`` handlers run), leaving out the deletions of
+    rotated snapshots (``publish``), which use no checkpointer."""
+    skip = (threading.main_thread(), threading.current_thread())
+    return any(
+        not t.daemon and t.is_alive() and not is_deleter(t)
+        for t in threading.enumerate()
+        if t not in skip
+    )
+
+
+def _at_exit_early() -> None:
+    if not _others_alive():  # else they may still use a checkpointer: ``_at_exit`` will do
+        _at_exit()
+
+
 def _at_exit() -> None:
+    global _ran
     with _lock:
+        if _ran:  # (early, then again from atexit: a wait that gave up is not repeated)
+            return
+        _ran = True
         live = [c for c in _live if c._pid == os.getpid()]  # (made in this process)
     for ckpt in live:
         try:
             finish(ckpt, None if ckpt.world <= 1 else EXIT_WAIT_S)
         except BaseException as e:  # noqa: BLE001 - an exit hook must not stop the others
             print(f"memopt: AsyncCheckpointer at exit: {e!r}", file=sys.stderr)
+    if live:  # rotations those saves made: from atexit, Python would not wait for them
+        wait_deletions()
 
 
 def finish(ckpt: Any, limit: float | None) -> bool:

@@ -28,7 +28,14 @@ hold one step (the requested one, when given) or all raise ``PeerRecoveryError``
 redundancy group rebuilds its lost members (``rebuild_blob``; too many lost: the error is
 all-gathered, so every rank raises it); then every rank broadcasts its blob, so each rank
 holds the whole snapshot in host memory (as a disk load reads every rank's files) and returns a
-``MemorySnapshot`` that ``restore.*`` loads exactly as the files.
+``MemorySnapshot`` that ``restore.*`` loads exactly as the files. Its errors name ranks as
+ranks of the checkpointer's group with their global ranks beside them; ``PeerRedundancy``'s
+own messages, quoted in them, count ranks of the redundancy group (global ranks given too).
+
+The tier's group is its own (``groups.make_group`` over the checkpointer's ranks, destroyed
+at ``close()``) unless ``redundancy_group=`` was given (the caller's: left alone). The mirror
+copy runs on a ``Workers`` thread started with the tier (not a ``concurrent.futures`` pool,
+which refuses work once the main thread has returned, while saves may still be finishing).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import dataclasses
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +52,9 @@ import torch
 import torch.distributed as dist
 
 from memopt._utils import get_logger
+from memopt._utils.workers import Workers
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
+from memopt.checkpoint.groups import check_group, make_group, release
 from memopt.checkpoint.mirror import MemorySnapshot, mirror_prefix
 from memopt.checkpoint.pipeline import STAGING_GRANULE, Job
 from memopt.checkpoint.redundancy import PeerRedundancy
@@ -75,21 +84,23 @@ class PeerTier:
     """Mirrors, protector thread and recovery; see the module docstring."""
 
     def __init__(
-        self, config: RedundancyConfig, group: Any, ckpt_group: Any, max_pending: int
-    ) -> None:
+        self, config: RedundancyConfig, group: Any, ckpt_group: Any, max_pending: int,
+        owned: bool = False,
+    ) -> None:  # fmt: skip
         # The tier keeps each rank's mirror itself, so erasure coding needs no second copy.
         inner = dataclasses.replace(config, own="reference") if config.mode == "erasure" else config
         self.config = config
         self.red = PeerRedundancy(inner, group)
-        self.group, self.ckpt_group = group, ckpt_group
-        self.members = dist.get_process_group_ranks(group)
+        self.group, self.ckpt_group, self._owned = group, ckpt_group, owned  # owned: close frees
+        self.members = dist.get_process_group_ranks(group)  # global ranks of the tier's group
+        self.ckpt_members = dist.get_process_group_ranks(ckpt_group)  # and of the checkpointer's
         self.max_pending = max_pending
         self.arena = PinnedArena(ArenaConfig(chunk_bytes=0, alignment=64, pin="off"))
         self.own: Mirror | None = None
         self._lock = threading.Lock()  # the arena's trim vs. blocks in use, own
         self._futures: dict[int, Future[None]] = {}
         self._begun: set[int] = set()  # saves whose mirror copy was started (writer thread)
-        self._copy = ThreadPoolExecutor(1, thread_name_prefix="memopt-ckpt-mirror")
+        self._copy = Workers(1, "memopt-ckpt-mirror")
         self._q: queue.Queue[_Item | None] = queue.Queue()
         self._error: BaseException | None = None
         self._keep_memory = False
@@ -179,7 +190,7 @@ class PeerTier:
         missing = [self.members[i] for i, r in enumerate(rows) if not r[0]]
         if missing or len({int(r[1]) for r in rows}) > 1:
             self._free(item.mirror)
-            item.record.protect_note = f"skipped: ranks {missing} had no staged copy"
+            item.record.protect_note = f"skipped: global ranks {missing} had no staged copy"
             return
         assert item.mirror is not None
         try:
@@ -245,7 +256,10 @@ class PeerTier:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join()
-        self._copy.shutdown(wait=True)
+        self._copy.close()
+        if self._owned:  # (after the protector's last collective; gone already: nothing)
+            release(self.group)
+            self._owned = False
         if not self._keep_memory:
             self.own = None
             self.arena.close()
@@ -263,16 +277,20 @@ class PeerTier:
             )
         if len(steps) > 1 or (step is not None and steps != [step]):
             want = "" if step is None else f"; step {step} was requested"
+            by_rank = {f"{r} (global {self.ckpt_members[r]})": s for r, s in enumerate(held)}
             raise PeerRecoveryError(
-                f"peers cannot rebuild the snapshot: the ranks hold steps {held} (rank -> step, "
-                f"None: lost){want}"
+                "peers cannot rebuild the snapshot: the ranks of the checkpointer's group hold "
+                f"steps {by_rank} (rank -> step, None: lost){want}"
             )
         blob, problem = self._rebuild(lost, rank)
         problems = [""] * world
         dist.all_gather_object(problems, problem, group=self.ckpt_group)
-        bad = {r: p for r, p in enumerate(problems) if p}
+        glob = self.ckpt_members
+        bad = [f"rank {r} (global {glob[r]}): {p}" for r, p in enumerate(problems) if p]
         if bad:
-            raise PeerRecoveryError(f"peers cannot rebuild lost ranks {lost}: {bad}")
+            raise PeerRecoveryError(
+                f"peers cannot rebuild lost {self._named(lost)}; " + "; ".join(bad)
+            )
         assert blob is not None
         return MemorySnapshot(self._exchange(blob, rank, world), f"peer memory (step {steps[0]})")
 
@@ -284,12 +302,18 @@ class PeerTier:
             return blob, ""
         try:
             got = self.red.rebuild_blob(lost_here)
-        except (ValueError, RuntimeError) as e:
-            return blob, str(e)
+        except (ValueError, RuntimeError) as e:  # (its ranks count the redundancy group)
+            return blob, f"{e} [in that message, ranks of the redundancy group, whose global " \
+                f"ranks are {self.members} in group order]"  # fmt: skip
         if got is not None:
             self.own = Mirror(got[0], got[1])
             blob = got[1]
         return blob, ""
+
+    def _named(self, ranks: list[int]) -> str:
+        """``ranks`` of the checkpointer's group, with their global ranks."""
+        return f"ranks {ranks} of the checkpointer's group (global ranks " \
+            f"{[self.ckpt_members[r] for r in ranks]})"  # fmt: skip
 
     def _exchange(self, blob: torch.Tensor, rank: int, world: int) -> list[torch.Tensor]:
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
@@ -302,25 +326,56 @@ class PeerTier:
         return out
 
 
-def build_tier(config: Any, group: Any, adopt: Any, ckpt_group: Any, ck: Any) -> PeerTier | None:
-    """The tier of ``AsyncCheckpointer(redundancy=config, redundancy_group=group, adopt=...)``."""
+def check_tier(config: Any, group: Any, adopt: Any, ckpt_group: Any) -> None:
+    """The arguments of ``AsyncCheckpointer(redundancy=, redundancy_group=, adopt=,
+    process_group=ckpt_group)``, checked before any collective (so that no rank waits in one
+    for a rank that raised)."""
     if config is None:
         if adopt is not None:
             raise ValueError("AsyncCheckpointer(adopt=...) needs redundancy=RedundancyConfig")
-        return None
+        if group is not None:
+            raise ValueError("AsyncCheckpointer(redundancy_group=...) needs "
+                             "redundancy=RedundancyConfig(...)")  # fmt: skip
+        return
     if not isinstance(config, RedundancyConfig):
         raise TypeError(f"redundancy must be a RedundancyConfig, got {type(config).__name__}")
+    ckpt_group = check_group(ckpt_group, "process_group")
+    if check_group(group, "redundancy_group") is not None:
+        ranks = dist.get_process_group_ranks(dist.group.WORLD if ckpt_group is None else ckpt_group)
+        outside = sorted(set(dist.get_process_group_ranks(group)) - set(ranks))
+        if outside:
+            raise ValueError(
+                f"AsyncCheckpointer: redundancy_group has global ranks {outside} outside the "
+                f"checkpointer's process group (global ranks {ranks}); pass a group of its ranks"
+            )
+    if adopt is not None and not isinstance(getattr(adopt, "peers", None), PeerTier):
+        raise TypeError("adopt= must be an AsyncCheckpointer built with redundancy=")
+
+
+def build_tier(config: Any, group: Any, adopt: Any, ckpt_group: Any, ck: Any) -> PeerTier | None:
+    """The tier of ``AsyncCheckpointer(redundancy=config, redundancy_group=group, adopt=...)``
+    (arguments checked by ``check_tier``); a collective over the checkpointer's group."""
+    if config is None:
+        return None
     if ckpt_group is None:
         raise ValueError(
             "AsyncCheckpointer(redundancy=...) keeps snapshots in peers' memory: it needs 2+ "
             "ranks of an initialized process group; pass redundancy=None on one process"
         )
     ranks = dist.get_process_group_ranks(ckpt_group)
-    group = group or dist.new_group(ranks=ranks, backend="gloo")  # never training's groups
-    tier = PeerTier(config, group, ckpt_group, ck.max_inflight)
+    owned = group is None
+    if owned:  # never training's groups
+        group = make_group(ranks, ckpt_group)
+    try:
+        tier = PeerTier(config, group, ckpt_group, ck.max_inflight, owned=owned)
+    except BaseException:
+        if owned:
+            release(group)
+        raise
     if adopt is not None:
-        old = getattr(adopt, "peers", None)
-        if not isinstance(old, PeerTier):
-            raise TypeError("adopt= must be an AsyncCheckpointer built with redundancy=")
-        tier.adopt(old, adopt.close)
+        try:
+            tier.adopt(adopt.peers, adopt.close)
+        except BaseException:
+            tier.close()
+            raise
     return tier

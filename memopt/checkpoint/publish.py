@@ -136,9 +136,15 @@ def _remove(trash: str) -> None:
 
 
 def delete_later(trash: str) -> None:
-    """Delete ``trash`` (a directory nobody reads any more) in a background thread."""
+    """Delete ``trash`` (a directory nobody reads any more) in a background thread; in line
+    where no thread can be started (Python 3.12 once the main thread has returned: a save
+    finished by a training thread or the exit hook then)."""
     t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm")
-    t.start()
+    try:
+        t.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        _remove(trash)
+        return
     with _list_lock:
         _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]
 
@@ -153,6 +159,12 @@ def _discard(root: str, path: str) -> None:
     trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
     os.rename(path, trash)
     delete_later(trash)
+
+
+def is_deleter(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is one of these deletions (it never touches a checkpointer)."""
+    with _list_lock:
+        return thread in _deleting
 
 
 def wait_deletions() -> None:

@@ -29,7 +29,14 @@ a new engine per file put on every save's path to durable (6% of a 1.2 GB write 
 
 ``IN_FLIGHT * CHUNK`` bytes are in the kernel at once (64 MiB: the same bytes in flight as
 fio with 1 MiB blocks at queue depth 64, the comparison ``benchmarks/ckpt_stall_bench.py``
-makes). Engine choice: ``MEMOPT_AIO`` = native | threads | auto, as for the NVMe tier.
+makes). Engine choice: ``MEMOPT_AIO`` = native | threads | auto, as for the NVMe tier; the
+"threads" engine here is ``WorkerIO`` (``IN_FLIGHT`` pre-started ``memopt._utils.workers``
+threads issuing ``pwrite``), not the NVMe tier's ``concurrent.futures`` pool: that pool
+refuses work once the main thread has returned, while a training thread may still save and
+the exit hook may still be finishing a save. The checkpointer's ``Engines`` also keep a small
+engine started with the checkpointer, used when no new thread can be started any more
+(Python 3.12 refuses them once the main thread has returned), and, on machines that
+checksum on 2+ threads, the checksum threads.
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ from concurrent.futures import Future
 
 import torch
 
+from memopt._utils.workers import Workers
 from memopt.checkpoint.checksum import checksum_fn, parallel_checksum
 from memopt.checkpoint.copy_crc import has_own_memory
-from memopt.offload.io_backend import IOBackend, ThreadPoolBackend
-from memopt.offload.native_aio import make_backend
+from memopt.offload.io_backend import IOBackend, IOOp, _read_piece, _write_piece
+from memopt.offload.native_aio import make_backend, native_available
 
 __all__ = [
-    "CHUNK", "IN_FLIGHT", "Engines", "bytes_in_flight", "tensor_bytes", "write_data_file",
+    "CHUNK", "IN_FLIGHT", "Engines", "WorkerIO", "bytes_in_flight", "tensor_bytes",
+    "write_data_file",
 ]
 
 CHUNK = 8 << 20  # bytes per write request (the device splits it at max_sectors_kb)
@@ -89,29 +98,79 @@ def _preallocate(fd: int, size: int) -> None:
             raise  # ENOSPC and friends: the save fails early and cleanly
 
 
+class WorkerIO:
+    """An ``IOBackend``: ``queue_depth`` pre-started worker threads, each issuing positional
+    writes (reads) of one ``block_size`` piece at a time (the pieces of ``io_backend``)."""
+
+    name = "threads"
+
+    def __init__(self, queue_depth: int, block_size: int, label: str = "memopt-ckptio") -> None:
+        self.queue_depth, self.block_size = queue_depth, block_size
+        self._workers = Workers(queue_depth, label)
+
+    def submit(
+        self, op: IOOp, fd: int, ptr: int, nbytes: int, offset: int, label: str
+    ) -> list[Future[None]]:
+        fn = _write_piece if op == "write" else _read_piece
+        return [
+            self._workers.submit(fn, fd, ptr + lo, min(self.block_size, nbytes - lo),
+                                 offset + lo, label)
+            for lo in range(0, nbytes, self.block_size)
+        ]  # fmt: skip
+
+    def close(self) -> None:
+        self._workers.close()
+
+
+def _native(direct: bool) -> bool:
+    """Whether ``MEMOPT_AIO`` asks for the native engine for this file (the NVMe tier's rule:
+    auto takes it for O_DIRECT files when its library loaded)."""
+    kind = (os.environ.get("MEMOPT_AIO") or "auto").lower()
+    if kind not in ("auto", "native", "threads"):
+        raise ValueError(f"MEMOPT_AIO must be native, threads or auto, not {kind!r}")
+    return kind == "native" or (kind == "auto" and direct and native_available())
+
+
 def _engine(direct: bool) -> IOBackend:
-    try:
-        return make_backend(IN_FLIGHT, CHUNK, direct=direct)
-    except OSError:  # io_setup refused (the system's aio-max-nr is used up): threads work too
-        return ThreadPoolBackend(IN_FLIGHT, CHUNK)
+    if _native(direct):
+        try:
+            return make_backend(IN_FLIGHT, CHUNK, kind="native", direct=direct)
+        except OSError:  # io_setup refused (the system's aio-max-nr is used up): threads work
+            pass
+    return WorkerIO(IN_FLIGHT, CHUNK)
 
 
 class Engines:
     """I/O engines kept from one ``write_data_file`` to the next, one per kind (``O_DIRECT``
     or buffered), created on first use; ``close()`` releases them. One writer thread at a
-    time: every call waits for all its pieces before it returns, so calls never overlap."""
+    time: every call waits for all its pieces before it returns, so calls never overlap.
 
-    def __init__(self) -> None:
+    ``at_exit=True`` (the checkpointer's): threads started now, for when none can be started
+    later: a 2-thread ``WorkerIO`` that serves any kind whose engine cannot be made then, and
+    the checksum threads (``CRC_WORKERS`` > 1)."""
+
+    def __init__(self, at_exit: bool = False) -> None:
         self._by_kind: dict[bool, IOBackend] = {}
+        self._spare = WorkerIO(2, CHUNK, "memopt-ckptio-spare") if at_exit else None
+        self.crc = Workers(CRC_WORKERS, "memopt-crc") if at_exit and CRC_WORKERS > 1 else None
 
     def get(self, direct: bool) -> IOBackend:
         if direct not in self._by_kind:
-            self._by_kind[direct] = _engine(direct)
+            try:
+                self._by_kind[direct] = _engine(direct)
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                if self._spare is None:
+                    raise
+                self._by_kind[direct] = self._spare
         return self._by_kind[direct]
 
     def close(self) -> None:
-        while self._by_kind:
-            self._by_kind.popitem()[1].close()
+        engines = {id(e): e for e in [*self._by_kind.values(), self._spare] if e is not None}
+        self._by_kind.clear()
+        for engine in engines.values():
+            engine.close()
+        if self.crc is not None:
+            self.crc.close()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -179,7 +238,8 @@ def write_data_file(
         # then the checksum, while the disk writes (unless the copier already made it)
         value = known_checksum() if known_checksum is not None else None
         if value is None:
-            value = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS)
+            value = parallel_checksum(checksum, view, CHUNK, crc(header, 0), CRC_WORKERS,
+                                      pool.crc)  # fmt: skip
         _wait_all(pending)
         if fsync:
             os.fsync(fd)
