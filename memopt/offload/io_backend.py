@@ -7,6 +7,9 @@ gathers them into an ``IOFuture``. The fd stays open for the tier's life: no ope
 
 ``ThreadPoolBackend`` is the pure-Python one: ``queue_depth`` worker threads each issue
 ``os.pwrite`` / ``os.preadv`` on a ``memoryview`` of the buffer (built with ctypes, no copy).
+They are ``memopt._utils.Workers``, not a ``concurrent.futures`` executor, whose exit hook
+refuses new work once the main thread has returned: a training loop running in another
+thread keeps its NVMe tier until it ends.
 Both calls release the GIL, so up to ``queue_depth`` requests are in flight in the kernel at
 once, which is what an NVMe device needs to reach its bandwidth. A native backend (io_uring
 or libaio from ``csrc/``) implements the same ``IOBackend`` protocol and plugs in unchanged.
@@ -21,9 +24,9 @@ import concurrent.futures as cf
 import ctypes
 import errno
 import os
-import threading
 from typing import Literal, Protocol, runtime_checkable
 
+from memopt._utils.workers import Workers
 from memopt.offload.tier import check_process
 
 __all__ = ["IOBackend", "ThreadPoolBackend"]
@@ -106,7 +109,7 @@ class ThreadPoolBackend:
             raise ValueError(f"block_size must be a multiple of 4096, got {block_size}")
         self.queue_depth = queue_depth
         self.block_size = block_size
-        self._pool = cf.ThreadPoolExecutor(queue_depth, thread_name_prefix="memopt-io")
+        self._pool = Workers(queue_depth, "memopt-io")
         self._pid = os.getpid()  # the pool's threads exist only in this process
 
     def submit(
@@ -121,9 +124,7 @@ class ThreadPoolBackend:
         return futures
 
     def close(self) -> None:
-        if os.getpid() != self._pid:  # a forked child: the threads are the parent's
-            return
-        # From one of the pool's own threads (a finalizer run by a garbage collection there)
-        # waiting would join that thread itself: the workers then end once the queue is empty.
-        own = threading.current_thread() in getattr(self._pool, "_threads", ())
-        self._pool.shutdown(wait=not own)
+        # (a forked child: nothing, the threads are the parent's; from one of the workers
+        # itself, a finalizer run by a garbage collection there: the others are joined and
+        # that one ends after its call)
+        self._pool.close()
