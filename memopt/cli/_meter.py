@@ -4,7 +4,9 @@
 - ``cuda``: ``torch.cuda.memory_allocated`` on a CUDA run (``-`` on CPU: device bytes are in
   ``rss`` there);
 - ``pinned``: bytes reserved by memopt's shared pinned arena (``default_arena``: the CPU
-  offload tier and its staging buffers live there);
+  offload tier and its staging buffers live there), and in brackets the host memory the
+  arena holds for them (``capacity_bytes``: whole chunks, 256 MiB by default, page-locked
+  where pinning is on; this is what ``rss`` and ``VmLck`` see, not the reserved bytes);
 - ``nvme``: bytes held in the NVMe tiers reachable from the optimizer (``requested_bytes`` of
   each ``NVMeTier`` found by a short walk over the optimizer's attributes), and in brackets the
   bytes allocated on disk (``st_blocks``) by the files under the NVMe directories the config
@@ -75,11 +77,13 @@ class Meter:
         if self._tiers is None:
             self._tiers = find_tiers(optimizer) if self.nvme_dirs else []
         cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        arena = default_arena().report()
         held = sum(t.report().requested_bytes for t in self._tiers) if self.nvme_dirs else None
         return {
             "rss": proc_kib("VmRSS") * 1024,
             "cuda": cuda,
-            "pinned": default_arena().report().reserved_bytes,
+            "pinned": arena.reserved_bytes,
+            "pinned_held": arena.capacity_bytes,
             "nvme": held,
             "nvme_disk": sum(disk_bytes(d) for d in self.nvme_dirs) if self.nvme_dirs else None,
         }
@@ -92,4 +96,5 @@ class Meter:
             nvme += f" (file {fmt_bytes(t['nvme_disk'])})"
         cuda = "-" if t["cuda"] is None else fmt_bytes(t["cuda"])
         return (f"rss {fmt_bytes(t['rss'] or 0)} cuda {cuda} "
-                f"pinned {fmt_bytes(t['pinned'] or 0)} nvme {nvme}")
+                f"pinned {fmt_bytes(t['pinned'] or 0)} (held {fmt_bytes(t['pinned_held'] or 0)}) "
+                f"nvme {nvme}")

@@ -13,6 +13,14 @@ error instead of a traceback per rank. A DeepSpeed JSON given as the recipe gets
 convert it (``Config.from_deepspeed(...).to_yaml(...)``).
 A recipe named without a path (``galore``) is looked up as ``recipes/galore.yaml`` under the
 current directory. ``--dry-run`` prints the command instead.
+
+On POSIX the launcher then *becomes* torchrun (``os.execve``: same pid, same exit status),
+so a signal to ``memopt run`` (SIGTERM from ``kill`` or a job scheduler, SIGHUP, SIGINT) is
+torchrun's, which stops the ranks before it exits; before, the launcher waited in
+``subprocess.call`` and died alone, leaving torchrun and the ranks training. The ranks also
+die with torchrun (``_runguard.die_with_parent``), and a checkpoint directory held by a live
+run is refused here, before anything starts (``_runguard.probe``; rank 0 holds the lock for
+the whole run).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from memopt.cli._runguard import PARENT_ENV, DirectoryInUseError, probe
 from memopt.config import Config
 from memopt.config.preflight import check_paths, check_world
 from memopt.config.workload import llama_config
@@ -128,7 +137,9 @@ def load_checked(args: argparse.Namespace, recipe: str) -> Config:
             check_world(config, world)
         if not args.dry_run:  # (it creates them: the ranks would, a moment later)
             check_paths(config)
-    except ValueError as e:
+            if args.nnodes.strip() == "1":  # (other nodes' launchers see node 0's lock)
+                probe(config.checkpoint.directory)
+    except (ValueError, DirectoryInUseError) as e:
         raise SystemExit(f"memopt run: {recipe}: {e}") from None
     return config
 
@@ -143,4 +154,15 @@ def main(argv: Sequence[str]) -> int:
     print("memopt run: " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    return _exec(cmd)
+
+
+def _exec(cmd: list[str]) -> int:
+    """Replace this process with ``cmd`` (POSIX; returns only elsewhere, with its status)."""
+    if os.name != "posix":
+        return subprocess.call(cmd)
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}  # (torchrun's pid, after the exec)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+    raise AssertionError("unreachable: execve returned")  # pragma: no cover

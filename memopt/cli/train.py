@@ -16,6 +16,12 @@
    (``memopt.cli._meter``); a tqdm progress bar runs on stderr; every
    ``checkpoint.every_n_steps`` a snapshot is taken (asynchronous: the copy overlaps the next
    step) and the end of the run takes a last one.
+
+Under torchrun each rank asks to die with it (``_runguard.die_with_parent``: torchrun puts the
+ranks in sessions of their own, so nothing else stops them when it is killed), and rank 0
+holds ``checkpoint.directory``'s run lock from before the resume to the end
+(``_runguard.hold``): a second run into a directory in use stops at once, on every rank,
+naming the holder.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -34,6 +40,7 @@ from tqdm import tqdm
 from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.api import Setup, setup
 from memopt.cli._meter import Meter
+from memopt.cli._runguard import DirectoryInUseError, die_with_parent, hold
 from memopt.config import Config
 from memopt.config.preflight import check_paths, check_world
 from memopt.config.workload import batches, build_model
@@ -116,11 +123,36 @@ def _say(s: Setup, text: str) -> None:
         sys.stdout.flush()
 
 
+@contextmanager
+def _run_lock(config: Config, rank: int) -> Iterator[None]:
+    """Rank 0 holds ``checkpoint.directory``'s lock for the block; every rank raises
+    ``DirectoryInUseError`` when it is taken (rank 0 tells the others: a collective)."""
+    with ExitStack() as held:
+        error = ""
+        if rank == 0:
+            try:
+                held.enter_context(hold(config.checkpoint.directory))
+            except DirectoryInUseError as e:
+                error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise DirectoryInUseError(error)
+        yield
+
+
 def train(config: Config) -> dict[str, Any]:
     """Run the recipe ``config`` on this rank; returns a summary (rank 0's view)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     check_world(config, dist.get_world_size() if dist.is_initialized() else 1)
     check_paths(config)  # (the launcher ran both already: here for a rank started by hand)
+    with _run_lock(config, rank):
+        return _train(config, rank)
+
+
+def _train(config: Config, rank: int) -> dict[str, Any]:
     model = build_model(config)
     sample = next(batches(config, rank))
     s = setup(model, config, sample_batch={"input_ids": sample, "labels": sample})
@@ -176,12 +208,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m memopt.cli.train RECIPE.yaml [section.key=value ...]",
               file=sys.stderr)
         return 2
+    die_with_parent()
     config = Config.from_yaml(args[0], overrides=args[1:])
     _init_distributed()
     ok = False
     try:
         train(config)
         ok = True
+    except DirectoryInUseError as e:  # (one line, not a traceback per rank)
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        raise SystemExit(f"memopt run: {e}" if first else 1) from None
     finally:
         shutdown_distributed(ok=ok)
     return 0

@@ -8,6 +8,9 @@
 - ``check_hf_resume``: an HF ``checkpoint-N`` without optimizer state (``save_only_model``,
   which ``memopt_shard`` requires) would resume the weights and step but silently restart
   the optimizer and the LR schedule (warm-up again): refuse, pointing at memopt snapshots;
+- ``check_meta_model``: a model built on the meta device (shapes, no storage) trains only
+  through ``memopt_shard`` stage 3, which materializes it shard by shard when the optimizer is
+  created; anything else is refused at construction, naming the fix;
 - ``full_state_dict``: at stage 3 the parameters are FSDP2 ``DTensor`` shards, which HF's
   ``save_pretrained`` cannot write; gather the full tensors to rank 0's CPU (a collective:
   every rank calls it).
@@ -82,6 +85,31 @@ def _check_shard(trainer: Any, shard: dict[str, Any]) -> None:
         )
 
 
+def check_meta_model(model: nn.Module, shard: dict[str, Any] | None) -> bool:
+    """True when ``model`` is on the meta device and ``shard`` can materialize it (stage 3,
+    with an initializer for every module that holds tensors); False for a real model.
+    ``ValueError`` naming the fix for a meta model that nothing would materialize."""
+    from memopt.sharding.meta_init import check_meta, is_meta
+
+    if not is_meta(model):
+        return False
+    stage = None if shard is None else shard.get("stage", 2)
+    if stage != 3:
+        got = "no memopt_shard" if shard is None else f"memopt_shard stage {stage}"
+        raise ValueError(
+            f"MemoptTrainer: the model is on the meta device (shapes only, no weights) and "
+            f"{got} would materialize it: only memopt_shard={{'stage': 3, 'fsdp': "
+            "memopt.sharding.FSDPOptions(init_fn=model._init_weights)}} does (shard by shard, "
+            "when training starts); pass that, or build the model on a real device"
+        )
+    fsdp = shard.get("fsdp") if shard is not None else None
+    try:
+        check_meta(model, getattr(fsdp, "init_fn", None))
+    except ValueError as e:
+        raise ValueError(f"MemoptTrainer(memopt_shard stage 3, meta-device model): {e}") from None
+    return True
+
+
 def warn_ignored_optim(trainer: Any) -> None:
     """Warn when the TrainingArguments ask HF for an optimizer that memopt's replaces."""
     if trainer.optimizer is not None:  # optimizers=(opt, ...) given: HF ignores them too
@@ -153,4 +181,10 @@ def full_state_dict(model: nn.Module) -> dict[str, Any] | None:
     return get_model_state_dict(model, options=options)
 
 
-__all__ = ["check_arguments", "check_hf_resume", "full_state_dict", "warn_ignored_optim"]
+__all__ = [
+    "check_arguments",
+    "check_hf_resume",
+    "check_meta_model",
+    "full_state_dict",
+    "warn_ignored_optim",
+]

@@ -56,14 +56,17 @@ def _check(accelerator: Any) -> None:
     if world != int(accelerator.num_processes):
         raise ValueError(
             f"memopt.integrations.accelerate.prepare: torch.distributed has {world} ranks but the "
-            f"accelerator sees {accelerator.num_processes} process(es); on CPU under "
-            "`accelerate launch --multi_gpu` create it as Accelerator(cpu=True) (MULTI_CPU, gloo)"
+            f"accelerator sees {accelerator.num_processes} process(es). On CPU the "
+            "accelerator must be made for CPU ranks (MULTI_CPU, gloo): Accelerator(cpu=True) "
+            "when you create it; under the Hugging Face Trainer (MemoptTrainer) "
+            "TrainingArguments(use_cpu=True), or ACCELERATE_USE_CPU=1 in the environment"
         )
     if getattr(accelerator, "scaler", None) is not None:
         raise NotImplementedError(
             "memopt.integrations.accelerate.prepare: fp16 with a GradScaler is not supported "
-            "(the scaler would unscale only the local shards); use mixed_precision='bf16', or "
-            "fp16 weights with memopt.shard(master_dtype=torch.float32)"
+            "(the scaler would unscale only the local shards, and memopt has no loss scaler of "
+            "its own); use mixed_precision='bf16', which needs no loss scaling, or bf16 "
+            "weights with memopt.shard(master_dtype=torch.float32)"
         )
 
 

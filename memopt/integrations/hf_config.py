@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from memopt.config import Config
 from memopt.config.build import default_eps, low_rank_options, shard_config
 
@@ -58,6 +60,10 @@ def training_arguments(config: Config) -> dict[str, Any]:
         "seed": t.seed,
         "logging_steps": t.log_every,
     }
+    if config.model.device == "cpu" or (
+        config.model.device == "auto" and not torch.cuda.is_available()
+    ):  # as memopt.setup resolves it; under torchrun HF's Accelerator then runs MULTI_CPU (gloo)
+        kw["use_cpu"] = True
     if _shard_options(config) is not None:
         # HF's optimizer.pt would hold rank 0's shard only (MemoptTrainer refuses it): the
         # checkpoints are memopt's snapshots (MemoptCallback, every_n_steps and the last step)

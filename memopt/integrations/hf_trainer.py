@@ -24,6 +24,7 @@ from these it skips the batches already seen), the weights, ``optimizer.pt`` (pi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -40,6 +41,7 @@ from memopt.checkpoint.publish import rank_files, step_dir
 from memopt.integrations._hf_checks import (
     check_arguments,
     check_hf_resume,
+    check_meta_model,
     full_state_dict,
     warn_ignored_optim,
 )
@@ -180,6 +182,20 @@ def resume(
     return staging
 
 
+def _place_meta(shard: dict[str, Any], model: Any, device: torch.device) -> dict[str, Any]:
+    """``shard`` with a meta model materialized on ``device`` (the Trainer's, where its
+    batches go) unless ``fsdp.init_device`` says otherwise: ``memopt.shard``'s own default
+    is the CPU in a process without an NCCL group (one GPU, plain path)."""
+    if not any(p.is_meta for p in model.parameters()):
+        return shard
+    from memopt.sharding import FSDPOptions
+
+    fsdp = shard.get("fsdp") or FSDPOptions()
+    if fsdp.init_device is None:
+        fsdp = dataclasses.replace(fsdp, init_device=device)
+    return {**shard, "fsdp": fsdp}
+
+
 class MemoptTrainer(Trainer):
     """``Trainer`` whose optimizer is memopt's, built by ``hf_optim.create_optimizer``.
 
@@ -202,6 +218,10 @@ class MemoptTrainer(Trainer):
     shard only, so HF saves the model only, and ``train(resume_from_checkpoint=True)`` from
     such a checkpoint is refused (``_hf_checks.check_hf_resume``). At stage 3 ``save_model``
     and HF's model checkpoints gather the DTensor shards to full weights (rank 0 writes).
+    A model built on the meta device is taken with ``memopt_shard={"stage": 3, "fsdp":
+    FSDPOptions(init_fn=model._init_weights)}`` (or modules with ``reset_parameters()``): HF's
+    ``.to(device)`` is skipped and ``memopt.shard`` materializes it when training starts; any
+    other meta model is refused at construction (``_hf_checks.check_meta_model``).
 
     ``log`` adds the callback's ``mem/*`` figures before HF logs (``log_history`` and
     ``report_to`` see them). HF's ``optim``, ``optim_args`` and ``optim_target_modules`` have
@@ -224,12 +244,44 @@ class MemoptTrainer(Trainer):
             raise TypeError(f"MemoptTrainer: memopt_shard must be a dict of memopt.shard "
                             f"keywords, e.g. {{'stage': 2}}, got {memopt_shard!r}")  # fmt: skip
         self.memopt_shard = None if memopt_shard is None else dict(memopt_shard)
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:  # before HF sets anything up or moves the model
+            check_meta_model(model, self.memopt_shard)
         super().__init__(*args, **kwargs)
+        if model is None and self.model is not None:  # (built by model_init)
+            check_meta_model(self.model, self.memopt_shard)
         check_arguments(self)
         warn_ignored_optim(self)
         if self.memopt_shard is not None:
             # the model is placed already; accelerate must not wrap it in DDP (memopt reduces)
             self.is_distributed_loading_by_transformers = True
+
+    def _move_model_to_device(self, model: Any, device: Any) -> None:
+        # HF places the model in __init__ (and again in train() for model_init / fp16 full
+        # eval) with model.to(device), which a meta-device model cannot take: memopt.shard
+        # (stage 3) allocates and initializes it on the device instead, shard by shard, when
+        # create_optimizer runs. A real model is placed by HF as usual.
+        if check_meta_model(model, self.memopt_shard):
+            return
+        super()._move_model_to_device(model, device)
+
+    def _check_materialized(self, what: str) -> None:
+        model = self.model
+        if self.memopt_shard is not None and model is not None and any(
+            p.is_meta for p in model.parameters()
+        ):
+            raise RuntimeError(
+                f"MemoptTrainer.{what}(): the model is still on the meta device (no weights): "
+                "memopt_shard materializes it when training starts; call train() first"
+            )
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._check_materialized("evaluate")
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_materialized("predict")
+        return super().predict(*args, **kwargs)
 
     @classmethod
     def from_config(
@@ -279,9 +331,9 @@ class MemoptTrainer(Trainer):
             target: Any = self.model if model is None else model
             opt = create_optimizer(target, self.args, self.memopt_optimizer, **self.memopt_options)
             if self.memopt_shard is not None:
-                _, opt = shard_under(
-                    self.accelerator, unwrap_model(target), opt, **self.memopt_shard
-                )
+                module = unwrap_model(target)
+                options = _place_meta(self.memopt_shard, module, self.args.device)
+                _, opt = shard_under(self.accelerator, module, opt, **options)
             self.optimizer = opt
         return self.optimizer
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -231,3 +232,16 @@ def test_apply_budget_plans_with_the_swap_threshold_it_applies() -> None:
     with pytest.raises(ValueError, match="minimum reachable budget"):
         apply_budget(model, batch, "90%", options=ActivationOptions(min_swap_bytes=1 << 30),
                      actions=["keep", "swap"])  # fmt: skip
+
+
+def test_training_arguments_run_on_the_cpu_where_memopt_setup_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CPU ranks under torchrun, HF's Accelerator must be made for CPU (MULTI_CPU) or it
+    # sees one process and memopt.shard refuses the run; memopt.setup resolves the device so.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_arguments(_cfg(tmp_path))["use_cpu"] is True
+    assert training_arguments(_cfg(tmp_path, model={"device": "cpu"}))["use_cpu"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "use_cpu" not in training_arguments(_cfg(tmp_path))
+    assert "use_cpu" not in training_arguments(_cfg(tmp_path, model={"device": "cuda"}))
