@@ -37,6 +37,7 @@ def shard(
     offload: OffloadConfig | str | None = None,
     offload_params: str = "none",
     param_nvme: NVMeConfig | str | os.PathLike[str] | None = None,
+    broadcast_buffers: bool = True,
 ) -> tuple[nn.Module, ShardedOptimizer]:
     """Partition ``optimizer``'s state (stage 1), gradients (2) and parameters (3) over the ranks.
 
@@ -62,6 +63,9 @@ def shard(
     before their unit is gathered (prefetched along the recorded unit order) and during its
     optimizer step. At stage 3 ``offload=`` keeps the inner optimizer's state of each unit on
     that tier between steps (any optimizer with per-parameter state). docs/shard.md.
+    ``broadcast_buffers`` (default True, as DDP): on 2+ ranks every rank gets rank 0's module
+    buffers (BatchNorm statistics...) at the end of each ``step()``; False lets each rank's
+    buffers follow its own data.
     """
     if isinstance(offload, str):
         offload = OffloadConfig(device=offload)  # type: ignore[arg-type]
@@ -81,6 +85,7 @@ def shard(
             config = dataclasses.replace(config, offload=offload)
         if offload_params != "none" or param_nvme is not None:
             config = _with_param_offload(config, offload_params, param_nvme)
+        config = dataclasses.replace(config, broadcast_buffers=broadcast_buffers)
     else:
         if layout is None:
             layout = "dim0" if stage == 3 else "whole_tensor"
@@ -92,6 +97,7 @@ def shard(
             offload=offload,
             offload_params=offload_params,  # type: ignore[arg-type]
             param_nvme=param_nvme,
+            broadcast_buffers=broadcast_buffers,
         )
     return apply_sharding(model, optimizer, config, process_group, fsdp)
 

@@ -47,6 +47,10 @@ class ShardConfig:
       it and during its optimizer step, reading ahead along the recorded unit order
       (``param_swap``); ``"none"`` keeps them on the device.
     - ``param_nvme``: the ``NVMeConfig`` (or its directory) of ``offload_params="nvme"``.
+    - ``broadcast_buffers``: on 2+ ranks, give every rank rank 0's module buffers (BatchNorm
+      statistics, counters) at the end of each ``step()``, as DDP's ``broadcast_buffers=True``
+      does at the next forward (``memopt.sharding.buffers``); ``False`` lets each
+      rank's buffers follow its own data (a checkpoint then keeps rank 0's only).
     """
 
     stage: Stage = 2
@@ -56,6 +60,7 @@ class ShardConfig:
     offload: OffloadConfig | None = None
     offload_params: ParamOffload = "none"
     param_nvme: NVMeConfig | None = None
+    broadcast_buffers: bool = True
 
     def __post_init__(self) -> None:
         stage = self.stage
@@ -91,6 +96,11 @@ class ShardConfig:
                 f"{self.offload_params!r}"
             )
         self._check_param_nvme()
+        if not isinstance(self.broadcast_buffers, bool):
+            raise TypeError(
+                f"memopt.shard: broadcast_buffers must be True or False, got "
+                f"{self.broadcast_buffers!r}"
+            )
         if self.offload_params != "none" and self.stage != 3:
             raise ValueError(
                 f"memopt.shard: offload_params={self.offload_params!r} applies to stage 3 "

@@ -23,7 +23,9 @@ Mixed precision: ``options.mp_policy`` (an FSDP2 ``MixedPrecisionPolicy``) is pa
 Without one, a bf16/fp16 model with ``master_dtype=torch.float32`` becomes
 ``MixedPrecisionPolicy(param_dtype=<model dtype>, reduce_dtype=float32)`` over fp32 sharded
 parameters: each group is cast to the master dtype just before it is sharded, so the sharded
-parameters are the fp32 masters and only one group is ever held full-size in fp32.
+parameters are the fp32 masters and only one group is ever held full-size in fp32. A model
+mixing dtypes (bf16 and fp32 layers) gets one policy per unit from that unit's own parameters,
+and FSDP2's one-dtype-per-unit limits are checked up front (``fsdp_dtypes``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp2_internals import handle_unused_grads
+from memopt.sharding.fsdp_dtypes import plan_dtypes
 from memopt.sharding.fsdp_optim import FSDPOptimizer
 from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
 from memopt.sharding.param_swap import make_param_swapper
@@ -122,48 +125,37 @@ def check_units(model: nn.Module, units: Sequence[nn.Module]) -> None:
             )
 
 
-def mixed_precision(model: nn.Module, options: FSDPOptions, master: torch.dtype | None) -> Any:
-    """The ``MixedPrecisionPolicy`` to use (see the module docstring), or None."""
-    if options.mp_policy is not None:
-        return options.mp_policy
-    dtype = next(model.parameters()).dtype
-    if master is None or master == dtype:
-        return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=master)
-
-
 def apply_fully_shard(
     model: nn.Module,
     comm: Comm,
     options: FSDPOptions,
     master: torch.dtype | None,
     offload_params: str = "none",
+    held: set[int] | None = None,
 ) -> nn.Module:
-    """Shard ``model`` in place with ``fully_shard`` (units first, then the root)."""
+    """Shard ``model`` in place with ``fully_shard`` (units first, then the root); ``held``:
+    the ids of the optimizer's parameters (see ``fsdp_dtypes``)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     device = shard_device(model, comm, options)
     mesh = DeviceMesh.from_group(comm.group, device.type)
-    mp = mixed_precision(model, options, master)
     units = list(options.modules) if options.modules is not None else default_units(model)
+    plans = plan_dtypes(model, units, master, options.mp_policy, held or set())
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward}
-    if mp is not None:
-        kwargs["mp_policy"] = mp
     if offload_params == "cpu":
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         # pinned host shards make the per-unit host-to-device copy asynchronous (CUDA only)
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    # Bottom-up: a unit nested in another is sharded first (FSDP2 requires it).
-    depth = {id(m): name.count(".") + 1 for name, m in model.named_modules() if name}
-    for unit in sorted(units, key=lambda m: -depth[id(m)]):
-        _cast(unit, master)
-        fully_shard(unit, **kwargs)
-    _cast(model, master)
-    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
+    for plan in plans:  # bottom-up (FSDP2 requires it), the root last
+        for p in plan.cast:  # just before its unit is sharded: one unit full-size in fp32
+            assert master is not None
+            p.data = p.data.to(master)
+        extra: dict[str, Any] = {} if plan.policy is None else {"mp_policy": plan.policy}
+        if plan.module is model:
+            extra["reshard_after_forward"] = False
+        fully_shard(plan.module, **{**kwargs, **extra})
     return model
 
 
@@ -178,18 +170,12 @@ def shard_device(model: nn.Module, comm: Comm, options: FSDPOptions) -> torch.de
     return comm.device()
 
 
-def _cast(module: nn.Module, master: torch.dtype | None) -> None:
-    """Cast the not-yet-sharded floating parameters of ``module`` to the master dtype."""
-    if master is None:
-        return
-    from torch.distributed.tensor import DTensor
-
-    for p in module.parameters():
-        if not isinstance(p, DTensor) and p.is_floating_point() and p.dtype != master:
-            p.data = p.data.to(master)
-
-
-def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
+def check_stage3(
+    model: nn.Module,
+    options: FSDPOptions,
+    master: torch.dtype | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Stage-3 input checks (local; run before any collective, see ``setup``; a model that
     is already sharded is refused there, for every stage)."""
     odd = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()
@@ -202,8 +188,16 @@ def check_stage3(model: nn.Module, options: FSDPOptions) -> None:
         )
     if options.modules is not None:
         check_units(model, options.modules)
+    units = list(options.modules) if options.modules is not None else default_units(model)
+    plan_dtypes(model, units, master, options.mp_policy, _held(optimizer))  # raises on a bad mix
     if is_meta(model):
         check_meta(model, options.init_fn)
+
+
+def _held(optimizer: torch.optim.Optimizer | None) -> set[int]:
+    """The ids of the parameters ``optimizer`` holds (frozen ones included)."""
+    groups = optimizer.param_groups if optimizer is not None else []
+    return {id(p) for group in groups for p in group["params"]}
 
 
 def shard_stage3(
@@ -224,7 +218,8 @@ def shard_stage3(
     order = param_names(model, optimizer)
     meta = is_meta(model)
     device = shard_device(model, comm, options)
-    apply_fully_shard(model, comm, options, config.master_dtype, config.offload_params)
+    held = _held(optimizer)
+    apply_fully_shard(model, comm, options, config.master_dtype, config.offload_params, held)
     if meta:
         materialize(model, device, comm.rank, comm.world, options.init_fn)
     handle_unused_grads(model, comm)

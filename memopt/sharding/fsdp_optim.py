@@ -129,11 +129,12 @@ class FSDPOptimizer(ShardedOptimizer):
         loss = closure_loss(closure)
         if self._units:
             self._step_units()
-            return loss
-        whole = self._bind(self.plans)
-        self.inner.step()
-        self._scatter_back(whole)
-        self._release()
+        else:
+            whole = self._bind(self.plans)
+            self.inner.step()
+            self._scatter_back(whole)
+            self._release()
+        self._sync_buffers()
         return loss
 
     def _step_units(self) -> None:

@@ -198,7 +198,12 @@ class ShardedOptimizer(WrapperOptimizer):
         if self._master_of:
             self._note_param_versions()
         self._release()
+        self._sync_buffers()
         return loss
+
+    def _sync_buffers(self) -> None:  # every rank gets rank 0's module buffers (``buffers``)
+        if (sync := self.__dict__.get("buffer_sync")) is not None:
+            sync()
 
     def _agree_on_nonfinite_refresh(self) -> None:
         """A projection refresh from a non-finite gradient raises FloatingPointError on the
@@ -322,8 +327,7 @@ class ShardedOptimizer(WrapperOptimizer):
         }
 
     def resident_params(self, write_back: bool = True) -> Any:
-        """A no-op context here (stages 1/2 keep every parameter in memory), so code written
-        for stage 3 with ``offload_params="nvme"`` (see ``FSDPOptimizer``) runs unchanged."""
+        """A no-op here (stages 1/2 keep every parameter in memory): stage-3 NVMe code runs."""
         return nullcontext()
 
     @contextmanager

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memopt.sharding import guards
+from memopt.sharding.buffers import install_buffer_sync
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
@@ -30,6 +31,19 @@ from memopt.sharding.optimizer import ShardedOptimizer
 
 
 def apply_sharding(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ShardConfig,
+    process_group: Any = None,
+    fsdp: FSDPOptions | None = None,
+) -> tuple[nn.Module, ShardedOptimizer]:
+    """``_apply_sharding``, then DDP's buffer broadcast on the model (``buffers``)."""
+    model, sharded = _apply_sharding(model, optimizer, config, process_group, fsdp)
+    install_buffer_sync(model, sharded)
+    return model, sharded
+
+
+def _apply_sharding(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: ShardConfig,
@@ -77,7 +91,7 @@ def apply_sharding(
         guards.check_not_distributed_tensors(model, config.stage)  # every stage, any world
         _check_local(model, optimizer, comm)
         if config.stage == 3:
-            check_stage3(model, fsdp or FSDPOptions())
+            check_stage3(model, fsdp or FSDPOptions(), config.master_dtype, optimizer)
         elif is_meta(model):
             raise ValueError(
                 f"memopt.shard: the model is on the meta device; only stage 3 materializes a "
