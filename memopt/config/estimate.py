@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from memopt.config.build import effective_stage
+from memopt.config.build import default_rank, effective_stage
 from memopt.config.config import Config
 from memopt.config.setup import resolve_device
 from memopt.config.workload import llama_config
@@ -40,8 +40,8 @@ def estimate_kwargs(config: Config, world_size: int = 1) -> dict[str, Any]:
     opt_kw: dict[str, Any] = {}
     if o.name == "frugal":
         opt_kw["density"] = o.density
-    elif o.rank is not None and o.name != "adamw":  # as memopt.config.build: AdamW has none
-        opt_kw["rank"] = o.rank
+    elif o.name != "adamw":  # as memopt.config.build: AdamW has none, null is default_rank
+        opt_kw["rank"] = o.rank if o.rank is not None else default_rank(o.name)
     if o.proj is not None and o.name != "adamw":
         opt_kw["proj"] = o.proj
     if o.state_dtype != "auto":

@@ -65,3 +65,21 @@ def test_setup_applies_the_world_rules_before_building(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="checkpoint.redundancy: replicate needs 2\\+ ranks"):
         memopt.setup(build_model(cfg), cfg)
     assert not (tmp_path / "ck").exists()  # (check_world, then check_paths)
+
+
+@pytest.mark.parametrize(
+    ("name", "rank"),
+    [("apollo", 128), ("galore", 128), ("natural_galore", 128), ("apollo_mini", 1)],
+)
+def test_estimate_sizes_a_null_rank_as_setup_builds_it(name: str, rank: int) -> None:
+    # optimizer.rank: null is build.default_rank for memopt.setup / memopt run; the estimate
+    # used the estimator's own default (256 for APOLLO: twice the state it trains with)
+    cfg = Config.from_dict({}, [*SMALL, f"optimizer.name={name}"])
+    assert cfg.optimizer.rank is None
+    assert estimate_kwargs(cfg)["optimizer_kwargs"]["rank"] == rank
+    s = memopt.setup(build_model(cfg), cfg)
+    ranks = {g["rank"] for g in s.optimizer.param_groups if "rank" in g}
+    s.close()
+    assert ranks == {rank}
+    explicit = cfg.replace([f"optimizer.rank={rank}"])
+    assert estimate(cfg).to_dict() == estimate(explicit).to_dict()
