@@ -6,6 +6,7 @@ sharded with ``memopt.shard`` when a process group is up. Recipes come later.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,8 @@ def run(
         timeline.mark("built")
         loss = torch.zeros(())
         for step in range(steps):
-            loss = model(input_ids=x, labels=x).loss
+            with _outside_blocks(manager, model):  # (the plan's peak counts those saves too)
+                loss = model(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -164,6 +166,16 @@ def run(
             notes.append(manager.report(the_plan))
         manager.remove()
     return float(loss.detach())
+
+
+def _outside_blocks(manager: Any, model: Any) -> Any:
+    """With a manager: its ledger also counts the saves made outside the managed blocks
+    (embedding, head, loss), as ``measure_step`` does, so ``compare`` sets like against like."""
+    if manager is None:
+        return contextlib.nullcontext()
+    from memopt.activations.measure import count_outside_blocks
+
+    return count_outside_blocks(manager.ledger, model)
 
 
 def _plan(w: Workload, x: torch.Tensor) -> Any:
