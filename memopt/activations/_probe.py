@@ -89,6 +89,9 @@ class Record:
     out_bytes: dict[str, int] = field(default_factory=dict)
     # per block: distinct input storages of the modules a split would run piece by piece
     split_inputs: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
+    # per layer a split runs child by child: storages its attention core saves outside the
+    # split projections (a split swaps them whole, not by tokens)
+    core_saved: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
     secs: dict[str, dict[str, float]] = field(default_factory=dict)
     peak: int = 0
 
@@ -113,6 +116,8 @@ class Recorder:
         self.after_blocks = False
         self.marks: dict[tuple[str, str], Any] = {}
         self.handles: list[Any] = []
+        self.in_part = 0  # depth inside split parts
+        self.in_core = 0  # depth inside a split layer's self_attn
 
     def install(self) -> None:
         for name, block in self.blocks:
@@ -122,9 +127,15 @@ class Recorder:
             for sub in block.modules():
                 if isinstance(sub, nn.Linear):
                     self.handles.append(sub.register_forward_pre_hook(self._linear_pre))
-            for part in self.split_parts.get(name, ()):
+            parts = self.split_parts.get(name, ())
+            for part in parts:
                 self.handles.append(part.register_forward_pre_hook(
                     self._split_pre(name), with_kwargs=True))  # fmt: skip
+                self.handles.append(part.register_forward_hook(self._leave("in_part")))
+            attn = getattr(block, "self_attn", None)
+            if parts and parts[0] is not block and isinstance(attn, nn.Module):
+                self.handles.append(attn.register_forward_pre_hook(self._enter("in_core")))
+                self.handles.append(attn.register_forward_hook(self._leave("in_core")))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -167,8 +178,19 @@ class Recorder:
                 y.register_hook(lambda _g: self._mark("bwd_start", name))
         return hook
 
+    def _enter(self, attr: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            setattr(self, attr, getattr(self, attr) + 1)
+        return hook
+
+    def _leave(self, attr: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            setattr(self, attr, max(getattr(self, attr) - 1, 0))
+        return hook
+
     def _split_pre(self, name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.in_part += 1
             x = first_tensor(args, kwargs)
             if x is not None and self.current == name and torch.is_grad_enabled():
                 self.rec.split_inputs.setdefault(name, {})[storage_key(x)] = x.nbytes
@@ -190,6 +212,8 @@ class Recorder:
         self.rec.owners.setdefault(key, set()).add(self.current or NONBLOCK)
         if self.current is None and self.after_blocks:
             self.rec.head_keys.add(key)
+        if self.current is not None and self.in_core and not self.in_part:
+            self.rec.core_saved.setdefault(self.current, set()).add(key)
         # keyed by block as the managers' ledger is (a storage two blocks save counts twice)
         return _Held(t, self.ledger.hold(t, block=self.current or NONBLOCK))
 

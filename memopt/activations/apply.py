@@ -131,22 +131,35 @@ class ActivationManager:
 
     def report(self, plan: Plan | None = None) -> str:
         """Measured peak saved bytes per block (device, and host/NVMe for swapped ones) since
-        the ledger's last ``reset_peak``, against ``plan``'s predictions when given."""
+        the ledger's last ``reset_peak``, against ``plan``'s predictions when given.
+
+        A block's measured device peak covers the whole step, its own backward included: a
+        swap or split block's swapped bytes are fetched back to the device then (and stay
+        counted on the tier until autograd frees them), so it is compared with the predicted
+        peak (held + what the ledger sees come back), not with the held bytes alone."""
         dev, host = self.ledger.block_peaks("device"), self.ledger.block_peaks("host")
         nvme = self.ledger.block_peaks("nvme")
-        predicted = {d.name: d.held_bytes for d in plan.decisions} if plan else {}
+        decided = {d.name: d for d in plan.decisions} if plan else {}
         mib = 2.0**20
         lines = [
-            f"{'block':<28} {'policy':<26} {'predicted MiB':>13} {'device MiB':>10} "
-            f"{'host MiB':>9} {'nvme MiB':>9}"
+            f"{'block':<28} {'policy':<26} {'pred held':>9} {'pred peak':>9} "
+            f"{'device peak':>11} {'host peak':>9} {'nvme peak':>9}   (MiB)"
         ]
         for name, policy in self.policies.items():
-            pred = predicted.get(name)
-            pred_s = f"{pred / mib:13.2f}" if pred is not None else f"{'-':>13}"
+            d = decided.get(name)
+            held_s = f"{d.held_bytes / mib:9.2f}" if d is not None else f"{'-':>9}"
+            peak_s = f"{d.ledger_peak_bytes / mib:9.2f}" if d is not None else f"{'-':>9}"
             lines.append(
-                f"{name:<28} {policy.describe():<26} {pred_s} {dev.get(name, 0) / mib:10.2f} "
-                f"{host.get(name, 0) / mib:9.2f} {nvme.get(name, 0) / mib:9.2f}"
+                f"{name:<28} {policy.describe():<26} {held_s} {peak_s} "
+                f"{dev.get(name, 0) / mib:11.2f} {host.get(name, 0) / mib:9.2f} "
+                f"{nvme.get(name, 0) / mib:9.2f}"
             )
+        lines += [
+            "pred held: device bytes from the block's forward to its backward. pred peak, "
+            "device peak: its device bytes at their highest",
+            "over the step, its own backward included (a swap/split block then holds its "
+            "swapped bytes fetched back; recompute's re-runs are unseen).",
+        ]
         measured = self.ledger.peak("device")
         tail = f"measured peak saved on device {measured / mib:.2f} MiB"
         if plan is not None:

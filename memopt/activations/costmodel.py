@@ -9,14 +9,16 @@ compute that can hide its copies (``Window``), each policy becomes an ``Option``
     recompute  A (checkpoint in)  S - I (re-run saves) 0                    f
     selective  A + K              S - I - Ks           0                    f (1 - fK)
     swap       s (small saves)    S - s (fetched back) S - s                copy(S - s) not hidden
-    split(a)   (1-a) P            S - I                a (S - I)            (1-a) f + copy(a(S-I))
+    split(a)   (1-a) P            S - I                a (S - C) + C        (1-a) f + copy(that)
     sample(r)  S - L + sum_l s_l  0                    0                    0
 
 (``R = S - I`` when the block saves its own input, else ``S``; written ``S - I`` above.
 ``s``: the saved storages below ``min_swap_bytes`` (norm statistics, attention logsumexp),
 which a swap leaves on the device.
 ``P``: the distinct inputs of the modules a split runs piece by piece, of which it keeps the
-recomputed tokens' share: 5 x [B, L, H] for a LLaMA layer. Blocks split refuses get no split
+recomputed tokens' share: 5 x [B, L, H] for a LLaMA layer. ``C``: what a split layer's
+attention core saves outside its projections (rotary products, the attention kernel's
+inputs and outputs), which the split swaps whole, not by tokens. Blocks split refuses get no split
 option.)
 Selective recompute keeps the outputs of the block's heavy ops (matmuls, attention: ``K``
 bytes, ``Ks`` of them saved for backward anyway, a share ``fK`` of the forward time) and
@@ -143,10 +145,13 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
                 "recompute"
             )
         a = policy.swap_fraction
-        moved = int(a * rest)
+        # the attention core goes to the tier whole; of the token-local saves the swapped
+        # tokens' share, the block's input included (its swapped piece is a fresh copy)
+        core = min(b.split_core_bytes, b.saved_bytes)
+        moved = int(a * (b.saved_bytes - core)) + core
         cost = (1.0 - a) * b.forward_s + _copy_cost(moved, prof, win)
         held = round((1.0 - a) * b.split_input_bytes)  # the recomputed tokens' inputs
-        return Option(policy, held, rest, moved, cost, seen_transient=moved)
+        return Option(policy, held, max(rest, moved), moved, cost, seen_transient=moved)
     return Option(policy, _sampled_held(b, policy.sample_ratio), 0, 0, 0.0)
 
 

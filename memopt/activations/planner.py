@@ -165,7 +165,8 @@ def plan_from_profile(
                 "allow more actions")
         picks = low  # fits exactly though not on the rounded grid
     chosen = [opts[k][o] for k, o in enumerate(picks)]
-    decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s)
+    decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s,
+                                    c.ledger_transient)
                       for b, c in zip(prof.blocks, chosen, strict=True))
     seen = _solve.peak_of(prob, chosen, ledger=True)
     notes = (*_notes(prof), f"ledger-visible predicted peak {_mib(seen)} (recompute "

@@ -104,6 +104,8 @@ class BlockDecision:
       backward under ``policy``. transient_bytes: extra device bytes while its backward runs
       (a recomputed block re-materialises its activations). overhead_s: predicted extra step
       time against ``keep`` (recompute time, swap time not hidden by compute, ...).
+    ledger_transient_bytes: the part of ``transient_bytes`` a ``SavedLedger`` sees (a swap's or
+      split's fetched-back bytes; not a recompute's re-materialisation); None: all of it.
     """
 
     name: str
@@ -111,6 +113,15 @@ class BlockDecision:
     held_bytes: int
     transient_bytes: int = 0
     overhead_s: float = 0.0
+    ledger_transient_bytes: int | None = None
+
+    @property
+    def ledger_peak_bytes(self) -> int:
+        """This block's predicted peak as its ledger rows see it: held plus, in its own
+        backward, what it fetches back (what ``ActivationManager.report`` measures)."""
+        seen = self.transient_bytes if self.ledger_transient_bytes is None else (
+            self.ledger_transient_bytes)
+        return self.held_bytes + seen
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,9 @@ class BlockProfile:
     split_input_bytes: int | None = None
     # the saved storages below min_swap_bytes: a swap leaves them on the device
     small_saved_bytes: int = 0
+    # what a split layer's attention core saves outside the split projections: a split swaps
+    # it whole (not alpha of it); 0 for a token-local block
+    split_core_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -223,11 +226,12 @@ def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]], splitta
         # split's seq_dim (1) must be a token dimension: neither the batch nor the features
         tokens = name in splittable and rec.in_ndim.get(name, 0) >= 3
         split_in = sum(rec.split_inputs.get(name, {}).values()) if tokens else None
+        core = sum(rec.sizes[k] for k in rec.core_saved.get(name, ())) if tokens else 0
         out.append(BlockProfile(name, per_block[name], rec.in_bytes.get(name, 0),
                                 rec.out_bytes.get(name, 0), linear[name], fwd, bwd, in_saved,
                                 tuple(rec.linear_calls.get(name, ())),
                                 rec.all_in_bytes.get(name, 0), split_input_bytes=split_in,
-                                small_saved_bytes=small[name]))
+                                small_saved_bytes=small[name], split_core_bytes=core))
     return _share_times(out), nonblock, head
 
 
