@@ -99,7 +99,7 @@ def check_meta_model(model: nn.Module, shard: dict[str, Any] | None) -> bool:
         raise ValueError(
             f"MemoptTrainer: the model is on the meta device (shapes only, no weights) and "
             f"{got} would materialize it: only memopt_shard={{'stage': 3, 'fsdp': "
-            "memopt.sharding.FSDPOptions(init_fn=model._init_weights)}} does (shard by shard, "
+            "memopt.sharding.FSDPOptions(init_fn=model._init_weights)} does (shard by shard, "
             "when training starts); pass that, or build the model on a real device"
         )
     fsdp = shard.get("fsdp") if shard is not None else None
