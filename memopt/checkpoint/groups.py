@@ -45,6 +45,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from memopt._utils.process_group import as_process_group
+
 __all__ = ["check_group", "make_group", "own_group", "release"]
 
 
@@ -52,27 +54,11 @@ def check_group(group: Any, what: str) -> Any:
     """``group`` (None: the default group) if this rank can use it as ``what``, else a
     ``TypeError`` (not a ProcessGroup: a DeviceMesh, say) or ``ValueError`` (this rank is not
     a member, or the group was destroyed)."""
+    group = as_process_group(group, "AsyncCheckpointer", what)
     if group is None:
         return None
-    from torch.distributed.device_mesh import DeviceMesh
-
-    if isinstance(group, DeviceMesh) and group.ndim == 1:
-        group = group.get_group()  # (as memopt.shard takes it)
-    if isinstance(group, DeviceMesh):
-        names = group.mesh_dim_names
-        pick = f"mesh.get_group({names[0]!r})" if names else "mesh.get_group(mesh_dim=0)"
-        raise TypeError(
-            f"AsyncCheckpointer: {what} is a {group.ndim}-D DeviceMesh (dims "
-            f"{list(names) if names else 'unnamed'}, shape {tuple(group.shape)}); pass one of "
-            f"its process groups, e.g. {pick} (the ranks that save together), or a 1-D mesh"
-        )
     if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group() gives a non-member
         raise ValueError(_not_member(what, None))
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"AsyncCheckpointer: {what} must be a torch.distributed ProcessGroup "
-            f"(dist.new_group(...), mesh.get_group(...)) or None, got {type(group).__name__}"
-        )
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             f"AsyncCheckpointer: {what} was given but torch.distributed is not initialized "

@@ -53,8 +53,6 @@ class BufferSync:
     def __init__(self, model: nn.Module, comm: Comm, bucket_bytes: int) -> None:
         self.comm, self.bucket_bytes = comm, bucket_bytes
         self._model = weakref.ref(model)  # (the optimizer holds this: never keeps the model)
-        #: broadcasts issued so far
-        self.count = 0
 
     def __call__(self) -> None:
         model = self._model()
@@ -66,7 +64,6 @@ class BufferSync:
         named = _buffers(model)
         if not named:
             return
-        self.count += 1
         bufs = tuple(b for _, b in named)
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(bufs):
             sent = [self._send(chunk) for chunk in _chunks(named, self.bucket_bytes)]

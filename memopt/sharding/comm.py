@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from memopt._utils.process_group import as_process_group
+
 # torch 2.13 renamed the flat collectives (the old names warn); older torch has only those.
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -94,7 +96,8 @@ class Comm:
             )
         if not initialized:
             return cls(None, 0, 1)
-        group = _as_group(process_group) if process_group is not None else dist.group.WORLD
+        group = as_process_group(process_group, "memopt.shard")
+        group = dist.group.WORLD if group is None else group
         rank = dist.get_rank(group)
         if rank < 0:
             raise ValueError(
@@ -214,32 +217,6 @@ class Comm:
         if root >= 0:
             text += f", root rank {root}"
         return text + (f" for {label}" if label else "")
-
-
-def _as_group(process_group: Any) -> Any:
-    """The ProcessGroup to use: the one given, or a 1-D ``DeviceMesh``'s (``get_group()``).
-    A mesh of more dimensions names none by itself: the caller picks the data-parallel one."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    if isinstance(process_group, DeviceMesh):
-        if process_group.ndim == 1:
-            return process_group.get_group()
-        names = process_group.mesh_dim_names
-        pick = f"mesh[{names[0]!r}]" if names else "mesh[<dim name>]"
-        raise TypeError(
-            f"memopt.shard: process_group is a {process_group.ndim}-D DeviceMesh "
-            f"(dims {list(names) if names else 'unnamed'}, shape {tuple(process_group.shape)}); "
-            "memopt shards over one group: pass the data-parallel dimension's, "
-            f"{pick}.get_group() (or a 1-D mesh such as {pick} itself)"
-        )
-    non_member = dist.GroupMember.NON_GROUP_MEMBER  # new_group() on a rank outside it
-    if isinstance(process_group, dist.ProcessGroup) or process_group == non_member:
-        return process_group  # (Comm.resolve names a non-member)
-    raise TypeError(
-        "memopt.shard: process_group must be a torch.distributed ProcessGroup (new_group(), "
-        f"mesh.get_group()), a 1-D DeviceMesh or None (the default group), got "
-        f"{type(process_group).__name__}"
-    )
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
