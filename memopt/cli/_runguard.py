@@ -18,6 +18,13 @@ writing snapshots; a re-run of the same command then trains into the same
   host and command (written into the file once locked). ``probe(directory)`` is the
   launcher's early check: lock and release at once. A filesystem without ``flock`` (some
   network ones) gets a warning and no lock.
+- ``hold(directory, until_exit=True)`` (a rank of ``memopt run``): the end of the block does
+  not release the lock; the end of the process does. A training loop that raises (or is
+  interrupted) leaves its last asynchronous save to the checkpoint exit hook, which publishes
+  it at interpreter exit; released at the block's end, the lock was free during that save, and
+  a re-run could take it and write the same directory alongside it. The kernel drops a flock
+  when the process's last descriptor of it closes, after every ``atexit`` handler has run,
+  whatever order they were registered in.
 """
 
 from __future__ import annotations
@@ -110,9 +117,11 @@ def _lock(directory: str) -> int | None:
 
 
 @contextlib.contextmanager
-def hold(directory: str | None) -> Iterator[None]:
+def hold(directory: str | None, *, until_exit: bool = False) -> Iterator[None]:
     """Hold ``directory``'s run lock for the ``with`` block (nothing for no directory, or
-    off POSIX). ``DirectoryInUseError`` when another process holds it."""
+    off POSIX). ``DirectoryInUseError`` when another process holds it. ``until_exit``: keep it
+    past the block, until this process ends (for a process that exits after the block: a
+    second ``hold`` of the directory in this process would be refused)."""
     if not directory or fcntl is None:
         yield
         return
@@ -129,7 +138,8 @@ def hold(directory: str | None) -> Iterator[None]:
         os.pwrite(fd, note.encode() + b"\n", 0)
         yield
     finally:
-        os.close(fd)  # (releases the lock; the file stays: unlinking it would race a waiter)
+        if not until_exit:  # (else the process's exit closes it, after the exit hooks)
+            os.close(fd)  # (releases the lock; the file stays: unlinking it would race a waiter)
 
 
 def probe(directory: str | None) -> None:

@@ -21,7 +21,11 @@ Under torchrun each rank asks to die with it (``_runguard.die_with_parent``: tor
 ranks in sessions of their own, so nothing else stops them when it is killed), and rank 0
 holds ``checkpoint.directory``'s run lock from before the resume to the end
 (``_runguard.hold``): a second run into a directory in use stops at once, on every rank,
-naming the holder.
+naming the holder. Run as a program (``python -m memopt.cli.train``, what torchrun starts),
+the lock is kept until the process ends: a run that raises leaves its last asynchronous save
+to the checkpoint exit hook at interpreter exit, and the directory must stay held until that
+save is published (or has failed). ``train()``/``main()`` called in a process that goes on
+release it when they return or raise.
 """
 
 from __future__ import annotations
@@ -124,14 +128,15 @@ def _say(s: Setup, text: str) -> None:
 
 
 @contextmanager
-def _run_lock(config: Config, rank: int) -> Iterator[None]:
-    """Rank 0 holds ``checkpoint.directory``'s lock for the block; every rank raises
-    ``DirectoryInUseError`` when it is taken (rank 0 tells the others: a collective)."""
+def _run_lock(config: Config, rank: int, until_exit: bool = False) -> Iterator[None]:
+    """Rank 0 holds ``checkpoint.directory``'s lock for the block (``until_exit``: until the
+    process ends); every rank raises ``DirectoryInUseError`` when it is taken (rank 0 tells
+    the others: a collective)."""
     with ExitStack() as held:
         error = ""
         if rank == 0:
             try:
-                held.enter_context(hold(config.checkpoint.directory))
+                held.enter_context(hold(config.checkpoint.directory, until_exit=until_exit))
             except DirectoryInUseError as e:
                 error = str(e)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -143,12 +148,14 @@ def _run_lock(config: Config, rank: int) -> Iterator[None]:
         yield
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Run the recipe ``config`` on this rank; returns a summary (rank 0's view)."""
+def train(config: Config, *, lock_until_exit: bool = False) -> dict[str, Any]:
+    """Run the recipe ``config`` on this rank; returns a summary (rank 0's view).
+    ``lock_until_exit``: rank 0 keeps the directory's run lock until the process ends (see the
+    module docstring), for a process that exits after this call."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     check_world(config, dist.get_world_size() if dist.is_initialized() else 1)
     check_paths(config)  # (the launcher ran both already: here for a rank started by hand)
-    with _run_lock(config, rank):
+    with _run_lock(config, rank, lock_until_exit):
         return _train(config, rank)
 
 
@@ -202,7 +209,8 @@ def _train(config: Config, rank: int) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, lock_until_exit: bool = False) -> int:
+    """The program; ``lock_until_exit`` as for ``train`` (True when run as ``__main__``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-"):
         print("usage: python -m memopt.cli.train RECIPE.yaml [section.key=value ...]",
@@ -213,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _init_distributed()
     ok = False
     try:
-        train(config)
+        train(config, lock_until_exit=lock_until_exit)
         ok = True
     except DirectoryInUseError as e:  # (one line, not a traceback per rank)
         first = not dist.is_initialized() or dist.get_rank() == 0
@@ -224,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(lock_until_exit=True))  # (the process ends next: it drops the lock then)

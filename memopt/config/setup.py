@@ -21,6 +21,10 @@ errors naming the key. A resume puts the Config's optimizer values (lr, betas, e
 weight_decay, ...) back over the snapshot's and says which changed (``memopt.config.resume``);
 with ``checkpoint.resume`` off, a directory already holding snapshots is reported.
 
+``process_group`` (the ranks that share sharding, DDP and checkpoints): None for the default
+group, a group, or a 1-D ``DeviceMesh`` (its group), as ``memopt.shard`` takes; a group this
+rank is not in is refused.
+
 The returned ``Setup`` holds what a training loop needs; the loop stays the user's.
 """
 
@@ -35,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memopt._utils.process_group import as_process_group
 from memopt.config import build
 from memopt.config import resume as resume_values
 from memopt.config.cast import cast_model
@@ -146,6 +151,16 @@ def _activations(model: nn.Module, config: Config, sample_batch: Any) -> tuple[A
     return apply(model, build.activation_policies(model, ac), options=options), None
 
 
+def _check_member(group: Any) -> None:
+    """Refuse a group this rank is not in (``new_group()``'s non-member marker)."""
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(
+            f"memopt.setup: this process (global rank {dist.get_rank()}) is not a member of the "
+            "process_group given; call memopt.setup only on the group's ranks, with a group "
+            "that contains every rank calling it (or None for the default group)"
+        )
+
+
 def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
           process_group: Any = None, resume: bool | None = None) -> Setup:
     """Apply ``config`` to ``model`` (see the module docstring) and return a ``Setup``."""
@@ -154,12 +169,11 @@ def setup(model: nn.Module, config: Config, *, sample_batch: Any = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"memopt.setup: model must be an nn.Module, got {type(model)}")
     distributed = dist.is_available() and dist.is_initialized()
-    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"memopt.setup: process_group must be a torch.distributed ProcessGroup "
-                        f"(or None: the default group), got {process_group!r}")  # fmt: skip
+    process_group = as_process_group(process_group, "memopt.setup")
     if process_group is not None and not distributed:
         raise ValueError("memopt.setup: a process_group was given but torch.distributed is not "
                          "initialized; call init_process_group() first")  # fmt: skip
+    _check_member(process_group)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and not distributed and process_group is None:
         raise RuntimeError(

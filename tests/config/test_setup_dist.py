@@ -124,3 +124,37 @@ def test_optimizer_in_backward_is_refused_on_two_ranks() -> None:
     # each rank would update from its local gradient before DDP's all-reduce: ranks drift
     out = run_distributed(_in_backward_on_ranks, world_size=2, timeout_s=90)
     assert all("optimizer.in_backward" in msg and "drift" in msg for msg in out), out
+
+
+def _process_group_kinds(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    s = memopt.setup(_model(), _cfg(2), process_group=mesh)
+    out: dict = {"world": s.world_size, "same_group": s.optimizer.comm.group is mesh.get_group()}
+    _steps(s, 2, rank, world)
+    out["weights"] = [p.detach().clone() for p in s.raw_model.parameters()]
+    s.close()
+    mesh2 = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "tp"))
+    only0 = torch.distributed.new_group([0])  # (every rank calls new_group)
+    for name, group in (("mesh2d", mesh2), ("non_member", only0)):
+        if name == "non_member" and rank == 0:
+            continue
+        try:
+            memopt.setup(_model(), _cfg(2), process_group=group)
+            out[name] = "accepted"
+        except (TypeError, ValueError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_process_group_may_be_a_1d_device_mesh() -> None:
+    """memopt.setup takes what memopt.shard takes: a 1-D mesh trains as its group (it was a
+    TypeError), a 2-D one names the dimension to pick, a group this rank is not in is refused."""
+    r0, r1 = run_distributed(_process_group_kinds, world_size=2, timeout_s=90)
+    for r in (r0, r1):
+        assert r["world"] == 2 and r["same_group"]
+        assert r["mesh2d"].startswith("TypeError: memopt.setup: process_group is a 2-D DeviceMesh")
+    assert r1["non_member"].startswith("ValueError: memopt.setup: this process (global rank 1)")
+    for a, b in zip(r0["weights"], r1["weights"], strict=True):
+        assert torch.equal(a, b)  # ranks stay in step: the mesh's group is the one reduced over
