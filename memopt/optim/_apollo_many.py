@@ -113,7 +113,9 @@ def _finish(items: list[_Item], group: dict[str, Any]) -> None:
     else:
         prev = torch.stack([it.state["nl_prev"] for it in items])
         lam = F.norm_growth_limiter(norms, prev, group["nl_gamma"])
-        new_prev, scale = norms / lam, root / lam
+        # a zero update (an all-zero gradient: zero_grad(set_to_none=False) and a module this
+        # step did not use) keeps the last norm: stored, it crippled the next ~1800 steps
+        new_prev, scale = torch.where(norms > 0, norms / lam, prev), root / lam
     torch._foreach_copy_([it.state["nl_prev"] for it in items], list(new_prev.unbind()))
     if len(sizes) == 1:  # the usual case: one bias-corrected step size for the group
         alphas = list((scale * (-sizes.pop() * keep)).unbind())

@@ -92,9 +92,13 @@ def adam_direction(
 def norm_growth_limiter(norm: Tensor, prev: Tensor, gamma: float) -> Tensor:
     """Fira's limiter: the divisor that caps ||u_t|| / ||u_{t-1}|| at ``gamma``.
 
-    Returned as a tensor (no host sync), >= 1.
+    Returned as a tensor (no host sync), >= 1. A zero ``prev`` (no update yet with a nonzero
+    norm: the first steps' gradients were all zeros) sets no limit, as on the first step.
+    Fira and apollo-torch divide by ``prev + 1e-8`` there: the next update shrinks ~1e8-fold
+    and, growing ``gamma`` per step, takes ~1800 steps to recover.
     """
-    return torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
+    ratio = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
+    return torch.where(prev > 0, ratio, torch.ones_like(ratio))
 
 
 def woodbury_natural_gradient(low: Tensor, history: Tensor, damping: float) -> Tensor:

@@ -146,3 +146,42 @@ def test_rejects_index_projectors_at_construction(proj):
     with pytest.raises(NotImplementedError, match=f"proj='{proj}'.*'orthogonal'.*'svd'"):
         ApolloAdamW([{"params": [p], "proj": proj, **key}])
     ApolloAdamW([{"params": [p], "proj": "orthogonal", "rank": 2}])  # a basis: fine
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: ApolloAdamW([{"params": [p], "rank": 2}], lr=1e-2),
+    lambda p: ApolloMini([{"params": [p], "rank": 1}], lr=1e-2),
+], ids=["apollo", "mini"])  # fmt: skip
+def test_an_all_zero_gradient_does_not_freeze_the_next_steps(make):
+    """One step whose gradient is all zeros (zero_grad(set_to_none=False), a module unused on
+    that step) must not stall the parameter: the limiter kept the zero norm as its previous
+    one, and every later update was divided by ~1e8 and recovered 1.01x per step (~1500
+    steps without moving, as apollo-torch does). Now the next steps move as without it."""
+    torch.manual_seed(0)
+    grads = [torch.randn(32, 16) for _ in range(6)]
+    moves = {}
+    for zero_at in (None, 2):
+        p = torch.nn.Parameter(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))
+        opt = make(p)
+        moved = []
+        for s, g in enumerate(grads):
+            before = p.detach().clone()
+            p.grad = torch.zeros_like(g) if s == zero_at else g.clone()
+            opt.step()
+            moved.append(torch.linalg.norm(p.detach() - before).item())
+        moves[zero_at] = moved
+    plain, skipped = moves[None], moves[2]
+    assert skipped[2] == 0.0  # (no gradient, no weight decay: nothing to do)
+    for s in (3, 4, 5):  # the moments differ (one zero step), the scale of the move does not
+        assert 0.3 * plain[s] < skipped[s] < 3 * plain[s], (s, plain, skipped)
+
+
+def test_a_zero_first_gradient_sets_no_limit():
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    opt = ApolloAdamW([{"params": [p], "rank": 2}], lr=1e-2)
+    p.grad = torch.zeros(16, 8)
+    opt.step()
+    before = p.detach().clone()
+    p.grad = torch.randn(16, 8)
+    opt.step()
+    assert torch.linalg.norm(p.detach() - before) > 1e-4  # before: ~1e-10 (divided by 1e8)
