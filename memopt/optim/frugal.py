@@ -18,8 +18,9 @@ active at a time and gets full Adam state; the rest get the state-free rule and 
 state at all, so memory follows the density. ``block_order`` is random (a seeded
 permutation per pass, so each tensor is active once per pass), ascending, descending or
 mirror (pairs from both ends: first and last together, then second and second-to-last,
-...); the schedule is a function of the step count and the
-optimizer seed, so it resumes exactly and is the same on every rank.
+...); the schedule is a function of the group's step count (the most steps any of its
+tensors has taken: a tensor that misses steps keeps its slot) and the optimizer seed, so it
+resumes exactly and is the same on every rank.
 
 Groups with ``state_free=True`` (embeddings, norms, the output head, if asked) get the
 state-free rule on the whole gradient; groups with neither ``density`` nor ``rank``
@@ -101,6 +102,24 @@ class FrugalAdamW(MemoptOptimizer):
 
     def _init_caches(self) -> None:
         self._active_cache: dict[tuple[int, int, int], set[int]] = {}
+        self._block_clock: dict[int, int] = {}  # block groups' step counts, during step()
+
+    def _step(self, loss: Any) -> Any:
+        # Block mode's schedule follows the group's step count (the most steps any of its
+        # tensors has taken), not each tensor's own: a tensor without a gradient on some step
+        # (unused that step, or unfrozen later) keeps its slot in the rotation, so exactly a
+        # density share holds state. (step_one outside step(), optimizer-in-backward, has no
+        # group step to read: there each tensor counts its own steps.)
+        self._block_clock = {
+            id(g): max((self.state[p].get("step", 0) for p in g["params"] if p in self.state),
+                       default=0)
+            for g in self.param_groups
+            if g.get(self.proj_key) == "block" and self.is_low_rank(g)
+        }  # fmt: skip
+        try:
+            return super()._step(loss)
+        finally:
+            self._block_clock = {}
 
     def projector(self, group: dict[str, Any]) -> Projector:
         if group[self.proj_key] == "block":
@@ -207,7 +226,7 @@ class FrugalAdamW(MemoptOptimizer):
                 w.add_(g.to(w.dtype), alpha=-lr_in)
 
     def block_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        window = state["step"] // group["update_proj_gap"]
+        window = self._block_clock.get(id(group), state["step"]) // group["update_proj_gap"]
         if id(p) not in self.active_blocks(group, window):
             moments.drop(state)  # an inactive tensor holds no optimizer state
             state.pop("active_window", None)

@@ -206,3 +206,25 @@ def test_density_zero_needs_block_mode():
         FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "density": 0.0}])
     FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "density": 0.0,
                   "proj": "block"}])  # fmt: skip
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["one-step-skipped", "first-grad-late"])
+def test_block_rotation_keeps_a_tensor_without_a_gradient_in_phase(late):
+    """A tensor with no gradient on some steps (unused that step, or unfrozen later) keeps its
+    slot in block mode's rotation: exactly a density share holds Adam state at each step. The
+    window came from each tensor's own step count, so after one skipped step 3 of 4 tensors
+    held state at once (1.5x the knob), then 1, for the rest of the run."""
+    ps = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(4)]
+    opt = FrugalAdamW([{"params": ps, "density": 0.5, "proj": "block", "update_proj_gap": 2,
+                        "block_order": "ascending"}], lr=1e-3)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for s in range(12):
+        for i, p in enumerate(ps):
+            skip = i == 0 and (s < 3 if late else s == 1)
+            p.grad = None if skip else torch.randn(8, 8, generator=gen)
+        opt.step()
+        held = [i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]]
+        expect = [0, 1] if (s // 2) % 2 == 0 else [2, 3]
+        if late and s < 3:
+            expect = [i for i in expect if i != 0]
+        assert held == expect, (s, held)
