@@ -6,11 +6,16 @@ chosen for block ``k`` and ``b``, the bytes held from the forward to the backwar
 under-counts). The option of the previous block matters because its prefetch lands while
 block ``k`` runs its backward. The peak events of a plan are
 
-    block k's backward:   base + P_k + T_k + prefetch_{k-1}
-    after the forward:    base + head + P_n + prefetch_{n-1}
+    block k's backward:   base + P_k + T_k + prefetch_{k-1}   (+ U'_n for the last block)
+    after the forward:    base + head + P_n + U_n
 
 (``P_k``: held bytes of blocks 0..k; ``T_k``: block k's transient bytes; ``base``: non-block
-bytes alive throughout; ``head``: bytes of the head/loss, freed before any block's backward).
+bytes alive throughout; ``head``: bytes of the head/loss, freed before any block's backward:
+the last block's gradient hook fires after the head's backward released its saves, so the
+last block's fetch-back never meets them; ``U_n``/``U'_n``: the last block's copy-out sources
+still on the device then, ``Option.unreaped``/``unreaped_at_fetch``, 0 for synchronous
+copies). Adding the last block's fetch-back (``prefetch_n``) to the head instead made a CPU
+plan ending in a split or a swap read up to 1.6x its measured peak.
 
 Two passes over the same states, vectorised along ``b`` with numpy (``O(n * m^2 * nb)`` for
 ``n`` blocks, ``m`` options per block, ``nb`` quanta):
@@ -59,12 +64,14 @@ def peak_of(prob: Problem, chosen: Sequence[Option], *, ledger: bool = False) ->
     a ``SavedLedger`` sees (recompute transients are out of its sight)."""
     held = prev_pf = 0
     peak = 0
-    for opt in chosen:
+    for k, opt in enumerate(chosen):
         held += opt.held
         transient = opt.ledger_transient if ledger else opt.transient
-        peak = max(peak, prob.base + held + transient + prev_pf)
+        stale = opt.unreaped_at_fetch if k == len(chosen) - 1 else 0
+        peak = max(peak, prob.base + held + transient + prev_pf + stale)
         prev_pf = opt.prefetch
-    return max(peak, prob.base + prob.head + held + prev_pf)
+    last = chosen[-1].unreaped if chosen else 0
+    return max(peak, prob.base + prob.head + held + last)
 
 
 def _step(prob: Problem, k: int, value: list[np.ndarray], budget: float | None) -> tuple[
@@ -73,12 +80,14 @@ def _step(prob: Problem, k: int, value: list[np.ndarray], budget: float | None) 
     nb = value[0].shape[0]
     bins = np.arange(nb, dtype=np.float64) * prob.quantum + prob.base
     prev_pf = [o.prefetch for o in prob.options[k - 1]] if k else [0]
+    last = k == len(prob.options) - 1
     new_vals, backs = [], []
     for h, opt in zip(prob.held_q(k), prob.options[k], strict=True):
         best = np.full(nb, np.inf)
         back = np.zeros(nb, dtype=np.int16)
+        stale = opt.unreaped_at_fetch if last else 0
         for p, src in enumerate(value):
-            event = bins[h:] + opt.transient + prev_pf[p]
+            event = bins[h:] + opt.transient + prev_pf[p] + stale
             cand = np.full(nb, np.inf)
             if budget is None:
                 cand[h:] = np.maximum(src[: nb - h], event)
@@ -97,7 +106,7 @@ def _final(prob: Problem, value: list[np.ndarray], budget: float | None) -> list
     bins = np.arange(nb, dtype=np.float64) * prob.quantum + prob.base + prob.head
     out = []
     for v, opt in zip(value, prob.options[-1], strict=True):
-        event = bins + opt.prefetch
+        event = bins + opt.unreaped  # (its fetch-back comes after the head is freed)
         out.append(np.maximum(v, event) if budget is None
                    else np.where(event <= budget, v, np.inf))
     return out

@@ -34,6 +34,16 @@ and the prefetch behind the next block's backward (the head's backward for the l
 On a CPU "device" a swap is a memcpy on the same cores: nothing overlaps, the whole copy is
 paid (and it frees no physical memory; the ledger still counts device bytes).
 
+Copy-out sources that outlive the forward (*unreaped*): a swapped storage's device bytes are
+dropped only when a poll finds its copy out done. CPU-tier copies on a CPU device are
+synchronous (dropped at once: 0); on CUDA, and for the NVMe tier, they finish in the
+background and the next managed forward's polls drop them. The last block has no next
+forward: up to all it swapped stays on the device through the head's forward and loss, and on
+CUDA (CPU tier) until its backward has already fetched those bytes back (its prefetch does not
+poll first; an NVMe read waits for the write and drops the source before reading). The
+solver adds ``unreaped`` to the end-of-forward event and ``unreaped_at_fetch`` to the last
+block's backward; other blocks' are gone by then.
+
 What a ``SavedLedger`` sees: a recompute re-materialises its activations inside
 ``torch.utils.checkpoint``'s own saved-tensor hooks, out of the ledger's sight, so the
 ledger-visible transient of recompute is 0 (of split: the swapped part only). ``transient``
@@ -65,6 +75,8 @@ class Option:
     prefetch: int
     overhead_s: float
     seen_transient: int | None = None  # the part of ``transient`` a SavedLedger sees
+    unreaped: int = 0  # copy-out sources that may stay on the device after the forward
+    unreaped_at_fetch: int = 0  # ... and are still there when its backward fetches back
 
     @property
     def ledger_transient(self) -> int:
@@ -95,6 +107,17 @@ def _rest(b: BlockProfile) -> int:
 def _kept_args(b: BlockProfile) -> int:
     """What a checkpoint keeps: every tensor argument (at least the block's input)."""
     return max(b.args_bytes, b.input_bytes)
+
+
+def _moving(policy: ActivationPolicy, moved: int, held: int, transient: int, cost: float,
+            prof: Profile, seen: int | None = None) -> Option:
+    """A swap's or split's option, with the copy-out sources it can leave behind (module doc:
+    *unreaped*): on CUDA and for the NVMe tier copies finish in the background."""
+    background = prof.copy_overlaps_compute or policy.tier == "nvme"
+    refetched = prof.copy_overlaps_compute and policy.tier != "nvme"
+    return Option(policy, held, transient, moved, cost, seen_transient=seen,
+                  unreaped=moved if background else 0,
+                  unreaped_at_fetch=moved if refetched else 0)
 
 
 def _copy_cost(nbytes: int, prof: Profile, win: Window) -> float:
@@ -135,7 +158,7 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
     if policy.action == "swap":
         small = min(b.small_saved_bytes, b.saved_bytes)
         moved = b.saved_bytes - small
-        return Option(policy, small, moved, moved, _copy_cost(moved, prof, win))
+        return _moving(policy, moved, small, moved, _copy_cost(moved, prof, win), prof)
     if policy.action == "split":
         if b.split_input_bytes is None:
             raise ValueError(
@@ -148,10 +171,10 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
         # the attention core goes to the tier whole; of the token-local saves the swapped
         # tokens' share, the block's input included (its swapped piece is a fresh copy)
         core = min(b.split_core_bytes, b.saved_bytes)
-        moved = int(a * (b.saved_bytes - core)) + core
+        moved = int(a * (b.saved_bytes - core + b.split_shared_bytes)) + core
         cost = (1.0 - a) * b.forward_s + _copy_cost(moved, prof, win)
         held = round((1.0 - a) * b.split_input_bytes)  # the recomputed tokens' inputs
-        return Option(policy, held, max(rest, moved), moved, cost, seen_transient=moved)
+        return _moving(policy, moved, held, max(rest, moved), cost, prof, seen=moved)
     return Option(policy, _sampled_held(b, policy.sample_ratio), 0, 0, 0.0)
 
 

@@ -7,10 +7,13 @@ next block's backward, and extra seconds), and solves exactly (``_solve``):
 
     minimise   sum_k overhead(o_k)
     subject to base + P_k + T_k + prefetch_{k-1} <= budget   for every block k (its backward)
-               base + head + P_n + prefetch_{n-1} <= budget  (end of the forward)
+               base + head + P_n + U_n <= budget             (end of the forward)
 
 where ``P_k`` sums the held bytes of blocks ``0..k`` (backward runs from the last block, so
-when block ``k``'s backward runs, blocks ``> k`` have been freed). The solver is a dynamic
+when block ``k``'s backward runs, blocks ``> k`` have been freed). The last block's
+fetch-back is not added to the head: its backward starts after the head's backward freed the
+head's saves. ``U_n``: the last block's copy-out sources still on the device (asynchronous
+copies only; ``costmodel``), also added to its own backward on CUDA. The solver is a dynamic
 programme over blocks whose state is (previous block's option, held bytes on a grid of
 ``unmanaged peak / 4096`` bytes, rounded up): exact for the rounded model, and with the grid
 fixed per profile a larger budget can only predict an equal or faster step.

@@ -91,6 +91,9 @@ class BlockProfile:
     # what a split layer's attention core saves outside the split projections: a split swaps
     # it whole (not alpha of it); 0 for a token-local block
     split_core_bytes: int = 0
+    # the split projections' inputs that are views of the core's saves (SDPA's output read
+    # by o_proj): the core goes whole and the swapped tokens' piece copies them again
+    split_shared_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,11 +230,14 @@ def _combine(records: list[Record], blocks: list[tuple[str, nn.Module]], splitta
         tokens = name in splittable and rec.in_ndim.get(name, 0) >= 3
         split_in = sum(rec.split_inputs.get(name, {}).values()) if tokens else None
         core = sum(rec.sizes[k] for k in rec.core_saved.get(name, ())) if tokens else 0
+        shared = sum(n for k, n in rec.split_inputs.get(name, {}).items()
+                     if k in rec.core_saved.get(name, ())) if tokens else 0
         out.append(BlockProfile(name, per_block[name], rec.in_bytes.get(name, 0),
                                 rec.out_bytes.get(name, 0), linear[name], fwd, bwd, in_saved,
                                 tuple(rec.linear_calls.get(name, ())),
                                 rec.all_in_bytes.get(name, 0), split_input_bytes=split_in,
-                                small_saved_bytes=small[name], split_core_bytes=core))
+                                small_saved_bytes=small[name], split_core_bytes=core,
+                                split_shared_bytes=shared))
     return _share_times(out), nonblock, head
 
 
