@@ -8,10 +8,16 @@ gradient instead of the whole model's.
 
 Stream of events per optimizer step with ``accumulation_steps = N``::
 
-    backward 1 .. N-1:  hooks do nothing; .grad accumulates as usual
+    backward 1 .. N-1:  hooks only note which parameters got a gradient; .grad
+                        accumulates as usual
     backward N:         hook(p): clip p.grad, optimizer.step_one(p), p.grad = None
-    end of backward N:  (autograd engine callback) the step's grad norm is final,
-                        the step counter advances
+    end of backward N:  (autograd engine callback) the same update for every parameter
+                        optimizer.step() would update that no hook did: one with a
+                        gradient from micro-batches 1 .. N-1 only (an MoE expert, a
+                        skipped branch), or one of the optimizer's that had no hook (frozen
+                        at install, unfrozen or added by add_param_group later: it gets its
+                        hook now); then the step's grad norm is final, the step counter
+                        advances
 
 What the reference per-layer modes get wrong, and what happens here instead:
 
@@ -32,12 +38,14 @@ What the reference per-layer modes get wrong, and what happens here instead:
   exactly as the uninterrupted one.
 
 Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
-already gone. The optimizer's step pre-hooks run when the first parameter of a step is
-about to be updated (an ``AsyncCheckpointer`` fences its copy to host there; without it a
-snapshot taken between backwards could mix values from two steps) and its post-hooks at the
-end of that backward; LR schedulers see the step as taken. A parameter whose hook fires
-twice in one backward (a module used twice under reentrant checkpointing) is an error. Not
-with an fp16 ``GradScaler``: the hooks would update with still-scaled gradients (use bf16).
+already gone. A second ``step_in_backward`` on an optimizer that has hooks is an error
+(``remove()`` the first handle). The optimizer's step pre-hooks run when the first
+parameter of a step is about to be updated (an ``AsyncCheckpointer`` fences its copy to
+host there; without it a snapshot taken between backwards could mix values from two
+steps) and its post-hooks at the end of that backward; LR schedulers see the step as
+taken. A parameter whose hook fires twice in one backward (a module used twice under
+reentrant checkpointing) is an error (it leaves the handle usable). Not with an fp16
+``GradScaler``: the hooks would update with still-scaled gradients (use bf16).
 """
 
 from __future__ import annotations
@@ -79,8 +87,18 @@ class StepInBackward:
         self._sq_norm: Tensor | None = None
         self._callback_queued = False
         self._stepped: set[int] = set()  # parameters updated in this backward
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        # hooked parameters that got a gradient in an earlier micro-batch of this step
+        self._pending: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self._unhooked: tuple[Any, list[Tensor]] = (None, [])  # (groups signature, params)
+        for p in params:
+            self._install(p)
         optimizer._memopt_in_backward = True  # memopt.shard refuses it (see there)
+
+    def _install(self, p: Tensor) -> None:
+        self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._hooked.add(id(p))
 
     # -- hooks ---------------------------------------------------------------------
     def _is_last_micro_batch(self) -> bool:
@@ -90,9 +108,13 @@ class StepInBackward:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        if not self._is_last_micro_batch() or p.grad is None:
+        if p.grad is None:
+            return
+        if not self._is_last_micro_batch():
+            self._pending[id(p)] = p
             return
         if id(p) in self._stepped:
+            self._abort_backward()
             raise RuntimeError(
                 "optimizer-in-backward: a parameter of shape "
                 f"{tuple(p.shape)} received a second gradient in the same backward, after it "
@@ -101,6 +123,23 @@ class StepInBackward:
                 "backward per use). Use use_reentrant=False (HF: gradient_checkpointing_kwargs="
                 "{'use_reentrant': False}); this step's update of that parameter is incomplete"
             )
+        try:
+            self._update(p)
+        except BaseException:
+            self._abort_backward()
+            raise
+
+    def _abort_backward(self) -> None:
+        """An error ends this backward: the engine drops the queued end-of-backward callback,
+        so forget this backward's bookkeeping here, or the next backward would be refused as
+        a second gradient (and never queue its callback). The step stays uncounted."""
+        self._callback_queued = False
+        self._stepped.clear()
+        self._sq_norm = None
+
+    def _update(self, p: Tensor) -> None:
+        """Clip ``p.grad``, count it in the step's norm, update ``p`` and free the gradient."""
+        assert p.grad is not None
         if not self._stepped:  # the step begins: what optimizer.step() would run first
             run_step_hooks(self.optimizer, "pre")
         self._stepped.add(id(p))
@@ -119,8 +158,37 @@ class StepInBackward:
             return 1.0
         return min(1.0, self.max_grad_norm / (self.prev_norm + 1e-6))
 
+    def _unhooked_params(self) -> list[Tensor]:
+        """The optimizer's parameters without a hook (frozen when the hooks were installed,
+        or added by ``add_param_group`` since), recomputed when the groups change."""
+        groups = self.optimizer.param_groups
+        sig = (tuple((id(g), len(g["params"])) for g in groups), len(self._hooked))
+        if self._unhooked[0] != sig:
+            params = [p for g in groups for p in g["params"] if id(p) not in self._hooked]
+            self._unhooked = (sig, params)
+        return self._unhooked[1]
+
+    def _update_late(self) -> None:
+        """At the end of a step's last backward: update what ``optimizer.step()`` would and
+        no hook did, so the step (and its norm) equals the ordinary loop's."""
+        late = [p for p in self._pending.values() if p.grad is not None]
+        self._pending.clear()
+        for p in list(self._unhooked_params()):
+            if p.grad is not None:
+                late.append(p)
+                if p.requires_grad:  # unfrozen since install: hooked from the next step on
+                    self._install(p)
+        for p in late:
+            self._update(p)
+
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        if self._is_last_micro_batch():
+            try:
+                self._update_late()
+            except BaseException:
+                self._abort_backward()
+                raise
         if self._stepped:  # a step happened: what optimizer.step() would run last
             run_step_hooks(self.optimizer, "post")
             self.optimizer._opt_called = True  # type: ignore[attr-defined]  # (LR schedulers check)
@@ -137,6 +205,9 @@ class StepInBackward:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._hooked.clear()
+        self._pending.clear()
+        self._unhooked = (None, [])
         self.optimizer._memopt_in_backward = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,6 +246,14 @@ def step_in_backward(
     Every trainable parameter of ``model`` must belong to ``optimizer``.
     """
     _check_optimizer(optimizer)
+    if optimizer._memopt_in_backward:
+        raise ValueError(
+            "step_in_backward: this optimizer already has optimizer-in-backward hooks from an "
+            "earlier step_in_backward call whose handle was not removed; a second set would "
+            "fight the first over each gradient. Call remove() on the handle that call "
+            "returned first (a layer unfrozen later, or added with add_param_group, needs no "
+            "new call: the installed hooks pick it up)"
+        )
     if (
         isinstance(accumulation_steps, bool)
         or not isinstance(accumulation_steps, int)
