@@ -11,8 +11,10 @@ The model is only described (meta device); the figures per rank are:
   rows and owned tensors plus the in-flight buckets, stage 3 FSDP2's shards; stages 1/2
   with ``whole_tensor`` keep them all (memopt packs every gradient into its bucket and holds
   the buckets until the step); ``sharding`` mirrors ``memopt.sharding``'s placement;
-- optimizer state: the per-optimizer rules of ``optstate`` for this rank's share, plus an
-  fp32 master copy of the shard when ``master_dtype`` differs from the parameters', plus
+- optimizer state: the per-optimizer rules of ``optstate`` for this rank's share, plus a
+  master copy of the shard when ``master_dtype`` is wider than the parameters (``masters``:
+  under FSDP2 the trainable shards are the masters, frozen ones keep their dtype; the
+  step's gradients are master-dtype copies, FSDP2's shards during the backward too), plus
   the 8-/4-bit code tables. With ``offload`` they move to the pinned host tier ("cpu") or
   to disk ("nvme"): fp32 AdamW through its pipeline's three staging buffers in pinned host
   memory, any other optimizer's own state tensor by tensor through bounce blocks of up to
@@ -48,6 +50,7 @@ from memopt.memory.estimate_config import (
     EstimateConfig,
     Policy,
 )
+from memopt.memory.masters import check_master, fsdp2, master_bytes
 from memopt.memory.model import (
     ParamInfo,
     as_meta_module,
@@ -94,6 +97,7 @@ def estimate(
     causal-LM ``input_ids`` and ``labels`` of ``batch_size`` x ``seq_len``).
     """
     cfg = EstimateConfig(**kwargs)
+    check_master(cfg)
     module = as_meta_module(model, cfg.param_dtype)
     target = cfg.target if cfg.optimizer != "adamw" else None
     infos = param_infos(module, target, cfg.param_dtype)
@@ -147,9 +151,11 @@ def assemble(
         "parameters": share.params,
         "buffers": buffer_bytes(module, cfg.param_dtype),
     }
-    held = {"optimizer_state": share.state, "master_weights": _master(cfg, share)}
-    if cfg.stage == 3 and held["master_weights"]:  # the shards are the masters themselves
-        base["parameters"] += held["master_weights"] - share.params
+    held = {"optimizer_state": share.state, "master_weights": master_bytes(cfg, share.numel)}
+    if fsdp2(cfg) and held["master_weights"]:
+        # FSDP2's trainable shards are the masters themselves; the frozen ones (the optimizer
+        # does not hold them) keep their dtype, as fsdp_dtypes.plan_dtypes leaves them
+        base["parameters"] = share.frozen + held["master_weights"]
         held["master_weights"] = 0
     grads, step_base = share.grads, base
     swap_need = 0  # swap-file bytes of the optimizer state's slots (stages 0-2, NVMe)
@@ -166,7 +172,8 @@ def assemble(
     step_base = dict(step_base, optimizer_state=step_base.get("optimizer_state", 0) + tables)
     acts, host_acts = _activations(cfg, trace)
     tiers["pinned_host"]["activations"] = host_acts
-    fwd = dict(base, activations=acts, gradients=_backward_gradients(cfg, infos, trace, grads))
+    bwd = grads if share.bwd_grads is None else share.bwd_grads  # (stage 3: as placed)
+    fwd = dict(base, activations=acts, gradients=_backward_gradients(cfg, infos, trace, bwd))
     fwd["temporaries"] = trace.peak_temporaries + share.gathered
     step = dict(step_base, gradients=grads)
     owned = share.numel / max(1, sum(p.numel for p in infos))
@@ -291,12 +298,6 @@ def _state_dtype_basis(cfg: EstimateConfig) -> torch.dtype:
     if master is not None and master.itemsize > cfg.param_dtype.itemsize:
         return master
     return cfg.param_dtype
-
-
-def _master(cfg: EstimateConfig, share: ShardShare) -> int:
-    if cfg.master_dtype is None or cfg.master_dtype == cfg.param_dtype:
-        return 0
-    return share.numel * cfg.master_dtype.itemsize
 
 
 def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]:

@@ -24,6 +24,9 @@ compares these figures with what 2 gloo ranks hold):
   segments, plus the send segment; whole buckets: the bucket), the step's ``gather``
   temporaries; at stage 3 FSDP2's gradient shards, and on the owner of a whole matrix its
   gathered full parameter and gradient for the step (``fsdp_optim``: ``step_gathered``).
+  With masters (``master_size``) the step's gradients are master-dtype: stages 1/2 copy
+  the rank's part out of the buckets (which ``bwd_grads`` counts, for the backward), and
+  FSDP2's gradient shards take the dtype of its parameter shards, which are the masters.
 
 The figures are those of the rank with the most bytes in total. Frozen parameters
 (``frozen_bytes``: no gradient, no state) are whole on every rank at stages 0-2 and
@@ -57,6 +60,11 @@ class ShardShare:
     step_gathered: int = 0  # stage 3: full parameter + gradient of the matrices it owns whole
     rank: int = 0
     notes: list[str] = field(default_factory=list)
+    frozen: int = 0  # the frozen parameters' bytes inside ``params`` (their shard at stage 3)
+    #: gradients during the backward where they differ from ``grads`` (stages 1/2 with
+    #: masters: the reduced buckets in the parameters' dtype; the master-dtype copies the
+    #: step reads are made from them at the step)
+    bwd_grads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,9 +209,10 @@ def rank_shares(
             grads = numel * master_size if master_size else shards
             out.append(ShardShare(shards, grads, state, numel, step_gathered=gathered, rank=r))
             continue
-        grads = sum(n for rows, n, b in bucketed if rows or any(pl.owner == r for pl in b))
-        grads = numel * master_size if master_size else grads
-        out.append(ShardShare(p_bytes, grads, state, numel, buckets=gather, rank=r))
+        kept = sum(n for rows, n, b in bucketed if rows or any(pl.owner == r for pl in b))
+        grads = numel * master_size if master_size else kept
+        out.append(ShardShare(p_bytes, grads, state, numel, buckets=gather, rank=r,
+                              bwd_grads=kept if master_size else None))  # fmt: skip
     return out
 
 
@@ -226,18 +235,21 @@ def shard_share(
         rule = state_rule(list(state_infos or infos), optimizer, kwargs)
         state = sum(sum(rule(p, None)) for p in (state_infos or infos))
         numel = sum(p.numel for p in infos)
-        return ShardShare(p_bytes + frozen_bytes, p_bytes, state, numel)
-    shares = rank_shares(infos, stage, world, layout, optimizer, kwargs, state_infos, bucket_bytes)
+        return ShardShare(p_bytes + frozen_bytes, p_bytes, state, numel, frozen=frozen_bytes)
+    shares = rank_shares(
+        infos, stage, world, layout, optimizer, kwargs, state_infos, bucket_bytes, master_size
+    )
 
     def total(s: ShardShare) -> int:
         return s.params + s.grads + s.state + s.numel * master_size + s.step_gathered
 
     worst = max(shares, key=lambda s: (total(s), -s.rank))
     if stage == 3:
+        frozen = -(-frozen_bytes // world)
         return ShardShare(
-            worst.params + -(-frozen_bytes // world), worst.grads, worst.state, worst.numel,
+            worst.params + frozen, worst.grads, worst.state, worst.numel,
             gathered=min(unit_bytes, p_bytes + frozen_bytes), step_gathered=worst.step_gathered,
-            rank=worst.rank,
+            rank=worst.rank, frozen=frozen,
         )  # fmt: skip
     notes = []
     if layout == "whole_tensor":
@@ -245,5 +257,6 @@ def shard_share(
                      "it owns a tensor until the step")  # fmt: skip
     return ShardShare(
         worst.params + frozen_bytes, worst.grads, worst.state, worst.numel,
-        buckets=worst.buckets, rank=worst.rank, notes=notes,
+        buckets=worst.buckets, rank=worst.rank, notes=notes, frozen=frozen_bytes,
+        bwd_grads=worst.bwd_grads,
     )  # fmt: skip

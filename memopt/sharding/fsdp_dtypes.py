@@ -12,8 +12,10 @@ With ``master_dtype`` M and no ``FSDPOptions.mp_policy`` (``plan_dtypes``):
 - a floating parameter narrower than M that is trainable, or that the optimizer holds (it
   may be unfrozen later and then needs a master), is cast to M just before its unit is
   sharded: its shards *are* the masters. A frozen parameter the optimizer does not hold keeps
-  its dtype, as at stages 1/2. One the optimizer holds that is wider than M is refused, as at
-  stages 1/2;
+  its dtype, as at stages 1/2. One the optimizer holds that is wider than M, or as wide in
+  another format (fp16 with M = bf16), is refused, as at stages 1/2 (``masters``: a master
+  must be wider than its parameter; before, an fp16 model with M = bf16 trained without
+  masters here and with bf16 masters at stages 1/2);
 - a model whose floating parameters all share one dtype d narrower than M gets one policy,
   ``MixedPrecisionPolicy(param_dtype=d, reduce_dtype=M)``, on every unit and the root (FSDP2
   also casts each unit's floating inputs to d): the behaviour before per-unit policies;
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from memopt.sharding.masters import check_master_dtypes
 
 Named = list[tuple[str, nn.Parameter]]
 
@@ -94,7 +98,7 @@ def plan_dtypes(
         floats = [(n, p) for n, p in own if p.is_floating_point()]
         cast: Named = []
         if master is not None:
-            _check_not_wider(floats, master, held)
+            check_master_dtypes(((n, p) for n, p in floats if id(p) in held), master)
             wants = [p.requires_grad or id(p) in held for _, p in floats]  # may need a master
             cast = [(n, p) for (n, p), w in zip(floats, wants, strict=True)
                     if w and _narrower(p.dtype, master)]  # fmt: skip
@@ -116,17 +120,6 @@ def plan_dtypes(
 
 def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
     return torch.finfo(dtype).bits < torch.finfo(than).bits
-
-
-def _check_not_wider(floats: Named, master: torch.dtype, held: set[int]) -> None:
-    wide = [(n, p.dtype) for n, p in floats if id(p) in held and _narrower(master, p.dtype)]
-    if wide:
-        name, dtype = wide[0]
-        raise ValueError(
-            f"memopt.shard: master_dtype={master} is narrower than the parameter {name!r} "
-            f"({dtype}): every update would round the weights to {master}; master weights "
-            "are for low-precision parameters (use master_dtype=None here)"
-        )
 
 
 def _by_dtype(

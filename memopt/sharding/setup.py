@@ -19,6 +19,7 @@ from memopt.sharding.buffers import install_buffer_sync
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
+from memopt.sharding.masters import check_held_masters
 from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import (
     check_no_hybrid,
@@ -89,7 +90,7 @@ def _apply_sharding(
     error: Exception | None = None
     try:
         guards.check_not_distributed_tensors(model, config.stage)  # every stage, any world
-        _check_local(model, optimizer, comm)
+        _check_local(model, optimizer, comm, config.master_dtype)
         if config.stage == 3:
             check_stage3(model, fsdp or FSDPOptions(), config.master_dtype, optimizer)
         elif is_meta(model):
@@ -154,7 +155,9 @@ def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, own_st
         )
 
 
-def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
+def _check_local(
+    model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, master: torch.dtype | None
+) -> None:
     if any(len(s) for s in optimizer.state.values()):
         raise ValueError(
             "memopt.shard: the optimizer already has state (it has stepped, or a state_dict "
@@ -199,6 +202,9 @@ def _check_local(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm)
             "memopt.shard: the process group uses NCCL but the parameters are on the CPU; "
             "move the model to the rank's GPU or use a gloo group"
         )
+    # a master must be wider than its parameter, at every stage (masters.py); checked here,
+    # before ShardedOptimizer replaces anything in the optimizer's groups
+    check_held_masters(model, optimizer, master)
 
 
 def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer) -> None:
