@@ -37,6 +37,7 @@ from memopt.offload.allocator import FreeListAllocator, round_up
 from memopt.offload.hostmem import (
     PAGE_SIZE,
     HostBuffer,
+    HostMapError,
     HugePageMode,
     PinMode,
     huge_page_size,
@@ -132,19 +133,51 @@ class PinnedArena:
         with _LIVE_LOCK:
             _LIVE.add(self)
         if self.config.initial_bytes:
-            self._add_chunk(round_up(self.config.initial_bytes, PAGE_SIZE))
+            size = round_up(self.config.initial_bytes, PAGE_SIZE)
+            self._add_chunk(size, self.config.initial_bytes)
 
-    def _add_chunk(self, nbytes: int) -> int:
+    def _add_chunk(self, nbytes: int, request: int) -> int:
         mode, rounding = self.config.huge_pages, 0
         if mode != "off" and thp_mode() in ("always", "madvise"):
             rounding = round_up(nbytes, huge_page_size()) - nbytes
         size = nbytes + rounding
-        buf = HostBuffer(size, pin=self.config.pin, prepare=self._prepare, huge_pages=mode)
+        try:
+            buf = HostBuffer(size, pin=self.config.pin, prepare=self._prepare, huge_pages=mode)
+        except HostMapError as err:  # nothing changed: the arena is as it was
+            raise self._grow_failed(err, size, request) from err
         idx = self._next_chunk
         self._next_chunk += 1
         alloc = FreeListAllocator(size, granule=self.config.granule)
         self._chunks[idx] = _Chunk(buf, alloc, rounding)
         return idx
+
+    def _grow_failed(self, err: HostMapError, size: int, request: int) -> OSError:
+        """The error of a chunk that could not be mapped: the sizes, what the arena already
+        holds and the ways out (errno kept)."""
+        held = self._figures()
+        return OSError(
+            err.errno,
+            f"memopt pinned arena: cannot add a chunk of {size} bytes for a request of "
+            f"{request} bytes (ArenaConfig.chunk_bytes={self.config.chunk_bytes}): {err.strerror}. "
+            f"The arena already maps {held.capacity_bytes} bytes in {len(self._chunks)} chunks "
+            f"({held.requested_bytes} requested by live blocks). Ways out: an arena with a "
+            "smaller ArenaConfig.chunk_bytes (0: exactly each request), e.g. "
+            "memopt.activations.apply(..., arena=PinnedArena(ArenaConfig(chunk_bytes=0))); "
+            "for activation swapping, swap fewer blocks to the CPU or use swap('nvme'); or "
+            "raise the memory limit named above",
+        )
+
+    def _figures(self) -> TierReport:
+        """report()'s figures (lock held)."""
+        stats = [c.alloc.stats() for c in self._chunks.values()]
+        pinned = sum(c.buffer.nbytes for c in self._chunks.values() if c.buffer.pinned != "none")
+        return TierReport(
+            requested_bytes=self._requested,
+            reserved_bytes=sum(s.reserved for s in stats),
+            pinned_bytes=pinned,
+            capacity_bytes=sum(s.capacity for s in stats),
+            live_handles=sum(s.allocated_blocks for s in stats),
+        )
 
     def alloc(self, nbytes: int, alignment: int | None = None) -> ArenaBlock:
         """A block of ``nbytes`` aligned to ``alignment`` (default: the config's)."""
@@ -158,7 +191,7 @@ class PinnedArena:
                 if off is not None:
                     return self._block(idx, off, nbytes)
             size = max(self.config.chunk_bytes, round_up(max(nbytes, 1), PAGE_SIZE))
-            idx = self._add_chunk(round_up(size, PAGE_SIZE))
+            idx = self._add_chunk(round_up(size, PAGE_SIZE), nbytes)
             off = self._chunks[idx].alloc.allocate(nbytes, align)
             assert off is not None, "a fresh chunk must fit its request"
             return self._block(idx, off, nbytes)
@@ -236,17 +269,7 @@ class PinnedArena:
     def report(self) -> TierReport:
         with self._lock:
             self._drain()
-            stats = [c.alloc.stats() for c in self._chunks.values()]
-            pinned = sum(
-                c.buffer.nbytes for c in self._chunks.values() if c.buffer.pinned != "none"
-            )
-            return TierReport(
-                requested_bytes=self._requested,
-                reserved_bytes=sum(s.reserved for s in stats),
-                pinned_bytes=pinned,
-                capacity_bytes=sum(s.capacity for s in stats),
-                live_handles=sum(s.allocated_blocks for s in stats),
-            )
+            return self._figures()
 
     def huge_pages(self) -> HugePageReport:
         """Huge-page backing of the live chunks and the bytes their rounding added."""

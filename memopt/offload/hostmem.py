@@ -122,6 +122,27 @@ def anon_huge_bytes(ptr: int, nbytes: int) -> int:
     return min(total, nbytes)
 
 
+class HostMapError(OSError):
+    """The anonymous ``mmap`` under a host buffer failed (errno kept: ENOMEM, usually)."""
+
+
+def _map_anonymous(nbytes: int) -> mmap.mmap:
+    """A fresh private anonymous mapping; ``HostMapError`` naming the size and the limits
+    that usually refuse it (RLIMIT_AS, strict overcommit)."""
+    try:
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as err:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
+        overcommit = _read_sysfs("/proc/sys/vm/overcommit_memory") or "unknown"
+        raise HostMapError(
+            err.errno,
+            f"mmap of {nbytes} bytes of anonymous memory failed "
+            f"({errno.errorcode.get(err.errno or 0, '?')}: {err.strerror}; address-space limit "
+            f"RLIMIT_AS (`ulimit -v`) {shown}, vm.overcommit_memory {overcommit})",
+        ) from err
+
+
 def _cuda_register(ptr: int, nbytes: int) -> int:
     """cudaHostRegister; returns the CUDA error code (0 = success)."""
     cudart = torch.cuda.cudart()
@@ -150,7 +171,7 @@ class HostBuffer:
         self.pinned: Literal["cuda", "mlock", "none"] = "none"
         offset, advised = 0, False
         if huge_pages == "off":
-            self._map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._map = _map_anonymous(nbytes)
         else:
             offset, advised = self._map_huge(nbytes, huge_pages)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=offset)
@@ -165,7 +186,7 @@ class HostBuffer:
     def _map_huge(self, nbytes: int, mode: HugePageMode) -> tuple[int, bool]:
         """Over-map, pick the huge-aligned offset, madvise; (offset, advised)."""
         huge = huge_page_size()
-        self._map = mmap.mmap(-1, nbytes + 2 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._map = _map_anonymous(nbytes + 2 * huge)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         offset = huge - base % huge  # in (0, huge]: slack before and after the buffer
         thp = thp_mode()

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ DirectMode = Literal["required", "prefer", "off"]
 _ALIGN = 4096
 _IN_USE: set[Path] = set()  # swap files open in this process (resolved paths)
 _IN_USE_LOCK = threading.Lock()
+_ERRNAME = errno.errorcode.get
 _log = get_logger(__name__)
 
 
@@ -109,15 +111,83 @@ class SwapFile:
     size: int
 
 
-def _check_free_space(directory: Path, nbytes: int, what: str) -> None:
-    st = os.statvfs(directory)
+def _check_free_space(st: os.statvfs_result, directory: Path, nbytes: int, what: str,
+                      fix: str) -> None:
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
         raise OSError(
             errno.ENOSPC,
-            f"NVMe tier: {what} needs {nbytes} bytes but {directory} has {free} free; "
-            "free space there or lower NVMeConfig.capacity_bytes",
+            f"NVMe tier: {what} needs {nbytes} bytes but {directory} has {free} free; free "
+            f"space there, or {fix}",
         )
+
+
+def _fallocate(swap: SwapFile, offset: int, nbytes: int, what: str, fix: str) -> None:
+    """``posix_fallocate`` that fails with the path, the bytes and the way out (errno kept):
+    the statvfs check does not make it safe (filesystem metadata, another writer taking the
+    space in between, a file size limit)."""
+    try:
+        os.posix_fallocate(swap.fd, offset, nbytes)
+    except OSError as err:
+        if err.errno == errno.EFBIG:
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            shown = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
+            why = (
+                "the file would pass the largest file this process may write (RLIMIT_FSIZE, "
+                f"`ulimit -f`: {shown}) or the filesystem allows: raise that limit, or {fix}"
+            )
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = (
+                "the filesystem ran out of room although statvfs showed enough (it needs "
+                "blocks for its own metadata too, or another writer took the space "
+                f"meanwhile): free space on that disk, or {fix}"
+            )
+        else:
+            why = (
+                f"the filesystem holding {swap.path.parent} refused it: check that disk, or "
+                "put NVMeConfig.directory on another one"
+            )
+        raise OSError(
+            err.errno,
+            f"NVMe tier: {what}: posix_fallocate of {nbytes} bytes at offset {offset} of "
+            f"{swap.path} failed ({_ERRNAME(err.errno or 0, '?')}: {err.strerror}); {why}",
+        ) from err
+
+
+def _unusable_directory(directory: Path, err: OSError) -> OSError:
+    """The error of creating ``directory`` or a swap file in it, with the setting and a fix
+    (errno kept, so PermissionError stays a PermissionError)."""
+    code = err.errno
+    if code == errno.EROFS:
+        fix = "its filesystem is mounted read-only: use a directory on a writable disk"
+    elif code in (errno.EACCES, errno.EPERM):
+        fix = (
+            f"this process (uid {os.getuid()}) may not write there: use a directory it can "
+            "write, or change that directory's owner or mode"
+        )
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        fix = "a file stands where a directory is needed: name a directory (made if missing)"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "that disk (or this user's quota) is full: free space there or use another disk"
+    else:
+        fix = "use a directory on a local disk this process can write"
+    at = f" on {err.filename}" if err.filename and Path(err.filename) != directory else ""
+    return OSError(
+        code,
+        f"NVMe tier: cannot make its swap file in {directory} ({_ERRNAME(err.errno or 0, '?')}: "
+        f"{err.strerror}{at}); that directory is NVMeConfig.directory (set by "
+        "OffloadConfig.nvme_path or nvme=, memopt.shard(param_nvme=), ActivationOptions(nvme=), "
+        f"or the config's *.nvme_path): {fix}",
+    )
+
+
+def _open_file(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as err:
+        if err.errno == errno.EINVAL and flags & getattr(os, "O_DIRECT", 0):
+            raise  # O_DIRECT refused: the caller falls back or explains
+        raise _unusable_directory(path.parent, err) from err
 
 
 def _probe_direct(fd: int) -> None:
@@ -171,13 +241,13 @@ def _open_locked(config: NVMeConfig, path: Path) -> tuple[int, bool, OSError | N
         direct, refused, fd = config.direct != "off" and hasattr(os, "O_DIRECT"), None, -1
         if direct:
             try:
-                fd = os.open(path, base | os.O_DIRECT, 0o600)
+                fd = _open_file(path, base | os.O_DIRECT)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 direct, refused = False, err
         if fd < 0:
-            fd = os.open(path, base, 0o600)
+            fd = _open_file(path, base)
         try:
             held = _lock(fd, path)
         except BaseException:
@@ -262,7 +332,10 @@ def close_swap_file(swap: SwapFile, keep: bool) -> None:
 def open_swap_file(config: NVMeConfig) -> SwapFile:
     """Claim (lock), preallocate and probe the rank's swap file."""
     directory = Path(config.directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unusable_directory(directory, err) from err
     path, fd, direct, refused = _claim(config)
     swap = SwapFile(path=path, fd=fd, direct=direct, size=0)
     try:
@@ -288,14 +361,35 @@ def _prepare(config: NVMeConfig, directory: Path, swap: SwapFile, refused: OSErr
             fcntl.fcntl(swap.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
             swap.direct = False
     os.ftruncate(swap.fd, 0)
-    _check_free_space(directory, config.capacity_bytes, "preallocating the swap file")
+    what = "preallocating the swap file"
+    fix = "lower NVMeConfig.capacity_bytes (the file then grows by grow_bytes as it fills)"
+    _check_free_space(os.statvfs(directory), directory, config.capacity_bytes, what, fix)
     if config.capacity_bytes:
-        os.posix_fallocate(swap.fd, 0, config.capacity_bytes)
+        _fallocate(swap, 0, config.capacity_bytes, what, fix)
     swap.size = config.capacity_bytes
 
 
-def grow_swap_file(swap: SwapFile, nbytes: int) -> None:
-    """Preallocate ``nbytes`` more at the end of the file (clear ENOSPC if the disk is full)."""
-    _check_free_space(swap.path.parent, nbytes, f"growing {swap.path} past {swap.size} bytes")
-    os.posix_fallocate(swap.fd, swap.size, nbytes)
+def grow_swap_file(swap: SwapFile, nbytes: int, needed: int | None = None) -> None:
+    """Preallocate ``nbytes`` more at the end of the file for a request of ``needed`` bytes:
+    a clear ENOSPC / EFBIG naming the file and the fix when the disk cannot, and then the
+    file keeps its size (a partial allocation is given back). The free space is asked of the
+    open file (``fstatvfs``): a directory removed meanwhile (a tmp cleaner) does not matter."""
+    needed = nbytes if needed is None else needed
+    if needed < nbytes:
+        fix = (
+            "lower NVMeConfig.grow_bytes (the file grows by max(grow_bytes, the request); "
+            f"this request needs {needed} bytes)"
+        )
+    else:
+        fix = f"move NVMeConfig.directory to a disk with room (one request needs {needed} bytes)"
+    what = f"growing {swap.path} past {swap.size} bytes"
+    _check_free_space(os.fstatvfs(swap.fd), swap.path.parent, nbytes, what, fix)
+    try:
+        _fallocate(swap, swap.size, nbytes, what, fix)
+    except OSError:
+        try:  # a partial allocation past the slots' end holds disk space nothing uses
+            os.ftruncate(swap.fd, swap.size)
+        except OSError:
+            pass
+        raise
     swap.size += nbytes

@@ -140,7 +140,7 @@ class NVMeTier(StorageTier):
                         "NVMeConfig.capacity_bytes or set grow_bytes",
                     )
                 grow = max(self.config.grow_bytes, need)
-                grow_swap_file(self.file, grow)
+                grow_swap_file(self.file, grow, need)  # raises with file and slots as they were
                 self._slots.extend(grow)
                 off = self._slots.allocate(nbytes, ALIGN)
                 assert off is not None

@@ -21,6 +21,7 @@ first step leaves nothing half made.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -199,12 +200,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
         try:
             self.store.step(items)
         except OSError as e:  # ENOSPC / EIO mid-pipeline: some parameters were updated
+            where = f" ({e.filename})" if e.filename else ""
+            when = ("once the tier has room" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                    else "once the cause above is fixed (check the disk, or move the tier)")
             raise OSError(
-                e.errno,
-                f"{e}; OffloadedAdamW.step did not complete: some parameters may hold this "
-                "step's values while their state on the tier does not, and the step counters "
-                "have advanced. Do not retry the step: reload model and optimizer from the "
-                "last checkpoint once the tier has room",
+                e.errno,  # strerror, not str(e): no second "[Errno N]" in the message
+                f"{e.strerror or e}{where}; OffloadedAdamW.step did not complete: some "
+                "parameters may hold this step's values while their state on the tier does "
+                "not, and the step counters have advanced. Do not retry the step: reload "
+                f"model and optimizer from the last checkpoint {when}",
             ) from e
         return loss
 
