@@ -10,7 +10,9 @@ The wait is bounded on 2+ ranks (``EXIT_WAIT_S``): publication is collective, an
 never publishes (a hung peer, or one that left without saving) would hold the exit forever.
 Past the bound the save is left unpublished, with a warning, and the checkpointer is not
 closed (its writer is inside the collective). On one process only the disk can hold it up:
-no bound.
+no bound. ``finish`` is also what a program calls to settle a checkpointer on an error path
+before it ends the process group (``memopt.cli.train``): at interpreter exit the group may be
+gone, and what needs it (the in-memory redundancy tier) then fails.
 
 When it runs. If the main thread is the only non-daemon thread left, among ``threading``'s
 exit callbacks (which run when the main thread returns, before any plain ``atexit``
@@ -50,6 +52,7 @@ from memopt.checkpoint.errors import CheckpointError
 from memopt.checkpoint.publish import is_deleter, wait_deletions
 
 EXIT_WAIT_S = 120.0  # 2+ ranks: the longest the exit waits for a save to be published
+_AT_EXIT = "the process is exiting without wait() or close()"
 log = get_logger("memopt.checkpoint")
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 _registered = False
@@ -121,17 +124,18 @@ def _at_exit() -> None:
         wait_deletions()
 
 
-def finish(ckpt: Any, limit: float | None) -> bool:
+def finish(ckpt: Any, limit: float | None, why: str = _AT_EXIT) -> bool:
     """Wait (at most ``limit`` s, None: no bound) until ``ckpt``'s saves are published, then
-    close it; warn about each step. False when the wait gave up (``ckpt`` stays open)."""
+    close it; warn about each step (``why``: the warning's opening, saying why the saves are
+    finished now). False when the wait gave up (``ckpt`` stays open)."""
     if ckpt._closed:
         return True
     steps = [j.step for j in ckpt._jobs if not j.done.is_set()]
     if steps:
         bound = "" if limit is None else f" (at most {limit:g} s: every rank must publish it)"
         warnings.warn(
-            f"AsyncCheckpointer: the process is exiting without wait() or close(); waiting "
-            f"until the save of step(s) {steps} to {ckpt.directory} is published{bound}",
+            f"AsyncCheckpointer: {why}; waiting until the save of step(s) {steps} to "
+            f"{ckpt.directory} is published{bound}",
             stacklevel=2,
         )
     if not _wait(ckpt, None if limit is None else time.monotonic() + limit):

@@ -22,10 +22,18 @@ ranks in sessions of their own, so nothing else stops them when it is killed), a
 holds ``checkpoint.directory``'s run lock from before the resume to the end
 (``_runguard.hold``): a second run into a directory in use stops at once, on every rank,
 naming the holder. Run as a program (``python -m memopt.cli.train``, what torchrun starts),
-the lock is kept until the process ends: a run that raises leaves its last asynchronous save
-to the checkpoint exit hook at interpreter exit, and the directory must stay held until that
-save is published (or has failed). ``train()``/``main()`` called in a process that goes on
-release it when they return or raise.
+the lock is kept until the process ends: on one process a run that raises leaves its last
+asynchronous save to the checkpoint exit hook at interpreter exit (below), and the directory
+must stay held until that save is published (or has failed). ``train()``/``main()`` called
+in a process that goes on release it when they return or raise.
+
+On 2+ ranks, training that raises (or is interrupted) with an asynchronous save in flight
+finishes that save before the exception leaves ``train()`` (``exit_hook.finish``: published
+when every rank wrote it, else not; at most ``exit_hook.EXIT_WAIT_S``, since publication is
+collective), under the lock and while the process group is still up; then ``main()`` ends
+the group (``shutdown_distributed``): the exit hook runs after ``destroy_process_group()``,
+when what needs the default group (the in-memory redundancy tier) fails. One process
+publishes without a group: its save is still finished by the exit hook.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from tqdm import tqdm
 
 from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.api import Setup, setup
+from memopt.checkpoint.exit_hook import EXIT_WAIT_S, finish, untrack
 from memopt.cli._meter import Meter
 from memopt.cli._runguard import DirectoryInUseError, die_with_parent, hold
 from memopt.config import Config
@@ -159,10 +168,36 @@ def train(config: Config, *, lock_until_exit: bool = False) -> dict[str, Any]:
         return _train(config, rank)
 
 
+@contextmanager
+def _saves_finished_on_error(s: Setup) -> Iterator[None]:
+    """On 2+ ranks, when the block raises, finish the checkpointer's saves still in flight
+    (at most ``exit_hook.EXIT_WAIT_S``, as the exit hook) before the exception leaves: while
+    the process group and the run lock are still there (see the module docstring). One
+    process publishes without a group: its save stays the exit hook's, as before."""
+    try:
+        yield
+    except BaseException as e:
+        ck = s.checkpointer
+        if ck is not None and ck.world > 1:
+            why = f"training stopped ({type(e).__name__}) with a save in flight"
+            try:
+                if not finish(ck, EXIT_WAIT_S, why):
+                    untrack(ck)  # (given up: the exit hook would only wait as long again)
+            except Exception as err:  # noqa: BLE001 - the training error is the one to raise
+                print(f"memopt run: finishing the checkpoint saves after the error failed: "
+                      f"{err!r}", file=sys.stderr)
+        raise
+
+
 def _train(config: Config, rank: int) -> dict[str, Any]:
     model = build_model(config)
     sample = next(batches(config, rank))
     s = setup(model, config, sample_batch={"input_ids": sample, "labels": sample})
+    with _saves_finished_on_error(s):
+        return _run(s, config, rank)
+
+
+def _run(s: Setup, config: Config, rank: int) -> dict[str, Any]:
     t, ck = config.train, config.checkpoint
     _say(s, f"memopt run: {s.world_size} rank(s)\n{s.describe()}")
     if s.resumed_from is not None:
@@ -174,6 +209,7 @@ def _train(config: Config, rank: int) -> dict[str, Any]:
     data = batches(config, rank, s.start_step)
     tokens = t.batch_size * t.seq_len * t.grad_accum * s.world_size
     loss, wall0, last_saved = float("nan"), time.perf_counter(), s.start_step
+    shown = [s.checkpointer.latest() if s.checkpointer is not None else None]
     window_t, window_steps = 0.0, 0  # step time since the last log line (snapshots excluded)
     bar = tqdm(range(s.start_step, t.steps), initial=s.start_step, total=t.steps,
                disable=s.rank != 0, file=sys.stderr, desc="train", dynamic_ncols=True)
@@ -189,15 +225,17 @@ def _train(config: Config, rank: int) -> dict[str, Any]:
             _say(s, f"step {step}/{t.steps} loss {loss:.4f} lr {lr:.2e} "
                     f"tok/s {tokens * window_steps / window_t:,.0f} | {meter.line(s)}")
             window_t, window_steps = 0.0, 0
+            _say_published(s, shown)
         if ck.directory and ck.every_n_steps and step % ck.every_n_steps == 0:
             s.save(step)
             last_saved = step
-            _say(s, f"snapshot: step {step} -> {ck.directory}")
+            _say(s, f"snapshot: step {step} started (async) -> {ck.directory}")
     if ck.directory and last_saved != t.steps and s.start_step < t.steps:
         s.save(t.steps)
-        _say(s, f"snapshot: step {t.steps} -> {ck.directory}")
+        _say(s, f"snapshot: step {t.steps} started (async) -> {ck.directory}")
     wall = time.perf_counter() - wall0
     s.close()
+    _say_published(s, shown)
     summary = {"steps": t.steps, "start_step": s.start_step, "final_loss": loss, "wall_s": wall,
                "resumed_from": s.resumed_from}
     if s.start_step >= t.steps:  # (a finished run started again: no step, no loss)
@@ -207,6 +245,18 @@ def _train(config: Config, rank: int) -> dict[str, Any]:
         _say(s, f"done: steps {s.start_step}->{t.steps}, final loss {loss:.4f}, "
                 f"wall {wall:.1f} s")
     return summary
+
+
+def _say_published(s: Setup, shown: list[int | None]) -> None:
+    """Name the snapshots published (durable, loadable) since the last call: a save's own line
+    says only that it started, and a crash before its publication resumes from an older one."""
+    ck = s.checkpointer
+    if ck is None or s.rank != 0:
+        return
+    new = [x for x in ck.steps() if shown[-1] is None or x > shown[-1]]
+    if new:
+        shown.append(new[-1])
+        _say(s, f"snapshot: step(s) {new} published in {ck.directory}")
 
 
 def main(argv: Sequence[str] | None = None, *, lock_until_exit: bool = False) -> int:

@@ -172,7 +172,9 @@ class CheckpointConfig:
     every_n_steps: int = opt(0, "snapshot every N optimizer steps (0: only at the end)")
     keep: int = opt(3, "published snapshots kept")
     resume: bool = opt(True, "resume from the newest snapshot in directory when there is one "
-                       "(the newest step, whichever run wrote it: after a resume: false run "
+                       "(a snapshot whose files fail their checksums is skipped with a warning "
+                       "for the one before it, and the RESUMED line names it; the newest step "
+                       "is whichever run wrote it: after a resume: false run "
                        "into a directory holding an earlier run's snapshots, the next resume may "
                        "pick the earlier run's, so give a fresh run a fresh directory). The "
                        "model, moments and step come from the snapshot; the optimizer's lr, "

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memopt._utils.process_group import as_process_group
+from memopt.checkpoint.errors import CorruptSnapshotError
 from memopt.config import build
 from memopt.config import resume as resume_values
 from memopt.config.cast import cast_model
@@ -83,19 +84,41 @@ class Setup:
         if ck is None or ck.latest() is None:
             self.resume_message = ""
             return None
-        step = ck.latest()
         wanted = resume_values.config_values(self.optimizer, self.scheduler)
-        extra = ck.load(step, model=self.raw_model, optimizer=self.optimizer,
-                        scheduler=self.scheduler)
+        step, extra, damaged = self._load_newest_good()
         # The load restored the snapshot's lr/betas/eps/weight_decay too: the Config's win.
         changes = resume_values.reapply(self.optimizer, self.scheduler, wanted)
         if self.in_backward is not None and "in_backward" in extra:
             self.in_backward.load_state_dict(extra["in_backward"])
         self.start_step, self.resumed_from = step, step
         note = f"; {changes}" if changes else ""
-        self.resume_message = (f"resumed from snapshot step {step} in {ck.directory}; "
+        skipped = f" (skipped damaged step(s) {damaged}: see the warnings)" if damaged else ""
+        self.resume_message = (f"resumed from snapshot step {step} in {ck.directory}{skipped}; "
                                f"continuing at step {step + 1}{note}")
         return int(step)
+
+    def _load_newest_good(self) -> tuple[int, dict[str, Any], list[int]]:
+        """Load the newest snapshot whose files pass their checksums, as ``load(step=None)``
+        does (each rank reads every rank's files, so all ranks agree on which): (its step, its
+        extra, the newer damaged steps skipped). Nothing is restored from a damaged one."""
+        ck = self.checkpointer
+        assert ck is not None
+        damaged: list[int] = []
+        for step in reversed(ck.steps()):
+            try:
+                extra = ck.load(step, model=self.raw_model, optimizer=self.optimizer,
+                                scheduler=self.scheduler)  # fmt: skip
+            except CorruptSnapshotError as e:
+                warnings.warn(f"memopt.setup: resume: {e}; trying the snapshot before it",
+                              stacklevel=3)  # fmt: skip
+                damaged.append(step)
+                continue
+            return step, extra, damaged
+        raise CorruptSnapshotError(
+            f"memopt.setup: resume: every snapshot in {ck.directory} is damaged (steps "
+            f"{damaged}, see the warnings); move them away to start from step 0, or pass "
+            "resume=False (checkpoint.resume=false) with a fresh checkpoint.directory"
+        )
 
     def save(self, step: int) -> None:
         """Snapshot model, optimizer and scheduler at ``step`` (asynchronous; see

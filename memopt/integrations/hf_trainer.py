@@ -90,7 +90,8 @@ def _rng_set(rng: dict[str, Any]) -> None:
 
 
 def _is_ours(path: Any) -> bool:
-    return isinstance(path, str) and os.path.isfile(os.path.join(path, MARKER))
+    """Whether ``path`` is the directory ``resume()`` returned (its marker file)."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, MARKER))
 
 
 def _install_loaders(trainer: Any, ckpt: AsyncCheckpointer, step: int) -> None:
@@ -366,8 +367,8 @@ class MemoptTrainer(Trainer):
             resume_from_checkpoint = "memopt"
         if resume_from_checkpoint == "memopt":
             resume_from_checkpoint = resume(self)
-        elif resume_from_checkpoint:
-            check_hf_resume(self, resume_from_checkpoint)
+        elif resume_from_checkpoint and not _is_ours(resume_from_checkpoint):
+            check_hf_resume(self, resume_from_checkpoint)  # (resume()'s directory: ours)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 

@@ -8,7 +8,8 @@ m x n matrix (higher-rank tensors are viewed as dim 0 x the rest), moments in ``
 
 - full AdamW: two moments of m n elements;
 - low-rank (GaLore, APOLLO, FRUGAL): the side selection of ``proj_type`` ("std": right
-  projection when m >= n), rank clamped to the reduced side, moments of the projected shape
+  projection when m >= n), rank clamped to the reduced side (and to min(m, n) for an
+  SVD-based basis, as ``Projector.rank_for``), moments of the projected shape
   (m x r, r x n, or r x r for "full"). What the projector keeps beside them
   (``optkwargs.DENSE_PROJ`` / ``SEEDED_PROJ`` / ``INDEX_PROJ``):
 
@@ -115,9 +116,11 @@ class Projection:
         return math.prod(self.low)
 
 
-def projection(shape: tuple[int, int], kw: Mapping[str, Any], svd_cap: bool = True) -> Projection:
-    """The projection of an m x n matrix under the resolved options ``kw`` (``svd_cap``:
-    with what an SVD can give, as the state holds; else as ``Projector.rank_for`` says)."""
+def projection(shape: tuple[int, int], kw: Mapping[str, Any]) -> Projection:
+    """The projection of an m x n matrix under the resolved options ``kw``, as
+    ``Projector.rank_for`` / ``low_shape`` give it: an SVD-based basis (``svd``, ``rsvd``,
+    ``subspace``) has at most min(m, n) vectors, so its rank is capped there whatever the
+    side."""
     m, n = shape
     side = {
         "std": "right" if m >= n else "left",
@@ -138,7 +141,7 @@ def projection(shape: tuple[int, int], kw: Mapping[str, Any], svd_cap: bool = Tr
         r = min(limit, max(1, round(float(kw["density"]) * limit)))
     else:
         r = min(int(kw["rank"]), limit)
-    if svd_cap and kw.get("proj") in SVD_PROJ:  # an SVD has min(m, n) vectors, whatever r is
+    if kw.get("proj") in SVD_PROJ:  # an SVD has min(m, n) vectors, whatever r is
         r = min(r, m, n)
     return Projection(side, r, {"right": (m, r), "left": (r, n), "both": (r, r)}[side])
 

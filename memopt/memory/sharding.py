@@ -105,11 +105,11 @@ def row_reason(p: ParamInfo, optimizer: str, kw: Mapping[str, Any]) -> str:
 
 def state_weight(p: ParamInfo, kw: Mapping[str, Any]) -> int:
     """What owners are balanced on (``rowproj.state_weight``: elements, from the
-    projector's own ``low_shape`` / ``rank_for``, which an SVD does not cap)."""
+    projector's own ``low_shape`` / ``rank_for``)."""
     if not _projected(p, kw):
         return p.numel
     shape = matrix(p.shape)
-    proj = projection(shape, kw, svd_cap=False)
+    proj = projection(shape, kw)
     side = shape[1] if proj.side == "right" else shape[0]
     return max(1, proj.low_numel + proj.rank * side // 2)
 

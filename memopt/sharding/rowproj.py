@@ -129,9 +129,9 @@ class RowShardProjector:
         padded[: grad.shape[0]].copy_(grad.reshape(-1, n))
         what = f"the {self.name!r} basis of a {m}x{n} row-sharded matrix"
         parts = self.comm.gather(padded, info.svd_owner, what=what)
-        # [non-finite flag, the basis' rows]: a factorization gives at most min(m, n) vectors,
-        # fewer than the rank asked for when the kept side is the larger one (rank 40 of a
-        # 32x48 matrix: 32), so the other ranks learn the row count from the owner
+        # [non-finite flag, the basis' rows]: a factorization gives at most min(m, n) vectors
+        # (rank 40 of a 32x48 matrix: 32, as the projector's rank_for says); the other ranks
+        # size their copy from the row count the owner really computed
         head = torch.zeros(2, device=grad.device)
         if parts is not None:
             full = torch.cat(parts)[:m]

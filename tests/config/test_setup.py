@@ -10,6 +10,8 @@ import torch
 
 import memopt
 from memopt import Config
+from memopt.checkpoint import CorruptSnapshotError
+from memopt.checkpoint.publish import step_name
 from memopt.config.build import lr_lambda
 from memopt.config.workload import batches, build_model
 from memopt.sharding import ShardedOptimizer
@@ -154,3 +156,37 @@ def test_process_group_must_be_a_group_of_an_initialized_torch_distributed() -> 
     model = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         memopt.setup(model, Config(), process_group="gloo")
+
+
+def _flip_a_byte(step_dir: Path) -> None:
+    data = next(step_dir.glob("rank_*.safetensors"))
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF  # (the last tensor's bytes: its checksum fails, the header still parses)
+    data.write_bytes(bytes(raw))
+
+
+def test_resume_skips_a_damaged_newest_snapshot(tmp_path: Path) -> None:
+    """The resume loaded the newest step by number, which turns off load()'s fallback: a
+    corrupt newest snapshot stopped the run with a CorruptSnapshotError instead of resuming
+    from the one before it, as docs/checkpoint.md promises for load(step=None)."""
+    cfg = _cfg(checkpoint={"directory": str(tmp_path / "ck"), "fsync": False})
+    s = memopt.setup(build_model(cfg), cfg)
+    _train(s, cfg, 2)
+    s.save(2)
+    s.checkpointer.wait()
+    at2 = {k: v.clone() for k, v in s.model.state_dict().items()}
+    _train(s, cfg, 1)
+    s.save(3)
+    s.close()
+    _flip_a_byte(tmp_path / "ck" / step_name(3))
+    with pytest.warns(UserWarning, match="fails its .* checksum.*trying the snapshot before it"):
+        again = memopt.setup(build_model(cfg), cfg)
+    assert again.resumed_from == 2 and again.start_step == 2
+    assert "skipped damaged step(s) [3]" in again.resume_message
+    for k, v in again.model.state_dict().items():
+        torch.testing.assert_close(v, at2[k], rtol=0, atol=0)
+    again.close()
+    _flip_a_byte(tmp_path / "ck" / step_name(2))
+    damaged = r"every snapshot .* is damaged \(steps \[3, 2\]"
+    with pytest.warns(UserWarning), pytest.raises(CorruptSnapshotError, match=damaged):
+        memopt.setup(build_model(cfg), cfg)

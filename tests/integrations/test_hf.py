@@ -121,6 +121,24 @@ def test_trainer_snapshots_and_resumes_bitwise(tmp_path, caplog) -> None:
     cb_b.close()
 
 
+def test_memopt_trainer_takes_the_directory_resume_returns(tmp_path) -> None:
+    """docs/integrations.md: resume(trainer, step=k) returns a directory to pass to
+    train(resume_from_checkpoint=...). A MemoptTrainer refused it (it holds no optimizer.pt,
+    which its HF-checkpoint check asked for), so a chosen step could not be resumed."""
+    a = _trainer(str(tmp_path / "a"), str(tmp_path / "ck_a"), seed=0)
+    a.train()
+    find_callback(a).close()  # type: ignore[union-attr]
+    shutil.copytree(tmp_path / "ck_a", tmp_path / "ck_c")
+    c = _trainer(str(tmp_path / "c"), str(tmp_path / "ck_c"), seed=1)
+    path = resume(c, step=3)
+    assert path is not None
+    c.train(resume_from_checkpoint=path)
+    assert c.state.global_step == 6
+    for n, p in _params(c).items():
+        assert torch.equal(p, _params(a)[n]), n  # resumed at step 3, bitwise as uninterrupted
+    find_callback(c).close()  # type: ignore[union-attr]
+
+
 def test_resume_without_snapshot_and_bad_arguments(tmp_path) -> None:
     t = _trainer(str(tmp_path / "o"), str(tmp_path / "empty"), seed=0)
     assert resume(t) is None

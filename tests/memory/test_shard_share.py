@@ -126,7 +126,7 @@ def test_restated_constants_are_memopt_sharding_s() -> None:
 @pytest.mark.filterwarnings("ignore:rank 100")
 def test_state_weight_mirrors_rowproj() -> None:
     """The owners' balance weights equal rowproj.state_weight on the real optimizers' groups
-    (an SVD projector's rank_for is not capped at min(m, n): neither is the weight)."""
+    (an SVD projector's rank_for is capped at min(m, n): so is the weight)."""
     from transformers import LlamaForCausalLM
 
     from memopt.memory import optstate

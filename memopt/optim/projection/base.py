@@ -106,6 +106,9 @@ class Projector(ABC):
     user_options: ClassVar[dict[str, int]] = {}
     #: Whether a refresh reads the gradient's values (then non-finite values are an error).
     uses_gradient: ClassVar[bool] = True
+    #: Whether the basis is cut from the gradient's singular factors (``svd``, ``rsvd``,
+    #: ``subspace``): an m x n matrix has min(m, n) of them, so ``rank_for`` caps there too.
+    factor_basis: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -150,21 +153,36 @@ class Projector(ABC):
         return resolve_side(shape, self.proj_type)
 
     def rank_for(self, shape: tuple[int, int]) -> int:
-        """Rank used for a matrix of this shape: clamped to the side it reduces."""
+        """Rank used for a matrix of this shape: clamped to the side it reduces, and, for a
+        basis cut from the gradient's singular factors (``factor_basis``), to min(m, n),
+        the most singular vectors an m x n matrix has. Moments, the stored basis, the load
+        check and ``state_bytes`` all follow this number."""
         side = self.side(shape)
         limit = {"right": shape[1], "left": shape[0], "both": min(shape)}[side]
+        cap = min(limit, *shape) if self.factor_basis else limit
         if self.density is not None:
-            return min(limit, max(1, round(self.density * limit)))  # 0 for an empty side
+            r = min(limit, max(1, round(self.density * limit)))  # 0 for an empty side
+            if r > cap:
+                self._warn_clamp(f"density {self.density} ({r} directions)", shape, cap)
+            return min(r, cap)
         assert self.rank is not None
-        if self.rank >= limit:
-            if limit == 0:  # an empty matrix: nothing to save or warn about
-                return 0
-            warn_once(
-                f"rank {self.rank} is at or above the projected side ({limit}) of a {shape[0]}x"
-                f"{shape[1]} matrix: clamped to {limit}, so this matrix gets no memory saving"
-            )
-            return limit
-        return self.rank
+        if self.rank > cap or (self.rank == limit and limit > 0):
+            self._warn_clamp(f"rank {self.rank}", shape, cap)
+        return min(self.rank, cap)
+
+    def _warn_clamp(self, asked: str, shape: tuple[int, int], cap: int) -> None:
+        m, n = shape
+        if cap == 0:  # an empty matrix: nothing to save or warn about
+            return
+        limit = {"right": n, "left": m, "both": min(m, n)}[self.side(shape)]
+        if cap == limit:
+            why = f"is at or above the projected side ({limit}) of a {m}x{n} matrix"
+            tail = ", so this matrix gets no memory saving"
+        else:  # a factor basis of a larger projected side (rank 128 of a right 64x576)
+            why = (f"is above min(m, n) = {cap} of a {m}x{n} matrix, the most singular "
+                   f"vectors proj={self.name!r} can give")  # fmt: skip
+            tail = ""
+        warn_once(f"{asked} {why}: clamped to {cap}{tail}")
 
     def low_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Shape of the projected gradient (and of the low-rank moments)."""

@@ -170,6 +170,7 @@ class SVDProjector(_FactorProjector):
     """GaLore's projector: the top-r singular vectors from a full thin SVD."""
 
     name = "svd"
+    factor_basis = True
 
     def factors(
         self, g: Tensor, seeds: list[int], prev: list[dict[str, Any]]
@@ -201,6 +202,7 @@ class RandomizedSVDProjector(_FactorProjector):
     """Randomized SVD (seeded, so identical on every rank); options oversample, power_iters."""
 
     name = "rsvd"
+    factor_basis = True
     user_options = {"oversample": 0, "power_iters": 0}
 
     def factors(
@@ -222,6 +224,7 @@ class SubspaceIterationProjector(_FactorProjector):
     """
 
     name = "subspace"
+    factor_basis = True
     user_options = {"iters": 1}
 
     def factors(
