@@ -3,9 +3,12 @@
 Used by the HF callback's ``on_log`` and by training loops under accelerate. Sources:
 ``/proc/self/status`` ``VmRSS``/``VmHWM`` (0 where there is no /proc),
 ``torch.cuda.memory_allocated``/``max_memory_allocated`` when CUDA is initialised, and the
-host bytes held (``capacity_bytes``) and the page-locked share (``pinned_bytes``; 0 on a
-CPU-only build, where staging is not pinned) of every ``PinnedArena`` handed in plus the
-process-wide default arena when one was created (the one memopt's offload tiers share).
+host bytes held (``capacity_bytes``) and the page-locked share (``pinned_bytes``) of every
+``PinnedArena`` handed in plus the process-wide default arena when one was created (the one
+memopt's offload tiers share). Page-locked means ``cudaHostRegister`` with CUDA and ``mlock``
+on a CPU-only build (memopt.offload.hostmem), so the share is not 0 there: a chunk counts
+whenever locking succeeded (chunks left unlocked, past ``RLIMIT_MEMLOCK`` or with pinning
+off, are not counted).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@
 accelerate_train.py OUT`` (one process): the same global batch either way (per-process batch =
 GLOBAL_BATCH / processes), APOLLO under memopt.shard (stage from argv), 2 micro-batches per
 step via ``accelerator.accumulate`` and clipping via ``accelerator.clip_grad_norm_``. The main
-process saves the final parameters and the clip norms to OUT.
+process saves the final parameters and the clip norms to OUT. Then the model is saved the
+accelerate ways (``_save_model``): ``save_model`` to OUT.save_model, ``save_pretrained`` with
+``state_dict=get_state_dict(model)`` to OUT.save_pretrained, and ``save_pretrained`` without a
+state dict (refused at stage 3, whose parameters are DTensor shards) to OUT.plain.
 """
 
 from __future__ import annotations
@@ -30,6 +33,29 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().clone()
 
 
+def _save_model(acc: Accelerator, model: torch.nn.Module, out: str) -> dict[str, object]:
+    """Save through accelerate's routes (collectives: every rank calls them); what each rank saw
+    of ``get_state_dict`` and the refusal of the plain ``save_pretrained``, if any."""
+    from accelerate.utils import gather_object
+
+    acc.save_model(model, out + ".save_model")
+    unwrapped = acc.unwrap_model(model)
+    if acc.is_main_process:
+        unwrapped.config.save_pretrained(out + ".save_model")
+    state = acc.get_state_dict(model)
+    kinds = sorted({type(t).__name__ for t in state.values()})
+    sizes = gather_object([len(state)])  # (before save_pretrained, which empties it)
+    unwrapped.save_pretrained(out + ".save_pretrained", is_main_process=acc.is_main_process,
+                              save_function=acc.save, state_dict=state)  # fmt: skip
+    refused = None
+    try:  # the transformers *_no_trainer.py examples' idiom: the model's own state dict
+        unwrapped.save_pretrained(out + ".plain", is_main_process=acc.is_main_process,
+                                  save_function=acc.save)  # fmt: skip
+    except ValueError as e:
+        refused = str(e)
+    return {"state_sizes": sizes, "state_kinds": kinds, "refused": refused}
+
+
 def main(out: str, stage: int) -> None:
     # cpu=True: accelerate picks MULTI_CPU (gloo) under torchrun only when told it is on CPU
     acc = Accelerator(gradient_accumulation_steps=ACCUM, cpu=not torch.cuda.is_available())
@@ -53,8 +79,9 @@ def main(out: str, stage: int) -> None:
             opt.step()
             opt.zero_grad()
     params = {n: _full(p) for n, p in model.named_parameters()}  # collective under stage 3
+    saved = _save_model(acc, model, out)
     if acc.is_main_process:
-        info = {"world": acc.num_processes, "kind": str(acc.distributed_type)}
+        info = {"world": acc.num_processes, "kind": str(acc.distributed_type), **saved}
         torch.save({"params": params, "norms": norms, **info}, out)
     acc.wait_for_everyone()  # nobody leaves while rank 0 saves (see memopt._utils.dist_teardown)
     acc.end_training()
