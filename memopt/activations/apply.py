@@ -19,8 +19,12 @@ the planner's predicted peak with the ledger's measured one after a step.
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import nn
 
@@ -31,6 +35,7 @@ from memopt.activations.policy import ACTIONS, ActivationPolicy, Plan
 from memopt.activations.prefetch import PrefetchScheduler
 from memopt.activations.swap import SwapEngine
 from memopt.offload.arena import PinnedArena, default_arena
+from memopt.offload.nvme_file import NVMeConfig
 
 __all__ = ["ActivationManager", "apply"]
 
@@ -97,6 +102,34 @@ def _check_plan(model: nn.Module, policies: Mapping[str, object]) -> dict[str, n
                     "nest; remove() that manager first"
                 )
     return {name: modules[name] for name in names}
+
+
+def _check_nvme_directory(config: NVMeConfig) -> None:
+    """Create the NVMe tier's directory and check that a file can be made in it: the tier
+    itself opens on the first swapped save, and a bad directory found there surfaced
+    mid-forward, inside a saved-tensor hook (on one rank while the others went on)."""
+    directory = Path(config.directory)
+    setting = f"ActivationOptions.nvme=NVMeConfig(directory={str(directory)!r})"
+    fix = (
+        "give a writable directory on a local disk (create it, fix its permissions, or mount "
+        "it read-write), or swap those blocks with tier='cpu'"
+    )
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{setting}: {directory} exists and is not a directory; {fix}"
+        )
+    step = "cannot be created"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        step = "does not let a file be created in it"
+        fd, probe = tempfile.mkstemp(prefix=".memopt-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"{setting}: the NVMe tier directory {step} ({err.strerror or err}); {fix}",
+        ) from err
 
 
 class ActivationManager:
@@ -208,6 +241,7 @@ def apply(
                 "a policy uses tier='nvme' but options.nvme is None; pass "
                 "options=ActivationOptions(nvme=NVMeConfig(directory=...))"
             )
+        _check_nvme_directory(options.nvme)
     ledger = ledger or SavedLedger()
     engine = SwapEngine(ledger, arena or default_arena(), options.nvme, options.min_swap_bytes)
     scheduler = PrefetchScheduler(options.prefetch_depth)

@@ -117,7 +117,11 @@ class SwapEngine:
         if tier == "nvme":
             self._nvme()
         slot = self.pool.alloc(tier, src.numel())
-        record = SwapRecord(self, src, slot, block)
+        try:
+            record = SwapRecord(self, src, slot, block)
+        except BaseException:  # the tier refused the write (a full NVMe file): no record holds it
+            self.pool.free(slot)
+            raise
         record.version = t._version
         self.stats["swapped"] += 1
         self.stats["swapped_bytes"] += slot.nbytes

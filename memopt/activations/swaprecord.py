@@ -8,6 +8,11 @@ for it and rebuilds the saved view (dtype, size, stride, offset, conjugate and n
 Every ``SwappedTensor`` holds one reference; when autograd drops the last one, ``release()``
 gives the slot, the fetched buffer and (once its copy out is done) the source back through
 ``SwapEngine.retire`` (``swap.py``), which defers whatever a copy in flight still uses.
+
+A tier error (an NVMe write or read that failed) seen by ``prefetch()``/``materialize()``
+frees the slot, buffers and ledger bytes at once (the graph, or an exception the caller keeps,
+may hold the record much longer) and raises an ``OSError`` naming the block and what to do;
+every later use raises it again.
 """
 
 from __future__ import annotations
@@ -44,12 +49,19 @@ class SwapRecord:
         self._fetch_pending: Pending | None = None
         self._adopted = False
         self._dev_token: Token | None = None
+        self._failure: tuple[int | None, str] | None = None  # (errno, message) of a tier error
         self._src: torch.Tensor | None = src
         self._src_token: Token | None = engine.ledger.hold(src, place="device", block=block)
-        self._host_token = engine.ledger.hold_bytes(
+        self._host_token: Token | None = engine.ledger.hold_bytes(
             slot.nbytes, key=("slot", slot.generation), place=_PLACE[slot.tier], block=block
         )
-        self._out_pending = engine.write(slot, src)
+        try:
+            self._out_pending = engine.write(slot, src)
+        except BaseException:  # refused at submit (a full NVMe file): no record, no holds
+            self.drop_source()
+            self._host_token.release()
+            self._host_token = None
+            raise
         self.reap()
 
     def reap(self) -> bool:
@@ -72,17 +84,31 @@ class SwapRecord:
             token.release()
 
     def prefetch(self) -> None:
-        """Start the copy back to the device (idempotent; returns without waiting)."""
+        """Start the copy back to the device (idempotent; returns without waiting).
+
+        Raises ``OSError`` (see ``_fail``) when the tier failed the copy out or refuses the
+        copy back."""
         with self._lock:
             if self._fetched is not None or self._released:
                 return
+            self._raise_failure()
             self.engine.pool.check(self.slot)
-            if self.slot.tier == "nvme":
-                self._out_pending.wait_host()  # the file must hold the bytes before we read them
-                self.reap()  # the copy out is done: drop the device source before reading back
-            buf, pending = self.engine.read(self.slot, self.device)
-            self._fetched, self._fetch_pending = buf, pending
-            self._dev_token = self.engine.ledger.hold(buf, place="device", block=self.block)
+            try:
+                if self.slot.tier == "nvme":
+                    self._out_pending.wait_host()  # the file must hold the bytes first
+                    self.reap()  # the copy out is done: drop the device source before reading
+            except OSError as err:
+                failed, action = err, "written to"
+            else:
+                try:
+                    buf, pending = self.engine.read(self.slot, self.device)
+                except OSError as err:
+                    failed, action = err, "read back from"
+                else:
+                    self._fetched, self._fetch_pending = buf, pending
+                    self._dev_token = self.engine.ledger.hold(buf, place="device", block=self.block)
+                    return
+        raise self._fail(failed, action) from failed
 
     def materialize(self) -> torch.Tensor:
         """The storage's bytes on the device (uint8), ready for use on the current stream."""
@@ -96,11 +122,56 @@ class SwapRecord:
         with self._lock:
             buf, pending = self._fetched, self._fetch_pending
             assert buf is not None and pending is not None
-            if not self._adopted:
+            if self._adopted:
+                return buf
+            try:
                 pending.wait_stream()
+            except OSError as err:
+                failed = err
+            else:
                 self.engine.backend.adopt(buf)
                 self._adopted = True
-        return buf
+                return buf
+        raise self._fail(failed, "read back from") from failed
+
+    def _fail(self, err: OSError, action: str) -> OSError:
+        """The tier failed this record's bytes: they are lost, and so is the backward that
+        needs them. Give back the slot, the fetched buffer, the device source and their ledger
+        bytes now (the graph, or an exception the caller keeps, may hold the record for long),
+        remember why, and return the error to raise (again at every later use)."""
+        with self._lock:
+            if self._failure is None:
+                detail = err.strerror if err.strerror else str(err)
+                if err.filename is not None:
+                    detail += f": {err.filename!r}"
+                self._failure = (err.errno, (
+                    f"swapped activation of block {self.block!r} ({self.slot.nbytes} bytes) "
+                    f"could not be {action} the {self.slot.tier!r} tier: {detail}. This step's "
+                    "saved activations are lost, so its backward cannot finish: zero the "
+                    "gradients (optimizer.zero_grad(): the blocks after this one already added "
+                    "theirs to .grad) and redo the forward; if the error repeats, check the "
+                    "disk of ActivationOptions.nvme's directory (free space, I/O errors) or "
+                    "swap this block with tier='cpu'"
+                ))
+            self._fetched, self._fetch_pending = None, None
+            tokens = (self._dev_token, self._host_token)
+            self._dev_token = self._host_token = None
+        for tok in tokens:
+            if tok is not None:
+                tok.release()
+        if self._out_pending.done():  # else release() frees them once the copy out ends
+            self.drop_source()
+            self.engine.pool.free(self.slot)
+        return self._failure_error()
+
+    def _failure_error(self) -> OSError:
+        assert self._failure is not None
+        code, msg = self._failure
+        return OSError(code, msg) if code is not None else OSError(msg)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure_error()
 
     def restore(
         self, dtype: torch.dtype, size: torch.Size, stride: tuple[int, ...], offset: int,

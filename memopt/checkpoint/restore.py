@@ -3,7 +3,13 @@
 - model: every entry of ``model.state_dict()`` must be in the snapshot with the same global
   shape (else ``SnapshotMismatchError`` listing the differences); a DTensor row shard gets its
   rows, any other tensor the whole, copied in place.
-- optimizer: the target layout (``checkpoint_layout()`` or a plain optimizer's) decides which
+- optimizer: a memopt optimizer must be of the class that saved the state (checked first:
+  another optimizer may group, and so order, its parameters differently); the saved
+  parameters must have this optimizer's shapes position by position and, where both sides
+  name the same set of parameters (wrapper prefixes such as ``module.`` or ``_orig_mod.``
+  aside), the same name at each position: a reorder of same-shaped parameters would load
+  moments into the wrong one.
+  The target layout (``checkpoint_layout()`` or a plain optimizer's) decides which
   parameters this rank holds and which rows; ``rows`` state is cut to those rows, ``global``
   state is taken whole, ``local`` (block-quantized) state loads only into the same rows as it
   was saved from. The rebuilt ``state_dict`` goes through the optimizer's own
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils import get_logger
+from memopt._utils.wrapped_optim import WrapperOptimizer
 from memopt.checkpoint import layout as L
 from memopt.checkpoint.codec import decode
 from memopt.checkpoint.errors import SnapshotMismatchError
@@ -80,18 +87,8 @@ def optimizer_state_dict(
     snapshot the optimizer cannot take fails here, before the model is touched."""
     params, sharding = L.optimizer_layout(opt, model, rank, world)
     ref = _part(snap, 0, "optimizer")
-    saved = ref["params"]
-    if [tuple(p["shape"]) for p in saved] != [p.shape for p in params]:
-        old = {int(q["index"]): q for q in saved}
-        diff = [
-            f"#{p.index} {p.name}: snapshot {old.get(p.index, {}).get('shape')} vs {list(p.shape)}"
-            for p in params
-            if tuple(old.get(p.index, {}).get("shape", ())) != p.shape
-        ]
-        raise SnapshotMismatchError(
-            f"snapshot {snap.path}: optimizer parameters differ ({len(saved)} saved, "
-            f"{len(params)} here): {diff[:8]}"
-        )
+    _check_same_class(snap, ref, opt)
+    _check_same_params(snap, ref["params"], params)
     state: dict[int, dict[str, Any]] = {}
     live = L.plain_params(opt) if sharding is None else []
     for p in params:
@@ -110,6 +107,86 @@ def optimizer_state_dict(
     if sharding is not None:
         sd["sharding"] = sharding
     return sd
+
+
+def _check_same_class(snap: Snapshot, ref: dict[str, Any], opt: torch.optim.Optimizer) -> None:
+    """A memopt optimizer takes only its own class's state (its ``load_state_dict`` refuses
+    another's); say so before the parameter layouts are compared, since another optimizer
+    may order its parameters differently and the layout check would blame shapes."""
+    saved_by = ref.get("other", {}).get("memopt_optimizer")
+    here = _memopt_class(opt)
+    if isinstance(saved_by, str) and here is not None and saved_by != here:
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path}: its optimizer state was saved by {saved_by}, this "
+            f"optimizer is {here}; load it into the same optimizer (optimizer.name must match "
+            "to resume; to take the weights only, load without optimizer=..., or start a new "
+            "run with model.init_from); nothing was loaded"
+        )
+
+
+def _memopt_class(opt: torch.optim.Optimizer) -> str | None:
+    """The class name a memopt optimizer records in its state dicts (``memopt_optimizer``),
+    looking through memopt's wrappers (sharding, state offload); None for other optimizers
+    (torch's, ``OffloadedAdamW``), which record and check no class."""
+    while isinstance(opt, WrapperOptimizer):
+        opt = opt.inner
+    if callable(getattr(opt, "check_loaded_group", None)) and hasattr(opt, "check_loaded_shapes"):
+        return type(opt).__name__
+    return None
+
+
+#: Module wrappers that put a segment into parameter names: DDP's (and DataParallel's)
+#: ``module.`` in front, ``torch.compile``'s ``_orig_mod.``, FSDP1's and activation
+#: checkpointing's wrapped-module segments anywhere.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _plain_name(name: str) -> str:
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name
+
+
+def _check_same_params(
+    snap: Snapshot, saved: list[dict[str, Any]], params: list[L.ParamLayout]
+) -> None:
+    """The saved parameters (by position ``index``) must be this optimizer's: same shapes and,
+    when both sides name the same set of parameters, the same one at each position (a
+    reorder of same-shaped parameters would load one's moments into another). Names that do
+    not form the same set (a model renamed, a wrapper unknown here, no model given to name
+    them: ``param.N``) are not compared; shapes still are."""
+    old = sorted(saved, key=lambda q: int(q["index"]))
+    now = sorted(params, key=lambda p: p.index)
+    old_names = [_plain_name(str(q["name"])) for q in old]
+    now_names = [_plain_name(p.name) for p in now]
+    if old_names != now_names and sorted(old_names) == sorted(now_names):
+        diff = [
+            f"#{p.index}: snapshot {q['name']} vs here {p.name}"
+            for q, p, a, b in zip(old, now, old_names, now_names, strict=True)
+            if a != b
+        ]
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path}: the optimizer's parameter order differs from the snapshot's "
+            f"(the same {len(now)} parameters in another order: optimizer.name, its target or "
+            f"the param groups changed?): {diff[:8]}; build the optimizer with the saved "
+            "groups in the saved order to resume, or load without optimizer=... to take the "
+            "weights only; nothing was loaded"
+        )
+    if [tuple(q["shape"]) for q in old] != [p.shape for p in now]:
+        by_index = {int(q["index"]): q for q in old}
+        diff = [
+            f"#{p.index}: snapshot {q.get('name')} {q.get('shape')} vs here {p.name} "
+            f"{list(p.shape)}"
+            for p in now
+            for q in [by_index.get(p.index, {})]
+            if tuple(q.get("shape", ())) != p.shape
+        ]
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path}: optimizer parameters differ ({len(old)} saved, "
+            f"{len(now)} here): {diff[:8]}"
+        )
 
 
 def _no(name: str) -> Tensor:

@@ -3,10 +3,10 @@
 A tier stores byte ranges for its users. ``allocate`` reserves room for one tensor and returns
 a ``TierHandle``; ``write_async(handle, tensor)`` copies a tensor in and ``read_async(handle,
 out)`` copies it back out, both returning an ``IOFuture`` whose ``wait()`` blocks until the
-copy is done and re-raises any exception the background work hit (an ``OSError`` keeps its
-``errno``, so callers can tell ENOSPC from EIO); ``free`` gives the room back; ``report`` says
-how many bytes were requested, how many are reserved (requests plus alignment), and how many
-of those are pinned (page-locked) in host memory.
+copy is done and raises a fresh copy of any exception the background work hit (an ``OSError``
+keeps its ``errno``, so callers can tell ENOSPC from EIO); ``free`` gives the room back;
+``report`` says how many bytes were requested, how many are reserved (requests plus
+alignment), and how many of those are pinned (page-locked) in host memory.
 
 The same interface serves optimizer state, parameter shards, swapped activations and
 checkpoint staging, so one tier object (and one report) sees all bytes of its kind.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures as cf
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -144,11 +145,32 @@ class IOFuture:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until done; re-raise the background exception in the caller's thread."""
+        """Block until done; raise the background exception in the caller's thread.
+
+        Each call raises a fresh copy (same type, args and ``errno``) chained from the stored
+        exception, never the stored object itself: raising an object attaches the caller's
+        traceback to it, and the future would then keep every frame of that call alive (the
+        backward that waited, the loss, the whole autograd graph, through C++ nodes the
+        garbage collector cannot follow: a swapped activation's failed read leaked its graph
+        that way, once per failed step)."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"{self._describe}: not finished after {timeout} s")
-        if self._error is not None:
-            raise self._error
+        err = self._error
+        if err is not None:
+            raise _fresh_copy(err, self._describe) from err
+
+
+def _fresh_copy(err: BaseException, describe: str) -> BaseException:
+    """A new exception like ``err`` (type, args, attributes; no traceback, cause or context),
+    or a RuntimeError naming it when its type cannot be rebuilt from its args."""
+    try:
+        new = copy.copy(err)
+    except Exception:  # noqa: BLE001 - a type whose __init__ does not take its own args
+        new = None
+    if type(new) is not type(err) or new is err:
+        return RuntimeError(f"{describe} failed: {type(err).__name__}: {err}")
+    new.__traceback__ = new.__cause__ = new.__context__ = None
+    return new
 
 
 def wait_all(futures: Sequence[IOFuture]) -> None:
