@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from memopt._utils.dist_teardown import shutdown_distributed
 from memopt.api import Setup, setup
+from memopt.checkpoint.errors import CorruptSnapshotError, SnapshotMismatchError
 from memopt.checkpoint.exit_hook import EXIT_WAIT_S, finish, untrack
 from memopt.cli._meter import Meter
 from memopt.cli._runguard import DirectoryInUseError, die_with_parent, hold
@@ -276,6 +277,11 @@ def main(argv: Sequence[str] | None = None, *, lock_until_exit: bool = False) ->
     except DirectoryInUseError as e:  # (one line, not a traceback per rank)
         first = not dist.is_initialized() or dist.get_rank() == 0
         raise SystemExit(f"memopt run: {e}" if first else 1) from None
+    except (CorruptSnapshotError, SnapshotMismatchError) as e:
+        # a resume the snapshot cannot serve: one line per rank (it may differ by rank), not
+        # a traceback; the message names the file or the parameter and what to do
+        where = f" [rank {dist.get_rank()}]" if dist.is_initialized() else ""
+        raise SystemExit(f"memopt run{where}: {type(e).__name__}: {e}") from None
     finally:
         shutdown_distributed(ok=ok)
     return 0

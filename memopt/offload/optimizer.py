@@ -21,7 +21,6 @@ first step leaves nothing half made.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.pinned_tier import PinnedCPUTier
 from memopt.offload.pipeline import AdamHyper, OffloadedAdamState, StepItem
-from memopt.offload.tier import StorageTier
+from memopt.offload.tier import StorageTier, once_fixed
 
 __all__ = ["OffloadConfig", "OffloadedAdamW"]
 
@@ -201,8 +200,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self.store.step(items)
         except OSError as e:  # ENOSPC / EIO mid-pipeline: some parameters were updated
             where = f" ({e.filename})" if e.filename else ""
-            when = ("once the tier has room" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-                    else "once the cause above is fixed (check the disk, or move the tier)")
+            when = once_fixed(e)
             raise OSError(
                 e.errno,  # strerror, not str(e): no second "[Errno N]" in the message
                 f"{e.strerror or e}{where}; OffloadedAdamW.step did not complete: some "

@@ -32,7 +32,7 @@ import torch
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
 from memopt.offload.state_store import StateStore
-from memopt.offload.tier import StorageTier
+from memopt.offload.tier import StorageTier, once_fixed
 
 __all__ = ["StateOffloadedOptimizer"]
 
@@ -133,7 +133,7 @@ class StateOffloadedOptimizer(WrapperOptimizer):
                 e.errno,
                 f"{e.strerror or e}; StateOffloadedOptimizer.load_state_dict did not complete: "
                 "part of the loaded state did not reach the tier. Load the state dict again "
-                "once the tier has room",
+                f"{once_fixed(e)}",
             ) from e
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -197,5 +197,5 @@ def _write_failed(err: OSError) -> OSError:
         f"{err.strerror or err}; StateOffloadedOptimizer.step did not complete: some "
         "parameters may hold this step's values while their state on the tier does not, and "
         "the step counters have advanced. Do not retry the step: reload model and optimizer "
-        "from the last checkpoint once the tier has room",
+        f"from the last checkpoint {once_fixed(err)}",
     )

@@ -18,6 +18,7 @@ import abc
 import concurrent.futures as cf
 import contextlib
 import copy
+import errno
 import itertools
 import math
 import os
@@ -171,6 +172,14 @@ def _fresh_copy(err: BaseException, describe: str) -> BaseException:
         return RuntimeError(f"{describe} failed: {type(err).__name__}: {err}")
     new.__traceback__ = new.__cause__ = new.__context__ = None
     return new
+
+
+def once_fixed(err: OSError) -> str:
+    """When a failed tier operation may be redone, for the error messages: a full disk needs
+    room; any other error (EIO, a lost device) its cause fixed or the tier moved."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "once the tier has room"
+    return "once the cause above is fixed (check the disk, or move the tier)"
 
 
 def wait_all(futures: Sequence[IOFuture]) -> None:

@@ -53,3 +53,27 @@ def test_log_line_shows_the_lr_the_step_ran_at(
                        "optimizer.warmup_steps=4", "optimizer.schedule=constant"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step ")]
     assert [x.split(" lr ")[1].split()[0] for x in lines] == ["2.00e-04", "4.00e-04", "6.00e-04"]
+
+
+def test_a_snapshot_the_resume_cannot_use_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When every snapshot is damaged, or the snapshot was saved by another optimizer, the run
+    stops with one line naming the error (a traceback per rank before)."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "ck.yaml"
+    recipe.write_text(TINY + "checkpoint: {directory: ck, every_n_steps: 1, fsync: false}\n")
+    assert train_main([str(recipe)]) == 0  # snapshots of steps 1 and 2
+    out = capsys.readouterr().out
+    assert "snapshot: step 2 started (async)" in out and "published in" in out
+    with pytest.raises(SystemExit, match=r"^memopt run: SnapshotMismatchError: .*saved by AdamW"):
+        train_main([str(recipe), "train.steps=3", "optimizer.name=galore", "optimizer.rank=4"])
+    for step in (2, 1):  # (one damaged snapshot is skipped: tests/config/test_setup.py)
+        data = next((tmp_path / "ck" / f"step_{step:010d}").glob("rank_*.safetensors"))
+        raw = bytearray(data.read_bytes())
+        raw[-1] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning), pytest.raises(
+        SystemExit, match=r"^memopt run: CorruptSnapshotError: .*every snapshot .* is damaged"
+    ):
+        train_main([str(recipe), "train.steps=3"])

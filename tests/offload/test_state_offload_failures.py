@@ -154,19 +154,24 @@ def test_interrupted_read_leaves_usable_state(
     tier.close()
 
 
-def test_failed_write_says_not_to_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO], ids=["enospc", "eio"])
+def test_failed_write_says_not_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
     m, opt, tier = _offloaded(tmp_path)
     real, calls = io_backend._pwrite, itertools.count(1)
 
-    def enospc(fd: int, buf: memoryview, off: int) -> int:
+    def failing(fd: int, buf: memoryview, off: int) -> int:
         if next(calls) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
         return real(fd, buf, off)
 
-    monkeypatch.setattr(io_backend, "_pwrite", enospc)
+    monkeypatch.setattr(io_backend, "_pwrite", failing)
     with pytest.raises(OSError, match="Do not retry the step: reload model and optimizer") as e:
         opt.step()
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == code
+    # "once the tier has room" only for a full disk (an EIO said it too)
+    assert ("once the tier has room" in str(e.value)) == (code == errno.ENOSPC), str(e.value)
     monkeypatch.setattr(io_backend, "_pwrite", real)
     opt.close()
     tier.close()
