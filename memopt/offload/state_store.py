@@ -10,7 +10,10 @@ empty placeholder (at most ``max_writes`` writes in flight, each keeping its sou
 ``prefetch`` / ``fetch`` (started for the next parameters while these step) read them back
 into fresh tensors before their next step; a tensor is put into ``inner.state[p]`` (and
 stops counting as away) only once its read succeeded, so a failed or interrupted read leaves
-the placeholder and the tier's copy as the truth, and a later fetch reads it again. Each
+the placeholder and the tier's copy as the truth, and a later fetch reads it again. A write
+that fails puts its source tensor back into ``inner.state[p]`` (the key is resident again and
+the next ``send`` writes it anew; the tier's stale copy is not read), and ``send`` / ``drain``
+raise only once no write is in flight: a failed write loses no state. Each
 (parameter, key) has one tier handle, reallocated only if the tensor's shape or dtype
 changes. Host tensors are read back into page-aligned memory, so the NVMe tier moves them in
 place (no bounce copy of their size, and no bounce memory held). ``fetch_all`` /
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor
 
 from memopt.offload.nvme_tier import NVMeTier
-from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+from memopt.offload.tier import IOFuture, StorageTier, TierHandle
 
 __all__ = ["StateStore", "trim_arena"]
 
@@ -73,7 +76,8 @@ class StateStore:
         self._away: dict[Key, tuple[torch.Size, torch.dtype, torch.device]] = {}
         # reads started, not yet seen to succeed: id(p) -> key -> (buffer, future)
         self._reads: dict[int, dict[str, tuple[Tensor, IOFuture]]] = {}
-        self._writes: deque[tuple[Tensor, IOFuture]] = deque()
+        # writes in flight: (parameter, key, source tensor, future), oldest first
+        self._writes: deque[tuple[Tensor, str, Tensor, IOFuture]] = deque()
         self.bytes_read = self.bytes_written = 0  # moved to / from the tier since setup
 
     def prefetch(self, params: Iterable[Tensor]) -> None:
@@ -121,7 +125,9 @@ class StateStore:
 
     def send(self, params: Iterable[Tensor]) -> None:
         """Write the large state tensors of ``params`` to the tier; they shrink at once (the
-        write keeps its source alive until it is done)."""
+        write keeps its source alive until it is done). On an error every write in flight is
+        waited for first and each failed one's tensor is put back (see ``_settle``); the keys
+        not yet written stay in memory."""
         for p in params:
             state = self.inner.state.get(p, {})
             self._free_dropped(p, state)
@@ -131,13 +137,46 @@ class StateStore:
                 if (id(p), key) in self._away:  # still on the tier (its read failed)
                     continue
                 src = t.detach().contiguous()
-                fut = self.tier.write_async(self._handle((id(p), key), t), src)
+                try:  # refused (no room): nothing changed for this key
+                    fut = self.tier.write_async(self._handle((id(p), key), t), src)
+                except BaseException:
+                    self._settle_all(raise_first=False)
+                    raise
                 self.bytes_written += src.numel() * src.element_size()
                 self._away[(id(p), key)] = (t.shape, t.dtype, t.device)
                 state[key] = t.new_empty(0)
-                self._writes.append((src, fut))
+                self._writes.append((p, key, src, fut))
                 while len(self._writes) > self.max_writes:
-                    self._writes.popleft()[1].wait()
+                    error = self._settle(self._writes.popleft())
+                    if error is not None:
+                        self._settle_all(raise_first=False)
+                        raise error
+
+    def _settle(self, write: tuple[Tensor, str, Tensor, IOFuture]) -> BaseException | None:
+        """Wait for one write; if it failed, put its source back as the key's state (resident
+        again: nothing is lost, the next ``send`` writes it) and return the error."""
+        p, key, src, fut = write
+        try:
+            fut.wait()
+            return None
+        except BaseException as err:  # noqa: BLE001 - returned to the caller, which raises it
+            if not fut.done():  # interrupted while waiting (Ctrl-C): still in flight
+                self._writes.appendleft(write)
+                raise
+            state = self.inner.state.get(p)
+            if state is not None and self._away.pop((id(p), key), None) is not None:
+                state[key] = src
+                self.bytes_written -= src.numel() * src.element_size()
+            return err
+
+    def _settle_all(self, raise_first: bool = True) -> None:
+        """``_settle`` every write in flight, oldest first; then raise the first error."""
+        first: BaseException | None = None
+        while self._writes:
+            error = self._settle(self._writes.popleft())
+            first = first or error
+        if first is not None and raise_first:
+            raise first
 
     def _free_dropped(self, p: Tensor, state: dict[str, Any]) -> None:
         """Free the tier room of state the optimizer dropped since its last send (FRUGAL's
@@ -160,10 +199,13 @@ class StateStore:
         return h
 
     def drain(self) -> None:
-        """Wait for the writes in flight; then unmap the tier arena's empty chunks."""
-        wait_all([fut for _, fut in self._writes])
-        self._writes.clear()
-        trim_arena(self.tier)
+        """Wait for the writes in flight (a failed one's tensor is put back, see ``_settle``;
+        the first error is raised after all of them); then unmap the tier arena's empty
+        chunks."""
+        try:
+            self._settle_all()
+        finally:
+            trim_arena(self.tier)
 
     def all_params(self) -> list[Tensor]:
         return [p for g in self.inner.param_groups for p in g["params"]]

@@ -37,13 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.offload.tier import StorageTier
+from memopt.sharding.agree import agree
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp2_internals import handle_unused_grads
 from memopt.sharding.fsdp_dtypes import plan_dtypes
 from memopt.sharding.fsdp_optim import FSDPOptimizer
 from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
-from memopt.sharding.param_swap import make_param_swapper
+from memopt.sharding.param_swap import ParamSwapper, make_param_swapper
 
 
 @dataclass(frozen=True)
@@ -206,14 +208,18 @@ def shard_stage3(
     config: ShardConfig,
     comm: Comm,
     options: FSDPOptions,
+    state_tier: StorageTier | None = None,
 ) -> tuple[nn.Module, FSDPOptimizer]:
     """``fully_shard`` the model, then wrap the optimizer around the new DTensor parameters.
 
     ``fully_shard`` replaces every parameter object; the optimizer's are found again by name.
     A meta-device model is materialized shard by shard right after (``meta_init``); with
-    ``offload_params="nvme"`` the shards then go to NVMe (``param_swap``). On several ranks a
-    parameter with a gradient on some ranks only is reduced as zeros elsewhere
-    (``fsdp2_internals.UnusedGrads``).
+    ``offload_params="nvme"`` the shards then go to NVMe (``param_swap``): its file is made
+    only now (its size is the shards'), so the ranks agree on it (``agree``) before any
+    collective: a directory unusable on one node fails every rank, with the model already
+    sharded. On several ranks a parameter with a gradient on some ranks only is reduced as
+    zeros elsewhere (``fsdp2_internals.UnusedGrads``). ``state_tier``: ``offload=``'s tier,
+    opened by ``setup`` (None: made by ``FSDPOptimizer``).
     """
     order = param_names(model, optimizer)
     meta = is_meta(model)
@@ -223,13 +229,29 @@ def shard_stage3(
     if meta:
         materialize(model, device, comm.rank, comm.world, options.init_fn)
     handle_unused_grads(model, comm)
-    swapper = None
-    if config.offload_params == "nvme":
-        assert config.param_nvme is not None  # ShardConfig checked it
-        swapper = make_param_swapper(model, config.param_nvme, comm.rank)
+    swapper = _param_swapper(model, config, comm) if config.offload_params == "nvme" else None
     new = dict(model.named_parameters())
     params = [[new[n] for n in group] for group in order]
-    sharded = FSDPOptimizer(model, optimizer, config, comm, params, swapper)
+    sharded = FSDPOptimizer(model, optimizer, config, comm, params, swapper, state_tier)
     if swapper is not None:  # from here on, to_local() of an evicted shard raises
         swapper.guard_evicted()
     return model, sharded
+
+
+def _param_swapper(model: nn.Module, config: ShardConfig, comm: Comm) -> ParamSwapper:
+    """``make_param_swapper``, agreed on by every rank (see ``shard_stage3``)."""
+    assert config.param_nvme is not None  # ShardConfig checked it
+    swapper, error = None, None
+    try:
+        swapper = make_param_swapper(model, config.param_nvme, comm.rank)
+    except Exception as exc:  # noqa: BLE001 - agreed on below, then raised on every rank
+        error = exc
+    try:
+        what = "could not make their parameter tier (offload_params='nvme'); the model is sharded"
+        agree(comm, error, what)
+    except BaseException:
+        if swapper is not None:
+            swapper.close()
+        raise
+    assert swapper is not None
+    return swapper

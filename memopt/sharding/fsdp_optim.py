@@ -28,7 +28,9 @@ order (the same on every rank, so owner collectives keep their order): prefetch 
 shards and state, load unit k's, bind only unit k's gradients (the inner optimizer skips
 parameters without a gradient, so per-parameter step counts are unchanged), step, write the
 updated shards and state back; unit k's storage is freed once its write lands, while unit k+1
-steps.
+steps. A tier I/O error in that loop is raised (an ``OSError``, same errno) once the I/O in
+flight has settled, saying which units were stepped and whether the step may be retried
+(``unit_errors``); a failed state write keeps that state in memory (``StateStore``).
 
 Clipping uses ``torch.nn.utils.get_total_norm`` on the DTensor gradients (``full_tensor()``
 of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps to FSDP2's
@@ -38,7 +40,7 @@ of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import closure_loss
 from memopt.offload.state_store import StateStore
+from memopt.offload.tier import StorageTier
 from memopt.sharding import guards, rowproj
 from memopt.sharding.comm import Comm
 from memopt.sharding.config import ShardConfig
@@ -53,6 +56,7 @@ from memopt.sharding.fsdp2_internals import unit_index
 from memopt.sharding.optimizer import ShardedOptimizer
 from memopt.sharding.param_swap import ParamSwapper
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
+from memopt.sharding.unit_errors import UnitProgress, unit_names
 
 
 class FSDPOptimizer(ShardedOptimizer):
@@ -70,8 +74,10 @@ class FSDPOptimizer(ShardedOptimizer):
         comm: Comm,
         params: Sequence[Sequence[Tensor]],
         swapper: ParamSwapper | None = None,
+        state_tier: StorageTier | None = None,
     ) -> None:
-        # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order.
+        # ``params``: the sharded (DTensor) parameters in the inner optimizer's group order;
+        # ``state_tier``: ``offload=``'s tier, already open (None: made here), owned.
         # Not ShardedOptimizer.__init__ (no buckets, no hooks: FSDP2 communicates).
         self.wrap(optimizer)
         self.config, self.comm, self.model = config, comm, model
@@ -107,7 +113,7 @@ class FSDPOptimizer(ShardedOptimizer):
         #: the inner optimizer's state on a tier (``offload=``), else None
         self.state_store: StateStore | None = None
         if config.offload is not None:
-            tier = config.offload.make_tier(comm.rank)
+            tier = state_tier if state_tier is not None else config.offload.make_tier(comm.rank)
             self.state_store = StateStore(self.inner, tier, config.offload.min_state_bytes)
         streamed = swapper is not None or self.state_store is not None
         self._units = self._unit_plans() if streamed else []
@@ -138,37 +144,60 @@ class FSDPOptimizer(ShardedOptimizer):
         return loss
 
     def _step_units(self) -> None:
-        """One unit at a time (see the module docstring)."""
+        """One unit at a time (see the module docstring); a tier's ``OSError`` is raised
+        again, once the I/O in flight settled, saying what the step did (``unit_errors``)."""
+        progress = UnitProgress(len(self._units), self.param_swapper is not None)
+        try:
+            self._stream_units(progress)
+        except OSError as err:
+            for tier in (self.state_store, self.param_swapper):
+                if tier is not None:  # nothing left in flight; failed state writes put back
+                    with suppress(OSError):
+                        tier.drain()
+            self._release()
+            names = [[self.names.get(id(p.param), "") for p in plans] for _, plans in self._units]
+            raise progress.error(err, unit_names(names)) from err
+
+    def _stream_units(self, progress: UnitProgress) -> None:
         sw, st, units = self.param_swapper, self.state_store, self._units
         if sw is not None:
             sw.begin_step()
         written: list[int] = []
         for k, (unit, plans) in enumerate(units):
             if k + 1 < len(units):
+                progress.io = "parameter read"
                 if sw is not None:
                     sw.prefetch(units[k + 1][0])
+                progress.io = "state read"
                 if st is not None:
                     st.prefetch(self._held(units[k + 1][1]))
+            progress.io = "parameter read"
             if sw is not None:
                 sw.load(unit)
+            progress.io = "state read"
             if st is not None:
                 st.fetch(self._held(plans))
             whole = self._bind(plans)
             self.inner.step()
+            progress.stepped = k + 1
             self._scatter_back(whole)
             for h in self._held(plans):
                 h.grad = None
+            progress.io = "state write"
             if st is not None:
                 st.send(self._held(plans))
+            progress.io = "parameter write"
             if sw is not None:
                 sw.write_back(unit, evict=False)
                 written.append(unit)
                 if len(written) > 1:  # unit k-1's write had unit k's step to land
                     sw.release(written.pop(0))
+        progress.io = "parameter write"
         if sw is not None:
             for unit in written:
                 sw.release(unit)
             sw.drain()
+        progress.io, progress.tail = "state write", True
         if st is not None:
             st.drain()
         self._release()

@@ -30,10 +30,12 @@ import torch
 
 from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
 from memopt.offload.state_offload import StateOffloadedOptimizer
+from memopt.offload.tier import StorageTier
 
 __all__ = [
     "check_offloadable",
     "is_low_rank_optimizer",
+    "is_offloadable",
     "keeps_own_state",
     "offload_inner",
     "state_inner",
@@ -92,8 +94,24 @@ def check_offloadable(optimizer: torch.optim.Optimizer) -> None:
             )
 
 
-def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int) -> OffloadedAdamW:
-    """An ``OffloadedAdamW`` over ``inner``'s groups (params and hyperparameters)."""
+def is_offloadable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``check_offloadable`` accepts ``optimizer`` (stages 1/2 and the plain one-rank
+    path can offload its state)."""
+    try:
+        check_offloadable(optimizer)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def offload_inner(
+    inner: torch.optim.Optimizer,
+    config: OffloadConfig,
+    rank: int,
+    tier: StorageTier | None = None,
+) -> OffloadedAdamW:
+    """An ``OffloadedAdamW`` over ``inner``'s groups (params and hyperparameters), on ``tier``
+    (``config.make_tier(rank)`` when None); the optimizer owns the tier (closes it)."""
     check_offloadable(inner)
     groups: list[dict[str, Any]] = []
     for g in inner.param_groups:
@@ -106,7 +124,8 @@ def offload_inner(inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
                 "weight_decay": g["weight_decay"],
             }
         )
-    tier = config.make_tier(rank)
+    if tier is None:
+        tier = config.make_tier(rank)
     opt = OffloadedAdamW(groups, offload=config, tier=tier)
     opt._owns_tier = True  # made here for this optimizer: closed with it
     return opt
@@ -130,13 +149,17 @@ def check_no_hybrid(inner: torch.optim.Optimizer, config: OffloadConfig) -> None
 
 
 def state_inner(
-    inner: torch.optim.Optimizer, config: OffloadConfig, rank: int
+    inner: torch.optim.Optimizer,
+    config: OffloadConfig,
+    rank: int,
+    tier: StorageTier | None = None,
 ) -> StateOffloadedOptimizer:
-    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on the tier
-    (``check_no_hybrid`` has refused ``hybrid=True`` before anything was built)."""
+    """``inner`` (a low-rank memopt optimizer) with its state tensors kept on ``tier``
+    (``config.make_tier(rank)`` when None; owned: closed with the optimizer).
+    ``check_no_hybrid`` has refused ``hybrid=True`` before anything was built."""
     check_no_hybrid(inner, config)
-    opt = StateOffloadedOptimizer(
-        inner, config.make_tier(rank), min_bytes=config.min_state_bytes
-    )
+    if tier is None:
+        tier = config.make_tier(rank)
+    opt = StateOffloadedOptimizer(inner, tier, min_bytes=config.min_state_bytes)
     opt._owns_tier = True
     return opt

@@ -1,20 +1,26 @@
 """``apply_sharding``: validate the inputs, then wrap the optimizer (``memopt.shard`` calls it).
 
 Every check runs before any collective. Checks that can only fail on some ranks (an optimizer
-with state on one rank, parameters on another device) are agreed on with one all-reduce of a
-failure flag, so every rank raises instead of the healthy ones hanging in their first
-collective; the failing rank raises its own message, the others name it.
+with state on one rank, parameters on another device), and the opening of ``offload=``'s tier
+(a directory read-only, missing or full on one node), are agreed on (``agree``: an all-reduce
+of a failure flag, then of the failed ranks' error texts), so every rank raises instead of
+the healthy ones hanging in their first collective; the failing rank raises its own error,
+the others name it and its message. The tier is opened after the checks pass and closed
+again if any rank failed or the wrapping below raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
+from memopt.offload.tier import StorageTier
 from memopt.sharding import guards
+from memopt.sharding.agree import agree
 from memopt.sharding.buffers import install_buffer_sync
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
@@ -24,6 +30,7 @@ from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import (
     check_no_hybrid,
     check_offloadable,
+    is_offloadable,
     keeps_own_state,
     offload_inner,
     state_inner,
@@ -78,16 +85,14 @@ def _apply_sharding(
             "torch.distributed initialized; on one device a one-rank group is enough "
             "(torchrun --nproc_per_node 1, or init_process_group with world_size=1)"
         )
-    # World size 1 takes the plain path, unless asked for the collectives (comm.world1_
-    # collectives) or for parameter offload (which is FSDP2's, even on one device).
-    forced = comm.group is not None and (world1_collectives() or config.offload_params != "none")
-    fsdp2 = config.stage == 3 and (comm.world > 1 or forced)
+    fsdp2 = config.stage == 3 and (comm.world > 1 or _forced(comm, config, optimizer))
     own_state = config.offload is not None and keeps_own_state(optimizer)
     if own_state and config.offload is not None:  # every stage, before hooks or FSDP2 units
         check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
         _check_offload(optimizer, config, own_state)
     error: Exception | None = None
+    tier: StorageTier | None = None
     try:
         guards.check_not_distributed_tensors(model, config.stage)  # every stage, any world
         _check_local(model, optimizer, comm, config.master_dtype)
@@ -101,9 +106,47 @@ def _apply_sharding(
             )
     except (TypeError, ValueError) as exc:
         error = exc
-    _agree(comm, error, optimizer)
+    if error is None and config.offload is not None:
+        try:  # before the agreement: a directory unusable on one node fails every rank
+            tier = config.offload.make_tier(comm.rank)
+        except Exception as exc:  # noqa: BLE001 - agreed on below, then raised on every rank
+            error = exc
+    try:
+        _agree(comm, error, optimizer)
+        return _wrap(model, optimizer, config, comm, fsdp, fsdp2, own_state, tier)
+    except BaseException:
+        if tier is not None:  # (closing it again after an optimizer that took it did: no-op)
+            with contextlib.suppress(Exception):  # the error that matters is the one raised
+                tier.close()
+        raise
+
+
+def _forced(comm: Comm, config: ShardConfig, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a one-rank group takes the sharded path: asked for the collectives
+    (``comm.world1_collectives``), parameter offload (FSDP2's, even on one device), or stage 3
+    with ``offload=`` for an optimizer the plain path cannot offload (FSDP2's per-unit state
+    store takes any; AdamW and memopt's optimizers keep the faster plain path)."""
+    if comm.group is None:
+        return False
+    if world1_collectives() or config.offload_params != "none":
+        return True
+    return config.stage == 3 and config.offload is not None and not is_offloadable(optimizer)
+
+
+def _wrap(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ShardConfig,
+    comm: Comm,
+    fsdp: FSDPOptions | None,
+    fsdp2: bool,
+    own_state: bool,
+    tier: StorageTier | None,
+) -> tuple[nn.Module, ShardedOptimizer]:
+    """Build the sharded optimizer (every rank passed its checks; ``tier``: ``offload=``'s,
+    already open)."""
     if fsdp2:
-        return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions())
+        return shard_stage3(model, optimizer, config, comm, fsdp or FSDPOptions(), tier)
     if is_meta(model):  # stage 3 on one rank: the whole model is this rank's shard
         options = fsdp or FSDPOptions()
         names = param_names(model, optimizer)
@@ -113,14 +156,14 @@ def _apply_sharding(
         return model, ShardedOptimizer(model, optimizer, config, comm)
     if own_state:  # the state goes to the tier; parameters / masters stay with the shards
         sharded = ShardedOptimizer(model, optimizer, config, comm)
-        sharded.inner = state_inner(sharded.inner, config.offload, comm.rank)
+        sharded.inner = state_inner(sharded.inner, config.offload, comm.rank, tier)
         return model, sharded
     # Offload: local tensors are the model's own (shards of) parameters; the fp32 master
     # weights and the moments live on the tier, in the inner OffloadedAdamW.
     sharded = ShardedOptimizer(
         model, optimizer, dataclasses.replace(config, master_dtype=None), comm
     )
-    sharded.inner = offload_inner(sharded.inner, config.offload, comm.rank)
+    sharded.inner = offload_inner(sharded.inner, config.offload, comm.rank, tier)
     sharded.defaults = sharded.inner.defaults
     sharded.config = config
     return model, sharded
@@ -146,7 +189,8 @@ def _check_offload(optimizer: torch.optim.Optimizer, config: ShardConfig, own_st
             f"{e}. At stage 3 any optimizer's state can be offloaded per FSDP2 unit, but "
             "without a process group stage 3 runs the plain one-rank path, which has only "
             "the optimizers above; initialize torch.distributed (a one-rank group is "
-            "enough: torchrun --nproc_per_node 1) to use FSDP2's"
+            "enough: torchrun --nproc_per_node 1, or init_process_group with world_size=1), "
+            "and memopt.shard takes FSDP2's path for this optimizer"
         ) from e
     if not own_state and config.master_dtype not in (None, torch.float32):
         raise ValueError(
@@ -208,16 +252,9 @@ def _check_local(
 
 
 def _agree(comm: Comm, error: Exception | None, optimizer: torch.optim.Optimizer) -> None:
-    """Raise on every rank if any rank failed its local checks (one small all-reduce)."""
-    if comm.world > 1:
-        device = optimizer.param_groups[0]["params"][0].device if error is None else None
-        if device is not None and device.type == "meta":
-            device = None
-        failed = comm.flagged_ranks(error is not None, device=device)
-        if failed and error is None:
-            raise ValueError(
-                f"memopt.shard: rank(s) {failed} failed their input checks (see their errors); "
-                "no collective was issued"
-            )
-    if error is not None:
-        raise error
+    """Raise on every rank if any rank failed its checks or could not open its tier."""
+    device = optimizer.param_groups[0]["params"][0].device if error is None else None
+    if device is not None and device.type == "meta":
+        device = None
+    what = "failed their input checks or could not open their tier; no collective was issued"
+    agree(comm, error, what, device=device)

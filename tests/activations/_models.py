@@ -76,3 +76,18 @@ def stack_loss(x: torch.Tensor):  # type: ignore[no-untyped-def]
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class Flag:
+    """Quacks like the IOFuture a swap's ``Pending`` may wrap: done when the test (or a
+    ``wait``) says so (copy backends that report copies in flight, as CUDA's do)."""
+
+    def __init__(self, log: list[Flag]) -> None:
+        self.finished = False
+        log.append(self)
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.finished = True

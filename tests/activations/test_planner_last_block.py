@@ -18,6 +18,7 @@ import torch
 import memopt.activations as act
 from memopt.activations.measure import count_outside_blocks
 from memopt.activations.transfer import CopyBackend, Pending
+from tests.activations._models import Flag as _Flag
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,18 +79,6 @@ def test_last_block_peak_is_predicted(attn, hidden, seq, low) -> None:  # type: 
         assert low <= ratios[last] <= 1.02, (last, ratios)
     for last in ("keep", "recompute", "swap"):  # the controls: exact, never under
         assert ratios[last] == pytest.approx(1.0, abs=0.005), (last, ratios)
-
-
-class _Flag:
-    def __init__(self, log: list[_Flag]) -> None:
-        self.finished = False
-        log.append(self)
-
-    def done(self) -> bool:
-        return self.finished
-
-    def wait(self, timeout: float | None = None) -> None:
-        self.finished = True
 
 
 class _CudaLike(CopyBackend):

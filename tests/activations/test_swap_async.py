@@ -17,21 +17,8 @@ from memopt.activations import ActivationOptions, SavedLedger, apply
 from memopt.activations.policy import swap
 from memopt.activations.transfer import CopyBackend, Pending
 from memopt.offload.arena import ArenaConfig, PinnedArena
+from tests.activations._models import Flag as _Flag
 from tests.activations._models import grads, make_stack, same, stack_loss
-
-
-class _Flag:
-    """Quacks like the IOFuture a Pending may wrap: done when the test (or a wait) says so."""
-
-    def __init__(self, log: list[_Flag]) -> None:
-        self.finished = False
-        log.append(self)
-
-    def done(self) -> bool:
-        return self.finished
-
-    def wait(self, timeout: float | None = None) -> None:
-        self.finished = True
 
 
 class _SlowBackend(CopyBackend):
