@@ -44,6 +44,12 @@ def compute_fp32(group: dict[str, Any]) -> bool:
     return group.get("state_dtype") in ("float32", *LOWBIT)
 
 
+def build_dtype(dtype: torch.dtype, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of the plain moments this group builds for a tensor of ``dtype`` (fp32 when
+    the group computes in fp32, else the tensor's own); a load casts saved moments to it."""
+    return torch.float32 if compute_fp32(group) else dtype
+
+
 def lowbit_kind(group: dict[str, Any], numel: int) -> Any:
     kind = group.get("state_dtype")
     return kind if kind in LOWBIT and numel >= MIN_LOWBIT_NUMEL else None
@@ -82,7 +88,7 @@ def load(state: dict[str, Any], like: Tensor, group: dict[str, Any]) -> tuple[Te
     kind = lowbit_kind(group, like.numel())
     if kind is None:
         if "exp_avg" not in state:
-            dtype = torch.float32 if compute_fp32(group) else like.dtype
+            dtype = build_dtype(like.dtype, group)
             if dtype == torch.float16:
                 warn_once(FP16_MOMENTS)
             state["exp_avg"] = torch.zeros(like.shape, dtype=dtype, device=like.device)

@@ -1,6 +1,7 @@
 """What a memopt optimizer keeps across processes: ``state_dict`` / ``load_state_dict``
-(tensor-only state, saved dtypes kept, shapes and the optimizer class checked before anything
-loads) and ``copy.deepcopy`` / pickle (memopt's own settings travel, caches do not).
+(tensor-only state; shapes, dtypes and the optimizer class checked before anything loads;
+float state cast to the dtype this optimizer builds it in) and ``copy.deepcopy`` / pickle
+(memopt's own settings travel, caches do not).
 
 ``load_state_dict`` takes memopt's own state dicts and torch.optim.Adam/AdamW's; another
 implementation's (galore-torch, apollo-torch, bitsandbytes) is refused before anything
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim._refresh import CACHE_PREFIX
 from memopt.optim.projection import Projector
@@ -34,6 +36,9 @@ START_FRESH = (
     "another implementation's moments cannot continue here. Load the model weights and "
     "start the memopt optimizer fresh from them; nothing was loaded"
 )
+#: Float state loaded as saved: step counters (torch's are float tensors) and the absmax
+#: scales of quantized moments (fp32 whatever the parameter).
+KEEP_DTYPE = frozenset({"step", "exp_avg_absmax", "exp_avg_sq_absmax"})
 
 
 class PersistMixin(torch.optim.Optimizer):
@@ -123,6 +128,9 @@ class PersistMixin(torch.optim.Optimizer):
         self._check_foreign_state(saved_groups, saved_state)
         if self.check_loaded_shapes:
             self._check_loaded_shapes(saved_groups, saved_state)
+        for label, p, merged, st in self._saved_states(saved_groups, saved_state):
+            for k, v in st.items():  # refuse a key of unknown dtype before anything loads
+                self.load_dtype(label, p, merged, k, v)
         before = [dict(g) for g in self.param_groups]
         self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
         try:
@@ -138,12 +146,39 @@ class PersistMixin(torch.optim.Optimizer):
                     continue
                 st = self.state[p]
                 for k, v in saved_state[pid].items():
-                    if isinstance(v, Tensor):
-                        st[k] = v.to(device=p.device)  # keeps the saved dtype
+                    if isinstance(v, Tensor):  # (a no-op cast when the setup is the same)
+                        want = self.load_dtype(str(pid), p, group, k, v)
+                        st[k] = v.to(device=p.device, dtype=want)
                 moments.adopt_plain(st, group)  # torch's fp32 moments in an int8 group
                 proj = self.projector(group) if self.is_low_rank(group) else None
                 if proj is not None:  # (the state says whether it was projected: a stage-3
                     proj.rebuild(st, p)  # holder between steps is a 1-D placeholder)
+
+    def load_dtype(
+        self, label: str, p: Tensor, group: dict[str, Any], key: str, value: Any
+    ) -> torch.dtype | None:
+        """The dtype a loaded state tensor takes: the one this optimizer builds ``key`` in for
+        ``p`` in ``group``, as torch's own load casts state to the parameter's dtype (None:
+        as saved). A state dict saved under another precision setup (bf16 parameters with
+        fp32 masters or ``state_dtype="float32"``, loaded into plain bf16, or the reverse)
+        then steps here; fp32 -> bf16 rounds to bf16, bf16 -> fp32 is exact."""
+        if not isinstance(value, Tensor) or not value.is_floating_point() or key in KEEP_DTYPE:
+            return None
+        compute = moments.build_dtype(p.dtype, group)
+        want = _built_dtype(key, compute)
+        if want is None and self.is_low_rank(group):  # (a stage-3 holder may be 1-D)
+            proj = self.projector(group)  # a projector's float state is its basis, kept in
+            if proj is not None and key in proj.state_keys():  # basis_dtype, else in the
+                want = proj.options.get("basis_dtype") or compute  # dtype it projects
+        if want is None and value.dtype != compute:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the saved state of {label} holds "
+                f"{key!r} in {value.dtype}, and this optimizer computes that parameter in "
+                f"{compute}; it does not know which dtype {key!r} takes here. Load it into an "
+                "optimizer set up as when it was saved (same parameter dtype, state_dtype and "
+                "master_dtype); nothing was loaded"
+            )
+        return want
 
     def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
         """Shape of Adam's moments for ``p`` in ``group`` (None: this parameter keeps none)."""
@@ -216,6 +251,16 @@ class PersistMixin(torch.optim.Optimizer):
                     "from a model whose shapes differ, or its parameters were passed in "
                     "another order; nothing was loaded"
                 )
+
+
+def _built_dtype(key: str, compute: torch.dtype) -> torch.dtype | None:
+    """The dtype memopt's optimizers build float state ``key`` in when they compute in
+    ``compute`` (None: not one of these keys; a projector's own keys are its to say)."""
+    if key in ("exp_avg", "exp_avg_sq"):
+        return compute
+    if key in ("nat_hist", "nat_gram", "nl_prev"):  # Natural GaLore's history and Gram
+        return F.woodbury_dtype(compute)  # matrix, APOLLO's last norm: at least fp32
+    return None
 
 
 def held_objects(state: dict[str, Any]) -> str | None:

@@ -12,12 +12,12 @@ a state read failed) or must not be (reload the last checkpoint once the cause i
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
+
+from memopt.offload.tier import once_fixed
 
 __all__ = ["UnitProgress", "unit_names"]
 
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _SHOWN = 3  # unit names listed per side
 
 
@@ -37,11 +37,7 @@ class UnitProgress:
     def error(self, err: OSError, names: list[str]) -> OSError:
         """``err`` (same errno) with what this step did; ``names``: each unit's name."""
         where = f" ({err.filename})" if err.filename else ""
-        when = (
-            "once the tier has room"
-            if err.errno in _NO_ROOM
-            else "once the cause above is fixed (check the disk, or move the tier)"
-        )
+        when = once_fixed(err)
         head = f"{err.strerror or err}{where}; FSDPOptimizer.step (stage 3, {self.io} failed)"
         n, total = self.stepped, self.total
         if self.io == "state read" and n == 0:

@@ -50,7 +50,11 @@ def _ranked(rank: int, world: int, root: str) -> dict:
     _steps(s, 3, rank, world)
     s.save(3)
     s.close()
+    # list between two barriers: after every rank closed its tiers, before any rank's next
+    # setup opens a new one (the state tier opens before the first collective)
+    torch.distributed.barrier()
     files = sorted(p.name for p in Path(root, "nvme").iterdir())
+    torch.distributed.barrier()
     again = memopt.setup(_Blocks(), _cfg(3, root))
     _steps(again, 2, rank, world, first=3)
     with again.optimizer.resident_params():
