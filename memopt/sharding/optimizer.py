@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import guards, rowproj
+from memopt.sharding import guards, regrad, rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -170,7 +170,7 @@ class ShardedOptimizer(WrapperOptimizer):
         def hook(_: Tensor) -> None:
             me = ref()
             if me is not None and me._sync:
-                me.reducer.on_grad(plan, me.names.get(id(plan.param), f"param {plan.index}"))
+                regrad.on_grad(me, plan)
 
         return hook
 
@@ -227,13 +227,7 @@ class ShardedOptimizer(WrapperOptimizer):
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._drain()
-        for p in self.plans:
-            if set_to_none or p.param.grad is None:
-                p.param.grad = None
-            else:
-                p.param.grad.zero_()
-        self._release()
+        regrad.zero_grad(self, set_to_none)
 
     def _drain(self) -> None:
         """Let gradient communication still in flight finish before gradients are dropped."""
@@ -304,8 +298,10 @@ class ShardedOptimizer(WrapperOptimizer):
     def finish_grad_sync(self) -> None:
         """Reduce the gradients (once per step) and hand each local tensor its share."""
         if self._synced:
-            return
-        grads = self.reducer.finish() if not self._plain else self._plain_grads()
+            if not regrad.new_backward(self):
+                return
+            regrad.restart(self)  # a backward since (model.zero_grad() skip): a new step
+        grads = self.reducer.finish() if not self._plain else regrad.plain_grads(self)
         frozen = {p.index for p in self.plans if not p.param.requires_grad}
         for index, local in self.locals.items():
             if index not in grads:  # no gradient on any rank: skipped, as in one process
@@ -318,13 +314,7 @@ class ShardedOptimizer(WrapperOptimizer):
             if g is not local.grad:
                 local.grad = g if g.dtype == local.dtype else g.to(local.dtype)
         self._synced = True
-
-    def _plain_grads(self) -> dict[int, Tensor]:
-        return {
-            p.index: p.param.grad.view(self.locals[p.index].shape)
-            for p in self.plans
-            if p.param.grad is not None
-        }
+        regrad.note_grads(self)
 
     def resident_params(self, write_back: bool = True) -> Any:
         """A no-op here (stages 1/2 keep every parameter in memory): stage-3 NVMe code runs."""
@@ -359,6 +349,7 @@ class ShardedOptimizer(WrapperOptimizer):
         coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
         if grads:
             torch._foreach_mul_(grads, coef)
+        regrad.note_grads(self)
         return total
 
     def balance(self) -> dict[str, object]:

@@ -14,7 +14,10 @@ Gradient reduction (``GradReducer``), per optimizer step:
    launches the rest, waits, divides by the world size and returns each rank's gradient
    views, keyed by parameter index. A parameter that got no gradient on any rank (one
    all-reduce of a flag per parameter says which) is left out, so the optimizer skips it as
-   it would in one process, instead of stepping its moments on a zero gradient.
+   it would in one process, instead of stepping its moments on a zero gradient. A parameter
+   whose gradient ``zero_grad(set_to_none=False)`` zeroed (``zeroed``: it had one since the
+   last ``set_to_none=True``) counts as used with a zero gradient, as its zero ``.grad``
+   would in one process.
 
 Parameter gathering (``gather_params``), after the step: a row bucket all-gathers every
 rank's updated rows (``all_gather_into_tensor``, rank-major, in the parameter dtype), a whole
@@ -48,6 +51,10 @@ class GradReducer:
         self.buckets = buckets
         self.device = device
         self.bucket_of = {p.index: b for b in buckets for p in b.plans}
+        #: parameters zeroed, not dropped, by zero_grad(set_to_none=False): stepped on zeros
+        self.zeroed: set[int] = set()
+        #: parameters that had a gradient on some rank at the last finish()
+        self.last_grads: set[int] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -58,6 +65,15 @@ class GradReducer:
         self.used: set[int] = set()  # parameters that had a gradient on this rank
         self.arrived = [0] * len(self.buckets)
         self.next_launch = 0
+
+    def note_zero_grad(self, set_to_none: bool, holding: set[int]) -> None:
+        """``zero_grad``: with ``set_to_none=False`` the parameters that had a gradient (at
+        the last ``finish()``, or ``holding`` one now) keep a zero one from here on."""
+        if set_to_none:
+            self.zeroed.clear()
+        else:
+            self.zeroed |= self.last_grads | holding
+        self.last_grads = set()
 
     def wait_all(self) -> None:
         for w in self.works:
@@ -98,7 +114,9 @@ class GradReducer:
                 "either micro-batches were accumulated outside `with sharded_opt.no_sync():` "
                 "(let only the last backward synchronize), or a module is used twice under "
                 "reentrant activation checkpointing (torch.utils.checkpoint(..., "
-                "use_reentrant=True) runs one backward per use; use use_reentrant=False)"
+                "use_reentrant=True) runs one backward per use; use use_reentrant=False), or a "
+                "batch was skipped with model.zero_grad(), which does not drop the gradients "
+                "already sent (call sharded_opt.zero_grad() to skip a batch)"
             )
         self._pack(p)
         self._launch_ready()
@@ -137,6 +155,7 @@ class GradReducer:
         assert self.next_launch == len(self.buckets)
         self.wait_all()
         unused = self._unused_everywhere()
+        self.last_grads = {p.index for b in self.buckets for p in b.plans} - unused
         world, me = self.comm.world, self.comm.rank
         grads: dict[int, Tensor] = {}
         for b in self.buckets:
@@ -156,7 +175,7 @@ class GradReducer:
         plans = [p for b in self.buckets for p in b.plans]
         flags = torch.zeros(len(plans), dtype=torch.float32, device=self.device)
         for i, p in enumerate(plans):
-            if p.index in self.used:
+            if p.index in self.used or p.index in self.zeroed:
                 flags[i] = 1.0
         self.comm.all_reduce_sum(flags, what="the used-gradient flags")
         return {p.index for p, f in zip(plans, flags.tolist(), strict=True) if f == 0.0}
