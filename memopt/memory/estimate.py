@@ -50,7 +50,7 @@ from memopt.memory.estimate_config import (
     EstimateConfig,
     Policy,
 )
-from memopt.memory.masters import check_master, fsdp2, master_bytes
+from memopt.memory.masters import fsdp2, master_bytes
 from memopt.memory.model import (
     ParamInfo,
     as_meta_module,
@@ -97,7 +97,6 @@ def estimate(
     causal-LM ``input_ids`` and ``labels`` of ``batch_size`` x ``seq_len``).
     """
     cfg = EstimateConfig(**kwargs)
-    check_master(cfg)
     module = as_meta_module(model, cfg.param_dtype)
     target = cfg.target if cfg.optimizer != "adamw" else None
     infos = param_infos(module, target, cfg.param_dtype)

@@ -91,6 +91,13 @@ class EstimateConfig:
         if master is not None and master.itemsize < param.itemsize:
             raise ValueError(f"master_dtype {master} is narrower than param_dtype {param}; "
                              "memopt.shard refuses such masters")  # fmt: skip
+        if master is not None and master != param and master.itemsize == param.itemsize:
+            raise ValueError(
+                f"master_dtype {master} has the same width as param_dtype {param} in another "
+                "format: it would lose precision or range the weights keep, and memopt.shard "
+                "refuses it at every stage (a master must be wider than its parameters); use "
+                "master_dtype='float32', or None to step the parameters in place"
+            )
         if self.offload_params is not None and self.stage != 3:
             raise ValueError(
                 f"offload_params={self.offload_params!r} needs stage=3 (parameters are sharded "

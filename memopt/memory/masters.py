@@ -2,9 +2,9 @@
 it; its rule is ``memopt/sharding/masters.py``, its stage-3 casts ``fsdp_dtypes.py``):
 
 - a master copy exists when ``master_dtype`` is wider than ``param_dtype``; the same dtype is
-  no master; a narrower one (``EstimateConfig``) or one of the same width in another format
-  (bf16 masters of fp16 parameters, fp16 of bf16) is refused, as ``memopt.shard`` refuses it
-  at every stage;
+  no master; a narrower one or one of the same width in another format (bf16 masters of
+  fp16 parameters, fp16 of bf16) is refused by ``EstimateConfig``, as ``memopt.shard``
+  refuses it at every stage;
 - stages 1/2, and stage 3 on one rank without parameter offload (the plain path): a copy of
   this rank's part beside the parameters (``master_bytes``);
 - stage 3 under FSDP2 (several ranks, or ``offload_params``, which is FSDP2's on one rank
@@ -19,21 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_master", "fsdp2", "master_bytes"]
-
-
-def check_master(cfg: Any) -> None:
-    """Refuse a master of the same width as the parameters in another format (a ValueError
-    naming both and what to pass instead)."""
-    master, param = cfg.master_dtype, cfg.param_dtype
-    if master is None or master == param or master.itemsize != param.itemsize:
-        return
-    raise ValueError(
-        f"master_dtype {master} has the same width as param_dtype {param} in another format: "
-        "it would lose precision or range the weights keep, and memopt.shard refuses it at "
-        "every stage (a master must be wider than its parameters); use master_dtype="
-        "'float32', or None to step the parameters in place"
-    )
+__all__ = ["fsdp2", "master_bytes"]
 
 
 def fsdp2(cfg: Any) -> bool:

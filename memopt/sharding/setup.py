@@ -45,21 +45,9 @@ def apply_sharding(
     process_group: Any = None,
     fsdp: FSDPOptions | None = None,
 ) -> tuple[nn.Module, ShardedOptimizer]:
-    """``_apply_sharding``, then DDP's buffer broadcast on the model (``buffers``)."""
-    model, sharded = _apply_sharding(model, optimizer, config, process_group, fsdp)
-    install_buffer_sync(model, sharded)
-    return model, sharded
-
-
-def _apply_sharding(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: ShardConfig,
-    process_group: Any = None,
-    fsdp: FSDPOptions | None = None,
-) -> tuple[nn.Module, ShardedOptimizer]:
     """Wrap ``optimizer`` in a ``ShardedOptimizer`` over ``process_group`` (stage 3: shard the
-    model with FSDP2 and return an ``FSDPOptimizer``); see memopt.shard."""
+    model with FSDP2 and return an ``FSDPOptimizer``), then install DDP's buffer broadcast
+    on the model (``buffers``); see memopt.shard."""
     _check_not_in_backward(optimizer)
     if fsdp is not None and config.stage != 3:
         raise ValueError(
@@ -113,12 +101,14 @@ def _apply_sharding(
             error = exc
     try:
         _agree(comm, error, optimizer)
-        return _wrap(model, optimizer, config, comm, fsdp, fsdp2, own_state, tier)
+        model, sharded = _wrap(model, optimizer, config, comm, fsdp, fsdp2, own_state, tier)
     except BaseException:
         if tier is not None:  # (closing it again after an optimizer that took it did: no-op)
             with contextlib.suppress(Exception):  # the error that matters is the one raised
                 tier.close()
         raise
+    install_buffer_sync(model, sharded)
+    return model, sharded
 
 
 def _forced(comm: Comm, config: ShardConfig, optimizer: torch.optim.Optimizer) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -91,3 +93,21 @@ class Flag:
 
     def wait(self, timeout: float | None = None) -> None:
         self.finished = True
+
+
+def profiled_llama(*, hidden: int, intermediate: int, layers: int, vocab: int,
+                   max_positions: int, batch: int, seq: int, ops: bool = True) -> Any:
+    """(model, batch, profile) of a random-init LLaMA (4 heads, seed 0), profiled once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import memopt.activations as act
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
+        max_position_embeddings=max_positions, use_cache=False)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, vocab, (batch, seq))
+    data = {"input_ids": ids, "labels": ids}
+    return model, data, act.profile(model, data, repeats=1, ops=ops)

@@ -10,20 +10,15 @@ import pytest
 import torch
 
 import memopt.activations as act
+from tests.activations._models import profiled_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[torch.nn.Module, dict[str, torch.Tensor], act.Profile]:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=172, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=256, max_position_embeddings=512, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 256, (1, 256))
-    batch = {"input_ids": ids, "labels": ids}
-    return model, batch, act.profile(model, batch, repeats=1)
+    return profiled_llama(hidden=64, intermediate=172, layers=8, vocab=256, max_positions=512,
+                          batch=1, seq=256)  # fmt: skip
 
 
 @pytest.mark.parametrize("actions", [("keep", "recompute"), ("keep", "recompute", "swap", "split")])

@@ -14,6 +14,7 @@ import torch
 
 import memopt.activations as act
 from memopt.activations.costmodel import Window, option_for
+from tests.activations._models import profiled_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,14 +23,8 @@ MIB = 2.0**20
 
 @pytest.fixture(scope="module")
 def llama() -> tuple[torch.nn.Module, dict[str, torch.Tensor], act.Profile]:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=500, max_position_embeddings=128, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 500, (2, 64))
-    batch = {"input_ids": ids, "labels": ids}
-    return model, batch, act.profile(model, batch, repeats=1, ops=False)
+    return profiled_llama(hidden=128, intermediate=384, layers=2, vocab=500, max_positions=128,
+                          batch=2, seq=64, ops=False)  # fmt: skip
 
 
 def _split_run(model, batch, name, alpha):  # type: ignore[no-untyped-def]
