@@ -5,7 +5,8 @@ whose files verify, warning and falling back to the previous one for each damage
 a given step must be published and intact (``CorruptSnapshotError`` otherwise).
 ``restore_all`` loads any ``Snapshot`` (files, or ``mirror.MemorySnapshot``) into the model,
 optimizer, scheduler and this rank's RNG, and returns the extras: one code path for both, so a
-snapshot rebuilt from peers loads bit for bit as its files would.
+snapshot rebuilt from peers loads bit for bit as its files would. A load that refuses does so
+before it changes anything.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from memopt._utils import get_logger
 from memopt.checkpoint import publish as P
 from memopt.checkpoint import restore as R
+from memopt.checkpoint.derived import fill_masters
 from memopt.checkpoint.errors import CorruptSnapshotError
 from memopt.checkpoint.reader import Snapshot
 
@@ -99,23 +101,35 @@ def restore_all(
     world: int,
     rng: bool,
 ) -> dict[str, Any]:
+    """Load ``snap`` into what is given; on a refusal nothing has changed.
+
+    Everything is read and checked first (the optimizer's state dict, the model's names,
+    shapes and stored rows, the scheduler's and RNG's parts, the extras). Then the optimizer's
+    own ``load_state_dict`` runs before anything else changes, since it may still refuse
+    (its dtype, group and foreign-state checks, torch's group sizes); memopt's optimizers and
+    torch's refuse before they change their state. Only then are the weights copied, the
+    scheduler loaded and the RNG set. No optimizer reads its parameters' values on load but
+    ``OffloadedAdamW`` (a missing master), which ``derived.fill_masters`` serves from the
+    snapshot."""
     # Stage-3 parameter shards on NVMe (``FSDPOptimizer.resident_params``): restore writes into
     # the model's state_dict tensors, which alias the live shards only while they are resident;
     # on exit the restored shards are written back to the tier.
     resident = getattr(optimizer, "resident_params", None)
     with resident() if callable(resident) else contextlib.nullcontext():
-        # the optimizer's part is read and checked first: a snapshot it cannot take (8-bit
-        # state across other row cuts, other shapes) must fail before the model is replaced
         sd = None
         if optimizer is not None:
             sd = R.optimizer_state_dict(snap, optimizer, model, rank, world)
-        if model is not None:
-            R.restore_model(snap, model)
+        plan = R.check_model(snap, model) if model is not None else []
+        sched = R.scheduler_state(snap, rank) if scheduler is not None else None
+        rng_state = R.rng_state(snap, rank) if rng else None
+        extra = R.restore_extra(snap, rank)
         if optimizer is not None and sd is not None:
-            optimizer.load_state_dict(sd)
+            fill_masters(snap, optimizer, model, sd, {key for _, key, _ in plan}, rank, world)
+            optimizer.load_state_dict(sd)  # the last refusal; nothing has changed before it
+        R.copy_model(snap, plan)
     if scheduler is not None:
-        R.restore_scheduler(snap, scheduler, rank)
+        scheduler.load_state_dict(sched)
     if rng:
-        R.restore_rng(snap, rank)
+        R.set_rng(rng_state)
     log.info("checkpoint: loaded step %d from %s", snap.step, snap.path)
-    return R.restore_extra(snap, rank)
+    return extra

@@ -2,7 +2,8 @@
 
 - model: every entry of ``model.state_dict()`` must be in the snapshot with the same global
   shape (else ``SnapshotMismatchError`` listing the differences); a DTensor row shard gets its
-  rows, any other tensor the whole, copied in place.
+  rows, any other tensor the whole, copied in place. ``check_model`` checks all of it (and
+  the placements and stored rows) without writing; ``copy_model`` then copies.
 - optimizer: a memopt optimizer must be of the class that saved the state (checked first:
   another optimizer may group, and so order, its parameters differently); the saved
   parameters must have this optimizer's shapes position by position and, where both sides
@@ -17,6 +18,9 @@
   optimizer on FSDP2 DTensor parameters gets its parameter-shaped state back as DTensors.
 - scheduler, extras: this rank's saved JSON (rank 0's when the rank did not exist).
 - RNG: this rank's saved states (skipped with a log line when the rank did not exist).
+
+Each part is read (``scheduler_state``, ``rng_state``) apart from being applied, so that
+``loading.restore_all`` can read and check everything before it changes anything.
 """
 
 from __future__ import annotations
@@ -52,8 +56,15 @@ def _part(snap: Snapshot, rank: int, key: str) -> Any:
     return part
 
 
+#: What a model restore writes: (destination tensor, snapshot key, row offset of a DTensor
+#: row shard, or None for the whole tensor).
+ModelPlan = list[tuple[Tensor, str, int | None]]
+
+
 @torch.no_grad()
-def restore_model(snap: Snapshot, model: nn.Module) -> None:
+def check_model(snap: Snapshot, model: nn.Module) -> ModelPlan:
+    """Check that ``snap`` fits ``model`` (names, global shapes, DTensor placements, stored
+    rows) and say what ``copy_model`` writes where; nothing is written here."""
     sd = model.state_dict()
     saved = set(_part(snap, 0, "model")["names"])
     missing = sorted(n for n in sd if n not in saved)
@@ -68,16 +79,43 @@ def restore_model(snap: Snapshot, model: nn.Module) -> None:
             f"snapshot {snap.path} does not fit this model (from another model?): "
             f"missing {missing[:8]}, unexpected {unexpected[:8]}, shapes differ {wrong[:8]}"
         )
+    plan: ModelPlan = []
     for name, t in sd.items():
-        key = f"model.{name}"
+        key, off = f"model.{name}", None
         if L.is_dtensor(t):
-            local = L.dtensor_rows(t)
+            local = L.dtensor_rows(t)  # (a multi-dimensional mesh raises here, not mid-copy)
             if local is not None:
-                dst, off = local
-                dst.copy_(snap.rows(key, off, off + int(dst.shape[0])))
-                continue
-            t = t.to_local()
-        t.copy_(snap.full(key))
+                t, off = local
+            else:
+                t = t.to_local()
+        if off is not None:
+            _check_stored(snap, key, off, off + int(t.shape[0]))
+        elif snap.shapes[key]:
+            _check_stored(snap, key, 0, snap.shapes[key][0])
+        plan.append((t, key, off))
+    return plan
+
+
+def _check_stored(snap: Snapshot, key: str, start: int, end: int) -> None:
+    """``snap.rows(key, start, end)`` will find every row (the sum it checks, before any copy)."""
+    covered = sum(
+        max(0, min(end, off + int(t.shape[0])) - max(start, off)) for off, _r, t in snap.blocks[key]
+    )
+    if covered < end - start:
+        raise SnapshotMismatchError(
+            f"snapshot {snap.path}: rows [{start}, {end}) of {key!r} are not all stored "
+            f"(blocks at {[b[0] for b in snap.blocks[key]]}); nothing was loaded"
+        )
+
+
+@torch.no_grad()
+def copy_model(snap: Snapshot, plan: ModelPlan) -> None:
+    for dst, key, off in plan:
+        dst.copy_(snap.full(key) if off is None else snap.rows(key, off, off + int(dst.shape[0])))
+
+
+def restore_model(snap: Snapshot, model: nn.Module) -> None:
+    copy_model(snap, check_model(snap, model))
 
 
 def optimizer_state_dict(
@@ -263,28 +301,51 @@ def _state_values(snap: Snapshot, p: L.ParamLayout, key: str, v: dict[str, Any],
     return snap.rank_tensor(r, name).clone()
 
 
-def restore_scheduler(snap: Snapshot, scheduler: Any, rank: int) -> None:
+def scheduler_state(snap: Snapshot, rank: int) -> Any:
+    """This rank's saved scheduler state, decoded (``SnapshotMismatchError`` when the
+    snapshot was saved without one)."""
     state = _part(snap, rank, "scheduler")
     r = rank if rank < snap.world else 0
-    scheduler.load_state_dict(decode(state, lambda n: snap.rank_tensor(r, n)))
+    return decode(state, lambda n: snap.rank_tensor(r, n))
+
+
+def restore_scheduler(snap: Snapshot, scheduler: Any, rank: int) -> None:
+    scheduler.load_state_dict(scheduler_state(snap, rank))
+
+
+def rng_state(snap: Snapshot, rank: int) -> dict[str, Any] | None:
+    """This rank's saved RNG states, read (None: the rank did not exist, or saved none)."""
+    if rank >= snap.world:
+        log.info("checkpoint: rank %d did not exist at save time; its RNG is not restored", rank)
+        return None
+    rng = snap.skeletons[rank]["rng"]
+    if rng is None:
+        return None
+    cuda = None
+    if torch.cuda.is_available() and rng["cuda_devices"] == torch.cuda.device_count():
+        cuda = [snap.rank_tensor(rank, f"rng.cuda.{i}") for i in range(rng["cuda_devices"])]
+    kind, pos, has_gauss, gauss = rng["numpy"]
+    keys = snap.rank_tensor(rank, "rng.numpy").numpy().astype(np.uint32)
+    return {
+        "torch": snap.rank_tensor(rank, "rng.torch").clone(),
+        "cuda": cuda,
+        "numpy": (kind, keys, pos, has_gauss, gauss),
+        "python": decode(rng["python"], _no),
+    }
+
+
+def set_rng(state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 def restore_rng(snap: Snapshot, rank: int) -> None:
-    if rank >= snap.world:
-        log.info("checkpoint: rank %d did not exist at save time; its RNG is not restored", rank)
-        return
-    rng = snap.skeletons[rank]["rng"]
-    if rng is None:
-        return
-    torch.set_rng_state(snap.rank_tensor(rank, "rng.torch").clone())
-    if torch.cuda.is_available() and rng["cuda_devices"] == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(
-            [snap.rank_tensor(rank, f"rng.cuda.{i}") for i in range(rng["cuda_devices"])]
-        )
-    kind, pos, has_gauss, gauss = rng["numpy"]
-    keys = snap.rank_tensor(rank, "rng.numpy").numpy().astype(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, gauss))
-    random.setstate(decode(rng["python"], _no))
+    set_rng(rng_state(snap, rank))
 
 
 def restore_extra(snap: Snapshot, rank: int) -> dict[str, Any]:
