@@ -70,6 +70,10 @@ class OptimizerConfig:
             raise ValueError(
                 f"config key 'optimizer.density' must lie in (0, 1], got {self.density}")
         positive(self, "optimizer", "max_grad_norm")  # (null: no clipping)
+        if self.name == "apollo_mini" and self.rank not in (None, 1):
+            raise ValueError(
+                f"config key 'optimizer.rank' is {self.rank} but apollo_mini is rank 1; set "
+                f"rank: 1 (or null), or name: apollo for APOLLO at rank {self.rank}")
         if self.proj is not None:
             from memopt.optim import PROJECTORS
 

@@ -94,6 +94,9 @@ def _bad_value(optimizer: str, kw: Mapping[str, Any]) -> str | None:
         return "apollo_mini is rank 1: density does not apply (ApolloMini refuses it)"
     if "rank" in kw and not _positive_int(kw["rank"]):
         return f"rank must be a positive integer, got {kw['rank']!r}"
+    if optimizer == "apollo_mini" and kw.get("rank", 1) != 1:
+        return (f"apollo_mini is rank 1, got rank={kw['rank']!r} (ApolloMini refuses another "
+                "rank); tensor-wise APOLLO at another rank is ApolloAdamW(scale_type='tensor')")
     density = kw.get("density")
     if density is not None and not (
         isinstance(density, (int, float)) and not isinstance(density, bool) and 0 <= density <= 1

@@ -117,10 +117,11 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
             self.param_groups.pop()
             raise
 
-    def group_keys(self) -> set[str]:
+    @classmethod
+    def group_keys(cls) -> set[str]:
         """The param-group options this optimizer takes (AdamW: no rank or density)."""
-        low_rank = {"rank", "density"} if self.low_rank_defaults else set()
-        return set(self.base_defaults) | set(self.low_rank_defaults) | low_rank
+        low_rank = {"rank", "density"} if cls.low_rank_defaults else set()
+        return set(cls.base_defaults) | set(cls.low_rank_defaults) | low_rank
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Optimizer-specific group checks (override)."""

@@ -6,6 +6,7 @@ would otherwise train a full-state optimizer without a word.
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -28,11 +29,22 @@ MATMUL_DTYPES = (None, *lowp.MATMUL_DTYPES)
 
 
 def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) -> None:
-    unknown = sorted(set(group) - allowed - BOOKKEEPING_KEYS)
+    unknown = sorted(set(group) - allowed - BOOKKEEPING_KEYS, key=str)
     if unknown:
         raise ValueError(
-            f"{owner}: unknown param-group option(s) {unknown}; supported: {sorted(allowed)}"
+            f"{owner}: unknown param-group option(s) {unknown}{did_you_mean(unknown, allowed)}"
+            f"; supported: {sorted(allowed)}"
         )
+
+
+def did_you_mean(unknown: list[Any], allowed: set[str]) -> str:
+    """`` (did you mean 'rank' for 'rnak'?)`` for the unknown keys close to an allowed one."""
+    pairs = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+        if close:
+            pairs.append(f"{close[0]!r} for {key!r}")
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
 
 
 #: Number-valued group keys: (lowest value, whether the lowest itself is allowed). Each must

@@ -125,19 +125,39 @@ class ApolloAdamW(MemoptOptimizer):
 
 
 class ApolloMini(ApolloAdamW):
-    """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (group keys may override)."""
+    """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (``scale`` and ``scale_type`` may
+    be overridden per group; ``rank`` must be 1: another rank is ``ApolloAdamW``)."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if param_group.get("density") is not None:
-            raise ValueError(
-                "ApolloMini: a group with density= would run as plain APOLLO (channel scale, "
-                "scale 1); APOLLO-Mini is rank=1 with a tensor-wise scale. Pass rank=1, or use "
-                "ApolloAdamW for another rank"
-            )
+        _check_mini(param_group, "ApolloMini")
         if param_group.get("rank") is not None:
             param_group.setdefault("scale_type", "tensor")
             param_group.setdefault("scale", 128.0)
         super().add_param_group(param_group)
+
+    def check_loaded_group(self, saved: dict[str, Any], group: dict[str, Any], index: int) -> None:
+        super().check_loaded_group(saved, group, index)
+        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        _check_mini(merged, f"ApolloMini.load_state_dict (group {index}, nothing was loaded)")
+
+
+def _check_mini(group: dict[str, Any], owner: str) -> None:
+    """APOLLO-Mini's projected groups are rank 1: a density, or another rank, would run a
+    different method (plain APOLLO, or tensor-wise APOLLO at that rank) under this name."""
+    if group.get("density") is not None:
+        raise ValueError(
+            f"{owner}: a group with density= would run as plain APOLLO (channel scale, "
+            "scale 1); APOLLO-Mini is rank=1 with a tensor-wise scale. Pass rank=1, or use "
+            "ApolloAdamW for another rank"
+        )
+    rank = group.get("rank")
+    if rank is not None and not isinstance(rank, bool) and rank != 1:
+        raise ValueError(
+            f"{owner}: rank={rank!r}, but APOLLO-Mini is rank=1 (the moments of a rank-1 "
+            "projection, one tensor-wise factor). Pass rank=1, or, for tensor-wise scaling at "
+            "another rank, use ApolloAdamW with that rank and scale_type='tensor' (its scale "
+            "defaults to 1, APOLLO-Mini's to 128)"
+        )
 
 
 def mini_groups(params: Iterable[Any]) -> list[dict[str, Any]]:

@@ -27,8 +27,25 @@ from typing import Any
 from torch import nn
 
 from memopt._utils.modules import head_modules, is_linear, is_norm
+from memopt.optim._groups import check_known_keys
+from memopt.optim.adamw import AdamW
+from memopt.optim.apollo import ApolloAdamW, ApolloMini
+from memopt.optim.frugal import FrugalAdamW
+from memopt.optim.galore import GaLoreAdamW
+from memopt.optim.natural_galore import NaturalGaLoreAdamW
 
 STATE_FREE_KINDS = ("embeddings", "norms", "head", "biases")
+OPTIMIZERS = (AdamW, GaLoreAdamW, NaturalGaLoreAdamW, ApolloAdamW, ApolloMini, FrugalAdamW)
+
+
+def group_options() -> set[str]:
+    """The options ``param_groups`` lets into a group: every one some memopt optimizer takes
+    (``param_groups`` does not know which optimizer will take the groups; each refuses the
+    others' options itself). The keys LR schedulers add (``initial_lr`` ...) pass too."""
+    keys: set[str] = set()
+    for cls in OPTIMIZERS:
+        keys |= cls.group_keys()
+    return keys
 
 
 def _matcher(target: str | Sequence[str]) -> re.Pattern[str] | None:
@@ -59,7 +76,8 @@ def param_groups(
     ``param_names`` so errors and state can name parameters.
 
     Returns groups in the order: low-rank, full-state decayed, full-state not decayed,
-    state-free (empty groups are left out). Raises ``ValueError`` if nothing matches.
+    state-free (empty groups are left out). Raises ``ValueError`` if nothing matches, or for
+    an option no memopt optimizer takes (naming the closest one: ``rnak`` -> ``rank``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -78,6 +96,7 @@ def param_groups(
     bad = sorted(set(state_free) - set(STATE_FREE_KINDS))
     if bad:
         raise ValueError(f"state_free kinds {bad} unknown; choose from {STATE_FREE_KINDS}")
+    _check_options(low_rank_options)
     if "rank" not in low_rank_options and "density" not in low_rank_options:
         raise ValueError("param_groups needs rank=... (GaLore/APOLLO) or density=... (FRUGAL)")
     pattern = _matcher(target)
@@ -117,6 +136,17 @@ def param_groups(
             "module names, a list, or 'all-linear'"
         )
     return _assemble(buckets, weight_decay, low_rank_options)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Refuse a key no optimizer takes (a typo such as ``rnak=2`` or ``scael=0.5``) here,
+    naming it, before it is mistaken for a missing rank or put into the group."""
+    own = sorted({"params", "param_names"} & set(options))
+    if own:
+        raise ValueError(f"param_groups: {own} are filled in by param_groups itself (the "
+                         "selected parameters and their names); select them with target= "
+                         "and exclude=, or build that group by hand")  # fmt: skip
+    check_known_keys(options, group_options(), "param_groups")
 
 
 def _kind(mod: nn.Module, mod_name: str, p_name: str, p: nn.Parameter, heads: set[str]) -> str:

@@ -103,6 +103,14 @@ def test_bad_values_name_the_key(override: str, needle: str) -> None:
     assert needle in str(e.value)
 
 
+def test_apollo_mini_rank_checked_when_the_config_is_read() -> None:
+    # (the optimizer refuses it too, but only once it is built, after the model)
+    with pytest.raises(ValueError, match="'optimizer.rank' is 4 but apollo_mini is rank 1"):
+        Config.from_dict({"optimizer": {"name": "apollo_mini", "rank": 4}})
+    assert Config.from_dict({"optimizer": {"name": "apollo_mini", "rank": 1}}).optimizer.rank == 1
+    assert Config.from_dict({"optimizer": {"name": "apollo", "rank": 4}}).optimizer.rank == 4
+
+
 def test_unknown_key_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="update_proj_gap") as e:
         Config.from_dict({"optimizer": {"ranks": 4}})

@@ -33,6 +33,7 @@ KW = {"batch_size": 1, "seq_len": 8}
         ("natural_galore", {"rank": 8, "natural_history": 0}, "natural_history must be a pos"),
         ("galore", {"rank": 8, "density": 0.25}, "give rank or density, not both"),
         ("apollo_mini", {"density": 0.25}, "apollo_mini is rank 1"),
+        ("apollo_mini", {"rank": 4}, "apollo_mini is rank 1, got rank=4"),
     ],
 )
 def test_bad_optimizer_kwargs_are_value_errors(optimizer, kwargs, match) -> None:

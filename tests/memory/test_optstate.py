@@ -107,6 +107,7 @@ def _every_projector() -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str
         for proj in names:
             for ptype in ("std", "left", "full"):
                 size = {"density": 0.5} if name == "frugal" else {"rank": 8}
+                size = {"rank": 1} if name == "apollo_mini" else size  # (it is rank 1)
                 kw = {**size, "proj": proj, "proj_type": ptype}
                 try:
                     optstate.check_kwargs(name, kw)
