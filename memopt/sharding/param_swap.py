@@ -22,6 +22,12 @@ backward re-gather, FSDP2's own prefetches) and (2) during the unit's optimizer 
   that reappears within that window is kept resident instead of evicted and read again.
 - step: ``FSDPOptimizer`` streams units: ``prefetch`` the next one, ``load`` this one, step,
   ``write_back`` (the updated shard goes to NVMe; the storage is freed once written).
+- failures (``param_swap_units``): a failed read leaves the unit on the tier (its storage
+  freed again; a failed read-ahead is simply read again on demand); a failed or refused write
+  keeps the unit in memory, marked dirty, and its next eviction writes it first. Each
+  failure is raised once, as a ``ShardIOError`` (an ``OSError``, same errno) naming the unit,
+  the file and the fix; nothing stays queued, so the swapper keeps working once the cause is
+  fixed, and ``close()`` after a failed write neither raises it again nor keeps the file.
 
 Everything goes through ``StorageTier`` handles; on an accelerator the tier bounces NVMe
 through pinned host memory into the device storage. ``stats`` counts reads (and how many
@@ -33,147 +39,73 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from memopt.offload.allocator import round_up
 from memopt.offload.arena import ArenaConfig, PinnedArena
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
 from memopt.offload.state_store import trim_arena
-from memopt.offload.tier import IOFuture, StorageTier, TierHandle, wait_all
+from memopt.offload.tier import StorageTier
 from memopt.sharding.fsdp2_internals import check_fsdp2_internals, fsdp_groups
 from memopt.sharding.param_swap_hooks import set_guards
+from memopt.sharding.param_swap_units import ShardIOError, SwapStats, Unit, UnitIO, storages
+from memopt.sharding.unit_errors import unit_names
 
-__all__ = ["ParamSwapper", "SwapStats", "make_param_swapper"]
+__all__ = ["ParamSwapper", "ShardIOError", "SwapStats", "make_param_swapper"]
 
 _TRACE_CAP = 1 << 14  # entries of the recorded cycle (a run that never steps stops recording)
 
 
-@dataclass
-class SwapStats:
-    """Counters since setup. ``prefetched``: reads started ahead of need (by the cycle trace
-    or the optimizer's pipeline); ``gather_hits``: unshards that found their unit resident or
-    its read already in flight; ``gather_demand``: unshards that had to start the read."""
-
-    reads: int = 0
-    prefetched: int = 0
-    gather_hits: int = 0
-    gather_demand: int = 0
-    writes: int = 0
-    kept: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-
-
-@dataclass
-class _Piece:
-    tensor: Tensor  # any tensor over the storage (kept to reach the storage again)
-    nbytes: int
-    handle: TierHandle
-
-
-@dataclass
-class _Unit:
-    index: int
-    group: Any
-    pieces: list[_Piece] = field(default_factory=list)
-    resident: bool = True
-    reads: list[IOFuture] = field(default_factory=list)
-    writes: list[IOFuture] = field(default_factory=list)
-    pins: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pieces)
-
-
-def _storages(group: Any) -> list[Tensor]:
-    """One tensor per distinct, non-empty, non-meta storage behind the group's shards."""
-    out: dict[int, Tensor] = {}
-    for fp in group.fsdp_params:
-        for t in (fp._sharded_param_data, fp.sharded_param._local_tensor):
-            st = t.untyped_storage()
-            if not t.is_meta and st.nbytes() > 0:
-                out.setdefault(st.data_ptr(), t)
-    return list(out.values())
-
-
-def _bytes(t: Tensor) -> Tensor:
-    """A uint8 tensor over all of ``t``'s storage."""
-    st = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (st.nbytes(),), (1,))
-
-
-class ParamSwapper:
+class ParamSwapper(UnitIO):
     """Keeps the stage-3 shards of ``model``'s FSDP2 units on ``tier``; see the module doc."""
 
     def __init__(self, model: nn.Module, tier: StorageTier, lookahead: int = 1) -> None:
         self.tier, self.lookahead = tier, lookahead
         self.stats = SwapStats()
-        self.units = [_Unit(i, g) for i, g in enumerate(fsdp_groups(model))]
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.units = [Unit(i, g) for i, g in enumerate(fsdp_groups(model))]
         self._trace: list[int] = []
         self._recording, self._cursor = True, 0
+        self._stepping = False  # between begin_step and drain: a load is for an update
         self._hooks: list[Any] = []
-        self._names = {id(p): n for n, p in model.named_parameters()}
         self._guarding = False  # see guard_evicted
         for u in self.units:
-            self._register(u, _storages(u.group))
-        wait_all([f for u in self.units for f in u.writes])  # before any hook is installed
+            u.name = unit_names(
+                [[self._names.get(id(f.sharded_param), "") for f in u.group.fsdp_params]]
+            )[0]
+            refused = self._register(u, storages(u.group))
+            if refused is not None:
+                raise refused
+        failed = [e for e in (self._settle_writes(u) for u in self.units) if e is not None]
+        if failed:  # before any hook is installed
+            raise failed[0]
         for u in self.units:
             self._wrap(u)
             self._evict(u)
         self._hook_state_dicts(model)
 
-    # -- pieces and their I/O ---------------------------------------------------------------
-    def _register(self, u: _Unit, tensors: list[Tensor]) -> None:
-        """Handles for ``tensors``' storages (new ones are written; vanished ones freed)."""
-        old = {p.tensor.untyped_storage().data_ptr(): p for p in u.pieces}
-        pieces = []
-        for t in tensors:
-            piece = old.pop(t.untyped_storage().data_ptr(), None)
-            if piece is None:
-                nbytes = t.untyped_storage().nbytes()
-                piece = _Piece(t, nbytes, self.tier.allocate(nbytes))
-                self._write_piece(u, piece)
-            pieces.append(piece)
-        for piece in old.values():
-            self.tier.free(piece.handle)
-        u.pieces = pieces
-
-    def _write_piece(self, u: _Unit, piece: _Piece) -> None:
-        u.writes.append(self.tier.write_async(piece.handle, _bytes(piece.tensor)))
-        self.stats.writes += 1
-        self.stats.bytes_written += piece.nbytes
-
-    def _start_read(self, u: _Unit, ahead: bool) -> None:
-        if u.resident:
-            return
-        if self._guarding:
-            set_guards(u.group, self._names, False)
-        for piece in u.pieces:
-            piece.tensor.untyped_storage().resize_(piece.nbytes)
-            u.reads.append(self.tier.read_async(piece.handle, _bytes(piece.tensor)))
-            self.stats.bytes_read += piece.nbytes
-        u.resident = True
-        self.stats.reads += 1
-        self.stats.prefetched += int(ahead)
-
-    def _evict(self, u: _Unit) -> None:
-        """Free the unit's storages (after its reads and writes in flight finish)."""
+    def _evict(self, u: Unit) -> None:
+        """Free the unit's storages once its I/O in flight is done. A failed write in flight
+        is raised (the unit stays in memory). A dirty unit (an earlier write failed, or the
+        step loaded it and did not write it back) is written first and freed only once that
+        write landed; if it fails again it stays in memory, quietly (already reported)."""
         if not u.resident or u.pins:
             return
-        wait_all(u.reads + u.writes)
-        u.reads, u.writes = [], []
-        for piece in u.pieces:
-            piece.tensor.untyped_storage().resize_(0)
-        u.resident = False
-        if self._guarding:
-            set_guards(u.group, self._names, True)
+        self._finish_reads(u)  # a failed read ahead: the unit is back on the tier already
+        err = self._settle_writes(u)
+        if err is not None:
+            self._fail(err, "write", u)
+        if u.dirty and (
+            self._write_pieces(u, [p for p in u.pieces if p.dirty]) is not None
+            or self._settle_writes(u) is not None
+        ):
+            return
+        if u.resident:
+            self._drop(u)
 
     def guard_evicted(self) -> None:
         """From now on an evicted unit's sharded parameters raise a clear error from
@@ -184,28 +116,44 @@ class ParamSwapper:
             if not u.resident:
                 set_guards(u.group, self._names, True)
 
-    @staticmethod
-    def _wait_reads(u: _Unit) -> None:
-        wait_all(u.reads)
-        u.reads = []
-
     def load(self, index: int) -> None:
-        """Make unit ``index`` resident (reading it if needed) and wait for its bytes."""
+        """Make unit ``index`` resident (reading it if needed) and wait for its bytes. A read
+        started ahead that failed is started again here; a failure of this read is raised
+        (``ShardIOError``) and leaves the unit on the tier. Inside a step (``begin_step`` to
+        ``drain``) the unit is marked dirty: the step updates it in place."""
         u = self.units[index]
-        self._start_read(u, ahead=False)
-        self._wait_reads(u)
+        if u.reads:
+            self._finish_reads(u)
+        try:
+            self._start_read(u, ahead=False)
+        except OSError as refused:
+            self._fail(refused, "read", u)
+        failed = self._finish_reads(u)
+        if failed is not None:
+            self._fail(failed, "read", u)
+        if self._stepping:
+            for piece in u.pieces:
+                piece.dirty = True
 
     def prefetch(self, index: int) -> None:
-        """Start reading unit ``index`` (no wait)."""
-        self._start_read(self.units[index], ahead=True)
+        """Start reading unit ``index`` (no wait). A read the tier refuses is not raised here:
+        the unit stays on the tier, and its ``load`` reads it (and raises)."""
+        with suppress(OSError):
+            self._start_read(self.units[index], ahead=True)
 
     def write_back(self, index: int, evict: bool = True) -> None:
         """Write the unit's (updated) shards to the tier; evict it once written, unless it is
-        needed again within the lookahead window."""
+        needed again within the lookahead window. A refused write raises (the unit stays in
+        memory, dirty); a unit not in memory has nothing to write."""
         u = self.units[index]
-        self._wait_reads(u)
-        for piece in u.pieces:
-            self._write_piece(u, piece)
+        err = self._finish_reads(u)
+        if err is not None:
+            self._fail(err, "read", u)
+        if not u.resident:
+            return
+        err = self._write_pieces(u, u.pieces)
+        if err is not None:
+            self._fail(err, "write", u)
         if evict:
             self._release(u)
 
@@ -213,22 +161,33 @@ class ParamSwapper:
         """Evict unit ``index`` once its writes land, unless it is needed within the window."""
         self._release(self.units[index])
 
-    def _release(self, u: _Unit) -> None:
+    def _release(self, u: Unit) -> None:
         if u.index in self._window():
             self.stats.kept += 1
             return
         self._evict(u)
 
     def drain(self) -> None:
-        """Wait for every write in flight; raise the first error. Then hand the staging
-        arena's empty chunks back to the kernel (between steps nothing is in flight)."""
-        for u in self.units:
-            wait_all(u.writes)
-            u.writes = []
-        trim_arena(self.tier)
+        """Wait for every read and write in flight (a failed read puts its unit back on the
+        tier; a failed write leaves its unit in memory, dirty) and end the step; raise the
+        first write error. Then hand the staging arena's empty chunks back to the kernel
+        (between steps nothing is in flight)."""
+        self._stepping = False
+        failed: tuple[BaseException, Unit] | None = None
+        try:
+            for u in self.units:
+                if u.reads:
+                    self._finish_reads(u)
+                err = self._settle_writes(u)
+                if err is not None and failed is None:
+                    failed = (err, u)
+        finally:
+            trim_arena(self.tier)
+        if failed is not None:
+            self._fail(failed[0], "write", failed[1])
 
     # -- the FSDP2 hooks ------------------------------------------------------------------
-    def _wrap(self, u: _Unit) -> None:
+    def _wrap(self, u: Unit) -> None:
         group = u.group
         unshard, wait, lazy = group.unshard, group.wait_for_unshard, group.lazy_init
 
@@ -244,16 +203,18 @@ class ParamSwapper:
         def lazy_hook() -> None:
             self.load(u.index)
             lazy()
-            self._register(u, _storages(group))  # lazy_init may re-pad a shard
+            refused = self._register(u, storages(group))  # lazy_init may re-pad a shard
+            if refused is not None:
+                self._fail(refused, "write", u)
             self._evict(u)
 
         group.unshard, group.wait_for_unshard, group.lazy_init = unshard_hook, wait_hook, lazy_hook
 
-    def _unwrap(self, u: _Unit) -> None:
+    def _unwrap(self, u: Unit) -> None:
         for name in ("unshard", "wait_for_unshard", "lazy_init"):
             u.group.__dict__.pop(name, None)  # the class's own methods again
 
-    def _on_gather(self, u: _Unit) -> None:
+    def _on_gather(self, u: Unit) -> None:
         if self._recording:
             if len(self._trace) < _TRACE_CAP:
                 self._trace.append(u.index)
@@ -282,32 +243,51 @@ class ParamSwapper:
         return set(self._trace[self._cursor : self._cursor + self.lookahead])
 
     def begin_step(self) -> None:
-        """The optimizer step ends a cycle: stop recording, rewind the cursor."""
-        self._recording, self._cursor = False, 0
+        """The optimizer step ends a cycle: stop recording, rewind the cursor. Until ``drain``
+        each loaded unit counts as dirty (it is updated in place, then written back)."""
+        self._recording, self._cursor, self._stepping = False, 0, True
 
     # -- whole-model residency --------------------------------------------------------------
     @contextmanager
     def resident(self, write_back: bool = True) -> Iterator[None]:
         """Every unit resident inside (e.g. to read or edit the parameters); on exit the
-        shards are written back (unless ``write_back=False``) and evicted."""
+        shards are written back (unless ``write_back=False``) and evicted. On exit every unit
+        is unpinned and released even if a write fails; the first failure is raised then."""
         self._pin_all()
         try:
             yield
         finally:
+            errors: list[OSError] = []
             for u in self.units:
                 u.pins -= 1
-                if write_back:
-                    self.write_back(u.index, evict=False)
             for u in self.units:
-                self._release(u)
+                try:
+                    if write_back:
+                        self.write_back(u.index, evict=False)
+                    self._release(u)
+                except OSError as err:
+                    errors.append(err)
+            if errors:
+                raise errors[0]
 
     def _pin_all(self) -> None:
-        """Every unit resident (all reads started first, then waited on) and pinned."""
+        """Every unit resident (all reads started first, then waited on) and pinned; if a
+        read fails, nothing stays pinned (the units loaded so far are released again)."""
         for u in self.units:
             self.prefetch(u.index)
-        for u in self.units:
-            self.load(u.index)
-            u.pins += 1
+        pinned: list[Unit] = []
+        try:
+            for u in self.units:
+                self.load(u.index)
+                u.pins += 1
+                pinned.append(u)
+        except BaseException:
+            for u in pinned:
+                u.pins -= 1
+            for u in self.units:
+                with suppress(OSError):
+                    self._release(u)
+            raise
 
     def _hook_state_dicts(self, model: nn.Module) -> None:
         """``state_dict``: load, then clone each unit's entries and evict; ``load_state_dict``:
@@ -325,12 +305,17 @@ class ParamSwapper:
         return sum(u.nbytes for u in self.units)
 
     def close(self) -> None:
-        """Bring every shard back into memory and free the tier (the swapper is done)."""
+        """Bring every shard back into memory and free the tier (the swapper is done). A
+        failed write is not raised here (its bytes are in memory, and the tier goes away); a
+        failed read is, and leaves the swapper open (the shards are only on the tier): close
+        again once the cause is fixed."""
         self._pin_all()  # (takes every guard away)
-        self._guarding = False
-        self.drain()
+        self._guarding = self._stepping = False
+        for u in self.units:
+            self._settle_writes(u)
         for h in self._hooks:
             h.remove()
+        self._hooks = []
         for u in self.units:
             self._unwrap(u)
             for piece in u.pieces:
@@ -351,16 +336,14 @@ def make_param_swapper(
     units in flight, not the shared arena's 256 MiB chunks; pinned only for a device."""
     groups = fsdp_groups(model)
     check_fsdp2_internals(groups, "memopt.shard(offload_params='nvme')")
-    sizes = [
-        sum(round_up(t.untyped_storage().nbytes(), 4096) for t in _storages(g)) for g in groups
-    ]
+    sizes = [sum(round_up(t.untyped_storage().nbytes(), 4096) for t in storages(g)) for g in groups]
     need = sum(sizes) + 2 * max(sizes, default=0)
     directory = f"{nvme.directory}/params"
     cfg = dataclasses.replace(
         nvme, directory=directory, capacity_bytes=round_up(max(need, 4096), 4096),
         rank=rank if nvme.rank is None else nvme.rank,
     )  # fmt: skip
-    on_cpu = all(t.device.type == "cpu" for g in groups for t in _storages(g))
+    on_cpu = all(t.device.type == "cpu" for g in groups for t in storages(g))
     arena = PinnedArena(
         ArenaConfig(chunk_bytes=max(sizes, default=0), pin="off" if on_cpu else "auto")
     )

@@ -5,9 +5,11 @@ or optimizer state (``offload=``) live on a tier (see ``fsdp_optim``). An ``OSEr
 that I/O is raised again as an ``OSError`` with the same errno whose message says, as the
 stage 1/2 offload optimizers' do: which units were stepped (their parameters hold this
 step's values, their step counters have advanced) and which were not; what the failed I/O
-left (a failed state read changes nothing; a failed state write keeps that state in memory,
-``StateStore``); and whether the step can be retried (only when nothing was stepped and only
-a state read failed) or must not be (reload the last checkpoint once the cause is fixed).
+left (a failed read changes nothing; a failed state write keeps that state in memory,
+``StateStore``; a failed parameter write keeps those shards in memory, ``ParamSwapper``);
+and whether the step can be retried (only when nothing was stepped and only a read failed),
+is complete (every unit stepped, only a write failed) or must not be retried (reload the
+last checkpoint once the cause is fixed).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class UnitProgress:
     """Where the unit loop is: ``stepped`` units (a prefix, in unit order) have had their
     inner step; ``io`` names the tier operation running now; ``tail``: the loop is over (only
     the last state writes are waited for); ``params_on_tier``: a parameter tier is in use (a
-    unit's updated shards reach it only by the write-back after its state is sent)."""
+    unit's updated shards reach it by the write-back after its state is sent; until then, or
+    if that write fails, ``ParamSwapper`` keeps them in memory as dirty)."""
 
     total: int
     params_on_tier: bool = False
@@ -36,44 +39,65 @@ class UnitProgress:
 
     def error(self, err: OSError, names: list[str]) -> OSError:
         """``err`` (same errno) with what this step did; ``names``: each unit's name."""
-        where = f" ({err.filename})" if err.filename else ""
+        base = getattr(err, "tier_error", None) or err  # a ShardIOError: the tier's own
+        where = f" ({base.filename})" if base.filename else ""
         when = once_fixed(err)
-        head = f"{err.strerror or err}{where}; FSDPOptimizer.step (stage 3, {self.io} failed)"
+        unit = getattr(err, "unit", "")
+        io = f"{self.io} of {unit}" if unit else self.io
+        head = f"{base.strerror or base}{where}; FSDPOptimizer.step (stage 3, {io} failed)"
         n, total = self.stepped, self.total
-        if self.io == "state read" and n == 0:
+        if self.io.endswith("read") and n == 0:
             what = (
-                " did not complete: no unit was stepped and nothing changed (a failed state "
-                "read leaves the state on the tier as it was), so the step can be retried "
+                " did not complete: no unit was stepped and nothing changed (a failed read "
+                "leaves the tier's copy as it was), so the step can be retried "
                 f"{when}"
             )
-        elif self.io == "state write" and n == total and (self.tail or not self.params_on_tier):
+        elif self.io.endswith("write") and n == total:
             what = (
-                f": every unit ({total}) was stepped, so this step's update is complete; the "
-                "state whose write failed was kept in memory (nothing is lost) and is written "
-                "again by the next step. Do not step again for this batch; give the tier room "
-                "or fix it before training on"
+                f": every unit ({total}) was stepped, so this step's update is complete; "
+                f"{_KEPT[self.io]}{self._unwritten()}. Do not step again for this batch; give "
+                "the tier room or fix it before training on"
             )
         else:
             rest = f"; the other {total - n} ({_listed(names[n:])}) were not" if n < total else ""
             what = (
                 f" did not complete: {n} of {total} FSDP2 units were stepped "
                 f"({_listed(names[:n])}): their parameters hold this step's values and their "
-                f"step counters have advanced{rest}. {_DETAIL[self.io]} Do not retry the step "
-                f"(it would step those units again): reload model and optimizer from the last "
-                f"checkpoint {when}"
+                f"step counters have advanced{rest}. {_DETAIL[self.io]}{self._unwritten()}. "
+                "Do not retry the step (it would step those units again): reload model and "
+                f"optimizer from the last checkpoint {when}"
             )
         return OSError(err.errno, head + what)
 
+    def _unwritten(self) -> str:
+        if not self.params_on_tier or self.io != "state write" or self.tail:
+            return ""
+        return (
+            "; parameter shards not yet written to their tier (offload_params='nvme') stay "
+            "in memory and are written when their unit is next evicted"
+        )
 
-_PARAMS = (
-    "The parameter tier (offload_params='nvme') failed: build the model and optimizer again "
-    "(memopt.shard) before loading the checkpoint."
-)
+
+_KEPT = {
+    "state write": (
+        "the state whose write failed was kept in memory (nothing is lost) and is written "
+        "again by the next step"
+    ),
+    "parameter write": (
+        "the parameter shards whose write failed were kept in memory (nothing is lost) and "
+        "are written again when their unit is next evicted or stepped"
+    ),
+}
 _DETAIL = {
-    "state read": "The failed read changed nothing: that state is still on the tier, intact.",
-    "state write": "State whose write failed was kept in memory (nothing of it is lost).",
-    "parameter read": _PARAMS,
-    "parameter write": _PARAMS,
+    "state read": "The failed read changed nothing: that state is still on the tier, intact",
+    "state write": "State whose write failed was kept in memory (nothing of it is lost)",
+    "parameter read": (
+        "The failed read changed nothing: those shards are still on the parameter tier, "
+        "intact, and are read again when next needed"
+    ),
+    "parameter write": (
+        "Parameter shards whose write failed were kept in memory (nothing of them is lost)"
+    ),
 }
 
 
