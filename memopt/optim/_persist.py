@@ -3,10 +3,15 @@
 float state cast to the dtype this optimizer builds it in) and ``copy.deepcopy`` / pickle
 (memopt's own settings travel, caches do not).
 
-``load_state_dict`` takes memopt's own state dicts and torch.optim.Adam/AdamW's; another
-implementation's (galore-torch, apollo-torch, bitsandbytes) is refused before anything
-loads: its projector objects or low-rank moments cannot continue in memopt's subspace, and
-torch's load would take them without a word (the next step then failed, KeyError 'index').
+``load_state_dict`` takes memopt's own state dicts and torch.optim.Adam/AdamW's, also with
+the fp32 ``master`` that memopt's ``OffloadedAdamW`` (``memopt.offload``: ``offload=`` at
+stages 1/2, DeepSpeed's ``offload_optimizer``) writes beside torch's layout. No memopt
+optimizer reads a master from its state: it steps the tensor it holds (the parameter, or
+the copy ``memopt.shard(master_dtype=...)`` rebuilds from the loaded weights), so a
+``master`` of the parameter's shape is checked and dropped. Another implementation's
+(galore-torch, apollo-torch, bitsandbytes) is refused before anything loads: its projector
+objects or low-rank moments cannot continue in memopt's subspace, and torch's load would
+take them without a word (the next step then failed, KeyError 'index').
 
 ``PersistMixin`` sits between ``MemoptOptimizer``'s bookkeeping and ``torch.optim.Optimizer``;
 it expects ``projector()``, ``is_low_rank()``, ``plain_adam_mode()`` and
@@ -31,6 +36,8 @@ from memopt.optim.projection import Projector
 #: with its group). memopt's first step of a parameter writes ``index`` next to ``step``, so
 #: a state without ``index`` came from elsewhere.
 TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+#: The fp32 master weights ``OffloadedAdamW`` (memopt.offload) saves beside torch's keys.
+MASTER = "master"
 START_FRESH = (
     "memopt's state dicts are tensor-only and hold the basis or seed memopt computed, so "
     "another implementation's moments cannot continue here. Load the model weights and "
@@ -126,6 +133,8 @@ class PersistMixin(torch.optim.Optimizer):
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
                 self.check_loaded_group(saved, group, i)  # before anything changes
         self._check_foreign_state(saved_groups, saved_state)
+        saved_state = self._drop_masters(saved_groups, saved_state)
+        state_dict = {**state_dict, "state": saved_state}
         if self.check_loaded_shapes:
             self._check_loaded_shapes(saved_groups, saved_state)
         for label, p, merged, st in self._saved_states(saved_groups, saved_state):
@@ -230,6 +239,30 @@ class PersistMixin(torch.optim.Optimizer):
                     + START_FRESH
                 )
 
+    def _drop_masters(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
+    ) -> dict[Any, Any]:
+        """``saved_state`` without the ``master`` of an ``OffloadedAdamW`` state dict (a new
+        dict; the caller's is left as it is), once each master is checked to be a float tensor
+        of its moments' (and, where shapes are checked, its parameter's) shape. The weights
+        come from the model's own state: with fp32 parameters the master is their value."""
+        if not any(isinstance(st, dict) and MASTER in st for st in saved_state.values()):
+            return saved_state
+        for label, p, _, st in self._saved_states(saved_groups, saved_state):
+            why = master_problem(st, tuple(p.shape) if self.check_loaded_shapes else None)
+            if why is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved state of {label} "
+                    f"(shape {tuple(p.shape)} here) holds {MASTER!r}, the fp32 master weights "
+                    f"memopt's offloaded AdamW saves, but {why}: the state dict was edited or "
+                    "is from another model. Load the snapshot it came from, or start the "
+                    "optimizer fresh from the model weights; nothing was loaded"
+                )
+        return {
+            pid: {k: v for k, v in st.items() if k != MASTER} if isinstance(st, dict) else st
+            for pid, st in saved_state.items()
+        }
+
     def _check_loaded_shapes(
         self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
     ) -> None:
@@ -282,7 +315,7 @@ def foreign_keys(state: dict[str, Any], projected: bool) -> str | None:
     takes a low-rank path here, so its moments need memopt's projector state."""
     if "index" in state:
         return None  # memopt's own
-    extra = sorted(set(state) - TORCH_ADAM_KEYS)
+    extra = sorted(set(state) - TORCH_ADAM_KEYS - {MASTER})  # (OffloadedAdamW's master)
     if extra:
         return (
             f"holds {extra}, which neither memopt nor torch.optim.Adam/AdamW writes: this "
@@ -299,6 +332,25 @@ def foreign_keys(state: dict[str, Any], projected: bool) -> str | None:
         "parameter: this looks like a galore-torch or apollo-torch state dict with the "
         "projector left out, or a torch.optim one"
     )
+
+
+def master_problem(state: dict[str, Any], shape: tuple[int, ...] | None) -> str | None:
+    """Why the ``master`` in a saved per-parameter ``state`` cannot be its parameter's fp32
+    master weights (it must be a float tensor of the moments' shape and, given ``shape``, of
+    that one), or None."""
+    master = state.get(MASTER)
+    if master is None:
+        return None
+    if not isinstance(master, Tensor) or not master.is_floating_point():
+        what = master.dtype if isinstance(master, Tensor) else type(master).__name__
+        return f"it is a {what}, not a float tensor"
+    got = tuple(master.shape)
+    m = state.get("exp_avg")
+    if isinstance(m, Tensor) and tuple(m.shape) != got:
+        return f"it has shape {got} and exp_avg {tuple(m.shape)}"
+    if shape is not None and got != shape:
+        return f"it has shape {got}"
+    return None
 
 
 def _plain(value: Any) -> bool:

@@ -35,7 +35,8 @@ What the reference per-layer modes get wrong, and what happens here instead:
 - Checkpointing: the optimizer's ``state_dict`` holds the real state (HF's
   ``LayerWiseDummyOptimizer`` saves a dummy), and this object's ``state_dict`` holds the
   micro-batch counter and the previous norm, so a resumed run clips and accumulates
-  exactly as the uninterrupted one.
+  exactly as the uninterrupted one. Save at a step boundary: between micro-batches the
+  accumulated gradients are in no snapshot, and ``state_dict`` refuses (ValueError).
 
 Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
 already gone. A second ``step_in_backward`` on an optimizer that has hooks is an error
@@ -211,6 +212,21 @@ class StepInBackward:
         self.optimizer._memopt_in_backward = False
 
     def state_dict(self) -> dict[str, Any]:
+        """The micro-batch counter, the step count and the previous norm. Only at a step
+        boundary: between micro-batches the gradients accumulated so far are in ``.grad``,
+        which no snapshot holds, and the restored counter would make the resumed run update
+        on the remaining micro-batches' gradient alone."""
+        done = self.micro_step % self.accumulation_steps
+        if done:
+            raise ValueError(
+                f"optimizer-in-backward: state_dict() between micro-batches: {done} of the "
+                f"{self.accumulation_steps} micro-batches of step {self.steps + 1} have run "
+                f"(micro_step={self.micro_step}), and their accumulated gradients are in no "
+                "snapshot, so a run resumed from it would update on part of the batch. Save "
+                "at a step boundary: after the backward of a step's last micro-batch "
+                f"(micro_step a multiple of accumulation_steps={self.accumulation_steps}); "
+                "nothing was saved"
+            )
         return {"micro_step": self.micro_step, "steps": self.steps, "prev_norm": self.prev_norm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
