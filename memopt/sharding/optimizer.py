@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import guards, regrad, rowproj
+from memopt.sharding import gradedit, guards, regrad, rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -72,6 +72,7 @@ class ShardedOptimizer(WrapperOptimizer):
         self._hooks = [] if config.stage == 1 or self._plain else self._register_hooks()
         if self._hooks:  # gradients reduced in backward: activations.profile refuses it
             model.__dict__["_memopt_sharded_stage"] = config.stage
+        self._hooks += gradedit.watch(self)  # (stage 1: torch's clip_grad_norm_ misuse)
 
     # -- construction ----------------------------------------------------------------
     def _build_locals(self) -> None:
@@ -297,11 +298,9 @@ class ShardedOptimizer(WrapperOptimizer):
     # -- what ZeRO adds ------------------------------------------------------------------
     def finish_grad_sync(self) -> None:
         """Reduce the gradients (once per step) and hand each local tensor its share."""
-        if self._synced:
-            if not regrad.new_backward(self):
-                return
-            regrad.restart(self)  # a backward since (model.zero_grad() skip): a new step
-        grads = self.reducer.finish() if not self._plain else regrad.plain_grads(self)
+        if self._synced and not regrad.resync(self):  # (True: a backward since, a new step)
+            return
+        grads = gradedit.finish(self) if not self._plain else regrad.plain_grads(self)
         frozen = {p.index for p in self.plans if not p.param.requires_grad}
         for index, local in self.locals.items():
             if index not in grads:  # no gradient on any rank: skipped, as in one process

@@ -65,6 +65,10 @@ class GradReducer:
         self.used: set[int] = set()  # parameters that had a gradient on this rank
         self.arrived = [0] * len(self.buckets)
         self.next_launch = 0
+        #: stage 2 after a finished sync: pack but do not send until the ranks agree (regrad)
+        self.hold = False
+        #: extra values summed over the ranks with the used flags (regrad's in-place check)
+        self.extra: Tensor | None = None
 
     def note_zero_grad(self, set_to_none: bool, holding: set[int]) -> None:
         """``zero_grad``: with ``set_to_none=False`` the parameters that had a gradient (at
@@ -123,7 +127,7 @@ class GradReducer:
 
     # -- launching -------------------------------------------------------------------
     def _launch_ready(self) -> None:
-        while self.next_launch < len(self.buckets):
+        while not self.hold and self.next_launch < len(self.buckets):
             b = self.buckets[self.next_launch]
             if self.arrived[b.index] < len(b.plans):
                 return
@@ -177,7 +181,13 @@ class GradReducer:
         for i, p in enumerate(plans):
             if p.index in self.used or p.index in self.zeroed:
                 flags[i] = 1.0
+        if self.extra is not None:  # (rides on this all-reduce: no collective of its own)
+            wide = torch.float32 if self.device.type == "mps" else torch.float64
+            flags = torch.cat([flags.to(wide), self.extra.to(flags.device, wide)])
         self.comm.all_reduce_sum(flags, what="the used-gradient flags")
+        if self.extra is not None:
+            self.extra = flags[len(plans) :].clone()
+            flags = flags[: len(plans)]
         return {p.index for p, f in zip(plans, flags.tolist(), strict=True) if f == 0.0}
 
 

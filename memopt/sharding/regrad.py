@@ -10,6 +10,13 @@
   Such a backward now starts a new step's reduction (``restart``): the stale copies are
   dropped, as ``sharded_opt.zero_grad()`` would. If a parameter still holds the synchronized
   gradient (nothing zeroed it, so the new backward would add onto it), every rank raises.
+  Whether such a backward ran is agreed by all ranks in ``resync`` (one flag all-reduce when
+  ``finish_grad_sync`` runs again, i.e. in ``step()`` after a clip): a rank whose backward
+  reached no parameter has no local sign of it. At stage 2 the first hook of the new backward
+  drops the stale copies and packs without sending (``reducer.hold``) until that agreement.
+- Not covered: at stage 2 without a clip, ``model.zero_grad()`` between two backwards looks
+  exactly like accumulating outside ``no_sync`` (stage 2 freed every ``.grad``; the module's
+  ``zero_grad`` has nothing to clear), so the second backward raises "arrived twice".
 """
 
 from __future__ import annotations
@@ -78,13 +85,44 @@ def new_backward(opt: Any) -> bool:
     return False
 
 
-def restart(opt: Any) -> None:
-    """Drop the finished sync so that the new backward's gradients make a new step."""
-    held = [
+def _stale(opt: Any) -> list[str]:
+    """The parameters whose ``.grad`` is still the synchronized one (a backward adds onto it)."""
+    return [
         opt.names.get(id(p.param), f"param {p.index}")
         for p in opt.plans
         if p.param.grad is not None and _noted(opt, p.index, p.param.grad)[0]
     ]
+
+
+def _drop_stale(opt: Any) -> None:
+    """Drop the reduced copies of the finished sync (the parameter itself keeps its grad)."""
+    opt.reducer.wait_all()
+    params = {p.index: p.param for p in opt.plans}
+    for index, local in opt.locals.items():
+        if local is not params[index]:  # (the parameter itself: its new gradient stays)
+            local.grad = None
+    opt.reducer.reset()
+
+
+def resync(opt: Any) -> bool:
+    """Sync already finished (``finish_grad_sync`` again, e.g. ``step()`` after the clip): did a
+    backward run since on any rank? Every rank reaches this, so they agree here (one flag
+    all-reduce) and restart together: a rank whose new backward touched no parameter sees
+    nothing locally, and deciding alone left the others waiting in the restart (a hang)."""
+    mine = opt.reducer.hold or new_backward(opt)
+    if opt.comm.world > 1:
+        again = bool(opt.comm.flagged_ranks(mine, what="the new-backward check"))
+    else:
+        again = mine
+    if again:
+        restart(opt)
+    return again
+
+
+def restart(opt: Any) -> None:
+    """Drop the finished sync so that the new backward's gradients make a new step (every
+    rank, from ``resync``)."""
+    held = opt._stale_held if opt.reducer.hold else _stale(opt)
     if opt.comm.world > 1:
         bad = opt.comm.flagged_ranks(bool(held), what="the stale-gradient check")
     else:
@@ -100,19 +138,22 @@ def restart(opt: Any) -> None:
             "copies); to accumulate micro-batches, run every backward but the last inside "
             "`with sharded_opt.no_sync():` and clip after the last"
         )
-    opt.reducer.wait_all()
-    params = {p.index: p.param for p in opt.plans}
-    for index, local in opt.locals.items():
-        if local is not params[index]:  # (the parameter itself: its new gradient stays)
-            local.grad = None
-    opt.reducer.reset()
+    if opt.reducer.hold:  # (stage 2: dropped in the first hook; the new gradients are packed)
+        opt.reducer.hold = False
+    else:
+        _drop_stale(opt)
     opt.reducer.zeroed.clear()  # (model.zero_grad() dropped them: set_to_none=True)
     opt._synced = False
     opt._noted = {}
 
 
 def on_grad(opt: Any, plan: Any) -> None:
-    """Stage 2 hook body: a gradient is final; after a finished sync it starts a new step."""
-    if opt._synced:
-        restart(opt)
+    """Stage 2 hook body: a gradient is final. After a finished sync the first one starts a
+    new step on this rank only: the stale copies are dropped and the new gradients packed but
+    not sent (``reducer.hold``) until every rank agrees in ``resync``, so that all issue the
+    same collectives even where a rank's backward reaches no parameter."""
+    if opt._synced and not opt.reducer.hold:
+        opt._stale_held = _stale(opt)
+        _drop_stale(opt)
+        opt.reducer.hold = True
     opt.reducer.on_grad(plan, opt.names.get(id(plan.param), f"param {plan.index}"))
