@@ -106,7 +106,8 @@ class StepInBackward:
         return (self.micro_step + 1) % self.accumulation_steps == 0
 
     def _hook(self, p: Tensor) -> None:
-        if not self._callback_queued:
+        if not self._callback_queued:  # (the first hook of this backward: nothing done yet)
+            refuse_several_ranks()  # (a process group set up after the hooks were installed)
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if p.grad is None:
@@ -262,6 +263,7 @@ def step_in_backward(
     Every trainable parameter of ``model`` must belong to ``optimizer``.
     """
     _check_optimizer(optimizer)
+    refuse_several_ranks()
     if optimizer._memopt_in_backward:
         raise ValueError(
             "step_in_backward: this optimizer already has optimizer-in-backward hooks from an "
@@ -310,6 +312,23 @@ def step_in_backward(
             f"{missing[:4]}); freeze them (requires_grad=False) or add them to a param group"
         )
     return StepInBackward(params, optimizer, accumulation_steps, max_grad_norm, clip)
+
+
+def refuse_several_ranks() -> None:
+    """Optimizer-in-backward is single-process: with several ranks each hook would update its
+    parameter from this rank's local gradient (before DDP's all-reduce, when the model is
+    wrapped in DDP), so the ranks drift apart without an error. ``memopt.shard`` and
+    ``memopt.setup`` refuse it already; this catches a bare ``step_in_backward`` (under a plain
+    HF ``Trainer`` on ``torchrun``, for one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size()) > 1:
+        raise ValueError(
+            f"step_in_backward: torch.distributed runs {n} ranks here, but optimizer-in-"
+            "backward is single-process: each rank would update its parameters from its own "
+            "local gradient, before any all-reduce (DDP's included), and the ranks would drift "
+            "apart. On several ranks call optimizer.step() after backward() (memopt.shard for "
+            "sharded state), or run one process; nothing was updated"
+        )
 
 
 # The reason shared by every "driven elsewhere" refusal below (docs/guide.md, Optimizer-in-
