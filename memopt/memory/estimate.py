@@ -21,7 +21,8 @@ The model is only described (meta device); the figures per rank are:
   three writes in flight (``offload_state``; tensors under 4 KiB stay in memory); at
   stage 3 ``offload`` and ``offload_params`` place them as ``stage3_offload`` describes;
 - activations and the backward's temporaries: the meta trace of ``trace`` (``keep``,
-  ``recompute``; ``swap`` keeps two blocks on the device and the rest on pinned host);
+  ``recompute``), or of ``swaptrace`` (``swap``: ``memopt.activations``' swap and prefetch
+  schedule played on meta; the device figure is at its peak moment, pinned host its peak);
 - the peak is the larger of two moments: forward/backward (activations + temporaries +
   gradients as they appear; with ``grad_accum`` > 1 every gradient is already live while
   the later micro-batches run, unsharded under ``no_sync``) and the optimizer step (all
@@ -70,6 +71,7 @@ from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate, fmt_bytes
 from memopt.memory.sharding import ShardShare, shard_share
 from memopt.memory.stage3_offload import UnitSizes, place_stage3
 from memopt.memory.step import step_temporaries, table_bytes
+from memopt.memory.swaptrace import SwapTrace, trace_swap
 from memopt.memory.trace import (
     ActivationTrace,
     causal_lm_inputs,
@@ -111,12 +113,12 @@ def estimate(
         check_causal_lm(module)
         check_positions(module, cfg.seq_len)
     meta = meta_copy(module).to(cfg.param_dtype)
-    batch = causal_lm_inputs(cfg.batch_size, cfg.seq_len) if inputs is None else None
-    trace = trace_step(
-        meta,
-        batch or meta_inputs(inputs),  # type: ignore[arg-type]
-        recompute=cfg.activation_policy == "recompute",
-        accumulate=cfg.grad_accum > 1,
+    args = causal_lm_inputs(cfg.batch_size, cfg.seq_len) if inputs is None else meta_inputs(inputs)
+    accumulate, recompute = cfg.grad_accum > 1, cfg.activation_policy == "recompute"
+    trace: ActivationTrace = (  # swap: its own schedule played on meta (swaptrace)
+        trace_swap(meta, args, cuda=cfg.device_kind != "cpu", accumulate=accumulate)
+        if cfg.activation_policy == "swap"
+        else trace_step(meta, args, recompute=recompute, accumulate=accumulate)
     )
     est = assemble(cfg, module, infos, trace)
     managed = managed_blocks(module)
@@ -300,12 +302,12 @@ def _state_dtype_basis(cfg: EstimateConfig) -> torch.dtype:
 
 
 def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]:
-    """(device, pinned host) bytes of activations at the forward/backward peak."""
-    if cfg.activation_policy != "swap" or not trace.block_saved:
-        return trace.peak_activations, 0
-    swapped = sum(trace.block_saved) - 2 * max(trace.block_saved)
-    swapped = max(0, swapped)
-    return trace.peak_activations - swapped, swapped
+    """(device, pinned host) bytes of activations: on the device at the forward/backward
+    peak; on the host tier its own peak (swap: ``swaptrace``, the device bytes at the peak
+    moment of the swapped run, i.e. only the blocks fetched back then)."""
+    if isinstance(trace, SwapTrace):
+        return trace.peak_activations, trace.pinned_peak
+    return trace.peak_activations, 0
 
 
 def unit_sizes(module: nn.Module) -> UnitSizes:
@@ -374,8 +376,12 @@ def _notes(cfg: EstimateConfig, trace: ActivationTrace) -> list[str]:
             "stage 3 offload: in memory only the units read ahead (forward/backward) or in "
             "the step's pipeline, and a bounce arena of those units (see stage3_offload)"
         )
-    if cfg.activation_policy == "swap":
-        notes.append("swap: two blocks' activations stay on the device (current + prefetch)")
+    if cfg.activation_policy == "swap" and trace.block_saved:
+        notes.append(
+            "swap: device bytes at the peak moment of the swap schedule (a block's swapped "
+            "activations come back when the next block's backward starts, and its own), saves "
+            "under 4 KiB stay; pinned_host: every block's swapped bytes"
+        )
     if cfg.grad_accum > 1:
         notes.append(
             f"grad_accum={cfg.grad_accum}: micro-batches after the first run with every "
