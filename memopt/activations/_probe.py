@@ -94,6 +94,14 @@ class Record:
     core_saved: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
     secs: dict[str, dict[str, float]] = field(default_factory=dict)
     peak: int = 0
+    # per grad-enabled block call, in forward order (a block can run several times a step):
+    # its block, the storages it saved first (for its block, as the ledger counts), its first
+    # tensor argument (bytes, storage) and its tensor arguments not held by an earlier call
+    calls: list[str] = field(default_factory=list)
+    call_keys: list[set[tuple[str, int]]] = field(default_factory=list)
+    call_in: list[tuple[int, tuple[str, int] | None]] = field(default_factory=list)
+    call_args: list[int] = field(default_factory=list)
+    nonblock_at: dict[tuple[str, int], int] = field(default_factory=dict)  # calls done at save
 
 
 class Recorder:
@@ -113,7 +121,8 @@ class Recorder:
         self.ledger = SavedLedger()
         self.rec = Record()
         self.current: str | None = None
-        self.after_blocks = False
+        self.call: int | None = None  # index into rec.calls of the running call
+        self.seen: dict[str, set[tuple[str, int]]] = {}  # per block: storages counted so far
         self.marks: dict[tuple[str, str], Any] = {}
         self.handles: list[Any] = []
         self.in_part = 0  # depth inside split parts
@@ -149,6 +158,7 @@ class Recorder:
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.current = name
             x = first_tensor(args, kwargs)
+            self._begin_call(name, x, args, kwargs)
             self.rec.in_bytes[name] = _nbytes(x)
             self.rec.in_ndim[name] = x.dim() if x is not None else 0
             self.rec.all_in_bytes[name] = self._inputs_bytes(args, kwargs)
@@ -159,18 +169,34 @@ class Recorder:
             self._mark("fwd_start", name)
         return hook
 
+    def _args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[tuple[str, int], int]:
+        leaves, _ = tree_flatten((args, kwargs))
+        return {storage_key(t): t.untyped_storage().nbytes() for t in leaves
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip}
+
     def _inputs_bytes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         """Distinct storages of every tensor argument (what a checkpoint keeps alive)."""
-        leaves, _ = tree_flatten((args, kwargs))
-        seen = {storage_key(t): t.untyped_storage().nbytes() for t in leaves
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip}
-        return sum(seen.values())
+        return sum(self._args(args, kwargs).values())
+
+    def _begin_call(self, name: str, x: torch.Tensor | None, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+        """Open one call's record (grad-enabled calls only: the others save nothing)."""
+        self.call = None
+        if not torch.is_grad_enabled():
+            return
+        self.call = len(self.rec.calls)
+        held = self.seen.setdefault(f"args:{name}", set())
+        new = {k: n for k, n in self._args(args, kwargs).items() if k not in held}
+        held.update(new)
+        self.rec.calls.append(name)
+        self.rec.call_keys.append(set())
+        self.rec.call_in.append((_nbytes(x), storage_key(x) if x is not None else None))
+        self.rec.call_args.append(sum(new.values()))
 
     def _post(self, name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             self._mark("fwd_end", name)
-            self.current = None
-            self.after_blocks = name == self.blocks[-1][0]
+            self.current, self.call = None, None
             y = out[0] if isinstance(out, (tuple, list)) else out
             y = y if isinstance(y, torch.Tensor) else None
             self.rec.out_bytes[name] = _nbytes(y)
@@ -210,8 +236,13 @@ class Recorder:
         key = storage_key(t)
         self.rec.sizes[key] = t.untyped_storage().nbytes()
         self.rec.owners.setdefault(key, set()).add(self.current or NONBLOCK)
-        if self.current is None and self.after_blocks:
-            self.rec.head_keys.add(key)
+        if self.current is None:
+            self.rec.nonblock_at.setdefault(key, len(self.rec.calls))
+        elif self.call is not None:
+            first = self.seen.setdefault(self.current, set())
+            if key not in first:
+                first.add(key)
+                self.rec.call_keys[self.call].add(key)
         if self.current is not None and self.in_core and not self.in_part:
             self.rec.core_saved.setdefault(self.current, set()).add(key)
         # keyed by block as the managers' ledger is (a storage two blocks save counts twice)
@@ -239,6 +270,9 @@ class Recorder:
         }
         self.rec.secs = secs
         self.rec.peak = self.ledger.peak()
+        # head/loss saves: made outside every block after the step's last block call
+        n = len(self.rec.calls)
+        self.rec.head_keys = {k for k, at in self.rec.nonblock_at.items() if n and at == n}
         return self.rec
 
 

@@ -37,7 +37,8 @@ from typing import Any
 
 from torch import nn
 
-from memopt.activations import _solve
+from memopt.activations import _loops, _solve
+from memopt.activations._calls import repeated_blocks
 from memopt.activations.blocks import BlockSpec
 from memopt.activations.costmodel import Option, block_options, option_for, windows
 from memopt.activations.ledger import SavedLedger
@@ -149,6 +150,8 @@ def plan_from_profile(
     """The cheapest plan for a measured ``Profile`` (see module doc); no model needed."""
     budget_b = parse_budget(budget, prof.unmanaged_peak_bytes)
     opts = _options(prof, _check_actions(actions), overrides or {}, tier, sample_ratio)
+    if repeated_blocks(prof.calls):
+        return _plan_calls(prof, opts, budget_b, tuple(actions), overrides or {})
     quantum = max(1, -(-max(prof.unmanaged_peak_bytes, 1) // GRID))
     base = prof.nonblock_saved_bytes - prof.head_saved_bytes
     prob = _solve.Problem(opts, base, prof.head_saved_bytes, quantum)
@@ -161,11 +164,7 @@ def plan_from_profile(
         _, low = _solve.min_peak(prob)
         reach = _solve.peak_of(prob, [opts[k][o] for k, o in enumerate(low)])
         if reach > budget_b:
-            raise ValueError(
-                f"budget {budget_b} bytes ({_mib(budget_b)}) is below the minimum reachable "
-                f"budget {reach} bytes ({_mib(reach)}) with actions={tuple(actions)} "
-                f"(unmanaged peak {_mib(prof.unmanaged_peak_bytes)}); raise the budget or "
-                "allow more actions")
+            raise _too_small(budget_b, reach, tuple(actions), prof)
         picks = low  # fits exactly though not on the rounded grid
     chosen = [opts[k][o] for k, o in enumerate(picks)]
     decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s,
@@ -180,6 +179,42 @@ def plan_from_profile(
         predicted_peak_bytes=_solve.peak_of(prob, chosen), baseline_step_s=prof.step_s,
         predicted_step_s=prof.step_s + sum(c.overhead_s for c in chosen), notes=notes,
         ledger_peak_bytes=seen,
+    )
+
+
+def _too_small(budget_b: int, reach: int, actions: tuple[str, ...], prof: Profile) -> ValueError:
+    return ValueError(
+        f"budget {budget_b} bytes ({_mib(budget_b)}) is below the minimum reachable budget "
+        f"{reach} bytes ({_mib(reach)}) with actions={actions} (unmanaged peak "
+        f"{_mib(prof.unmanaged_peak_bytes)}); raise the budget or allow more actions")
+
+
+def _plan_calls(prof: Profile, opts: list[list[Option]], budget_b: int,
+                actions: tuple[str, ...], overrides: Mapping[str, Any]) -> BudgetPlan:
+    """A step with blocks that run several times per forward, priced call by call
+    (``_loops``); split and sample are left out for those blocks unless pinned."""
+    reps = repeated_blocks(prof.calls)
+    policies = [[o.policy for o in block_opts
+                 if b.name in overrides or b.name not in reps
+                 or o.policy.action not in ("split", "sample")]
+                for b, block_opts in zip(prof.blocks, opts, strict=True)]
+    base = prof.nonblock_saved_bytes - prof.head_saved_bytes
+    best, low = _loops.solve(prof, policies, windows(prof), base, budget_b)
+    if best is None:
+        raise _too_small(budget_b, low.peak, actions, prof)
+    decisions = tuple(BlockDecision(b.name, c.policy, c.held, c.transient, c.overhead_s,
+                                    c.ledger_transient)
+                      for b, c in zip(prof.blocks, best.blocks, strict=True))
+    shown = ", ".join(f"{n} x{r}" for n, r in sorted(reps.items()))
+    notes = (*_notes(prof), f"blocks run several times per forward ({shown}): priced call by "
+             "call (held bytes summed over calls, one call re-materialised or fetched back at "
+             f"a time); ledger-visible predicted peak {_mib(best.ledger_peak)}")
+    return BudgetPlan(
+        decisions=decisions, budget_bytes=budget_b,
+        unmanaged_peak_bytes=prof.unmanaged_peak_bytes, predicted_peak_bytes=best.peak,
+        baseline_step_s=prof.step_s,
+        predicted_step_s=prof.step_s + sum(c.overhead_s for c in best.blocks), notes=notes,
+        ledger_peak_bytes=best.ledger_peak,
     )
 
 

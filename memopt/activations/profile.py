@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt.activations._calls import CallProfile, call_profiles
 from memopt.activations._probe import (
     NONBLOCK,
     Clock,
@@ -111,6 +112,9 @@ class Profile:
     h2d_bytes_per_s: float
     device_type: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # every grad-enabled block call in forward order; a block called several times per
+    # forward makes the planner price call by call (``_calls``); empty: each block once
+    calls: tuple[CallProfile, ...] = ()
 
     @property
     def unmanaged_peak_bytes(self) -> int:
@@ -361,4 +365,5 @@ def profile(
         head_forward_s=min(r.secs["head"]["fwd"] for r in records),
         head_backward_s=min(r.secs["head"]["bwd"] for r in records),
         d2h_bytes_per_s=d2h, h2d_bytes_per_s=h2d, device_type=device.type,
+        calls=call_profiles(records[-1], min_swap_bytes),
     )
