@@ -7,7 +7,8 @@ as its fp32 master when the saved state has no ``master`` (a torch.optim.AdamW s
 one saved by ``memopt.shard`` without ``offload=``). Loaded first, it would take the weights
 the model had before the load. ``fill_masters`` puts the snapshot's weights (cast to the
 parameter's dtype, the bits the model copy writes) into such state instead, so the result is
-the one of loading the model first.
+the one of loading the model first. ``takes_masters`` says whether an optimizer takes a
+saved ``master`` at all (``restore`` drops it from the state of any other, see there).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ from memopt._utils.wrapped_optim import WrapperOptimizer
 from memopt.checkpoint import layout as L
 from memopt.checkpoint.reader import Snapshot
 from memopt.offload.optimizer import OffloadedAdamW
+
+#: The per-parameter state key of saved fp32 master weights (``OffloadedAdamW``'s, and
+#: ``memopt.shard(master_dtype=...)``'s).
+MASTER = "master"
+
+
+def takes_masters(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` (looking through memopt's wrappers) takes a saved ``master`` for every
+    parameter: an ``OffloadedAdamW``. A sharding optimizer keeping masters of some parameters
+    says which in its ``checkpoint_layout()`` (``ParamLayout.master``)."""
+    while isinstance(opt, WrapperOptimizer):
+        opt = opt.inner
+    return isinstance(opt, OffloadedAdamW)
 
 
 def fill_masters(
@@ -45,9 +59,9 @@ def fill_masters(
     for p in params:
         st = sd["state"].get(p.index)
         key = f"model.{p.name}"
-        if st is None or "master" in st or key not in written:
+        if st is None or MASTER in st or key not in written:
             continue
         dst = live[p.index]
         rows = snap.rows(key, *p.rows) if snap.shapes[key] else snap.full(key)
         if rows.numel() == dst.numel():  # (else the parameter is not that tensor's rows)
-            st["master"] = rows.to(dtype=dst.dtype).reshape(dst.shape)
+            st[MASTER] = rows.to(dtype=dst.dtype).reshape(dst.shape)

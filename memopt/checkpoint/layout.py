@@ -14,7 +14,9 @@ Every stored tensor is a *row block* of a global tensor: ``global_shape`` and ``
 
 Per-parameter optimizer state is classified by ``state_kind`` against the parameter's held
 rows: ``rows`` (dim 0 follows the parameter's rows: moments, projected moments of a
-right-sided projection), ``global`` (0-d tensors, ``proj_*`` projector state such as a basis
+right-sided projection, the fp32 ``master`` weights of ``memopt.shard(master_dtype=...)`` or
+``OffloadedAdamW``, which stay parameter-shaped beside a low-rank optimizer's projected
+moments), ``global`` (0-d tensors, ``proj_*`` projector state such as a basis
 from the SVD of the whole matrix: the same on every holder) and ``local`` (block-quantized
 codes ``*_q``/``*_absmax``: their blocks straddle rows, so they load only into the same rows).
 """
@@ -39,6 +41,7 @@ class ParamLayout:
     held: bool  # this rank holds (and steps) the parameter
     row_sharded: bool  # split over every rank (else held whole by ``writer``)
     writer: int  # the rank that writes this parameter's global state
+    master: bool = False  # the optimizer keeps a master copy it loads from state ``master``
 
     @property
     def global_rows(self) -> int:
@@ -85,6 +88,7 @@ def optimizer_layout(
                 bool(p["held"]),
                 p["owner"] is None and int(info["world_size"]) > 1,
                 0 if p["owner"] is None else int(p["owner"]),
+                bool(p.get("master", False)),
             )
             for p in info["params"]
         ]

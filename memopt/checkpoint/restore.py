@@ -14,7 +14,10 @@
   parameters this rank holds and which rows; ``rows`` state is cut to those rows, ``global``
   state is taken whole, ``local`` (block-quantized) state loads only into the same rows as it
   was saved from. The rebuilt ``state_dict`` goes through the optimizer's own
-  ``load_state_dict`` (with this optimizer's ``sharding`` tag where it has one). A plain
+  ``load_state_dict`` (with this optimizer's ``sharding`` tag where it has one). Saved fp32
+  ``master`` weights (``memopt.shard(master_dtype=...)``, ``OffloadedAdamW``) are ``rows``
+  state; they load only where a master is kept (a layout entry ``master``, or an
+  ``OffloadedAdamW``) and are dropped elsewhere (a torch optimizer would keep them). A plain
   optimizer on FSDP2 DTensor parameters gets its parameter-shaped state back as DTensors.
 - scheduler, extras: this rank's saved JSON (rank 0's when the rank did not exist).
 - RNG: this rank's saved states (skipped with a log line when the rank did not exist).
@@ -36,6 +39,7 @@ from memopt._utils import get_logger
 from memopt._utils.wrapped_optim import WrapperOptimizer
 from memopt.checkpoint import layout as L
 from memopt.checkpoint.codec import decode
+from memopt.checkpoint.derived import MASTER, takes_masters
 from memopt.checkpoint.errors import SnapshotMismatchError
 from memopt.checkpoint.reader import Snapshot
 
@@ -129,9 +133,12 @@ def optimizer_state_dict(
     _check_same_params(snap, ref["params"], params)
     state: dict[int, dict[str, Any]] = {}
     live = L.plain_params(opt) if sharding is None else []
+    keep_masters = takes_masters(opt)
     for p in params:
         if p.held:
             st = _param_state(snap, p)
+            if st is not None and not (keep_masters or p.master):
+                st.pop(MASTER, None)  # no master copy here: would only hold memory (torch's)
             if st is not None and live and L.is_dtensor(live[p.index]):
                 st = {k: L.like_param(v, live[p.index]) for k, v in st.items()}  # FSDP2
             if st is not None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import gradedit, guards, regrad, rowproj
+from memopt.sharding import gradedit, guards, master_state, regrad, rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -121,13 +121,10 @@ class ShardedOptimizer(WrapperOptimizer):
     def _refresh_masters(self) -> None:
         """A parameter written since the last step (``model.load_state_dict``, a checkpoint
         restore, a manual edit) makes its master copy stale: without this the next step
-        wrote "old master + update" over the restored weights. The master is rebuilt from the
-        parameter (upcast: the low-precision values, as a resume from them implies). The
-        versions are noted again after the step's gather (``step``)."""
-        with torch.no_grad():
-            for i, (param, rows) in self._master_of.items():
-                if param._version != self._versions[i]:
-                    self.locals[i].copy_(rows)
+        wrote "old master + update" over the restored weights. ``master_state.refresh``
+        rebuilds it (or keeps one just loaded that the weights equal, rounded); the versions
+        are noted again after the step's gather (``step``)."""
+        master_state.refresh(self)
 
     def _install_row_projectors(self) -> None:
         """Row-sharded low-rank parameters: row-aware projector and SVD owners by cost."""
@@ -249,13 +246,15 @@ class ShardedOptimizer(WrapperOptimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        sd = self.inner.state_dict()
+        sd = master_state.add_masters(self, self.inner.state_dict())  # fp32 masters: "master"
         sd["sharding"] = self._meta()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         guards.check_sharded_state_dict(state_dict, self._meta())
+        state_dict, masters = master_state.split_masters(self, state_dict)
         self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "sharding"})
+        master_state.load_masters(self, masters)
         for index, info in getattr(self, "_row_infos", {}).items():
             self.inner.state[self.locals[index]][rowproj.SHARD_KEY] = info
 
@@ -277,6 +276,7 @@ class ShardedOptimizer(WrapperOptimizer):
                     "owner": p.owner,
                     "rows": [s, e],
                     "held": p.index in self.locals,
+                    "master": p.index in master_state.held_masters(self),  # takes "master"
                 }
             )
         return {
