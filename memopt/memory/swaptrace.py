@@ -27,7 +27,6 @@ bytes). ``tests/memory/test_swap_estimate.py`` checks the result against a measu
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +36,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
-from memopt.memory.hf_masks import meta_mask_values
-from memopt.memory.trace import ActivationTrace, _Live, _loss, find_blocks, fused_attention
+from memopt.memory.trace import ActivationTrace, TracedStep, _Live, fused_attention
 
 __all__ = ["MIN_SWAP_BYTES", "PREFETCH_DEPTH", "SwapTrace", "trace_swap"]
 
@@ -179,27 +177,17 @@ class _State:
 
 
 def _hook_pair(
-    state: _State,
-    skip: set[int],
-    saved: dict[int, int],
-    per_block: list[int],
-    where: dict[str, int],
+    state: _State, step: TracedStep
 ) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
     """The saved-tensor hooks: count every save as ``trace_step`` does; in a block, swap the
     storages of ``min_bytes`` and more (``_State.swap``); unpack fetches (polls first on
     CUDA, as swap's unpack does)."""
-    live = state.live
 
     def pack(t: Tensor) -> Any:
-        key = t.untyped_storage()._cdata
-        if key in skip:
+        if t.untyped_storage()._cdata in step.skip:
             return t  # a weight: kept, not counted (as swap's pack keeps it)
         nbytes = int(t.untyped_storage().nbytes())
-        if key not in saved:
-            saved[key] = nbytes
-            live.add(t, "act")
-            if where["block"] >= 0:
-                per_block[where["block"]] += nbytes
+        step.note_saved(t)
         if state.run is None or nbytes < max(state.min_bytes, 1):
             return t
         return state.swap(t, nbytes)
@@ -214,6 +202,20 @@ def _hook_pair(
     return pack, unpack
 
 
+class _SwapStep(TracedStep):
+    """``TracedStep`` whose block entries and exits drive the swap schedule."""
+
+    state: _State
+
+    def enter(self, i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().enter(i, args, kwargs)
+        self.state.begin(i)
+
+    def leave(self, output: Any) -> None:
+        super().leave(output)
+        self.state.end(output)
+
+
 def trace_swap(
     model: nn.Module,
     inputs: dict[str, Tensor],
@@ -226,66 +228,8 @@ def trace_swap(
 
     ``cuda``: copies finish in the background (sources kept until polled); else synchronous
     (a CPU device). ``accumulate`` as in ``trace_step``."""
-    params = list(model.parameters())
-    if accumulate:
-        for p in params:
-            if p.requires_grad:
-                p.grad = torch.empty_like(p)
-    skip = {p.untyped_storage()._cdata for p in params}
-    skip |= {p.grad.untyped_storage()._cdata for p in params if p.grad is not None}
-    skip |= {b.untyped_storage()._cdata for b in model.buffers()}
-    blocks = find_blocks(model)
-    saved: dict[int, int] = {}
-    per_block = [0] * len(blocks)
-    live = _Live(skip)
-    state = _State(live, cuda, min_swap_bytes, prefetch_depth)
-    where = {"block": -1, "input": 0}
-
-    pack, unpack = _hook_pair(state, skip, saved, per_block, where)
-
-    def enter(i: int, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        where["block"] = i
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(first, Tensor):
-            where["input"] = first.numel() * first.element_size()
-        state.begin(i)
-
-    def leave(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        where["block"] = -1
-        state.end(output)
-
-    handles = [
-        b.register_forward_pre_hook(functools.partial(enter, i), with_kwargs=True)
-        for i, b in enumerate(blocks)
-    ]
-    handles += [b.register_forward_hook(leave, with_kwargs=True) for b in blocks]
-    handles += [
-        p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad"))
-        for p in params
-        if p.requires_grad
-    ]
-    try:
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        with fused_attention(), meta_mask_values(), live, hooks:
-            for t in inputs.values():
-                live.add(t, "act")
-            loss = _loss(model(**inputs))
-            after_fwd = sum(live.cur.values())
-            live.phase = "tmp"
-            loss.backward()
-            del loss
-    finally:
-        for h in handles:
-            h.remove()
-    return SwapTrace(
-        saved_bytes=sum(saved.values()),
-        live_after_forward=after_fwd,
-        peak=live.peak,
-        peak_activations=live.at_peak["act"],
-        peak_gradients=live.at_peak["grad"],
-        peak_temporaries=live.at_peak["tmp"],
-        gradients=live.cur["grad"],
-        block_saved=per_block,
-        block_input=where["input"],
-        pinned_peak=state.host_peak,
-    )
+    step = _SwapStep(model, accumulate)
+    step.state = state = _State(step.live, cuda, min_swap_bytes, prefetch_depth)
+    pack, unpack = _hook_pair(state, step)
+    step.run(inputs, torch.autograd.graph.saved_tensors_hooks(pack, unpack), fused_attention())
+    return SwapTrace(**step.fields(), pinned_peak=state.host_peak)

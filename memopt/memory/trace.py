@@ -259,71 +259,111 @@ def trace_step(
     micro-batch of gradient accumulation: every parameter already has its gradient (not
     counted here: the caller holds them), which the backward adds into.
     """
-    params = list(model.parameters())
-    if accumulate:
-        for p in params:
-            if p.requires_grad:
-                p.grad = torch.empty_like(p)
-    skip = {p.untyped_storage()._cdata for p in params}
-    skip |= {p.grad.untyped_storage()._cdata for p in params if p.grad is not None}
-    skip |= {b.untyped_storage()._cdata for b in model.buffers()}
-    blocks = find_blocks(model)
-    saved: dict[int, int] = {}
-    per_block = [0] * len(blocks)
-    where = {"block": -1, "input": 0}
-    live = _Live(skip)
+    step = TracedStep(model, accumulate)
 
     def pack(t: Tensor) -> Tensor:
-        key = t.untyped_storage()._cdata
-        if key not in skip and key not in saved:
-            saved[key] = int(t.untyped_storage().nbytes())
-            live.add(t, "act")
-            if where["block"] >= 0:
-                per_block[where["block"]] += saved[key]
+        step.note_saved(t)
         return t
 
-    def enter(i: int, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        where["block"] = i
+    attn = fused_attention() if attention else contextlib.nullcontext()
+    ckpt = _checkpointed(step.blocks) if recompute else contextlib.nullcontext()
+    step.run(inputs, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), attn, ckpt)
+    return ActivationTrace(**step.fields())
+
+
+class TracedStep:
+    """The bookkeeping one traced step shares with ``swaptrace``: the storages not counted
+    (parameters, their gradients, buffers), the distinct saved storages and their bytes per
+    block, the current block and the bytes of its first input, and the run itself."""
+
+    def __init__(self, model: nn.Module, accumulate: bool) -> None:
+        self.model = model
+        self.params = list(model.parameters())
+        if accumulate:
+            for p in self.params:
+                if p.requires_grad:
+                    p.grad = torch.empty_like(p)
+        skip = {p.untyped_storage()._cdata for p in self.params}
+        skip |= {p.grad.untyped_storage()._cdata for p in self.params if p.grad is not None}
+        skip |= {b.untyped_storage()._cdata for b in model.buffers()}
+        self.skip = skip
+        self.blocks = find_blocks(model)
+        self.saved: dict[int, int] = {}
+        self.per_block = [0] * len(self.blocks)
+        self.block, self.input = -1, 0
+        self.live = _Live(skip)
+        self.after_forward = 0
+
+    def note_saved(self, t: Tensor) -> int:
+        """Count a tensor autograd saves (once per storage); its storage's bytes, or 0 when
+        it is not counted (a parameter's, or one seen before)."""
+        key = t.untyped_storage()._cdata
+        if key in self.skip or key in self.saved:
+            return 0
+        self.saved[key] = nbytes = int(t.untyped_storage().nbytes())
+        self.live.add(t, "act")
+        if self.block >= 0:
+            self.per_block[self.block] += nbytes
+        return nbytes
+
+    def enter(self, i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.block = i
         first = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(first, Tensor):
-            where["input"] = first.numel() * first.element_size()
+            self.input = first.numel() * first.element_size()
 
-    handles = [
-        b.register_forward_pre_hook(functools.partial(enter, i), with_kwargs=True)
-        for i, b in enumerate(blocks)
-    ]
-    handles += [b.register_forward_hook(lambda *a: where.update(block=-1)) for b in blocks]
-    handles += [  # frozen parameters get no gradient (and take no hook)
-        p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad"))
-        for p in params
-        if p.requires_grad
-    ]
-    try:
-        attn = fused_attention() if attention else contextlib.nullcontext()
-        ckpt = _checkpointed(blocks) if recompute else contextlib.nullcontext()
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with attn, ckpt, meta_mask_values(), live, hooks:
-            for t in inputs.values():
-                live.add(t, "act")
-            loss = _loss(model(**inputs))
-            after_fwd = sum(live.cur.values())
-            live.phase = "tmp"
-            loss.backward()
-            del loss
-    finally:
-        for h in handles:
-            h.remove()
-    return ActivationTrace(
-        saved_bytes=sum(saved.values()),
-        live_after_forward=after_fwd,
-        peak=live.peak,
-        peak_activations=live.at_peak["act"],
-        peak_gradients=live.at_peak["grad"],
-        peak_temporaries=live.at_peak["tmp"],
-        gradients=live.cur["grad"],
-        block_saved=per_block,
-        block_input=where["input"],
-    )
+    def leave(self, output: Any) -> None:
+        self.block = -1
+
+    def run(self, inputs: dict[str, Tensor], hooks: Any, *contexts: Any) -> None:
+        """Forward + backward under ``contexts``, then the meta masks, the live count and the
+        saved-tensor ``hooks`` (innermost), with the blocks' ``enter``/``leave`` and the
+        gradients' regrading hooked in."""
+        live = self.live
+        handles = [
+            b.register_forward_pre_hook(
+                functools.partial(lambda i, m, a, k: self.enter(i, a, k), i), with_kwargs=True
+            )
+            for i, b in enumerate(self.blocks)
+        ]
+        handles += [
+            b.register_forward_hook(lambda m, a, k, out: self.leave(out), with_kwargs=True)
+            for b in self.blocks
+        ]
+        handles += [  # frozen parameters get no gradient (and take no hook)
+            p.register_post_accumulate_grad_hook(lambda p: live.regrade(p.grad, "grad"))
+            for p in self.params
+            if p.requires_grad
+        ]
+        try:
+            with contextlib.ExitStack() as stack:
+                for c in (*contexts, meta_mask_values(), live, hooks):
+                    stack.enter_context(c)
+                for t in inputs.values():
+                    live.add(t, "act")
+                loss = _loss(self.model(**inputs))
+                self.after_forward = sum(live.cur.values())
+                live.phase = "tmp"
+                loss.backward()
+                del loss
+        finally:
+            for h in handles:
+                h.remove()
+
+    def fields(self) -> dict[str, Any]:
+        """``ActivationTrace``'s fields, measured."""
+        live = self.live
+        return {
+            "saved_bytes": sum(self.saved.values()),
+            "live_after_forward": self.after_forward,
+            "peak": live.peak,
+            "peak_activations": live.at_peak["act"],
+            "peak_gradients": live.at_peak["grad"],
+            "peak_temporaries": live.at_peak["tmp"],
+            "gradients": live.cur["grad"],
+            "block_saved": self.per_block,
+            "block_input": self.input,
+        }
 
 
 def causal_lm_inputs(batch_size: int, seq_len: int, vocab: int | None = None) -> dict[str, Tensor]:
