@@ -9,8 +9,12 @@ kernel, the updated master copied back into the parameter, bf16/fp16 included).
 The update is torch.optim.AdamW's (``eps_mode="torch"``). A parameter's state is created at
 its first step with a gradient: the master is the parameter upcast to fp32, the moments zeros.
 ``state_dict()`` reads every tensor back from the tier and returns torch AdamW's layout
-(``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master`` (fp32); ``load_state_dict`` writes them
-to the tier (no cast to the parameter's dtype: the moments stay fp32).
+(``step``, ``exp_avg``, ``exp_avg_sq``) plus ``master`` (fp32); ``load_state_dict`` checks the
+whole dict, then replaces the whole state with it (no cast to the parameter's dtype: the
+moments stay fp32). A parameter written since its last step or load (a clamp, the model's
+weights loaded) has its master rebuilt from it before the update (``adamw_checks``), so the
+parameter, as in torch, is what the step starts from. Non-contiguous (channels_last)
+parameters are stepped through a contiguous copy, written back.
 
 Lifetime: ``close()`` frees everything; dropped without it, finalizers free the same (the
 tier's blocks, the staging ring). Copies and pickles are refused (use ``state_dict``). A new
@@ -29,9 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from memopt._utils.checks import finite_number
 from memopt._utils.wrapped_optim import closure_loss
+from memopt.offload.adamw_checks import check_adam_group, checked_load, label, signature
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
+from memopt.offload.cpu_adam import selected_isa
 from memopt.offload.hybrid_update import HybridUpdate
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import NVMeTier
@@ -39,7 +44,7 @@ from memopt.offload.pinned_tier import PinnedCPUTier
 from memopt.offload.pipeline import AdamHyper, OffloadedAdamState, StepItem
 from memopt.offload.tier import StorageTier, once_fixed
 
-__all__ = ["OffloadConfig", "OffloadedAdamW"]
+__all__ = ["OffloadConfig", "OffloadedAdamW", "check_adam_group"]
 
 OffloadDevice = Literal["cpu", "nvme"]
 
@@ -97,24 +102,6 @@ class OffloadConfig:
         return NVMeTier(cfg, arena=arena)
 
 
-def check_adam_group(group: dict[str, Any], owner: str) -> None:
-    """lr, eps and weight_decay finite numbers >= 0 and betas two numbers in [0, 1) (torch
-    refuses nan too; memopt's optimizers check the same in memopt.optim._groups)."""
-    for key in ("lr", "eps", "weight_decay"):
-        value = group[key]
-        if isinstance(value, torch.Tensor):
-            raise TypeError(f"{owner}: {key} is a tensor ({value!r}); pass a Python float")
-        group[key] = finite_number(value, key, owner)
-    betas = group["betas"]
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}") from None
-    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
-    group["betas"] = (b1, b2)
-
-
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW (torch's update rule) with its state on a tier; see the module docstring."""
 
@@ -145,6 +132,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
             record_events=record_events,
             hybrid=HybridUpdate() if self.offload.hybrid else None,
         )
+        #: each stepped parameter's ``signature`` after its last step or load
+        self._signatures: dict[Tensor, tuple[int, int]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -167,48 +156,101 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         self._check_open()
         loss = closure_loss(closure)
-        items = []
-        for group in self.param_groups:  # before any state changes (the step counters)
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"OffloadedAdamW does not support sparse gradients (a parameter of "
-                        f"shape {tuple(p.shape)}); nothing was updated"
-                    )
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        copies: list[tuple[Tensor, Tensor]] = []  # (non-contiguous parameter, its staging copy)
+        items = [self._item(g, p, copies) for g, p in work]
+        self._check_items(items)  # before any state changes (the step counters)
         # New state first, all of it, before any counter moves: a parameter is fresh until
         # both its state on the tier and its counter exist (an interrupted first step left
         # one without the other, and every later step raised KeyError: 'step')
-        fresh = [p for g in self.param_groups for p in g["params"]
-                 if p.grad is not None and not self._has_state(p)]  # fmt: skip
+        fresh = [p for _, p in work if not self._has_state(p)]
         self.store.reserve([p.numel() for p in fresh])  # host tiers: one exact-size piece
         for p in fresh:
             self.store.add(p, p.detach())  # upcast chunk by chunk; all or nothing
             self.state[p] = {"step": 0}
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["step"] += 1
-                hyper = AdamHyper(
-                    step=int(state["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=group["weight_decay"],
-                )  # fmt: skip
-                items.append(StepItem(p, p.grad, p, hyper))
+            self._signatures[p] = signature(p)
+        # written since the last step or load (a clamp, model.load_state_dict): the pipeline
+        # rebuilds their masters from the parameters before the update (adamw_checks)
+        stale = {p for _, p in work if self._signatures.get(p) != signature(p)}
+        for _, p in work:
+            self.state[p]["step"] += 1
         try:
-            self.store.step(items)
-        except OSError as e:  # ENOSPC / EIO mid-pipeline: some parameters were updated
+            self.store.step(items, refresh=stale)
+        except BaseException as e:
+            err = self._step_failed(work, e)
+            if err is None:
+                raise
+            raise err from e
+        finally:
+            for p, staged in copies:
+                p.copy_(staged)
+        for _, p in work:
+            self._signatures[p] = signature(p)
+        return loss
+
+    def _item(self, group: dict[str, Any], p: Tensor, copies: list[tuple[Tensor, Tensor]]
+              ) -> StepItem:  # fmt: skip
+        """``p``'s step item, its step number one past its counter (not moved yet). A
+        non-contiguous parameter (channels_last) is stepped through a contiguous copy, written
+        back after the step (``copies``)."""
+        st = self.state.get(p, {})
+        beta1, beta2 = group["betas"]
+        hyper = AdamHyper(
+            step=int(st["step"]) + 1 if self._has_state(p) else 1, lr=float(group["lr"]),
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        )  # fmt: skip
+        target, grad = p, p.grad
+        assert grad is not None  # (only parameters with a gradient are stepped)
+        if not p.is_contiguous():
+            target = p.detach().contiguous()
+            copies.append((p, target))
+        if not grad.is_sparse and not grad.is_contiguous():  # (sparse: refused below)
+            grad = grad.contiguous()
+        return StepItem(p, grad, target, hyper)
+
+    def _check_items(self, items: list[StepItem]) -> None:
+        """What would make the pipeline raise, raised before anything changes."""
+        for it in items:
+            if it.grad.is_sparse:
+                raise RuntimeError(
+                    f"OffloadedAdamW does not support sparse gradients ({label(it.key)}); "
+                    "nothing was updated"
+                )
+        selected_isa()  # a bad MEMOPT_CPU_ADAM_ISA is a ValueError here, not mid-step
+        self.store.check([it for it in items if it.key in self.store])
+
+    def _step_failed(self, work: list[tuple[dict[str, Any], Tensor]], e: BaseException
+                     ) -> BaseException | None:  # fmt: skip
+        """The error to raise for a failed ``store.step`` (None: ``e`` itself). Failed before
+        any update began: the counters go back, nothing changed. Otherwise some parameters
+        hold this step's values: the error says so."""
+        untouched = self.store.updates_begun == 0
+        if untouched:
+            for _, p in work:
+                self.state[p]["step"] -= 1
+        if isinstance(e, OSError):  # ENOSPC / EIO
             where = f" ({e.filename})" if e.filename else ""
             when = once_fixed(e)
-            raise OSError(
-                e.errno,  # strerror, not str(e): no second "[Errno N]" in the message
-                f"{e.strerror or e}{where}; OffloadedAdamW.step did not complete: some "
-                "parameters may hold this step's values while their state on the tier does "
-                "not, and the step counters have advanced. Do not retry the step: reload "
-                f"model and optimizer from the last checkpoint {when}",
-            ) from e
-        return loss
+            if untouched:
+                what = (f"nothing was updated and the step counters are as before: retry the "
+                        f"step {when}")  # fmt: skip
+            else:
+                what = (
+                    "some parameters may hold this step's values while their state on the "
+                    "tier does not, and the step counters have advanced. Do not retry the "
+                    f"step: reload model and optimizer from the last checkpoint {when}"
+                )
+            # strerror, not str(e): no second "[Errno N]" in the message
+            return OSError(e.errno, f"{e.strerror or e}{where}; OffloadedAdamW.step did not "
+                           f"complete: {what}")  # fmt: skip
+        add_note = getattr(e, "add_note", None)  # Python 3.11+
+        if not untouched and add_note is not None:
+            add_note(
+                "OffloadedAdamW.step stopped part way: some parameters hold this step's values "
+                "and the step counters have advanced; reload model and optimizer from the "
+                "last checkpoint rather than retrying the step"
+            )
+        return None
 
     def _has_state(self, p: Tensor) -> bool:
         return p in self.store and "step" in self.state.get(p, ())
@@ -230,26 +272,28 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Hyperparameters into the groups, tensors onto the tier (kept fp32)."""
+        """Hyperparameters into the groups, tensors onto the tier (kept fp32). Like torch's,
+        the load replaces the whole state: a parameter without state in ``state_dict`` has
+        none afterwards. Everything is checked first: a refused load changes nothing."""
         self._check_open()
-        groups = state_dict["param_groups"]
-        sizes = [len(g["params"]) for g in groups]
-        if sizes != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                f"OffloadedAdamW.load_state_dict: the saved param groups (sizes {sizes}) "
-                "do not match this optimizer's "
-                f"({[len(g['params']) for g in self.param_groups]})"
-            )
         params = [p for g in self.param_groups for p in g["params"]]
-        for group, saved in zip(self.param_groups, groups, strict=True):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-        for index, st in state_dict["state"].items():
-            p = params[int(index)]
+        values, entries = checked_load(state_dict, self.param_groups, params)
+        for group, new in zip(self.param_groups, values, strict=True):
+            group.update(new)
+        loaded = {p for p, _ in entries}
+        for p in params:
+            if p not in loaded:
+                if p in self.store:
+                    self.store.remove(p)
+                self.state.pop(p, None)
+                self._signatures.pop(p, None)
+        for p, st in entries:
+            # no master (torch AdamW's state): the parameter as it is now; a write to it
+            # before the next step (the model's weights loaded after) rebuilds it (``step``)
             master = st.get("master", p.detach())
             self.store.add(p, master, st["exp_avg"], st["exp_avg_sq"])
             self.state[p] = {"step": int(float(st["step"]))}
+            self._signatures[p] = signature(p)
 
     def read_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(master, exp_avg, exp_avg_sq) of ``p`` read from the tier, shaped like ``p``."""
@@ -273,6 +317,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             if self._owns_tier:
                 self.tier.close()
             self.state.clear()
+            self._signatures.clear()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from memopt.offload.adamw_checks import label, refresh_master
 from memopt.offload.allocator import round_up
 from memopt.offload.arena import ArenaBlock, PinnedArena, default_arena
 from memopt.offload.host_update import cpu_batch, direct_lowp
@@ -105,6 +106,8 @@ class OffloadedAdamState:
         self._entries: dict[Hashable, _Entry] = {}
         self._ring: list[ArenaBlock] = []  # mutated in place: the finalizer holds it
         self._ring_elems = 0
+        self.updates_begun = 0  # hyperparameter batches whose update began, this step
+        self._stale: Collection[Hashable] = ()  # keys whose masters the step rebuilds
         # Dropped without close(): the staging ring goes back to the (process-wide) arena.
         # The state's handles are the tier's to free (its close() or its own finalizer).
         finalizer = weakref.finalize(self, _release_ring, self.arena, self._ring)
@@ -218,7 +221,9 @@ class OffloadedAdamState:
         try:
             return self._entries[key]
         except KeyError:
-            raise KeyError(f"no offloaded optimizer state for {key!r}; add() it first") from None
+            raise KeyError(
+                f"no offloaded optimizer state for {label(key)}; add() it first"
+            ) from None
 
     def close(self) -> None:
         for key in list(self._entries):
@@ -247,16 +252,32 @@ class OffloadedAdamState:
                     size = nbytes
         return out
 
-    def step(self, items: Sequence[StepItem]) -> None:
-        """Update every item's state and model tensor (see the module docstring)."""
+    def check(self, items: Sequence[StepItem]) -> None:
+        """The ValueError ``step`` would raise for ``items`` (sizes, contiguity), if any."""
         for it in items:
-            if it.grad.numel() != self._entry(it.key).numel or it.param.numel() != it.grad.numel():
+            n = self._entry(it.key).numel
+            if it.grad.numel() != n or it.param.numel() != n:
                 raise ValueError(
-                    f"state {it.key!r}: grad has {it.grad.numel()} elements, param "
-                    f"{it.param.numel()}, state {self._entry(it.key).numel}"
+                    f"offloaded AdamW state of {label(it.key)}: grad has {it.grad.numel()} "
+                    f"elements, the parameter {it.param.numel()}, its state {n} (was the "
+                    "parameter replaced by one of another size?); nothing was updated"
                 )
             if not it.param.is_contiguous():
-                raise ValueError(f"state {it.key!r}: the parameter must be contiguous")
+                raise ValueError(
+                    f"offloaded AdamW state of {label(it.key)}: the tensor that receives the "
+                    "update must be contiguous (step a contiguous copy and copy it back); "
+                    "nothing was updated"
+                )
+
+    def step(self, items: Sequence[StepItem], refresh: Collection[Hashable] = ()) -> None:
+        """Update every item's state and model tensor (see the module docstring). The
+        masters of the keys in ``refresh`` (parameters written since their last step) are
+        first rebuilt from the parameters (``adamw_checks.refresh_master``). From the first
+        group's update on, ``updates_begun`` counts the updates started (0 when this raises
+        before any: nothing changed)."""
+        self.updates_begun = 0
+        self.check(items)
+        self._stale = refresh
         groups = self.groups(items)
         self.stats.groups = [len(g) for g in groups]
         self.stats.steps += 1
@@ -344,11 +365,14 @@ class OffloadedAdamState:
             s, n = u.chunk.start, u.chunk.numel
             g = u.item.grad.detach().reshape(-1)[s : s + n]
             param = u.item.param.detach().view(-1)[s : s + n]
+            if u.item.key in self._stale:
+                refresh_master(view[:n], param)
             lowp = direct_lowp(param)
             key = (u.item.hyper, g.dtype, None if lowp is None else lowp.dtype)
             batches.setdefault(key, []).append((view, g, param))
         on_device = self.hybrid is not None and self.hybrid.where(i) == "device"
         for (hyper, _gd, lowp_dtype), triples in batches.items():
+            self.updates_begun += 1
             if on_device and hyper.eps_mode == "torch":
                 assert self.hybrid is not None
                 self.hybrid.device_step(hyper, triples, triples[0][2].device)

@@ -3,8 +3,9 @@
 
 ``ShardedOptimizer`` first places every parameter (its local tensors are views of the model's
 own parameters: ``master_dtype`` is not used for them, since the fp32 master lives on the
-tier); then ``offload_inner`` builds an ``OffloadedAdamW`` over the same param groups (same
-positions, same hyperparameters) and makes it the inner optimizer. Each step the owned shards'
+tier); then ``offload_inner`` builds an ``OffloadedAdamW`` over the same param group dicts (the
+objects themselves, so a scheduler made on the optimizer before sharding still sets the LR the
+step uses) and makes it the inner optimizer. Each step the owned shards'
 state streams through the pipeline (see ``memopt.offload.pipeline``), the update is written
 straight into the model's parameter shard (bf16/fp16 through the kernel's fused copy-back),
 and the ShardedOptimizer's gather sends it to the other ranks as before.
@@ -24,11 +25,9 @@ them. Other optimizers raise ``NotImplementedError`` before anything is allocate
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW
+from memopt.offload.optimizer import OffloadConfig, OffloadedAdamW, check_adam_group
 from memopt.offload.state_offload import StateOffloadedOptimizer
 from memopt.offload.tier import StorageTier
 
@@ -38,9 +37,11 @@ __all__ = [
     "is_offloadable",
     "keeps_own_state",
     "offload_inner",
+    "replaced",
     "state_inner",
 ]
 
+_REPLACES = "_memopt_replaces"  # OffloadedAdamW -> the optimizer whose groups it steps
 _UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable")
 
 
@@ -110,25 +111,45 @@ def offload_inner(
     rank: int,
     tier: StorageTier | None = None,
 ) -> OffloadedAdamW:
-    """An ``OffloadedAdamW`` over ``inner``'s groups (params and hyperparameters), on ``tier``
-    (``config.make_tier(rank)`` when None); the optimizer owns the tier (closes it)."""
+    """An ``OffloadedAdamW`` stepping ``inner``'s own group dicts (params and
+    hyperparameters), on ``tier`` (``config.make_tier(rank)`` when None); the optimizer owns
+    the tier (closes it).
+
+    The very dict objects, not copies: an LR scheduler (or any code) holding ``inner`` or one
+    of its groups, as when a scheduler is made before ``memopt.shard`` or passed through
+    ``memopt.integrations.accelerate.prepare``, changes the ``lr`` / ``betas`` / ``eps`` /
+    ``weight_decay`` that the next step reads (with copies it changed groups nothing read:
+    training ran at the initial LR). The hyperparameters are checked on copies first, so a
+    refused group leaves ``inner``'s dicts as they were."""
     check_offloadable(inner)
-    groups: list[dict[str, Any]] = []
-    for g in inner.param_groups:
-        groups.append(
-            {
-                "params": list(g["params"]),
-                "lr": g["lr"],
-                "betas": tuple(g["betas"]),
-                "eps": g["eps"],
-                "weight_decay": g["weight_decay"],
-            }
-        )
+    groups = inner.param_groups
+    for i, g in enumerate(groups):
+        check_adam_group(dict(g), f"memopt.shard(offload=...): param group {i}")
     if tier is None:
         tier = config.make_tier(rank)
+    # torch's add_param_group keeps each dict (it only sets "params" to a list of the same
+    # tensors and fills missing defaults, of which there are none): the groups are shared
     opt = OffloadedAdamW(groups, offload=config, tier=tier)
     opt._owns_tier = True  # made here for this optimizer: closed with it
+    opt.__dict__[_REPLACES] = inner
+    if any(a is not b for a, b in zip(opt.param_groups, groups, strict=True)):
+        opt.close()
+        raise RuntimeError(
+            "memopt.shard(offload=...): OffloadedAdamW copied the optimizer's param groups, "
+            "so an LR scheduler made on it would not reach the step; this torch version's "
+            "Optimizer.add_param_group is not supported here (report it)"
+        )
     return opt
+
+
+def replaced(stepping: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer passed to ``memopt.shard`` that ``stepping`` (the sharded optimizer's
+    inner one with ``offload=``) steps in place of: ``offload_inner``'s, or the one a
+    ``StateOffloadedOptimizer`` wraps."""
+    user = stepping.__dict__.get(_REPLACES)
+    if user is None and isinstance(stepping, StateOffloadedOptimizer):
+        user = stepping.inner
+    return user
 
 
 def check_no_hybrid(inner: torch.optim.Optimizer, config: OffloadConfig) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import gradedit, guards, master_state, regrad, rowproj
+from memopt.sharding import gradedit, guards, master_state, offload_step, regrad, rowproj
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -188,7 +188,7 @@ class ShardedOptimizer(WrapperOptimizer):
         if self._master_of:
             self._refresh_masters()
         self._agree_on_nonfinite_refresh()
-        self.inner.step()
+        offload_step.step_inner(self)  # (offload=: the ranks agree before the gather)
         if not (self._plain and len(self.in_place) == len(self.locals)):
             # (world size 1 with every local the parameter itself: nothing to gather; packing
             # the buckets would only copy every parameter once more)
