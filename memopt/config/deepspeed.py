@@ -6,15 +6,17 @@
   (one directory for both); unknown keys raise, keys without effect warn). Stage 0 is plain
   data parallelism (``sharding.stage: 0``); its block is validated the same way, and an
   offload block there raises (DeepSpeed offloads only inside ZeRO). No block: ``base``'s.
+  ``offload_optimizer.pin_memory: false`` has no config key: warned (memopt pins).
 - ``optimizer``: ``type`` Adam/AdamW (any case) -> ``optimizer.name: adamw`` with ``lr``,
-  ``betas``, ``eps``, ``weight_decay`` from ``params``; any other type raises ``ValueError``
-  (configure GaLore/APOLLO/FRUGAL in memopt's own ``optimizer`` section). ``type: Adam`` with
-  ``adam_w_mode: false`` (DeepSpeed's L2-regularised Adam) and a non-zero ``weight_decay``
-  raises (memopt's decay is decoupled; ``type: AdamW`` is decoupled in DeepSpeed whatever
-  ``adam_w_mode`` says). ``torch_adam: true`` without ``weight_decay`` is torch's AdamW with
-  its default 0.01 in DeepSpeed: ``weight_decay: 0.01`` (warned). Other ``params``
-  (``torch_adam``, ``amsgrad``, ...) are warned about. memopt decays matrices only, DeepSpeed
-  every parameter it was given.
+  ``betas``, ``eps``, ``weight_decay`` from ``params`` (a ``base`` with another optimizer,
+  GaLore say, is warned about: drop the block or set ``optimizer.name`` after loading); any
+  other type raises ``ValueError``. A param the block leaves out is DeepSpeed's optimizer
+  default (lr 1e-3 unless the scheduler gives the peak, betas (0.9, 0.999), eps 1e-8,
+  weight_decay 0; with ``torch_adam: true`` torch's AdamW decays 0.01), warned where ``base``
+  differs. ``type: Adam`` with ``adam_w_mode: false`` (L2-regularised Adam) and a non-zero
+  ``weight_decay`` raises (memopt's decay is decoupled; ``type: AdamW`` is decoupled in
+  DeepSpeed whatever ``adam_w_mode`` says). Other ``params`` (``amsgrad``, ...) are warned
+  about. memopt decays matrices only, DeepSpeed every parameter it was given.
 - ``scheduler``: a key the block leaves out takes DeepSpeed 0.19's default
   (``deepspeed/runtime/lr_schedules.py``): ``warmup_num_steps`` 1000, ``warmup_type`` log,
   ``cos_min_ratio`` 1e-4, WarmupDecayLR's ``warmup_max_lr`` 1e-3 (WarmupLR's: the
@@ -33,9 +35,10 @@
   other than ``linear``, other params. An ``optimizer`` block without a ``scheduler``:
   DeepSpeed keeps the optimizer's lr, so ``schedule: constant``, ``warmup_steps: 0`` (warned
   when ``base`` differs); with neither block ``base``'s schedule stays.
-- ``bf16.enabled`` -> ``model.dtype: bf16`` with fp32 master weights
-  (``sharding.master_dtype: fp32``; without a ZeRO stage that runs as stage 1, which on one
-  rank is the plain update on the fp32 copies, as DeepSpeed's bf16 optimizer). ``fp16.enabled``
+- ``bf16.enabled`` (or the legacy ``bfloat16`` key) -> ``model.dtype: bf16`` with fp32
+  master weights (``sharding.master_dtype: fp32``; without a ZeRO stage that runs as stage
+  1, which on one rank is the plain update on the fp32 copies, as DeepSpeed's bf16
+  optimizer). ``fp16.enabled``
   raises here: this config builds the training run, and memopt has no loss scaler, so an
   fp16 model would train without one (use bf16). ``memopt.shard(deepspeed_config=...)``
   accepts it because there the model, its dtype and the loss are the caller's: it reads
@@ -55,11 +58,13 @@ wrong shape (``"bf16": true`` instead of ``{"enabled": true}``, a list for ``opt
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from memopt._utils.jsonfile import json_mapping
+from memopt.config.build import default_eps
 from memopt.config.config import Config
 from memopt.sharding.deepspeed_config import read_deepspeed
 from memopt.sharding.deepspeed_keys import DEFAULT_CLIP
@@ -68,7 +73,11 @@ _READ = ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16",
          "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
          "train_batch_size")  # fmt: skip
 _ADAM = ("adam", "adamw")
+#: DeepSpeed 0.19's Adam defaults (ops/adam FusedAdam and DeepSpeedCPUAdam, torch.optim.Adam)
+_ADAM_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                                  "weight_decay": 0.0}  # fmt: skip
 _TORCH_ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight_decay
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # warnings skip memopt/config
 _SCHEDULERS = ("warmuplr", "warmupdecaylr", "warmupcosinelr")
 #: DeepSpeed 0.19's defaults for scheduler params a config leaves out (runtime/lr_schedules.py)
 _DS_WARMUP_STEPS, _DS_WARMUP_TYPE, _DS_COS_MIN_RATIO, _DS_DECAY_MAX_LR = 1000, "log", 1e-4, 1e-3
@@ -125,6 +134,11 @@ def _sharding(ds: dict[str, Any], out: dict[str, Any]) -> None:
     both_cpu = z.stage == 3 and off.device == z.offload_param.device == "cpu"
     if off.device != "none" and not both_cpu:
         sh["offload"] = off.device
+    if off.device != "none" and not off.pin_memory:
+        _warn("zero_optimization.offload_optimizer.pin_memory: false is not carried over: "
+              "memopt's config has no such key and pins the offloaded state in host memory; "
+              "where the host limits locked memory (ulimit -l, containers) call memopt.shard("
+              "deepspeed_config=...) in your own loop, which honours it at stages 1/2")
     blocks = (off, z.offload_param)
     paths = {str(b.nvme_path) for b in blocks if b.device == "nvme" and b.nvme_path is not None}
     if len(paths) > 1:
@@ -135,7 +149,7 @@ def _sharding(ds: dict[str, Any], out: dict[str, Any]) -> None:
         sh["nvme_path"] = paths.pop()
 
 
-def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
+def _optimizer(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
     block = _block(ds, "optimizer")
     if block is None:
         return
@@ -143,30 +157,82 @@ def _optimizer(ds: dict[str, Any], out: dict[str, Any]) -> None:
     if kind not in _ADAM:
         raise ValueError(f"DeepSpeed optimizer type {block.get('type')!r}: memopt maps Adam/AdamW "
                          "only; set optimizer.name (galore, apollo_mini, frugal, ...) in memopt")
+    name = block.get("type")
+    if base.optimizer.name != "adamw":
+        _warn(f"optimizer {name}: optimizer.name: adamw replaces base's "
+              f"{base.optimizer.name!r} (full-state Adam moments for every parameter); to keep "
+              f"{base.optimizer.name}, drop the optimizer block from the DeepSpeed config, or set "
+              f"it after loading: cfg.replace(['optimizer.name={base.optimizer.name}'])")
     _set(out, "optimizer", "name", "adamw")
     params = _block(block, "params", "optimizer.") or {}
-    decay_given = "weight_decay" in params
-    for key in ("lr", "betas", "eps", "weight_decay"):
-        _set(out, "optimizer", key, params.pop(key, None))
-    wd = out.get("optimizer", {}).get("weight_decay", 0)
     # DeepSpeed: type AdamW is decoupled whatever adam_w_mode says; Adam follows adam_w_mode
     adam_w = params.pop("adam_w_mode", True) is not False or kind == "adamw"
+    torch_adam = params.get("torch_adam") is True  # torch.optim.AdamW / Adam then
+    given = {key: params.pop(key) for key in _ADAM_DEFAULTS if key in params}
+    for key, value in given.items():
+        _set(out, "optimizer", key, value)
+    _adam_defaults(ds, out, base, given, torch_adam and adam_w)
+    wd = _value(out, base, "optimizer", "weight_decay")
     if not adam_w and wd not in (0, 0.0):
         raise ValueError(f"DeepSpeed optimizer.params.adam_w_mode: false is Adam with L2 "
                          f"regularisation (weight_decay {wd} added to the gradient); memopt's "
                          "AdamW decays decoupled: drop adam_w_mode or set weight_decay to 0")
-    if params.get("torch_adam") is True and adam_w and not decay_given:
-        _set(out, "optimizer", "weight_decay", _TORCH_ADAMW_DECAY)
-        _warn(f"optimizer {block.get('type')}: torch_adam without weight_decay is "
-              f"torch.optim.AdamW's default weight_decay {_TORCH_ADAMW_DECAY} in DeepSpeed: "
-              f"optimizer.weight_decay: {_TORCH_ADAMW_DECAY} (memopt decays matrices only)")
     if params:
-        _warn(f"optimizer {block.get('type')}: ignored params {sorted(params)} (memopt's AdamW "
+        _warn(f"optimizer {name}: ignored params {sorted(params)} (memopt's AdamW "
               "takes lr, betas, eps and weight_decay)")
 
 
+def _adam_defaults(ds: dict[str, Any], out: dict[str, Any], base: Config,
+                   given: dict[str, Any], torch_adamw: bool) -> None:
+    """Params the optimizer block leaves out run at DeepSpeed's optimizer's defaults (FusedAdam /
+    DeepSpeedCPUAdam; ``torch_adam``: torch's, whose AdamW decays 0.01): taken, warned where
+    ``base`` differs. lr only when no scheduler block sets it (WarmupLR's warmup_max_lr,
+    WarmupDecayLR's peak)."""
+    defaults = dict(_ADAM_DEFAULTS, weight_decay=_TORCH_ADAMW_DECAY if torch_adamw else 0.0)
+    if _sched_sets_lr(ds):
+        defaults.pop("lr")
+    changed = []
+    for key, value in defaults.items():
+        if key in given:
+            continue
+        had = getattr(base.optimizer, key)
+        if key == "eps" and had is None:  # null: the (AdamW) optimizer's own default
+            had = default_eps("adamw")
+        if tuple(had) != value if key == "betas" else had != value:
+            out.setdefault("optimizer", {})[key] = list(value) if key == "betas" else value
+            changed.append(f"{key}: {value} (base had {_fmt(had)})")
+    if torch_adamw and "weight_decay" not in given:
+        _warn(f"optimizer {ds['optimizer'].get('type')}: torch_adam without weight_decay is "
+              f"torch.optim.AdamW's default weight_decay {_TORCH_ADAMW_DECAY} in DeepSpeed: "
+              f"optimizer.weight_decay: {_TORCH_ADAMW_DECAY} (memopt decays matrices only)")
+        changed = [c for c in changed if not c.startswith("weight_decay")]
+    if changed:
+        _warn(f"optimizer {ds['optimizer'].get('type')}: params the block leaves out run at "
+              f"DeepSpeed's optimizer defaults, not base's: optimizer.{', '.join(changed)}; "
+              "give them in the block (or \"auto\": base's) to keep base's values")
+
+
+def _fmt(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _sched_sets_lr(ds: dict[str, Any]) -> bool:
+    """Whether the scheduler block gives the peak lr itself (so the optimizer's is unused)."""
+    sched = ds.get("scheduler")
+    if not isinstance(sched, Mapping):
+        return False
+    kind = str(sched.get("type") or "").lower()
+    params = sched.get("params")
+    has_max = isinstance(params, Mapping) and "warmup_max_lr" in params
+    return kind == "warmupdecaylr" or (kind == "warmuplr" and has_max)
+
+
 def _warn(message: str) -> None:
-    warnings.warn(f"Config.from_deepspeed: {message}", stacklevel=4)
+    """Warn at the first frame outside ``memopt/config`` (the caller of Config.from_deepspeed)."""
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_HERE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"Config.from_deepspeed: {message}", stacklevel=level)
 
 
 def _scheduler(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
@@ -278,17 +344,34 @@ def _clip(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
         _set(out, "optimizer", "max_grad_norm", clip if clip > 0 else "null")
 
 
+def _legacy_bf16(ds: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed reads the legacy top-level ``bfloat16`` block as ``bf16`` when ``bf16`` is
+    absent (runtime/precision_config.py): the same here; both with different values raise."""
+    if "bfloat16" not in ds:
+        return ds
+    _enabled(ds, "bfloat16")  # a malformed block is named by its own key
+    ds = dict(ds)
+    old = ds.pop("bfloat16")
+    if ds.get("bf16") is not None and ds["bf16"] != old:  # (DeepSpeed: a null bf16 is absent)
+        raise ValueError(f"Config.from_deepspeed: DeepSpeed keys 'bf16' ({ds['bf16']!r}) and its "
+                         f"legacy name 'bfloat16' ({old!r}) disagree; DeepSpeed would read 'bf16' "
+                         "only: keep one of them")
+    if ds.get("bf16") is None:
+        ds["bf16"] = old
+    return ds
+
+
 def config_from_deepspeed(cfg: Mapping[str, Any] | str | os.PathLike[str], base: Config) -> Config:
     """``base`` updated with the DeepSpeed config's blocks (see the module docstring)."""
-    ds = _load(cfg)
+    ds = _legacy_bf16(_load(cfg))
     ignored = sorted(k for k in ds if k not in _READ)
     if ignored:
-        warnings.warn(f"Config.from_deepspeed: ignored DeepSpeed keys {ignored}", stacklevel=3)
+        _warn(f"ignored DeepSpeed keys {ignored}")
     out: dict[str, Any] = {}
     _enabled(ds, "bf16")  # a malformed bf16/fp16 block is named before read_deepspeed sees it
     _enabled(ds, "fp16")
     _sharding(ds, out)
-    _optimizer(ds, out)
+    _optimizer(ds, out, base)
     _rest(ds, out, base)
     data = base.to_dict()
     for section, values in out.items():

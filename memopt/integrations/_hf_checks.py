@@ -2,7 +2,9 @@
 
 - ``check_arguments``: the memopt optimizer name and options and the shard keywords, at
   construction (a test optimizer is built; its state is made lazily), and the combinations of
-  ``memopt_shard`` with HF's arguments that cannot work;
+  ``memopt_shard`` with HF's arguments that cannot work; HF's DeepSpeed integration is refused
+  outright (``hf_optim.deepspeed_refusal``: ZeRO flattens the parameters, or HF builds
+  DeepSpeed's own optimizer);
 - ``warn_ignored_optim``: HF's ``optim`` / ``optim_args`` / ``optim_target_modules`` have no
   effect on a ``MemoptTrainer`` (its optimizer is memopt's); say so and name what is used;
 - ``check_hf_resume``: an HF ``checkpoint-N`` without optimizer state (``save_only_model``,
@@ -25,7 +27,12 @@ from typing import Any
 
 from torch import nn
 
-from memopt.integrations.hf_optim import OPTIMIZERS, _with_defaults, create_optimizer
+from memopt.integrations.hf_optim import (
+    OPTIMIZERS,
+    _with_defaults,
+    create_optimizer,
+    deepspeed_refusal,
+)
 
 # TrainingArguments.optim values that mean plain AdamW (the default differs across versions)
 _PLAIN_OPTIM = {"adamw_torch", "adamw_torch_fused"}
@@ -35,6 +42,8 @@ def check_arguments(trainer: Any) -> None:
     """The optimizer name and options and the shard keywords, checked at construction rather
     than at ``train()``; and ``memopt_shard`` against HF's own sharding and saving."""
     name, shard = trainer.memopt_optimizer, trainer.memopt_shard
+    if trainer.is_deepspeed_enabled:
+        raise ValueError(deepspeed_refusal(f"MemoptTrainer(memopt_optimizer={name!r})"))
     if name not in OPTIMIZERS:
         raise ValueError(f"MemoptTrainer: memopt_optimizer {name!r} unknown; choose one of "
                          f"{sorted(OPTIMIZERS)}")  # fmt: skip

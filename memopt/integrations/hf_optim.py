@@ -131,6 +131,22 @@ def hf_param_groups(
     return groups
 
 
+def deepspeed_refusal(who: str) -> str:
+    """Why a memopt optimizer cannot run under HF's DeepSpeed integration, and the way out."""
+    return (
+        f"{who} with DeepSpeed enabled (TrainingArguments(deepspeed=...) or accelerate's "
+        "DeepSpeed plugin): DeepSpeed's ZeRO replaces each parameter group by one flat 1-D "
+        "buffer, so memopt's optimizer would run as full-state Adam on it (no low-rank "
+        "projection, no memory saving, a different update), and when the DeepSpeed config "
+        "has an \"optimizer\" block HF builds DeepSpeed's optimizer and memopt's is never "
+        "created. Drop deepspeed= from the TrainingArguments and let memopt shard: "
+        "MemoptTrainer(..., memopt_shard={'deepspeed_config': 'ds_config.json'}, with "
+        "save_only_model=True) reads its zero_optimization block, or MemoptTrainer.from_config("
+        "memopt.Config.from_deepspeed('ds_config.json', base=...)) reads the whole file "
+        "(docs/migrating.md, 'From DeepSpeed ZeRO')"
+    )
+
+
 def create_optimizer(
     model: nn.Module,
     args: Any,
@@ -151,8 +167,12 @@ def create_optimizer(
     ``group_overrides`` set a key in every group after the TrainingArguments (e.g. a different
     ``eps``); ``optimizer_kwargs`` go to the optimizer's constructor (``state_dtype="int8"``).
     Hand the result to ``Trainer(optimizers=(opt, None))`` (HF then builds its scheduler on it),
-    or use ``MemoptTrainer``, which calls this from ``Trainer.create_optimizer``.
+    or use ``MemoptTrainer``, which calls this from ``Trainer.create_optimizer``. ``args`` with
+    ``deepspeed`` set is refused (``ValueError``): DeepSpeed's ZeRO would flatten the parameters
+    under the optimizer; shard with memopt instead (docs/migrating.md).
     """
+    if getattr(args, "deepspeed", None):
+        raise ValueError(deepspeed_refusal(f"create_optimizer(model, args, {name!r})"))
     groups = hf_param_groups(
         model, args, name, target=target, exclude=exclude, group_overrides=group_overrides,
         **low_rank,
@@ -161,4 +181,4 @@ def create_optimizer(
     return cls(groups, lr=float(args.learning_rate), **dict(optimizer_kwargs or {}))
 
 
-__all__ = ["OPTIMIZERS", "create_optimizer", "hf_param_groups"]
+__all__ = ["OPTIMIZERS", "create_optimizer", "deepspeed_refusal", "hf_param_groups"]
