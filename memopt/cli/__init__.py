@@ -49,7 +49,9 @@ def _workload_args(p: argparse.ArgumentParser, *, budget: bool) -> None:
                    "matrix, instead of --rank (FRUGAL's default 0.25)")
     p.add_argument("--state-dtype", dest="state_dtype", choices=("float32", "int8", "int4"))
     p.add_argument("--stage", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 0)")
-    p.add_argument("--world-size", dest="world_size", type=n, default=1)
+    p.add_argument("--world-size", dest="world_size", type=n, default=1,
+                   help="report measures this one process: 1 only (stages and offload run on a "
+                   "one-rank group)" if budget else "ranks to predict for (default 1)")
     p.add_argument("--param-dtype", dest="param_dtype", choices=sorted(DTYPES))
     p.add_argument("--activations", dest="activation_policy", choices=("keep", "recompute", "swap"))
     p.add_argument("--offload", choices=("cpu", "nvme"), help="optimizer state tier")
@@ -158,7 +160,10 @@ def _report(args: argparse.Namespace) -> int:
     w = Workload.from_args(args)
     if w.world_size != 1:
         raise SystemExit(
-            "memopt report runs one process: use --world-size 1 (torchrun recipes come later)"
+            f"memopt report: --world-size {w.world_size}: report measures this one process "
+            "(any --stage, --offload, --offload-params: on a one-rank group); for "
+            f"{w.world_size} ranks, memopt estimate --world-size {w.world_size} predicts the "
+            "peak per rank, and memopt run RECIPE.yaml --nproc-per-node N trains on N ranks"
         )
     if args.exact_rss:
         from memopt.memory.timeline import mmap_large_allocations
@@ -175,7 +180,8 @@ def _report(args: argparse.Namespace) -> int:
             _map_ahead(arena, est.peak["pinned_host"])
     tl = Timeline(interval=args.interval, arena=arena)
     notes: list[str] = []
-    _workload.run(w, args.steps, tl, notes=notes)
+    with _workload.one_rank_group(w):  # (sharded: the group memopt run would start)
+        _workload.run(w, args.steps, tl, notes=notes)
     paths = tl.write(args.out, estimate=est)
     if notes:  # the planner's predictions beside what the ledger measured
         with open(paths["md"], "a") as f:

@@ -1,6 +1,8 @@
 """The built-in tiny workload of ``memopt estimate`` / ``memopt report``: a random-init LLaMA
 (transformers ``LlamaConfig``) trained for a few steps with a memopt optimizer, optionally
-sharded with ``memopt.shard`` when a process group is up. Recipes come later.
+sharded with ``memopt.shard`` (``--stage``, ``--offload``, ``--offload-params``). ``report``
+measures one process: it runs a sharded workload on a one-rank group (``one_rank_group``), as
+``memopt run --nproc-per-node 1`` does; recipes are ``memopt run``'s.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +137,13 @@ def run(
 
     from memopt.api import shard
 
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if sharded(w) and ranks != w.world_size:
+        raise ValueError(
+            f"--world-size {w.world_size}, but this process runs {ranks} rank(s): measure one "
+            f"process with --world-size 1, or use memopt estimate --world-size {w.world_size} "
+            "for the prediction per rank"
+        )
     warm_up(w)
     torch.manual_seed(seed)
     x = torch.randint(0, w.vocab, (w.batch_size, w.seq_len))
@@ -143,11 +153,7 @@ def run(
         model = model.to(dtype=DTYPES[w.param_dtype])
         manager = _activations(model, w.activation_policy, the_plan)
         opt: Any = build_optimizer(w, model)
-        if w.stage or w.offload:
-            if w.stage and not (dist.is_initialized() and dist.get_world_size() == w.world_size):
-                raise ValueError(
-                    f"stage {w.stage} with world size {w.world_size} needs that many ranks"
-                )
+        if sharded(w):
             model, opt = shard(model, opt, **shard_kwargs(w))
         timeline.mark("built")
         loss = torch.zeros(())
@@ -192,6 +198,29 @@ def _plan(w: Workload, x: torch.Tensor) -> Any:
     return result
 
 
+def sharded(w: Workload) -> bool:
+    """Whether ``w`` runs ``memopt.shard`` (a stage, or an offload tier)."""
+    return bool(w.stage or w.offload or w.offload_params)
+
+
+@contextlib.contextmanager
+def one_rank_group(w: Workload) -> Iterator[None]:
+    """A one-rank gloo process group for a sharded ``w`` when none is up (ended on exit), as
+    ``memopt run`` starts on one process: parameter offload runs FSDP2, which needs a group
+    even on one device; stages 1-3 without it take the same plain one-rank path. An
+    in-process store: no port, no file, nothing to clean up."""
+    import torch.distributed as dist
+
+    if not sharded(w) or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def shard_kwargs(w: Workload) -> dict[str, Any]:
     """``memopt.shard`` arguments for ``w`` (stage 0 with an offload tier runs as stage 1)."""
     from memopt.offload import NVMeConfig, OffloadConfig
@@ -226,7 +255,7 @@ def warm_up(w: Workload) -> None:
     model: Any = LlamaForCausalLM(micro.llama_config())
     model = model.to(dtype=DTYPES[w.param_dtype])
     opt: Any = build_optimizer(micro, model)
-    if w.stage or w.offload:  # the same collectives and tiers: their one-time buffers
+    if sharded(w):  # the same collectives and tiers: their one-time buffers
         from memopt.api import shard
 
         model, opt = shard(model, opt, **shard_kwargs(w))

@@ -110,12 +110,7 @@ def _train_step(s: Setup, data: Any) -> float:
             loss = s.model(input_ids=x, labels=x).loss
             (loss / n).backward()
         total += float(loss.detach())
-    clip = cfg.optimizer.max_grad_norm
-    if clip is not None and s.in_backward is None:
-        if hasattr(s.optimizer, "clip_grad_norm_"):
-            s.optimizer.clip_grad_norm_(clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    s.clip_grad_norm_()  # optimizer.max_grad_norm, at any stage (null / in_backward: no-op)
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)

@@ -120,6 +120,29 @@ class Setup:
             "resume=False (checkpoint.resume=false) with a fresh checkpoint.directory"
         )
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float | None = None) -> torch.Tensor | None:
+        """Clip the gradients to the global 2-norm ``max_norm`` (None: the Config's
+        ``optimizer.max_grad_norm``) and return their total norm before clipping, whatever the
+        stage: the sharded optimizer's ``clip_grad_norm_`` (the norm over every rank's shards)
+        when it has one, else ``torch.nn.utils.clip_grad_norm_`` over the model's parameters
+        (stage 0, one process or DDP). Returns None and changes nothing when there is no
+        limit (``max_grad_norm: null``) or under ``optimizer.in_backward``, whose hooks
+        already clipped with the Config's limit while the backward ran."""
+        if max_norm is None:
+            max_norm = self.config.optimizer.max_grad_norm
+        elif isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not (
+            0 < max_norm < float("inf")
+        ):
+            raise ValueError(f"Setup.clip_grad_norm_: max_norm must be a positive finite number "
+                             f"(or None for optimizer.max_grad_norm), got {max_norm!r}")
+        if max_norm is None or self.in_backward is not None:
+            return None
+        clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        if callable(clip):  # ZeRO 1-3: the gradients are (shards) of the optimizer's own
+            return clip(max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def save(self, step: int) -> None:
         """Snapshot model, optimizer and scheduler at ``step`` (asynchronous; see
         memopt.checkpoint); with redundancy, the checkpointer also protects it on peers."""

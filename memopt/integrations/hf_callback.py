@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 from torch import nn
@@ -155,6 +156,7 @@ class MemoptCallback(TrainerCallback):
         self._resuming = False  # ``resume`` ran and its train() has not begun yet
         self._due: int | None = None  # a step whose snapshot waits for its full TrainerState
         self._epoch_over = False  # between on_epoch_end and the next on_epoch_begin
+        self._warned_never_saving = False  # (on_train_begin warns once per callback)
 
     # -- checkpointer ---------------------------------------------------------------------
     @property
@@ -226,6 +228,7 @@ class MemoptCallback(TrainerCallback):
         self.saved_steps = [] if self.resumed_step is None else [self.resumed_step]
         self._resuming, self._due, self._epoch_over = False, None, False
         self.ensure_checkpointer()
+        self._warn_if_never_saving(args)
         if self.activation_budget is not None and self.activations is None:
             model = unwrap_model(kw["model"])
             device = next(model.parameters()).device
@@ -238,6 +241,29 @@ class MemoptCallback(TrainerCallback):
                 "memopt: resumed from snapshot step %d in %s (trainer global_step %d)",
                 self.resumed_step, self.directory, state.global_step,
             )  # fmt: skip
+
+    def _warn_if_never_saving(self, args: Any) -> None:
+        """Warn (once) when a snapshot directory is set but no setting ever takes a snapshot:
+        HF never saves (``save_strategy="no"``) or ``on_hf_save=False``, and neither
+        ``every_n_steps`` nor ``save_at_end`` is set. The run would end with nothing in the
+        directory, and a later ``resume_from_checkpoint="memopt"`` would start from step 0."""
+        if self._warned_never_saving or self.directory is None:
+            return
+        if self.every_n_steps or self.save_at_end:
+            return
+        hf_never = getattr(args, "save_strategy", None) == "no"
+        if self.on_hf_save and not hf_never:
+            return
+        self._warned_never_saving = True
+        why = ("save_strategy='no' (the Trainer never saves, so on_hf_save never fires)"
+               if self.on_hf_save else "on_hf_save=False")  # fmt: skip
+        warnings.warn(
+            f"MemoptCallback: this callback will take no snapshot in {self.directory}: {why}, "
+            "every_n_steps=None and save_at_end=False; pass every_n_steps=N and/or "
+            "save_at_end=True to snapshot without HF's saves"
+            + ("" if not self.on_hf_save else ", or let the Trainer save (save_strategy='steps')"),
+            UserWarning, stacklevel=2,
+        )  # fmt: skip
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._take_due(state, kw)  # (before the epoch's data order draws from the RNG)
