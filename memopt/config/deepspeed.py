@@ -167,7 +167,7 @@ def _optimizer(ds: dict[str, Any], out: dict[str, Any], base: Config) -> None:
     params = _block(block, "params", "optimizer.") or {}
     # DeepSpeed: type AdamW is decoupled whatever adam_w_mode says; Adam follows adam_w_mode
     adam_w = params.pop("adam_w_mode", True) is not False or kind == "adamw"
-    torch_adam = params.get("torch_adam") is True  # torch.optim.AdamW / Adam then
+    torch_adam = params.pop("torch_adam", None) is True  # torch.optim.AdamW / Adam: same update
     given = {key: params.pop(key) for key in _ADAM_DEFAULTS if key in params}
     for key, value in given.items():
         _set(out, "optimizer", key, value)

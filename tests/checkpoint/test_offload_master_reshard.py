@@ -92,9 +92,10 @@ def test_offloaded_snapshot_loads_without_offload(tmp_path: Path) -> None:
     for res in results:
         for tag in TARGETS:
             _close(res[tag], ref, rtol=2e-4, atol=2e-5)
-        # bf16 weights: the fp32 masters restart from the loaded bf16 weights (as a stage-2
-        # master_dtype snapshot of its own resumes), so one bf16 rounding apart at most
-        _close(res["bf16_master"], results[0]["bf16_ref"], rtol=0.0, atol=1e-2)
+        # bf16 weights: the target keeps fp32 masters (master_dtype), which take the saved
+        # ones (memopt.shard's masters share OffloadedAdamW's 'master' key), so the run goes
+        # on as the uninterrupted offloaded one, bit for bit
+        _close(res["bf16_master"], results[0]["bf16_ref"], rtol=0.0, atol=0.0)
     # a plain process, no memopt.shard
     model, opt, sched = _make()
     with AsyncCheckpointer(tmp_path / "fp32") as ckpt:

@@ -92,10 +92,13 @@ def test_from_deepspeed_warns_about_unused_optimizer_params() -> None:
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         cfg = Config.from_deepspeed({"optimizer": {"type": "AdamW", "params": {
-            "lr": 3e-4, "torch_adam": True, "adam_w_mode": True}}})  # fmt: skip
+            "lr": 3e-4, "torch_adam": True, "adam_w_mode": True, "amsgrad": False}}})  # fmt: skip
     assert cfg.optimizer.lr == 3e-4
     messages = [str(x.message) for x in w]
-    assert any("ignored params ['torch_adam']" in m for m in messages), messages
+    assert any("ignored params ['amsgrad']" in m for m in messages), messages
+    # torch_adam is not ignored: it picks torch's AdamW, whose default decay is taken (M2)
+    assert cfg.optimizer.weight_decay == 0.01
+    assert not any("torch_adam" in m and "ignored" in m for m in messages), messages
     # a null top-level block is no block; bf16 "auto" keeps the base's dtype
     cfg = Config.from_deepspeed({"optimizer": None, "bf16": {"enabled": "auto"}})
     assert cfg.model.dtype == "fp32" and cfg.optimizer.name == "adamw"
