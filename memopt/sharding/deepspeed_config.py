@@ -185,7 +185,7 @@ def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     if not isinstance(block, Mapping):
         raise TypeError(f"DeepSpeed config: zero_optimization must be a dict, got {block!r}")
     half = any(isinstance(cfg.get(k), Mapping) and cfg[k].get("enabled") is True
-               for k in ("bf16", "fp16"))  # fmt: skip
+               for k in ("bf16", "fp16", "bfloat16"))  # (bfloat16: bf16's legacy name)
     rest = sorted(k for k in cfg if k not in READ_TOP)
     if rest:
         _warn(
@@ -200,18 +200,14 @@ def _split(cfg: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 def _stage(block: dict[str, Any], allow_stage0: bool = False) -> int:
     stage = block.get("stage")
     if stage is None:
-        raise ValueError(
-            "DeepSpeed config: the zero_optimization block has no 'stage'; set 1, 2 or 3"
-        )
+        raise ValueError("DeepSpeed config: the zero_optimization block has no 'stage'; set 1, "
+                         "2 or 3")  # fmt: skip
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(
-            f"DeepSpeed config: zero_optimization.stage must be 1, 2 or 3, got {stage!r}"
-        )
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage must be 1, 2 or 3, got "
+                         f"{stage!r}")  # fmt: skip
     if stage == 0 and not allow_stage0:
-        raise ValueError(
-            "DeepSpeed config: ZeRO stage 0 is plain data parallelism; use "
-            "torch.nn.parallel.DistributedDataParallel, or stage 1, 2 or 3"
-        )
+        raise ValueError("DeepSpeed config: ZeRO stage 0 is plain data parallelism; use "
+                         "torch.nn.parallel.DistributedDataParallel, or stage 1, 2 or 3")
     return int(stage)
 
 
@@ -316,8 +312,12 @@ def _offloads(block: dict[str, Any]) -> tuple[Offload, Offload]:
                 f"{pin_memory!r}"
             )
         path = sub.get("nvme_path")
+        ratio = sub.get("ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+            raise ValueError(f"DeepSpeed config: zero_optimization.{key}.ratio must be a number "
+                             f"(memopt offloads all of the state: 1.0), got {ratio!r}")
         out.append(Offload(device, pin_memory, None if path is None else str(path),  # type: ignore[arg-type]
-                           float(sub.get("ratio", 1.0))))  # fmt: skip
+                           float(ratio)))  # fmt: skip
     if out[0].device == "nvme" and not out[0].nvme_path:
         raise ValueError('DeepSpeed config: offload_optimizer.device "nvme" needs "nvme_path"')
     if out[0].device != "none" and out[0].ratio != 1.0:

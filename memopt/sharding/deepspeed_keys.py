@@ -74,7 +74,7 @@ OFFLOAD_TUNING = {
                           "pipeline", "super_offload", "cpuadam_cores_perc"),
     "offload_param": ("buffer_count", "buffer_size", "max_in_cpu", "pin_memory"),
 }  # fmt: skip
-READ_TOP = ("zero_optimization", "bf16", "fp16")
+READ_TOP = ("zero_optimization", "bf16", "fp16", "bfloat16")
 
 #: Top-level keys of a whole DeepSpeed config (runtime/config.py); a mapping with one of them
 #: and no ``zero_optimization`` is a whole config without ZeRO, not a block.

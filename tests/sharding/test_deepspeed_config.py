@@ -63,6 +63,16 @@ def test_whole_config_with_bf16(tmp_path: Path) -> None:
         assert ds.ignored == ()
 
 
+def test_legacy_bfloat16_key_and_a_ratio_that_is_no_number() -> None:
+    # "bfloat16" is DeepSpeed's legacy name of "bf16" (still read there): fp32 masters here too
+    # (it was ignored with a warning, so a bf16 model trained without masters); sweep45 F2, M3
+    ds = read_deepspeed({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    assert (ds.stage, ds.master_dtype) == (2, torch.float32)
+    off = {"device": "cpu", "ratio": "auto"}
+    with pytest.raises(ValueError, match=r"offload_optimizer.ratio must be a number .* 'auto'"):
+        read_deepspeed({"zero_optimization": {"stage": 2, "offload_optimizer": off}})
+
+
 def test_other_top_level_keys_warn_once() -> None:
     whole = {"train_batch_size": 8, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}}
     with pytest.warns(DeepSpeedConfigWarning, match="ignored: gradient_clipping, train_batch"):
