@@ -157,6 +157,12 @@ class FSDPOptimizer(ShardedOptimizer):
             self._release()
             names = [[self.names.get(id(p.param), "") for p in plans] for _, plans in self._units]
             raise progress.error(err, unit_names(names)) from err
+        except BaseException:  # (an error of the inner step, a Ctrl-C): I/O settled, step over
+            for tier in (self.state_store, self.param_swapper):
+                if tier is not None:  # (else the swapper stayed in step mode: each later
+                    with suppress(OSError):  # eviction wrote its unit back synchronously)
+                        tier.drain()
+            raise
 
     def _stream_units(self, progress: UnitProgress) -> None:
         sw, st, units = self.param_swapper, self.state_store, self._units
