@@ -180,9 +180,10 @@ def option_for(policy: ActivationPolicy, b: BlockProfile, prof: Profile, win: Wi
 
 def block_options(
     b: BlockProfile, prof: Profile, win: Window, actions: tuple[Action, ...], *,
-    tier: Tier = "cpu", sample_ratio: float = 0.3,
+    tier: Tier = "cpu", sample_ratio: float = 0.3, selective: bool = True,
 ) -> list[Option]:
-    """Every candidate policy of ``actions`` for block ``b``."""
+    """Every candidate policy of ``actions`` for block ``b`` (``selective=False``: no
+    ``keep_ops`` recompute, only full recompute)."""
     policies: list[ActivationPolicy] = []
     for action in actions:
         if action == "split":
@@ -196,7 +197,7 @@ def block_options(
             policies.append(ActivationPolicy("swap", tier=tier))
         elif action == "recompute":
             policies.append(ActivationPolicy("recompute"))
-            if b.keep_ops:
+            if b.keep_ops and selective:
                 policies.append(ActivationPolicy("recompute", keep_ops=b.keep_ops))
         else:
             policies.append(ActivationPolicy(action))

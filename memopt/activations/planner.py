@@ -22,9 +22,12 @@ Budgets: bytes (``int``), a size string (``"6GiB"``, ``"512MiB"``, ``"1.5GB"``) 
 the unmanaged peak (``"50%"``). A budget below every plan's peak is a ``ValueError`` naming the
 minimum reachable budget. ``sample`` changes the gradient (an unbiased estimate), so it is only
 considered when named in ``actions``. ``overrides`` pins blocks to a policy; an unknown block
-name is an error. ``compare(plan, ledger)`` reports predicted against measured peak after a
-step under the applied plan (``BudgetPlan.ledger_peak_bytes``: the part of the peak a ledger
-can see; a recompute's re-materialised activations are physical but out of its sight).
+name is an error (an override is used as given, selective or not). ``selective=False`` leaves
+selective recompute (``keep_ops``) out of every block's choices: a selectively recomputed block
+can be backwarded only once. ``compare(plan, ledger)`` reports predicted against measured
+peak after a step under the applied plan (``BudgetPlan.ledger_peak_bytes``: the part of the
+peak a ledger can see; a recompute's re-materialised activations are physical but out of its
+sight).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def _check_actions(actions: Sequence[str]) -> tuple[Action, ...]:
 
 
 def _options(prof: Profile, actions: tuple[Action, ...], overrides: Mapping[str, Any],
-             tier: Tier, sample_ratio: float) -> list[list[Option]]:
+             tier: Tier, sample_ratio: float, selective: bool) -> list[list[Option]]:
     names = [b.name for b in prof.blocks]
     unknown = [n for n in overrides if n not in names]
     if unknown:
@@ -116,7 +119,8 @@ def _options(prof: Profile, actions: tuple[Action, ...], overrides: Mapping[str,
             pol = pol if isinstance(pol, ActivationPolicy) else ActivationPolicy(pol)
             out.append([option_for(pol, b, prof, win)])
         else:
-            out.append(block_options(b, prof, win, actions, tier=tier, sample_ratio=sample_ratio))
+            out.append(block_options(b, prof, win, actions, tier=tier, sample_ratio=sample_ratio,
+                                     selective=selective))
     return out
 
 
@@ -145,11 +149,12 @@ def _notes(prof: Profile) -> tuple[str, ...]:
 def plan_from_profile(
     prof: Profile, budget: int | str, *, actions: Sequence[str] = DEFAULT_ACTIONS,
     overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
-    sample_ratio: float = 0.3,
+    sample_ratio: float = 0.3, selective: bool = True,
 ) -> BudgetPlan:
     """The cheapest plan for a measured ``Profile`` (see module doc); no model needed."""
     budget_b = parse_budget(budget, prof.unmanaged_peak_bytes)
-    opts = _options(prof, _check_actions(actions), overrides or {}, tier, sample_ratio)
+    opts = _options(prof, _check_actions(actions), overrides or {}, tier, sample_ratio,
+                    selective)
     if repeated_blocks(prof.calls):
         return _plan_calls(prof, opts, budget_b, tuple(actions), overrides or {})
     quantum = max(1, -(-max(prof.unmanaged_peak_bytes, 1) // GRID))
@@ -223,11 +228,13 @@ def plan(
     actions: Sequence[str] = DEFAULT_ACTIONS, profile: Profile | None = None,
     loss_fn: LossFn | None = None, blocks: BlockSpec = None,
     overrides: Mapping[str, ActivationPolicy | str] | None = None, tier: Tier = "cpu",
-    sample_ratio: float = 0.3, min_swap_bytes: int = 4096,
+    sample_ratio: float = 0.3, min_swap_bytes: int = 4096, selective: bool = True,
 ) -> BudgetPlan:
     """Profile ``model`` on ``sample_batch`` (unless ``profile`` is given) and plan under
     ``budget``: per block keep / recompute / swap / split (/ sample, opt-in).
-    ``min_swap_bytes``: the ``ActivationOptions`` value the plan will be applied with."""
+    ``min_swap_bytes``: the ``ActivationOptions`` value the plan will be applied with.
+    ``selective=False``: recompute is full recompute only (no ``keep_ops`` options), for a
+    step that backwards a block twice (``retain_graph=True``, ``create_graph=True``)."""
     prof = profile if profile is not None else _profile(
         model, sample_batch, loss_fn, blocks, min_swap_bytes)
     modules = dict(model.named_modules())
@@ -236,7 +243,7 @@ def plan(
         raise ValueError(f"the profile names blocks {missing} that {type(model).__name__} "
                          "does not have; profile this model")
     return plan_from_profile(prof, budget, actions=actions, overrides=overrides, tier=tier,
-                             sample_ratio=sample_ratio)
+                             sample_ratio=sample_ratio, selective=selective)
 
 
 def _profile(model: nn.Module, batch: Any, loss_fn: LossFn | None, blocks: BlockSpec,

@@ -15,7 +15,9 @@ recompute, so those ops (typically the matmuls and attention) are not run twice.
 asked once per op, in the forward, and sees the op's output: the ledger hold is taken there.
 Both SAC modes are Python dispatch modes: every op of the block pays a Python call, which
 small CPU ops feel (tiny LLaMA on CPU: selective slower than full recompute) and large GPU
-ops amortize.
+ops amortize. The cache is handed out once: a second backward through a selective block
+(``retain_graph=True`` reuse, a ``create_graph=True`` gradient backwarded again) raises a
+``RuntimeError`` naming the block and the fix (``_SelectiveRecompute``).
 
 A KV cache passed to the block (``past_key_values=``, HF's default ``use_cache=True`` in a
 training forward; by keyword or positionally, as GPT-2 passes it, or any ``transformers``
@@ -38,7 +40,7 @@ import contextlib
 import inspect
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,13 +116,41 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def _stacked(*cms: Any) -> Iterator[None]:
-    """Enter ``cms`` in order (the last entered mode is the first to see an op)."""
-    with contextlib.ExitStack() as stack:
-        for cm in cms:
-            stack.enter_context(cm)
-        yield
+_SAC_TWICE = ("Trying to backward an extra time. You are only allowed to backward once on any "
+              "region computed under selective activation checkpoint.")
+
+
+class _SelectiveRecompute:
+    """The recompute context of a selective block: enters ``cms`` in order (the last entered
+    mode is the first to see an op), on every replay (a second backward replays again). It
+    turns torch's bare error for a second backward through the block (``retain_graph=True``
+    reuse, a ``create_graph=True`` gradient backwarded again) into one that names the block,
+    its policy and the fix; other errors pass through unchanged."""
+
+    def __init__(self, block: str, policy: str, *cms: Any) -> None:
+        self.block, self.policy, self.cms = block, policy, cms
+        self._stacks: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            for cm in self.cms:
+                stack.enter_context(cm)
+            self._stacks.append(stack.pop_all())
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if self._stacks.pop().__exit__(kind, err, tb):
+            return True
+        if isinstance(err, RuntimeError) and str(err) == _SAC_TWICE:
+            raise RuntimeError(
+                f"block {self.block!r} ({self.policy}): a selectively recomputed block can be "
+                "backwarded only once (torch's selective activation checkpoint hands the kept "
+                "op outputs to the first backward); a second backward through it "
+                "(backward(retain_graph=True) then another backward, or a create_graph=True "
+                "gradient backwarded again) is not supported. Use full recompute for this "
+                f"block (overrides={{{self.block!r}: 'recompute'}}, or recompute() without "
+                "keep_ops), or plan(..., selective=False)"
+            ) from err
+        return False
 
 
 class _Block:
@@ -132,6 +162,7 @@ class _Block:
         self.name = ctx.block_name
         self.packets, self.overloads = resolve_ops(policy.keep_ops)
         self.selective = bool(policy.keep_ops)
+        self.policy_text = policy.describe()
         self.stats = RecomputeStats()
         self.names: tuple[str, ...] | None = None  # the forward's positional parameters
 
@@ -156,9 +187,8 @@ class _Block:
 
         def make() -> tuple[Any, Any]:
             fwd, rec = create_selective_checkpoint_contexts(policy)
-            if counting:
-                rec = _stacked(_CountOps(self.stats.recomputed), rec)
-            return fwd, rec
+            cms = (_CountOps(self.stats.recomputed), rec) if counting else (rec,)
+            return fwd, _SelectiveRecompute(self.name, self.policy_text, *cms)
 
         return make
 
