@@ -4,7 +4,8 @@ The model is only described (meta device); the figures per rank are:
 
 - parameters: their bytes in ``param_dtype``, frozen ones included (they get no gradient
   and no optimizer state; a model with nothing to train is an error); stage 3 keeps FSDP2's
-  row shard of every parameter plus the gathered units as temporaries: the root unit
+  row shard of every parameter plus the gathered units as temporaries (on one rank too when
+  ``offload_params`` runs FSDP2: ``stage3_offload.gathered_units``): the root unit
   (parameters outside the repeated blocks) and the largest block twice (the one in use and
   the prefetched next);
 - gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps this rank's
@@ -69,7 +70,7 @@ from memopt.memory.offload_state import (
 )
 from memopt.memory.result import CATEGORIES, TIERS, MemoryEstimate, fmt_bytes
 from memopt.memory.sharding import ShardShare, shard_share
-from memopt.memory.stage3_offload import UnitSizes, place_stage3
+from memopt.memory.stage3_offload import find_units, gathered_units, place_stage3, unit_sizes
 from memopt.memory.step import step_temporaries, table_bytes
 from memopt.memory.swaptrace import SwapTrace, trace_swap
 from memopt.memory.trace import (
@@ -175,7 +176,7 @@ def assemble(
     tiers["pinned_host"]["activations"] = host_acts
     bwd = grads if share.bwd_grads is None else share.bwd_grads  # (stage 3: as placed)
     fwd = dict(base, activations=acts, gradients=_backward_gradients(cfg, infos, trace, bwd))
-    fwd["temporaries"] = trace.peak_temporaries + share.gathered
+    fwd["temporaries"] = trace.peak_temporaries + gathered_units(cfg, module, share.gathered)
     step = dict(step_base, gradients=grads)
     owned = share.numel / max(1, sum(p.numel for p in infos))
     inner = step_temporaries(cfg.optimizer, kw, state_infos, cfg.device_kind, min(1.0, owned))
@@ -308,28 +309,6 @@ def _activations(cfg: EstimateConfig, trace: ActivationTrace) -> tuple[int, int]
     if isinstance(trace, SwapTrace):
         return trace.peak_activations, trace.pinned_peak
     return trace.peak_activations, 0
-
-
-def unit_sizes(module: nn.Module) -> UnitSizes:
-    """The stage-3 units' shares of all parameters (see ``stage3_offload``)."""
-    from memopt.memory.trace import find_blocks
-
-    total = sum(p.numel() for p in module.parameters())
-    return UnitSizes([sum(p.numel() for p in b.parameters()) for b in find_blocks(module)], total)
-
-
-def find_units(module: nn.Module, cfg: EstimateConfig) -> int:
-    """Bytes unsharded at once under stage 3: the root unit (every parameter outside the
-    repeated blocks: embeddings, head, final norm; gathered for the whole step) plus two of
-    the largest block (the one in use and the prefetched next)."""
-    from memopt.memory.trace import find_blocks
-
-    size = cfg.param_dtype.itemsize
-    total = sum(p.numel() for p in module.parameters())
-    blocks = [sum(p.numel() for p in b.parameters()) for b in find_blocks(module)]
-    if not blocks:
-        return total * size
-    return (total - sum(blocks) + 2 * max(blocks)) * size
 
 
 def _arena_note(cfg: EstimateConfig, tiers: dict[str, dict[str, int]]) -> list[str]:
