@@ -21,11 +21,8 @@ from torch import nn
 from memopt._utils.wrapped_optim import WrapperOptimizer
 from memopt.checkpoint import layout as L
 from memopt.checkpoint.reader import Snapshot
+from memopt.offload.adamw_checks import MASTER
 from memopt.offload.optimizer import OffloadedAdamW
-
-#: The per-parameter state key of saved fp32 master weights (``OffloadedAdamW``'s, and
-#: ``memopt.shard(master_dtype=...)``'s).
-MASTER = "master"
 
 
 def takes_masters(opt: torch.optim.Optimizer) -> bool:

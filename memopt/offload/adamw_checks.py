@@ -23,6 +23,10 @@ from torch import Tensor
 
 from memopt._utils.checks import finite_number
 
+#: The per-parameter state key of fp32 master weights: OffloadedAdamW saves its masters
+#: under it, and so does memopt.shard(master_dtype=...); memopt.optim drops it on load.
+MASTER = "master"
+
 __all__ = ["UNSUPPORTED_FLAGS", "check_adam_group", "checked_load", "label", "refresh_master",
            "signature"]  # fmt: skip
 
@@ -97,9 +101,9 @@ def checked_load(
             raise ValueError(f"{owner}: state for parameter index {i}, but this optimizer has "
                              f"{len(params)} parameters; nothing was loaded")  # fmt: skip
         p = params[i]
-        for key in ("step", "exp_avg", "exp_avg_sq", "master"):
+        for key in ("step", "exp_avg", "exp_avg_sq", MASTER):
             t = st.get(key)
-            if t is None and key == "master":
+            if t is None and key == MASTER:
                 continue
             if key == "step" and t is not None and not isinstance(t, Tensor):
                 continue

@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 
 from memopt._utils.wrapped_optim import closure_loss
-from memopt.offload.adamw_checks import check_adam_group, checked_load, label, signature
+from memopt.offload.adamw_checks import (
+    MASTER,
+    check_adam_group,
+    checked_load,
+    label,
+    signature,
+)
 from memopt.offload.arena import ArenaConfig, PinnedArena, default_arena
 from memopt.offload.cpu_adam import selected_isa
 from memopt.offload.hybrid_update import HybridUpdate
@@ -267,7 +273,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             # writing into them kept a full fp32 copy of the offloaded state in memory
             sd["state"][index] = {
                 **st, "step": torch.tensor(float(self.state[p]["step"])),
-                "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p), "master": master.view_as(p),
+                "exp_avg": m.view_as(p), "exp_avg_sq": v.view_as(p), MASTER: master.view_as(p),
             }  # fmt: skip
         return sd
 
@@ -290,7 +296,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for p, st in entries:
             # no master (torch AdamW's state): the parameter as it is now; a write to it
             # before the next step (the model's weights loaded after) rebuilds it (``step``)
-            master = st.get("master", p.detach())
+            master = st.get(MASTER, p.detach())
             self.store.add(p, master, st["exp_avg"], st["exp_avg_sq"])
             self.state[p] = {"step": int(float(st["step"]))}
             self._signatures[p] = signature(p)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from memopt.offload.adamw_checks import MASTER  # (OffloadedAdamW's fp32 masters)
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
 from memopt.optim._refresh import CACHE_PREFIX
@@ -36,8 +37,6 @@ from memopt.optim.projection import Projector
 #: with its group). memopt's first step of a parameter writes ``index`` next to ``step``, so
 #: a state without ``index`` came from elsewhere.
 TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-#: The fp32 master weights ``OffloadedAdamW`` (memopt.offload) saves beside torch's keys.
-MASTER = "master"
 START_FRESH = (
     "memopt's state dicts are tensor-only and hold the basis or seed memopt computed, so "
     "another implementation's moments cannot continue here. Load the model weights and "

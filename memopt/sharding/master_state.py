@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memopt.offload.adamw_checks import MASTER
+
 __all__ = ["MASTER", "add_masters", "held_masters", "load_masters", "refresh", "split_masters"]
 
-#: The per-parameter state key (``memopt.optim._persist.MASTER``, ``OffloadedAdamW``'s).
-MASTER = "master"
 
 
 def held_masters(opt: Any) -> dict[int, tuple[Tensor, Tensor]]:

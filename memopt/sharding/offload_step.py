@@ -39,26 +39,22 @@ def step_inner(sharded: Any) -> None:
     """``sharded.inner.step()``; with ``offload=`` on more than one rank, every rank raises
     if the inner step raised on any rank (see the module docstring)."""
     comm = sharded.comm
-    if sharded.config.offload is None:
+    if sharded.config.offload is None or comm.world == 1:
         sharded.inner.step()
-        return
-    if comm.world == 1:
-        sharded.inner.step()
-        _note_step(sharded.inner)
-        return
-    error: Exception | None = None
-    try:
-        sharded.inner.step()
-    except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is re-raised
-        note = getattr(e, "add_note", None)  # (Python >= 3.11: shown under the traceback)
-        if callable(note):
-            note(
-                f"memopt.shard: every rank raises for this step (rank {comm.rank} failed); "
-                "ranks whose step completed hold an update the others lack: do not retry the "
-                "step, reload model and optimizer from the last checkpoint"
-            )
-        error = e
-    agree.agree(comm, error, _WHAT)
+    else:
+        error: Exception | None = None
+        try:
+            sharded.inner.step()
+        except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is re-raised
+            note = getattr(e, "add_note", None)  # (Python >= 3.11: shown under the traceback)
+            if callable(note):
+                note(
+                    f"memopt.shard: every rank raises for this step (rank {comm.rank} failed); "
+                    "ranks whose step completed hold an update the others lack: do not retry "
+                    "the step, reload model and optimizer from the last checkpoint"
+                )
+            error = e
+        agree.agree(comm, error, _WHAT)
     _note_step(sharded.inner)
 
 
