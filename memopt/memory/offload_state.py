@@ -16,9 +16,11 @@ real runs):
   of its size, rounded up to a page, from the pinned arena, freed when the write is done.
   Tensors read back from the file are page-aligned (``state_store._aligned_empty``, pageable
   memory), so later writes move them in place and bounce one page of a tail at most. The
-  pinned peak is therefore the largest sum of ``STATE_WRITES`` consecutive writes of the
-  first step, reached when the disk is slower than the updates (a fast disk finishes most
-  writes before the next one starts: one to three of them are seen at once);
+  pinned peak is therefore at most the largest sum of ``STATE_WRITES`` consecutive writes of
+  the first step, reached when the disk is slower than the updates (a fast disk finishes most
+  writes before the next one starts: one to three of them are seen at once) and no source
+  happens to start on a page boundary (one that does is written in place, with a page of
+  tail bounced at most);
 - each write goes to a shadow slot of the swap file, which replaces the old slot when done.
 
 The swap file itself (``memopt.offload.nvme_file``) is preallocated to

@@ -14,9 +14,7 @@ import concurrent.futures as cf
 import inspect
 import os
 import threading
-import time
 from collections.abc import Callable
-from queue import SimpleQueue
 from typing import Any
 
 import pytest
@@ -34,6 +32,7 @@ from memopt.offload.arena import default_arena
 from memopt.offload.nvme_file import NVMeConfig
 from memopt.offload.nvme_tier import ALIGN, NVMeTier
 from memopt.offload.state_offload import StateOffloadedOptimizer
+from memopt.offload.state_store import StateStore
 from tests.memory.test_optstate import ACCEPTED, CASES, EXTRA, _build, _one_step
 
 CFG = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -89,37 +88,57 @@ def test_tensor_rule_equals_each_real_state_tensor(tiny_llama, name, kwargs, bui
         assert sum(rule(info, 3)) == sum(whole(info, 3)), info.name
 
 
-def _slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Callable[[], None]:
-    """Every NVMe write then takes ``seconds`` more, one write after another (a disk slower
-    than the updates): the writes in flight, and their bounce blocks, pile up to the limit.
-    Returns the function that stops the simulated disk."""
-    submit, queue = NVMeTier._submit, SimpleQueue[Any]()
+def _gated_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """A disk slower than the updates, made deterministic: an NVMe write completes only when
+    the optimizer waits for it (``StateStore._settle``), so the writes in flight, and their
+    bounce blocks, always pile up to the limit; and every write bounces. (A disk that slept a
+    fixed time per write let a busy machine's slow update see a write finish early, and a
+    source page-aligned by chance took no block: the peak read up to half under.)
+    Returns the function that completes every write still held."""
+    submit, settle = NVMeTier._submit, StateStore._settle
+    held: dict[int, tuple[cf.Future, cf.Future]] = {}  # id(late) -> (real piece, late)
+    lock = threading.Lock()
 
-    def disk() -> None:
-        while (item := queue.get()) is not None:
-            piece, late = item
-            cf.wait([piece])
-            time.sleep(seconds)
-            err = piece.exception()
-            late.set_exception(err) if err is not None else late.set_result(None)
+    def release(late: Any) -> None:
+        with lock:
+            pair = held.pop(id(late), None)
+        if pair is None:
+            return
+        piece, late = pair
+        cf.wait([piece])
+        err = piece.exception()
+        late.set_exception(err) if err is not None else late.set_result(None)
 
-    def slow(self: NVMeTier, op: Any, ptr: int, nbytes: int, offset: int, label: str) -> list:
+    def gated(self: NVMeTier, op: Any, ptr: int, nbytes: int, offset: int, label: str) -> list:
         pieces = submit(self, op, ptr, nbytes, offset, label)
         if op != "write":
             return pieces
         out = []
         for piece in pieces:
             out.append(late := cf.Future())
-            queue.put((piece, late))
+            with lock:
+                held[id(late)] = (piece, late)
         return out
 
-    worker = threading.Thread(target=disk, daemon=True)
-    worker.start()
-    monkeypatch.setattr(NVMeTier, "_submit", slow)
+    def settling(self: StateStore, write: Any) -> Any:
+        for late in write[3]._pieces:  # the IOFuture's pieces: this write's held futures
+            release(late)
+        return settle(self, write)
+
+    def bounced(self: NVMeTier, tensor: torch.Tensor) -> tuple[int, int, Any]:
+        # a state tensor torch happened to place on a page boundary is written in place,
+        # with no bounce block (one in ~64 is); the estimate is the bound where none is
+        return 0, 0, self._bounce(tensor.numel() * tensor.element_size())
+
+    monkeypatch.setattr(NVMeTier, "_submit", gated)
+    monkeypatch.setattr(NVMeTier, "_plan", bounced)
+    monkeypatch.setattr(StateStore, "_settle", settling)
 
     def stop() -> None:
-        queue.put(None)
-        worker.join(timeout=30)
+        with lock:
+            lates = [late for _, late in held.values()]
+        for late in lates:
+            release(late)
 
     return stop
 
@@ -161,7 +180,7 @@ def test_nvme_pinned_peak_and_disk_as_estimated(case, tmp_path, monkeypatch) -> 
                       batch_size=2, seq_len=32, offload="nvme")  # fmt: skip
     predicted = est.peak["pinned_host"]
     own_state = case != "adamw"
-    stop = _slow_disk(monkeypatch, 0.05) if own_state else (lambda: None)
+    stop = _gated_disk(monkeypatch) if own_state else (lambda: None)
     peak = _peak_meter(monkeypatch)
     model, sharded = memopt.shard(
         model, opt, stage=2, offload=OffloadConfig(device="nvme", nvme_path=str(tmp_path))
