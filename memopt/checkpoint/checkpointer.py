@@ -52,7 +52,7 @@ from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
 from memopt.checkpoint.fileformat import checksum_fn, resolve_checksum, write_file
 from memopt.checkpoint.groups import own_group, release
-from memopt.checkpoint.loading import open_published, restore_all
+from memopt.checkpoint.loading import open_agreed, restore_all
 from memopt.checkpoint.peer_tier import build_tier, check_tier
 from memopt.checkpoint.pipeline import Job, Pipeline, Slots, new_job
 from memopt.checkpoint.reader import Snapshot
@@ -336,12 +336,12 @@ class AsyncCheckpointer:
                 snap = self._from_peers(step)
             except PeerRecoveryError as e:
                 try:
-                    snap = open_published(self.directory, step, self.config.verify)
+                    snap = open_agreed(self.directory, step, self.config.verify, self._group)
                 except FileNotFoundError as d:
                     raise PeerRecoveryError(f"{e}; no fallback on disk: {d}") from e
                 warnings.warn(f"{e}; loading step {snap.step} from disk instead", stacklevel=2)
         else:
-            snap = open_published(self.directory, step, self.config.verify)
+            snap = open_agreed(self.directory, step, self.config.verify, self._group)
         return self._restore(snap, model, optimizer, scheduler)
 
     def recover(
@@ -367,7 +367,7 @@ class AsyncCheckpointer:
 
     def _restore(self, snap: Snapshot, model: Any, optimizer: Any, scheduler: Any) -> Any:
         return restore_all(snap, model, optimizer, scheduler, self.rank, self.world,
-                           self.config.restore_rng)  # fmt: skip
+                           self.config.restore_rng, self._group)  # fmt: skip
 
     def close(self) -> None:
         """Finish pending saves, stop the threads, release staging memory."""
