@@ -36,7 +36,12 @@ from memopt.optim import _moments as moments
 from memopt.optim import kernels
 from memopt.optim._checks import check_grad
 from memopt.optim._full_adam import adamw_many
-from memopt.optim._groups import check_common, check_known_keys, check_low_rank
+from memopt.optim._groups import (
+    check_common,
+    check_known_keys,
+    check_low_rank,
+    check_torch_keys,
+)
 from memopt.optim._persist import PersistMixin
 from memopt.optim._refresh import RefreshMixin
 from memopt.optim.projection import Projector, as_matrix, make_projector
@@ -49,19 +54,6 @@ class ParamMeta(NamedTuple):
     label: str  # its name, for error messages
     low_rank_pos: int | None  # position among low-rank parameters (for staggering)
     n_low_rank: int
-
-
-#: Keys torch.optim's Adam/AdamW put in groups, and the values under which memopt's update
-#: is theirs (foreach/fused only pick torch's implementation).
-TORCH_GROUP_KEYS: dict[str, tuple[Any, ...]] = {
-    "foreach": (None, False, True),
-    "fused": (None, False, True),
-    "capturable": (False,),
-    "differentiable": (False,),
-    "amsgrad": (False,),
-    "maximize": (False,),
-    "decoupled_weight_decay": (True, False),  # (False with weight decay: refused below)
-}
 
 
 class MemoptOptimizer(RefreshMixin, PersistMixin):
@@ -93,7 +85,8 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_known_keys(param_group, self.group_keys(), owner)
+        check_known_keys(param_group, self.group_keys(), owner, torch_keys=True)
+        check_torch_keys(param_group, owner)  # (accepted, and ignored: as on load)
         named = [("param_names" in g) for g in self.param_groups]
         if named and all(named) and "param_names" not in param_group:
             raise ValueError(
@@ -134,20 +127,19 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
         if isinstance(merged.get("lr"), Tensor):  # a tensor lr set on a group loads as saved
             merged["lr"] = float(merged["lr"])
-        for key, fine in TORCH_GROUP_KEYS.items():
-            if key in merged and merged.pop(key) not in fine:
-                raise ValueError(
-                    f"{owner}: {key}={saved[key]!r} asks for a feature of torch.optim that "
-                    f"memopt's optimizers do not implement; nothing was loaded"
-                )
-        if saved.get("decoupled_weight_decay") is False and merged.get("weight_decay"):
-            raise ValueError(f"{owner}: saved by torch.optim.Adam with L2 weight decay "
-                             f"(decoupled_weight_decay=False); memopt's optimizers decay "
-                             f"decoupled (AdamW); nothing was loaded")  # fmt: skip
-        check_known_keys(merged, self.group_keys(), owner)
+        check_torch_keys(merged, owner, "; nothing was loaded")
+        check_known_keys(merged, self.group_keys(), owner, torch_keys=True)
         check_common(merged, owner)
         if self.is_low_rank(merged):
             check_low_rank(merged, owner, self.proj_key, self.extra_proj_names)
+
+    def adopt_loaded(self, group: dict[str, Any], loaded: list[tuple[Tensor, bool]]) -> None:
+        """torch.optim's state gets the ``index`` memopt's first step writes (the parameter's
+        position), so it is memopt's from here on, saved and loaded as such."""
+        meta = self._meta()
+        for p, from_torch in loaded:
+            if from_torch and id(p) in meta:
+                self.state[p].setdefault("index", meta[id(p)][1].position)
 
     def projector(self, group: dict[str, Any]) -> Projector:
         """The projector for a low-rank group, rebuilt if the group's options changed."""
@@ -241,6 +233,10 @@ class MemoptOptimizer(RefreshMixin, PersistMixin):
             state["index"] = m.position
             if m.low_rank_pos is not None and group.get("stagger", False):
                 state["proj_phase"] = m.low_rank_pos * group["update_proj_gap"] // m.n_low_rank
+            if m.low_rank_pos is not None and (
+                group.get("moments") == "reset" or group.get(self.proj_key) == "block"
+            ):  # (the key from the first step: torch DCP's flattened load keeps only the
+                state["moments_since"] = 0  # keys a fresh optimizer's first step writes)
         return state
 
     def _meta(self) -> dict[int, tuple[dict[str, Any], ParamMeta]]:

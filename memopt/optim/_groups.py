@@ -28,12 +28,59 @@ STATE_DTYPES = (None, "float32", "int8", "int4")
 MATMUL_DTYPES = (None, *lowp.MATMUL_DTYPES)
 
 
-def check_known_keys(group: Mapping[str, Any], allowed: set[str], owner: str) -> None:
-    unknown = sorted(set(group) - allowed - BOOKKEEPING_KEYS, key=str)
+#: Keys torch.optim's Adam/AdamW put in groups, and the values under which memopt's update
+#: is theirs (foreach/fused only pick torch's implementation: memopt always runs torch's
+#: fused kernel where it exists). A memopt optimizer accepts them in a group (a torch
+#: checkpoint loads with them, and a group copied from a loaded one must add) and ignores
+#: them; a value that asks for more is refused by ``check_torch_keys``.
+TORCH_GROUP_KEYS: dict[str, tuple[Any, ...]] = {
+    "foreach": (None, False, True),
+    "fused": (None, False, True),
+    "capturable": (False,),
+    "differentiable": (False,),
+    "amsgrad": (False,),
+    "maximize": (False,),
+    "decoupled_weight_decay": (True, False),  # (False with weight decay: refused)
+}
+_TORCH_FIX = {
+    "capturable": "memopt steps outside CUDA graphs; leave it False",
+    "differentiable": "memopt's steps are not differentiable; leave it False",
+    "amsgrad": "memopt implements Adam without AMSGrad; use torch.optim.AdamW for it",
+    "maximize": "minimize the negated objective instead",
+}
+
+
+def check_known_keys(
+    group: Mapping[str, Any], allowed: set[str], owner: str, *, torch_keys: bool = False
+) -> None:
+    """Refuse keys outside ``allowed`` (and bookkeeping keys; with ``torch_keys`` also
+    torch.optim.AdamW's own, whose values ``check_torch_keys`` checks)."""
+    known = allowed | BOOKKEEPING_KEYS | (set(TORCH_GROUP_KEYS) if torch_keys else set())
+    unknown = sorted(set(group) - known, key=str)
     if unknown:
         raise ValueError(
             f"{owner}: unknown param-group option(s) {unknown}{did_you_mean(unknown, allowed)}"
             f"; supported: {sorted(allowed)}"
+        )
+
+
+def check_torch_keys(group: Mapping[str, Any], owner: str, tail: str = "") -> None:
+    """torch.optim.AdamW's own options in ``group`` ask for nothing memopt does not do:
+    ``foreach``/``fused`` of any value, the others at torch's defaults (``tail`` ends the
+    message, e.g. "; nothing was loaded")."""
+    for key, fine in TORCH_GROUP_KEYS.items():
+        if key in group and not any(group[key] is v or group[key] == v for v in fine):
+            raise ValueError(
+                f"{owner}: {key}={group[key]!r} asks for a feature of torch.optim.AdamW that "
+                f"memopt's optimizers do not implement ({_TORCH_FIX.get(key, 'see above')}); "
+                f"memopt accepts it only as {' or '.join(repr(v) for v in fine)}{tail}"
+            )
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):
+        raise ValueError(
+            f"{owner}: decoupled_weight_decay=False with weight_decay="
+            f"{group['weight_decay']!r} is torch.optim.Adam's L2 penalty; memopt's optimizers "
+            "decay decoupled (AdamW). Use decoupled_weight_decay=True (AdamW's decay), or "
+            f"weight_decay=0{tail}"
         )
 
 

@@ -13,6 +13,11 @@ the copy ``memopt.shard(master_dtype=...)`` rebuilds from the loaded weights), s
 objects or low-rank moments cannot continue in memopt's subspace, and torch's load would
 take them without a word (the next step then failed, KeyError 'index').
 
+torch's load hooks run as with torch: the pre-hooks before memopt reads the dict, the
+post-hooks after memopt's whole load. A loaded ``step`` becomes memopt's int (``_loaded``),
+and ``adopt_loaded`` lets an optimizer settle what its rules keep (FRUGAL: nothing but the
+count for state-free parameters, torch's moments only for block-mode tensors active next).
+
 ``PersistMixin`` sits between ``MemoptOptimizer``'s bookkeeping and ``torch.optim.Optimizer``;
 it expects ``projector()``, ``is_low_rank()``, ``plain_adam_mode()`` and
 ``check_loaded_shapes`` from the optimizer it is mixed into.
@@ -30,18 +35,17 @@ from torch import Tensor
 from memopt.offload.adamw_checks import MASTER  # (OffloadedAdamW's fp32 masters)
 from memopt.optim import _functional as F
 from memopt.optim import _moments as moments
+from memopt.optim._loaded import (
+    START_FRESH,
+    foreign_keys,
+    held_objects,
+    master_problem,
+    step_count,
+    without_placeholders,
+)
 from memopt.optim._refresh import CACHE_PREFIX
 from memopt.optim.projection import Projector
 
-#: What torch.optim.Adam / AdamW keep per parameter (amsgrad's ``max_exp_avg_sq`` is refused
-#: with its group). memopt's first step of a parameter writes ``index`` next to ``step``, so
-#: a state without ``index`` came from elsewhere.
-TORCH_ADAM_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-START_FRESH = (
-    "memopt's state dicts are tensor-only and hold the basis or seed memopt computed, so "
-    "another implementation's moments cannot continue here. Load the model weights and "
-    "start the memopt optimizer fresh from them; nothing was loaded"
-)
 #: Float state loaded as saved: step counters (torch's are float tensors) and the absmax
 #: scales of quantized moments (fp32 whatever the parameter).
 KEEP_DTYPE = frozenset({"step", "exp_avg_absmax", "exp_avg_sq_absmax"})
@@ -103,13 +107,42 @@ class PersistMixin(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The load pre-hooks run first, as torch runs them, and what they return is what
-        # loads (memopt reads the dict before torch's load does, so it runs them itself).
+        # torch's hooks run as torch runs them, around the whole load: the pre-hooks first
+        # (what they return is what loads: memopt reads the dict before torch's load does),
+        # the post-hooks last, so what they change in the loaded state stays changed.
         pre = self._optimizer_load_state_dict_pre_hooks
+        post = self._optimizer_load_state_dict_post_hooks
         for hook in pre.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = self._checked_for_load(state_dict)
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        before = [dict(g) for g in self.param_groups]
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
+        self._optimizer_load_state_dict_post_hooks = type(post)()  # (run below)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for group, old in zip(self.param_groups, before, strict=True):
+            for key, value in old.items():  # memopt's options a torch checkpoint lacks
+                group.setdefault(key, value)  # (state_dtype, correct_bias...) stay as built
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            loaded: list[tuple[Tensor, bool]] = []
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                if pid in saved_state:
+                    self._settle_state(p, group, str(pid), saved_state[pid])
+                    loaded.append((p, "index" not in saved_state[pid]))
+            if loaded:
+                self.adopt_loaded(group, loaded)
+        for post_hook in post.values():
+            post_hook(self)
+
+    def _checked_for_load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` as it will load (without OffloadedAdamW's masters), once every
+        check passed; raises, with nothing changed, when it cannot load here."""
         sharding = state_dict.get("sharding")
         if isinstance(sharding, dict) and int(sharding.get("world_size", 1)) > 1:
             raise ValueError(
@@ -127,40 +160,46 @@ class PersistMixin(torch.optim.Optimizer):
                 f"{type(self).__name__}. Load it into a {saved_by}; nothing was loaded"
             )
         saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
+        saved_state = without_placeholders(state_dict["state"])
         if len(saved_groups) == len(self.param_groups):  # (else torch's own error)
             for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
                 self.check_loaded_group(saved, group, i)  # before anything changes
         self._check_foreign_state(saved_groups, saved_state)
         saved_state = self._drop_masters(saved_groups, saved_state)
-        state_dict = {**state_dict, "state": saved_state}
         if self.check_loaded_shapes:
             self._check_loaded_shapes(saved_groups, saved_state)
         for label, p, merged, st in self._saved_states(saved_groups, saved_state):
+            if "step" in st and step_count(st["step"]) is None:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the saved state of {label} holds "
+                    f"step={st['step']!r}, which is not a step count (a whole number >= 0, "
+                    "as torch's float tensor or memopt's int); the state dict was edited or "
+                    "is not an optimizer's. Fix or drop that entry; nothing was loaded"
+                )
             for k, v in st.items():  # refuse a key of unknown dtype before anything loads
                 self.load_dtype(label, p, merged, k, v)
-        before = [dict(g) for g in self.param_groups]
-        self._optimizer_load_state_dict_pre_hooks = type(pre)()  # (already run)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = pre
-        for group, old in zip(self.param_groups, before, strict=True):
-            for key, value in old.items():  # memopt's options a torch checkpoint lacks
-                group.setdefault(key, value)  # (state_dtype, correct_bias...) stay as built
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            for pid, p in zip(saved["params"], group["params"], strict=True):
-                if pid not in saved_state:
-                    continue
-                st = self.state[p]
-                for k, v in saved_state[pid].items():
-                    if isinstance(v, Tensor):  # (a no-op cast when the setup is the same)
-                        want = self.load_dtype(str(pid), p, group, k, v)
-                        st[k] = v.to(device=p.device, dtype=want)
-                moments.adopt_plain(st, group)  # torch's fp32 moments in an int8 group
-                proj = self.projector(group) if self.is_low_rank(group) else None
-                if proj is not None:  # (the state says whether it was projected: a stage-3
-                    proj.rebuild(st, p)  # holder between steps is a 1-D placeholder)
+        return {**state_dict, "state": saved_state}
+
+    def _settle_state(self, p: Tensor, group: dict[str, Any], label: str, saved: Any) -> None:
+        """``p``'s state as memopt steps it, after torch's load put ``saved`` there: each
+        tensor in the dtype this optimizer builds it in, the step count an int, torch's
+        fp32 moments quantized in an int8 group, a seeded projector's cache rebuilt."""
+        st = self.state[p]
+        for k, v in saved.items():
+            if k == "step":
+                st[k] = step_count(v)  # (torch's float tensor: the block schedule indexes
+            elif isinstance(v, Tensor):  # with it, the fused buckets hash it by identity)
+                want = self.load_dtype(label, p, group, k, v)  # (a no-op cast when the
+                st[k] = v.to(device=p.device, dtype=want)  # setup is the same)
+        moments.adopt_plain(st, group)  # torch's fp32 moments in an int8 group
+        proj = self.projector(group) if self.is_low_rank(group) else None
+        if proj is not None:  # (the state says whether it was projected: a stage-3
+            proj.rebuild(st, p)  # holder between steps is a 1-D placeholder)
+
+    def adopt_loaded(self, group: dict[str, Any], loaded: list[tuple[Tensor, bool]]) -> None:
+        """After a load, settle what ``group``'s parameters hold: ``loaded`` lists each
+        parameter with saved state and whether that state came from torch.optim (no
+        ``index``). Subclasses whose rules keep less state drop the rest here (FRUGAL)."""
 
     def load_dtype(
         self, label: str, p: Tensor, group: dict[str, Any], key: str, value: Any
@@ -293,74 +332,6 @@ def _built_dtype(key: str, compute: torch.dtype) -> torch.dtype | None:
     if key in ("nat_hist", "nat_gram", "nl_prev"):  # Natural GaLore's history and Gram
         return F.woodbury_dtype(compute)  # matrix, APOLLO's last norm: at least fp32
     return None
-
-
-def held_objects(state: dict[str, Any]) -> str | None:
-    """Why a saved per-parameter ``state`` holding Python objects (not tensors, numbers or
-    strings) is not memopt's (what follows "the saved state of X"), or None."""
-    objects = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not _plain(v)]
-    if not objects:
-        return None
-    return (
-        f"holds Python objects, not tensors ({', '.join(objects)}): this looks like a "
-        "galore-torch or apollo-torch optimizer state dict, which pickles its projector into "
-        "the per-parameter state"
-    )
-
-
-def foreign_keys(state: dict[str, Any], projected: bool) -> str | None:
-    """Why a saved per-parameter ``state`` was written neither by memopt nor by
-    torch.optim.Adam/AdamW, or cannot continue here, or None. ``projected``: the parameter
-    takes a low-rank path here, so its moments need memopt's projector state."""
-    if "index" in state:
-        return None  # memopt's own
-    extra = sorted(set(state) - TORCH_ADAM_KEYS - {MASTER})  # (OffloadedAdamW's master)
-    if extra:
-        return (
-            f"holds {extra}, which neither memopt nor torch.optim.Adam/AdamW writes: this "
-            "looks like another implementation's state dict (galore-torch, apollo-torch, "
-            "bitsandbytes' 8-bit optimizers)"
-        )
-    if not projected:
-        return None  # torch.optim.AdamW's: loads
-    m = state.get("exp_avg")
-    shape = f" of shape {tuple(m.shape)}" if isinstance(m, Tensor) else ""
-    return (
-        f"holds Adam moments{shape} without memopt's "
-        "projector state ('index', 'proj_count', the basis or seed) for a low-rank "
-        "parameter: this looks like a galore-torch or apollo-torch state dict with the "
-        "projector left out, or a torch.optim one"
-    )
-
-
-def master_problem(state: dict[str, Any], shape: tuple[int, ...] | None) -> str | None:
-    """Why the ``master`` in a saved per-parameter ``state`` cannot be its parameter's fp32
-    master weights (it must be a float tensor of the moments' shape and, given ``shape``, of
-    that one), or None."""
-    master = state.get(MASTER)
-    if master is None:
-        return None
-    if not isinstance(master, Tensor) or not master.is_floating_point():
-        what = master.dtype if isinstance(master, Tensor) else type(master).__name__
-        return f"it is a {what}, not a float tensor"
-    got = tuple(master.shape)
-    m = state.get("exp_avg")
-    if isinstance(m, Tensor) and tuple(m.shape) != got:
-        return f"it has shape {got} and exp_avg {tuple(m.shape)}"
-    if shape is not None and got != shape:
-        return f"it has shape {got}"
-    return None
-
-
-def _plain(value: Any) -> bool:
-    """A tensor, a number, a string, None, or a list/tuple/dict of those."""
-    if value is None or isinstance(value, (Tensor, bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(_plain(v) for v in value.values())
-    return False
 
 
 def matrix_shape(p: Tensor) -> tuple[int, int]:

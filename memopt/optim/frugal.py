@@ -182,6 +182,31 @@ class FrugalAdamW(MemoptOptimizer):
             start = cycle * k
         return {seq[(start + j) % len(seq)] for j in range(k)}
 
+    def adopt_loaded(self, group: dict[str, Any], loaded: list[tuple[Tensor, bool]]) -> None:
+        """After a load: state-free parameters keep their step count and nothing else (a
+        torch.optim.AdamW checkpoint's moments would never be read, yet saved and counted
+        forever). In block mode torch's moments of a tensor active in the window the next
+        step runs in continue as its Adam moments (the count is torch's, so is the bias
+        correction); an inactive tensor drops them, as the schedule would."""
+        if group["state_free"]:
+            for p, _ in loaded:
+                moments.drop(self.state[p])
+        elif self.is_low_rank(group) and group["proj"] == "block":
+            clock = max((self.state[p].get("step", 0) for p in group["params"] if p in self.state),
+                        default=0)  # fmt: skip
+            window = clock // group["update_proj_gap"]
+            active = self.active_blocks(group, window)
+            for p, from_torch in loaded:
+                st = self.state[p]
+                if not from_torch:
+                    continue  # (memopt's own: its window and moments are consistent)
+                if id(p) in active and moments.present(st):
+                    st["active_window"] = window
+                else:
+                    moments.drop(st)
+                    st.pop("active_window", None)
+        super().adopt_loaded(group, loaded)
+
     def expected_moment_shape(self, p: Tensor, group: dict[str, Any]) -> tuple[int, ...] | None:
         if group["state_free"]:
             return None

@@ -241,8 +241,8 @@ class Projector(ABC):
     def check_state(self, state: dict[str, Any], shape: tuple[int, int]) -> str | None:
         """Why ``state`` (loaded from a checkpoint) cannot belong to an ``m x n`` matrix,
         or None when it can. Checks what the projector stored about the shape."""
-        saved = state.get("proj_shape")
-        if saved is not None and tuple(int(x) for x in saved) != tuple(shape):
+        saved = seeded_shape(state)
+        if saved is not None and saved != tuple(shape):
             return f"its projector was built for a {saved[0]}x{saved[1]} matrix"
         return None
 
@@ -252,6 +252,20 @@ class Projector(ABC):
     def __repr__(self) -> str:
         size = f"rank={self.rank}" if self.rank is not None else f"density={self.density}"
         return f"{type(self).__name__}({size}, proj_type={self.proj_type!r})"
+
+
+def seeded_shape(state: dict[str, Any]) -> tuple[int, int] | None:
+    """(rows, cols) of the matrix a seeded projector drew for: two ints ``proj_rows`` and
+    ``proj_cols`` (plain numbers: torch DCP's flattened optimizer state takes no lists),
+    or the ``[rows, cols]`` list ``proj_shape`` of checkpoints written before; None when
+    the state holds neither."""
+    if "proj_rows" in state:
+        return int(state["proj_rows"]), int(state["proj_cols"])
+    saved = state.get("proj_shape")
+    if saved is None:
+        return None
+    rows, cols = (int(x) for x in saved)
+    return rows, cols
 
 
 def checked_float(grad: Tensor, dtype: torch.dtype | None = None) -> Tensor:

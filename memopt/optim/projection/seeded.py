@@ -1,8 +1,10 @@
 """Projectors regenerated from a seed: Gaussian, orthonormal random, columns, coordinates.
 
-Their state is a seed (``proj_seed``, a plain int, the same on every rank): the matrix or
-index set is rebuilt from it on demand and kept in ``cache_*`` entries, which
-``state_dict()`` leaves out. A resumed optimizer regenerates exactly the same matrix.
+Their state is a seed (``proj_seed``, a plain int, the same on every rank) and the
+matrix's shape (``proj_rows``, ``proj_cols``: ints; older checkpoints' ``proj_shape`` list
+still loads): the matrix or index set is rebuilt from them on demand and kept in
+``cache_*`` entries, which ``state_dict()`` leaves out. A resumed optimizer regenerates
+exactly the same matrix.
 
 The Gaussian matrix is drawn on the parameter's device (a CUDA generator on a GPU: no
 host-side draw and copy at each refresh), so it is the same on every rank of one device
@@ -25,8 +27,27 @@ import torch
 from torch import Tensor
 
 from memopt.optim._functional import fp32_work, is_half
-from memopt.optim.projection.base import Projector
+from memopt.optim.projection.base import Projector, seeded_shape
 from memopt.optim.projection.dense import DenseProjector
+
+
+def _store_shape(state: dict[str, Any], rows: int, cols: int) -> None:
+    """The drawn matrix's shape as two ints (DESIGN.md 5.4: tensors and plain numbers)."""
+    state["proj_rows"], state["proj_cols"] = rows, cols
+    state.pop("proj_shape", None)
+
+
+def _upgrade_shape(state: dict[str, Any]) -> None:
+    """A loaded state of an older checkpoint (a ``proj_shape`` list) in today's form."""
+    if "proj_rows" not in state and "proj_shape" in state:
+        _store_shape(state, *_shape(state))
+
+
+def _shape(state: dict[str, Any]) -> tuple[int, int]:
+    shape = seeded_shape(state)
+    if shape is None:
+        raise RuntimeError("seeded projector used before update()")  # internal invariant
+    return shape
 
 
 def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -39,8 +60,7 @@ class _SeededDense(DenseProjector):
     def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
         state["proj_seed"] = int(seed)
         state["proj_right"] = self.side(tuple(grad.shape)) == "right"  # type: ignore[arg-type]
-        shape = (int(grad.shape[0]), int(grad.shape[1]))
-        state["proj_shape"] = list(shape)
+        _store_shape(state, int(grad.shape[0]), int(grad.shape[1]))
         self._materialize(state, grad.device, grad.dtype)
 
     def state_keys(self) -> tuple[str, ...]:
@@ -53,11 +73,12 @@ class _SeededDense(DenseProjector):
 
     def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
         """Regenerate the cached matrix after a state_dict load."""
+        _upgrade_shape(state)
         if "proj_seed" in state and "cache_P" not in state:
             self._materialize(state, like.device, like.dtype)
 
     def _materialize(self, state: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         r = self.rank_for((m, n))
         side = self.side((m, n))
         gen = _generator(state["proj_seed"], device if self.draw_on_device else "cpu")
@@ -110,10 +131,11 @@ class _SeededIndex(Projector):
 
     def update(self, state: dict[str, Any], grad: Tensor, seed: int) -> None:
         state["proj_seed"] = int(seed)
-        state["proj_shape"] = [int(grad.shape[0]), int(grad.shape[1])]
+        _store_shape(state, int(grad.shape[0]), int(grad.shape[1]))
         self._materialize(state, grad.device)
 
     def rebuild(self, state: dict[str, Any], like: Tensor) -> None:
+        _upgrade_shape(state)
         if "proj_seed" in state and self.cache_key not in state:
             self._materialize(state, like.device)
 
@@ -140,7 +162,7 @@ class ColumnProjector(_SeededIndex):
     cache_key = "cache_rows"
 
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         r, side = self.rank_for((m, n)), self.side((m, n))
         gen = _generator(state["proj_seed"])
         full_rows, full_cols = torch.arange(m, device=device), torch.arange(n, device=device)
@@ -153,7 +175,7 @@ class ColumnProjector(_SeededIndex):
         return grad.index_select(0, state["cache_rows"]).index_select(1, state["cache_cols"])
 
     def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         out = low.new_zeros(m, n)
         self.apply_update(state, low, out, alpha=1.0)
         return out
@@ -166,7 +188,7 @@ class ColumnProjector(_SeededIndex):
         if beta != 1.0:
             out.mul_(beta)
         rows, cols = state["cache_rows"], state["cache_cols"]
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         low = low.to(out.dtype)
         if len(rows) == m:
             out.index_add_(1, cols, low, alpha=alpha)
@@ -193,7 +215,7 @@ class CoordinateProjector(_SeededIndex):
         return (self.rank_for(shape),)
 
     def _materialize(self, state: dict[str, Any], device: torch.device) -> None:
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         k = self.rank_for((m, n))
         idx = torch.randperm(m * n, generator=_generator(state["proj_seed"]))[:k].sort().values
         state["cache_idx"] = idx.to(device)
@@ -202,7 +224,7 @@ class CoordinateProjector(_SeededIndex):
         return grad.reshape(-1).index_select(0, state["cache_idx"])
 
     def project_back(self, state: dict[str, Any], low: Tensor) -> Tensor:
-        m, n = state["proj_shape"]
+        m, n = _shape(state)
         out = low.new_zeros(m, n)
         self.apply_update(state, low, out, alpha=1.0)
         return out
