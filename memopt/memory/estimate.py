@@ -6,8 +6,10 @@ The model is only described (meta device); the figures per rank are:
   and no optimizer state; a model with nothing to train is an error); stage 3 keeps FSDP2's
   row shard of every parameter plus the gathered units as temporaries (on one rank too when
   ``offload_params`` runs FSDP2: ``stage3_offload.gathered_units``): the root unit
-  (parameters outside the repeated blocks) and the largest block twice (the one in use and
-  the prefetched next);
+  (parameters outside the repeated blocks) and two of the largest block (the one in use and
+  the prefetched next); at a moment in the head or the loss's backward, before any block's
+  own, the root alone on one rank (two blocks kept as a bound on several: ``find_units``),
+  and the forward/backward figure is the larger of that moment and the rest;
 - gradients: one per parameter in ``param_dtype``; stage 2 with ``dim0`` keeps this rank's
   rows and owned tensors plus the in-flight buckets, stage 3 FSDP2's shards; stages 1/2
   with ``whole_tensor`` keep them all (memopt packs every gradient into its bucket and holds
@@ -38,7 +40,8 @@ The model is only described (meta device); the figures per rank are:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -172,11 +175,15 @@ def assemble(
     tables = table_bytes(kw)  # the 8-/4-bit code tables: per process, with the computation
     base = dict(base, optimizer_state=base.get("optimizer_state", 0) + tables)
     step_base = dict(step_base, optimizer_state=step_base.get("optimizer_state", 0) + tables)
-    acts, host_acts = _activations(cfg, trace)
-    tiers["pinned_host"]["activations"] = host_acts
+    tiers["pinned_host"]["activations"] = _activations(cfg, trace)[1]
     bwd = grads if share.bwd_grads is None else share.bwd_grads  # (stage 3: as placed)
-    fwd = dict(base, activations=acts, gradients=_backward_gradients(cfg, infos, trace, bwd))
-    fwd["temporaries"] = trace.peak_temporaries + gathered_units(cfg, module, share.gathered)
+    fwd: dict[str, int] = {}
+    for moment in _moments(trace):  # stage 3 gathers by position: the larger total
+        now = dict(base, activations=_activations(cfg, moment)[0],
+                   gradients=_backward_gradients(cfg, infos, moment, bwd))  # fmt: skip
+        gathered = gathered_units(cfg, module, share.gathered, moment.peak_at_head)
+        now["temporaries"] = moment.peak_temporaries + gathered
+        fwd = max(fwd, now, key=lambda d: sum(d.values()))
     step = dict(step_base, gradients=grads)
     owned = share.numel / max(1, sum(p.numel for p in infos))
     inner = step_temporaries(cfg.optimizer, kw, state_infos, cfg.device_kind, min(1.0, owned))
@@ -192,6 +199,15 @@ def assemble(
         breakdown=tiers, phase=phase, device_kind=cfg.device_kind, world_size=cfg.world_size,
         config=_config_dict(cfg, trace), notes=notes,
     )  # fmt: skip
+
+
+def _moments(trace: ActivationTrace) -> list[ActivationTrace]:
+    """The trace's peak, and its highest points at the head and elsewhere (where stage 3
+    holds different units: ``stage3_offload.find_units``)."""
+    return [trace] + [
+        dataclasses.replace(trace, peak_at_head=head, **cast(dict[str, Any], split))
+        for head, split in trace.by_position.items()
+    ]
 
 
 def _backward_gradients(

@@ -14,20 +14,25 @@ forward/backward peak and the optimizer step), what stays in memory:
   the shards live in the NVMe file (the disk column). What is in memory follows the swapper:
 
   * forward/backward, steady state: a unit is evicted right after its all-gather, unless it
-    is within the lookahead window; between gathers (where the backward's peak is) only the
-    ``lookahead`` units read ahead are resident. FSDP2 gathers the root unit (embeddings,
-    head, final norm) once, first in the forward, and keeps it unsharded through the
-    backward, and the swapper keeps it resident from the end of the previous step (it heads
-    the cycle), so the reads of the forward/backward are of the blocks only: shards =
-    ``lookahead`` largest blocks. Bounce memory: a shard whose storage is not page-aligned
-    (every torch CPU allocation) is read through a bounce block of its size from the
-    swapper's own arena (``chunk_bytes`` = the largest unit, pages touched only as used,
-    unmapped by ``trim`` at the end of every step on an unpinned arena). Reads in flight
-    are the ones read ahead (the gathered unit was read ahead, so it is a hit), so the
-    arena's touched bytes are ``lookahead`` largest blocks.
+    is within the lookahead window. FSDP2 gathers the root unit (embeddings, head, final
+    norm) once, first in the forward, and keeps it unsharded through the backward, and the
+    swapper keeps it resident from the end of the previous step (it heads the cycle), so
+    the reads of the forward/backward are of the blocks only. Between gathers (where the
+    backward's peak is) the ``lookahead`` units read ahead are resident, and one more:
+    FSDP2's backward prefetch unshards the next unit before the current one's backward runs
+    (the root's, at the head and loss, the last block), which loads that unit's shards
+    through the swapper until its own gather. Shards = ``lookahead`` + 1 largest blocks
+    (measured at the loss's backward: the last two blocks resident, on 1 and 2 ranks).
+    Bounce memory: a shard whose storage is not page-aligned (every torch CPU allocation)
+    is read through a bounce block of its size from the swapper's own arena
+    (``chunk_bytes`` = the largest unit, pages touched only as used, unmapped by ``trim``
+    at the end of every step on an unpinned arena). Reads in flight are the ones read
+    ahead (the gathered unit was read ahead, so it is a hit), so the arena's touched bytes
+    are ``lookahead`` largest blocks.
   * forward/backward of the first step: the swapper is recording the cycle (no read-ahead):
-    every unit is read on demand and evicted after its gather, so no shard is resident
-    between gathers, but the arena's chunk has been touched by the largest unit's bounce.
+    every unit is read on demand and evicted after its gather, so between gathers only the
+    unit FSDP2 prefetched is resident (one largest block), but the arena's chunk has been
+    touched by the largest unit's bounce.
     The optimizer state does not exist yet (torch's and memopt's optimizers create it in
     their first ``step``). This moment is the peak only when the state is small (or on a
     tier) and the root unit large; the larger of the two moments is taken.
@@ -99,27 +104,38 @@ def unit_sizes(module: nn.Module) -> UnitSizes:
     return UnitSizes([sum(p.numel() for p in b.parameters()) for b in find_blocks(module)], total)
 
 
-def find_units(module: nn.Module, cfg: Any) -> int:
+def find_units(module: nn.Module, cfg: Any, at_head: bool = False) -> int:
     """Bytes unsharded at once under stage 3: the root unit (every parameter outside the
     repeated blocks: embeddings, head, final norm; gathered for the whole step) plus two of
-    the largest block (the one in use and the prefetched next)."""
+    the largest block (the one in use and the prefetched next). ``at_head``: a moment in the
+    backward before any block's own (the head and the loss: ``ActivationTrace.peak_at_head``,
+    a causal LM's usual peak). There no block is in use: FSDP2's root pre-backward has only
+    issued the last block's prefetch, and on one rank its unshard allocates nothing until
+    the unit is used: the root alone (measured: FSDP2's state at the loss's backward). Two
+    blocks there over-counted: ``memopt report --vocab 2000 --stage 3 --offload-params cpu``
+    read 1.045. On several ranks the prefetch's all-gather output (one whole block) exists
+    at once, and the 2-rank runs hold 1-2 MiB more there than the trace and that block (not
+    yet attributed; root + one block read 0.96-0.99): two blocks are kept as the bound."""
     size = cfg.param_dtype.itemsize
     total = sum(p.numel() for p in module.parameters())
     blocks = [sum(p.numel() for p in b.parameters()) for b in find_blocks(module)]
     if not blocks:
         return total * size
-    return (total - sum(blocks) + 2 * max(blocks)) * size
+    held = 0 if at_head and cfg.world_size == 1 else 2
+    return (total - sum(blocks) + held * max(blocks)) * size
 
 
-def gathered_units(cfg: Any, module: nn.Module, shared: int) -> int:
+def gathered_units(cfg: Any, module: nn.Module, shared: int, at_head: bool = False) -> int:
     """Stage 3's unsharded units at the forward/backward peak: ``shared`` (``shard_share``'s
     figure) on several ranks. On one rank FSDP2 runs only with ``offload_params``
     (``masters.fsdp2``), and its all-gather still copies each unit into unsharded parameters
     beside the one-rank "shards" (the plain one-rank path gathers nothing). Before, the
-    estimate left them out there: ``memopt report`` read 0.91 (cpu) / 0.89 (nvme)."""
+    estimate left them out there: ``memopt report`` read 0.91 (cpu) / 0.89 (nvme).
+    ``shared`` is the figure away from the head (capped at all parameters); ``at_head``
+    gives the one at the head (``find_units``)."""
     if fsdp2(cfg) and cfg.world_size == 1:
-        return find_units(module, cfg)
-    return shared
+        return find_units(module, cfg, at_head)
+    return min(shared, find_units(module, cfg, at_head))
 
 
 @dataclass
@@ -184,8 +200,9 @@ def _nvme_params(
     shards = base["parameters"]
     tiers["disk"]["parameters"] += shards
     ahead = int(shards * min(1.0, PARAM_LOOKAHEAD * units.block))
-    steady = {**base, **held, "parameters": ahead}
-    first = {**steady, "parameters": 0, "optimizer_state": 0}
+    held_ahead = int(shards * min(1.0, (PARAM_LOOKAHEAD + 1) * units.block))  # + FSDP2's
+    steady = {**base, **held, "parameters": held_ahead}
+    first = {**steady, "parameters": int(shards * units.block), "optimizer_state": 0}
     first_arena = int(shards * units.largest)
     step["parameters"] = int(shards * units.top(3))
     arena = {FWD: ahead, STEP: int(shards * units.top(2))}

@@ -10,7 +10,9 @@ of its parameters, under two observers:
   them when the storage dies (``weakref.finalize`` on the storage, whose Python object PyTorch
   keeps alive exactly as long as the C++ one): the live bytes at every point of forward and
   backward, split at the peak into activations (born in forward), gradients (storages that
-  became a ``param.grad``) and temporaries (the rest).
+  became a ``param.grad``) and temporaries (the rest); and whether the peak fell at the
+  head: in the backward before any repeated block's own (the head and the loss; a block's
+  starts with the gradient of its output), ``peak_at_head``.
 
 Attention: on meta, ``scaled_dot_product_attention`` would pick its math path, which saves
 the full attention matrix; real CPU and GPU runs pick a fused kernel that saves only q, k, v,
@@ -68,6 +70,11 @@ class ActivationTrace:
     gradients: int  # live at the end of backward
     block_saved: list[int] = field(default_factory=list)
     block_input: int = 0
+    #: the peak fell at the head (see the module docstring); False when unknown
+    peak_at_head: bool = False
+    #: the highest point at the head (True) and elsewhere (False): ``peak`` and its split
+    #: (``peak_activations``, ...), for costs that depend on the position (stage 3)
+    by_position: dict[bool, dict[str, int]] = field(default_factory=dict)
 
 
 #: memopt.activations.hooks.BLOCK_ATTR (layer 3: restated; tests/memory pin the two equal)
@@ -143,6 +150,8 @@ class _Live(TorchDispatchMode):
         self.cur = {"act": 0, "grad": 0, "tmp": 0}
         self.peak, self.at_peak = 0, dict(self.cur)
         self.phase = "act"
+        self.block_bwd, self.peak_at_head = False, False  # a block's backward has begun
+        self.sides: dict[bool, tuple[int, dict[str, int]]] = {}  # the peak at / off the head
 
     def add(self, t: Tensor, kind: str | None = None) -> None:
         st = t.untyped_storage()
@@ -153,9 +162,12 @@ class _Live(TorchDispatchMode):
         self.kind[key] = kind or self.phase
         self.cur[self.kind[key]] += n
         weakref.finalize(st, self._free, key)
-        total = sum(self.cur.values())
+        total, head = sum(self.cur.values()), self.phase == "tmp" and not self.block_bwd
+        if total > self.sides.get(head, (-1,))[0]:
+            self.sides[head] = (total, dict(self.cur))
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.cur)
+            self.peak_at_head = head
 
     def regrade(self, t: Tensor, kind: str) -> None:
         key = t.untyped_storage()._cdata
@@ -314,6 +326,9 @@ class TracedStep:
 
     def leave(self, output: Any) -> None:
         self.block = -1
+        tensors = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+        if tensors and tensors[0].requires_grad:  # its gradient starts the block's backward
+            tensors[0].register_hook(lambda grad: setattr(self.live, "block_bwd", True))
 
     def run(self, inputs: dict[str, Tensor], hooks: Any, *contexts: Any) -> None:
         """Forward + backward under ``contexts``, then the meta masks, the live count and the
@@ -363,6 +378,16 @@ class TracedStep:
             "gradients": live.cur["grad"],
             "block_saved": self.per_block,
             "block_input": self.input,
+            "peak_at_head": live.peak_at_head,
+            "by_position": {
+                k: {
+                    "peak": n,
+                    "peak_activations": at["act"],
+                    "peak_gradients": at["grad"],
+                    "peak_temporaries": at["tmp"],
+                }
+                for k, (n, at) in live.sides.items()
+            },  # fmt: skip
         }
 
 

@@ -116,20 +116,21 @@ def _place(device_kind: str, offload: str | None) -> Stage3Placement:
 
 
 def test_stage3_nvme_params_follow_the_swapper_moments() -> None:
-    """The swapper's residency (stage3_offload): forward/backward holds the block read ahead
-    and its bounce; the first step (no read-ahead, no state yet) the largest unit's bounce;
+    """The swapper's residency (stage3_offload): forward/backward holds the block read ahead,
+    the block FSDP2's backward prefetch loaded, and the read's bounce; the first step (no
+    read-ahead, no state yet) FSDP2's prefetched block and the largest unit's bounce;
     the step three units and two units' bounce; a pinned arena keeps two whole chunks of
     the largest unit (80% each here: capped at all the shards)."""
     fwd, step = "forward/backward", "optimizer step"
     steady = _place("cpu", None)  # state in memory: the steady forward/backward is the peak
-    assert steady.forward["parameters"] == 100 and steady.forward["optimizer_state"] == 2000
+    assert steady.forward["parameters"] == 200 and steady.forward["optimizer_state"] == 2000
     assert steady.arena == {fwd: 100, step: 900}
     assert steady.step["parameters"] == 1000 and steady.grads == 1000
     first = _place("cpu", "nvme")  # state on NVMe: the first step's 80% bounce is larger
-    assert first.forward["parameters"] == 0 and first.forward["optimizer_state"] == 0
+    assert first.forward["parameters"] == 100 and first.forward["optimizer_state"] == 0
     assert first.arena[fwd] == 800 and first.step["optimizer_state"] == 1800
     gpu = _place("cuda", None)
-    assert gpu.forward["parameters"] == 100 and gpu.arena == {fwd: 1000, step: 1000}
+    assert gpu.forward["parameters"] == 200 and gpu.arena == {fwd: 1000, step: 1000}
 
 
 def test_recompute_and_swap_lower_device_activations(base) -> None:
