@@ -33,7 +33,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from memopt._utils.wrapped_optim import closure_loss
+from memopt._utils.wrapped_optim import (
+    closure_loss,
+    hooks_paused,
+    load_with_hooks,
+    state_dict_with_hooks,
+)
 from memopt.offload.adamw_checks import (
     MASTER,
     check_adam_group,
@@ -262,12 +267,21 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return p in self.store and "step" in self.state.get(p, ())
 
     def state_dict(self) -> dict[str, Any]:
-        """torch AdamW's layout, the tensors read back from the tier (plus fp32 ``master``)."""
+        """torch AdamW's layout, the tensors read back from the tier (plus fp32 ``master``).
+        The state-dict hooks run as torch runs them: post-hooks see (and may replace) the
+        finished dict, tier tensors included."""
         self._check_open()
-        sd = super().state_dict()
+        return state_dict_with_hooks(self, self._state_dict)
+
+    def _state_dict(self) -> dict[str, Any]:
+        with hooks_paused(self, "state_dict"):  # (run around the whole, above)
+            sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         for index, st in list(sd["state"].items()):
             p = params[index]
+            if p not in self.store and not st:  # (an empty entry, from reading state[p])
+                del sd["state"][index]
+                continue
             master, m, v = self.store.read(p)
             # a new dict: torch's state_dict hands out the live per-parameter dicts, and
             # writing into them kept a full fp32 copy of the offloaded state in memory
@@ -280,8 +294,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Hyperparameters into the groups, tensors onto the tier (kept fp32). Like torch's,
         the load replaces the whole state: a parameter without state in ``state_dict`` has
-        none afterwards. Everything is checked first: a refused load changes nothing."""
+        none afterwards. Everything is checked first: a refused load changes nothing. The
+        load pre-hooks run first (what they return is what loads), the post-hooks after."""
         self._check_open()
+        load_with_hooks(self, state_dict, self._load_state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
         values, entries = checked_load(state_dict, self.param_groups, params)
         for group, new in zip(self.param_groups, values, strict=True):

@@ -38,15 +38,20 @@ What the reference per-layer modes get wrong, and what happens here instead:
   exactly as the uninterrupted one. Save at a step boundary: between micro-batches the
   accumulated gradients are in no snapshot, and ``state_dict`` refuses (ValueError).
 
-Calling ``optimizer.step()`` or ``zero_grad()`` as usual is harmless: the gradients are
-already gone. A second ``step_in_backward`` on an optimizer that has hooks is an error
-(``remove()`` the first handle). The optimizer's step pre-hooks run when the first
+Calling ``optimizer.step()`` or ``zero_grad()`` as usual after a window's last backward is
+harmless: the gradients are already gone. A window cut short (an epoch's last micro-batches)
+is stepped with ``finish_window()``, which also realigns the counter (``in_backward_window``).
+A second ``step_in_backward`` on an optimizer that has hooks is an error (``remove()`` the first
+handle); a ``copy.deepcopy`` or pickle of it has no hooks and is free (the "driven in
+backward" mark lives beside the optimizer, ``memopt._utils.wrapped_optim.mark``, not in its
+``__dict__``). The optimizer's step pre-hooks run when the first
 parameter of a step is about to be updated (an ``AsyncCheckpointer`` fences its copy to
 host there; without it a snapshot taken between backwards could mix values from two
 steps) and its post-hooks at the end of that backward; LR schedulers see the step as
 taken. A parameter whose hook fires twice in one backward (a module used twice under
 reentrant checkpointing) is an error (it leaves the handle usable). Not with an fp16
-``GradScaler``: the hooks would update with still-scaled gradients (use bf16).
+``GradScaler``: the hooks update with still-scaled gradients (use bf16); ``scaler.step``
+raises ``NotImplementedError`` saying so (``in_backward_scaler``).
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
-from memopt._utils.wrapped_optim import WrapperOptimizer
+from memopt._utils.wrapped_optim import IN_BACKWARD, WRAPPED_BY, WrapperOptimizer, mark, marked
 from memopt.offload.optimizer import OffloadedAdamW
+from memopt.optim import in_backward_scaler, in_backward_window
 from memopt.optim._base import MemoptOptimizer
 
 ClipMode = Literal["previous"]
@@ -95,7 +101,10 @@ class StepInBackward:
         self._unhooked: tuple[Any, list[Tensor]] = (None, [])  # (groups signature, params)
         for p in params:
             self._install(p)
-        optimizer._memopt_in_backward = True  # memopt.shard refuses it (see there)
+        # memopt.shard refuses it (see there). A mark beside the optimizer, not an attribute:
+        # a deepcopy or pickle of the optimizer has no hooks, so it must not carry it.
+        mark(optimizer, IN_BACKWARD, "step_in_backward")
+        self._scaler_guard = in_backward_scaler.install(optimizer)  # (GradScaler: refused)
 
     def _install(self, p: Tensor) -> None:
         self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -191,16 +200,25 @@ class StepInBackward:
             except BaseException:
                 self._abort_backward()
                 raise
+        if self._is_last_micro_batch():
+            self._close_step()
+        self._stepped.clear()
+        self.micro_step += 1
+
+    def _close_step(self) -> None:
+        """A step's end: the post-hooks (if it updated anything), its norm, the count."""
         if self._stepped:  # a step happened: what optimizer.step() would run last
             run_step_hooks(self.optimizer, "post")
             self.optimizer._opt_called = True  # type: ignore[attr-defined]  # (LR schedulers check)
         self._stepped.clear()
-        if self._is_last_micro_batch():
-            norm = math.sqrt(float(self._sq_norm)) if self._sq_norm is not None else 0.0
-            self.last_grad_norm = self.prev_norm = norm
-            self._sq_norm = None
-            self.steps += 1
-        self.micro_step += 1
+        self.last_grad_norm = self.prev_norm = in_backward_window.window_norm(self)
+        self._sq_norm = None
+        self.steps += 1
+
+    def finish_window(self) -> bool:
+        """After the last backward of a window cut short (an epoch's last micro-batches):
+        step it and realign the counter (``in_backward_window``); False at a boundary."""
+        return in_backward_window.finish_window(self)
 
     # -- lifecycle -----------------------------------------------------------------
     def remove(self) -> None:
@@ -210,7 +228,8 @@ class StepInBackward:
         self._hooked.clear()
         self._pending.clear()
         self._unhooked = (None, [])
-        self.optimizer._memopt_in_backward = False
+        mark(self.optimizer, IN_BACKWARD, None)
+        in_backward_scaler.uninstall(self.optimizer, self._scaler_guard)
 
     def state_dict(self) -> dict[str, Any]:
         """The micro-batch counter, the step count and the previous norm. Only at a step
@@ -225,7 +244,8 @@ class StepInBackward:
                 f"(micro_step={self.micro_step}), and their accumulated gradients are in no "
                 "snapshot, so a run resumed from it would update on part of the batch. Save "
                 "at a step boundary: after the backward of a step's last micro-batch "
-                f"(micro_step a multiple of accumulation_steps={self.accumulation_steps}); "
+                f"(micro_step a multiple of accumulation_steps={self.accumulation_steps}), or "
+                "after finish_window() for a window cut short (an epoch's last micro-batches); "
                 "nothing was saved"
             )
         return {"micro_step": self.micro_step, "steps": self.steps, "prev_norm": self.prev_norm}
@@ -264,7 +284,7 @@ def step_in_backward(
     """
     _check_optimizer(optimizer)
     refuse_several_ranks()
-    if optimizer._memopt_in_backward:
+    if marked(optimizer, IN_BACKWARD):
         raise ValueError(
             "step_in_backward: this optimizer already has optimizer-in-backward hooks from an "
             "earlier step_in_backward call whose handle was not removed; a second set would "
@@ -367,7 +387,7 @@ def _check_optimizer(optimizer: Any) -> None:
             f"step_in_backward needs a memopt optimizer (memopt.optim.*), got "
             f"{type(optimizer).__name__}; memopt.optim.AdamW replaces torch.optim.AdamW"
         )
-    wrapper = optimizer.__dict__.get("_memopt_wrapped_by")
+    wrapper = marked(optimizer, WRAPPED_BY)
     if wrapper is not None:
         raise ValueError(
             f"step_in_backward: this optimizer is now driven by a {wrapper} (memopt.shard or "

@@ -17,7 +17,9 @@ ceil(rows / W)``, exactly the ``dim0`` layout of stages 1 and 2). FSDP2 owns the
 
 The wrapping policy (``FSDPOptions.modules``): by default every child that holds parameters
 at the top level of a ``ModuleList`` (a transformer's blocks), outermost lists only; then the
-root (which collects the remaining parameters: embeddings, the head, final norms).
+root (which collects the remaining parameters: embeddings, the head, final norms). Repeated
+modules and parameters shared between units are resolved or refused in ``units`` before
+``fully_shard`` runs; ranks running different units raise (``unit_calls``).
 
 Mixed precision: ``options.mp_policy`` (an FSDP2 ``MixedPrecisionPolicy``) is passed through.
 Without one, a bf16/fp16 model with ``master_dtype=torch.float32`` becomes
@@ -30,6 +32,7 @@ and FSDP2's one-dtype-per-unit limits are checked up front (``fsdp_dtypes``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +48,14 @@ from memopt.sharding.fsdp2_internals import handle_unused_grads
 from memopt.sharding.fsdp_dtypes import plan_dtypes
 from memopt.sharding.fsdp_optim import FSDPOptimizer
 from memopt.sharding.meta_init import check_meta, is_meta, materialize, param_names
+from memopt.sharding.offload_optim import is_offloadable
 from memopt.sharding.param_swap import ParamSwapper, make_param_swapper
+from memopt.sharding.units import check_units, default_units, resolve_units
+
+__all__ = [
+    "FSDPOptions", "apply_fully_shard", "check_stage3", "check_units", "default_units",
+    "offload_masters", "shard_device", "shard_stage3",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,37 +106,6 @@ class FSDPOptions:
                 raise ValueError("memopt.shard: FSDPOptions.init_device cannot be 'meta'")
 
 
-def default_units(model: nn.Module) -> list[nn.Module]:
-    """Children holding parameters of the outermost ``ModuleList``\\ s (not the root)."""
-    units: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        for child in m.children():
-            if isinstance(child, nn.ModuleList):
-                units.extend(c for c in child if any(True for _ in c.parameters()))
-            else:
-                visit(child)
-
-    visit(model)
-    return units
-
-
-def check_units(model: nn.Module, units: Sequence[nn.Module]) -> None:
-    """Each unit must be a proper submodule of ``model``; raise a ValueError naming it."""
-    inside = {id(m) for m in model.modules()}
-    for u in units:
-        if u is model:
-            raise ValueError(
-                "memopt.shard: FSDPOptions.modules must not contain the model itself "
-                "(the root is always sharded last)"
-            )
-        if id(u) not in inside:
-            raise ValueError(
-                f"memopt.shard: FSDPOptions.modules holds a {type(u).__name__} that is not a "
-                "submodule of the model"
-            )
-
-
 def apply_fully_shard(
     model: nn.Module,
     comm: Comm,
@@ -142,7 +121,7 @@ def apply_fully_shard(
 
     device = shard_device(model, comm, options)
     mesh = DeviceMesh.from_group(comm.group, device.type)
-    units = list(options.modules) if options.modules is not None else default_units(model)
+    units = resolve_units(model, options.modules, warn=False)
     plans = plan_dtypes(model, units, master, options.mp_policy, held or set())
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": options.reshard_after_forward}
     if offload_params == "cpu":
@@ -188,12 +167,33 @@ def check_stage3(
             "fully_shard cannot shard; reshape a scalar to (1,) and drop empty ones, or use "
             "stage 1/2 (which take both)"
         )
-    if options.modules is not None:
-        check_units(model, options.modules)
-    units = list(options.modules) if options.modules is not None else default_units(model)
+    units = resolve_units(model, options.modules)  # raises on a shared parameter
     plan_dtypes(model, units, master, options.mp_policy, _held(optimizer))  # raises on a bad mix
     if is_meta(model):
         check_meta(model, options.init_fn)
+
+
+def offload_masters(
+    config: ShardConfig, optimizer: torch.optim.Optimizer, fsdp2: bool, own_state: bool
+) -> ShardConfig:
+    """Stage 3 on FSDP2 with ``offload=`` for an AdamW-like optimizer (one ``OffloadedAdamW``
+    runs at stages 1/2 and on the one-rank plain path) and no ``master_dtype``: imply
+    ``master_dtype=torch.float32`` when the optimizer holds parameters narrower than fp32,
+    so the fp32 sharded parameters are the masters there too. Before, a bf16 model trained
+    with fp32 masters at stages 1/2 and on one rank, in pure bf16 on 2+ ranks at stage 3."""
+    if not fsdp2 or config.offload is None or config.master_dtype is not None or own_state:
+        return config
+    if not is_offloadable(optimizer):  # FSDP2's state store: no masters on one rank either
+        return config
+    bits = {
+        torch.finfo(p.dtype).bits
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.is_floating_point()
+    }
+    if not bits or min(bits) >= 32 or max(bits) > 32:  # nothing narrower (or fp64: keep it)
+        return config
+    return dataclasses.replace(config, master_dtype=torch.float32)
 
 
 def _held(optimizer: torch.optim.Optimizer | None) -> set[int]:

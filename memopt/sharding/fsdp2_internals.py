@@ -14,7 +14,8 @@ hook before its all-gather, so memopt uses these (as in torch 2.6 through 2.13):
 Stage 3 on more than one rank also wraps each unit's ``post_backward`` (``UnusedGrads``:
 a parameter with a gradient on some ranks only), using ``reduce_grads`` and ``fsdp_params``
 per unit and, per parameter, ``unsharded_param`` (``_unsharded_param``),
-``unsharded_accumulated_grad`` and ``sharded_param``.
+``unsharded_accumulated_grad`` and ``sharded_param``, and each unit's ``pre_backward``
+(``unit_calls.UnitCalls``: ranks that ran different units raise).
 
 ``check_fsdp2_internals`` raises ``NotImplementedError`` naming what is missing and the
 installed torch version, instead of failing later inside a hook with an ``AttributeError``
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from memopt.sharding.unit_calls import UnitCalls, unit_modules
 
 __all__ = [
     "UNUSED_NEEDS", "UnusedGrads", "check_fsdp2_internals", "fsdp_groups",
@@ -43,7 +46,7 @@ SWAP_NEEDS: Needs = (
 )
 #: ``UnusedGrads``'
 UNUSED_NEEDS: Needs = (
-    ("post_backward",),
+    ("post_backward", "pre_backward"),
     ("reduce_grads", "fsdp_params"),
     ("sharded_param", "unsharded_accumulated_grad"),
 )
@@ -195,4 +198,5 @@ def handle_unused_grads(model: nn.Module, comm: Any) -> UnusedGrads | None:
     check_fsdp2_internals(
         groups, "memopt.shard(stage=3) on several ranks", UNUSED_NEEDS, "stage 1 or 2"
     )
+    UnitCalls(unit_modules(model, groups), groups, comm, always=comm.debug)
     return UnusedGrads(groups, comm)

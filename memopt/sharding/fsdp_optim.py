@@ -34,7 +34,9 @@ flight has settled, saying which units were stepped and whether the step may be 
 
 Clipping uses ``torch.nn.utils.get_total_norm`` on the DTensor gradients (``full_tensor()``
 of the norm: one all-reduce) and ``clip_grads_with_norm_``. ``no_sync()`` maps to FSDP2's
-``set_requires_gradient_sync(False)``.
+``set_requires_gradient_sync(False)``; unsharded gradients a ``no_sync()`` backward left for
+no synchronizing one to reduce are reduce-scattered at ``step()`` / ``clip_grad_norm_`` and
+dropped by ``zero_grad()`` (``pending_grads``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memopt._utils.wrapped_optim import closure_loss
+from memopt._utils.wrapped_optim import closure_loss, hooks_paused, run_step_hooks
 from memopt.offload.state_store import StateStore
 from memopt.offload.tier import StorageTier
 from memopt.sharding import guards, rowproj
@@ -55,6 +57,7 @@ from memopt.sharding.config import ShardConfig
 from memopt.sharding.fsdp2_internals import unit_index
 from memopt.sharding.optimizer import ShardedOptimizer
 from memopt.sharding.param_swap import ParamSwapper
+from memopt.sharding.pending_grads import PendingGrads
 from memopt.sharding.plan import ParamPlan, chunk_rows, make_plans
 from memopt.sharding.unit_errors import UnitProgress, unit_names
 
@@ -108,6 +111,8 @@ class FSDPOptimizer(ShardedOptimizer):
                     self.locals[index] = local
                 index += 1
         self._install_row_projectors()
+        #: unreduced gradients a no_sync() backward left (reduced at step, dropped at zero_grad)
+        self._pending = PendingGrads(model, comm)
         #: the NVMe parameter swapper (``offload_params="nvme"``), else None
         self.param_swapper = swapper
         #: the inner optimizer's state on a tier (``offload=``), else None
@@ -133,8 +138,12 @@ class FSDPOptimizer(ShardedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         guards.refuse_grad_scaler(self, self.config, self.comm.world)  # (every rank: FSDP2)
         loss = closure_loss(closure)
-        if self._units:
-            self._step_units()
+        self._pending.reduce()  # (the last backward ran inside no_sync(): pending_grads)
+        if self._units:  # (the inner step runs once per unit: its own hooks once per step)
+            run_step_hooks(self.inner, "pre")
+            with hooks_paused(self.inner, "step"):
+                self._step_units()
+            run_step_hooks(self.inner, "post")
         else:
             whole = self._bind(self.plans)
             self.inner.step()
@@ -259,15 +268,21 @@ class FSDPOptimizer(ShardedOptimizer):
             h.grad = None
 
     def finish_grad_sync(self) -> None:
-        """Nothing to do: FSDP2 reduce-scatters during the synchronizing backward."""
+        """FSDP2 reduce-scatters during the synchronizing backward; what a ``no_sync()``
+        backward after it left is reduce-scattered here (``pending_grads``)."""
+        self._pending.reduce()
 
-    # -- tiers: state dicts, residency ------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending.drop()  # (kept by no_sync(): FSDP2's own zero_grad keeps them)
+        super().zero_grad(set_to_none)
+
+    # -- tiers: state dicts (the hooks run around these: WrapperOptimizer), residency --------
+    def _state_dict(self) -> dict[str, Any]:
         if self.state_store is None:
-            return super().state_dict()
+            return super()._state_dict()
         self.state_store.fetch_all()
         try:
-            sd = super().state_dict()
+            sd = super()._state_dict()
             # own per-parameter dicts: send_all() swaps the inner state's tensors for
             # placeholders, and torch's state_dict shares those dicts
             sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
@@ -275,12 +290,12 @@ class FSDPOptimizer(ShardedOptimizer):
         finally:
             self.state_store.send_all()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         guards.check_sharded_state_dict(state_dict, self._meta())  # before any tier I/O
         if self.state_store is not None:
             self.state_store.fetch_all()
         try:
-            super().load_state_dict(state_dict)
+            super()._load_state_dict(state_dict)
         finally:
             if self.state_store is not None:
                 self.state_store.send_all()
@@ -318,6 +333,7 @@ class FSDPOptimizer(ShardedOptimizer):
         """Global norm over the DTensor gradients (``full_tensor`` of the norm); scales them."""
         from torch.distributed.tensor import DTensor
 
+        self._pending.reduce()
         params = [p.param for p in sorted(self.plans, key=lambda p: p.index)]
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, norm_type)

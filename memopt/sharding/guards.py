@@ -14,10 +14,14 @@
   off and GradScaler works as with any torch optimizer.
 - A ``state_dict`` that was not saved by a sharded optimizer (``check_sharded_state_dict``).
 - A model whose parameters are already ``DTensor``\\ s (``check_not_distributed_tensors``).
+- An optimizer whose ``step`` requires a closure (``torch.optim.LBFGS``:
+  ``check_closure_optional``): the sharded step reduces the gradients once and then calls the
+  inner ``step()`` without one.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -107,3 +111,30 @@ def _dtensor_names(named: Iterable[tuple[str, Tensor]]) -> list[str]:
     from torch.distributed.tensor import DTensor
 
     return [n for n, p in named if isinstance(p, DTensor)]
+
+
+def check_closure_optional(optimizer: Any) -> None:
+    """Refuse an optimizer whose ``step`` cannot run without a closure (a required argument,
+    as ``torch.optim.LBFGS.step(closure)``): before, ``memopt.shard`` took it and every step
+    failed inside with LBFGS's own ``TypeError``, after the gradients were reduced."""
+    try:  # the class's: an LR scheduler replaces the instance's step by a (*args) wrapper
+        signature = inspect.signature(type(optimizer).step)
+    except (TypeError, ValueError):  # (no signature to read: a builtin; let it through)
+        return
+    required = [
+        name for name, arg in list(signature.parameters.items())[1:]  # (after self)
+        if arg.default is inspect.Parameter.empty
+        and arg.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]  # fmt: skip
+    if required:
+        name = type(optimizer).__name__
+        raise NotImplementedError(
+            f"memopt.shard: {name}.step requires {required} (a closure that re-evaluates the "
+            "loss and gradients, several times per step for a line search); the sharded step "
+            "cannot run it: it reduces the gradients across ranks once, then calls the inner "
+            "optimizer's step() without a closure, so every step would fail. Optimizers that "
+            "need a closure are not supported by memopt.shard: use "
+            f"{name} without memopt.shard (with DistributedDataParallel on several ranks: its "
+            "closure's backward all-reduces), or an optimizer whose closure is optional "
+            "(torch.optim.AdamW, memopt.optim.*). Nothing was changed"
+        )

@@ -14,8 +14,10 @@ refresh schedule are those of the single-process run. The tensor at that positio
 One step: ``finish_grad_sync()`` (wait for the bucketed reductions, see ``reduce``; stage 1
 launches them here, stage 2 launched them from backward hooks) gives each local tensor its
 averaged gradient; the inner optimizer steps; ``gather_params`` writes every rank's update
-into the model's parameters. ``param_groups`` and ``state`` are the inner optimizer's, so LR
-schedulers and ``state_dict`` work; ``state_dict`` is this rank's shard.
+into the model's parameters. ``param_groups`` are the inner optimizer's, so LR schedulers
+work; ``state`` is a view of the inner optimizer's that also takes the model's parameters
+(``wrapper_api.state_key``); ``state_dict`` is this rank's shard, with the wrapper's own
+state-dict hooks run around it (``WrapperOptimizer``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from memopt._utils.wrapped_optim import WrapperOptimizer, closure_loss
-from memopt.sharding import gradedit, guards, master_state, offload_step, regrad, rowproj
+from memopt.sharding import (
+    gradedit,
+    guards,
+    master_state,
+    offload_step,
+    regrad,
+    rowproj,
+    wrapper_api,
+)
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
 from memopt.sharding.plan import ParamPlan, balance, make_buckets, make_plans
@@ -245,12 +255,17 @@ class ShardedOptimizer(WrapperOptimizer):
             "memopt.shard (frozen layers too: they get no gradient until unfrozen)"
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_key(self, key: Any) -> Tensor | str:
+        """``state[key]`` for a model parameter: this rank's tensor of it (``wrapper_api``)."""
+        return wrapper_api.state_key(self, key)
+
+    def _state_dict(self) -> dict[str, Any]:
+        wrapper_api.drop_stray_state(self.inner)  # (an empty entry from a read: torch's KeyError)
         sd = master_state.add_masters(self, self.inner.state_dict())  # fp32 masters: "master"
         sd["sharding"] = self._meta()
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         guards.check_sharded_state_dict(state_dict, self._meta())
         state_dict, masters = master_state.split_masters(self, state_dict)
         self.inner.load_state_dict({k: v for k, v in state_dict.items() if k != "sharding"})
@@ -262,29 +277,9 @@ class ShardedOptimizer(WrapperOptimizer):
         """Plain data for checkpoints (``memopt.checkpoint`` reshards with it): per parameter
         (position ``index`` over the inner groups) its name, global shape, owner (``None``:
         row-sharded over every rank) and the rows ``[start, end)`` of dim 0 this rank holds,
-        ``held`` when this rank steps it; plus the ``state_dict`` sharding tag."""
-        me = self.comm.rank
-        params = []
-        for p in self.plans:
-            s, e = p.row_range(me)
-            name = self.names.get(id(p.param), f"param.{p.index}")
-            params.append(
-                {
-                    "index": p.index,
-                    "name": name,
-                    "shape": [int(n) for n in p.param.shape],
-                    "owner": p.owner,
-                    "rows": [s, e],
-                    "held": p.index in self.locals,
-                    "master": p.index in master_state.held_masters(self),  # takes "master"
-                }
-            )
-        return {
-            "world_size": self.comm.world,
-            "rank": me,
-            "sharding": self._meta(),
-            "params": params,
-        }
+        ``held`` when this rank steps it, ``master`` when it takes an fp32 master; plus the
+        ``state_dict`` sharding tag."""
+        return wrapper_api.checkpoint_layout(self)
 
     def _meta(self) -> dict[str, Any]:
         c = self.config
@@ -338,8 +333,10 @@ class ShardedOptimizer(WrapperOptimizer):
         grads = [t.grad for t in held if t.grad is not None]
         # torch.nn.utils.clip_grad_norm_'s arithmetic (a norm of per-tensor norms), so that
         # world size 1 gives its exact bits; ranks combine their partial norms as squares.
-        if grads:
-            norms = torch._foreach_norm(grads, 2.0)
+        if grads:  # (offload= with masters steps bf16 shards: their norms in the master dtype)
+            wide = self.config.master_dtype
+            narrow = wide is not None and any(g.dtype.itemsize < wide.itemsize for g in grads)
+            norms = torch._foreach_norm(grads, 2.0, dtype=wide if narrow else None)
             total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)

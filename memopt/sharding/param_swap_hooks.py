@@ -18,9 +18,12 @@ parameters) keep that correct one unit at a time:
 Between uses an evicted shard's storage holds no bytes, and code that writes through
 ``DTensor.to_local()`` outside ``resident()`` (torch DCP's ``set_model_state_dict(...,
 broadcast_from_rank0=True)`` does) wrote through a freed pointer: a segfault. ``set_guards``
-puts an ``EvictedShard`` on each evicted sharded parameter as its ``to_local`` (an instance
-attribute, removed when the unit is loaded), which raises an error naming the parameter and
-``resident_params()``; pickling such a parameter raises it too.
+puts an ``EvictedShard`` on each evicted sharded parameter as its ``to_local``,
+``full_tensor`` and ``redistribute`` (instance attributes, removed when the unit is loaded),
+which raise an error naming the parameter and ``resident_params()``; pickling such a
+parameter raises it too. (Before, ``full_tensor()``, which reads the storage in its
+all-gather, still segfaulted every rank.) Other tensor operations on an evicted parameter
+(arithmetic, ``.data``) are not guarded: read parameters inside ``resident_params()``.
 """
 
 from __future__ import annotations
@@ -35,16 +38,23 @@ if TYPE_CHECKING:
 __all__ = ["EvictedShard", "install_state_dict_hooks", "set_guards"]
 
 
-class EvictedShard:
-    """``to_local`` of a sharded parameter whose bytes are on NVMe: raises (see above)."""
+#: the ``DTensor`` methods that reach the local storage, guarded on an evicted shard
+#: (``full_tensor`` and ``redistribute`` read it in a collective: a segfault on every rank)
+GUARDED = ("to_local", "full_tensor", "redistribute")
 
-    def __init__(self, name: str) -> None:
+
+class EvictedShard:
+    """A ``GUARDED`` method of a sharded parameter whose bytes are on NVMe: raises (see
+    above)."""
+
+    def __init__(self, name: str, method: str = "to_local") -> None:
         self.name = name
+        self.method = method
 
     def error(self) -> RuntimeError:
         return RuntimeError(
             f"memopt.shard(offload_params='nvme'): parameter {self.name!r} was accessed "
-            "(to_local(), or pickled) while its shard is on NVMe: between uses its storage "
+            f"({self.method}(), or pickled) while its shard is on NVMe: between uses its storage "
             "holds no bytes, so reading or writing it would touch freed memory. Do it inside "
             "`with opt.resident_params():` (every shard loaded, written back on leaving), e.g. "
             "around torch.distributed.checkpoint's set_model_state_dict(..., "
@@ -62,10 +72,11 @@ def set_guards(group: Any, names: dict[int, str], on: bool) -> None:
     """Put (``on``) or take away the ``EvictedShard`` of each sharded parameter of ``group``."""
     for fp in group.fsdp_params:
         d = fp.sharded_param.__dict__
-        if on:
-            d["to_local"] = EvictedShard(names.get(id(fp.sharded_param), "?"))
-        else:
-            d.pop("to_local", None)
+        for method in GUARDED:
+            if on:
+                d[method] = EvictedShard(names.get(id(fp.sharded_param), "?"), method)
+            else:
+                d.pop(method, None)
 
 
 def _unit_module(group: Any) -> nn.Module:

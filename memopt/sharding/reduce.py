@@ -17,7 +17,8 @@ Gradient reduction (``GradReducer``), per optimizer step:
    it would in one process, instead of stepping its moments on a zero gradient. A parameter
    whose gradient ``zero_grad(set_to_none=False)`` zeroed (``zeroed``: it had one since the
    last ``set_to_none=True``) counts as used with a zero gradient, as its zero ``.grad``
-   would in one process.
+   would in one process. Gradients a ``no_sync()`` backward added after this step's
+   synchronizing one (parameters already sent) are reduced in a second round (``finish``).
 
 Parameter gathering (``gather_params``), after the step: a row bucket all-gathers every
 rank's updated rows (``all_gather_into_tensor``, rank-major, in the parameter dtype), a whole
@@ -150,7 +151,25 @@ class GradReducer:
             self.outs[b.index] = buf
 
     def finish(self) -> dict[int, Tensor]:
-        """Launch what is left, wait, and return this rank's averaged gradient views."""
+        """Launch what is left, wait, and return this rank's averaged gradient views.
+
+        A backward inside ``no_sync()`` *after* this step's synchronizing one (stage 2) refills
+        the ``.grad`` of parameters already sent. Those are reduced in a second round, added to
+        the first (stage 1 reduces the sum at once): the ranks agree on it with a flag riding
+        on the used-flag all-reduce, so the usual step costs nothing more."""
+        late = any(p.param.grad is not None for b in self.buckets for p in b.plans
+                   if p.index in self.packed)  # fmt: skip
+        grads, again = self._finish_round(late)
+        if again:
+            extra, last = self.extra, self.last_grads  # (the first round's: gradedit reads it)
+            self.reset()
+            more, _ = self._finish_round(False)
+            for index, g in more.items():
+                grads[index] = grads[index].add_(g) if index in grads else g
+            self.extra, self.last_grads = extra, last | self.last_grads
+        return grads
+
+    def _finish_round(self, late: bool) -> tuple[dict[int, Tensor], bool]:
         for b in self.buckets:
             for p in b.plans:
                 if p.index not in self.packed:
@@ -158,7 +177,7 @@ class GradReducer:
         self._launch_ready()
         assert self.next_launch == len(self.buckets)
         self.wait_all()
-        unused = self._unused_everywhere()
+        unused, again = self._unused_everywhere(late)
         self.last_grads = {p.index for b in self.buckets for p in b.plans} - unused
         world, me = self.comm.world, self.comm.rank
         grads: dict[int, Tensor] = {}
@@ -172,23 +191,26 @@ class GradReducer:
                 grads[p.index] = g.view(e - s, *p.param.shape[1:]) if p.param.dim() else g.view(())
         self.bufs.clear()
         self.outs.clear()
-        return grads
+        return grads, again
 
-    def _unused_everywhere(self) -> set[int]:
-        """The parameters no rank had a gradient for (one all-reduce of a flag each)."""
+    def _unused_everywhere(self, late: bool = False) -> tuple[set[int], bool]:
+        """The parameters no rank had a gradient for (one all-reduce of a flag each), and
+        whether some rank holds ``late`` gradients (one more flag, see ``finish``)."""
         plans = [p for b in self.buckets for p in b.plans]
-        flags = torch.zeros(len(plans), dtype=torch.float32, device=self.device)
+        flags = torch.zeros(len(plans) + 1, dtype=torch.float32, device=self.device)
         for i, p in enumerate(plans):
             if p.index in self.used or p.index in self.zeroed:
                 flags[i] = 1.0
+        flags[-1] = float(late)
         if self.extra is not None:  # (rides on this all-reduce: no collective of its own)
             wide = torch.float32 if self.device.type == "mps" else torch.float64
             flags = torch.cat([flags.to(wide), self.extra.to(flags.device, wide)])
         self.comm.all_reduce_sum(flags, what="the used-gradient flags")
         if self.extra is not None:
-            self.extra = flags[len(plans) :].clone()
-            flags = flags[: len(plans)]
-        return {p.index for p, f in zip(plans, flags.tolist(), strict=True) if f == 0.0}
+            self.extra = flags[len(plans) + 1 :].clone()
+            flags = flags[: len(plans) + 1]
+        got = flags.tolist()
+        return {p.index for p, f in zip(plans, got, strict=False) if f == 0.0}, got[-1] > 0
 
 
 class _Keep:

@@ -18,13 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from memopt._utils.wrapped_optim import IN_BACKWARD, marked, run_step_hooks
 from memopt.offload.tier import StorageTier
 from memopt.sharding import guards
 from memopt.sharding.agree import agree
 from memopt.sharding.buffers import install_buffer_sync
 from memopt.sharding.comm import Comm, world1_collectives
 from memopt.sharding.config import ShardConfig
-from memopt.sharding.fsdp import FSDPOptions, check_stage3, shard_device, shard_stage3
+from memopt.sharding.fsdp import (
+    FSDPOptions,
+    check_stage3,
+    offload_masters,
+    shard_device,
+    shard_stage3,
+)
 from memopt.sharding.masters import check_held_masters
 from memopt.sharding.meta_init import is_meta, materialize, param_names, rebind
 from memopt.sharding.offload_optim import (
@@ -66,6 +73,7 @@ def apply_sharding(
             f"memopt.shard: optimizer must be a torch.optim.Optimizer, got "
             f"{type(optimizer).__name__}"
         )
+    guards.check_closure_optional(optimizer)  # (LBFGS: the same answer on every rank)
     comm = Comm.resolve(process_group)
     if config.offload_params != "none" and comm.group is None:
         raise ValueError(
@@ -75,6 +83,7 @@ def apply_sharding(
         )
     fsdp2 = config.stage == 3 and (comm.world > 1 or _forced(comm, config, optimizer))
     own_state = config.offload is not None and keeps_own_state(optimizer)
+    config = offload_masters(config, optimizer, fsdp2, own_state)  # fp32 masters as stages 1/2
     if own_state and config.offload is not None:  # every stage, before hooks or FSDP2 units
         check_no_hybrid(optimizer, config.offload)
     if config.offload is not None and not fsdp2:  # FSDP2 keeps any optimizer's state per unit
@@ -147,6 +156,7 @@ def _wrap(
     if own_state:  # the state goes to the tier; parameters / masters stay with the shards
         sharded = ShardedOptimizer(model, optimizer, config, comm)
         sharded.inner = state_inner(sharded.inner, config.offload, comm.rank, tier)
+        _forward_step_hooks(sharded.inner, optimizer)
         return model, sharded
     # Offload: local tensors are the model's own (shards of) parameters; the fp32 master
     # weights and the moments live on the tier, in the inner OffloadedAdamW.
@@ -154,13 +164,25 @@ def _wrap(
         model, optimizer, dataclasses.replace(config, master_dtype=None), comm
     )
     sharded.inner = offload_inner(sharded.inner, config.offload, comm.rank, tier)
+    _forward_step_hooks(sharded.inner, optimizer)
     sharded.defaults = sharded.inner.defaults
     sharded.config = config
     return model, sharded
 
 
+def _forward_step_hooks(stepping: torch.optim.Optimizer, user: torch.optim.Optimizer) -> None:
+    """With ``offload=`` at stages 1/2 another optimizer steps in place of ``user`` (an
+    ``OffloadedAdamW`` over its groups, or a ``StateOffloadedOptimizer`` calling its
+    ``step_one``), so ``user.step()`` never runs: its own step hooks (registered before
+    ``memopt.shard``, as accelerate does, or an ``AsyncCheckpointer`` that saved it first and
+    fences its copy in a pre-hook) run from ``stepping``'s, at the same points of the step
+    as without offload. Looked up at each step: hooks added to ``user`` later run too."""
+    stepping.register_step_pre_hook(lambda _opt, _args, _kwargs: run_step_hooks(user, "pre"))
+    stepping.register_step_post_hook(lambda _opt, _args, _kwargs: run_step_hooks(user, "post"))
+
+
 def _check_not_in_backward(optimizer: torch.optim.Optimizer) -> None:
-    if getattr(optimizer, "_memopt_in_backward", False):
+    if marked(optimizer, IN_BACKWARD):
         raise ValueError(
             "memopt.shard: this optimizer runs inside the backward (memopt.optim."
             "step_in_backward), where each parameter is updated from the local gradient before "
