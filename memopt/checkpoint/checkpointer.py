@@ -21,7 +21,9 @@ back to the previous published snapshot when the newest is damaged. A failed sav
 once, by ``wait()``/``close()`` or by the next ``save``, which then does not save its own step
 (``failures``); saves still unpublished when the interpreter exits are finished by ``exit_hook``.
 A Ctrl-C in ``save`` hands the save to the pipeline whole or not at all (``_hand_over``); a
-forked child cannot use the checkpointer, and its exit leaves it alone (``forked``).
+forked child cannot use the checkpointer, and its exit leaves it alone (``forked``). Its
+threads hold no reference to it: one dropped without ``close()`` finishes its saves in flight,
+then is garbage-collected and its threads, memory and group released (``lifetime``).
 
 With ``redundancy=RedundancyConfig(...)`` each save's staged bytes are also mirrored in host
 memory and protected on peers by a background thread on a second gloo group (``peer_tier``);
@@ -45,16 +47,17 @@ from torch import nn
 from memopt.checkpoint import capture as C
 from memopt.checkpoint import exit_hook, forked
 from memopt.checkpoint import failures as F
+from memopt.checkpoint import lifetime as L
 from memopt.checkpoint import publish as P
 from memopt.checkpoint import tmpdirs as T
-from memopt.checkpoint.commit import check_metadata, commit, settle
+from memopt.checkpoint.commit import LostContact, check_metadata, commit, settle
 from memopt.checkpoint.config import CheckpointConfig
 from memopt.checkpoint.errors import CheckpointError, PeerRecoveryError
 from memopt.checkpoint.fileformat import checksum_fn, resolve_checksum, write_file
 from memopt.checkpoint.groups import own_group, release
 from memopt.checkpoint.loading import open_agreed, restore_all
 from memopt.checkpoint.peer_tier import build_tier, check_tier
-from memopt.checkpoint.pipeline import Job, Pipeline, Slots, new_job
+from memopt.checkpoint.pipeline import Job, Slots, new_job
 from memopt.checkpoint.reader import Snapshot
 from memopt.checkpoint.redundancy_config import RedundancyConfig
 from memopt.checkpoint.stats import CheckpointStats
@@ -118,11 +121,12 @@ class AsyncCheckpointer:
         self._cleaned = False  # rank 0: crash leftovers removed (by the first save's writer)
         self._warned_later = False  # the directory holds steps later than a save: warned once
         self._engines = Engines(at_exit=True)  # the writer's I/O engines, kept across saves
-        self._pipeline = Pipeline(
-            self.arena, self._write, self._publish, self._slots.release,
-            nice=self.config.background_nice,
+        # threads that hold no reference to self, and a finalizer: ``lifetime``
+        self._owned, self._finalizer = L.start(
+            self, nice=self.config.background_nice,
             fuse_checksum=self.config.checksum_in_copy and self.checksum == "crc32c",
         )  # fmt: skip
+        self._pipeline = self._owned.pipeline
         self._closed = False
         self._pid = os.getpid()  # its threads and group exist only in this process (``forked``)
         exit_hook.track(self)  # unpublished saves are finished at exit (weakly referenced)
@@ -184,7 +188,7 @@ class AsyncCheckpointer:
         new optimizer without one), tracked as it is registered (``close()`` removes it)."""
         if optimizer is not None and optimizer not in self._hooks:
             with deferred_sigint():
-                self._hooks[optimizer] = optimizer.register_step_pre_hook(lambda *_: self.fence())
+                self._hooks[optimizer] = optimizer.register_step_pre_hook(L.weak_fence(self))
 
     def _hand_over(self, job: Job, record: bool = False) -> None:
         """Give ``job`` to the pipeline whole, a Ctrl-C held back (one between the append and
@@ -194,6 +198,7 @@ class AsyncCheckpointer:
                 self.stats.records.append(job.record)
             self._seq += 1
             self._jobs.append(job)
+            job.owner = self  # (keeps self alive until the job is done: ``lifetime``)
             self._pipeline.submit(job)
 
     def _submit_failed(self, step: int, err: BaseException, t0: float, skipped: str = "") -> None:
@@ -232,17 +237,9 @@ class AsyncCheckpointer:
                 T.clean_stale(self.directory)
             job.claim = T.claim(tmp)  # held until the save is settled (``_publish``)
             assert job.staging is not None
-            data_crc = write_file(
-                os.path.join(tmp, data_name),
-                job.plan,
-                job.staging,
-                self.checksum,
-                self.config.fsync,
-                self.config.direct_io,
-                job.wait_copied,
-                self._engines,
-                job.copied_checksum,
-            )
+            data_crc = write_file(os.path.join(tmp, data_name), job.plan, job.staging,
+                                  self.checksum, self.config.fsync, self.config.direct_io,
+                                  job.wait_copied, self._engines, job.copied_checksum)  # fmt: skip
             raw = P.write_json(os.path.join(tmp, json_name), job.skeleton, self.config.fsync)
             job.sizes = T.written(job.claim, (data_name, json_name), job.step, self.rank)
         except OSError as e:
@@ -261,7 +258,7 @@ class AsyncCheckpointer:
     def _publish(self, job: Job) -> None:
         if self.peers is not None:  # every job, failed ones too: the protector is collective
             self.peers.submit(job)
-        meta = (self.world, self.checksum, self.metadata)
+        meta, lost = (self.world, self.checksum, self.metadata), False
         try:
             outcome, by_peer = settle(
                 job, self.rank, self.world, self._group,
@@ -269,8 +266,14 @@ class AsyncCheckpointer:
                                      meta),
                 lambda step, seq: P.tmp_dir(self.directory, step, seq, self._run),
             )  # fmt: skip
-        finally:  # published or removed on every rank by now (or this rank lost contact)
-            T.release(job.claim)
+        except LostContact:
+            lost = True
+            raise
+        finally:  # published or removed on every rank by now, unless this rank lost contact
+            if lost:  # removed unless another rank still holds it
+                T.abandon(self.directory, job.claim)
+            else:
+                T.release(job.claim)
         if outcome and job.error is None:
             job.by_peer = by_peer
             raise CheckpointError(outcome)
@@ -283,6 +286,7 @@ class AsyncCheckpointer:
         lost: list[Job] = []
         for job in [j for j in self._jobs if j.done.is_set()]:
             self._jobs.remove(job)
+            self._owned.unreported.pop(job.seq, None)  # (raised or warned from here on)
             if job.later_steps and not self._warned_later:  # (rank 0's commit found them)
                 self._warned_later = True
                 warnings.warn(P.later_steps_message(self.directory, job), stacklevel=4)
@@ -370,26 +374,21 @@ class AsyncCheckpointer:
                            self.config.restore_rng, self._group)  # fmt: skip
 
     def close(self) -> None:
-        """Finish pending saves, stop the threads, release staging memory."""
+        """Finish pending saves, stop the threads, release staging memory. (A checkpointer
+        dropped without it finishes its saves, then is garbage-collected: ``lifetime``.)"""
         if self._closed:
             return
         forked.refuse(self._pid, "AsyncCheckpointer.close", self.directory)
         self._closed = True
         exit_hook.untrack(self)
+        self._finalizer.detach()
         try:
             for job in list(self._jobs):
                 job.done.wait()
-        finally:
-            self._pipeline.close()
-            self._engines.close()  # (the writer thread has ended: no write is in flight)
-            for h in self._hooks.values():
-                h.remove()
-            self._hooks.clear()
-            self.arena.close()
-            if self.peers is not None:
-                self.peers.close()
-            release(self._group)  # its own gloo group: 5 fds and 3 threads (if not gone yet)
+        finally:  # threads, engines, fence hooks, staging, peers' tier, gloo group
+            self._owned.release()
             self._group = None
+        P.wait_deletions(self.directory)  # rotated snapshots gone (no .trash-* after close)
         if (pending := self._pending(in_save=False)) is not None:
             raise F.as_error(*pending)
 

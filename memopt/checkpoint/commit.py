@@ -14,8 +14,9 @@ every rank raises.
 save order): the ranks all-gather ``(step, sequence number, report)``, rank 0 commits (or
 refuses when the ranks' saves are out of step: a published directory never mixes two saves),
 and rank 0 broadcasts the outcome, whatever went wrong in its commit, so no rank waits
-forever. A rank whose ``save()`` raised an earlier failure instead of saving still takes part
-with a ``Skipped`` report, so the ranks keep pairing the same saves.
+forever; a rank whose exchange fails raises ``LostContact``. A rank whose ``save()``
+raised an earlier failure instead of saving still takes part with a ``Skipped`` report, so
+the ranks keep pairing the same saves.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def manifest(
     }
 
 
+class LostContact(CheckpointError):
+    """``settle``'s exchange failed on this rank: it cannot know whether the others will
+    publish the save or remove its temporary directory (``tmpdirs.abandon`` decides)."""
+
+
 class Written(NamedTuple):
     """A rank's report of a save it wrote: its files' checksums and sizes."""
 
@@ -149,7 +155,7 @@ def settle(
             dist.broadcast_object_list(box, group=group, group_src=0)
             outcome = box[0]
     except Exception as e:
-        raise CheckpointError(
+        raise LostContact(
             f"checkpoint step {job.step}: rank {rank} lost contact with the other ranks while "
             f"publishing it (did a rank die, or its process group end?): {e!r}"
         ) from e

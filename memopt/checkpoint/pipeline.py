@@ -89,6 +89,7 @@ class Job:
     progress: threading.Condition = field(default_factory=threading.Condition)
     file_crc: int | None = None  # crc of header + data section, when the copier computed it
     later_steps: list[int] = field(default_factory=list)  # published steps > step (rank 0)
+    owner: Any = None  # the checkpointer, from the hand-over until done (``lifetime``)
 
     def copied_checksum(self) -> int | None:
         """The file's checksum computed by the copier (after the copy), else None."""
@@ -147,8 +148,10 @@ class Pipeline:
         *,
         nice: int = 0,
         fuse_checksum: bool = False,
+        finished: Callable[[Job], None] | None = None,
     ) -> None:
         self.arena, self._write, self._publish = arena, write_fn, publish_fn
+        self._finished = finished  # called with each job once its outcome is final
         self.nice = nice
         # CPU copies also compute the file's CRC-32C (the caller passes True only for crc32c)
         self.fuse_checksum = fuse_checksum and fused_ok()
@@ -156,13 +159,13 @@ class Pipeline:
         self._copy_q: queue.Queue[Job | None] = queue.Queue()
         self._write_q: queue.Queue[Job | None] = queue.Queue()
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._threads = [
+        self.threads = [
             threading.Thread(target=self._niced(self._copier), name="memopt-ckpt-copy",
                              daemon=True),
             threading.Thread(target=self._niced(self._writer), name="memopt-ckpt-write",
                              daemon=True),
         ]  # fmt: skip
-        for t in self._threads:
+        for t in self.threads:
             t.start()
 
     def _niced(self, body: Callable[[], None]) -> Callable[[], None]:
@@ -192,6 +195,7 @@ class Pipeline:
             job.record.copied_s = time.perf_counter() - job.t0
             job.advance(job.plan.data_bytes)  # (also releases the writer after a failure)
             job.copied.set()
+            del job  # (a failed job's traceback may hold its checkpointer: ``lifetime``)
         self._write_q.put(None)
 
     def _stage(self, job: Job) -> None:
@@ -286,13 +290,20 @@ class Pipeline:
             # (the copier added its CPU time before setting ``copied``, waited for above)
             job.record.background_cpu_s += time.thread_time() - cpu0
             job.record.ok = job.error is None
+            if self._finished is not None:
+                self._finished(job)
             job.done.set()
             self._on_done()
+            job.owner = None  # the last reference to a dropped checkpointer, maybe: ``lifetime``
+            del job
 
     def close(self) -> None:
+        """Stop both threads once the queued jobs are done (called from the writer itself by
+        the finalizer of a checkpointer dropped while saving: it does not join itself)."""
         self._copy_q.put(None)
-        for t in self._threads:
-            t.join()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()
 
 
 class Slots:

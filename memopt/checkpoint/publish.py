@@ -125,7 +125,7 @@ def write_json(path: str, obj: Any, fsync: bool) -> bytes:
     return data
 
 
-_deleting: list[threading.Thread] = []
+_deleting: dict[threading.Thread, str] = {}  # live deletions -> the snapshot directory
 _delete_lock = threading.Lock()  # held while deleting
 _list_lock = threading.Lock()  # guards _deleting
 
@@ -138,15 +138,21 @@ def _remove(trash: str) -> None:
 def delete_later(trash: str) -> None:
     """Delete ``trash`` (a directory nobody reads any more) in a background thread; in line
     where no thread can be started (Python 3.12 once the main thread has returned: a save
-    finished by a training thread or the exit hook then)."""
-    t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm")
+    finished by a training thread or the exit hook then).
+
+    The thread is not a daemon (``daemon=False`` said explicitly: a thread inherits the flag
+    of the thread that starts it, and rotations start these from the daemon writer thread,
+    so an exit right after ``close()`` used to cut them short and leave ``.trash-*``)."""
+    t = threading.Thread(target=_remove, args=(trash,), name="memopt-ckpt-rm", daemon=False)
     try:
         t.start()
     except RuntimeError:  # "can't create new thread at interpreter shutdown"
         _remove(trash)
         return
     with _list_lock:
-        _deleting[:] = [d for d in _deleting if d.is_alive()] + [t]
+        for done in [d for d in _deleting if not d.is_alive()]:
+            del _deleting[done]
+        _deleting[t] = os.path.dirname(trash)
 
 
 def _discard(root: str, path: str) -> None:
@@ -154,8 +160,9 @@ def _discard(root: str, path: str) -> None:
 
     Deleting a GB-sized file costs a few hundred ms where the file system discards (TRIMs)
     the freed blocks; the snapshot that replaced it is durable already, so that time is
-    kept off the save's path. The threads are not daemons: the interpreter lets them finish;
-    a crash leaves the trash directory, removed by ``tmpdirs.clean_stale`` at the next save."""
+    kept off the save's path. The threads are not daemons: the interpreter lets them finish
+    (and ``close()`` waits for those in its directory); a crash leaves the trash directory,
+    removed by ``tmpdirs.clean_stale`` at the next save."""
     trash = os.path.join(root, f".trash-{uuid.uuid4().hex}")
     os.rename(path, trash)
     delete_later(trash)
@@ -167,10 +174,11 @@ def is_deleter(thread: threading.Thread) -> bool:
         return thread in _deleting
 
 
-def wait_deletions() -> None:
-    """Block until every background deletion of rotated snapshots has finished."""
+def wait_deletions(root: str | None = None) -> None:
+    """Block until every background deletion of rotated snapshots (in ``root``; None: in
+    any directory) has finished."""
     with _list_lock:
-        threads = list(_deleting)
+        threads = [t for t, where in _deleting.items() if root is None or where == root]
     for t in threads:
         t.join()
 

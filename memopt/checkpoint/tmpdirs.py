@@ -5,6 +5,8 @@ lock file ``.tmp-step_<step>-<n>.lock`` beside it (opened, locked, then checked 
 the file at that path) and only then creates the directory; it keeps the lock until the save
 is settled on every rank (published or failed: the directory is gone by then) and then
 removes the lock file (``claim`` / ``release``). Several ranks hold the same shared lock.
+A rank that lost contact with the others while settling a save removes its directory once no
+rank holds the lock any more (``abandon``).
 
 ``clean_stale`` (rank 0, at its first save: a checkpointer that only reads never cleans)
 removes a temporary directory only when it is provably nobody's: its lock file can be taken
@@ -105,13 +107,13 @@ def written(c: Claim, names: tuple[str, ...], step: int, rank: int) -> dict[str,
         ) from None
 
 
-def release(c: Claim | None) -> None:
-    """Give the lock up and remove the lock file (when it is still ours)."""
+def release(c: Claim | None, unlink: bool = True) -> None:
+    """Give the lock up and remove the lock file (when it is still ours and ``unlink``)."""
     if c is None or c.fd < 0:
         return
     lock = c.tmp + LOCK_SUFFIX
     try:
-        if _same(lock, c.fd):
+        if unlink and _same(lock, c.fd):
             os.unlink(lock)
     except FileNotFoundError:  # (another rank of the save removed it first)
         pass
@@ -122,6 +124,35 @@ def release(c: Claim | None) -> None:
             pass  # (a file system without flock: nothing was held)
         os.close(c.fd)
         c.fd = -1
+
+
+def abandon(root: str, c: Claim | None) -> None:
+    """Let go of a save this rank lost contact over (``commit.LostContact``): remove its
+    temporary directory when no other rank holds the lock any more (they settled, died, or
+    gave up too: the last to let go removes it), else leave it to the rank still holding it
+    (it publishes or removes it). Before, the directory (a full rank file per rank) stayed
+    until a later save in the same directory cleaned it. Removing only this rank's files
+    could race rank 0's rename of a directory it is still publishing: the lock says when
+    nobody is."""
+    if c is None or c.fd < 0:
+        return
+    removed = False
+    try:
+        for _ in range(2):  # (a rank letting go at the same moment holds it: one of us wins)
+            try:
+                fcntl.flock(c.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(c.fd, fcntl.LOCK_UN)
+                continue
+            if _same(c.tmp + LOCK_SUFFIX, c.fd):  # (else removed with the directory already)
+                _discard_tmp(root, c.tmp)
+                removed = True
+            break
+    except OSError as e:  # no flock here (nothing proves the others done), or the rename
+        if e.errno not in _NO_FLOCK:
+            warn_once(f"AsyncCheckpointer: cannot remove {c.tmp} of a save that failed: {e}; "
+                      "remove it by hand (the next save in this directory does too)")  # fmt: skip
+    release(c, unlink=removed)  # (a lock file another rank still holds stays: it is theirs)
 
 
 def clean_stale(root: str) -> None:

@@ -47,7 +47,7 @@ from memopt.config.cast import cast_model
 from memopt.config.config import Config
 from memopt.config.preflight import check_paths, check_world, redundancy_config
 
-__all__ = ["Setup", "redundancy_config", "resolve_device", "setup"]
+__all__ = ["Setup", "close_all", "redundancy_config", "resolve_device", "setup"]
 
 
 @dataclass
@@ -154,21 +154,45 @@ class Setup:
                                    scheduler=self.scheduler, extra=extra)
 
     def close(self) -> None:
-        """Finish pending snapshots, remove activation hooks, close the optimizer's tiers."""
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-        close_optimizer = getattr(self.optimizer, "close", None)
-        if callable(close_optimizer):  # NVMe / pinned tiers of offloaded state and parameters
-            close_optimizer()
-        if self.activations is not None:
-            self.activations.remove()
-        if self.in_backward is not None:
-            self.in_backward.remove()
+        """Finish pending snapshots, remove activation hooks, close the optimizer's tiers.
+        Every one of these runs even when an earlier one raises (a failed background save
+        raised by the checkpointer's close); then the first error is raised, the others
+        noted on it (before, the tiers stayed open and the hooks installed)."""
+        close_all([
+            None if self.checkpointer is None else self.checkpointer.close,  # (first: its
+            getattr(self.optimizer, "close", None),  # saves read the tiers' state)
+            None if self.activations is None else self.activations.remove,
+            None if self.in_backward is None else self.in_backward.remove,
+        ])  # fmt: skip
 
     def describe(self) -> str:
         from memopt.config.describe import describe_setup
 
         return describe_setup(self)
+
+
+def close_all(steps: list[Any]) -> None:
+    """Call every callable of ``steps`` (None and non-callables skipped) whatever the others
+    raise, then raise the first exception, the later ones noted on it (``add_note``)."""
+    first: BaseException | None = None
+    for step in steps:
+        if not callable(step):
+            continue
+        try:
+            step()
+        except BaseException as e:  # noqa: BLE001 - raised below, once everything is closed
+            if first is None:
+                first = e
+            else:
+                what = getattr(step, "__qualname__", repr(step))
+                note = f"while closing, {what} also raised: {e!r}"
+                add_note = getattr(first, "add_note", None)  # (Python 3.11+)
+                if callable(add_note):
+                    add_note(note)
+                else:
+                    warnings.warn(note, stacklevel=3)
+    if first is not None:
+        raise first
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 
 from memopt._utils import get_logger
 from memopt.checkpoint import AsyncCheckpointer
+from memopt.config.setup import close_all
 from memopt.integrations._activations import apply_budget, first_batch
 from memopt.integrations._memory import format_memory, memory_by_tier
 
@@ -336,12 +337,16 @@ class MemoptCallback(TrainerCallback):
             )  # fmt: skip
 
     def close(self) -> None:
-        """Finish pending saves, release the checkpointer, remove the activation policies."""
-        if self.checkpointer is not None:
-            self.checkpointer.close()
-        if self.activations is not None:
-            self.activations.remove()
-            self.activations = None
+        """Finish pending saves, release the checkpointer, remove the activation policies:
+        both, even when the checkpointer's close raises (a failed save), then that error."""
+        ckpt, acts = self.checkpointer, self.activations
+
+        def remove_activations() -> None:
+            if acts is not None:
+                acts.remove()
+                self.activations = None
+
+        close_all([None if ckpt is None else ckpt.close, remove_activations])
 
 
 def trainer_state_json(extra: dict[str, Any]) -> dict[str, Any]:
