@@ -162,14 +162,26 @@ class UnusedGrads:
             self.used, self.zeroed, self.task = torch.zeros(len(self.params)), [], task
             if not pending:
                 torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+        # After a no_sync backward FSDP2 holds the unit's gradients accumulated in its wider
+        # reduce dtype; the unit reduces one dtype, so a parameter's gradient joins them there
+        wide = any(getattr(fp, "unsharded_accumulated_grad", None) is not None
+                   for fp in group.fsdp_params)  # fmt: skip
         for fp in group.fsdp_params:
             if not hasattr(fp, "_unsharded_param") or not fp.unsharded_param.requires_grad:
                 continue
             param = fp.unsharded_param
             if fp.unsharded_accumulated_grad is not None or param.grad is not None:
                 self.used[self.index[id(fp)]] = 1.0
+                if wide and fp.unsharded_accumulated_grad is None:  # used in this one only
+                    fp.unsharded_accumulated_grad = param.grad.to(fp.reduce_dtype)
+                    param.grad = None
             else:
-                param.grad = torch.zeros_like(param)
+                if wide:
+                    fp.unsharded_accumulated_grad = torch.zeros(
+                        param.shape, dtype=fp.reduce_dtype, device=param.device
+                    )
+                else:
+                    param.grad = torch.zeros_like(param)
                 if fp.sharded_param.grad is None:
                     self.zeroed.append(fp)
         return pending
