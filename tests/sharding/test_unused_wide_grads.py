@@ -11,16 +11,7 @@ from torch import Tensor, nn
 
 import memopt
 from tests._harness.dist import run_distributed
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.side = nn.Linear(6, 6), nn.Linear(6, 6)
-
-    def forward(self, x: Tensor, branch: bool) -> Tensor:
-        h = torch.tanh(self.lin(x))
-        return h + self.side(x) if branch else h
+from tests.sharding.test_nosync_window import _Block
 
 
 class _Net(nn.Module):
